@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: set up the environment, install the real
+# servers the tests talk to (Prometheus, from Debian's packages), then pytest.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k codec`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "note: prometheus/promtool not installed and no root apt-get; the Prometheus tests will fail" >&2
+  fi
+fi
+
+# Triton kernels run on the CPU under the interpreter where no GPU is present.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export TRITON_INTERPRET=1
+fi
+exec .venv/bin/python -m pytest -q -ra "$@"

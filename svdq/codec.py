@@ -1,0 +1,564 @@
+"""The SVDq key codec: compress, append to and reconstruct the keys of one layer.
+
+Token layout of a compressed sequence of ``S`` tokens::
+
+    [ sinks: num_sinks tokens | groups: n_groups * group_size tokens | tail: < group_size ]
+      full precision            quantized latent channels               full precision
+
+* Keys are moved to the pre-RoPE space first (post-RoPE input is un-rotated exactly with its
+  positions and :class:`~svdq.rope.RopeConfig`), flattened over heads to ``C = kv_heads *
+  head_dim`` channels, centred by ``mean`` and projected on the ``basis`` columns of the kept
+  latent channels.
+* Three methods share this layout, so that baselines are measured with the same bytes
+  accounting and the same attention path:
+
+  - ``svdq``: basis from the sequence's own keys (or a shared calibrated :class:`Basis`),
+    mixed widths per latent channel;
+  - ``kivi``: the KIVI-like baseline: identity basis, no mean, one width for every channel,
+    in the space the keys came in (post-RoPE keys stay post-RoPE);
+  - ``fp16``: passthrough; every token stays in the full-precision tail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .allocation import allocate_budget, allocate_schedule
+from .errors import InvalidInputError
+from .quant import (
+    MAX_BITS,
+    dequantize_groups,
+    distortion_table,
+    group_bytes,
+    pack_codes,
+    quantize_groups,
+    unpack_codes,
+)
+from .rope import RopeConfig, apply_rope, undo_rope
+
+METHODS = ("svdq", "kivi", "fp16")
+KEY_SPACES = ("pre_rope", "post_rope")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GROUP_SIZES = (8, 16, 32, 64, 128, 256)
+MAX_SINKS = 1024
+MAX_BUDGET = 16.0
+
+#: Defaults chosen from bench/quality.py on SmolLM2-135M (see README): 1.5 bits per element
+#: all metadata included, token groups of 64, 4 full-precision sink tokens.
+DEFAULT_BITS_PER_ELEMENT = 1.5
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_SINKS = 4
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How to compress.
+
+    Attributes:
+        method: ``"svdq"``, ``"kivi"`` or ``"fp16"``.
+        bits_per_element: svdq budget in true bits per key element, counting every serialized
+            byte (header, scales, minimums, basis, mean, full-precision sinks and tail).
+            Ignored when ``schedule`` is given. Allowed: (0, 16].
+        schedule: explicit svdq widths for equal groups of latent channels, e.g.
+            ``(8, 4, 2, 1, 1, 0, 0, 0)``.
+        bits: width of every channel for ``kivi`` (1..8).
+        group_size: tokens per quantization group, one of 8, 16, 32, 64, 128, 256.
+        num_sinks: leading tokens kept in full precision (attention sinks), 0..1024.
+    """
+
+    method: str = "svdq"
+    bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
+    schedule: tuple[int, ...] | None = None
+    bits: int = 2
+    group_size: int = DEFAULT_GROUP_SIZE
+    num_sinks: int = DEFAULT_SINKS
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not (isinstance(self.bits_per_element, (int, float)) and 0 < self.bits_per_element <= MAX_BUDGET):
+            raise InvalidInputError(
+                f"bits_per_element must be in (0, {MAX_BUDGET}], got {self.bits_per_element}"
+            )
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", tuple(int(b) for b in self.schedule))
+            if not self.schedule or any(not 0 <= b <= MAX_BITS for b in self.schedule):
+                raise InvalidInputError(f"schedule widths must be integers 0..{MAX_BITS}, got {self.schedule}")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise InvalidInputError(f"bits must be in 1..{MAX_BITS}, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise InvalidInputError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if not 0 <= self.num_sinks <= MAX_SINKS:
+            raise InvalidInputError(f"num_sinks must be in 0..{MAX_SINKS}, got {self.num_sinks}")
+
+
+@dataclass(frozen=True)
+class Basis:
+    """A latent basis for one model layer: ``latent = (keys - mean) @ components``.
+
+    Attributes:
+        mean: float32 [C] mean pre-RoPE key.
+        components: float32 [C, C], orthonormal columns in decreasing singular value order.
+        singular_values: float32 [C].
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    singular_values: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return self.mean.numel()
+
+    @property
+    def fingerprint(self) -> int:
+        """64-bit identity of the basis (its float16 bytes) that blobs referencing it carry."""
+        digest = hashlib.sha256()
+        digest.update(self.mean.to(torch.float32).cpu().numpy().tobytes())
+        digest.update(self.components.to(torch.float16).cpu().numpy().tobytes())
+        return int.from_bytes(digest.digest()[:8], "little")
+
+
+def fit_basis(keys: torch.Tensor) -> Basis:
+    """Mean-centred SVD basis of pre-RoPE keys [tokens, C] (all KV heads of a layer together).
+
+    Uses the eigen-decomposition of the float64 covariance: the same right singular vectors
+    as an SVD of the centred keys at a fraction of the cost when tokens >> C.
+    """
+    work = keys.to(torch.float64)
+    mean = work.mean(dim=0)
+    centred = work - mean
+    covariance = centred.T @ centred
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    order = torch.argsort(eigenvalues, descending=True)
+    singular = eigenvalues[order].clamp(min=0).sqrt()
+    components = eigenvectors[:, order]
+    # Fix the sign of each column so the same keys always give the same basis bytes.
+    signs = torch.sign(components[components.abs().argmax(dim=0), torch.arange(components.shape[1])])
+    components = components * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return Basis(mean.float(), components.float(), singular.float())
+
+
+def fit_layer_basis(
+    keys: torch.Tensor | Sequence[torch.Tensor],
+    positions: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    rope: RopeConfig | None = None,
+) -> Basis:
+    """Fit a shared basis on calibration keys of one layer, reusable across sequences.
+
+    ``keys`` is one [tokens, kv_heads, head_dim] tensor or a list of them (several
+    calibration sequences). When ``positions`` are given the keys are post-RoPE and are
+    un-rotated first.
+    """
+    key_list = [keys] if isinstance(keys, torch.Tensor) else list(keys)
+    if positions is None:
+        pos_list: list[torch.Tensor | None] = [None] * len(key_list)
+    else:
+        pos_list = [positions] if isinstance(positions, torch.Tensor) else list(positions)
+    flat = []
+    for item, pos in zip(key_list, pos_list):
+        _check_keys(item)
+        pre = item.float() if pos is None else undo_rope(item, pos, _require_rope(rope))
+        flat.append(pre.reshape(pre.shape[0], -1))
+    return fit_basis(torch.cat(flat))
+
+
+@dataclass
+class CompressedKeys:
+    """Compressed keys of one layer of one sequence (in memory; see :mod:`svdq.format`).
+
+    Tensor fields, ``r`` = number of kept latent channels, ``C = kv_heads * head_dim``:
+
+    * ``channel_bits``: uint8 [C], width of every latent channel (0 = dropped).
+    * ``basis``: float16 [C, r], kept columns (identity columns for ``kivi``; empty for fp16).
+    * ``mean``: float32 [C] (zeros for ``kivi`` and ``fp16``).
+    * ``sinks``: [num_sinks_stored, C] and ``tail``: [n_tail, C] full-precision keys
+      (``storage_dtype``), in ``stored_space``.
+    * ``codes``: uint8 [n_groups, group_bytes]; ``scales``, ``mins``: float16 [n_groups, r].
+    * ``positions``: int64 [S] when positions are not ``position_offset + arange(S)``.
+    """
+
+    method: str
+    kv_heads: int
+    head_dim: int
+    input_dtype: torch.dtype
+    storage_dtype: torch.dtype
+    stored_space: str
+    rope: RopeConfig | None
+    group_size: int
+    num_sinks: int
+    position_offset: int
+    channel_bits: torch.Tensor
+    basis: torch.Tensor
+    mean: torch.Tensor
+    sinks: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    tail: torch.Tensor
+    positions: torch.Tensor | None = None
+    shared_basis: int | None = None  # fingerprint when the basis is not stored with the keys
+    input_space: str = "pre_rope"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def channels(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def num_groups(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sinks.shape[0] + self.num_groups * self.group_size + self.tail.shape[0]
+
+    @property
+    def kept_bits(self) -> torch.Tensor:
+        """int64 [r] widths of the kept channels, in latent order."""
+        return self.channel_bits[self.channel_bits > 0].to(torch.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Serialized size in bytes, everything included."""
+        from .format import serialized_size
+
+        return serialized_size(self)
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.nbytes / max(1, self.num_tokens * self.channels)
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp16 bytes of the same keys over the serialized bytes."""
+        return 2.0 * self.num_tokens * self.channels / self.nbytes
+
+    def token_positions(self) -> torch.Tensor:
+        """int64 [S] position of every stored token."""
+        if self.positions is not None:
+            return self.positions
+        return torch.arange(self.num_tokens, dtype=torch.int64, device=self.codes.device) + self.position_offset
+
+    def to(self, device: torch.device | str) -> CompressedKeys:
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("channel_bits", "basis", "mean", "sinks", "codes", "scales", "mins", "tail")
+        }
+        if self.positions is not None:
+            moved["positions"] = self.positions.to(device)
+        return replace(self, **moved, _cache={})
+
+
+def _check_keys(keys: torch.Tensor, name: str = "keys") -> None:
+    if not isinstance(keys, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(keys).__name__}")
+    if keys.dtype not in SUPPORTED_DTYPES:
+        raise InvalidInputError(f"{name} dtype must be float16, bfloat16 or float32, got {keys.dtype}")
+    if keys.dim() != 3:
+        raise InvalidInputError(
+            f"{name} must have shape [tokens, kv_heads, head_dim], got {keys.dim()} dimensions {tuple(keys.shape)}"
+        )
+    if keys.shape[1] < 1 or keys.shape[2] < 2 or keys.shape[2] % 2:
+        raise InvalidInputError(f"{name} need kv_heads >= 1 and an even head_dim >= 2, got {tuple(keys.shape)}")
+    if not torch.isfinite(keys).all():
+        raise InvalidInputError(f"{name} contain NaN or Inf; only finite values can be compressed")
+
+
+def _require_rope(rope: RopeConfig | None) -> RopeConfig:
+    if rope is None:
+        raise InvalidInputError("post-RoPE keys need a rope description to be un-rotated")
+    return rope
+
+
+def _positions_for(count: int, positions: torch.Tensor | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """Split positions into (offset, explicit-or-None), validating them."""
+    if positions is None:
+        return 0, None
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.numel() != count:
+        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise InvalidInputError(f"positions must be a 1-D tensor with one entry per token ({count}), got {shape}")
+    if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise InvalidInputError(f"positions must be integers, got {positions.dtype}")
+    positions = positions.to(device=device, dtype=torch.int64)
+    if count and int(positions.min()) < 0:
+        raise InvalidInputError("positions must be >= 0")
+    if count == 0:
+        return 0, None
+    offset = int(positions[0])
+    if torch.equal(positions, torch.arange(count, device=device) + offset):
+        return offset, None
+    return offset, positions
+
+
+def _storage_dtype(keys: torch.Tensor) -> torch.dtype:
+    # Full-precision tokens keep bfloat16 when they came as bfloat16 (range), else float16.
+    return torch.bfloat16 if keys.dtype == torch.bfloat16 else torch.float16
+
+
+def compress(
+    keys: torch.Tensor,
+    config: CodecConfig | None = None,
+    *,
+    positions: torch.Tensor | None = None,
+    rope: RopeConfig | None = None,
+    key_space: str = "pre_rope",
+    basis: Basis | None = None,
+) -> CompressedKeys:
+    """Compress the keys of one layer of one sequence.
+
+    Args:
+        keys: [tokens, kv_heads, head_dim], float16/bfloat16/float32, finite.
+        config: :class:`CodecConfig`; the default is svdq at 1.5 true bits per element.
+        positions: int [tokens] absolute positions; default ``0..tokens-1``.
+        rope: the model's RoPE; required when ``key_space="post_rope"`` for svdq, and needed
+            later to return post-RoPE keys or to attend.
+        key_space: ``"pre_rope"`` or ``"post_rope"``, the space ``keys`` are in.
+        basis: a shared calibrated :class:`Basis` (svdq only); the blob then stores only its
+            fingerprint and loading it needs the same basis.
+    """
+    config = config or CodecConfig()
+    _check_keys(keys)
+    if keys.shape[0] == 0:
+        raise InvalidInputError("keys must hold at least one token, got 0")
+    if key_space not in KEY_SPACES:
+        raise InvalidInputError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
+    if basis is not None and config.method != "svdq":
+        raise InvalidInputError(f"a shared basis only applies to method 'svdq', not {config.method!r}")
+    tokens, kv_heads, head_dim = keys.shape
+    channels = kv_heads * head_dim
+    if rope is not None:
+        rope.dims(head_dim)
+    offset, explicit = _positions_for(tokens, positions, keys.device)
+    token_pos = explicit if explicit is not None else torch.arange(tokens, device=keys.device) + offset
+
+    # svdq works on pre-RoPE keys; the baselines keep the space they were given.
+    stored_space = key_space
+    work = keys.float()
+    if config.method == "svdq" and key_space == "post_rope":
+        work = undo_rope(keys, token_pos, _require_rope(rope))
+        stored_space = "pre_rope"
+    flat = work.reshape(tokens, channels)
+    storage = _storage_dtype(keys)
+    if storage == torch.float16 and flat.abs().max() > torch.finfo(torch.float16).max:
+        storage = torch.bfloat16  # float16 would overflow; bfloat16 keeps the range
+
+    if config.method == "fp16":
+        num_sinks, group_size = 0, config.group_size
+        n_groups = 0
+    else:
+        num_sinks, group_size = min(config.num_sinks, tokens), config.group_size
+        n_groups = (tokens - num_sinks) // group_size
+    body_end = num_sinks + n_groups * group_size
+    body = flat[num_sinks:body_end]
+    device = keys.device
+
+    shared_fp = None
+    if config.method == "svdq":
+        if basis is not None:
+            if basis.channels != channels:
+                raise InvalidInputError(
+                    f"shared basis has {basis.channels} channels but keys have kv_heads*head_dim = {channels}"
+                )
+            fitted, shared_fp = basis, basis.fingerprint
+        else:
+            fitted = fit_basis(body if n_groups else flat)
+        components = fitted.components.to(device).to(torch.float16)
+        mean = fitted.mean.to(device).float()
+    else:
+        components = torch.eye(channels, device=device, dtype=torch.float16)
+        mean = torch.zeros(channels, device=device)
+
+    latent = ((body - mean) @ components.float()).reshape(n_groups, group_size, channels)
+    if config.method == "fp16":
+        channel_bits = torch.zeros(channels, dtype=torch.int64)
+    elif config.method == "kivi":
+        channel_bits = torch.full((channels,), config.bits, dtype=torch.int64)
+    elif config.schedule is not None:
+        channel_bits = allocate_schedule(config.schedule, channels)
+    elif n_groups == 0:
+        channel_bits = torch.zeros(channels, dtype=torch.int64)
+    else:
+        channel_bits = _allocate(latent, config, tokens, kv_heads, head_dim, num_sinks, n_groups,
+                                 stored_basis=basis is None, rope=rope, explicit_positions=explicit is not None)
+    channel_bits = channel_bits.to(device)
+    kept = torch.nonzero(channel_bits).flatten()
+    kept_bits = channel_bits[kept]
+    codes, scales, mins = quantize_groups(latent[:, :, kept], kept_bits)
+
+    compressed = CompressedKeys(
+        method=config.method,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        input_dtype=keys.dtype,
+        storage_dtype=storage,
+        stored_space=stored_space,
+        rope=rope,
+        group_size=group_size,
+        num_sinks=config.num_sinks if config.method != "fp16" else 0,
+        position_offset=offset,
+        channel_bits=channel_bits.to(torch.uint8),
+        basis=components[:, kept].contiguous(),
+        mean=mean if config.method == "svdq" else torch.zeros(channels, device=device),
+        sinks=flat[:num_sinks].to(storage),
+        codes=pack_codes(codes, kept_bits),
+        scales=scales,
+        mins=mins,
+        tail=flat[body_end:].to(storage),
+        positions=explicit,
+        shared_basis=shared_fp,
+        input_space=key_space,
+    )
+    return compressed
+
+
+def _allocate(latent, config, tokens, kv_heads, head_dim, num_sinks, n_groups, *, stored_basis, rope, explicit_positions):
+    """Budget allocation: spend what the fixed costs leave of ``bits_per_element``."""
+    from .format import fixed_size
+
+    channels = kv_heads * head_dim
+    fixed_bits = 8 * fixed_size(
+        method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=config.group_size,
+        has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
+    )
+    quantized = n_groups * config.group_size
+    budget = config.bits_per_element * tokens * channels - fixed_bits
+    # Sequences too short to amortise the fixed costs still get the budget on their own
+    # quantized tokens; the true bits per element then exceed the target (reported as such).
+    budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
+    per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
+    table = distortion_table(latent)
+    return allocate_budget(table, budget, quantized, per_channel_meta)
+
+
+def _latent_rows(compressed: CompressedKeys) -> torch.Tensor:
+    """float32 [n_groups * group_size, r] dequantized latent channels."""
+    codes = unpack_codes(compressed.codes, compressed.kept_bits, compressed.group_size)
+    latent = dequantize_groups(codes, compressed.scales, compressed.mins)
+    return latent.reshape(compressed.num_groups * compressed.group_size, compressed.kept_bits.numel())
+
+
+def decompress(
+    compressed: CompressedKeys, key_space: str | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Reconstruct keys [tokens, kv_heads, head_dim].
+
+    Args:
+        key_space: ``"pre_rope"`` or ``"post_rope"``; default: the space the keys came in.
+        dtype: output dtype; default: the dtype the keys came in.
+    """
+    key_space = key_space or compressed.input_space
+    if key_space not in KEY_SPACES:
+        raise InvalidInputError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
+    body = _latent_rows(compressed) @ compressed.basis.float().T + compressed.mean
+    flat = torch.cat([compressed.sinks.float(), body, compressed.tail.float()])
+    keys = flat.reshape(-1, compressed.kv_heads, compressed.head_dim)
+    if key_space != compressed.stored_space:
+        rope = compressed.rope
+        if rope is None:
+            raise InvalidInputError(
+                f"keys are stored {compressed.stored_space} without a rope description; cannot return {key_space}"
+            )
+        rotate = apply_rope if key_space == "post_rope" else undo_rope
+        keys = rotate(keys, compressed.token_positions(), rope)
+    return keys.to(dtype or compressed.input_dtype)
+
+
+def append(
+    compressed: CompressedKeys, keys: torch.Tensor, positions: torch.Tensor | None = None
+) -> CompressedKeys:
+    """Append decode-time keys [new_tokens, kv_heads, head_dim] and return the new state.
+
+    New keys come in the same space as the original input (post-RoPE keys need their
+    positions; by default they continue after the last stored position). They fill the sinks
+    first, then the full-precision tail; every time the tail holds a full group, that group is
+    projected on the existing basis and quantized with the existing channel widths. The
+    result equals compressing all the keys at once with the same basis and widths. The input
+    object is not modified.
+    """
+    _check_keys(keys, "appended keys")
+    if keys.shape[1:] != (compressed.kv_heads, compressed.head_dim):
+        raise InvalidInputError(
+            f"appended keys must have kv_heads={compressed.kv_heads}, head_dim={compressed.head_dim}, "
+            f"got {tuple(keys.shape[1:])}"
+        )
+    new = keys.shape[0]
+    if new == 0:
+        return compressed
+    device = compressed.codes.device
+    keys = keys.to(device)
+    old_positions = compressed.token_positions()
+    if positions is None:
+        start = int(old_positions[-1]) + 1 if old_positions.numel() else compressed.position_offset
+        new_positions = torch.arange(new, device=device) + start
+    else:
+        _, explicit = _positions_for(new, positions, device)
+        new_positions = explicit if explicit is not None else positions.to(device=device, dtype=torch.int64)
+    work = keys.float()
+    if compressed.input_space != compressed.stored_space:
+        work = undo_rope(keys, new_positions, _require_rope(compressed.rope))
+    flat = work.reshape(new, -1)
+
+    all_positions = torch.cat([old_positions, new_positions])
+    offset, explicit = _positions_for(all_positions.numel(), all_positions, device)
+
+    sinks_missing = 0 if compressed.method == "fp16" else max(0, compressed.num_sinks - compressed.sinks.shape[0])
+    to_sinks = flat[:sinks_missing]
+    pending = torch.cat([compressed.tail.float(), flat[sinks_missing:]])
+    sinks = torch.cat([compressed.sinks, to_sinks.to(compressed.storage_dtype)])
+    codes, scales, mins = compressed.codes, compressed.scales, compressed.mins
+    if compressed.method != "fp16":
+        full = pending.shape[0] // compressed.group_size
+        if full:
+            kept = torch.nonzero(compressed.channel_bits).flatten()
+            block = pending[: full * compressed.group_size]
+            latent = ((block - compressed.mean) @ compressed.basis.float()).reshape(full, compressed.group_size, -1)
+            new_codes, new_scales, new_mins = quantize_groups(latent, compressed.channel_bits[kept].to(torch.int64))
+            codes = torch.cat([codes, pack_codes(new_codes, compressed.kept_bits)])
+            scales = torch.cat([scales, new_scales])
+            mins = torch.cat([mins, new_mins])
+            pending = pending[full * compressed.group_size :]
+    storage = compressed.storage_dtype
+    if storage == torch.float16 and pending.numel() and pending.abs().max() > torch.finfo(torch.float16).max:
+        raise InvalidInputError("appended keys exceed the float16 range of this sequence's full-precision tokens")
+    return replace(
+        compressed,
+        sinks=sinks,
+        codes=codes,
+        scales=scales,
+        mins=mins,
+        tail=pending.to(storage),
+        position_offset=offset,
+        positions=explicit,
+        _cache={},
+    )
+
+
+def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """||approximation - reference|| / ||reference|| in float64."""
+    ref = reference.double()
+    return float((approximation.double() - ref).norm() / ref.norm().clamp(min=1e-300))
+
+
+def check_group_bytes(compressed: CompressedKeys) -> None:
+    """Internal consistency check used by the loader."""
+    expected = group_bytes(compressed.kept_bits, compressed.group_size)
+    if compressed.codes.shape[1] != expected:
+        raise InvalidInputError(f"code rows have {compressed.codes.shape[1]} bytes, expected {expected}")
+
+
+__all__ = [
+    "Basis",
+    "CodecConfig",
+    "CompressedKeys",
+    "append",
+    "compress",
+    "decompress",
+    "fit_basis",
+    "fit_layer_basis",
+    "relative_error",
+]

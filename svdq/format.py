@@ -1,0 +1,256 @@
+"""Serialized format of :class:`~svdq.codec.CompressedKeys` (version 1).
+
+All integers and floats are little-endian. A blob is::
+
+    offset size  field
+    0      4     magic b"SVDQ"
+    4      1     format version (1)
+    5      1     method: 0 svdq, 1 kivi, 2 fp16
+    6      1     flags: bit0 input was post-RoPE, bit1 stored post-RoPE, bit2 has RoPE,
+                 bit3 shared basis (not stored), bit4 explicit positions
+    7      1     dtypes: low nibble input dtype, high nibble full-precision dtype
+                 (0 float16, 1 bfloat16, 2 float32)
+    8      4     tokens (u32)
+    12     2     kv_heads (u16)
+    14     2     head_dim (u16)
+    16     2     group_size (u16)
+    18     2     num_sinks, configured (u16)
+    20     8     position_offset (i64)
+    28     28    RoPE, only if flag bit2: theta f64, rotary_dim u16, style u8, scaling u8,
+                 factor f32, low_freq_factor f32, high_freq_factor f32, original_max u32
+    ..     8     shared basis fingerprint (u64), only if flag bit3
+    ..     C/2   channel widths, two 4-bit widths per byte, low nibble first (svdq, kivi)
+    ..     4C    mean float32 [C] (svdq with stored basis)
+    ..     2Cr   basis float16 [C, r] row-major (svdq with stored basis)
+    ..     8S    positions int64 [S] (only if flag bit4)
+    ..     2Cs   sinks [s, C] in the full-precision dtype, s = min(num_sinks, tokens)
+    ..     2Gr   scales float16 [G, r], then mins float16 [G, r], G = quantized groups
+    ..     G*B   codes [G, B] uint8, B = group_size * sum(widths) / 8 (see svdq.quant)
+    ..     2Ct   tail [t, C] in the full-precision dtype
+    end-4  4     CRC-32 of every byte before it
+
+Counts that are not stored (s, G, t) follow from tokens, num_sinks and group_size. A reader
+rejects a wrong magic, a newer version, a size that does not match the header and a
+checksum mismatch, each with a :class:`~svdq.errors.FormatError` that says which.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from .codec import METHODS, Basis, CompressedKeys, check_group_bytes
+from .errors import FormatError, InvalidInputError
+from .quant import group_bytes
+from .rope import ROPE_SCALINGS, ROPE_STYLES, RopeConfig
+
+MAGIC = b"SVDQ"
+VERSION = 1
+_HEADER = struct.Struct("<4sBBBBIHHHHq")
+_ROPE = struct.Struct("<dHBBfffI")
+_FINGERPRINT = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_F_POST_IN, _F_POST_STORED, _F_ROPE, _F_SHARED, _F_POSITIONS = 1, 2, 4, 8, 16
+
+
+def _layout(method: str, channels: int, tokens: int, num_sinks: int, group_size: int, kept_bits: np.ndarray,
+            has_rope: bool, stored_basis: bool, explicit_positions: bool) -> dict[str, int]:
+    """Byte size of every section, from the shapes alone."""
+    sinks = 0 if method == "fp16" else min(num_sinks, tokens)
+    groups = 0 if method == "fp16" else (tokens - sinks) // group_size
+    tail = tokens - sinks - groups * group_size
+    kept = int(np.count_nonzero(kept_bits))
+    quantized = method != "fp16"
+    basis_stored = method == "svdq" and stored_basis
+    return {
+        "header": _HEADER.size,
+        "rope": _ROPE.size if has_rope else 0,
+        "fingerprint": _FINGERPRINT.size if method == "svdq" and not stored_basis else 0,
+        "widths": (channels + 1) // 2 if quantized else 0,
+        "mean": 4 * channels if basis_stored else 0,
+        "basis": 2 * channels * kept if basis_stored else 0,
+        "positions": 8 * tokens if explicit_positions else 0,
+        "sinks": 2 * channels * sinks,
+        "scales": 2 * groups * kept,
+        "mins": 2 * groups * kept,
+        "codes": groups * int(kept_bits.astype(np.int64).sum()) * group_size // 8,
+        "tail": 2 * channels * tail,
+        "crc": _CRC.size,
+    }
+
+
+def serialized_size(compressed: CompressedKeys) -> int:
+    """Exact length of :func:`to_bytes` of ``compressed`` without building it."""
+    return sum(_layout(
+        compressed.method, compressed.channels, compressed.num_tokens, compressed.num_sinks,
+        compressed.group_size, compressed.kept_bits.cpu().numpy(), compressed.rope is not None,
+        compressed.shared_basis is None, compressed.positions is not None,
+    ).values())
+
+
+def fixed_size(*, method: str, channels: int, tokens: int, num_sinks: int, group_size: int, has_rope: bool,
+               stored_basis: bool, explicit_positions: bool) -> int:
+    """Bytes that do not depend on the channel widths (a blob with every channel dropped):
+    header, RoPE, widths map, mean, positions, full-precision sinks and tail, checksum.
+    The bit allocator spends what the budget leaves after these."""
+    return sum(_layout(method, channels, tokens, num_sinks, group_size, np.zeros(channels, dtype=np.int64),
+                       has_rope, stored_basis, explicit_positions).values())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()
+
+
+def to_bytes(compressed: CompressedKeys) -> bytes:
+    """Serialize; ``len(to_bytes(c)) == c.nbytes``."""
+    flags = 0
+    flags |= _F_POST_IN if compressed.input_space == "post_rope" else 0
+    flags |= _F_POST_STORED if compressed.stored_space == "post_rope" else 0
+    flags |= _F_ROPE if compressed.rope is not None else 0
+    flags |= _F_SHARED if compressed.shared_basis is not None else 0
+    flags |= _F_POSITIONS if compressed.positions is not None else 0
+    dtypes = _DTYPES.index(compressed.input_dtype) | (_DTYPES.index(compressed.storage_dtype) << 4)
+    parts = [_HEADER.pack(
+        MAGIC, VERSION, METHODS.index(compressed.method), flags, dtypes, compressed.num_tokens,
+        compressed.kv_heads, compressed.head_dim, compressed.group_size, compressed.num_sinks,
+        compressed.position_offset,
+    )]
+    rope = compressed.rope
+    if rope is not None:
+        parts.append(_ROPE.pack(rope.theta, rope.rotary_dim, ROPE_STYLES.index(rope.style),
+                                ROPE_SCALINGS.index(rope.scaling), rope.factor, rope.low_freq_factor,
+                                rope.high_freq_factor, rope.original_max_position))
+    if compressed.method == "svdq" and compressed.shared_basis is not None:
+        parts.append(_FINGERPRINT.pack(compressed.shared_basis))
+    if compressed.method != "fp16":
+        widths = compressed.channel_bits.cpu().numpy().astype(np.uint8)
+        if widths.size % 2:
+            widths = np.append(widths, 0)
+        parts.append((widths[0::2] | (widths[1::2] << 4)).astype(np.uint8).tobytes())
+    if compressed.method == "svdq" and compressed.shared_basis is None:
+        parts.append(_tensor_bytes(compressed.mean.float()))
+        parts.append(_tensor_bytes(compressed.basis.to(torch.float16)))
+    if compressed.positions is not None:
+        parts.append(_tensor_bytes(compressed.positions.to(torch.int64)))
+    parts += [_tensor_bytes(compressed.sinks), _tensor_bytes(compressed.scales), _tensor_bytes(compressed.mins),
+              _tensor_bytes(compressed.codes), _tensor_bytes(compressed.tail)]
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+class _Reader:
+    def __init__(self, data: memoryview) -> None:
+        self.data, self.at = data, 0
+
+    def take(self, size: int, what: str) -> memoryview:
+        if self.at + size > len(self.data):
+            raise FormatError(f"blob is truncated: {what} needs {size} bytes at offset {self.at}, "
+                              f"only {len(self.data) - self.at} left")
+        view = self.data[self.at:self.at + size]
+        self.at += size
+        return view
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        count = int(np.prod(shape)) if shape else 1
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        raw = bytes(self.take(count * itemsize, what))
+        if dtype == torch.bfloat16:
+            return torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16).reshape(shape).clone() \
+                if count else torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone() if count else torch.empty(shape, dtype=dtype)
+
+
+def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
+               device: torch.device | str = "cpu") -> CompressedKeys:
+    """Parse a blob written by :func:`to_bytes`.
+
+    ``basis`` must be the shared basis when the blob was compressed with one.
+    """
+    data = memoryview(bytes(blob))
+    if len(data) < _HEADER.size + _CRC.size:
+        raise FormatError(f"blob is truncated: {len(data)} bytes is shorter than the {_HEADER.size + _CRC.size}-byte minimum")
+    magic, version = bytes(data[:4]), data[4]
+    if magic != MAGIC:
+        raise FormatError(f"not an svdq blob: magic is {magic!r}, expected {MAGIC!r}")
+    if version > VERSION:
+        raise FormatError(f"blob format version {version} is newer than this reader (supports up to {VERSION}); "
+                          "upgrade svdq to read it")
+    if version < 1:
+        raise FormatError(f"blob format version {version} is not valid")
+    (stored_crc,) = _CRC.unpack(data[-4:])
+    if zlib.crc32(data[:-4]) != stored_crc:
+        raise FormatError("blob checksum mismatch: the data is corrupted or truncated")
+    reader = _Reader(data[:-4])
+    (_, _, method_id, flags, dtypes, tokens, kv_heads, head_dim, group_size, num_sinks,
+     offset) = _HEADER.unpack(reader.take(_HEADER.size, "header"))
+    if method_id >= len(METHODS):
+        raise FormatError(f"unknown method id {method_id}")
+    if (dtypes & 15) >= len(_DTYPES) or (dtypes >> 4) >= len(_DTYPES):
+        raise FormatError(f"unknown dtype code {dtypes:#x}")
+    method = METHODS[method_id]
+    channels = kv_heads * head_dim
+    if channels == 0 or group_size == 0 or group_size % 8:
+        raise FormatError(f"invalid shape in header: kv_heads={kv_heads}, head_dim={head_dim}, group_size={group_size}")
+    rope = None
+    if flags & _F_ROPE:
+        theta, rotary, style, scaling, factor, low, high, orig = _ROPE.unpack(reader.take(_ROPE.size, "rope"))
+        try:
+            rope = RopeConfig(theta, rotary, ROPE_STYLES[style], ROPE_SCALINGS[scaling], factor, low, high, orig)
+        except (IndexError, InvalidInputError) as exc:
+            raise FormatError(f"invalid rope description in blob: {exc}") from exc
+    shared = None
+    if method == "svdq" and flags & _F_SHARED:
+        (shared,) = _FINGERPRINT.unpack(reader.take(_FINGERPRINT.size, "basis fingerprint"))
+        if basis is None:
+            raise FormatError(f"blob was compressed with a shared basis (fingerprint {shared:016x}); pass that basis to load it")
+        if basis.fingerprint != shared:
+            raise FormatError(f"blob needs the shared basis {shared:016x}, but the given basis is {basis.fingerprint:016x}")
+    if method == "fp16":
+        channel_bits = np.zeros(channels, dtype=np.uint8)
+    else:
+        packed = np.frombuffer(bytes(reader.take((channels + 1) // 2, "channel widths")), dtype=np.uint8)
+        channel_bits = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1)[:channels].copy()
+        if channel_bits.max(initial=0) > 8:
+            raise FormatError("channel widths above 8 bits in blob")
+    kept_idx = np.nonzero(channel_bits)[0]
+    kept = kept_idx.size
+    if method == "svdq" and shared is None:
+        mean = reader.tensor(torch.float32, (channels,), "mean")
+        basis_cols = reader.tensor(torch.float16, (channels, kept), "basis")
+    elif method == "svdq":
+        mean = basis.mean.float().clone()
+        basis_cols = basis.components.to(torch.float16)[:, torch.from_numpy(kept_idx)].contiguous()
+    else:
+        mean = torch.zeros(channels)
+        basis_cols = torch.eye(channels, dtype=torch.float16)[:, torch.from_numpy(kept_idx)].contiguous()
+    positions = reader.tensor(torch.int64, (tokens,), "positions") if flags & _F_POSITIONS else None
+    storage = _DTYPES[dtypes >> 4]
+    sinks_n = 0 if method == "fp16" else min(num_sinks, tokens)
+    groups = 0 if method == "fp16" else (tokens - sinks_n) // group_size
+    tail_n = tokens - sinks_n - groups * group_size
+    kept_bits = torch.from_numpy(channel_bits[kept_idx].astype(np.int64))
+    sinks = reader.tensor(storage, (sinks_n, channels), "sinks")
+    scales = reader.tensor(torch.float16, (groups, kept), "scales")
+    mins = reader.tensor(torch.float16, (groups, kept), "mins")
+    codes = reader.tensor(torch.uint8, (groups, group_bytes(kept_bits, group_size)), "codes")
+    tail = reader.tensor(storage, (tail_n, channels), "tail")
+    if reader.at != len(reader.data):
+        raise FormatError(f"blob has {len(reader.data) - reader.at} unexpected trailing bytes")
+    compressed = CompressedKeys(
+        method=method, kv_heads=kv_heads, head_dim=head_dim, input_dtype=_DTYPES[dtypes & 15],
+        storage_dtype=storage, stored_space="post_rope" if flags & _F_POST_STORED else "pre_rope", rope=rope,
+        group_size=group_size, num_sinks=num_sinks, position_offset=offset,
+        channel_bits=torch.from_numpy(channel_bits), basis=basis_cols, mean=mean, sinks=sinks, codes=codes,
+        scales=scales, mins=mins, tail=tail, positions=positions, shared_basis=shared,
+        input_space="post_rope" if flags & _F_POST_IN else "pre_rope",
+    )
+    check_group_bytes(compressed)
+    return compressed.to(device) if str(device) != "cpu" else compressed

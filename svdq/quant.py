@@ -1,0 +1,130 @@
+"""Per-channel asymmetric quantization over token groups, and bit packing.
+
+Layout of one quantized token group (``group_size`` tokens, ``r`` kept channels):
+
+* ``scales[g, j]`` and ``mins[g, j]`` (float16): the group's step and minimum for kept
+  channel ``j``; a value is reconstructed as ``code * scale + min``.
+* ``codes[g, :]`` (uint8 row of ``group_bytes`` bytes): the kept channels one after
+  another in latent order; channel ``j`` with width ``b_j`` takes ``group_size * b_j / 8``
+  bytes starting at byte ``channel_offsets[j]``. Inside a channel's bytes token ``t`` of the
+  group occupies bits ``[t * b_j, (t + 1) * b_j)`` counted LSB-first across the bytes, so a
+  code may straddle two bytes when ``b_j`` is 3, 5, 6 or 7.
+
+``group_size`` is a multiple of 8, so every channel's segment is a whole number of bytes
+and a new group is appended as one more row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InvalidInputError
+
+MAX_BITS = 8
+_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
+
+
+def channel_offsets(channel_bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int64 byte offset of each kept channel inside a group row; kept bits in latent order."""
+    widths = channel_bits.to(torch.int64) * group_size // 8
+    return torch.cumsum(widths, 0) - widths
+
+
+def group_bytes(channel_bits: torch.Tensor, group_size: int) -> int:
+    """Bytes of one packed group row for the kept channels' widths."""
+    return int(channel_bits.to(torch.int64).sum()) * group_size // 8
+
+
+def quantize_groups(
+    latent: torch.Tensor, kept_bits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``latent`` [groups, group_size, r] (float32) channel by channel.
+
+    Returns ``codes`` (uint8 [groups, group_size, r]), ``scales`` and ``mins`` (float16
+    [groups, r]). Codes are computed against the float16-rounded scale and minimum, so that
+    dequantization from the stored values is what the encoder measured.
+    """
+    levels = (2 ** kept_bits.to(torch.float32) - 1).to(latent.device)
+    low = latent.amin(dim=1)
+    high = latent.amax(dim=1)
+    mins = low.to(torch.float16)
+    scales = ((high - mins.float()) / levels).to(torch.float16)
+    # float16 may round the step down so that the maximum needs one level more: nudge it up.
+    scales = torch.where(
+        mins.float() + scales.float() * levels < high,
+        torch.nextafter(scales, torch.full_like(scales, float("inf"))),
+        scales,
+    )
+    step = scales.float()
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.round((latent - mins.float()[:, None, :]) / safe[:, None, :])
+    codes = torch.minimum(codes.clamp_(min=0), levels).to(torch.uint8)
+    return codes, scales, mins
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """float32 [groups, group_size, r] from codes [groups, group_size, r] and fp16 scales/mins."""
+    return codes.float() * scales.float()[:, None, :] + mins.float()[:, None, :]
+
+
+def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
+    """Pack codes [groups, group_size, r] into rows uint8 [groups, group_bytes]."""
+    groups, group_size, _ = codes.shape
+    if group_size % 8:
+        raise InvalidInputError(f"group_size must be a multiple of 8, got {group_size}")
+    offsets = channel_offsets(kept_bits, group_size)
+    rows = torch.zeros(groups, group_bytes(kept_bits, group_size), dtype=torch.uint8, device=codes.device)
+    weights = _BIT_WEIGHTS.to(codes.device)
+    for width in torch.unique(kept_bits).tolist():
+        channels = torch.nonzero(kept_bits == width).flatten()
+        if width == 0 or channels.numel() == 0:
+            continue
+        # [groups, channels, group_size, width] bits, LSB of each code first
+        bits = (codes[:, :, channels].permute(0, 2, 1).to(torch.int32)[..., None] >> torch.arange(width, device=codes.device)) & 1
+        nbytes = group_size * width // 8
+        packed = (bits.reshape(groups, channels.numel(), nbytes, 8) * weights).sum(-1).to(torch.uint8)
+        index = (offsets[channels.to(offsets.device)][:, None] + torch.arange(nbytes, device=codes.device)).flatten()
+        rows[:, index] = packed.reshape(groups, -1)
+    return rows
+
+
+def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r]."""
+    groups = rows.shape[0]
+    offsets = channel_offsets(kept_bits, group_size)
+    codes = torch.zeros(groups, group_size, kept_bits.numel(), dtype=torch.uint8, device=rows.device)
+    for width in torch.unique(kept_bits).tolist():
+        channels = torch.nonzero(kept_bits == width).flatten()
+        if width == 0 or channels.numel() == 0:
+            continue
+        nbytes = group_size * width // 8
+        index = (offsets[channels.to(offsets.device)][:, None] + torch.arange(nbytes, device=rows.device)).flatten()
+        packed = rows[:, index].reshape(groups, channels.numel(), nbytes, 1).to(torch.int32)
+        bits = (packed >> torch.arange(8, device=rows.device)) & 1
+        bits = bits.reshape(groups, channels.numel(), group_size, width)
+        values = (bits * _BIT_WEIGHTS[:width].to(rows.device)).sum(-1)
+        codes[:, :, channels] = values.permute(0, 2, 1).to(torch.uint8)
+    return codes
+
+
+def distortion_table(latent: torch.Tensor, max_groups: int = 256) -> torch.Tensor:
+    """Squared error of each latent channel at every width 0..8, float64 [channels, 9].
+
+    ``latent`` is [groups, group_size, channels]. Width 0 means the channel is dropped and
+    reconstructs as 0 (the mean). At most ``max_groups`` evenly spaced groups are measured and
+    the result scaled to all groups: the allocation only needs relative errors.
+    """
+    groups = latent.shape[0]
+    sample = latent
+    if groups > max_groups:
+        pick = torch.linspace(0, groups - 1, max_groups, device=latent.device).round().long()
+        sample = latent[pick]
+    scale = groups / sample.shape[0]
+    table = torch.empty(latent.shape[-1], MAX_BITS + 1, dtype=torch.float64)
+    table[:, 0] = sample.double().pow(2).sum(dim=(0, 1)).cpu() * scale
+    for width in range(1, MAX_BITS + 1):
+        bits = torch.full((latent.shape[-1],), width, dtype=torch.int64, device=latent.device)
+        codes, scales, mins = quantize_groups(sample, bits)
+        error = dequantize_groups(codes, scales, mins) - sample
+        table[:, width] = error.double().pow(2).sum(dim=(0, 1)).cpu() * scale
+    return table

@@ -1,0 +1,194 @@
+"""Rotary position embeddings: describe, apply and undo them exactly.
+
+Inference engines hold post-RoPE keys, but SVDq needs pre-RoPE keys (the latent spectrum of
+post-RoPE keys barely decays, see docs/DESIGN.md). RoPE is an exact rotation of channel
+pairs, so given the positions and the model's RoPE description the codec undoes it on the
+way in and the attention path re-applies it.
+
+Angles are computed the way Hugging Face transformers computes them (float32 inverse
+frequencies times float32 positions), so undoing the rotation of keys produced by a
+transformers model is exact up to float32 rounding of the rotation itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidInputError
+
+ROPE_STYLES = ("half", "interleaved")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """How a model rotates its keys.
+
+    Attributes:
+        theta: base of the inverse frequencies (``rope_theta``).
+        rotary_dim: number of leading channels of each head that rotate (partial rotary);
+            ``0`` means the whole head. Must be even.
+        style: ``"half"`` pairs channel ``i`` with ``i + rotary_dim/2`` (Llama, Qwen,
+            transformers' ``rotate_half``); ``"interleaved"`` pairs ``2i`` with ``2i+1``
+            (GPT-J, GLM).
+        scaling: ``"none"``, ``"linear"`` (positions divided by ``factor``) or ``"llama3"``
+            (wavelength-dependent scaling of Llama 3.1).
+        factor, low_freq_factor, high_freq_factor, original_max_position: parameters of the
+            scaling; ignored for ``"none"``.
+    """
+
+    theta: float = 10000.0
+    rotary_dim: int = 0
+    style: str = "half"
+    scaling: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.theta) and self.theta > 1.0):
+            raise InvalidInputError(f"rope theta must be a finite number > 1, got {self.theta}")
+        if self.rotary_dim < 0 or self.rotary_dim % 2:
+            raise InvalidInputError(
+                f"rope rotary_dim must be 0 (whole head) or a positive even number, got {self.rotary_dim}"
+            )
+        if self.style not in ROPE_STYLES:
+            raise InvalidInputError(f"rope style must be one of {ROPE_STYLES}, got {self.style!r}")
+        if self.scaling not in ROPE_SCALINGS:
+            raise InvalidInputError(f"rope scaling must be one of {ROPE_SCALINGS}, got {self.scaling!r}")
+        if self.scaling != "none" and not (self.factor > 0 and math.isfinite(self.factor)):
+            raise InvalidInputError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.scaling == "llama3":
+            if not self.high_freq_factor > self.low_freq_factor > 0:
+                raise InvalidInputError(
+                    "llama3 rope scaling needs high_freq_factor > low_freq_factor > 0, got "
+                    f"{self.high_freq_factor} and {self.low_freq_factor}"
+                )
+            if self.original_max_position <= 0:
+                raise InvalidInputError("llama3 rope scaling needs original_max_position > 0")
+
+    def dims(self, head_dim: int) -> int:
+        """Number of rotating channels for a head of ``head_dim`` channels."""
+        rotary = self.rotary_dim or head_dim
+        if rotary > head_dim:
+            raise InvalidInputError(f"rope rotary_dim {rotary} exceeds head_dim {head_dim}")
+        return rotary
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> RopeConfig:
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown rope fields {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**fields)
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> RopeConfig:
+        """Read the RoPE description of a transformers model config.
+
+        Understands both ``rope_scaling`` + ``rope_theta`` (transformers 4) and
+        ``rope_parameters`` (transformers 5), and ``partial_rotary_factor``.
+        """
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        legacy = getattr(config, "rope_scaling", None) or {}
+        if not params:
+            params = dict(legacy)
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        kind = params.get("rope_type", params.get("type", "default")) or "default"
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        rotary_dim = int(head_dim * partial)
+        rotary_dim = 0 if rotary_dim == head_dim else rotary_dim
+        if kind == "default":
+            return cls(theta=float(theta), rotary_dim=rotary_dim)
+        if kind == "linear":
+            return cls(theta=float(theta), rotary_dim=rotary_dim, scaling="linear", factor=float(params["factor"]))
+        if kind == "llama3":
+            return cls(
+                theta=float(theta),
+                rotary_dim=rotary_dim,
+                scaling="llama3",
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position=int(params["original_max_position_embeddings"]),
+            )
+        raise InvalidInputError(
+            f"rope type {kind!r} is not supported; supported: default, linear, llama3"
+        )
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 inverse frequencies [rotary_dim // 2], scaling applied."""
+    rotary = rope.dims(head_dim)
+    exponents = torch.arange(0, rotary, 2, dtype=torch.int64, device=device).float() / rotary
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.scaling == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.scaling == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(
+    rope: RopeConfig, positions: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin of shape [len(positions), rotary_dim // 2]."""
+    inv_freq = inverse_frequencies(rope, head_dim, positions.device)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def _rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig, sign: float) -> torch.Tensor:
+    if keys.dim() != 3:
+        raise InvalidInputError(f"keys for RoPE must be [tokens, heads, head_dim], got shape {tuple(keys.shape)}")
+    if positions.dim() != 1 or positions.shape[0] != keys.shape[0]:
+        raise InvalidInputError(
+            f"positions must be a 1-D tensor with one entry per token ({keys.shape[0]}), "
+            f"got shape {tuple(positions.shape)}"
+        )
+    head_dim = keys.shape[-1]
+    rotary = rope.dims(head_dim)
+    cos, sin = rope_cos_sin(rope, positions, head_dim)
+    cos, sin = cos[:, None, :], sign * sin[:, None, :]
+    work = keys.to(torch.float32)
+    rot, rest = work[..., :rotary], work[..., rotary:]
+    if rope.style == "half":
+        first, second = rot[..., : rotary // 2], rot[..., rotary // 2 :]
+    else:
+        first, second = rot[..., 0::2], rot[..., 1::2]
+    new_first = first * cos - second * sin
+    new_second = second * cos + first * sin
+    if rope.style == "half":
+        rotated = torch.cat([new_first, new_second], dim=-1)
+    else:
+        rotated = torch.stack([new_first, new_second], dim=-1).flatten(-2)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Rotate pre-RoPE ``keys`` [tokens, heads, head_dim] to their ``positions``; float32 out."""
+    return _rotate(keys, positions, rope, 1.0)
+
+
+def undo_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Inverse of :func:`apply_rope`: post-RoPE keys back to pre-RoPE; float32 out."""
+    return _rotate(keys, positions, rope, -1.0)

@@ -342,10 +342,12 @@ def compress(
     if config.method == "svdq" and key_space == "post_rope":
         work = undo_rope(keys, token_pos, _require_rope(rope))
         stored_space = "pre_rope"
-    flat = work.reshape(tokens, channels)
     storage = _storage_dtype(keys)
-    if storage == torch.float16 and flat.abs().max() > torch.finfo(torch.float16).max:
+    if storage == torch.float16 and work.abs().max() > torch.finfo(torch.float16).max:
         storage = torch.bfloat16  # float16 would overflow; bfloat16 keeps the range
+    # Every token is rounded to the 16-bit storage dtype first, so a token quantized now and a
+    # token that waited in the full-precision tail before its group filled are quantized alike.
+    flat = work.reshape(tokens, channels).to(storage).float()
 
     if config.method == "fp16":
         num_sinks, group_size = 0, config.group_size
@@ -373,7 +375,7 @@ def compress(
         components = torch.eye(channels, device=device, dtype=torch.float16)
         mean = torch.zeros(channels, device=device)
 
-    latent = ((body - mean) @ components.float()).reshape(n_groups, group_size, channels)
+    latent = _project(body, mean, components).reshape(n_groups, group_size, channels)
     if config.method == "fp16":
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     elif config.method == "kivi":
@@ -388,7 +390,9 @@ def compress(
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
-    codes, scales, mins = quantize_groups(latent[:, :, kept], kept_bits)
+    # Projected again on the kept columns alone: the exact computation append() repeats.
+    latent = _project(body, mean, components[:, kept]).reshape(n_groups, group_size, kept.numel())
+    codes, scales, mins = quantize_groups(latent, kept_bits)
 
     compressed = CompressedKeys(
         method=config.method,
@@ -414,6 +418,11 @@ def compress(
         input_space=key_space,
     )
     return compressed
+
+
+def _project(rows: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor) -> torch.Tensor:
+    """Latent channels float32 [tokens, r] of pre-RoPE keys [tokens, C]."""
+    return (rows - mean) @ basis_columns.float()
 
 
 def _allocate(latent, config, tokens, kv_heads, head_dim, num_sinks, n_groups, *, stored_basis, rope, explicit_positions):
@@ -501,7 +510,9 @@ def append(
     work = keys.float()
     if compressed.input_space != compressed.stored_space:
         work = undo_rope(keys, new_positions, _require_rope(compressed.rope))
-    flat = work.reshape(new, -1)
+    if compressed.storage_dtype == torch.float16 and work.abs().max() > torch.finfo(torch.float16).max:
+        raise InvalidInputError("appended keys exceed the float16 range of this sequence's full-precision tokens")
+    flat = work.reshape(new, -1).to(compressed.storage_dtype).float()
 
     all_positions = torch.cat([old_positions, new_positions])
     offset, explicit = _positions_for(all_positions.numel(), all_positions, device)
@@ -514,17 +525,15 @@ def append(
     if compressed.method != "fp16":
         full = pending.shape[0] // compressed.group_size
         if full:
-            kept = torch.nonzero(compressed.channel_bits).flatten()
             block = pending[: full * compressed.group_size]
-            latent = ((block - compressed.mean) @ compressed.basis.float()).reshape(full, compressed.group_size, -1)
-            new_codes, new_scales, new_mins = quantize_groups(latent, compressed.channel_bits[kept].to(torch.int64))
+            latent = _project(block, compressed.mean, compressed.basis)
+            latent = latent.reshape(full, compressed.group_size, compressed.basis.shape[1])
+            new_codes, new_scales, new_mins = quantize_groups(latent, compressed.kept_bits)
             codes = torch.cat([codes, pack_codes(new_codes, compressed.kept_bits)])
             scales = torch.cat([scales, new_scales])
             mins = torch.cat([mins, new_mins])
             pending = pending[full * compressed.group_size :]
     storage = compressed.storage_dtype
-    if storage == torch.float16 and pending.numel() and pending.abs().max() > torch.finfo(torch.float16).max:
-        raise InvalidInputError("appended keys exceed the float16 range of this sequence's full-precision tokens")
     return replace(
         compressed,
         sinks=sinks,

@@ -75,6 +75,8 @@ def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
     offsets = channel_offsets(kept_bits, group_size)
     rows = torch.zeros(groups, group_bytes(kept_bits, group_size), dtype=torch.uint8, device=codes.device)
     weights = _BIT_WEIGHTS.to(codes.device)
+    if groups == 0:
+        return rows
     for width in torch.unique(kept_bits).tolist():
         channels = torch.nonzero(kept_bits == width).flatten()
         if width == 0 or channels.numel() == 0:
@@ -84,7 +86,7 @@ def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
         nbytes = group_size * width // 8
         packed = (bits.reshape(groups, channels.numel(), nbytes, 8) * weights).sum(-1).to(torch.uint8)
         index = (offsets[channels.to(offsets.device)][:, None] + torch.arange(nbytes, device=codes.device)).flatten()
-        rows[:, index] = packed.reshape(groups, -1)
+        rows[:, index] = packed.reshape(groups, channels.numel() * nbytes)
     return rows
 
 

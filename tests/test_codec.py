@@ -1,0 +1,188 @@
+"""SVDq codec on small synthetic tensors: round trips, budgets, append, bad input.
+
+Quality on real keys is measured by bench/quality.py; random low-rank keys here only check
+that the machinery is right.
+"""
+
+import pytest
+import torch
+
+from svdq import (
+    CodecConfig,
+    InvalidInputError,
+    RopeConfig,
+    append,
+    apply_rope,
+    compress,
+    decompress,
+    fit_layer_basis,
+    from_bytes,
+    relative_error,
+    to_bytes,
+)
+
+ROPE = RopeConfig(theta=10000.0)
+
+
+def layer_keys(tokens=300, heads=3, head_dim=16, seed=0, dtype=torch.float32):
+    """Pre-RoPE keys with a fast-decaying spectrum and a large mean, like real key caches."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = heads * head_dim
+    decay = torch.exp(-torch.arange(channels) / 4.0)
+    mixing = torch.linalg.qr(torch.randn(channels, channels, generator=gen))[0]
+    latent = torch.randn(tokens, channels, generator=gen) * decay * 4
+    mean = torch.randn(channels, generator=gen) * 3
+    return (latent @ mixing.T + mean).reshape(tokens, heads, head_dim).to(dtype)
+
+
+def test_svdq_round_trip_pre_rope_and_size_accounting():
+    keys = layer_keys()
+    compressed = compress(keys, CodecConfig(bits_per_element=3.0, group_size=32, num_sinks=4))
+    blob = to_bytes(compressed)
+    assert len(blob) == compressed.nbytes
+    assert compressed.bits_per_element == pytest.approx(8 * len(blob) / keys.numel())
+    assert compressed.bits_per_element <= 3.0
+    assert compressed.compression_ratio == pytest.approx(2 * keys.numel() / len(blob))
+    restored = decompress(compressed)
+    assert restored.shape == keys.shape and restored.dtype == keys.dtype
+    assert relative_error(keys, restored) < 0.05
+    # sinks and the incomplete trailing group are kept in float16
+    torch.testing.assert_close(restored[:4], keys[:4], rtol=1e-3, atol=1e-2)
+    tail = (300 - 4) % 32
+    torch.testing.assert_close(restored[-tail:], keys[-tail:], rtol=1e-3, atol=1e-2)
+
+
+def test_more_bits_give_less_error():
+    keys = layer_keys(tokens=600)
+    errors = [relative_error(keys, decompress(compress(keys, CodecConfig(bits_per_element=b)))) for b in (1.0, 2.0, 4.0)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_post_rope_input_is_stored_pre_rope_and_returned_in_either_space():
+    pre = layer_keys()
+    positions = torch.arange(100, 400)
+    post = apply_rope(pre, positions, ROPE)
+    compressed = compress(post, CodecConfig(bits_per_element=4.0), positions=positions, rope=ROPE,
+                          key_space="post_rope")
+    assert compressed.stored_space == "pre_rope"
+    from_pre = compress(pre, CodecConfig(bits_per_element=4.0), positions=positions, rope=ROPE)
+    # Undoing RoPE is exact, so both inputs compress to the same latent representation.
+    assert relative_error(decompress(from_pre, "pre_rope"), decompress(compressed, "pre_rope")) < 1e-3
+    assert relative_error(post, decompress(compressed)) < 0.02
+    assert relative_error(pre, decompress(compressed, "pre_rope")) < 0.02
+
+
+def test_explicit_positions_and_bfloat16_round_trip_through_bytes():
+    keys = layer_keys(dtype=torch.bfloat16)
+    positions = torch.randperm(5000)[:300]
+    compressed = compress(keys, positions=positions, rope=ROPE, key_space="post_rope")
+    assert torch.equal(compressed.token_positions(), positions)
+    loaded = from_bytes(to_bytes(compressed))
+    assert torch.equal(decompress(loaded), decompress(compressed))
+    assert decompress(loaded).dtype == torch.bfloat16
+    assert torch.equal(loaded.token_positions(), positions)
+
+
+def test_schedule_sets_widths_by_equal_channel_groups():
+    keys = layer_keys(heads=2, head_dim=16)
+    compressed = compress(keys, CodecConfig(schedule=(8, 4, 2, 1, 1, 0, 0, 0), group_size=16))
+    assert compressed.channel_bits.tolist() == [8] * 4 + [4] * 4 + [2] * 4 + [1] * 8 + [0] * 12
+
+
+def test_budget_allocation_favours_leading_channels():
+    compressed = compress(layer_keys(tokens=2000), CodecConfig(bits_per_element=1.5))
+    bits = compressed.channel_bits.tolist()
+    assert bits[0] >= bits[len(bits) // 2] and bits[-1] == 0
+    assert compressed.bits_per_element <= 1.5
+
+
+def test_baselines_share_the_layout():
+    keys = layer_keys()
+    kivi = compress(keys, CodecConfig(method="kivi", bits=2, group_size=32, num_sinks=0))
+    # 9 groups of 32 tokens at 2 bits + 32 bits of scale and min per group, 12 tail tokens in
+    # float16, header and checksum
+    expected = (288 * 3 + 12 * 16) / 300
+    assert expected < kivi.bits_per_element < expected + 0.05
+    assert len(to_bytes(kivi)) == kivi.nbytes
+    passthrough = compress(keys, CodecConfig(method="fp16"))
+    assert passthrough.num_groups == 0
+    assert 16.0 < passthrough.bits_per_element < 16.1
+    torch.testing.assert_close(decompress(passthrough), keys, rtol=1e-3, atol=1e-3)
+    assert relative_error(keys, decompress(from_bytes(to_bytes(kivi)))) < 0.3
+
+
+def test_append_equals_compressing_at_once_with_the_same_basis_and_widths():
+    keys = layer_keys(tokens=333)
+    positions = torch.arange(333)
+    post = apply_rope(keys, positions, ROPE)
+    basis = fit_layer_basis(layer_keys(tokens=500, seed=1))
+    config = CodecConfig(schedule=(8, 4, 2, 1, 0, 0), group_size=16, num_sinks=4)
+    kwargs = dict(rope=ROPE, key_space="post_rope", basis=basis)
+    whole = compress(post, config, positions=positions, **kwargs)
+    state = compress(post[:2], config, positions=positions[:2], **kwargs)  # shorter than the sinks
+    for start, stop in [(2, 3), (3, 40), (40, 41), (41, 200), (200, 333)]:
+        state = append(state, post[start:stop])
+    assert state.num_tokens == 333 and state.num_groups == whole.num_groups
+    assert to_bytes(state) == to_bytes(whole)
+
+
+def test_append_leaves_the_original_untouched_and_checks_shapes():
+    keys = layer_keys()
+    compressed = compress(keys)
+    before = to_bytes(compressed)
+    grown = append(compressed, layer_keys(tokens=70, seed=3))
+    assert to_bytes(compressed) == before
+    assert grown.num_tokens == 370
+    with pytest.raises(InvalidInputError, match="kv_heads=3, head_dim=16"):
+        append(compressed, torch.zeros(5, 2, 16))
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        append(compressed, torch.full((5, 3, 16), float("nan")))
+
+
+def test_shared_basis_is_referenced_not_stored():
+    keys = layer_keys()
+    basis = fit_layer_basis(layer_keys(tokens=800, seed=5))
+    own = compress(keys, CodecConfig(schedule=(4, 2, 1, 0)))
+    shared = compress(keys, CodecConfig(schedule=(4, 2, 1, 0)), basis=basis)
+    assert shared.nbytes < own.nbytes - 2 * 48 * 24  # no [C, r] float16 basis
+    blob = to_bytes(shared)
+    with pytest.raises(Exception, match="shared basis"):
+        from_bytes(blob)
+    other = fit_layer_basis(layer_keys(tokens=800, seed=6))
+    with pytest.raises(Exception, match="needs the shared basis"):
+        from_bytes(blob, basis=other)
+    assert torch.equal(decompress(from_bytes(blob, basis=basis)), decompress(shared))
+
+
+def test_short_sequences_stay_full_precision():
+    keys = layer_keys(tokens=10)
+    compressed = compress(keys, CodecConfig(group_size=64))
+    assert compressed.num_groups == 0
+    torch.testing.assert_close(decompress(compressed), keys, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: compress(torch.zeros(10, 48)), "shape \\[tokens, kv_heads, head_dim\\]"),
+        (lambda: compress(torch.zeros(0, 3, 16)), "at least one token"),
+        (lambda: compress(torch.zeros(10, 3, 16, dtype=torch.float64)), "float16, bfloat16 or float32"),
+        (lambda: compress(torch.zeros(10, 3, 16, dtype=torch.int32)), "float16, bfloat16 or float32"),
+        (lambda: compress(torch.tensor([[[float("inf"), 0.0]]])), "NaN or Inf"),
+        (lambda: compress(torch.zeros(10, 3, 15)), "even head_dim"),
+        (lambda: compress(torch.zeros(10, 3, 16), key_space="post_rope"), "need a rope description"),
+        (lambda: compress(torch.zeros(10, 3, 16), key_space="rotated"), "key_space must be one of"),
+        (lambda: compress(torch.zeros(10, 3, 16), positions=torch.arange(9)), "one entry per token"),
+        (lambda: compress(torch.zeros(10, 3, 16), positions=torch.arange(10) - 5), ">= 0"),
+        (lambda: CodecConfig(bits_per_element=0), "bits_per_element must be in"),
+        (lambda: CodecConfig(bits_per_element=17), "bits_per_element must be in"),
+        (lambda: CodecConfig(group_size=48), "group_size must be one of"),
+        (lambda: CodecConfig(method="zip"), "method must be one of"),
+        (lambda: CodecConfig(schedule=(9, 1)), "schedule widths"),
+        (lambda: CodecConfig(method="kivi", bits=0), "bits must be in 1..8"),
+        (lambda: CodecConfig(num_sinks=-1), "num_sinks"),
+    ],
+)
+def test_bad_input_raises_a_typed_error_that_says_what_is_allowed(make, message):
+    with pytest.raises(InvalidInputError, match=message):
+        make()

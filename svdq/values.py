@@ -1,0 +1,333 @@
+"""The value cache of one layer of one sequence: kept in 16 bits or quantized per token.
+
+Keys are what SVDq compresses; values are attended linearly and tolerate plain per-token
+quantization well (KIVI's observation), so they get a simpler store:
+
+* ``bits=None``: the values as given in float16 or bfloat16 (float32 input is stored as
+  float16, or bfloat16 when float16 would overflow).
+* ``bits=2`` or ``4``: every token of every head is cut along ``head_dim`` into groups of
+  ``group_size`` channels; each group has a float16 ``scale`` and ``min`` and a value is
+  reconstructed as ``code * scale + min`` (the asymmetric quantizer of :mod:`svdq.quant`).
+
+Packed code layout (``bits`` = b, ``D`` = head_dim): ``codes`` is uint8 [S, H, D * b / 8];
+channel ``d`` of a token's head occupies bits ``[d * b, (d + 1) * b)`` counted LSB-first
+across that row's bytes, i.e. byte ``d * b // 8``, bit offset ``d * b % 8``. This is the
+layout of :func:`svdq.quant.pack_codes` for one channel of ``D`` "tokens"; since 8 is a
+multiple of b a code never straddles two bytes, which lets the unpack here be one shift and
+mask per element instead of the general bit-by-bit path.
+
+Serialized blob (little-endian)::
+
+    0   4  magic b"SVDV"
+    4   1  version (1)
+    5   1  bits (0 = 16-bit values)
+    6   1  dtype of 16-bit values: 0 float16, 1 bfloat16 (0 when quantized)
+    7   1  reserved (0)
+    8   4  tokens (u32)
+    12  2  heads (u16)
+    14  2  head_dim (u16)
+    16  2  group_size (u16)
+    18  .. 16-bit values [S, H, D]; or scales float16 [S, H, D/G], mins float16 [S, H, D/G],
+           codes uint8 [S, H, D*b/8]
+    end-4  CRC-32 of every byte before it
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import FormatError, InvalidInputError
+from .quant import quantize_groups
+
+VALUE_BITS = (None, 2, 4)
+VALUE_GROUP_SIZES = (8, 16, 32, 64, 128, 256)
+_MAGIC = b"SVDV"
+_VERSION = 1
+_HEADER = struct.Struct("<4sBBBBIHHH")
+_CRC = struct.Struct("<I")
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """How to store values.
+
+    Attributes:
+        bits: ``None`` keeps 16-bit values; 2 or 4 quantizes per token.
+        group_size: channels of ``head_dim`` sharing one scale and minimum (quantized only);
+            one of 8, 16, 32, 64, 128, 256 and it must divide ``head_dim``.
+    """
+
+    bits: int | None = None
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in VALUE_BITS:
+            raise InvalidInputError(f"value bits must be one of {VALUE_BITS}, got {self.bits!r}")
+        if self.group_size not in VALUE_GROUP_SIZES:
+            raise InvalidInputError(f"value group_size must be one of {VALUE_GROUP_SIZES}, got {self.group_size!r}")
+
+
+@dataclass
+class CompressedValues:
+    """Values of one layer of one sequence (see the module docstring for the layouts).
+
+    Exactly one representation is filled:
+
+    * ``bits is None``: ``data`` [S, H, D] float16/bfloat16; ``codes``/``scales``/``mins`` empty.
+    * ``bits`` 2 or 4: ``codes`` uint8 [S, H, D*bits/8]; ``scales``, ``mins`` float16
+      [S, H, D/group_size]; ``data`` empty.
+    """
+
+    bits: int | None
+    group_size: int
+    heads: int
+    head_dim: int
+    data: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.data if self.bits is None else self.codes).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return (self.data if self.bits is None else self.codes).device
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """dtype of the 16-bit values, float16 for quantized values (their scales)."""
+        return self.data.dtype if self.bits is None else torch.float16
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one token (all heads) occupies in the blob: what reading it costs."""
+        if self.bits is None:
+            return 2 * self.heads * self.head_dim
+        return self.heads * (self.head_dim * self.bits // 8 + 4 * (self.head_dim // self.group_size))
+
+    @property
+    def nbytes(self) -> int:
+        """Serialized size in bytes, everything included."""
+        return _HEADER.size + self.num_tokens * self.token_bytes + _CRC.size
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp16 bytes of the same values over the serialized bytes."""
+        return 2.0 * self.num_tokens * self.heads * self.head_dim / self.nbytes
+
+    def to(self, device: torch.device | str) -> CompressedValues:
+        return CompressedValues(
+            self.bits, self.group_size, self.heads, self.head_dim, self.data.to(device),
+            self.codes.to(device), self.scales.to(device), self.mins.to(device),
+        )
+
+
+def _check_values(values: torch.Tensor, name: str) -> None:
+    if not isinstance(values, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    if values.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise InvalidInputError(f"{name} dtype must be float16, bfloat16 or float32, got {values.dtype}")
+    if values.dim() != 3 or values.shape[1] < 1 or values.shape[2] < 1:
+        raise InvalidInputError(f"{name} must have shape [tokens, heads, head_dim], got {tuple(values.shape)}")
+    if not torch.isfinite(values).all():
+        raise InvalidInputError(f"{name} contain NaN or Inf; only finite values can be stored")
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., D] (each < 2**bits) -> uint8 [..., D*bits/8], LSB-first."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_pack`: uint8 [..., B] -> uint8 codes [..., B*8/bits]."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+def compress_values(values: torch.Tensor, config: ValueConfig | None = None) -> CompressedValues:
+    """Store ``values`` [S, H, D] (float16/bfloat16/float32, finite) as ``config`` says."""
+    config = config or ValueConfig()
+    _check_values(values, "values")
+    tokens, heads, head_dim = values.shape
+    empty_u8 = torch.empty(tokens, heads, 0, dtype=torch.uint8, device=values.device)
+    empty_f16 = torch.empty(tokens, heads, 0, dtype=torch.float16, device=values.device)
+    if config.bits is None:
+        storage = torch.bfloat16 if values.dtype == torch.bfloat16 else torch.float16
+        if storage == torch.float16 and values.numel() and values.abs().max() > torch.finfo(torch.float16).max:
+            storage = torch.bfloat16  # keeps the range float16 would overflow
+        return CompressedValues(None, config.group_size, heads, head_dim, values.to(storage).contiguous(),
+                                empty_u8, empty_f16, empty_f16)
+    if head_dim % config.group_size:
+        raise InvalidInputError(
+            f"value group_size {config.group_size} must divide head_dim {head_dim}; "
+            f"allowed here: {[g for g in VALUE_GROUP_SIZES if head_dim % g == 0]}"
+        )
+    groups = head_dim // config.group_size
+    # quantize_groups takes min/max over dim 1: put each (token, head, group) run of channels there.
+    runs = values.float().reshape(tokens * heads * groups, config.group_size, 1)
+    codes, scales, mins = quantize_groups(runs, torch.tensor([config.bits]))
+    codes = codes.reshape(tokens, heads, head_dim)
+    empty_data = torch.empty(tokens, heads, 0, dtype=torch.float16, device=values.device)
+    return CompressedValues(
+        config.bits, config.group_size, heads, head_dim, empty_data, _pack(codes, config.bits),
+        scales.reshape(tokens, heads, groups), mins.reshape(tokens, heads, groups),
+    )
+
+
+def append_values(compressed: CompressedValues, new_values: torch.Tensor) -> CompressedValues:
+    """Append ``new_values`` [n, H, D]; returns the new state, the input is not modified.
+
+    Quantization is per token, so the result equals compressing all values at once.
+    """
+    _check_values(new_values, "appended values")
+    if tuple(new_values.shape[1:]) != (compressed.heads, compressed.head_dim):
+        raise InvalidInputError(
+            f"appended values must have heads={compressed.heads}, head_dim={compressed.head_dim}, "
+            f"got {tuple(new_values.shape[1:])}"
+        )
+    new_values = new_values.to(compressed.device)
+    if compressed.bits is None:
+        storage = compressed.data.dtype
+        if storage == torch.float16 and new_values.numel() and new_values.abs().max() > torch.finfo(torch.float16).max:
+            raise InvalidInputError("appended values exceed the float16 range of this sequence's stored values")
+        data = torch.cat([compressed.data, new_values.to(storage)])
+        return CompressedValues(None, compressed.group_size, compressed.heads, compressed.head_dim, data,
+                                compressed.codes, compressed.scales, compressed.mins)
+    extra = compress_values(new_values, ValueConfig(compressed.bits, compressed.group_size))
+    return CompressedValues(
+        compressed.bits, compressed.group_size, compressed.heads, compressed.head_dim, compressed.data,
+        torch.cat([compressed.codes, extra.codes]), torch.cat([compressed.scales, extra.scales]),
+        torch.cat([compressed.mins, extra.mins]),
+    )
+
+
+def gather_values(compressed: CompressedValues, token_index: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 values of some tokens, per head.
+
+    Args:
+        token_index: int64 [H, n], the tokens each head needs (same count per head); ``None``
+            means every token of every head.
+
+    Returns:
+        float32 [H, n, D] (or [H, S, D] for ``None``).
+    """
+    if token_index is None:
+        if compressed.bits is None:
+            return compressed.data.float().transpose(0, 1)
+        return _dequantize(compressed.codes, compressed.scales, compressed.mins, compressed).transpose(0, 1)
+    heads = torch.arange(compressed.heads, device=token_index.device)[:, None]
+    if compressed.bits is None:
+        return compressed.data[token_index, heads].float()
+    return _dequantize(compressed.codes[token_index, heads], compressed.scales[token_index, heads],
+                       compressed.mins[token_index, heads], compressed)
+
+
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, compressed: CompressedValues) -> torch.Tensor:
+    """[..., D*b/8] codes and [..., D/G] scales/mins -> float32 [..., D]."""
+    unpacked = _unpack(codes, compressed.bits).float()
+    shape = unpacked.shape
+    grouped = unpacked.reshape(*shape[:-1], -1, compressed.group_size)
+    return (grouped * scales.float()[..., None] + mins.float()[..., None]).reshape(shape)
+
+
+def decompress_values(compressed: CompressedValues, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Values [S, H, D] in ``dtype`` (default: the 16-bit storage dtype, float16 when quantized)."""
+    if compressed.bits is None:
+        return compressed.data.to(dtype or compressed.data.dtype)
+    return _dequantize(compressed.codes, compressed.scales, compressed.mins, compressed).to(dtype or torch.float16)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()
+
+
+def values_to_bytes(compressed: CompressedValues) -> bytes:
+    """Serialize; ``len(values_to_bytes(cv)) == cv.nbytes``."""
+    dtype_code = _STORAGE_DTYPES.index(compressed.data.dtype) if compressed.bits is None else 0
+    parts = [_HEADER.pack(_MAGIC, _VERSION, compressed.bits or 0, dtype_code, 0, compressed.num_tokens,
+                          compressed.heads, compressed.head_dim, compressed.group_size)]
+    if compressed.bits is None:
+        parts.append(_tensor_bytes(compressed.data))
+    else:
+        parts += [_tensor_bytes(compressed.scales), _tensor_bytes(compressed.mins), _tensor_bytes(compressed.codes)]
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _read(view: memoryview, at: int, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> tuple[torch.Tensor, int]:
+    count = int(np.prod(shape))
+    size = count * torch.tensor([], dtype=dtype).element_size()
+    if at + size > len(view):
+        raise FormatError(f"values blob is truncated: {what} needs {size} bytes at offset {at}, only {len(view) - at} left")
+    raw = bytearray(view[at:at + size])
+    if count == 0:
+        return torch.empty(shape, dtype=dtype), at
+    if dtype == torch.bfloat16:
+        return torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16).reshape(shape).clone(), at + size
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape).clone(), at + size
+
+
+def values_from_bytes(blob: bytes | bytearray | memoryview, device: torch.device | str = "cpu") -> CompressedValues:
+    """Parse a blob written by :func:`values_to_bytes`; :class:`FormatError` names what is wrong."""
+    data = memoryview(bytes(blob))
+    if len(data) < _HEADER.size + _CRC.size:
+        raise FormatError(f"values blob is truncated: {len(data)} bytes is shorter than the "
+                          f"{_HEADER.size + _CRC.size}-byte minimum")
+    magic, version, bits, dtype_code, _, tokens, heads, head_dim, group_size = _HEADER.unpack(data[:_HEADER.size])
+    if magic != _MAGIC:
+        raise FormatError(f"not an svdq values blob: magic is {magic!r}, expected {_MAGIC!r}")
+    if version != _VERSION:
+        raise FormatError(f"values blob format version {version} is not supported (this reader: {_VERSION})")
+    (stored_crc,) = _CRC.unpack(data[-4:])
+    if zlib.crc32(data[:-4]) != stored_crc:
+        raise FormatError("values blob checksum mismatch: the data is corrupted or truncated")
+    if bits not in (0, 2, 4) or dtype_code >= len(_STORAGE_DTYPES):
+        raise FormatError(f"values blob header has bits={bits}, dtype code {dtype_code}; allowed bits 0, 2, 4")
+    if heads == 0 or head_dim == 0 or group_size not in VALUE_GROUP_SIZES or (bits and head_dim % group_size):
+        raise FormatError(f"values blob header has an invalid shape: heads={heads}, head_dim={head_dim}, "
+                          f"group_size={group_size}")
+    body = data[:-4]
+    at = _HEADER.size
+    empty_u8 = torch.empty(tokens, heads, 0, dtype=torch.uint8)
+    empty_f16 = torch.empty(tokens, heads, 0, dtype=torch.float16)
+    if bits == 0:
+        values, at = _read(body, at, _STORAGE_DTYPES[dtype_code], (tokens, heads, head_dim), "values")
+        result = CompressedValues(None, group_size, heads, head_dim, values, empty_u8, empty_f16, empty_f16)
+    else:
+        groups = head_dim // group_size
+        scales, at = _read(body, at, torch.float16, (tokens, heads, groups), "scales")
+        mins, at = _read(body, at, torch.float16, (tokens, heads, groups), "mins")
+        codes, at = _read(body, at, torch.uint8, (tokens, heads, head_dim * bits // 8), "codes")
+        result = CompressedValues(bits, group_size, heads, head_dim, empty_f16, codes, scales, mins)
+    if at != len(body):
+        raise FormatError(f"values blob has {len(body) - at} unexpected trailing bytes")
+    return result if str(device) == "cpu" else result.to(device)
+
+
+__all__ = [
+    "CompressedValues",
+    "ValueConfig",
+    "append_values",
+    "compress_values",
+    "decompress_values",
+    "gather_values",
+    "values_from_bytes",
+    "values_to_bytes",
+]

@@ -1,0 +1,613 @@
+"""The svdq engine: profiles, stored sequences, compression and attention, without gRPC.
+
+Every method is synchronous and thread-safe; the gRPC servicer runs them in a thread pool
+so that requests on different sequences proceed in parallel (torch releases the GIL in its
+kernels). Requests on one sequence are ordered by its write lock, and readers see one
+immutable :class:`~svdq_server.store.SequenceState` at a time.
+
+Failure leaves state as it was: every new state is built completely (validation,
+compression, budget check) before it replaces the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from svdq_client.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
+
+from svdq import __version__
+from svdq.codec import CodecConfig, CompressedKeys, append, compress, decompress, relative_error
+from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
+from svdq.format import from_bytes, to_bytes
+from svdq.rope import RopeConfig
+from svdq.values import CompressedValues, append_values, compress_values, decompress_values
+
+from .store import SequenceState, SequenceStore, StoredSequence, fp16_bytes
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+#: tokens one sequence may hold; larger uploads are rejected as oversize
+DEFAULT_MAX_TOKENS = 1 << 20
+#: entries of one Attend call
+DEFAULT_MAX_BATCH = 4096
+#: abandoned uploads are dropped after this many seconds without a chunk
+UPLOAD_IDLE_SECONDS = 600.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name not in DEVICES:
+        raise InvalidInputError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' was requested but torch sees no CUDA device; use auto or cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings (the server's CLI fills them in).
+
+    Attributes:
+        device: ``auto``, ``cpu`` or ``cuda``.
+        store_bytes: budget of stored compressed keys and values, bytes.
+        eviction: ``lru`` or ``none``.
+        ttl_seconds: idle sequences expire after this long; 0 = never.
+        max_tokens: tokens one sequence may hold.
+        max_batch: entries one Attend call may have.
+    """
+
+    device: str = "auto"
+    store_bytes: int = 4 << 30
+    eviction: str = "lru"
+    ttl_seconds: float = 0.0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_batch: int = DEFAULT_MAX_BATCH
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """What identifies an upload; every chunk of one upload carries the same header."""
+
+    sequence_id: str
+    profile: str
+    upload_id: str
+    total_tokens: int
+    key_space: str
+    replace: bool
+    has_values: bool
+
+
+@dataclass(frozen=True)
+class UploadChunkData:
+    """Tokens ``[token_start, token_start + n)`` of layers ``[layer_start, layer_start + L)``.
+
+    Attributes:
+        keys: [L, n, kv_heads, head_dim] float16/bfloat16/float32.
+        values: same shape as keys, or None.
+        positions: int64 [n] or None (token indices).
+    """
+
+    layer_start: int
+    token_start: int
+    keys: torch.Tensor
+    values: torch.Tensor | None
+    positions: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class FetchPiece:
+    """Reconstructed tokens ``[token_start, token_start + n)`` of one layer.
+
+    ``keys``/``values`` [n, kv_heads, head_dim] on the CPU (values None when not requested or
+    not stored), ``positions`` int64 [n]."""
+
+    layer: int
+    token_start: int
+    total_tokens: int
+    keys: torch.Tensor
+    values: torch.Tensor | None
+    positions: torch.Tensor
+
+
+@dataclass(eq=False)
+class _Staging:
+    """Chunks of an upload in progress, per layer, in token order."""
+
+    header: UploadHeader
+    profile: Profile
+    keys: list[list[torch.Tensor]]
+    values: list[list[torch.Tensor]]
+    received: list[int]
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)  # token_start -> int64 [n]
+    touched: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Engine:
+    """Profiles, the sequence store and every operation of the service.
+
+    Args:
+        config: :class:`EngineConfig`.
+        profiles: profiles known from the start (config file).
+        metrics: optional observer with the methods of :class:`svdq_server.metrics.Metrics`.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, profiles: Sequence[Profile] = (), metrics=None) -> None:
+        self.config = config or EngineConfig()
+        self.device = resolve_device(self.config.device)
+        self.metrics = metrics
+        self.store = SequenceStore(self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
+                                   on_evict=metrics.evicted if metrics is not None else None)
+        self._profiles: dict[str, Profile] = {}
+        self._profiles_lock = threading.Lock()
+        self._uploads: dict[tuple[str, str], _Staging] = {}
+        self._uploads_lock = threading.Lock()
+        self._sample_layer = itertools.count()
+        for profile in profiles:
+            self.register_profile(profile)
+        log.info("engine on %s: store budget %d bytes, eviction %s, ttl %ss", self.device, self.config.store_bytes,
+                 self.config.eviction, self.config.ttl_seconds or "off")
+
+    # -- profiles ------------------------------------------------------------------------
+
+    def register_profile(self, profile: Profile, replace: bool = False) -> Profile:
+        """Add a profile; re-registering an identical one is a no-op, a different one with
+        the same name needs ``replace`` (ConflictError otherwise)."""
+        with self._profiles_lock:
+            existing = self._profiles.get(profile.name)
+            if existing is not None and not replace and not existing.same_as(profile):
+                raise ConflictError(
+                    f"profile {profile.name!r} already exists with different settings; pass replace=true to change it"
+                )
+            self._profiles[profile.name] = profile
+        return profile
+
+    def get_profile(self, name: str) -> Profile:
+        with self._profiles_lock:
+            profile = self._profiles.get(name)
+        if profile is None:
+            raise NotFoundError(f"profile {name!r} not found; known profiles: {sorted(self._profiles)}")
+        return profile
+
+    def list_profiles(self) -> list[Profile]:
+        with self._profiles_lock:
+            return [self._profiles[name] for name in sorted(self._profiles)]
+
+    # -- stateless codec -------------------------------------------------------------------
+
+    def compress_keys(self, keys: torch.Tensor, *, profile_name: str = "", layer: int = 0,
+                      codec: CodecConfig | None = None, rope: RopeConfig | None = None,
+                      positions: torch.Tensor | None = None, key_space: str = "pre_rope") -> tuple[bytes, BlobStats]:
+        """Compress one layer's keys [tokens, kv_heads, head_dim] to an svdq.format blob.
+
+        With ``profile_name`` the codec, RoPE and shared basis of that profile's ``layer`` are
+        used (``codec`` still overrides the codec); without it, ``codec`` and ``rope``.
+        """
+        basis = None
+        if profile_name:
+            profile = self.get_profile(profile_name)
+            self._check_layer(profile, layer, "layer")
+            self._check_geometry(profile, keys, "keys", dims=3)
+            rope = profile.rope
+            if codec is None:
+                codec = profile.codec
+                basis = profile.bases[layer] if profile.bases is not None else None
+        compressed = compress(keys.to(self.device), codec, positions=positions, rope=rope,
+                              key_space=key_space, basis=basis)
+        blob = to_bytes(compressed)
+        error = relative_error(keys.float(), decompress(compressed, dtype=torch.float32).cpu())
+        stats = BlobStats(compressed.num_tokens, len(blob), 2 * keys.numel(), compressed.bits_per_element,
+                          compressed.compression_ratio, error)
+        if self.metrics is not None:
+            self.metrics.compressed(profile_name or "none", stats.compression_ratio, stats.bits_per_element, error)
+        return blob, stats
+
+    def decompress_keys(self, blob: bytes, *, profile_name: str = "", layer: int = 0, key_space: str | None = None,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Keys [tokens, kv_heads, head_dim] (CPU) of a blob from :meth:`compress_keys`."""
+        basis = None
+        if profile_name:
+            profile = self.get_profile(profile_name)
+            self._check_layer(profile, layer, "layer")
+            basis = profile.bases[layer] if profile.bases is not None else None
+        compressed = from_bytes(blob, basis=basis)
+        return decompress(compressed, key_space=key_space, dtype=dtype)
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def begin_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo | None:
+        """Open (or resume) an upload. Returns the stored sequence's info when this upload
+        already completed (a retried stream), else ``None`` and chunks may follow."""
+        check_name(header.sequence_id, "sequence_id")
+        check_name(header.upload_id, "upload_id")
+        profile = self.get_profile(header.profile)
+        if not 1 <= header.total_tokens <= self.config.max_tokens:
+            raise InvalidInputError(
+                f"total_tokens must be in 1..{self.config.max_tokens} (--max-tokens), got {header.total_tokens}"
+            )
+        if header.key_space == "post_rope" and profile.rope is None:
+            raise InvalidInputError(f"key_space POST_ROPE needs a rope description, and profile {profile.name!r} has none")
+        existing = self.store.peek(tenant, header.sequence_id)
+        if existing is not None:
+            if existing.upload_id == header.upload_id:
+                return self.describe(tenant, header.sequence_id)
+            if not header.replace:
+                raise ConflictError(
+                    f"sequence {header.sequence_id!r} already exists; delete it, append to it, or upload with replace=true"
+                )
+        # Raw chunks wait here until the upload completes; they may not exceed what the store
+        # could hold uncompressed, so an upload cannot exhaust memory behind the budget's back.
+        raw_bytes = 2 * header.total_tokens * profile.num_layers * profile.channels * (2 if header.has_values else 1)
+        if raw_bytes > 4 * self.store.budget_bytes:
+            raise ResourceExhaustedError(
+                f"upload of {header.total_tokens} tokens is {raw_bytes} bytes in float16, more than 4x the store "
+                f"budget of {self.store.budget_bytes} bytes (--store-bytes)"
+            )
+        key = (tenant, header.sequence_id)
+        with self._uploads_lock:
+            self._drop_idle_uploads_locked()
+            staging = self._uploads.get(key)
+            if staging is None or staging.header != header:
+                # A new upload id (or different header) supersedes an abandoned attempt.
+                layers = profile.num_layers
+                self._uploads[key] = _Staging(header, profile, [[] for _ in range(layers)],
+                                              [[] for _ in range(layers)], [0] * layers)
+            else:
+                staging.touched = time.monotonic()
+        return None
+
+    def add_chunk(self, tenant: str, header: UploadHeader, chunk: UploadChunkData) -> None:
+        """Stage one chunk. A resent chunk (its tokens were already received for every layer
+        it covers) is skipped; a gap or a partial overlap is a ConflictError. Nothing is
+        staged when the chunk is invalid."""
+        staging = self._staging(tenant, header)
+        profile = staging.profile
+        layers, tokens = self._check_chunk(profile, header, chunk)
+        with staging.lock:
+            staging.touched = time.monotonic()
+            span = range(chunk.layer_start, chunk.layer_start + layers)
+            end = chunk.token_start + tokens
+            if all(staging.received[layer] >= end for layer in span) and chunk.token_start in staging.positions:
+                return  # a retry of a chunk that already arrived
+            for layer in span:
+                if staging.received[layer] != chunk.token_start:
+                    raise ConflictError(
+                        f"out-of-order upload chunk: layer {layer} has received tokens [0, {staging.received[layer]}) "
+                        f"but the chunk starts at token {chunk.token_start}; send chunks in token order per layer"
+                    )
+            positions = chunk.positions
+            if positions is None:
+                positions = torch.arange(chunk.token_start, end, dtype=torch.int64)
+            known = staging.positions.get(chunk.token_start)
+            if known is not None and not torch.equal(known, positions):
+                raise InvalidInputError(f"positions of tokens from {chunk.token_start} differ between chunks of layers")
+            for offset, layer in enumerate(span):
+                staging.keys[layer].append(chunk.keys[offset])
+                if chunk.values is not None:
+                    staging.values[layer].append(chunk.values[offset])
+                staging.received[layer] = end
+            staging.positions[chunk.token_start] = positions
+
+    def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:
+        """Compress the staged upload and store it atomically; the staging is kept when
+        tokens are missing (a retried stream can complete it)."""
+        staging = self._staging(tenant, header)
+        profile = staging.profile
+        with staging.lock:
+            missing = [(layer, got) for layer, got in enumerate(staging.received) if got != header.total_tokens]
+            if missing:
+                layer, got = missing[0]
+                raise ConflictError(
+                    f"upload incomplete: layer {layer} has {got} of {header.total_tokens} tokens "
+                    f"({len(missing)} layers incomplete); resend the missing chunks with the same upload_id"
+                )
+            starts = sorted(staging.positions)
+            positions = torch.cat([staging.positions[start] for start in starts])
+            key_layers = [torch.cat(chunks) for chunks in staging.keys]
+            value_layers = [torch.cat(chunks) for chunks in staging.values] if header.has_values else None
+        with self._uploads_lock:
+            # The upload is consumed whatever happens next: a failure below is about the data.
+            if self._uploads.get((tenant, header.sequence_id)) is staging:
+                del self._uploads[(tenant, header.sequence_id)]
+        return self._store_new(tenant, header, profile, key_layers, value_layers, positions)
+
+    def upload(self, tenant: str, header: UploadHeader, keys: torch.Tensor, values: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> SequenceInfo:
+        """Library shortcut: upload keys/values [layers, tokens, kv_heads, head_dim] in one chunk."""
+        done = self.begin_upload(tenant, header)
+        if done is not None:
+            return done
+        self.add_chunk(tenant, header, UploadChunkData(0, 0, keys, values, positions))
+        return self.finish_upload(tenant, header)
+
+    def _staging(self, tenant: str, header: UploadHeader) -> _Staging:
+        with self._uploads_lock:
+            staging = self._uploads.get((tenant, header.sequence_id))
+        if staging is None or staging.header != header:
+            raise ConflictError(
+                f"no upload {header.upload_id!r} in progress for sequence {header.sequence_id!r}; "
+                "every chunk of one upload must repeat the same header fields"
+            )
+        return staging
+
+    def _drop_idle_uploads_locked(self) -> None:
+        deadline = time.monotonic() - UPLOAD_IDLE_SECONDS
+        for key in [key for key, staging in self._uploads.items() if staging.touched < deadline]:
+            log.info("dropping upload %r of sequence %r: idle for %ss", self._uploads[key].header.upload_id, key[1],
+                     UPLOAD_IDLE_SECONDS)
+            del self._uploads[key]
+
+    def _check_chunk(self, profile: Profile, header: UploadHeader, chunk: UploadChunkData) -> tuple[int, int]:
+        self._check_geometry(profile, chunk.keys, "keys", dims=4)
+        layers, tokens = chunk.keys.shape[0], chunk.keys.shape[1]
+        if layers == 0 or tokens == 0:
+            raise InvalidInputError(f"keys of a chunk must hold at least one layer and one token, got shape "
+                                    f"{list(chunk.keys.shape)}")
+        if chunk.layer_start + layers > profile.num_layers:
+            raise InvalidInputError(
+                f"layer_start {chunk.layer_start} + {layers} layers exceeds the profile's {profile.num_layers} layers"
+            )
+        if chunk.token_start + tokens > header.total_tokens:
+            raise InvalidInputError(
+                f"token_start {chunk.token_start} + {tokens} tokens exceeds total_tokens {header.total_tokens}"
+            )
+        if header.has_values != (chunk.values is not None):
+            raise InvalidInputError("values must be present in every chunk exactly when has_values is true")
+        if chunk.values is not None and chunk.values.shape != chunk.keys.shape:
+            raise InvalidInputError(f"values must have the shape of keys {list(chunk.keys.shape)}, "
+                                    f"got {list(chunk.values.shape)}")
+        if chunk.positions is not None:
+            self._check_positions(chunk.positions, tokens)
+        return layers, tokens
+
+    def _store_new(self, tenant: str, header: UploadHeader, profile: Profile, key_layers: list[torch.Tensor],
+                   value_layers: list[torch.Tensor] | None, positions: torch.Tensor) -> SequenceInfo:
+        started = time.perf_counter()
+        device_positions = positions.to(self.device)
+        keys = []
+        for layer, layer_keys in enumerate(key_layers):
+            basis = profile.bases[layer] if profile.bases is not None else None
+            keys.append(compress(layer_keys.to(self.device), profile.codec, positions=device_positions,
+                                 rope=profile.rope, key_space=header.key_space, basis=basis))
+        values = None
+        if value_layers is not None:
+            values = tuple(compress_values(layer.to(self.device), profile.value_config) for layer in value_layers)
+        state = SequenceState(tuple(keys), values)
+        entry = StoredSequence(tenant, header.sequence_id, profile, header.key_space, header.upload_id, state)
+        existing = self.store.peek(tenant, header.sequence_id)
+        if existing is not None and not header.replace and existing.upload_id != header.upload_id:
+            raise ConflictError(f"sequence {header.sequence_id!r} was created meanwhile by another upload")
+        self.store.insert(entry, replace=True)
+        if self.metrics is not None:
+            sampled = next(self._sample_layer) % profile.num_layers
+            error = relative_error(key_layers[sampled].float(),
+                                   decompress(keys[sampled], dtype=torch.float32).cpu())
+            ratio = 2.0 * state.num_tokens * profile.num_layers * profile.channels / state.key_bytes
+            self.metrics.compressed(profile.name, ratio, 16.0 / ratio, error)
+        log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, %.1f ms", header.sequence_id,
+                 tenant, state.num_tokens, profile.num_layers, state.key_bytes, 1e3 * (time.perf_counter() - started))
+        return self._info(entry)
+
+    # -- appends -----------------------------------------------------------------------------
+
+    def append(self, tenant: str, sequence_id: str, keys: torch.Tensor, values: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None, expected_tokens: int | None = None) -> int:
+        """Append decode-step keys (and values) [num_layers, new_tokens, kv_heads, head_dim]
+        to every layer; returns the new token count.
+
+        ``expected_tokens`` is the count the caller believes the sequence has; when the
+        sequence already has ``expected_tokens + new_tokens`` tokens because this very append
+        (same bytes) landed before, it is not applied again.
+        """
+        entry = self.store.get(tenant, sequence_id)
+        profile = entry.profile
+        self._check_geometry(profile, keys, "keys", dims=4)
+        if keys.shape[0] != profile.num_layers:
+            raise InvalidInputError(f"keys must cover every layer: shape [{profile.num_layers}, new_tokens, "
+                                    f"{profile.kv_heads}, {profile.head_dim}], got {list(keys.shape)}")
+        new_tokens = keys.shape[1]
+        if new_tokens == 0:
+            raise InvalidInputError("keys must hold at least one new token, got 0")
+        has_values = entry.state.values is not None
+        if has_values != (values is not None):
+            raise InvalidInputError(
+                f"sequence {sequence_id!r} {'stores' if has_values else 'does not store'} values: "
+                f"values must be {'given' if has_values else 'omitted'} in appends"
+            )
+        if values is not None and values.shape != keys.shape:
+            raise InvalidInputError(f"values must have the shape of keys {list(keys.shape)}, got {list(values.shape)}")
+        if positions is not None:
+            self._check_positions(positions, new_tokens)
+        digest = _digest(keys, values, positions)
+        with entry.write_lock:
+            state = entry.state
+            current = state.num_tokens
+            if expected_tokens is not None and expected_tokens != current:
+                if state.last_append == (expected_tokens, new_tokens, digest):
+                    return current  # a retry of an append that already landed
+                raise ConflictError(
+                    f"out-of-order append to sequence {sequence_id!r}: it has {current} tokens but the request "
+                    f"expects {expected_tokens}"
+                )
+            if current + new_tokens > self.config.max_tokens:
+                raise ResourceExhaustedError(
+                    f"sequence {sequence_id!r} would hold {current + new_tokens} tokens, more than --max-tokens "
+                    f"{self.config.max_tokens}"
+                )
+            device_keys = keys.to(self.device)
+            device_positions = positions.to(self.device) if positions is not None else None
+            new_keys = tuple(append(layer, device_keys[index], device_positions)
+                             for index, layer in enumerate(state.keys))
+            new_values = None
+            if values is not None:
+                device_values = values.to(self.device)
+                new_values = tuple(append_values(layer, device_values[index])
+                                   for index, layer in enumerate(state.values))
+            self.store.update(entry, SequenceState(new_keys, new_values, (current, new_tokens, digest)))
+            return current + new_tokens
+
+    # -- attention ---------------------------------------------------------------------------
+
+    def attend(self, tenant: str, entries: Sequence[tuple[str, int]], queries: torch.Tensor, *,
+               sparsity=None, scale: float | None = None) -> AttendResult:
+        """Attention of ``queries`` [B, q_heads, head_dim] (post-RoPE), row b over the keys
+        and values of ``entries[b] = (sequence_id, layer)``.
+
+        Returns output float32 [B, q_heads, head_dim] and lse float32 [B, q_heads] on the CPU.
+        ``sparsity`` is an ``svdq.attention.SparsityConfig`` or None (dense).
+        """
+        from svdq.attention import attend as attend_compressed
+
+        if not entries:
+            raise InvalidInputError("entries must name at least one (sequence_id, layer)")
+        if len(entries) > self.config.max_batch:
+            raise InvalidInputError(f"at most {self.config.max_batch} entries per Attend call, got {len(entries)}")
+        if queries.dim() != 3 or queries.shape[0] != len(entries):
+            raise InvalidInputError(f"queries must have shape [{len(entries)}, q_heads, head_dim] (one row per "
+                                    f"entry), got {list(queries.shape)}")
+        if scale is not None and not (scale > 0 and scale < float("inf")):
+            raise InvalidInputError(f"scale must be a positive finite number, got {scale}")
+        keys: list[CompressedKeys] = []
+        values: list[CompressedValues] = []
+        for index, (sequence_id, layer) in enumerate(entries):
+            stored = self.store.get(tenant, sequence_id)
+            profile = stored.profile
+            self._check_layer(profile, layer, f"entries[{index}].layer")
+            if queries.shape[2] != profile.head_dim or queries.shape[1] % profile.kv_heads:
+                raise InvalidInputError(
+                    f"queries must have head_dim {profile.head_dim} and a multiple of {profile.kv_heads} heads for "
+                    f"entries[{index}] (sequence {sequence_id!r}), got {list(queries.shape[1:])}"
+                )
+            state = stored.state  # one consistent version per entry
+            if state.values is None:
+                raise ConflictError(f"sequence {sequence_id!r} stores no values; attention needs them")
+            keys.append(state.keys[layer])
+            values.append(state.values[layer])
+        result = attend_compressed(queries.to(self.device), keys, values, scale=scale, sparsity=sparsity)
+        stats = [AttendStats(s.key_bytes_read, s.dense_fp16_key_bytes, s.tokens_attended, s.tokens_total)
+                 for s in result.stats]
+        if self.metrics is not None:
+            self.metrics.attended(len(entries), "sparse" if sparsity is not None else "dense",
+                                  sum(s.key_bytes_read for s in stats), sum(s.dense_fp16_key_bytes for s in stats))
+        return AttendResult(result.output.float().cpu(), result.lse.float().cpu(), stats)
+
+    # -- reading back ------------------------------------------------------------------------
+
+    def fetch(self, tenant: str, sequence_id: str, *, layers: Sequence[int] | None = None,
+              key_space: str | None = None, dtype: torch.dtype | None = None, include_values: bool = True,
+              max_chunk_bytes: int = 4 << 20) -> Iterator[FetchPiece]:
+        """Reconstructed keys (and values) of some layers, in pieces of at most about
+        ``max_chunk_bytes``; the pieces come from one consistent version of the sequence."""
+        stored = self.store.get(tenant, sequence_id)
+        profile = stored.profile
+        selected = list(range(profile.num_layers)) if not layers else list(layers)
+        for index, layer in enumerate(selected):
+            self._check_layer(profile, layer, f"layers[{index}]")
+        if key_space == "post_rope" and profile.rope is None and stored.key_space != "post_rope":
+            raise InvalidInputError(f"profile {profile.name!r} has no rope description; cannot return POST_ROPE keys")
+        if max_chunk_bytes < 1:
+            raise InvalidInputError(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
+        state = stored.state
+        return self._fetch_pieces(state, profile, selected, key_space, dtype, include_values, max_chunk_bytes)
+
+    def _fetch_pieces(self, state: SequenceState, profile: Profile, layers: list[int], key_space: str | None,
+                      dtype: torch.dtype | None, include_values: bool, max_chunk_bytes: int) -> Iterator[FetchPiece]:
+        total = state.num_tokens
+        positions = state.keys[0].token_positions().cpu()
+        token_bytes = 4 * profile.channels * (2 if include_values and state.values is not None else 1)
+        step = max(1, max_chunk_bytes // token_bytes)
+        for layer in layers:
+            keys = decompress(state.keys[layer], key_space=key_space, dtype=dtype).cpu()
+            values = None
+            if include_values and state.values is not None:
+                values = decompress_values(state.values[layer], dtype=dtype).cpu()
+            for start in range(0, total, step):
+                stop = min(total, start + step)
+                yield FetchPiece(layer, start, total, keys[start:stop], None if values is None else values[start:stop],
+                                 positions[start:stop])
+
+    def delete(self, tenant: str, sequence_id: str) -> None:
+        """Remove a stored sequence (and any upload of it in progress); NotFoundError when absent."""
+        with self._uploads_lock:
+            self._uploads.pop((tenant, sequence_id), None)
+        self.store.delete(tenant, sequence_id)
+
+    def describe(self, tenant: str, sequence_id: str) -> SequenceInfo:
+        """Tokens, layers, serialized bytes and compression of one stored sequence."""
+        return self._info(self.store.get(tenant, sequence_id))
+
+    def server_info(self, tenant: str) -> ServerInfo:
+        """Device, budget and occupancy of the whole server; ``tenant_sequences`` is the caller's."""
+        totals = self.store.totals()
+        return ServerInfo(
+            version=__version__, device=str(self.device), store_budget_bytes=self.store.budget_bytes,
+            stored_bytes=totals["keys"] + totals["values"], stored_fp16_bytes=totals["fp16_keys"] + totals["fp16_values"],
+            sequences=totals["sequences"], tenant_sequences=self.store.count(tenant), evictions=self.store.evictions,
+            eviction=self.store.eviction, ttl_seconds=self.store.ttl_seconds,
+            profiles=tuple(profile.name for profile in self.list_profiles()),
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _info(self, entry: StoredSequence) -> SequenceInfo:
+        state, profile = entry.state, entry.profile
+        fp16_keys = fp16_bytes(profile, state.num_tokens)
+        fp16_values = fp16_keys if state.values is not None else 0
+        key_bytes, value_bytes = state.key_bytes, state.value_bytes
+        return SequenceInfo(
+            sequence_id=entry.sequence_id, profile=profile.name, num_tokens=state.num_tokens,
+            num_layers=profile.num_layers, key_bytes=key_bytes, value_bytes=value_bytes, fp16_key_bytes=fp16_keys,
+            fp16_value_bytes=fp16_values, key_compression_ratio=fp16_keys / key_bytes,
+            key_bits_per_element=8.0 * key_bytes / (state.num_tokens * profile.num_layers * profile.channels),
+            compression_ratio=(fp16_keys + fp16_values) / (key_bytes + value_bytes), key_space=entry.key_space,
+            has_values=state.values is not None,
+        )
+
+    @staticmethod
+    def _check_layer(profile: Profile, layer: int, field_name: str) -> None:
+        if not 0 <= layer < profile.num_layers:
+            raise InvalidInputError(f"{field_name} must be in 0..{profile.num_layers - 1} for profile "
+                                    f"{profile.name!r}, got {layer}")
+
+    @staticmethod
+    def _check_geometry(profile: Profile, tensor: torch.Tensor, field_name: str, dims: int) -> None:
+        if tensor.dim() != dims or tuple(tensor.shape[-2:]) != (profile.kv_heads, profile.head_dim):
+            lead = "[tokens, " if dims == 3 else "[layers, tokens, "
+            raise InvalidInputError(
+                f"{field_name} must have shape {lead}{profile.kv_heads}, {profile.head_dim}] for profile "
+                f"{profile.name!r}, got {list(tensor.shape)}"
+            )
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InvalidInputError(f"{field_name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidInputError(f"{field_name} contains NaN or Inf; only finite values are allowed")
+
+    @staticmethod
+    def _check_positions(positions: torch.Tensor, tokens: int) -> None:
+        if positions.dim() != 1 or positions.shape[0] != tokens or positions.dtype != torch.int64:
+            raise InvalidInputError(f"positions must be int64 [{tokens}], got {positions.dtype} {list(positions.shape)}")
+        if tokens and int(positions.min()) < 0:
+            raise InvalidInputError("positions must be >= 0")
+
+
+def _digest(*tensors: torch.Tensor | None) -> bytes:
+    """Content hash of an append's tensors, to recognise its retry."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"-")
+            continue
+        host = tensor.detach().cpu().contiguous()
+        digest.update(str((host.dtype, tuple(host.shape))).encode())
+        digest.update((host.view(torch.int16) if host.dtype == torch.bfloat16 else host).numpy().tobytes())
+    return digest.digest()

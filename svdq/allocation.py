@@ -71,6 +71,6 @@ def allocate_schedule(schedule: Sequence[int], channels: int) -> torch.Tensor:
         raise InvalidInputError(f"bit schedule has {len(schedule)} groups but there are only {channels} channels")
     edges = np.linspace(0, channels, len(schedule) + 1).round().astype(int)
     bits = np.zeros(channels, dtype=np.int64)
-    for width, start, stop in zip(schedule, edges[:-1], edges[1:]):
+    for width, start, stop in zip(schedule, edges[:-1], edges[1:], strict=True):
         bits[start:stop] = int(width)
     return torch.from_numpy(bits)

@@ -126,12 +126,14 @@ class Basis:
 def fit_basis(keys: torch.Tensor) -> Basis:
     """Mean-centred SVD basis of pre-RoPE keys [tokens, C] (all KV heads of a layer together).
 
-    Uses the eigen-decomposition of the float64 covariance: the same right singular vectors
+    Uses the eigen-decomposition of the covariance: the same right singular vectors
     as an SVD of the centred keys at a fraction of the cost when tokens >> C.
     """
-    work = keys.to(torch.float64)
-    mean = work.mean(dim=0)
-    centred = work - mean
+    work = keys.to(torch.float32)
+    mean = work.to(torch.float64).mean(dim=0)
+    centred = work - mean.float()
+    # float32 throughout: the eigenvectors that float32 cannot resolve belong to the smallest
+    # singular values, whose channels the allocation drops anyway.
     covariance = centred.T @ centred
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     order = torch.argsort(eigenvalues, descending=True)
@@ -159,8 +161,10 @@ def fit_layer_basis(
         pos_list: list[torch.Tensor | None] = [None] * len(key_list)
     else:
         pos_list = [positions] if isinstance(positions, torch.Tensor) else list(positions)
+    if len(pos_list) != len(key_list):
+        raise InvalidInputError(f"got {len(key_list)} key tensors but {len(pos_list)} position tensors")
     flat = []
-    for item, pos in zip(key_list, pos_list):
+    for item, pos in zip(key_list, pos_list, strict=True):
         _check_keys(item)
         pre = item.float() if pos is None else undo_rope(item, pos, _require_rope(rope))
         flat.append(pre.reshape(pre.shape[0], -1))
@@ -375,7 +379,6 @@ def compress(
         components = torch.eye(channels, device=device, dtype=torch.float16)
         mean = torch.zeros(channels, device=device)
 
-    latent = _project(body, mean, components).reshape(n_groups, group_size, channels)
     if config.method == "fp16":
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     elif config.method == "kivi":
@@ -385,12 +388,12 @@ def compress(
     elif n_groups == 0:
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     else:
-        channel_bits = _allocate(latent, config, tokens, kv_heads, head_dim, num_sinks, n_groups,
+        channel_bits = _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_sinks,
                                  stored_basis=basis is None, rope=rope, explicit_positions=explicit is not None)
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
-    # Projected again on the kept columns alone: the exact computation append() repeats.
+    # Only the kept columns are projected: the exact computation append() repeats.
     latent = _project(body, mean, components[:, kept]).reshape(n_groups, group_size, kept.numel())
     codes, scales, mins = quantize_groups(latent, kept_bits)
 
@@ -425,22 +428,35 @@ def _project(rows: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor
     return (rows - mean) @ basis_columns.float()
 
 
-def _allocate(latent, config, tokens, kv_heads, head_dim, num_sinks, n_groups, *, stored_basis, rope, explicit_positions):
-    """Budget allocation: spend what the fixed costs leave of ``bits_per_element``."""
+def _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_sinks, *,
+              stored_basis, rope, explicit_positions, sample_groups: int = 64) -> torch.Tensor:
+    """Budget allocation: spend what the fixed costs leave of ``bits_per_element``.
+
+    The error of every latent channel at every width is measured on at most
+    ``sample_groups`` evenly spaced token groups: enough to rank channels, and it keeps the
+    full [tokens, C] projection out of the hot path.
+    """
     from .format import fixed_size
 
     channels = kv_heads * head_dim
+    group_size = config.group_size
+    n_groups = body.shape[0] // group_size
+    quantized = n_groups * group_size
     fixed_bits = 8 * fixed_size(
-        method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=config.group_size,
+        method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
         has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
     )
-    quantized = n_groups * config.group_size
     budget = config.bits_per_element * tokens * channels - fixed_bits
     # Sequences too short to amortise the fixed costs still get the budget on their own
     # quantized tokens; the true bits per element then exceed the target (reported as such).
     budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
     per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
-    table = distortion_table(latent)
+    groups = body.reshape(n_groups, group_size, channels)
+    if n_groups > sample_groups:
+        groups = groups[torch.linspace(0, n_groups - 1, sample_groups, device=body.device).round().long()]
+    sample = _project(groups.reshape(-1, channels), mean, components).reshape(-1, group_size, channels)
+    # Errors of the sample stand for all groups: scale them so they weigh right against bit costs.
+    table = distortion_table(sample) * (n_groups / sample.shape[0])
     return allocate_budget(table, budget, quantized, per_channel_meta)
 
 

@@ -109,24 +109,18 @@ def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -
     return codes
 
 
-def distortion_table(latent: torch.Tensor, max_groups: int = 256) -> torch.Tensor:
+def distortion_table(latent: torch.Tensor) -> torch.Tensor:
     """Squared error of each latent channel at every width 0..8, float64 [channels, 9].
 
-    ``latent`` is [groups, group_size, channels]. Width 0 means the channel is dropped and
-    reconstructs as 0 (the mean). At most ``max_groups`` evenly spaced groups are measured and
-    the result scaled to all groups: the allocation only needs relative errors.
+    ``latent`` is [groups, group_size, channels] (callers may pass a sample of the groups:
+    the allocation only compares errors). Width 0 means the channel is dropped and
+    reconstructs as 0, the mean.
     """
-    groups = latent.shape[0]
-    sample = latent
-    if groups > max_groups:
-        pick = torch.linspace(0, groups - 1, max_groups, device=latent.device).round().long()
-        sample = latent[pick]
-    scale = groups / sample.shape[0]
     table = torch.empty(latent.shape[-1], MAX_BITS + 1, dtype=torch.float64)
-    table[:, 0] = sample.double().pow(2).sum(dim=(0, 1)).cpu() * scale
+    table[:, 0] = latent.pow(2).sum(dim=(0, 1)).double().cpu()
     for width in range(1, MAX_BITS + 1):
         bits = torch.full((latent.shape[-1],), width, dtype=torch.int64, device=latent.device)
-        codes, scales, mins = quantize_groups(sample, bits)
-        error = dequantize_groups(codes, scales, mins) - sample
-        table[:, width] = error.double().pow(2).sum(dim=(0, 1)).cpu() * scale
+        codes, scales, mins = quantize_groups(latent, bits)
+        error = dequantize_groups(codes, scales, mins) - latent
+        table[:, width] = error.pow_(2).sum(dim=(0, 1)).double().cpu()
     return table

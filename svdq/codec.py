@@ -21,6 +21,7 @@ Token layout of a compressed sequence of ``S`` tokens::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -255,7 +256,16 @@ class CompressedKeys:
         }
         if self.positions is not None:
             moved["positions"] = self.positions.to(device)
+        if self.method == "kivi":
+            moved["basis"] = identity_basis(self.channels, torch.device(device))
         return replace(self, **moved, _cache={})
+
+
+@functools.lru_cache(maxsize=32)
+def identity_basis(channels: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float16 [C, C] identity used as the basis of the kivi baseline; one shared, read-only
+    copy per shape and device, so stored baseline sequences do not each hold a C x C matrix."""
+    return torch.eye(channels, device=device, dtype=torch.float16)
 
 
 def _check_keys(keys: torch.Tensor, name: str = "keys") -> None:
@@ -376,7 +386,7 @@ def compress(
         components = fitted.components.to(device).to(torch.float16)
         mean = fitted.mean.to(device).float()
     else:
-        components = torch.eye(channels, device=device, dtype=torch.float16)
+        components = identity_basis(channels, torch.device(device))
         mean = torch.zeros(channels, device=device)
 
     if config.method == "fp16":
@@ -409,7 +419,7 @@ def compress(
         num_sinks=config.num_sinks if config.method != "fp16" else 0,
         position_offset=offset,
         channel_bits=channel_bits.to(torch.uint8),
-        basis=components[:, kept].contiguous(),
+        basis=components if config.method == "kivi" else components[:, kept].contiguous(),
         mean=mean if config.method == "svdq" else torch.zeros(channels, device=device),
         sinks=flat[:num_sinks].to(storage),
         codes=pack_codes(codes, kept_bits),

@@ -42,7 +42,7 @@ import zlib
 import numpy as np
 import torch
 
-from .codec import METHODS, Basis, CompressedKeys, check_group_bytes
+from .codec import METHODS, Basis, CompressedKeys, check_group_bytes, identity_basis
 from .errors import FormatError, InvalidInputError
 from .quant import group_bytes
 from .rope import ROPE_SCALINGS, ROPE_STYLES, RopeConfig
@@ -230,7 +230,9 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         basis_cols = basis.components.to(torch.float16)[:, torch.from_numpy(kept_idx)].contiguous()
     else:
         mean = torch.zeros(channels)
-        basis_cols = torch.eye(channels, dtype=torch.float16)[:, torch.from_numpy(kept_idx)].contiguous()
+        if kept != channels:
+            raise FormatError(f"kivi blob keeps {kept} of {channels} channels; the baseline keeps all")
+        basis_cols = identity_basis(channels)
     positions = reader.tensor(torch.int64, (tokens,), "positions") if flags & _F_POSITIONS else None
     storage = _DTYPES[dtypes >> 4]
     sinks_n = 0 if method == "fp16" else min(num_sinks, tokens)

@@ -23,6 +23,8 @@ import torch
 from svdq_client.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
 
 from svdq import __version__
+from svdq.attention import SparsityConfig
+from svdq.attention import attend as attend_compressed
 from svdq.codec import CodecConfig, CompressedKeys, append, compress, decompress, relative_error
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.format import from_bytes, to_bytes
@@ -155,8 +157,8 @@ class Engine:
         self._sample_layer = itertools.count()
         for profile in profiles:
             self.register_profile(profile)
-        log.info("engine on %s: store budget %d bytes, eviction %s, ttl %ss", self.device, self.config.store_bytes,
-                 self.config.eviction, self.config.ttl_seconds or "off")
+        log.info("engine on %s: store budget %d bytes, eviction %s, ttl %s", self.device, self.config.store_bytes,
+                 self.config.eviction, f"{self.config.ttl_seconds}s" if self.config.ttl_seconds else "off")
 
     # -- profiles ------------------------------------------------------------------------
 
@@ -459,15 +461,13 @@ class Engine:
     # -- attention ---------------------------------------------------------------------------
 
     def attend(self, tenant: str, entries: Sequence[tuple[str, int]], queries: torch.Tensor, *,
-               sparsity=None, scale: float | None = None) -> AttendResult:
+               sparsity: SparsityConfig | None = None, scale: float | None = None) -> AttendResult:
         """Attention of ``queries`` [B, q_heads, head_dim] (post-RoPE), row b over the keys
         and values of ``entries[b] = (sequence_id, layer)``.
 
         Returns output float32 [B, q_heads, head_dim] and lse float32 [B, q_heads] on the CPU.
-        ``sparsity`` is an ``svdq.attention.SparsityConfig`` or None (dense).
+        ``sparsity`` None is dense attention.
         """
-        from svdq.attention import attend as attend_compressed
-
         if not entries:
             raise InvalidInputError("entries must name at least one (sequence_id, layer)")
         if len(entries) > self.config.max_batch:

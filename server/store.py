@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from svdq_client.types import Profile
 
 from svdq.codec import CompressedKeys
@@ -145,6 +146,18 @@ class SequenceStore:
                 "fp16_values": self._stored_fp16["values"],
                 "sequences": len(self._sequences),
             }
+
+    def tensor_bytes(self) -> int:
+        """Bytes of the torch tensors the stored sequences hold in memory (device memory
+        accounting; close to, but not the same as, the serialized sizes)."""
+        with self._lock:
+            states = [entry.state for entry in self._sequences.values()]
+        total = 0
+        for state in states:
+            for layer in state.keys + (state.values or ()):
+                total += sum(value.numel() * value.element_size() for value in vars(layer).values()
+                             if isinstance(value, torch.Tensor))
+        return total
 
     def count(self, tenant: str | None = None) -> int:
         with self._lock:

@@ -263,14 +263,16 @@ class AttendEntry(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class Sparsity(_message.Message):
-    __slots__ = ("keep_fraction", "chunk_size", "num_recent")
+    __slots__ = ("keep_fraction", "chunk_size", "num_recent", "score_channels")
     KEEP_FRACTION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_RECENT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     keep_fraction: float
     chunk_size: int
     num_recent: int
-    def __init__(self, keep_fraction: _Optional[float] = ..., chunk_size: _Optional[int] = ..., num_recent: _Optional[int] = ...) -> None: ...
+    score_channels: int
+    def __init__(self, keep_fraction: _Optional[float] = ..., chunk_size: _Optional[int] = ..., num_recent: _Optional[int] = ..., score_channels: _Optional[int] = ...) -> None: ...
 
 class AttendRequest(_message.Message):
     __slots__ = ("entries", "queries", "sparsity", "scale")

@@ -1,0 +1,180 @@
+"""Assemble and run the server: engine, gRPC (service, health, reflection), metrics, TLS.
+
+Start-up order: engine and metrics, then the gRPC server (health NOT_SERVING), a warm-up
+request through the engine (first compression and attention pay one-off costs such as
+kernel compilation), then health SERVING and ``svdq_ready 1``. On stop: health
+NOT_SERVING, no new calls, in-flight calls get ``grace_seconds`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from svdq_proto.svdq.v1 import kvcache_pb2, kvcache_pb2_grpc
+
+from svdq import __version__
+
+from .auth import TokenAuthenticator
+from .config import Settings, load_profiles
+from .engine import Engine, UploadHeader
+from .interceptors import ServiceInterceptor
+from .metrics import Metrics
+from .servicer import KVCacheServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = kvcache_pb2.DESCRIPTOR.services_by_name["KVCache"].full_name
+WARMUP_TENANT = "warmup"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Server channel options."""
+    return [
+        # Uploads arrive in chunks (4 MiB by default); the limit bounds one message, not a sequence.
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Workers keep long-lived channels: ping idle connections so dead peers are noticed,
+        # and accept client pings every 10 s without treating them as abuse.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings; mutual TLS when a client CA is configured."""
+    if not settings.tls_cert:
+        return None
+    key = Path(settings.tls_key).read_bytes()
+    cert = Path(settings.tls_cert).read_bytes()
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+class SvdqServer:
+    """The running service. ``await start()``, then ``await wait()`` or ``await stop()``."""
+
+    def __init__(self, settings: Settings, environ: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        environ = environ or {}
+        self.metrics = Metrics()
+        self.engine = Engine(settings.engine_config(), load_profiles(settings.profiles_file), metrics=self.metrics)
+        self.metrics.bind_engine(self.engine, __version__)
+        self.authenticator = TokenAuthenticator.from_sources(settings.tokens_file, environ.get("SVDQ_TOKENS"))
+        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="svdq-engine")
+        self.health = None
+        self.server = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stopped: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        # grpc.aio objects bind to the running event loop, so they are made here.
+        self._stopped = asyncio.Event()
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.authenticator, self.metrics)],
+            options=channel_options(self.settings.max_message_bytes),
+        )
+        kvcache_pb2_grpc.add_KVCacheServicer_to_server(
+            KVCacheServicer(self.engine, self.executor, self.settings.max_message_bytes), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        await self._set_serving(False)
+        await self.server.start()
+        started = time.perf_counter()
+        try:
+            if self.settings.metrics_port:
+                self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        await self._set_serving(True)
+        log.info(json.dumps({
+            "event": "serving", "address": f"{self.settings.host}:{self.port}", "device": str(self.engine.device),
+            "tls": credentials is not None, "mutual_tls": bool(self.settings.tls_client_ca),
+            "tenants": len(self.authenticator.tenants) if self.authenticator.enabled else "auth off",
+            "metrics_port": self.metrics_port or "off", "warmup_ms": round(1e3 * (time.perf_counter() - started), 1),
+            "profiles": [profile.name for profile in self.engine.list_profiles()],
+        }))
+
+    def _warm_up(self) -> None:
+        """One small upload, attention and delete through the engine, off the books."""
+        from svdq_client.types import Profile
+
+        profile = Profile("warmup", 1, 1, 64)
+        generator = torch.Generator().manual_seed(0)
+        keys = torch.randn(1, 96, 1, 64, generator=generator)
+        header = UploadHeader("warmup", "warmup", "warmup", 96, "pre_rope", True, True)
+        engine = Engine(self.engine.config.__class__(device=str(self.engine.device), store_bytes=1 << 24),
+                        [profile])
+        engine.upload(WARMUP_TENANT, header, keys, keys)
+        engine.attend(WARMUP_TENANT, [("warmup", 0)], torch.randn(1, 1, 64, generator=generator).to(self.engine.device))
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+        self.metrics.set_ready(serving)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within ``grace`` seconds, then close."""
+        if self.server is None or self._stopped.is_set():
+            return
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info(json.dumps({"event": "stopping", "grace_seconds": grace}))
+        await self._set_serving(False)
+        await self.server.stop(grace)
+        self.metrics.shutdown()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+        log.info(json.dumps({"event": "stopped"}))
+
+    async def wait(self) -> None:
+        if self._stopped is not None:
+            await self._stopped.wait()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

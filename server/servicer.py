@@ -1,0 +1,131 @@
+"""The ``svdq.v1.KVCache`` servicer: parse, call the engine in a worker thread, convert back.
+
+Engine calls run in a thread pool so that the event loop keeps accepting requests while
+torch computes, and requests on different sequences run in parallel. Errors are not
+handled here: the engine raises typed errors and the interceptor turns them into statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+from svdq_client.types import Profile
+from svdq_client.wire import tensor_to_pb
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
+
+from svdq.errors import InvalidInputError
+
+from . import convert
+from .engine import Engine
+from .interceptors import current_tenant
+
+DEFAULT_FETCH_CHUNK_BYTES = 4 << 20
+
+
+class KVCacheServicer(pb_grpc.KVCacheServicer):
+    """Thin gRPC front of an :class:`~svdq_server.engine.Engine`.
+
+    Args:
+        engine: the engine.
+        executor: worker threads for engine calls.
+        max_message_bytes: the server's message size limit; fetch chunks stay well below it.
+    """
+
+    def __init__(self, engine: Engine, executor: ThreadPoolExecutor, max_message_bytes: int) -> None:
+        self.engine = engine
+        self.executor = executor
+        self.max_fetch_chunk_bytes = max(1024, max_message_bytes // 2)
+
+    async def _run(self, function, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
+
+    async def RegisterProfile(self, request, context):
+        profile = Profile.from_pb(request.profile)
+        return (await self._run(self.engine.register_profile, profile, request.replace)).to_pb()
+
+    async def GetProfile(self, request, context):
+        return self.engine.get_profile(request.name).to_pb()
+
+    async def ListProfiles(self, request, context):
+        return pb.ListProfilesResponse(profiles=[profile.to_pb() for profile in self.engine.list_profiles()])
+
+    async def Compress(self, request, context):
+        def work():
+            return self.engine.compress_keys(**convert.compress_args_from_pb(request))
+
+        blob, stats = await self._run(work)
+        return pb.CompressResponse(blob=blob, stats=stats.to_pb())
+
+    async def Decompress(self, request, context):
+        def work():
+            return tensor_to_pb(self.engine.decompress_keys(**convert.decompress_args_from_pb(request)))
+
+        return pb.DecompressResponse(keys=await self._run(work))
+
+    async def Upload(self, request_iterator, context):
+        tenant = current_tenant.get()
+        header = None
+        completed = None
+        async for chunk in request_iterator:
+            if header is None:
+                header = convert.upload_header_from_pb(chunk)
+                completed = await self._run(self.engine.begin_upload, tenant, header)
+            else:
+                convert.check_same_header(chunk, header)
+            if completed is None and chunk.HasField("keys"):
+                await self._run(self._add_chunk, tenant, header, chunk)
+        if header is None:
+            raise InvalidInputError("an Upload stream must carry at least one chunk")
+        info = completed or await self._run(self.engine.finish_upload, tenant, header)
+        return pb.UploadResponse(sequence=info.to_pb())
+
+    def _add_chunk(self, tenant, header, chunk) -> None:
+        self.engine.add_chunk(tenant, header, convert.upload_chunk_from_pb(chunk))
+
+    async def Append(self, request, context):
+        tenant = current_tenant.get()
+
+        def work():
+            return self.engine.append(tenant, **convert.append_args_from_pb(request))
+
+        return pb.AppendResponse(num_tokens=await self._run(work))
+
+    async def Attend(self, request, context):
+        tenant = current_tenant.get()
+
+        def work():
+            return convert.attend_result_to_pb(self.engine.attend(tenant, **convert.attend_args_from_pb(request)))
+
+        return await self._run(work)
+
+    async def Fetch(self, request, context):
+        tenant = current_tenant.get()
+        chunk_bytes = min(request.max_chunk_bytes or DEFAULT_FETCH_CHUNK_BYTES, self.max_fetch_chunk_bytes)
+        pieces = await self._run(lambda: self.engine.fetch(tenant, max_chunk_bytes=chunk_bytes,
+                                                           **convert.fetch_args_from_pb(request)))
+        done = object()
+        while True:
+            message = await self._run(lambda: _next_message(pieces, done))
+            if message is done:
+                return
+            yield message
+
+    async def Delete(self, request, context):
+        await self._run(self.engine.delete, current_tenant.get(), convert.check_name(request.sequence_id, "sequence_id"))
+        return pb.DeleteResponse()
+
+    async def Describe(self, request, context):
+        info = self.engine.describe(current_tenant.get(), convert.check_name(request.sequence_id, "sequence_id"))
+        return info.to_pb()
+
+    async def GetServerInfo(self, request, context):
+        return self.engine.server_info(current_tenant.get()).to_pb()
+
+
+def _next_message(pieces, done):
+    piece = next(pieces, None)
+    return done if piece is None else convert.fetch_piece_to_pb(piece)

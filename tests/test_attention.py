@@ -1,0 +1,234 @@
+"""Torch reference of attention over compressed keys against a naive oracle built from
+codec.decompress, plus sparsity, byte accounting, merge and bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, to_bytes
+from svdq.attention import (
+    SparsityConfig,
+    attend,
+    body_range,
+    merge_attention,
+    select_backend,
+    select_body_tokens,
+)
+from svdq.errors import InvalidInputError
+from svdq.values import ValueConfig, compress_values, decompress_values, values_to_bytes
+
+
+def structured_keys(tokens, kv_heads, head_dim, seed=0, rank=6):
+    """Pre-RoPE keys with a decaying spectrum (like real keys; random ones have none)."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = kv_heads * head_dim
+    factors = torch.randn(tokens, rank, generator=generator) * torch.linspace(4, 1, rank)
+    mixing = torch.randn(rank, channels, generator=generator)
+    noise = 0.05 * torch.randn(tokens, channels, generator=generator)
+    return (factors @ mixing + noise + 0.5).reshape(tokens, kv_heads, head_dim)
+
+
+def naive_attention(queries, keys_post, values, scale, allowed=None):
+    """queries [Hq, D]; keys_post, values [S, Hkv, D]; allowed bool [Hkv, S] or None."""
+    q_heads, kv_heads = queries.shape[0], keys_post.shape[1]
+    ratio = q_heads // kv_heads
+    keys_rep = keys_post.double().repeat_interleave(ratio, dim=1)
+    values_rep = values.double().repeat_interleave(ratio, dim=1)
+    scores = torch.einsum("hd,shd->hs", queries.double(), keys_rep) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.repeat_interleave(ratio, dim=0), -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.einsum("hs,shd->hd", torch.softmax(scores, -1), values_rep), lse
+
+
+ROPE = RopeConfig(theta=10000.0)
+
+
+def make_case(method="svdq", tokens=203, kv_heads=3, head_dim=64, key_space="pre_rope", rope=ROPE, value_bits=None,
+              seed=0, group_size=16):
+    pre = structured_keys(tokens, kv_heads, head_dim, seed)
+    keys = apply_rope(pre, torch.arange(tokens), rope) if key_space == "post_rope" else pre
+    kwargs = {"schedule": (8, 4, 2, 1, 1, 0, 0, 0)} if method == "svdq" else {}
+    compressed = compress(keys, CodecConfig(method=method, group_size=group_size, num_sinks=4, **kwargs),
+                          rope=rope, key_space=key_space)
+    generator = torch.Generator().manual_seed(seed + 1)
+    values = compress_values(torch.randn(tokens, kv_heads, head_dim, generator=generator).half(),
+                             ValueConfig(bits=value_bits, group_size=32))
+    return compressed, values
+
+
+@pytest.mark.parametrize("method", ["svdq", "kivi", "fp16"])
+@pytest.mark.parametrize("key_space", ["pre_rope", "post_rope"])
+def test_dense_reference_matches_naive_attention_over_decompressed_keys(method, key_space):
+    keys, values = make_case(method, key_space=key_space, value_bits=4)
+    queries = torch.randn(2, 9, 64)
+    result = attend(queries, [keys, keys], [values, values], backend="torch")
+    post = decompress(keys, key_space="post_rope", dtype=torch.float32)
+    dense_values = decompress_values(values, torch.float32)
+    for b in range(2):
+        expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8)
+        assert torch.allclose(result.output[b].double(), expected, atol=2e-5)
+        assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
+    assert result.output.dtype == torch.float32 and result.lse.shape == (2, 9)
+    stats = result.stats[0]
+    assert stats.tokens_attended == stats.tokens_total == 203
+    assert stats.dense_fp16_key_bytes == 2 * 203 * 192
+
+
+@pytest.mark.parametrize("style,rotary_dim", [("interleaved", 0), ("half", 32)])
+def test_rope_styles_and_partial_rotary(style, rotary_dim):
+    rope = RopeConfig(theta=500000.0, style=style, rotary_dim=rotary_dim)
+    keys, values = make_case(rope=rope, key_space="post_rope", seed=3)
+    queries = torch.randn(1, 6, 64)
+    result = attend(queries, [keys], [values], scale=0.3, backend="torch")
+    expected, lse = naive_attention(queries[0], decompress(keys, "post_rope", torch.float32),
+                                    decompress_values(values, torch.float32), 0.3)
+    assert torch.allclose(result.output[0].double(), expected, atol=2e-5)
+    assert torch.allclose(result.lse[0].double(), lse, atol=2e-5)
+
+
+def test_batch_of_different_lengths_and_methods():
+    first, first_values = make_case("svdq", tokens=150)
+    second, second_values = make_case("kivi", tokens=77, key_space="post_rope", value_bits=2, seed=5)
+    queries = torch.randn(2, 3, 64)
+    result = attend(queries, [first, second], [first_values, second_values], backend="torch")
+    for b, (keys, values) in enumerate([(first, first_values), (second, second_values)]):
+        expected, _ = naive_attention(queries[b], decompress(keys, "post_rope", torch.float32),
+                                      decompress_values(values, torch.float32), 1 / 8)
+        assert torch.allclose(result.output[b].double(), expected, atol=2e-5)
+
+
+def test_sparse_reference_is_exact_attention_over_the_selected_tokens():
+    keys, values = make_case(tokens=403)
+    queries = torch.randn(1, 6, 64)
+    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=24)
+    selection = select_body_tokens(queries[0], keys, sparsity)
+    assert selection.token_index is not None
+    start, n_body = body_range(keys)
+    allowed = torch.ones(3, 403, dtype=torch.bool)
+    allowed[:, start:start + n_body] = False
+    for head in range(3):
+        allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+    result = attend(queries, [keys], [values], sparsity=sparsity, backend="torch")
+    expected, lse = naive_attention(queries[0], decompress(keys, "post_rope", torch.float32),
+                                    decompress_values(values, torch.float32), 1 / 8, allowed)
+    assert torch.allclose(result.output[0].double(), expected, atol=2e-5)
+    assert torch.allclose(result.lse[0].double(), lse, atol=2e-5)
+    # Sinks and the recent window are always attended; the budget is respected.
+    assert allowed[:, :4].all() and allowed[:, -24:].all()
+    stats = result.stats[0]
+    assert stats.tokens_attended == int(allowed[0].sum())
+    assert stats.tokens_attended <= math.ceil(0.25 * 403) + 8
+    dense = attend(queries, [keys], [values], backend="torch").stats[0]
+    assert stats.key_bytes_read < dense.key_bytes_read < stats.dense_fp16_key_bytes
+
+
+def test_sparse_selection_finds_a_planted_needle():
+    tokens, kv_heads, head_dim = 1024, 2, 64
+    pre = structured_keys(tokens, kv_heads, head_dim, seed=7)
+    direction = pre[:, 0].std(dim=0)
+    direction = direction / direction.norm()
+    needle = 600
+    pre[needle, 0] += 40 * direction  # a key far along a high-variance direction of head 0
+    keys = compress(pre, CodecConfig(schedule=(8, 4, 2, 1, 1, 0, 0, 0), group_size=32), rope=ROPE)
+    values = compress_values(torch.randn(tokens, kv_heads, head_dim).half())
+    # Rotated to the needle's own position, so that q . RoPE(k) peaks at the needle.
+    query = apply_rope((40 * direction).reshape(1, 1, head_dim), torch.tensor([needle]), ROPE)[0]
+    queries = torch.cat([query, torch.zeros(1, head_dim)]).reshape(1, 2, head_dim)
+    sparsity = SparsityConfig(keep_fraction=1 / 16, chunk_size=16, num_recent=0)
+    selection = select_body_tokens(queries[0], keys, sparsity)
+    start, _ = body_range(keys)
+    assert (selection.token_index[0] + start == needle).any()
+    result = attend(queries, [keys], [values], sparsity=sparsity, backend="torch")
+    dense = attend(queries, [keys], [values], backend="torch")
+    assert torch.allclose(result.output[0, 0], dense.output[0, 0], atol=1e-2)
+
+
+def test_keep_everything_equals_dense_and_bytes_add_up():
+    keys, values = make_case(tokens=203)
+    queries = torch.randn(1, 3, 64)
+    dense = attend(queries, [keys], [values], backend="torch")
+    everything = attend(queries, [keys], [values], sparsity=SparsityConfig(keep_fraction=1.0), backend="torch")
+    assert torch.equal(dense.output, everything.output)
+    # Dense reads the whole blob except its header, channel-width map and checksum.
+    kept = keys.kept_bits.numel()
+    overhead = 28 + 28 + (192 + 1) // 2 + 4
+    assert dense.stats[0].key_bytes_read == keys.nbytes - overhead
+    assert kept > 0
+
+
+def test_attend_does_not_modify_stored_data():
+    keys, values = make_case(value_bits=4)
+    key_blob, value_blob = to_bytes(keys), values_to_bytes(values)
+    attend(torch.randn(1, 3, 64), [keys], [values], sparsity=SparsityConfig(keep_fraction=0.5, chunk_size=8))
+    assert to_bytes(keys) == key_blob and values_to_bytes(values) == value_blob
+
+
+def test_merge_attention_equals_attention_over_the_union():
+    generator = torch.Generator().manual_seed(4)
+    queries = torch.randn(4, 32, generator=generator)
+    keys = torch.randn(50, 2, 32, generator=generator)
+    values = torch.randn(50, 2, 32, generator=generator)
+    full, full_lse = naive_attention(queries, keys, values, 0.2)
+    first, first_lse = naive_attention(queries, keys[:17], values[:17], 0.2)
+    second, second_lse = naive_attention(queries, keys[17:], values[17:], 0.2)
+    merged, merged_lse = merge_attention(first.float(), first_lse.float(), second.float(), second_lse.float())
+    assert torch.allclose(merged.double(), full, atol=1e-5)
+    assert torch.allclose(merged_lse.double(), full_lse, atol=1e-5)
+    empty = torch.full_like(first_lse, -math.inf).float()
+    alone, alone_lse = merge_attention(first.float(), first_lse.float(), torch.zeros_like(first).float(), empty)
+    assert torch.allclose(alone.double(), first, atol=1e-6) and torch.allclose(alone_lse.double(), first_lse)
+    nothing, nothing_lse = merge_attention(torch.zeros(2, 3), torch.full((2,), -math.inf),
+                                           torch.zeros(2, 3), torch.full((2,), -math.inf))
+    assert not nothing.isnan().any() and torch.isinf(nothing_lse).all()
+    with pytest.raises(InvalidInputError, match="matching shapes"):
+        merge_attention(torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 4), torch.zeros(2))
+
+
+def test_backend_choice_and_override(monkeypatch):
+    monkeypatch.delenv("SVDQ_BACKEND", raising=False)
+    assert select_backend("cpu") == "torch"
+    assert select_backend("cuda") == "triton"
+    monkeypatch.setenv("SVDQ_BACKEND", "torch")
+    assert select_backend("cuda") == "torch"
+    monkeypatch.setenv("SVDQ_BACKEND", "cuda-magic")
+    with pytest.raises(InvalidInputError, match="SVDQ_BACKEND"):
+        select_backend("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InvalidInputError, match="TRITON_INTERPRET"):
+        select_backend("cpu", "triton")
+    with pytest.raises(InvalidInputError, match="backend must be one of"):
+        select_backend("cpu", "numpy")
+
+
+def test_bad_inputs_are_rejected_with_the_field_named():
+    keys, values = make_case(tokens=40)
+    good = torch.randn(1, 3, 64)
+    cases = [
+        (dict(queries=torch.randn(3, 64)), "queries must have shape"),
+        (dict(queries=good.int()), "queries dtype"),
+        (dict(queries=torch.full((1, 3, 64), float("nan"))), "NaN"),
+        (dict(queries=torch.randn(1, 4, 64)), "multiple of"),
+        (dict(queries=torch.randn(1, 3, 32)), "head_dim"),
+        (dict(keys=[keys, keys]), "one entry per query"),
+        (dict(keys=["blob"]), "CompressedKeys"),
+        (dict(values=[compress_values(torch.randn(41, 3, 64))]), "41 tokens"),
+        (dict(values=[compress_values(torch.randn(40, 1, 64))]), "heads=1"),
+        (dict(scale=-1.0), "scale"),
+        (dict(scale=float("inf")), "scale"),
+        (dict(sparsity=0.5), "SparsityConfig"),
+        (dict(backend="cuda"), "backend"),
+    ]
+    for override, message in cases:
+        arguments = dict(queries=good, keys=[keys], values=[values])
+        arguments.update(override)
+        queries = arguments.pop("queries")
+        with pytest.raises(InvalidInputError, match=message):
+            attend(queries, arguments.pop("keys"), arguments.pop("values"), **arguments)
+    for field, value in [("keep_fraction", 0.0), ("keep_fraction", 1.5), ("chunk_size", 0), ("num_recent", -1),
+                         ("score_channels", 0)]:
+        with pytest.raises(InvalidInputError, match=field):
+            SparsityConfig(**{field: value})

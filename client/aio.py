@@ -1,0 +1,191 @@
+"""asyncio client of the svdq service: :class:`AsyncKVCacheClient`, the same methods as
+:class:`svdq_client.KVCacheClient` as coroutines, built on the same request helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import torch
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
+
+from svdq.attention import SparsityConfig
+from svdq.codec import CodecConfig
+from svdq.rope import RopeConfig
+
+from .client import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    FetchAssembler,
+    RetryPolicy,
+    append_request,
+    attend_request,
+    attend_result,
+    channel_settings,
+    check_cache_tensors,
+    compress_request,
+    decompress_request,
+    fetch_request,
+    profile_request,
+    upload_messages,
+)
+from .errors import NotFoundError, UnavailableError, error_from_rpc
+from .types import AttendResult, BlobStats, CompressResult, FetchResult, Profile, SequenceInfo, ServerInfo
+from .wire import tensor_from_pb
+
+log = logging.getLogger(__name__)
+
+
+class AsyncKVCacheClient:
+    """Non-blocking client of ``svdq.v1.KVCache``; arguments as :class:`svdq_client.KVCacheClient`.
+
+    Use ``async with AsyncKVCacheClient(...) as client:`` or call :meth:`close`.
+    """
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
+                 root_certificates: bytes | str | Path | None = None,
+                 client_certificate: bytes | str | Path | None = None, client_key: bytes | str | Path | None = None,
+                 server_name: str | None = None, tls: bool | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff: float = 0.05, max_backoff: float = 2.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        credentials, options, self._metadata = channel_settings(
+            token, root_certificates, client_certificate, client_key, server_name, tls, max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.KVCacheStub(self._channel)
+        self.address = address
+        self.timeout = timeout
+        self.retry = RetryPolicy(retries, backoff, max_backoff)
+        self.chunk_bytes = chunk_bytes
+        self._tokens: dict[str, int] = {}
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncKVCacheClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _call(self, method, request_factory, timeout: float | None, idempotent: bool = True):
+        delays = self.retry.delays() if idempotent else iter(())
+        while True:
+            try:
+                return await method(request_factory(), timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as error:
+                typed = error_from_rpc(error)
+                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
+                if delay is None:
+                    raise typed from None
+                log.info("retrying after UNAVAILABLE in %.3fs: %s", delay, typed.details)
+                await asyncio.sleep(delay)
+
+    async def register_profile(self, profile: Profile, replace: bool = False, *,
+                               timeout: float | None = None) -> Profile:
+        request = profile_request(profile, replace)
+        return Profile.from_pb(await self._call(self._stub.RegisterProfile, lambda: request, timeout))
+
+    async def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
+        return Profile.from_pb(await self._call(self._stub.GetProfile, lambda: pb.GetProfileRequest(name=name), timeout))
+
+    async def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
+        response = await self._call(self._stub.ListProfiles, pb.ListProfilesRequest, timeout)
+        return [Profile.from_pb(message) for message in response.profiles]
+
+    async def compress(self, keys: torch.Tensor, *, profile: str | None = None, layer: int = 0,
+                       codec: CodecConfig | None = None, rope: RopeConfig | None = None,
+                       positions: torch.Tensor | None = None, key_space: str = "pre_rope",
+                       timeout: float | None = None) -> CompressResult:
+        request = compress_request(keys, profile, layer, codec, rope, positions, key_space)
+        response = await self._call(self._stub.Compress, lambda: request, timeout)
+        return CompressResult(response.blob, BlobStats.from_pb(response.stats))
+
+    async def decompress(self, blob: bytes, *, profile: str | None = None, layer: int = 0,
+                         key_space: str | None = None, dtype: torch.dtype | None = None,
+                         timeout: float | None = None) -> torch.Tensor:
+        request = decompress_request(blob, profile, layer, key_space, dtype)
+        return tensor_from_pb((await self._call(self._stub.Decompress, lambda: request, timeout)).keys, "keys")
+
+    async def upload(self, sequence_id: str, profile: str, keys: torch.Tensor, values: torch.Tensor | None = None, *,
+                     positions: torch.Tensor | None = None, key_space: str = "pre_rope", replace: bool = False,
+                     upload_id: str | None = None, timeout: float | None = None) -> SequenceInfo:
+        keys, values, positions = check_cache_tensors(keys, values, positions, "upload")
+        upload_id = upload_id or uuid.uuid4().hex
+
+        def messages():
+            return upload_messages(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
+                                   self.chunk_bytes)
+
+        response = await self._call(self._stub.Upload, messages, timeout)
+        info = SequenceInfo.from_pb(response.sequence)
+        self._tokens[sequence_id] = info.num_tokens
+        return info
+
+    async def append(self, sequence_id: str, keys: torch.Tensor, values: torch.Tensor | None = None, *,
+                     positions: torch.Tensor | None = None, expected_tokens: int | None = None,
+                     timeout: float | None = None) -> int:
+        keys, values, positions = check_cache_tensors(keys, values, positions, "append")
+        if expected_tokens is None:
+            expected_tokens = self._tokens.get(sequence_id)
+            if expected_tokens is None:
+                expected_tokens = (await self.describe(sequence_id, timeout=timeout)).num_tokens
+        request = append_request(sequence_id, keys, values, positions, expected_tokens)
+        count = (await self._call(self._stub.Append, lambda: request, timeout)).num_tokens
+        self._tokens[sequence_id] = count
+        return count
+
+    async def attend(self, queries: torch.Tensor, entries: Sequence[tuple[str, int]], *,
+                     sparsity: SparsityConfig | None = None, scale: float | None = None,
+                     timeout: float | None = None) -> AttendResult:
+        request = attend_request(queries, entries, sparsity, scale)
+        return attend_result(await self._call(self._stub.Attend, lambda: request, timeout))
+
+    async def fetch(self, sequence_id: str, *, layers: Sequence[int] | None = None, key_space: str | None = None,
+                    dtype: torch.dtype | None = None, include_values: bool = True,
+                    timeout: float | None = None) -> FetchResult:
+        request = fetch_request(sequence_id, layers, key_space, dtype, include_values, self.chunk_bytes)
+        delays = self.retry.delays()
+        while True:
+            assembler = FetchAssembler()
+            try:
+                async for chunk in self._stub.Fetch(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                    assembler.add(chunk)
+                return assembler.result()
+            except grpc.aio.AioRpcError as error:
+                typed = error_from_rpc(error)
+                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
+                if delay is None:
+                    raise typed from None
+                await asyncio.sleep(delay)
+
+    async def delete(self, sequence_id: str, *, timeout: float | None = None) -> None:
+        attempts = 0
+
+        def request():
+            nonlocal attempts
+            attempts += 1
+            return pb.DeleteRequest(sequence_id=sequence_id)
+
+        try:
+            await self._call(self._stub.Delete, request, timeout)
+        except NotFoundError:
+            if attempts == 1:
+                raise
+        self._tokens.pop(sequence_id, None)
+
+    async def describe(self, sequence_id: str, *, timeout: float | None = None) -> SequenceInfo:
+        response = await self._call(self._stub.Describe, lambda: pb.DescribeRequest(sequence_id=sequence_id), timeout)
+        info = SequenceInfo.from_pb(response)
+        self._tokens[sequence_id] = info.num_tokens
+        return info
+
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return ServerInfo.from_pb(await self._call(self._stub.GetServerInfo, pb.ServerInfoRequest, timeout))

@@ -73,7 +73,7 @@ WORKDIR /home/svdq
 EXPOSE 50051 9464
 # Warm-up (device probing, first kernels) can take a while on a cold GPU; start-period
 # keeps those seconds from counting as failures. With TLS on, override this with
-# `svdq-health --tls-ca ...` (see docs/operations.md).
+# `svdq-health --tls-ca CA --server-name NAME` (see docs/operations.md).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["svdq-health", "--address", "127.0.0.1:50051"]
 ENTRYPOINT ["svdq-server"]

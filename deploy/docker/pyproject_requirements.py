@@ -11,6 +11,7 @@ Usage: python pyproject_requirements.py PYPROJECT [EXTRA ...]
 from __future__ import annotations
 
 import sys
+
 import tomllib
 
 # Installed separately from a build-specific index (see the Dockerfile's TORCH_INDEX_URL).

@@ -1,0 +1,138 @@
+"""Triton decode-attention kernels against the torch reference.
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (scripts/test.sh sets it when there
+is no GPU); the ``gpu``-marked copies run the same cases on a CUDA device. Shapes are small
+and odd (67 tokens, 3 KV heads, GQA 3). Tolerance is tied to the dtype: the kernel's error
+against the float32 reference may be at most twice the error of plain PyTorch attention
+computed in float16 on the same reconstructed keys, plus a floor for float32 rounding.
+The launcher fills every output and partial buffer with NaN before the kernels run, so an
+element a kernel forgot to write shows up as NaN here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress
+from svdq.attention import SparsityConfig, attend, body_range, select_body_tokens
+from svdq.values import ValueConfig, compress_values, decompress_values
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="CPU kernels need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
+                                                   reason="needs a CUDA device (without the interpreter)")]),
+]
+ALL_WIDTHS = (8, 7, 6, 5, 4, 3, 2, 1)  # one channel group at every width the codec allows
+ROPE = RopeConfig(theta=10000.0)
+
+
+def structured_keys(tokens, kv_heads, head_dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    channels = kv_heads * head_dim
+    factors = torch.randn(tokens, 6, generator=generator) * torch.linspace(4, 1, 6)
+    keys = factors @ torch.randn(6, channels, generator=generator) + 0.05 * torch.randn(tokens, channels, generator=generator)
+    return keys.reshape(tokens, kv_heads, head_dim)
+
+
+def make_sequence(tokens=67, kv_heads=3, head_dim=64, method="svdq", schedule=ALL_WIDTHS, value_bits=None,
+                  rope=ROPE, key_space="pre_rope", dtype=torch.float16, seed=0, group_size=16):
+    pre = structured_keys(tokens, kv_heads, head_dim, seed)
+    keys = apply_rope(pre, torch.arange(tokens), rope) if key_space == "post_rope" else pre
+    extra = {"schedule": schedule} if method == "svdq" else {}
+    compressed = compress(keys.to(dtype), CodecConfig(method=method, group_size=group_size, num_sinks=3, **extra),
+                          rope=rope, key_space=key_space)
+    generator = torch.Generator().manual_seed(seed + 11)
+    values = torch.randn(tokens, kv_heads, head_dim, generator=generator).to(dtype)
+    return compressed, compress_values(values, ValueConfig(bits=value_bits, group_size=32))
+
+
+def half_precision_error(queries, keys, values, scale, sparsity, reference):
+    """Max error of float16 PyTorch attention (same tokens) against the float32 reference."""
+    errors_out, errors_lse = [], []
+    for b, (key, value) in enumerate(zip(keys, values, strict=True)):
+        post = decompress(key, "post_rope", torch.float32).half()
+        dense_values = decompress_values(value, torch.float32).half()
+        ratio = queries.shape[1] // key.kv_heads
+        allowed = torch.ones(key.kv_heads, key.num_tokens, dtype=torch.bool)
+        selection = select_body_tokens(queries[b].float(), key, sparsity)
+        if selection.token_index is not None:
+            start, n_body = body_range(key)
+            allowed[:, start:start + n_body] = False
+            for head in range(key.kv_heads):
+                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+        scores = torch.einsum("hd,shd->hs", queries[b].half(), post.repeat_interleave(ratio, 1)) * torch.tensor(
+            scale, dtype=torch.float16)
+        scores = scores.masked_fill(~allowed.repeat_interleave(ratio, 0), -math.inf)
+        out = torch.einsum("hs,shd->hd", torch.softmax(scores, -1), dense_values.repeat_interleave(ratio, 1))
+        errors_out.append((out.float() - reference.output[b].cpu()).abs().max())
+        errors_lse.append((torch.logsumexp(scores.float(), -1) - reference.lse[b].cpu()).abs().max())
+    return float(max(errors_out)), float(max(errors_lse))
+
+
+def check_against_reference(queries, keys, values, device, scale=None, sparsity=None):
+    reference = attend(queries, keys, values, scale=scale, sparsity=sparsity, backend="torch")
+    moved_keys = [k.to(device) for k in keys]
+    moved_values = [v.to(device) for v in values]
+    result = attend(queries.to(device), moved_keys, moved_values, scale=scale, sparsity=sparsity, backend="triton")
+    output, lse = result.output.cpu(), result.lse.cpu()
+    assert not output.isnan().any() and not lse.isnan().any(), "kernel left elements unwritten"
+    softmax_scale = scale or 1 / math.sqrt(queries.shape[-1])
+    bound_out, bound_lse = half_precision_error(queries, keys, values, softmax_scale, sparsity, reference)
+    assert (output - reference.output).abs().max() <= 2 * bound_out + 1e-5
+    assert (lse - reference.lse).abs().max() <= 2 * bound_lse + 1e-5
+    assert [s.key_bytes_read for s in result.stats] == [s.key_bytes_read for s in reference.stats]
+    return result
+
+
+SPARSE = SparsityConfig(keep_fraction=0.6, chunk_size=8, num_recent=4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value_bits", [None, 2, 4])
+@pytest.mark.parametrize("sparsity", [None, SPARSE], ids=["dense", "sparse"])
+def test_every_width_every_value_format_dense_and_sparse(device, value_bits, sparsity):
+    first = make_sequence(value_bits=value_bits)
+    second = make_sequence(tokens=45, value_bits=value_bits, seed=2)
+    queries = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(5))
+    result = check_against_reference(queries, [first[0], second[0]], [first[1], second[1]], device,
+                                     sparsity=sparsity)
+    if sparsity is not None:
+        assert result.stats[0].tokens_attended < result.stats[0].tokens_total
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim,kv_heads,ratio", [(128, 2, 1), (256, 1, 8), (64, 1, 5)])
+def test_head_dims_and_gqa_ratios(device, head_dim, kv_heads, ratio):
+    keys, values = make_sequence(tokens=51, kv_heads=kv_heads, head_dim=head_dim, schedule=(8, 4, 2, 1, 0, 0, 0, 0))
+    queries = torch.randn(1, kv_heads * ratio, head_dim, generator=torch.Generator().manual_seed(1))
+    check_against_reference(queries, [keys], [values], device, scale=0.05)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_baselines_rope_styles_and_mixed_batch(device):
+    sequences = [
+        make_sequence(method="kivi", key_space="post_rope", value_bits=4, seed=3),
+        make_sequence(method="fp16", seed=4),
+        make_sequence(rope=RopeConfig(theta=500000.0, style="interleaved", rotary_dim=32), seed=6,
+                      dtype=torch.bfloat16),
+        make_sequence(method="kivi", seed=7),
+    ]
+    queries = torch.randn(len(sequences), 3, 64, generator=torch.Generator().manual_seed(2))
+    for sequence in sequences:  # each layout alone
+        check_against_reference(queries[:1], [sequence[0]], [sequence[1]], device)
+    check_against_reference(queries[:2], [s[0] for s in sequences[:2]], [s[1] for s in sequences[:2]], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_sequence_uses_several_splits_and_sparse_indices(device):
+    keys, values = make_sequence(tokens=700, kv_heads=1, group_size=32, schedule=(8, 4, 2, 1, 1, 0, 0, 0), seed=9)
+    queries = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(3))
+    check_against_reference(queries, [keys], [values], device)
+    check_against_reference(queries, [keys], [values], device,
+                            sparsity=SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32))

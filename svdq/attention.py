@@ -394,25 +394,51 @@ def partial_attention(
     return torch.einsum("hgn,hnd->hgd", weights, values), lse
 
 
-def _attend_torch_one(
-    query: torch.Tensor, keys: CompressedKeys, values: CompressedValues, scale: float, selection: BodySelection
+def _attend_torch_group(
+    queries: torch.Tensor, keys: CompressedKeys, values: CompressedValues, scale: float, selection: BodySelection
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kv_heads, head_dim = keys.kv_heads, keys.head_dim
-    grouped = query.float().reshape(kv_heads, -1, head_dim)
+    """Queries [n, Hq, D] that share one sequence and one selection -> (output [n, Hq, D], lse [n, Hq]).
+
+    Dense queries of the same sequence (e.g. every position of a scored continuation) share
+    one reconstruction of the keys instead of one each.
+    """
+    count, q_heads, head_dim = queries.shape
+    kv_heads = keys.kv_heads
+    ratio = q_heads // kv_heads
+    # [Hkv, n * ratio, D]: the query heads of a KV head, for every query.
+    grouped = queries.float().reshape(count, kv_heads, ratio, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, -1, head_dim)
     fp_keys, fp_index = full_precision_keys(keys)
     fp_values = gather_values(values, fp_index.expand(kv_heads, -1))
-    out_fp, lse_fp = partial_attention(grouped, fp_keys.transpose(0, 1), fp_values, scale)
+    output, lse = partial_attention(grouped, fp_keys.transpose(0, 1), fp_values, scale)
     start, n_body = body_range(keys)
-    if n_body == 0:
-        return out_fp, lse_fp
-    body_index = selection.token_index
-    seq_index = (torch.arange(n_body, device=grouped.device) if body_index is None else body_index) + start
-    if body_index is None:
-        body_values = gather_values(values)[:, start:start + n_body]
-    else:
-        body_values = gather_values(values, seq_index)
-    out_body, lse_body = partial_attention(grouped, body_keys(keys, selection), body_values, scale, selection.valid)
-    return merge_attention(out_fp, lse_fp, out_body, lse_body)
+    if n_body:
+        if selection.token_index is None:
+            body_values = gather_values(values)[:, start:start + n_body]
+        else:
+            body_values = gather_values(values, selection.token_index + start)
+        out_body, lse_body = partial_attention(grouped, body_keys(keys, selection), body_values, scale, selection.valid)
+        output, lse = merge_attention(output, lse, out_body, lse_body)
+    output = output.reshape(kv_heads, count, ratio, head_dim).permute(1, 0, 2, 3).reshape(count, q_heads, head_dim)
+    return output, lse.reshape(kv_heads, count, ratio).permute(1, 0, 2).reshape(count, q_heads)
+
+
+def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values: Sequence[CompressedValues],
+                  scale: float, selections: Sequence[BodySelection]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference over a batch: dense entries of the same sequence run together."""
+    output = torch.empty(queries.shape, dtype=torch.float32, device=queries.device)
+    lse = torch.empty(queries.shape[:2], dtype=torch.float32, device=queries.device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, selection in enumerate(selections):
+        if selection.token_index is None:
+            groups.setdefault((id(keys[b]), id(values[b])), []).append(b)
+        else:
+            groups[(-1, b)] = [b]
+    for members in groups.values():
+        first = members[0]
+        index = torch.tensor(members, device=queries.device)
+        out, lse_group = _attend_torch_group(queries[index], keys[first], values[first], scale, selections[first])
+        output[index], lse[index] = out, lse_group
+    return output, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,12 +517,7 @@ def attend(
 
         output, lse = attend_triton(queries, keys, values, softmax_scale, selections)
     else:
-        outputs, lses = [], []
-        for b in range(batch):
-            out, lse_b = _attend_torch_one(queries[b], keys[b], values[b], softmax_scale, selections[b])
-            outputs.append(out.reshape(q_heads, head_dim))
-            lses.append(lse_b.reshape(q_heads))
-        output, lse = torch.stack(outputs), torch.stack(lses)
+        output, lse = _attend_torch(queries, keys, values, softmax_scale, selections)
     stats = []
     for key, selection in zip(keys, selections, strict=True):
         start, n_body = body_range(key)

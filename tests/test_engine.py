@@ -1,0 +1,394 @@
+"""The engine as a library (no gRPC): results equal the svdq library's own, uploads are
+idempotent and ordered, failures leave stored data byte-for-byte unchanged, the store keeps
+its budget, tenants are isolated."""
+
+import threading
+
+import pytest
+import torch
+from svdq_client.types import Profile
+from svdq_server.engine import Engine, EngineConfig, UploadChunkData, UploadHeader
+from svdq_server.metrics import Metrics
+from svdq_server.store import SequenceState, SequenceStore, StoredSequence
+
+from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, fit_layer_basis, to_bytes
+from svdq import append as codec_append
+from svdq.attention import SparsityConfig, attend
+from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
+from svdq.values import compress_values, values_to_bytes
+
+LAYERS, HEADS, DIM, TOKENS = 2, 2, 32, 100
+ROPE = RopeConfig(theta=10000.0)
+CODEC = CodecConfig(method="svdq", bits_per_element=2.0, group_size=32)
+
+
+def make_profile(name="tiny", **overrides):
+    fields = {"num_layers": LAYERS, "kv_heads": HEADS, "head_dim": DIM, "rope": ROPE, "codec": CODEC}
+    return Profile(name, **{**fields, **overrides})
+
+
+def cache(tokens=TOKENS, seed=0, layers=LAYERS):
+    """Post-RoPE keys (positions 0..tokens-1) whose pre-RoPE form is nearly low-rank, as real
+    keys are, and values; float16 [layers, tokens, heads, dim]."""
+    generator = torch.Generator().manual_seed(seed)
+    latent = torch.randn(layers, tokens, 6, generator=generator) * torch.tensor([8.0, 6, 4, 3, 2, 1])
+    directions = torch.randn(layers, 6, HEADS * DIM, generator=generator)
+    pre = latent @ directions + 0.05 * torch.randn(layers, tokens, HEADS * DIM, generator=generator)
+    pre = pre.reshape(layers, tokens, HEADS, DIM)
+    keys = torch.stack([apply_rope(pre[layer], torch.arange(tokens), ROPE) for layer in range(layers)])
+    values = torch.randn(layers, tokens, HEADS, DIM, generator=generator)
+    return keys.half(), values.half()
+
+
+def header(sequence_id="s", upload_id="u1", tokens=TOKENS, key_space="post_rope", replace=False, has_values=True,
+           profile="tiny"):
+    return UploadHeader(sequence_id, profile, upload_id, tokens, key_space, replace, has_values)
+
+
+def snapshot(engine, tenant, sequence_id):
+    """Every stored byte of a sequence."""
+    state = engine.store.get(tenant, sequence_id).state
+    return ([to_bytes(layer) for layer in state.keys], [values_to_bytes(layer) for layer in state.values or ()])
+
+
+@pytest.fixture
+def engine():
+    return Engine(EngineConfig(device="cpu", store_bytes=1 << 22), [make_profile()])
+
+
+def test_upload_and_fetch_equal_the_library(engine):
+    keys, values = cache()
+    positions = torch.arange(TOKENS) + 7
+    info = engine.upload("t", header(), keys, values, positions)
+    expected = [compress(keys[layer], CODEC, positions=positions, rope=ROPE, key_space="post_rope")
+                for layer in range(LAYERS)]
+    assert snapshot(engine, "t", "s")[0] == [to_bytes(layer) for layer in expected]
+    assert info.num_tokens == TOKENS and info.num_layers == LAYERS
+    assert info.key_bytes == sum(layer.nbytes for layer in expected)
+    assert info.fp16_key_bytes == keys.numel() * 2
+    assert info.key_compression_ratio == pytest.approx(info.fp16_key_bytes / info.key_bytes)
+    assert info.value_bytes == sum(compress_values(values[layer]).nbytes for layer in range(LAYERS))
+    pieces = list(engine.fetch("t", "s", max_chunk_bytes=3000))
+    assert len(pieces) > LAYERS  # really chunked
+    for layer in range(LAYERS):
+        fetched = torch.cat([piece.keys for piece in pieces if piece.layer == layer])
+        assert torch.equal(fetched, decompress(expected[layer]))
+        fetched_values = torch.cat([piece.values for piece in pieces if piece.layer == layer])
+        assert torch.equal(fetched_values, values[layer])
+    assert torch.equal(torch.cat([piece.positions for piece in pieces if piece.layer == 0]), positions)
+
+
+def test_chunked_upload_with_resent_chunks_equals_one_chunk(engine):
+    keys, values = cache()
+    positions = torch.arange(TOKENS)
+    engine.upload("t", header("whole"), keys, values, positions)
+    split = header("chunked")
+    assert engine.begin_upload("t", split) is None
+    chunks = [(layer, start, stop) for start, stop in ((0, 30), (30, 64), (64, TOKENS)) for layer in range(LAYERS)]
+    for layer, start, stop in chunks:
+        chunk = UploadChunkData(layer, start, keys[layer:layer + 1, start:stop], values[layer:layer + 1, start:stop],
+                                positions[start:stop])
+        engine.add_chunk("t", split, chunk)
+        engine.add_chunk("t", split, chunk)  # a retried chunk is recognised
+    engine.finish_upload("t", split)
+    assert snapshot(engine, "t", "chunked") == snapshot(engine, "t", "whole")
+
+
+def test_out_of_order_and_incomplete_uploads_are_refused_and_resumable(engine):
+    keys, values = cache()
+    upload = header()
+    engine.begin_upload("t", upload)
+    engine.add_chunk("t", upload, UploadChunkData(0, 0, keys[:, :50], values[:, :50], None))
+    with pytest.raises(ConflictError, match=r"out-of-order upload chunk: layer 0 has received tokens \[0, 50\) but "
+                                            r"the chunk starts at token 60"):
+        engine.add_chunk("t", upload, UploadChunkData(0, 60, keys[:, 60:], values[:, 60:], None))
+    with pytest.raises(ConflictError, match=r"upload incomplete: layer 0 has 50 of 100 tokens"):
+        engine.finish_upload("t", upload)
+    with pytest.raises(NotFoundError):
+        engine.describe("t", "s")
+    # the same upload resumes where it stopped
+    assert engine.begin_upload("t", upload) is None
+    engine.add_chunk("t", upload, UploadChunkData(0, 50, keys[:, 50:], values[:, 50:], None))
+    assert engine.finish_upload("t", upload).num_tokens == TOKENS
+
+
+def test_retried_upload_is_idempotent_and_a_second_upload_needs_replace(engine):
+    keys, values = cache()
+    first = engine.upload("t", header(), keys, values)
+    before = snapshot(engine, "t", "s")
+    assert engine.upload("t", header(), keys, values) == first
+    assert snapshot(engine, "t", "s") == before
+    other_keys, other_values = cache(seed=5)
+    with pytest.raises(ConflictError, match="already exists"):
+        engine.upload("t", header(upload_id="u2"), other_keys, other_values)
+    assert snapshot(engine, "t", "s") == before
+    engine.upload("t", header(upload_id="u3", replace=True), other_keys, other_values)
+    assert snapshot(engine, "t", "s") != before
+    assert engine.store.count() == 1
+
+
+def test_append_equals_the_library_and_is_ordered(engine):
+    keys, values = cache(tokens=TOKENS + 3)
+    engine.upload("t", header(), keys[:, :TOKENS], values[:, :TOKENS])
+    step = keys[:, TOKENS:TOKENS + 2]
+    assert engine.append("t", "s", step, values[:, TOKENS:TOKENS + 2], expected_tokens=TOKENS) == TOKENS + 2
+    # a retry of the same append (same expected count and bytes) is not applied twice
+    assert engine.append("t", "s", step, values[:, TOKENS:TOKENS + 2], expected_tokens=TOKENS) == TOKENS + 2
+    before = snapshot(engine, "t", "s")
+    with pytest.raises(ConflictError, match=r"out-of-order append .* has 102 tokens but the request expects 100"):
+        engine.append("t", "s", keys[:, -1:], values[:, -1:], expected_tokens=TOKENS)
+    assert snapshot(engine, "t", "s") == before
+    for layer in range(LAYERS):
+        reference = compress(keys[layer, :TOKENS], CODEC, rope=ROPE, key_space="post_rope")
+        reference = codec_append(reference, step[layer])
+        assert to_bytes(engine.store.get("t", "s").state.keys[layer]) == to_bytes(reference)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"keys": "nan"}, InvalidInputError, "keys contains NaN or Inf"),
+        ({"keys": "wrong_heads"}, InvalidInputError, r"keys must have shape \[layers, tokens, 2, 32\]"),
+        ({"keys": "one_layer"}, InvalidInputError, r"keys must cover every layer"),
+        ({"values": None}, InvalidInputError, r"stores values: values must be given"),
+        ({"positions": "float"}, InvalidInputError, r"positions must be int64 \[1\]"),
+        ({"positions": "negative"}, InvalidInputError, "positions must be >= 0"),
+        ({"sequence_id": "missing"}, NotFoundError, "sequence 'missing' not found"),
+    ],
+)
+def test_bad_appends_leave_the_sequence_unchanged(engine, change, error, match):
+    keys, values = cache(tokens=TOKENS + 1)
+    engine.upload("t", header(), keys[:, :TOKENS], values[:, :TOKENS])
+    before = snapshot(engine, "t", "s")
+    arguments = {"sequence_id": "s", "keys": keys[:, TOKENS:], "values": values[:, TOKENS:], "positions": None}
+    for name, kind in change.items():
+        if kind == "nan":
+            arguments["keys"] = arguments["keys"].clone()
+            arguments["keys"][0, 0, 0, 0] = float("nan")
+        elif kind == "wrong_heads":
+            arguments["keys"] = torch.zeros(LAYERS, 1, HEADS + 1, DIM)
+        elif kind == "one_layer":
+            arguments["keys"] = arguments["keys"][:1]
+            arguments["values"] = arguments["values"][:1]
+        elif kind == "float":
+            arguments["positions"] = torch.tensor([1.0])
+        elif kind == "negative":
+            arguments["positions"] = torch.tensor([-1])
+        else:
+            arguments[name] = kind
+    with pytest.raises(error, match=match):
+        engine.append("t", **arguments)
+    assert snapshot(engine, "t", "s") == before
+
+
+@pytest.mark.parametrize("sparsity", [None, SparsityConfig(keep_fraction=0.5, chunk_size=8, num_recent=8)])
+def test_attend_equals_the_library_on_the_stored_sequences(engine, sparsity):
+    keys_a, values_a = cache(seed=1)
+    keys_b, values_b = cache(seed=2, tokens=70)
+    engine.upload("t", header("a"), keys_a, values_a)
+    engine.upload("t", header("b", tokens=70), keys_b, values_b)
+    entries = [("a", 0), ("b", 1), ("a", 1)]
+    queries = torch.randn(3, 2 * HEADS, DIM, generator=torch.Generator().manual_seed(3))  # GQA: 2 query heads per KV
+    result = engine.attend("t", entries, queries, sparsity=sparsity, scale=0.2)
+    stored = {name: engine.store.get("t", name).state for name in ("a", "b")}
+    expected = attend(queries, [stored[name].keys[layer] for name, layer in entries],
+                      [stored[name].values[layer] for name, layer in entries], scale=0.2, sparsity=sparsity)
+    torch.testing.assert_close(result.output, expected.output, rtol=0, atol=0)
+    torch.testing.assert_close(result.lse, expected.lse, rtol=0, atol=0)
+    assert [s.tokens_total for s in result.stats] == [TOKENS, 70, TOKENS]
+    if sparsity is not None:
+        assert result.stats[0].tokens_attended < TOKENS
+
+
+@pytest.mark.parametrize(
+    "entries, queries_shape, error, match",
+    [
+        ([], (0, 2, DIM), InvalidInputError, "entries must name at least one"),
+        ([("a", 0)], (2, 2, DIM), InvalidInputError, r"queries must have shape \[1, q_heads, head_dim\]"),
+        ([("a", 2)], (1, 2, DIM), InvalidInputError, r"entries\[0\].layer must be in 0..1"),
+        ([("a", 0)], (1, 3, DIM), InvalidInputError, r"a multiple of 2 heads"),
+        ([("a", 0)], (1, 2, 16), InvalidInputError, "head_dim 32"),
+        ([("a", 0), ("zzz", 0)], (2, 2, DIM), NotFoundError, "sequence 'zzz' not found"),
+    ],
+)
+def test_bad_attention_requests(engine, entries, queries_shape, error, match):
+    keys, values = cache()
+    engine.upload("t", header("a"), keys, values)
+    with pytest.raises(error, match=match):
+        engine.attend("t", entries, torch.zeros(queries_shape))
+
+
+def test_keys_only_sequences_refuse_attention(engine):
+    keys, _ = cache()
+    engine.upload("t", header(has_values=False), keys)
+    with pytest.raises(ConflictError, match="stores no values"):
+        engine.attend("t", [("s", 0)], torch.zeros(1, HEADS, DIM))
+
+
+def test_tenants_are_isolated(engine):
+    keys, values = cache()
+    engine.upload("alice", header(), keys, values)
+    for call in (lambda: engine.describe("bob", "s"), lambda: engine.delete("bob", "s"),
+                 lambda: list(engine.fetch("bob", "s")), lambda: engine.attend("bob", [("s", 0)], torch.zeros(1, 2, DIM))):
+        with pytest.raises(NotFoundError, match="sequence 's' not found"):
+            call()
+    other_keys, other_values = cache(seed=9)
+    engine.upload("bob", header(), other_keys, other_values)  # same id, other tenant: independent
+    assert snapshot(engine, "alice", "s") != snapshot(engine, "bob", "s")
+    assert engine.server_info("alice").tenant_sequences == 1 and engine.server_info("alice").sequences == 2
+
+
+def test_lru_eviction_keeps_the_budget_and_spares_recent_sequences():
+    keys, values = cache()
+    probe = Engine(EngineConfig(device="cpu"), [make_profile()])
+    size = probe.upload("t", header(), keys, values).key_bytes + probe.describe("t", "s").value_bytes
+    metrics = Metrics()
+    engine = Engine(EngineConfig(device="cpu", store_bytes=int(size * 3.5)), [make_profile()], metrics=metrics)
+    for name in ("a", "b", "c"):
+        engine.upload("t", header(name), keys, values)
+    engine.describe("t", "a")  # a is now more recent than b
+    engine.upload("t", header("d"), keys, values)
+    assert engine.store.peek("t", "b") is None
+    assert all(engine.store.peek("t", name) is not None for name in ("a", "c", "d"))
+    totals = engine.store.totals()
+    assert totals["keys"] + totals["values"] <= engine.store.budget_bytes
+    assert metrics.registry.get_sample_value("svdq_evictions_total", {"reason": "lru"}) == 1
+
+
+def test_no_eviction_refuses_with_resource_exhausted_and_changes_nothing():
+    keys, values = cache()
+    probe = Engine(EngineConfig(device="cpu"), [make_profile()])
+    size = probe.upload("t", header(), keys, values).key_bytes + probe.describe("t", "s").value_bytes
+    engine = Engine(EngineConfig(device="cpu", store_bytes=int(size * 1.5), eviction="none"), [make_profile()])
+    engine.upload("t", header("a"), keys, values)
+    before = snapshot(engine, "t", "a")
+    with pytest.raises(ResourceExhaustedError, match="eviction is 'none'"):
+        engine.upload("t", header("b"), keys, values)
+    with pytest.raises(NotFoundError):
+        engine.describe("t", "b")
+    grow_keys, grow_values = cache(tokens=TOKENS)
+    with pytest.raises(ResourceExhaustedError, match="store budget"):
+        engine.append("t", "a", grow_keys, grow_values)  # +100 tokens does not fit
+    assert snapshot(engine, "t", "a") == before
+    small = Engine(EngineConfig(device="cpu", store_bytes=size // 2), [make_profile()])
+    with pytest.raises(ResourceExhaustedError, match="more than the whole store budget"):
+        small.upload("t", header(), keys, values)
+    tiny = Engine(EngineConfig(device="cpu", store_bytes=1000), [make_profile()])
+    with pytest.raises(ResourceExhaustedError, match="more than 4x the store budget"):
+        tiny.upload("t", header(), keys, values)
+
+
+def test_ttl_expires_idle_sequences():
+    now = [0.0]
+    reasons = []
+    store = SequenceStore(1 << 20, ttl_seconds=10, on_evict=reasons.append, clock=lambda: now[0])
+    keys, _ = cache(tokens=40)
+    state = SequenceState(tuple(compress(keys[layer], CODEC) for layer in range(LAYERS)), None)
+    for name in ("old", "fresh"):
+        store.insert(StoredSequence("t", name, make_profile(), "pre_rope", "u", state, last_access=now[0]),
+                     replace=False)
+    now[0] = 6.0
+    store.get("t", "fresh")
+    now[0] = 12.0
+    with pytest.raises(NotFoundError):
+        store.get("t", "old")
+    assert store.get("t", "fresh").sequence_id == "fresh"
+    assert reasons == ["ttl"] and store.totals()["sequences"] == 1
+
+
+def test_compression_off_and_kivi_profiles():
+    keys, values = cache()
+    engine = Engine(EngineConfig(device="cpu"), [
+        make_profile("off", codec=CodecConfig(method="fp16")),
+        make_profile("kivi", codec=CodecConfig(method="kivi", bits=2, group_size=32), value_bits=2, value_group_size=32),
+    ])
+    off = engine.upload("t", header("off", profile="off"), keys, values)
+    assert torch.equal(torch.cat([p.keys for p in engine.fetch("t", "off", layers=[1])]), keys[1])
+    assert 0.95 < off.key_compression_ratio <= 1.0  # only header, rope and checksum on top of fp16
+    kivi = engine.upload("t", header("kivi", profile="kivi"), keys, values)
+    assert kivi.key_compression_ratio > 3 and kivi.value_bytes < off.value_bytes / 3
+
+
+def test_shared_basis_profile_stores_only_the_fingerprint():
+    keys, values = cache(tokens=200)
+    positions = torch.arange(200)
+    bases = tuple(fit_layer_basis(keys[layer], positions, ROPE) for layer in range(LAYERS))
+    engine = Engine(EngineConfig(device="cpu"), [make_profile(), make_profile("shared", bases=bases)])
+    engine.upload("t", header("shared", tokens=200, profile="shared"), keys, values)
+    stored = engine.store.get("t", "shared").state.keys
+    assert [layer.shared_basis for layer in stored] == [basis.fingerprint for basis in bases]
+    assert all(layer.basis.numel() and not to_bytes(layer).count(layer.basis.numpy().tobytes()) for layer in stored)
+    blob, stats = engine.compress_keys(keys[1].float(), profile_name="shared", layer=1, positions=positions,
+                                       key_space="post_rope")
+    assert stats.nbytes == len(blob) and stats.relative_error < 0.5
+    restored = engine.decompress_keys(blob, profile_name="shared", layer=1)
+    assert restored.shape == keys[1].shape
+    with pytest.raises(Exception, match="shared basis"):
+        engine.decompress_keys(blob)
+
+
+def test_profiles_register_idempotently_and_conflicts_need_replace(engine):
+    engine.register_profile(make_profile())
+    with pytest.raises(ConflictError, match="already exists with different settings"):
+        engine.register_profile(make_profile(num_layers=3))
+    assert engine.register_profile(make_profile(num_layers=3), replace=True).num_layers == 3
+    with pytest.raises(NotFoundError, match="profile 'nope' not found"):
+        engine.get_profile("nope")
+
+
+def test_bad_uploads_are_refused_before_anything_is_stored(engine):
+    keys, values = cache()
+    with pytest.raises(NotFoundError, match="profile 'nope'"):
+        engine.upload("t", header(profile="nope"), keys, values)
+    with pytest.raises(InvalidInputError, match=r"total_tokens must be in 1\.\."):
+        engine.upload("t", header(tokens=0), keys, values)
+    with pytest.raises(InvalidInputError, match="token_start 0 \\+ 100 tokens exceeds total_tokens 50"):
+        engine.upload("t", header(tokens=50), keys, values)
+    with pytest.raises(InvalidInputError, match="values must be present in every chunk exactly when has_values"):
+        engine.upload("t", header("v"), keys, None)
+    with pytest.raises(InvalidInputError, match="sequence_id must be"):
+        engine.upload("t", header(sequence_id="bad id"), keys, values)
+    assert engine.store.count() == 0
+
+
+def test_concurrent_appends_to_one_sequence_are_serialised(engine):
+    keys, values = cache(tokens=TOKENS + 16)
+    engine.upload("t", header(), keys[:, :TOKENS], values[:, :TOKENS])
+    errors = []
+
+    def step(index):
+        try:
+            engine.append("t", "s", keys[:, TOKENS + index:TOKENS + index + 1],
+                          values[:, TOKENS + index:TOKENS + index + 1])
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=step, args=(index,)) for index in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    state = engine.store.get("t", "s").state
+    assert state.num_tokens == TOKENS + 16
+    assert all(layer.num_tokens == TOKENS + 16 for layer in state.keys + state.values)
+
+
+def test_metrics_observe_uploads_and_attention():
+    metrics = Metrics()
+    engine = Engine(EngineConfig(device="cpu"), [make_profile()], metrics=metrics)
+    metrics.bind_engine(engine, "test")
+    keys, values = cache()
+    info = engine.upload("t", header(), keys, values)
+    engine.attend("t", [("s", 0), ("s", 1)], torch.randn(2, HEADS, DIM))
+    sample = metrics.registry.get_sample_value
+    assert sample("svdq_compression_ratio_count", {"profile": "tiny"}) == 1
+    assert sample("svdq_compression_ratio_sum", {"profile": "tiny"}) == pytest.approx(info.key_compression_ratio)
+    assert sample("svdq_reconstruction_relative_error_count", {"profile": "tiny"}) == 1
+    assert 0 < sample("svdq_reconstruction_relative_error_sum", {"profile": "tiny"}) < 0.5
+    assert sample("svdq_attention_batch_size_sum") == 2
+    assert sample("svdq_attention_dense_fp16_key_bytes_total", {"mode": "dense"}) == 2 * 2 * TOKENS * HEADS * DIM
+    assert sample("svdq_stored_bytes", {"kind": "keys"}) == info.key_bytes
+    assert sample("svdq_stored_fp16_bytes", {"kind": "values"}) == info.fp16_value_bytes
+    assert sample("svdq_sequences") == 1
+    assert sample("svdq_device_memory_bytes", {"device": "cpu", "kind": "store_tensors"}) > 0

@@ -37,6 +37,7 @@ reordered).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -334,7 +335,7 @@ class RemoteOffload:
     def attend(self, layer: int, queries: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
         entries = [(self.sequence_id, layer)] * queries.shape[0]
-        result = self.client.attend(queries, entries, sparsity=_client_sparsity(self.sparsity), scale=scale)
+        result = self.client.attend(queries, entries, sparsity=self.sparsity, scale=scale)
         _count_attend_stats(self.stats, result.stats)
         self.stats.backend_seconds += time.perf_counter() - started
         return result.output, result.lse
@@ -345,20 +346,8 @@ class RemoteOffload:
             self.client.delete(self.sequence_id)
 
 
-def _client_sparsity(sparsity: SparsityConfig | None) -> Any:
-    if sparsity is None:
-        return None
-    from svdq_client import Sparsity
-
-    return Sparsity(
-        keep_fraction=sparsity.keep_fraction, chunk_size=sparsity.chunk_size, num_recent=sparsity.num_recent
-    )
-
-
 def _profile_name(shape: ModelShape, codec: CodecConfig, value_bits: int | None) -> str:
     settings = repr((shape, codec, value_bits)).encode()
-    import hashlib
-
     return f"hf-{shape.model_type}-{shape.num_layers}x{shape.kv_heads}x{shape.head_dim}-{hashlib.sha256(settings).hexdigest()[:12]}"
 
 

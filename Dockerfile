@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # svdq server image.
 #
-# GPU nodes (default): CUDA runtime base, the CUDA build of torch and triton.
+# GPU nodes (default): CUDA runtime base, the CUDA build of torch (PyPI's Linux wheels of
+# torch 2.13 are built for CUDA 13 and bring their CUDA libraries) and Triton.
 #   docker build -t svdq:gpu .
 #   docker run --gpus all -p 50051:50051 -p 9464:9464 svdq:gpu
 # CPU variant (laptops, CI, CPU-only nodes): a plain Ubuntu base and the CPU build of torch.
@@ -11,7 +12,7 @@
 # Both variants use the same Ubuntu release, so the virtual environment built in the first
 # stage runs unchanged on the second.
 
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 FROM ${BASE_IMAGE} AS python-base
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -25,9 +26,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM python-base AS builder
-# cu128 wheels match the CUDA 12.8 runtime of the default base; the CPU variant points this
-# at https://download.pytorch.org/whl/cpu.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# PyPI's torch 2.13.0 Linux wheel is the CUDA 13 build, matching the default base; the CPU
+# variant points this at https://download.pytorch.org/whl/cpu.
+ARG TORCH_INDEX_URL=https://pypi.org/simple
 # The version the project is tested with.
 ARG TORCH_VERSION=2.13.0
 # pyproject extras to install: "gpu" brings the Triton kernels; empty for the CPU variant.

@@ -135,6 +135,7 @@ class OffloadStats:
         key_bytes_stored / value_bytes_stored: serialized bytes held by the backend, all layers.
         fp16_key_bytes_stored: the same keys in float16, all layers.
         attend_calls: attention requests (one per layer per forward pass once a prefix exists).
+        attend_entries: query tokens those requests carried, summed (a decode step is one per layer).
         key_bytes_read / dense_fp16_key_bytes_read: key bytes the backend read to answer them,
             and what dense float16 attention over the same tokens would have read.
         backend_seconds: wall time spent inside backend calls (RPCs for :class:`RemoteOffload`).
@@ -145,6 +146,7 @@ class OffloadStats:
     value_bytes_stored: int = 0
     fp16_key_bytes_stored: int = 0
     attend_calls: int = 0
+    attend_entries: int = 0
     key_bytes_read: int = 0
     dense_fp16_key_bytes_read: int = 0
     backend_seconds: float = 0.0
@@ -188,6 +190,7 @@ class OffloadBackend(Protocol):
 
 def _count_attend_stats(stats: OffloadStats, attend_stats: Sequence[Any]) -> None:
     stats.attend_calls += 1
+    stats.attend_entries += len(attend_stats)
     for entry in attend_stats:
         stats.key_bytes_read += int(entry.key_bytes_read)
         stats.dense_fp16_key_bytes_read += int(entry.dense_fp16_key_bytes)
@@ -474,6 +477,36 @@ class SvdqOffloadCache(Cache):
     @property
     def stats(self) -> OffloadStats:
         return self.backend.stats
+
+    def offload_prefix(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Seed an empty cache with a prefix the worker already computed (for example a shared
+        document prefilled once): everything beyond ``window`` goes to the backend at once.
+
+        Args:
+            keys: per layer [tokens, kv_heads, head_dim] post-RoPE keys at positions 0..tokens-1.
+            values: per layer [tokens, kv_heads, head_dim].
+        Generation then continues with ``model.generate(prompt_ids, cache=cache)`` where the
+        prompt starts with those ``tokens`` tokens.
+        """
+        if self.get_seq_length():
+            raise InvalidInputError("offload_prefix needs an empty cache; this one already holds tokens")
+        if len(keys) != self.shape.num_layers or len(values) != self.shape.num_layers:
+            raise InvalidInputError(
+                f"offload_prefix needs keys and values for all {self.shape.num_layers} layers, "
+                f"got {len(keys)} and {len(values)}"
+            )
+        expected = (keys[0].shape[0], self.shape.kv_heads, self.shape.head_dim)
+        for layer_keys, layer_values in zip(keys, values, strict=True):
+            if tuple(layer_keys.shape) != expected or tuple(layer_values.shape) != expected:
+                raise InvalidInputError(
+                    f"offload_prefix keys and values must all be [tokens, kv_heads, head_dim] = {expected}, "
+                    f"got {tuple(layer_keys.shape)} and {tuple(layer_values.shape)}"
+                )
+        positions = torch.arange(expected[0])
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
+            layer_kwargs = {"position_ids": positions[None]}
+            layer.update(layer_keys.transpose(0, 1)[None], layer_values.transpose(0, 1)[None], kwargs=layer_kwargs)
+        self.after_attention(self.shape.num_layers - 1)
 
     def after_attention(self, layer_idx: int) -> None:
         """Called by the attention function; after the last layer, spill what exceeds the window."""

@@ -1,0 +1,174 @@
+"""Client behaviour against a scripted in-process gRPC server: retries with backoff on
+UNAVAILABLE only, deadlines, typed errors with the server's message, token metadata,
+upload chunking."""
+
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+from svdq_client import (
+    AsyncKVCacheClient,
+    ConflictError,
+    DeadlineExceededError,
+    InvalidInputError,
+    KVCacheClient,
+    NotFoundError,
+    UnavailableError,
+)
+from svdq_client.client import RetryPolicy, upload_messages
+from svdq_client.wire import tensor_from_pb
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
+
+import svdq
+
+
+class ScriptedServicer(pb_grpc.KVCacheServicer):
+    """Fails GetServerInfo with the scripted codes, then answers; records what it saw."""
+
+    def __init__(self):
+        self.script: list[grpc.StatusCode] = []
+        self.calls = 0
+        self.metadata = []
+        self.upload_chunks = []
+
+    def GetServerInfo(self, request, context):
+        self.calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.script:
+            code = self.script.pop(0)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                import time
+
+                time.sleep(1.0)  # longer than the client's deadline
+            context.abort(code, f"scripted {code.name}")
+        return pb.ServerInfo(version="test", device="cpu")
+
+    def Delete(self, request, context):
+        self.calls += 1
+        if self.script:
+            context.abort(self.script.pop(0), "scripted")
+        context.abort(grpc.StatusCode.NOT_FOUND, f"sequence {request.sequence_id!r} not found")
+
+    def Upload(self, request_iterator, context):
+        self.upload_chunks = list(request_iterator)
+        return pb.UploadResponse(sequence=pb.SequenceInfo(sequence_id="s", num_tokens=self.upload_chunks[0].total_tokens))
+
+    def Append(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "out-of-order append")
+
+
+@pytest.fixture
+def scripted():
+    servicer = ScriptedServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_KVCacheServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_unavailable_is_retried_with_backoff_then_succeeds(scripted, monkeypatch):
+    servicer, address = scripted
+    servicer.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    waits = []
+    monkeypatch.setattr("svdq_client.client.time.sleep", waits.append)
+    with KVCacheClient(address, token="secret-token-123456", retries=3, backoff=0.1, max_backoff=0.15) as client:
+        assert client.server_info().version == "test"
+    assert servicer.calls == 3 and len(waits) == 2
+    assert 0 <= waits[0] <= 0.1 and 0 <= waits[1] <= 0.15
+    assert all(seen["authorization"] == "Bearer secret-token-123456" for seen in servicer.metadata)
+
+
+def test_retries_give_up_with_unavailable_and_other_codes_are_not_retried(scripted, monkeypatch):
+    servicer, address = scripted
+    monkeypatch.setattr("svdq_client.client.time.sleep", lambda _: None)
+    servicer.script = [grpc.StatusCode.UNAVAILABLE] * 5
+    with KVCacheClient(address, retries=2) as client:
+        with pytest.raises(UnavailableError, match="scripted UNAVAILABLE"):
+            client.server_info()
+        assert servicer.calls == 3
+        servicer.script, servicer.calls = [grpc.StatusCode.INVALID_ARGUMENT], 0
+        with pytest.raises(InvalidInputError, match="scripted INVALID_ARGUMENT") as raised:
+            client.server_info()
+        assert servicer.calls == 1 and raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert isinstance(raised.value, svdq.InvalidInputError)  # library handlers catch remote errors too
+        with pytest.raises(ConflictError, match="out-of-order append"):
+            client.append("s", torch.zeros(1, 1, 1, 2), expected_tokens=3)
+
+
+def test_deadline_exceeded_is_typed(scripted):
+    servicer, address = scripted
+    servicer.script = [grpc.StatusCode.DEADLINE_EXCEEDED]
+    with KVCacheClient(address, timeout=0.2) as client, pytest.raises(DeadlineExceededError):
+        client.server_info()
+
+
+def test_delete_retried_after_unavailable_treats_not_found_as_done(scripted, monkeypatch):
+    servicer, address = scripted
+    monkeypatch.setattr("svdq_client.client.time.sleep", lambda _: None)
+    with KVCacheClient(address) as client:
+        with pytest.raises(NotFoundError, match="sequence 'gone' not found"):
+            client.delete("gone")
+        servicer.script = [grpc.StatusCode.UNAVAILABLE]
+        client.delete("gone")  # the first attempt may have deleted it before the connection broke
+
+
+def test_upload_is_chunked_under_the_byte_limit_and_covers_every_token_once(scripted):
+    servicer, address = scripted
+    keys = torch.randn(3, 50, 2, 8).half()
+    values = torch.randn(3, 50, 2, 8).half()
+    with KVCacheClient(address, chunk_bytes=1000) as client:
+        client.upload("s", "p", keys, values, positions=torch.arange(50) + 5, key_space="post_rope")
+    chunks = servicer.upload_chunks
+    assert len(chunks) > 3 and len({chunk.upload_id for chunk in chunks}) == 1
+    covered = torch.zeros(3, 50, dtype=torch.int64)
+    for chunk in chunks:
+        part = tensor_from_pb(chunk.keys, "keys")
+        assert 2 * part.numel() * 2 <= 1000
+        covered[chunk.layer_start:chunk.layer_start + part.shape[0], chunk.token_start:chunk.token_start + part.shape[1]] += 1
+        assert torch.equal(part, keys[chunk.layer_start:chunk.layer_start + part.shape[0],
+                                      chunk.token_start:chunk.token_start + part.shape[1]])
+        assert torch.equal(tensor_from_pb(chunk.positions, "p"),
+                           torch.arange(chunk.token_start, chunk.token_start + part.shape[1]) + 5)
+    assert torch.equal(covered, torch.ones(3, 50, dtype=torch.int64))
+
+
+def test_one_token_of_all_layers_larger_than_a_chunk_splits_layers():
+    keys = torch.zeros(4, 3, 2, 8, dtype=torch.float32)  # 64 bytes per token per layer
+    chunks = list(upload_messages("s", "p", keys, None, None, "pre_rope", False, "u", chunk_bytes=130))
+    assert [(c.layer_start, c.token_start, tuple(c.keys.shape)) for c in chunks] == [
+        (layer, token, (2, 1, 2, 8)) for token in range(3) for layer in (0, 2)]
+
+
+def test_client_side_checks_and_policy():
+    assert all(0 <= delay <= 0.4 for delay in RetryPolicy(5, 0.1, 0.4).delays())
+    assert len(list(RetryPolicy(5, 0.1, 0.4).delays())) == 5
+    with KVCacheClient("127.0.0.1:1") as client:
+        with pytest.raises(svdq.InvalidInputError, match=r"upload keys must be a float16/bfloat16/float32 tensor"):
+            client.upload("s", "p", torch.zeros(2, 3, 4))
+        with pytest.raises(svdq.InvalidInputError, match="values must have the shape of keys"):
+            client.upload("s", "p", torch.zeros(1, 2, 1, 4), torch.zeros(1, 3, 1, 4))
+        with pytest.raises(svdq.InvalidInputError, match="B = len\\(entries\\) = 2"):
+            client.attend(torch.zeros(1, 2, 4), [("s", 0), ("s", 1)])
+    with pytest.raises(svdq.InvalidInputError, match="given together"):
+        KVCacheClient("127.0.0.1:1", client_certificate=b"x")
+
+
+async def test_async_client_retries_and_types_errors(scripted, monkeypatch):
+    servicer, address = scripted
+    waits = []
+
+    async def no_sleep(delay):
+        waits.append(delay)
+
+    monkeypatch.setattr("svdq_client.aio.asyncio.sleep", no_sleep)
+    servicer.script = [grpc.StatusCode.UNAVAILABLE]
+    async with AsyncKVCacheClient(address, token="secret-token-123456") as client:
+        assert (await client.server_info()).version == "test"
+        assert servicer.calls == 2 and len(waits) == 1
+        servicer.script = [grpc.StatusCode.INVALID_ARGUMENT]
+        with pytest.raises(InvalidInputError, match="scripted INVALID_ARGUMENT"):
+            await client.server_info()

@@ -1,0 +1,111 @@
+"""Settings, profiles file, tokens, and the interceptor's status mapping, in process."""
+
+import logging
+
+import grpc
+import pytest
+import torch
+from svdq_client import Profile
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
+from svdq_server.auth import AuthenticationError, TokenAuthenticator
+from svdq_server.config import build_parser, load_profiles, parse_settings
+from svdq_server.engine import Engine, EngineConfig
+from svdq_server.interceptors import ServiceInterceptor
+from svdq_server.servicer import KVCacheServicer
+
+from svdq import InvalidInputError, fit_basis
+
+CONTRACT_OPTIONS = ["host", "port", "metrics-port", "device", "store-bytes", "eviction", "ttl-seconds", "profiles-file",
+                    "tokens-file", "tls-cert", "tls-key", "tls-client-ca", "log-format", "log-level"]
+
+
+def test_help_documents_every_option_with_its_environment_variable():
+    text = " ".join(build_parser().format_help().split())
+    for option in CONTRACT_OPTIONS:
+        assert f"--{option}" in text
+        assert f"env SVDQ_{option.upper().replace('-', '_')}" in text
+
+
+def test_command_line_beats_environment_beats_defaults():
+    settings = parse_settings(["--port", "6000", "--store-bytes", "2GiB"],
+                              {"SVDQ_PORT": "5000", "SVDQ_EVICTION": "none", "SVDQ_TTL_SECONDS": "30",
+                               "SVDQ_METRICS_PORT": "0"})
+    assert settings.port == 6000 and settings.store_bytes == 2 << 30
+    assert settings.eviction == "none" and settings.ttl_seconds == 30 and settings.metrics_port == 0
+    assert parse_settings([], {}).port == 50051 and parse_settings([], {}).metrics_port == 9464
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eviction", "random"], "invalid choice: 'random'"),
+    (["--store-bytes", "lots"], "expected a byte size"),
+    (["--tls-cert", "a.pem"], "--tls-cert and --tls-key must be given together"),
+    (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
+    (["--port", "70000"], "--port must be in 1..65535"),
+])
+def test_bad_settings_exit_with_a_message_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, {})
+    assert message in capsys.readouterr().err
+
+
+def test_profiles_file_with_a_shared_basis(tmp_path):
+    bases = [fit_basis(torch.randn(50, 16)) for _ in range(2)]
+    torch.save([{"mean": b.mean, "components": b.components, "singular_values": b.singular_values} for b in bases],
+               tmp_path / "basis.pt")
+    (tmp_path / "profiles.yaml").write_text(
+        "profiles:\n"
+        "  - {name: m, num_layers: 2, kv_heads: 2, head_dim: 8, basis_file: basis.pt,\n"
+        "     rope: {theta: 500000.0}, codec: {method: svdq, schedule: [8, 4, 0, 0]}, value_bits: 4,\n"
+        "     value_group_size: 8}\n")
+    (profile,) = load_profiles(str(tmp_path / "profiles.yaml"))
+    assert profile.codec.schedule == (8, 4, 0, 0) and profile.rope.theta == 500000.0 and profile.value_bits == 4
+    assert torch.equal(profile.bases[1].components, bases[1].components)
+    (tmp_path / "bad.yaml").write_text("profiles:\n  - {name: m, num_layers: 2, kv_heads: 2, head_dim: 8, colour: 1}\n")
+    with pytest.raises(InvalidInputError, match=r"unknown profile fields \['colour'\]"):
+        load_profiles(str(tmp_path / "bad.yaml"))
+
+
+def test_tokens_from_file_and_environment(tmp_path):
+    (tmp_path / "tokens.yaml").write_text("tenants:\n  alpha: [alpha-token-0123456789]\n")
+    auth = TokenAuthenticator.from_sources(str(tmp_path / "tokens.yaml"), "beta=beta-token-0123456789")
+    assert auth.tenants == ["alpha", "beta"]
+    assert auth.tenant_for("Bearer beta-token-0123456789") == "beta"
+    assert auth.tenant_for("bearer alpha-token-0123456789") == "alpha"
+    for header in (None, "", "Basic abc", "Bearer ", "Bearer wrong-token-0123456789"):
+        with pytest.raises(AuthenticationError):
+            auth.tenant_for(header)
+    assert TokenAuthenticator().tenant_for(None) == "default"
+    with pytest.raises(InvalidInputError, match="at least 16 characters"):
+        TokenAuthenticator({"alpha": ["short"]})
+    with pytest.raises(InvalidInputError, match="for two tenants"):
+        TokenAuthenticator({"a": ["same-token-0123456789"], "b": ["same-token-0123456789"]})
+
+
+async def test_unexpected_errors_become_internal_without_details(caplog, monkeypatch):
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 20), [Profile("p", 1, 1, 8)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail of a bug")
+
+    monkeypatch.setattr(engine, "describe", broken)
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(TokenAuthenticator())])
+    pb_grpc.add_KVCacheServicer_to_server(KVCacheServicer(engine, ThreadPoolExecutor(2), 1 << 20), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.KVCacheStub(channel)
+            with caplog.at_level(logging.ERROR, logger="svdq_server.interceptors"):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.Describe(pb.DescribeRequest(sequence_id="s"), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INTERNAL
+            assert "secret detail" not in raised.value.details() and "reference" in raised.value.details()
+            assert "secret detail of a bug" in caplog.text and "Traceback" in caplog.text
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.GetProfile(pb.GetProfileRequest(name="nope"), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop(0)

@@ -328,3 +328,11 @@ def test_docker_healthcheck_command_passes_against_the_live_server(server):
     # and fails against a port nobody listens on, so the probe can tell the difference
     dead = subprocess.run(healthcheck_command(f"127.0.0.1:{free_port()}"), capture_output=True, text=True, timeout=30)
     assert dead.returncode != 0
+
+
+def test_query_check_flags_missing_metrics_and_invalid_queries(traffic, prometheus):
+    # The checks above are only as good as query_problem: it must fail on what matters.
+    assert query_problem(prometheus, 'svdq_no_such_metric{job="svdq"}') == "no series"
+    assert query_problem(prometheus, "sum(rate(svdq_rpc_total[1m])").startswith("error")
+    assert query_problem(prometheus, 'svdq_ready{job="svdq"} / 0 * 0') == "no finite value among 1 series"
+    assert query_problem(prometheus, 'svdq_ready{job="svdq"}') is None

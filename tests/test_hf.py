@@ -1,0 +1,239 @@
+"""The transformers integration (svdq_client.hf): generation with the KV prefix offloaded.
+
+Exactness: with the fp16 passthrough codec the offloaded path must give exactly the greedy
+tokens of the plain model (SmolLM2, several prompts, in-process and through a real server).
+Small random models of the other supported families check the same path at the logits level;
+unsupported models and misuse must fail with a typed error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from svdq_client import KVCacheClient
+from svdq_client.hf import (
+    LocalOffload,
+    ModelShape,
+    RemoteOffload,
+    SvdqOffloadCache,
+    disable_offload,
+    enable_offload,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from svdq.attention import SparsityConfig
+from svdq.codec import CodecConfig
+from svdq.errors import InvalidInputError, NotFoundError
+
+PASSTHROUGH = CodecConfig(method="fp16")
+NEW_TOKENS = 10
+
+PROMPTS = [
+    "The history of the Roman Empire begins with",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Here is a list of the planets of the solar system, in order from the Sun: Mercury,",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from svdq_client.models import load_smollm2
+
+    model, tokenizer = load_smollm2(torch.float32)
+    yield model, tokenizer
+    disable_offload(model)
+
+
+def _plain_greedy(model, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
+    disable_offload(model)
+    with torch.no_grad():
+        return model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)
+
+
+def _offloaded_greedy(model, input_ids: torch.Tensor, cache: SvdqOffloadCache, prefill_tokens: int = 0,
+                      new_tokens: int = NEW_TOKENS) -> torch.Tensor:
+    """Greedy generation through the cache; ``prefill_tokens`` > 0 first runs that many tokens
+    alone, so the rest of the prompt runs as a multi-token chunk over an offloaded prefix."""
+    enable_offload(model)
+    with torch.no_grad():
+        if prefill_tokens:
+            model(input_ids=input_ids[:, :prefill_tokens], cache=cache, use_cache=True)
+            assert cache.offloaded_tokens > 0
+        return model.generate(input_ids, cache=cache, max_new_tokens=new_tokens, do_sample=False)
+
+
+@pytest.mark.model
+def test_passthrough_in_process_gives_the_plain_greedy_tokens(smollm2):
+    model, tokenizer = smollm2
+    for index, prompt in enumerate(PROMPTS):
+        if index == 1:
+            continue  # runs through the server below
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        expected = _plain_greedy(model, input_ids)
+        backend = LocalOffload(PASSTHROUGH)
+        cache = SvdqOffloadCache(model, backend, window=6, spill_block=4)
+        # The last prompt runs its tail as one chunk of queries over the offloaded prefix.
+        prefill = input_ids.shape[1] - 7 if index == len(PROMPTS) - 1 else 0
+        produced = _offloaded_greedy(model, input_ids, cache, prefill_tokens=prefill)
+        assert torch.equal(produced, expected), (tokenizer.decode(expected[0]), tokenizer.decode(produced[0]))
+        # The prefix really lived in the backend and every decode step asked it for attention.
+        total = produced.shape[1] - 1  # the last token is sampled, never fed back
+        assert cache.offloaded_tokens + cache.layers[0].keys.shape[-2] == total
+        assert cache.offloaded_tokens >= total - 6 - 4
+        assert backend.stats.tokens_offloaded == cache.offloaded_tokens
+        assert backend.stats.attend_calls >= (produced.shape[1] - input_ids.shape[1] - 1) * 30
+        assert backend.stats.fp16_key_bytes_stored == 2 * cache.offloaded_tokens * 3 * 64 * 30
+        cache.close()
+
+
+@pytest.mark.model
+@pytest.mark.integration
+def test_remote_passthrough_against_a_server_gives_the_plain_greedy_tokens(smollm2, shared_server):
+    from conftest import TENANT_TOKENS
+
+    model, tokenizer = smollm2
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20) as client:
+        for prompt in PROMPTS[:2]:
+            input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+            expected = _plain_greedy(model, input_ids)
+            backend = RemoteOffload(client, PASSTHROUGH)
+            cache = SvdqOffloadCache(model, backend, window=6, spill_block=4)
+            produced = _offloaded_greedy(model, input_ids, cache)
+            assert torch.equal(produced, expected), (tokenizer.decode(expected[0]), tokenizer.decode(produced[0]))
+            info = client.describe(backend.sequence_id)
+            assert info.num_tokens == cache.offloaded_tokens > 0
+            assert info.num_layers == 30 and info.key_space == "post_rope" and info.has_values
+            assert backend.stats.key_bytes_stored == info.key_bytes
+            assert backend.stats.attend_calls > 0 and backend.stats.backend_seconds > 0
+            cache.close()
+            with pytest.raises(NotFoundError):
+                client.describe(backend.sequence_id)
+
+
+@pytest.mark.model
+@pytest.mark.integration
+def test_remote_svdq_with_sparsity_stores_fewer_bytes_and_reads_fewer(smollm2, shared_server):
+    """SVDq on the server: the prefix is stored compressed and sparse attention reads less."""
+    from conftest import TENANT_TOKENS
+
+    from bench.harness import text_tokens
+
+    model, tokenizer = smollm2
+    input_ids = text_tokens(tokenizer, 600)
+    sparsity = SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32)
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20) as client:
+        backend = RemoteOffload(client, CodecConfig(method="svdq", bits_per_element=1.5), sparsity=sparsity)
+        cache = SvdqOffloadCache(model, backend, window=32, spill_block=16)
+        produced = _offloaded_greedy(model, input_ids, cache, new_tokens=4)
+        stats = backend.stats
+        assert produced.shape[1] > input_ids.shape[1]
+        assert cache.offloaded_tokens == input_ids.shape[1] - 32
+        # Short sequences pay relatively more for the basis; still far below 16 bits.
+        assert stats.key_bits_per_element < 4.0, stats
+        assert stats.key_compression_ratio > 4.0, stats
+        assert 0 < stats.key_bytes_read < stats.dense_fp16_key_bytes_read / 4, stats
+        cache.close()
+
+
+def _tiny_model(config_class, **extra):
+    config = config_class(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, **extra,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random weights of the default scale give near-uniform logits (std ~0.01); larger ones
+    # (logits std ~0.8) make the comparison sensitive to attention errors.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "config_class, extra",
+    [(LlamaConfig, {}), (MistralConfig, {"sliding_window": None}), (Qwen2Config, {}), (Qwen3Config, {})],
+    ids=["llama", "mistral", "qwen2", "qwen3"],
+)
+def test_other_supported_families_match_plain_logits(config_class, extra):
+    model = _tiny_model(config_class, **extra)
+    tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits[0]
+        enable_offload(model)
+        # float32 model, passthrough stored as float16: the only difference from plain attention.
+        cache = SvdqOffloadCache(model, LocalOffload(PASSTHROUGH), window=5, spill_block=3)
+        first = model(input_ids=tokens[:, :24], cache=cache, use_cache=True).logits[0]
+        assert cache.offloaded_tokens == 19
+        chunk = model(input_ids=tokens[:, 24:36], cache=cache, use_cache=True).logits[0]
+        steps = [model(input_ids=tokens[:, index : index + 1], cache=cache, use_cache=True).logits[0]
+                 for index in range(36, 40)]
+        disable_offload(model)
+    produced = torch.cat([first, chunk, *steps])
+    assert cache.offloaded_tokens > 19
+    # The prefill attends over exact local keys: float32 rounding only.
+    torch.testing.assert_close(first, expected[:24], atol=1e-4, rtol=0)
+    # Later tokens read the offloaded prefix, whose keys and values passthrough stores as
+    # float16 (relative rounding 2**-11); measured max deviation ~1e-3 at logits std ~0.8.
+    torch.testing.assert_close(produced[24:], expected[24:], atol=4e-3, rtol=0)
+    assert torch.equal(produced.argmax(-1), expected.argmax(-1))
+
+
+def test_shape_is_read_from_the_config():
+    config = LlamaConfig(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, hidden_size=256,
+                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})
+    shape = ModelShape.from_config(config)
+    assert (shape.num_layers, shape.num_query_heads, shape.kv_heads, shape.head_dim) == (3, 8, 2, 32)
+    assert shape.rope.theta == 5e5 and shape.rope.scaling == "linear" and shape.rope.factor == 2.0
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (GPT2Config(n_layer=2, n_head=2, n_embd=32), "model_type 'gpt2' is not supported"),
+        (MistralConfig(num_hidden_layers=2, sliding_window=64), "sliding-window attention"),
+        (Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64, max_window_layers=1),
+         "sliding-window attention"),
+    ],
+    ids=["gpt2", "mistral-sliding", "qwen2-sliding"],
+)
+def test_unsupported_models_are_refused(config, message):
+    with pytest.raises(InvalidInputError, match=message):
+        SvdqOffloadCache(config, LocalOffload(PASSTHROUGH))
+
+
+def test_misuse_gets_typed_errors():
+    model = _tiny_model(LlamaConfig)
+    tokens = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(InvalidInputError, match="window must be an integer >= 1"):
+        SvdqOffloadCache(model, LocalOffload(PASSTHROUGH), window=0)
+    with pytest.raises(InvalidInputError, match="spill_block must be an integer >= 1"):
+        SvdqOffloadCache(model, LocalOffload(PASSTHROUGH), spill_block=-1)
+    with pytest.raises(InvalidInputError, match="backend must implement OffloadBackend"):
+        SvdqOffloadCache(model, object())
+    enable_offload(model)
+    try:
+        with torch.no_grad():
+            with pytest.raises(InvalidInputError, match="batch size 1"):
+                model(input_ids=tokens, cache=SvdqOffloadCache(model, LocalOffload(PASSTHROUGH)), use_cache=True)
+            with pytest.raises(InvalidInputError, match="needs an SvdqOffloadCache"):
+                model(input_ids=tokens[:1], use_cache=False)
+            cache = SvdqOffloadCache(model, LocalOffload(PASSTHROUGH), window=2, spill_block=2)
+            model(input_ids=tokens[:1], cache=cache, use_cache=True)
+            stored = cache.offloaded_tokens
+            with pytest.raises(InvalidInputError, match="cropping is not supported"):
+                cache.crop(-1)
+            with pytest.raises(InvalidInputError, match="num_return_sequences"):
+                cache.batch_repeat_interleave(2)
+            # A refused operation leaves the offloaded state as it was.
+            assert cache.offloaded_tokens == stored == 6
+    finally:
+        disable_offload(model)

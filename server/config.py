@@ -88,7 +88,7 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("tls-key", str, "PEM private key of --tls-cert", {}),
     ("tls-client-ca", str, "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)", {}),
     ("log-format", str, "log line format", {"choices": ("text", "json")}),
-    ("log-level", str, "logging level", {"choices": ("DEBUG", "INFO", "WARNING", "ERROR")}),
+    ("log-level", str.upper, "logging level (any case)", {"choices": ("DEBUG", "INFO", "WARNING", "ERROR")}),
     ("workers", int, "threads running engine work (compression, attention) in parallel", {}),
     ("max-message-bytes", parse_bytes, "largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED", {}),
     ("max-tokens", int, "most tokens one sequence may hold", {}),

@@ -1,0 +1,170 @@
+"""Service benchmark on loopback: upload throughput, Attend latency and throughput, stored bytes,
+for SVDq-compressed keys and, side by side in the same run against the same server process,
+compression off (fp16 passthrough profile).
+
+    python bench/service.py                       # starts its own server on 127.0.0.1 (CPU)
+    python bench/service.py --tokens 4096 --layers 4 --device auto
+    python bench/service.py --address host:port   # an already running server (no auth)
+
+Keys are synthetic post-RoPE keys with a nearly low-rank pre-RoPE form (shape of
+SmolLM2-135M: 3 KV heads x 64, 9 query heads). Stored bytes do not depend on the values
+(the codec spends a fixed bit budget), but reconstruction quality would: quality is
+measured on a real model by bench/quality.py, not here. Latencies are client-observed
+wall times of one call (gRPC round trip included); p50/p99 over the iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+import torch
+from svdq_client import KVCacheClient, Profile, Sparsity
+
+from svdq import CodecConfig, RopeConfig, apply_rope
+
+KV_HEADS, HEAD_DIM, Q_HEADS = 3, 64, 9
+ROPE = RopeConfig(theta=100000.0)
+
+
+def synthetic_cache(layers: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 post-RoPE keys and values [layers, tokens, KV_HEADS, HEAD_DIM]."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = KV_HEADS * HEAD_DIM
+    rank = 16
+    latent = torch.randn(layers, tokens, rank, generator=generator) * torch.logspace(1, -1, rank)
+    pre = latent @ torch.randn(layers, rank, channels, generator=generator) / rank**0.5
+    pre = (pre + 0.05 * torch.randn(layers, tokens, channels, generator=generator)).reshape(
+        layers, tokens, KV_HEADS, HEAD_DIM)
+    positions = torch.arange(tokens)
+    keys = torch.stack([apply_rope(pre[layer], positions, ROPE) for layer in range(layers)]).half()
+    values = torch.randn(layers, tokens, KV_HEADS, HEAD_DIM, generator=generator).half()
+    return keys, values
+
+
+def start_server(device: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "svdq_server.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+         "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING"],
+        env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    with KVCacheClient(address, retries=0, timeout=2) as probe_client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"server exited: {process.stderr.read().decode()[-3000:]}")
+            try:
+                probe_client.server_info()
+                return process, address
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.3)
+    process.kill()
+    raise SystemExit("server did not start within 120 s")
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches, iterations, sparsity, repeats):
+    """Upload timing (median of ``repeats``), stored bytes, then Attend latencies per batch size."""
+    upload_seconds = []
+    sequence = None
+    for repeat in range(repeats):
+        sequence = f"bench-{profile.name}-{repeat}-{uuid.uuid4().hex[:6]}"
+        started = time.perf_counter()
+        info = client.upload(sequence, profile.name, keys, values, positions=torch.arange(keys.shape[1]),
+                             key_space="post_rope")
+        upload_seconds.append(time.perf_counter() - started)
+        if repeat < repeats - 1:
+            client.delete(sequence)
+    key_mb = keys.numel() * 2 / 1e6
+    rows = {"upload_mb_s": key_mb / statistics.median(upload_seconds), "key_bytes": info.key_bytes,
+            "value_bytes": info.value_bytes, "fp16_key_bytes": info.fp16_key_bytes, "attend": {}}
+    generator = torch.Generator().manual_seed(1)
+    layers = keys.shape[0]
+    for batch in batches:
+        entries = [(sequence, index % layers) for index in range(batch)]
+        queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=generator).half()
+        client.attend(queries, entries, sparsity=sparsity)  # warm-up
+        samples = []
+        for _ in range(iterations[batch]):
+            started = time.perf_counter()
+            client.attend(queries, entries, sparsity=sparsity)
+            samples.append(time.perf_counter() - started)
+        p50 = statistics.median(samples)
+        rows["attend"][batch] = (p50, percentile(samples, 0.99), batch / p50)
+    client.delete(sequence)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", help="use a running server instead of starting one")
+    parser.add_argument("--device", default="cpu", help="device of the started server: cpu, cuda, auto")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=60, help="Attend calls at batch 1 (fewer at larger batches)")
+    parser.add_argument("--repeats", type=int, default=3, help="uploads per profile (median reported)")
+    args = parser.parse_args(argv)
+
+    process = None
+    address = args.address
+    if address is None:
+        process, address = start_server(args.device)
+    try:
+        keys, values = synthetic_cache(args.layers, args.tokens)
+        batches = (1, 8, 64)
+        iterations = {1: args.iterations, 8: max(10, args.iterations // 3), 64: max(5, args.iterations // 10)}
+        configs = [
+            ("svdq 1.5 b/e, dense", CodecConfig(method="svdq"), None),
+            ("svdq 1.5 b/e, sparse 1/8", CodecConfig(method="svdq"), Sparsity(keep_fraction=1 / 8)),
+            ("fp16 passthrough (off)", CodecConfig(method="fp16"), None),
+        ]
+        results = {}
+        with KVCacheClient(address, timeout=600, chunk_bytes=4 << 20) as client:
+            server = client.server_info()
+            for name, codec, sparsity in configs:
+                profile = Profile(f"bench-{codec.method}", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=codec)
+                client.register_profile(profile, replace=True)
+                results[name] = bench_profile(client, profile, keys, values, batches, iterations, sparsity,
+                                              args.repeats)
+        baseline = results["fp16 passthrough (off)"]
+        print(f"svdq service on {address} (device {server.device}), {args.layers} layers x {args.tokens} tokens x "
+              f"{KV_HEADS} KV heads x {HEAD_DIM}, queries {Q_HEADS} heads; keys in: "
+              f"{keys.numel() * 2 / 1e6:.1f} MB fp16; medians over {args.repeats} uploads, "
+              f"{iterations} Attend calls per batch size\n")
+        print("| config | upload MB/s | key bytes stored | key ratio | value bytes | "
+              + " | ".join(f"B={b} p50 ms | B={b} p99 ms | B={b} q/s" for b in batches) + " |")
+        print("| --- " * (5 + 3 * len(batches)) + "|")
+        for name, row in results.items():
+            cells = [name, f"{row['upload_mb_s']:.1f}", f"{row['key_bytes']:,}",
+                     f"{row['fp16_key_bytes'] / row['key_bytes']:.2f}x", f"{row['value_bytes']:,}"]
+            for batch in batches:
+                p50, p99, qps = row["attend"][batch]
+                cells += [f"{1e3 * p50:.2f}", f"{1e3 * p99:.2f}", f"{qps:.0f}"]
+            print("| " + " | ".join(cells) + " |")
+        print("\nratios vs fp16 passthrough (median latency of the compressed config / fp16; <1 is faster):")
+        for name, row in results.items():
+            if row is baseline:
+                continue
+            ratios = ", ".join(f"B={b}: {row['attend'][b][0] / baseline['attend'][b][0]:.2f}" for b in batches)
+            print(f"  {name}: upload time {baseline['upload_mb_s'] / row['upload_mb_s']:.2f}x; attend {ratios}")
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()

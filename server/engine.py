@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from svdq_client.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
+from svdq_client.wire import all_finite
 
 from svdq import __version__
 from svdq.attention import SparsityConfig
@@ -589,7 +590,7 @@ class Engine:
             )
         if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InvalidInputError(f"{field_name} must be float16, bfloat16 or float32, got {tensor.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise InvalidInputError(f"{field_name} contains NaN or Inf; only finite values are allowed")
 
     @staticmethod

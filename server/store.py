@@ -137,8 +137,10 @@ class SequenceStore:
             return self._sequences.get((tenant, sequence_id))
 
     def totals(self) -> dict[str, int]:
-        """Stored bytes (``keys``, ``values``), their float16 equivalents and the count."""
+        """Stored bytes (``keys``, ``values``), their float16 equivalents and the count
+        (expired sequences are dropped first, so scrapes see TTL expiry without traffic)."""
         with self._lock:
+            self._expire_locked()
             return {
                 "keys": self._stored_key_bytes,
                 "values": self._stored_bytes - self._stored_key_bytes,

@@ -392,3 +392,19 @@ def test_metrics_observe_uploads_and_attention():
     assert sample("svdq_stored_fp16_bytes", {"kind": "values"}) == info.fp16_value_bytes
     assert sample("svdq_sequences") == 1
     assert sample("svdq_device_memory_bytes", {"device": "cpu", "kind": "store_tensors"}) > 0
+
+
+def test_layers_may_be_chunked_differently_but_positions_must_agree(engine):
+    keys, values = cache()
+    positions = torch.arange(TOKENS) + 3
+    engine.upload("t", header("whole"), keys, values, positions)
+    mixed = header("mixed")
+    engine.begin_upload("t", mixed)
+    engine.add_chunk("t", mixed, UploadChunkData(1, 0, keys[1:, :], values[1:, :], positions))
+    with pytest.raises(InvalidInputError, match=r"positions of tokens \[0, 50\) differ"):
+        engine.add_chunk("t", mixed, UploadChunkData(0, 0, keys[:1, :50], values[:1, :50], positions[:50] + 1))
+    for start, stop in ((0, 50), (50, TOKENS)):
+        engine.add_chunk("t", mixed, UploadChunkData(0, start, keys[:1, start:stop], values[:1, start:stop],
+                                                     positions[start:stop]))
+    engine.finish_upload("t", mixed)
+    assert snapshot(engine, "t", "mixed") == snapshot(engine, "t", "whole")

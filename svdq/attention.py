@@ -255,16 +255,27 @@ def chunk_summary(keys: CompressedKeys, chunk_size: int, score_channels: int) ->
 
 
 def select_body_tokens(query: torch.Tensor, keys: CompressedKeys, sparsity: SparsityConfig | None) -> BodySelection:
-    """Choose the quantized body tokens each KV head attends.
+    """Choose the quantized body tokens each KV head attends, for one query [Hq, D] (float32,
+    post-RoPE); ``sparsity=None`` means dense. See :func:`select_body_tokens_many`."""
+    return select_body_tokens_many(query[None], keys, sparsity)[0]
+
+
+def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsity: SparsityConfig | None) -> list[BodySelection]:
+    """Choose the quantized body tokens each KV head attends, for several queries of one sequence.
 
     Args:
-        query: float32 [Hq, D] post-RoPE query of this sequence.
+        queries: float32 [n, Hq, D] post-RoPE queries over ``keys`` (scored together).
         sparsity: ``None`` for dense attention.
+
+    Returns:
+        n selections; for sparse ones ``token_index`` is [Hkv, m] with the same m for all.
     """
+    count = queries.shape[0]
     start, n_body = body_range(keys)
     groups = keys.num_groups
+    dense = [BodySelection(None, None, n_body, n_body, groups, 0) for _ in range(count)]
     if sparsity is None or n_body == 0:
-        return BodySelection(None, None, n_body, n_body, groups, 0)
+        return dense
     total = keys.num_tokens
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
     chunk = sparsity.chunk_size
@@ -278,7 +289,7 @@ def select_body_tokens(query: torch.Tensor, keys: CompressedKeys, sparsity: Spar
     picks = max(0, (budget - full_precision - forced_tokens) // chunk)
     candidates = first_forced
     if picks >= candidates:
-        return BodySelection(None, None, n_body, n_body, groups, 0)
+        return dense
     device = keys.codes.device
     forced = torch.arange(first_forced * chunk, n_body, device=device)
     summary_bytes = 0
@@ -288,29 +299,35 @@ def select_body_tokens(query: torch.Tensor, keys: CompressedKeys, sparsity: Spar
         summary_bytes = 4 * candidates * channels.numel()
         body_positions = keys.token_positions()[start:start + n_body]
         centre = body_positions[torch.arange(candidates, device=device) * chunk + (chunk - 1) // 2]
-        ratio = query.shape[0] // kv_heads
-        heads_q = query.float().reshape(kv_heads, ratio, head_dim)
+        q_heads = queries.shape[1]
+        ratio = q_heads // kv_heads
+        flat_q = queries.float().reshape(1, count * q_heads, head_dim)
         if rotates(keys):
             # RoPE^-1 at the chunk centre: q . R_t k ~= (R_c^T q) . k for t near c.
-            expanded = heads_q.reshape(1, kv_heads * ratio, head_dim).expand(candidates, -1, -1)
-            rotated = undo_rope(expanded, centre, keys.rope).reshape(candidates, kv_heads, ratio, head_dim)
+            rotated = undo_rope(flat_q.expand(candidates, -1, -1), centre, keys.rope)
         else:
-            rotated = heads_q.expand(candidates, -1, -1, -1)
+            rotated = flat_q.expand(candidates, -1, -1)
+        rotated = rotated.reshape(candidates, count, kv_heads, ratio, head_dim)
         basis = keys.basis.float().reshape(kv_heads, head_dim, -1)[:, :, channels]
         mean = keys.mean.float().reshape(kv_heads, head_dim)
-        projected = torch.einsum("cgrd,gdj->cgrj", rotated, basis)
-        bound = torch.maximum(projected * low[:, None, None, :], projected * high[:, None, None, :]).sum(-1)
-        bound = bound + torch.einsum("cgrd,gd->cgr", rotated, mean)
-        best = bound.amax(dim=2).T.topk(picks, dim=1).indices.sort(dim=1).values  # [Hkv, picks]
-        chosen = (best[:, :, None] * chunk + torch.arange(chunk, device=device)).reshape(kv_heads, -1)
-        token_index = torch.cat([chosen, forced.expand(kv_heads, -1)], dim=1)
+        projected = torch.einsum("cnhgd,hdj->cnhgj", rotated, basis)
+        bound = torch.maximum(projected * low[:, None, None, None, :], projected * high[:, None, None, None, :]).sum(-1)
+        bound = bound + torch.einsum("cnhgd,hd->cnhg", rotated, mean)
+        # Best chunks per (query, KV head), by the bound maximised over the head's query heads.
+        best = bound.amax(dim=3).permute(1, 2, 0).topk(picks, dim=-1).indices.sort(dim=-1).values
+        chosen = (best[..., None] * chunk + torch.arange(chunk, device=device)).reshape(count, kv_heads, -1)
+        token_index = torch.cat([chosen, forced.expand(count, kv_heads, -1)], dim=-1)
     else:
-        token_index = forced.expand(kv_heads, -1).contiguous()
+        token_index = forced.expand(count, kv_heads, -1).contiguous()
     valid = token_index < n_body
     token_index = torch.where(valid, token_index, torch.zeros_like(token_index))
-    union = torch.unique(token_index[valid])
-    groups_touched = torch.unique(union // keys.group_size).numel()
-    return BodySelection(token_index, valid, int(valid[0].sum()), union.numel(), groups_touched, summary_bytes)
+    per_head = int(valid[0, 0].sum())
+    selections = []
+    for item, item_valid in zip(token_index, valid, strict=True):
+        union = torch.unique(item[item_valid])
+        groups_touched = torch.unique(union // keys.group_size).numel()
+        selections.append(BodySelection(item, item_valid, per_head, union.numel(), groups_touched, summary_bytes))
+    return selections
 
 
 def key_bytes_read(keys: CompressedKeys, selection: BodySelection) -> int:
@@ -349,7 +366,8 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
 
 
 def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
-    """Post-RoPE reconstructed body keys float32 [Hkv, n, D] of the selected tokens."""
+    """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
+    (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None)."""
     start, n_body = body_range(keys)
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
     positions = keys.token_positions()[start:start + n_body]
@@ -361,13 +379,12 @@ def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
             rows = apply_rope(rows, positions, keys.rope)
         return rows.transpose(0, 1)
     index = selection.token_index
-    latent = _dequantized(keys, index)  # [Hkv, n, r]
+    latent = _dequantized(keys, index)  # [..., Hkv, n, r]
     basis = keys.basis.float().reshape(kv_heads, head_dim, -1)
-    rows = torch.bmm(latent, basis.transpose(1, 2)) + mean.reshape(kv_heads, 1, head_dim)
+    rows = torch.einsum("...hnr,hdr->...hnd", latent, basis) + mean.reshape(kv_heads, 1, head_dim)
     if rotates(keys):
-        count = index.shape[1]
-        flat = rows.reshape(kv_heads * count, 1, head_dim)
-        rows = apply_rope(flat, positions[index].reshape(-1), keys.rope).reshape(kv_heads, count, head_dim)
+        flat = rows.reshape(-1, 1, head_dim)
+        rows = apply_rope(flat, positions[index].reshape(-1), keys.rope).reshape(rows.shape)
     return rows
 
 
@@ -377,68 +394,78 @@ def partial_attention(
     """Softmax attention of grouped queries over one token set.
 
     Args:
-        query: float32 [Hkv, ratio, D]; keys, values: float32 [Hkv, n, D];
-        valid: bool [Hkv, n] or None (all valid).
+        query: float32 [..., Hkv, ratio, D]; keys, values: float32 [..., Hkv, n, D] (leading
+            dimensions broadcast); valid: bool [..., Hkv, n] or None (all valid).
 
     Returns:
-        ``(output [Hkv, ratio, D], lse [Hkv, ratio])`` float32; lse is -inf for no tokens.
+        ``(output [..., Hkv, ratio, D], lse [..., Hkv, ratio])`` float32; lse is -inf for no tokens.
     """
-    scores = torch.einsum("hgd,hnd->hgn", query, keys) * scale
+    scores = torch.einsum("...hgd,...hnd->...hgn", query, keys) * scale
     if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, :], -math.inf)
+        scores = scores.masked_fill(~valid[..., None, :], -math.inf)
     if scores.shape[-1] == 0:
-        return query.new_zeros(query.shape), query.new_full(query.shape[:2], -math.inf)
+        return query.new_zeros(query.shape), query.new_full(query.shape[:-1], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     weights = torch.exp(scores - safe[..., None])
-    return torch.einsum("hgn,hnd->hgd", weights, values), lse
+    return torch.einsum("...hgn,...hnd->...hgd", weights, values), lse
 
 
 def _attend_torch_group(
-    queries: torch.Tensor, keys: CompressedKeys, values: CompressedValues, scale: float, selection: BodySelection
+    queries: torch.Tensor, keys: CompressedKeys, values: CompressedValues, scale: float,
+    selections: Sequence[BodySelection],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries [n, Hq, D] that share one sequence and one selection -> (output [n, Hq, D], lse [n, Hq]).
+    """Queries [n, Hq, D] over one sequence -> (output [n, Hq, D], lse [n, Hq]).
 
-    Dense queries of the same sequence (e.g. every position of a scored continuation) share
-    one reconstruction of the keys instead of one each.
+    Dense queries (e.g. every position of a scored continuation) share one reconstruction of
+    the keys; sparse ones reconstruct their own selections in one batched computation.
     """
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
     ratio = q_heads // kv_heads
-    # [Hkv, n * ratio, D]: the query heads of a KV head, for every query.
-    grouped = queries.float().reshape(count, kv_heads, ratio, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, -1, head_dim)
     fp_keys, fp_index = full_precision_keys(keys)
     fp_values = gather_values(values, fp_index.expand(kv_heads, -1))
-    output, lse = partial_attention(grouped, fp_keys.transpose(0, 1), fp_values, scale)
     start, n_body = body_range(keys)
-    if n_body:
-        if selection.token_index is None:
+    if selections[0].token_index is None:
+        # [Hkv, n * ratio, D]: the query heads of a KV head, for every query.
+        grouped = queries.float().reshape(count, kv_heads, ratio, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
+        output, lse = partial_attention(grouped, fp_keys.transpose(0, 1), fp_values, scale)
+        if n_body:
             body_values = gather_values(values)[:, start:start + n_body]
-        else:
-            body_values = gather_values(values, selection.token_index + start)
-        out_body, lse_body = partial_attention(grouped, body_keys(keys, selection), body_values, scale, selection.valid)
-        output, lse = merge_attention(output, lse, out_body, lse_body)
-    output = output.reshape(kv_heads, count, ratio, head_dim).permute(1, 0, 2, 3).reshape(count, q_heads, head_dim)
-    return output, lse.reshape(kv_heads, count, ratio).permute(1, 0, 2).reshape(count, q_heads)
+            out_body, lse_body = partial_attention(grouped, body_keys(keys, selections[0]), body_values, scale)
+            output, lse = merge_attention(output, lse, out_body, lse_body)
+        output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)
+        return output.reshape(count, q_heads, head_dim), lse.reshape(kv_heads, count, ratio).transpose(0, 1).reshape(count, q_heads)
+    grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)
+    output, lse = partial_attention(grouped, fp_keys.transpose(0, 1), fp_values, scale)
+    stacked = BodySelection(torch.stack([s.token_index for s in selections]), torch.stack([s.valid for s in selections]),
+                            0, 0, 0, 0)
+    body_values = gather_values(values, stacked.token_index + start)
+    out_body, lse_body = partial_attention(grouped, body_keys(keys, stacked), body_values, scale, stacked.valid)
+    output, lse = merge_attention(output, lse, out_body, lse_body)
+    return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
 
 
 def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values: Sequence[CompressedValues],
                   scale: float, selections: Sequence[BodySelection]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference over a batch: dense entries of the same sequence run together."""
+    """Torch reference over a batch: entries over the same sequence run together."""
     output = torch.empty(queries.shape, dtype=torch.float32, device=queries.device)
     lse = torch.empty(queries.shape[:2], dtype=torch.float32, device=queries.device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for b, selection in enumerate(selections):
-        if selection.token_index is None:
-            groups.setdefault((id(keys[b]), id(values[b])), []).append(b)
-        else:
-            groups[(-1, b)] = [b]
-    for members in groups.values():
-        first = members[0]
+    for members in _same_sequence_groups(keys, values):
         index = torch.tensor(members, device=queries.device)
-        out, lse_group = _attend_torch_group(queries[index], keys[first], values[first], scale, selections[first])
+        first = members[0]
+        out, lse_group = _attend_torch_group(queries[index], keys[first], values[first], scale,
+                                             [selections[b] for b in members])
         output[index], lse[index] = out, lse_group
     return output, lse
+
+
+def _same_sequence_groups(keys: Sequence[CompressedKeys], values: Sequence[CompressedValues]) -> list[list[int]]:
+    """Batch indices grouped by identical (keys, values) objects, in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, (key, value) in enumerate(zip(keys, values, strict=True)):
+        groups.setdefault((id(key), id(value)), []).append(b)
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +538,12 @@ def attend(
     softmax_scale = _validate(queries, keys, values, scale, sparsity)
     chosen = select_backend(queries.device, backend)
     batch, q_heads, head_dim = queries.shape
-    selections = [select_body_tokens(queries[b].float(), keys[b], sparsity) for b in range(batch)]
+    selections: list[BodySelection] = [None] * batch  # type: ignore[list-item]
+    for members in _same_sequence_groups(keys, values):
+        index = torch.tensor(members, device=queries.device)
+        for b, selection in zip(members, select_body_tokens_many(queries[index].float(), keys[members[0]], sparsity),
+                                strict=True):
+            selections[b] = selection
     if chosen == "triton":
         from .kernels.decode_attention import attend_triton
 

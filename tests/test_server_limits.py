@@ -117,11 +117,16 @@ def test_no_eviction_refuses_and_keeps_data_then_stops_gracefully_on_sigterm(tmp
             future = pb_grpc.KVCacheStub(channel).Upload.future(chunks(), timeout=60)
             time.sleep(0.5)  # let the first chunk reach the server
             server.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while server.health() not in (None, 2) and time.monotonic() < deadline:  # 2 = NOT_SERVING
-                time.sleep(0.1)
-            with pytest.raises(UnavailableError), KVCacheClient(server.address, retries=0, timeout=5) as late:
-                late.server_info()
+            deadline, refused = time.monotonic() + 30, False
+            while not refused and time.monotonic() < deadline:  # new calls are refused once stopping begins
+                try:
+                    with KVCacheClient(server.address, retries=0, timeout=2) as late:
+                        late.server_info()
+                    time.sleep(0.1)
+                except UnavailableError:
+                    refused = True
+            assert refused
+            assert server.health() != 1  # not SERVING any more
             release.set()
             assert future.result(timeout=60).sequence.num_tokens == 64
         assert server.process.wait(timeout=60) == 0

@@ -218,6 +218,10 @@ def test_typed_client_errors_carry_the_server_message(client):
     client.upload(sequence, "tiny", keys, values, key_space="post_rope")
     with pytest.raises(ConflictError, match="already exists"):
         client.upload(sequence, "tiny", keys, values, key_space="post_rope")
+    with pytest.raises(NotFoundError, match="profile 'no-such-profile' not found"):
+        client.upload(new_id(), "no-such-profile", keys, values)
+    with pytest.raises(InvalidInputError, match=r"keys must have shape \[layers, tokens, 2, 32\]"):
+        client.upload(new_id(), "tiny", keys[..., :16], values[..., :16])
 
 
 def test_interrupted_upload_resumes_without_duplicates(raw_stub, client):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
+from svdq.attention import SparsityConfig
 from svdq.codec import Basis, CodecConfig
 from svdq.errors import InvalidInputError
 from svdq.rope import RopeConfig
@@ -95,6 +96,24 @@ def codec_from_pb(message: pb.Codec) -> CodecConfig:
         bits=message.bits or defaults.bits,
         group_size=message.group_size or defaults.group_size,
         num_sinks=message.num_sinks if message.HasField("num_sinks") else defaults.num_sinks,
+    )
+
+
+def sparsity_to_pb(config: SparsityConfig, out: pb.Sparsity) -> pb.Sparsity:
+    """Write a :class:`SparsityConfig` into a ``Sparsity`` message."""
+    out.keep_fraction, out.chunk_size = config.keep_fraction, config.chunk_size
+    out.num_recent, out.score_channels = config.num_recent, config.score_channels
+    return out
+
+
+def sparsity_from_pb(message: pb.Sparsity) -> SparsityConfig:
+    """A :class:`SparsityConfig` from a ``Sparsity`` message; zero fields take the defaults."""
+    defaults = SparsityConfig()
+    return SparsityConfig(
+        keep_fraction=message.keep_fraction or defaults.keep_fraction,
+        chunk_size=message.chunk_size or defaults.chunk_size,
+        num_recent=message.num_recent if message.HasField("num_recent") else defaults.num_recent,
+        score_channels=message.score_channels or defaults.score_channels,
     )
 
 
@@ -381,4 +400,6 @@ __all__ = [
     "key_space_to_pb",
     "rope_from_pb",
     "rope_to_pb",
+    "sparsity_from_pb",
+    "sparsity_to_pb",
 ]

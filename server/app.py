@@ -50,6 +50,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC shares ports by default; a second server on a taken port must fail, not split traffic.
+        ("grpc.so_reuseport", 0),
     ]
 
 

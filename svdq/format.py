@@ -228,11 +228,14 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
     elif method == "svdq":
         mean = basis.mean.float().clone()
         basis_cols = basis.components.to(torch.float16)[:, torch.from_numpy(kept_idx)].contiguous()
-    else:
-        mean = torch.zeros(channels)
+    elif method == "kivi":
         if kept != channels:
             raise FormatError(f"kivi blob keeps {kept} of {channels} channels; the baseline keeps all")
-        basis_cols = identity_basis(channels)
+        mean = torch.zeros(channels)
+        basis_cols = identity_basis(channels, torch.device("cpu"))
+    else:  # fp16 passthrough keeps no latent channel
+        mean = torch.zeros(channels)
+        basis_cols = torch.empty(channels, 0, dtype=torch.float16)
     positions = reader.tensor(torch.int64, (tokens,), "positions") if flags & _F_POSITIONS else None
     storage = _DTYPES[dtypes >> 4]
     sinks_n = 0 if method == "fp16" else min(num_sinks, tokens)

@@ -52,3 +52,13 @@ def test_wrong_magic(blob):
 def test_round_trip_is_exact(blob):
     assert to_bytes(from_bytes(blob)) == blob
     assert decompress(from_bytes(blob)).shape == (200, 2, 16)
+
+
+@pytest.mark.parametrize("config", [CodecConfig(), CodecConfig(method="kivi", bits=4), CodecConfig(method="fp16")],
+                         ids=["svdq", "kivi", "fp16"])
+def test_every_method_round_trips_through_bytes(config):
+    keys = torch.randn(150, 2, 16, dtype=torch.float16)
+    compressed = compress(keys, config)
+    loaded = from_bytes(to_bytes(compressed))
+    assert loaded.method == config.method
+    assert torch.equal(decompress(loaded), decompress(compressed))

@@ -65,6 +65,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 DEFAULT_WINDOW = 128
 DEFAULT_SPILL_BLOCK = 64
+_QUERY_BLOCK = 512
 
 # The model passes the same dict to cache.update(kwargs=...) and, unpacked, to the attention
 # function; this key carries the cache layer from one to the other.
@@ -566,14 +567,21 @@ def _local_attention(
     """
     query_count, query_heads, head_dim = queries.shape
     kv_heads = keys.shape[0]
-    grouped = queries.float().reshape(query_count, kv_heads, query_heads // kv_heads, head_dim)
-    scores = torch.einsum("qhgd,hnd->hgqn", grouped, keys.float()) * scale
-    visible = key_positions[None, :] <= query_positions[:, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - lse[..., None])
-    output = torch.einsum("hgqn,hnd->qhgd", weights, values.float()).reshape(query_count, query_heads, head_dim)
-    return output, lse.permute(2, 0, 1).reshape(query_count, query_heads)
+    keys, values = keys.float(), values.float()
+    outputs, lses = [], []
+    # Blocks of queries bound the score matrix of a long prefill ([Hkv, group, block, n] float32).
+    for start in range(0, query_count, _QUERY_BLOCK):
+        block = queries[start : start + _QUERY_BLOCK].float()
+        count = block.shape[0]
+        grouped = block.reshape(count, kv_heads, query_heads // kv_heads, head_dim)
+        scores = torch.einsum("qhgd,hnd->hgqn", grouped, keys) * scale
+        visible = key_positions[None, :] <= query_positions[start : start + count, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        weights = torch.exp(scores - lse[..., None])
+        outputs.append(torch.einsum("hgqn,hnd->qhgd", weights, values).reshape(count, query_heads, head_dim))
+        lses.append(lse.permute(2, 0, 1).reshape(count, query_heads))
+    return torch.cat(outputs), torch.cat(lses)
 
 
 def svdq_offload_attention(

@@ -163,7 +163,11 @@ def _tiny_model(config_class, **extra):
     [(LlamaConfig, {}), (MistralConfig, {"sliding_window": None}), (Qwen2Config, {}), (Qwen3Config, {})],
     ids=["llama", "mistral", "qwen2", "qwen3"],
 )
-def test_other_supported_families_match_plain_logits(config_class, extra):
+def test_other_supported_families_match_plain_logits(config_class, extra, monkeypatch):
+    import svdq_client.hf
+
+    # Small query blocks so that the 24- and 12-token chunks span several of them.
+    monkeypatch.setattr(svdq_client.hf, "_QUERY_BLOCK", 7)
     model = _tiny_model(config_class, **extra)
     tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -237,3 +241,39 @@ def test_misuse_gets_typed_errors():
             assert cache.offloaded_tokens == stored == 6
     finally:
         disable_offload(model)
+
+
+@pytest.mark.model
+@pytest.mark.integration
+def test_demo_starts_its_server_and_reports(smollm2, capsys):
+    """The README's demo end to end on a short context: its own server process, the report."""
+    from svdq_client.demo import main
+
+    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "3"]) == 0
+    report = capsys.readouterr().out
+    assert "server            127.0.0.1:" in report
+    stored = next(line for line in report.splitlines() if line.startswith("stored keys"))
+    ratio = float(stored.split("= ratio ")[1].split("x")[0])
+    bits = float(stored.split(", ")[-1].split(" bits")[0])
+    # 16 / bits is the ratio by definition; short prompts pay more for the basis than 1.5 bits.
+    assert ratio == pytest.approx(16.0 / bits, rel=1e-2) and 1.0 < bits < 8.0
+    assert "needle            " in report and "time              model load" in report
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--depth", "1.5"], "--depth must be in 0..1"),
+        (["--context-tokens", "100"], "--context-tokens must be >= 256"),
+        (["--token", "secret-token-123456"], "give --address HOST:PORT"),
+        (["--address", "127.0.0.1:1", "--tls-cert", "client.pem"], "--tls-cert and --tls-key go together"),
+        (["--codec", "zip"], "invalid choice"),
+    ],
+)
+def test_demo_rejects_bad_options(argv, message, capsys):
+    from svdq_client.demo import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

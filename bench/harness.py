@@ -152,7 +152,7 @@ def build_cache(model: Any, prefix: PrefixCache, key_transform: KeyTransform | N
 
     dtype = model.dtype
     cache = DynamicCache(config=model.config)
-    for layer_index, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):
+    for layer_index, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
         new_keys = keys if key_transform is None else key_transform(layer_index, keys, prefix.positions)
         if new_keys.shape != keys.shape:
             raise ValueError(f"key transform changed layer {layer_index} keys from {tuple(keys.shape)} "
@@ -250,8 +250,12 @@ class NeedleCase:
     depth: float
 
 
+#: Repetitive filler in the spirit of RULER's noise haystack (our own wording).
+NOISE_FILLER = "The river runs to the sea. The hills stay green. The wind turns cool at night. Morning comes again. "
+
+
 def needle_cases(tokenizer: Any, context_tokens: int = 4096, depths: Sequence[float] = (), count: int = 12,
-                 seed: int = 0) -> list[NeedleCase]:
+                 seed: int = 0, filler: str = "prose") -> list[NeedleCase]:
     """Build ``count`` needle prompts of about ``context_tokens`` tokens in all.
 
     Needle: ``"The special magic number for <key> is: <7 digits>."`` placed at a sentence
@@ -264,7 +268,10 @@ def needle_cases(tokenizer: Any, context_tokens: int = 4096, depths: Sequence[fl
         depths = [index / max(1, count - 1) for index in range(count)]
     if len(depths) != count:
         raise ValueError(f"{len(depths)} depths given for {count} cases")
-    text_ids = tokenizer(evaluation_text(), add_special_tokens=False).input_ids
+    if filler not in ("prose", "noise"):
+        raise ValueError(f"filler must be 'prose' or 'noise', got {filler!r}")
+    source = evaluation_text() if filler == "prose" else NOISE_FILLER * (context_tokens // 8)
+    text_ids = tokenizer(source, add_special_tokens=False).input_ids
     period_ids = set(tokenizer(". The", add_special_tokens=False).input_ids[:1])
     cases = []
     for index, depth in enumerate(depths):
@@ -281,15 +288,15 @@ def needle_cases(tokenizer: Any, context_tokens: int = 4096, depths: Sequence[fl
         head_ids = tokenizer(head_text, add_special_tokens=False).input_ids
         question_ids = tokenizer(tail_text, add_special_tokens=False).input_ids
         needle_ids = tokenizer(needle, add_special_tokens=False).input_ids
-        filler_len = context_tokens - len(head_ids) - len(question_ids) - len(needle_ids)
-        start = (index * 7919) % max(1, len(text_ids) - filler_len)
-        filler = text_ids[start : start + filler_len]
+        haystack_len = context_tokens - len(head_ids) - len(question_ids) - len(needle_ids)
+        start = (index * 7919) % max(1, len(text_ids) - haystack_len)
+        haystack = text_ids[start : start + haystack_len]
         # Insert after the sentence end nearest to the requested depth, so the needle reads
         # as its own sentence.
-        target = int(round(depth * len(filler)))
-        ends = [i + 1 for i, token in enumerate(filler) if token in period_ids] or [target]
-        cut = min(ends + [0, len(filler)], key=lambda i: abs(i - target))
-        prefix = head_ids + filler[:cut] + needle_ids + filler[cut:]
+        target = int(round(depth * len(haystack)))
+        ends = [i + 1 for i, token in enumerate(haystack) if token in period_ids] or [target]
+        cut = min(ends + [0, len(haystack)], key=lambda i: abs(i - target))
+        prefix = head_ids + haystack[:cut] + needle_ids + haystack[cut:]
         cases.append(NeedleCase(
             prefix_ids=torch.tensor([prefix]), question_ids=torch.tensor([question_ids]),
             key=key, answer=answer, depth=float(depth),

@@ -1,0 +1,139 @@
+"""Smoke run of bench/quality.py on the real model: short prefix, a few methods.
+
+The full benchmark is not a unit test (about 20-30 minutes); this checks that it runs end to
+end and that its numbers are sane: the fp16 passthrough leaves the NLL unchanged, bits per
+element are what the serialized blobs weigh, RoPE is undone exactly, and the harness's
+attention plug point really replaces the model's attention.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import harness  # noqa: E402
+import quality  # noqa: E402
+
+import svdq  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from svdq_client.models import load_smollm2
+
+    return load_smollm2(torch.float32)
+
+
+def _table_rows(output: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6 and cells[0] != "method":
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_smoke_run_prints_sane_table(smollm2, capsys):
+    assert quality.main(["--smoke"]) == 0
+    output = capsys.readouterr().out
+    rows = _table_rows(output)
+    assert {"fp32 cache (reference)", "fp16", "kivi 2-bit g32", "svdq 1.5 bits"} <= set(rows)
+
+    bits, ratio, error, dnll, needle = rows["fp16"]
+    # fp16 passthrough: 16 bits plus a ~60-byte header per layer, NLL change only from rounding.
+    assert 16.0 <= float(bits) < 16.05
+    assert abs(float(dnll)) < 2e-3
+    assert float(error) < 1e-3
+    reference_needle = rows["fp32 cache (reference)"][4]
+    assert needle == reference_needle
+
+    bits, ratio, error, dnll, needle = rows["svdq 1.5 bits"]
+    assert math.isclose(float(ratio.rstrip("x")), 16.0 / float(bits), rel_tol=2e-3)
+    assert 0.0 < float(error) < 0.5
+    assert math.isfinite(float(dnll)) and abs(float(dnll)) < 0.5
+    # kivi 2-bit with groups of 32 stores 2 bits of codes + 32 bits of scale/min per 32 tokens.
+    assert 3.0 <= float(rows["kivi 2-bit g32"][0]) < 3.3
+
+    match = re.search(r"undo\+apply ([0-9.e+-]+), undo vs k_proj outputs ([0-9.e+-]+)", output)
+    assert match and float(match.group(1)) < 1e-5 and float(match.group(2)) < 1e-5
+    assert "| 2048 | svdq 1.5 bits |" in output
+
+
+def test_bits_per_element_are_serialized_bytes(smollm2):
+    model, tokenizer = smollm2
+    prefix = harness.prefill(model, harness.text_tokens(tokenizer, 200, start=1000))
+    rope = svdq.RopeConfig.from_hf_config(model.config)
+    method = quality.Method("svdq", svdq.CodecConfig(bits_per_element=2.0, group_size=32))
+    stats = quality.KeyStats()
+    transform = quality.codec_transform(method, rope, stats)
+    outputs = [transform(layer, keys, prefix.positions) for layer, keys in enumerate(prefix.keys)]
+
+    expected_bytes = sum(
+        len(svdq.to_bytes(svdq.compress(keys, method.config, positions=prefix.positions, rope=rope,
+                                        key_space="post_rope")))
+        for keys in prefix.keys
+    )
+    elements = sum(keys.numel() for keys in prefix.keys)
+    assert stats.serialized_bytes == expected_bytes
+    assert stats.bits_per_element == pytest.approx(8 * expected_bytes / elements)
+    assert stats.blobs_checked == len(prefix.keys) == model.config.num_hidden_layers
+    errors = [svdq.relative_error(keys, out) for keys, out in zip(prefix.keys, outputs, strict=True)]
+    assert stats.layer_errors == pytest.approx(errors, rel=1e-6)
+    # The reference prefix must not be touched by a method's run.
+    again = harness.prefill(model, prefix.input_ids)
+    for before, after in zip(prefix.keys, again.keys, strict=True):
+        assert torch.equal(before, after)
+
+
+def test_attention_plug_point_replaces_attention(smollm2):
+    model, tokenizer = smollm2
+    ids = harness.text_tokens(tokenizer, 160, start=2000)
+    prefix = harness.prefill(model, ids[:, :128])
+    continuation = ids[:, 128:]
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layers_seen: list[int] = []
+
+    def counting_sdpa(module, query, key, value, attention_mask, **kwargs):
+        layers_seen.append(module.layer_idx)
+        assert key.shape[2] == prefix.num_tokens + continuation.shape[1]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def zero_attention(module, query, key, value, attention_mask, **kwargs):
+        return torch.zeros_like(query).transpose(1, 2), None
+
+    plain = harness.continuation_nll(model, prefix, continuation)
+    plugged = harness.continuation_nll(model, prefix, continuation, attention=counting_sdpa)
+    broken = harness.continuation_nll(model, prefix, continuation, attention=zero_attention)
+    assert sorted(set(layers_seen)) == list(range(model.config.num_hidden_layers))
+    assert plugged == pytest.approx(plain, abs=1e-4)
+    assert broken > plain + 0.5
+    # The override is scoped: afterwards the model runs its own attention again.
+    assert harness.continuation_nll(model, prefix, continuation) == pytest.approx(plain, abs=1e-6)
+
+
+def test_needle_cases_hide_the_number_at_the_requested_depth(smollm2):
+    _, tokenizer = smollm2
+    cases = harness.needle_cases(tokenizer, 1024, count=3)
+    assert len({case.answer for case in cases}) == 3
+    for case in cases:
+        total = case.prefix_ids.shape[1] + case.question_ids.shape[1]
+        assert abs(total - 1024) <= 2
+        text = tokenizer.decode(case.prefix_ids[0])
+        assert f"The special magic number for {case.key} is: {case.answer}." in text
+        assert case.key in tokenizer.decode(case.question_ids[0])
+        where = text.index(case.answer) / len(text)
+        assert abs(where - case.depth) < 0.1
+    assert harness.needle_found(f" {cases[0].answer}.", cases[0])
+    wrong = str(int(cases[0].answer) % 9_000_000 + 1_000_001)
+    assert not harness.needle_found(f" {wrong}.", cases[0])
+    assert not harness.needle_found(" I do not know.", cases[0])

@@ -188,6 +188,17 @@ def body_range(keys: CompressedKeys) -> tuple[int, int]:
     return keys.sinks.shape[0], keys.num_groups * keys.group_size
 
 
+def code_widths(keys: CompressedKeys) -> tuple[int, int]:
+    """(kept channels r, code bits per body token), cached: reading them from a CUDA tensor
+    would synchronise the device on every call."""
+    cached = keys._cache.get("code_widths")
+    if cached is None:
+        widths = keys.kept_bits
+        cached = (widths.numel(), int(widths.sum()))
+        keys._cache["code_widths"] = cached
+    return cached
+
+
 def latent_codes(keys: CompressedKeys) -> torch.Tensor:
     """uint8 [n_body, r] unpacked codes, cached on ``keys`` (r bytes per body token: the
     general bit unpack is the slow step of the CPU path, so it runs once per sequence)."""
@@ -332,13 +343,13 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
 
 def key_bytes_read(keys: CompressedKeys, selection: BodySelection) -> int:
     """Compressed key bytes one attention call needs (each counted once)."""
-    channels, kept = keys.channels, keys.kept_bits.numel()
+    channels = keys.channels
+    kept, code_bits = code_widths(keys)
     start, n_body = body_range(keys)
     full_precision = (keys.num_tokens - n_body) * channels * keys.sinks.element_size()
     if n_body == 0:
         return full_precision
     basis = 2 * channels * kept + 4 * channels if keys.method == "svdq" else 0
-    code_bits = int(keys.kept_bits.sum())
     codes = -(-selection.attended_union * code_bits // 8)
     group_meta = 4 * kept * selection.groups_touched
     return full_precision + basis + codes + group_meta + selection.summary_bytes

@@ -290,6 +290,7 @@ def _sequence_layout(keys: CompressedKeys) -> dict:
             "full_positions": positions[full_index].to(torch.int32).contiguous(),
             "full_tokens": full_index.to(torch.int32).contiguous(),
             "full_count": full_index.numel(),
+            "rope_tables": rope_query_tables(keys, keys.head_dim, device),
         }
         keys._cache["kernel_layout"] = cached
     return cached
@@ -335,7 +336,7 @@ def decode_attention(
     first = keys[0]
     kv_heads = first.kv_heads
     gqa = q_heads // kv_heads
-    inv_freq, partner, sign = rope_query_tables(first, head_dim, device)
+    inv_freq, partner, sign = _sequence_layout(first)["rope_tables"]
     q = queries.float().contiguous()
     q_partner = (q[..., partner] * sign).contiguous()
 

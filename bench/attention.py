@@ -1,0 +1,267 @@
+"""Attention over compressed keys: speed side by side with dense SDPA, and accuracy on a real model.
+
+Speed (``--part speed``): Llama-3-8B-like decode shapes (32 query heads, 8 KV heads,
+head_dim 128, one layer) over 4k..32k tokens. In one process, on one device, each row is
+timed with the same harness (warm-up, then the median of ``--repeats`` calls, synchronised on
+CUDA): dense attention over uncompressed fp16 and fp32 keys and values with
+``torch.nn.functional.scaled_dot_product_attention``, and :func:`svdq.attention.attend` dense
+and sparse (1/32 of the tokens) over SVDq keys compressed with the default codec config
+(1.5 true bits per element) and fp16 values. Keys are synthetic with a decaying spectrum
+(a low-rank signal plus noise): speed depends on the shapes and kept channels, not on the
+text. Ratios are against SDPA fp16 of the same length. Key bytes are what each call needs
+(``AttentionStats``); the SDPA rows read the fp16/fp32 keys.
+
+Accuracy (``--part accuracy``): SmolLM2-135M-Instruct's own decode, where attention over the
+prefix goes through :func:`svdq.attention.attend` (client ``LocalOffload``) and is merged by
+log-sum-exp with exact attention over the continuation tokens; continuation dNLL against the
+uncompressed model and needle accuracy at ~4k tokens, dense and sparse at 1/8, 1/16, 1/32.
+
+Usage::
+
+    python bench/attention.py --part speed --tokens 4096 8192 --repeats 5
+    python bench/attention.py --part accuracy --needles 6
+    python bench/attention.py --part speed --device cuda --out /tmp/attention_gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from svdq import CodecConfig, RopeConfig, compress  # noqa: E402
+from svdq.attention import SparsityConfig, attend, select_backend  # noqa: E402
+from svdq.values import compress_values  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+LLAMA3_ROPE = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position=8192)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(call: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        call()
+    _synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def synthetic_keys(tokens: int, seed: int = 0, rank: int = 48) -> torch.Tensor:
+    """Pre-RoPE keys float32 [tokens, KV_HEADS, HEAD_DIM]: low-rank signal with a decaying
+    spectrum plus noise, so the SVD basis has something to find, as in real keys."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = KV_HEADS * HEAD_DIM
+    spectrum = torch.logspace(1, -0.5, rank)
+    factors = torch.randn(tokens, rank, generator=generator) * spectrum
+    mixing = torch.linalg.qr(torch.randn(channels, rank, generator=generator)).Q.T
+    noise = 0.05 * torch.randn(tokens, channels, generator=generator)
+    return (factors @ mixing + noise + 0.3).reshape(tokens, KV_HEADS, HEAD_DIM)
+
+
+def speed_table(token_counts: list[int], device: torch.device, repeats: int, batch: int) -> list[str]:
+    from svdq.rope import apply_rope
+
+    backend = select_backend(device)
+    sparse = SparsityConfig(keep_fraction=1 / 32, chunk_size=16, num_recent=64)
+    rows = [
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"attend backend: {backend}, batch {batch}, shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, "
+        f"median of {repeats}",
+        "",
+        "| tokens | method | median ms | vs SDPA fp16 | key bytes read | key read reduction vs fp16 |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for tokens in token_counts:
+        pre = synthetic_keys(tokens)
+        positions = torch.arange(tokens)
+        post = apply_rope(pre, positions, LLAMA3_ROPE)
+        values = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).half()
+        compressed = compress(post.half(), CodecConfig(), rope=LLAMA3_ROPE, key_space="post_rope", positions=positions)
+        compressed_values = compress_values(values)
+        keys_list = [compressed.to(device)] * batch
+        values_list = [compressed_values.to(device)] * batch
+        queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
+        fp16_bytes = 2 * tokens * KV_HEADS * HEAD_DIM
+        results: list[tuple[str, float, int]] = []
+        for dtype, name in [(torch.float16, "SDPA fp16 keys/values"), (torch.float32, "SDPA fp32 keys/values")]:
+            k = post.to(device, dtype).transpose(0, 1)[None].expand(batch, -1, -1, -1)
+            v = values.to(device, dtype).transpose(0, 1)[None].expand(batch, -1, -1, -1)
+            q = queries.to(dtype)[:, :, None, :]
+
+            def run_sdpa(q=q, k=k, v=v):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+            results.append((name, median_seconds(run_sdpa, device, repeats), fp16_bytes * (2 if dtype == torch.float32 else 1)))
+        for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
+            def run_attend(sparsity=sparsity, queries=queries, keys_list=keys_list, values_list=values_list):
+                return attend(queries, keys_list, values_list, sparsity=sparsity)
+
+            seconds = median_seconds(run_attend, device, repeats)
+            stats = run_attend().stats[0]
+            results.append((f"{label} ({stats.tokens_attended} tok)", seconds, stats.key_bytes_read))
+        baseline = results[0][1]
+        for name, seconds, nbytes in results:
+            rows.append(f"| {tokens} | {name} | {seconds * 1e3:.3f} | {seconds / baseline:.2f}x | {nbytes:,} | "
+                        f"{fp16_bytes / nbytes:.1f}x |")
+        rows.append(f"| {tokens} | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
+                    f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept) | | | | |")
+    return rows
+
+
+def _offloaded_prefix_attention(compressed_layers, sparsity, totals):
+    """A harness AttentionFunction: attention over the compressed prefix by ``attend``,
+    merged by log-sum-exp with exact causal attention over the tokens after the prefix."""
+    from svdq.attention import merge_attention
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        keys_c, values_c = compressed_layers[module.layer_idx]
+        prefix = keys_c.num_tokens
+        queries = query[0].transpose(0, 1).float()  # [q, Hq, D]
+        count, q_heads, head_dim = queries.shape
+        scale = scaling if scaling is not None else head_dim**-0.5
+        local_keys = key[0, :, prefix:].float()  # [Hkv, L, D], exact keys after the prefix
+        local_values = value[0, :, prefix:].float()
+        ratio = q_heads // local_keys.shape[0]
+        local = local_keys.shape[1]
+        scores = torch.einsum("qhd,hld->qhl", queries, local_keys.repeat_interleave(ratio, 0)) * scale
+        visible = torch.arange(local)[None, :] <= torch.arange(local - count, local)[:, None]  # causal
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        local_lse = torch.logsumexp(scores, dim=-1)
+        local_out = torch.einsum("qhl,hld->qhd", torch.softmax(scores, -1), local_values.repeat_interleave(ratio, 0))
+        remote = attend(queries, [keys_c] * count, [values_c] * count, scale=scale, sparsity=sparsity)
+        for stats in remote.stats:
+            totals["read"] += stats.key_bytes_read
+            totals["fp16"] += stats.dense_fp16_key_bytes
+            totals["attended"] += stats.tokens_attended
+            totals["total"] += stats.tokens_total
+        output, _ = merge_attention(local_out, local_lse, remote.output, remote.lse)
+        return output.to(query.dtype)[None], None
+
+    return attention
+
+
+def _progress(message: str, started: float = time.perf_counter()) -> None:
+    print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _compress_prefix(prefix, codec: CodecConfig, rope: RopeConfig):
+    return [
+        (compress(keys, codec, positions=prefix.positions, rope=rope, key_space="post_rope"), compress_values(values))
+        for keys, values in zip(prefix.keys, prefix.values, strict=True)
+    ]
+
+
+def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: CodecConfig) -> list[str]:
+    """Continuation dNLL and needle accuracy of SmolLM2 with prefix attention done by attend()."""
+    import harness  # bench/harness.py (quality part): text, prefill, NLL, needle cases
+    from svdq_client.models import load_smollm2
+
+    model, tokenizer = load_smollm2(torch.float32)
+    model.eval()
+    rope = RopeConfig.from_hf_config(model.config)
+    configs = [
+        ("fp16 passthrough via attend (checks the path)", CodecConfig(method="fp16"), None),
+        (f"svdq {codec.bits_per_element} bits, dense", codec, None),
+        (f"svdq {codec.bits_per_element} bits, sparse 1/8", codec, SparsityConfig(keep_fraction=1 / 8)),
+        (f"svdq {codec.bits_per_element} bits, sparse 1/16", codec, SparsityConfig(keep_fraction=1 / 16)),
+        (f"svdq {codec.bits_per_element} bits, sparse 1/32", codec, SparsityConfig(keep_fraction=1 / 32)),
+    ]
+    rows = [
+        f"SmolLM2-135M-Instruct, float32, CPU; prefix {context_tokens} tokens of {harness.TEXT_SOURCE}; "
+        f"NLL of the next {continuation} tokens (mean over tokens 2..{continuation}); "
+        f"{needles} needle cases at ~{context_tokens} tokens. Prefix attention by svdq.attention.attend "
+        "(torch backend), merged with exact attention over the later tokens.",
+        "",
+        "| prefix keys | continuation NLL | dNLL vs uncompressed | needles found | key bytes read vs fp16 | tokens attended |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    with torch.no_grad():
+        ids = harness.text_tokens(tokenizer, context_tokens + continuation)
+        prefix = harness.prefill(model, ids[:, :context_tokens])
+        continuation_ids = ids[:, context_tokens:]
+        base_nll = harness.continuation_nll(model, prefix, continuation_ids)
+        _progress(f"uncompressed NLL {base_nll:.4f}")
+        cases = harness.needle_cases(tokenizer, context_tokens, count=needles) if needles else []
+        base_found = 0
+        case_prefixes = []
+        for case in cases:
+            case_prefix = harness.prefill(model, case.prefix_ids)
+            case_prefixes.append(case_prefix)
+            base_found += harness.needle_found(
+                harness.greedy_answer(model, tokenizer, case_prefix, case.question_ids), case)
+            _progress(f"uncompressed needle case at depth {case.depth:.2f}")
+        rows.append(f"| uncompressed (model's own attention) | {base_nll:.4f} | 0 | {base_found}/{len(cases)} | 1x | all |")
+        compressed_cache: dict[str, list] = {}
+        for label, config, sparsity in configs:
+            totals = {"read": 0, "fp16": 0, "attended": 0, "total": 0}
+            key = repr(config)
+            if key not in compressed_cache:
+                compressed_cache[key] = [_compress_prefix(prefix, config, rope)] + [
+                    _compress_prefix(case_prefix, config, rope) for case_prefix in case_prefixes]
+                _progress(f"compressed prefixes for {label}")
+            layers = compressed_cache[key]
+            nll = harness.continuation_nll(model, prefix, continuation_ids,
+                                           attention=_offloaded_prefix_attention(layers[0], sparsity, totals))
+            _progress(f"{label}: NLL {nll:.4f}")
+            found = 0
+            for case, case_prefix, case_layers in zip(cases, case_prefixes, layers[1:], strict=True):
+                answer = harness.greedy_answer(model, tokenizer, case_prefix, case.question_ids,
+                                               attention=_offloaded_prefix_attention(case_layers, sparsity, totals))
+                found += harness.needle_found(answer, case)
+                _progress(f"{label}: needle at depth {case.depth:.2f} answered {answer!r}")
+            bits = sum(item[0].nbytes for item in layers[0]) * 8 / sum(
+                item[0].num_tokens * item[0].channels for item in layers[0])
+            rows.append(f"| {label} ({bits:.2f} true bits/elem) | {nll:.4f} | {nll - base_nll:+.4f} | "
+                        f"{found}/{len(cases)} | {totals['fp16'] / max(1, totals['read']):.1f}x | "
+                        f"{totals['attended'] / max(1, totals['total']):.3f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["speed", "accuracy", "all"], default="all")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per attend call (speed part)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--context", type=int, default=4096, help="prefix tokens for the accuracy part")
+    parser.add_argument("--continuation", type=int, default=256, help="scored continuation tokens")
+    parser.add_argument("--bits", type=float, default=1.5, help="svdq true bits per key element (accuracy part)")
+    parser.add_argument("--needles", type=int, default=6, help="needle cases")
+    parser.add_argument("--out", type=Path, help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    lines: list[str] = []
+    if args.part in ("speed", "all"):
+        lines += ["## Speed", ""] + speed_table(args.tokens, device, args.repeats, args.batch) + [""]
+    if args.part in ("accuracy", "all"):
+        lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
+        lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits)) + [""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

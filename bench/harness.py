@@ -19,7 +19,7 @@ Two plug points let another bench compute attention over the prefix its own way:
 :data:`KeyTransform` (replace the keys that the model attends to) and an
 :data:`AttentionFunction` (replace the attention computation itself, see
 :func:`attention_override`); both are accepted by :func:`continuation_nll` and
-:func:`needle_answer`.
+:func:`greedy_answer`.
 """
 
 from __future__ import annotations

@@ -48,13 +48,13 @@ def synthetic_cache(layers: int, tokens: int, seed: int = 0) -> tuple[torch.Tens
     return keys, values
 
 
-def start_server(device: str) -> tuple[subprocess.Popen, str]:
+def start_server(device: str, torch_threads: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "svdq_server.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING"],
+         "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING", "--torch-threads", str(torch_threads)],
         env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -86,6 +86,7 @@ def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches
         info = client.upload(sequence, profile.name, keys, values, positions=torch.arange(keys.shape[1]),
                              key_space="post_rope")
         upload_seconds.append(time.perf_counter() - started)
+        print(f"# {profile.name} upload {repeat}: {upload_seconds[-1]:.2f} s", file=sys.stderr, flush=True)
         if repeat < repeats - 1:
             client.delete(sequence)
     key_mb = keys.numel() * 2 / 1e6
@@ -112,6 +113,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="use a running server instead of starting one")
     parser.add_argument("--device", default="cpu", help="device of the started server: cpu, cuda, auto")
+    parser.add_argument("--torch-threads", type=int, default=0, help="--torch-threads of the started server")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=60, help="Attend calls at batch 1 (fewer at larger batches)")
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
     process = None
     address = args.address
     if address is None:
-        process, address = start_server(args.device)
+        process, address = start_server(args.device, args.torch_threads)
     try:
         keys, values = synthetic_cache(args.layers, args.tokens)
         batches = (1, 8, 64)
@@ -145,7 +147,8 @@ def main(argv=None) -> None:
                 results[name] = bench_profile(client, profile, keys, values, batches, iterations, sparsity,
                                               args.repeats)
         baseline = results["fp16 passthrough (off)"]
-        print(f"svdq service on {address} (device {server.device}), {args.layers} layers x {args.tokens} tokens x "
+        threads = f", server --torch-threads {args.torch_threads}" if process is not None else ""
+        print(f"svdq service on {address} (device {server.device}{threads}), {args.layers} layers x {args.tokens} tokens x "
               f"{KV_HEADS} KV heads x {HEAD_DIM}, queries {Q_HEADS} heads; keys in: "
               f"{keys.numel() * 2 / 1e6:.1f} MB fp16; medians over {args.repeats} uploads, "
               f"{iterations} Attend calls per batch size\n")

@@ -72,6 +72,8 @@ class SvdqServer:
     def __init__(self, settings: Settings, environ: dict[str, str] | None = None) -> None:
         self.settings = settings
         environ = environ or {}
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.metrics = Metrics()
         self.engine = Engine(settings.engine_config(), load_profiles(settings.profiles_file), metrics=self.metrics)
         self.metrics.bind_engine(self.engine, __version__)
@@ -117,7 +119,7 @@ class SvdqServer:
             "event": "serving", "address": f"{self.settings.host}:{self.port}", "device": str(self.engine.device),
             "tls": credentials is not None, "mutual_tls": bool(self.settings.tls_client_ca),
             "tenants": len(self.authenticator.tenants) if self.authenticator.enabled else "auth off",
-            "metrics_port": self.metrics_port or "off", "warmup_ms": round(1e3 * (time.perf_counter() - started), 1),
+            "metrics_port": self.metrics_port or "off", "torch_threads": torch.get_num_threads(), "warmup_ms": round(1e3 * (time.perf_counter() - started), 1),
             "profiles": [profile.name for profile in self.engine.list_profiles()],
         }))
 

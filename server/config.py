@@ -64,6 +64,7 @@ class Settings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_batch: int = DEFAULT_MAX_BATCH
     grace_seconds: float = 30.0
+    torch_threads: int = 0
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(device=self.device, store_bytes=self.store_bytes, eviction=self.eviction,
@@ -94,6 +95,8 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("max-tokens", int, "most tokens one sequence may hold", {}),
     ("max-batch", int, "most entries one Attend call may have", {}),
     ("grace-seconds", float, "on SIGTERM, how long in-flight calls may take to finish", {}),
+    ("torch-threads", int, "intra-op threads of each torch computation; 0 keeps torch's default (all cores). "
+     "On CPUs shared with other work, 1 avoids threads waiting for each other at every parallel region", {}),
 )
 
 
@@ -135,6 +138,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         problems.append(f"--store-bytes must be > 0, got {settings.store_bytes}")
     if settings.ttl_seconds < 0:
         problems.append(f"--ttl-seconds must be >= 0, got {settings.ttl_seconds}")
+    if settings.torch_threads < 0:
+        problems.append(f"--torch-threads must be >= 0 (0 = torch's default), got {settings.torch_threads}")
     if settings.workers < 1 or settings.max_tokens < 1 or settings.max_batch < 1:
         problems.append("--workers, --max-tokens and --max-batch must be >= 1")
     if bool(settings.tls_cert) != bool(settings.tls_key):

@@ -42,6 +42,7 @@ def test_command_line_beats_environment_beats_defaults():
     (["--tls-cert", "a.pem"], "--tls-cert and --tls-key must be given together"),
     (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
     (["--port", "70000"], "--port must be in 1..65535"),
+    (["--torch-threads", "-1"], "--torch-threads must be >= 0"),
 ])
 def test_bad_settings_exit_with_a_message_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -439,12 +439,12 @@ def _project(rows: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor
 
 
 def _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_sinks, *,
-              stored_basis, rope, explicit_positions, sample_groups: int = 64) -> torch.Tensor:
+              stored_basis, rope, explicit_positions, sample_tokens: int = 2048) -> torch.Tensor:
     """Budget allocation: spend what the fixed costs leave of ``bits_per_element``.
 
-    The error of every latent channel at every width is measured on at most
-    ``sample_groups`` evenly spaced token groups: enough to rank channels, and it keeps the
-    full [tokens, C] projection out of the hot path.
+    The error of every latent channel at every width is measured on evenly spaced token
+    groups holding about ``sample_tokens`` tokens: enough to rank channels, and it keeps the
+    full [tokens, C] projection and nine trial quantizations of it out of the hot path.
     """
     from .format import fixed_size
 
@@ -462,6 +462,7 @@ def _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_si
     budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
     per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
     groups = body.reshape(n_groups, group_size, channels)
+    sample_groups = max(4, sample_tokens // group_size)
     if n_groups > sample_groups:
         groups = groups[torch.linspace(0, n_groups - 1, sample_groups, device=body.device).round().long()]
     sample = _project(groups.reshape(-1, channels), mean, components).reshape(-1, group_size, channels)

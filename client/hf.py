@@ -313,9 +313,9 @@ class RemoteOffload:
             value_bits=self.value_bits,
         )
         started = time.perf_counter()
-        # replace=True: re-registering the identical profile is a no-op, and a stale profile
-        # of the same name must not silently give another codec than the one asked for.
-        self.client.register_profile(profile, replace=True)
+        # Registering an identical profile again is accepted; a different one under the same
+        # name is a ConflictError rather than a silent change under other workers' sequences.
+        self.client.register_profile(profile)
         self.stats.backend_seconds += time.perf_counter() - started
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:

@@ -168,7 +168,8 @@ def _compress_prefix(prefix, codec: CodecConfig, rope: RopeConfig):
     ]
 
 
-def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: CodecConfig) -> list[str]:
+def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: CodecConfig,
+                   check_path: bool = False) -> list[str]:
     """Continuation dNLL and needle accuracy of SmolLM2 with prefix attention done by attend()."""
     import harness  # bench/harness.py (quality part): text, prefill, NLL, needle cases
     from svdq_client.models import load_smollm2
@@ -176,8 +177,8 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
     model, tokenizer = load_smollm2(torch.float32)
     model.eval()
     rope = RopeConfig.from_hf_config(model.config)
-    configs = [
-        ("fp16 passthrough via attend (checks the path)", CodecConfig(method="fp16"), None),
+    configs = [("fp16 passthrough via attend (checks the path)", CodecConfig(method="fp16"), None)] if check_path else []
+    configs += [
         (f"svdq {codec.bits_per_element} bits, dense", codec, None),
         (f"svdq {codec.bits_per_element} bits, sparse 1/8", codec, SparsityConfig(keep_fraction=1 / 8)),
         (f"svdq {codec.bits_per_element} bits, sparse 1/16", codec, SparsityConfig(keep_fraction=1 / 16)),
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuation", type=int, default=256, help="scored continuation tokens")
     parser.add_argument("--bits", type=float, default=1.5, help="svdq true bits per key element (accuracy part)")
     parser.add_argument("--needles", type=int, default=6, help="needle cases")
+    parser.add_argument("--check-path", action="store_true",
+                        help="accuracy part: add an fp16-passthrough row (should match the uncompressed model)")
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["## Speed", ""] + speed_table(args.tokens, device, args.repeats, args.batch) + [""]
     if args.part in ("accuracy", "all"):
         lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
-        lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits)) + [""]
+        lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits),
+                                args.check_path) + [""]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -53,7 +53,7 @@ _TARGET_PROGRAMS = 528  # about 4 waves of programs on a 132-SM GPU
 # Per-sequence scalars handed to the kernel as one int64 row each, in this order: codes start,
 # group row bytes, kept channels, scales/mins start, basis start, body positions start,
 # body tokens, first body token, full-precision rows start, full-precision tokens, values start.
-META_FIELDS: tl.constexpr = 11
+META_FIELDS = tl.constexpr(11)
 @triton.jit
 def _reduced_cos_sin(angle):
     # Cody-Waite reduction to [-pi, pi]: fast GPU sin/cos lose accuracy on the large

@@ -195,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         plain_nll, (plain_found, cases) = run_all(None)
         where = "in-process (LocalOffload)"
     elif args.address:
-        with KVCacheClient(args.address) as client:
+        with KVCacheClient(args.address, timeout=600.0) as client:
             plain_nll, (plain_found, cases) = run_all(client)
         where = f"server {args.address}"
     else:
-        with local_server("cpu") as address, KVCacheClient(address) as client:
+        with local_server("cpu") as address, KVCacheClient(address, timeout=600.0) as client:
             plain_nll, (plain_found, cases) = run_all(client)
         where = f"CPU server started by the bench ({address})"
     elapsed = time.perf_counter() - started

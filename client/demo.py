@@ -123,6 +123,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     server.add_argument("--tls-cert", help="client certificate PEM for mutual TLS")
     server.add_argument("--tls-key", help="client private key PEM for mutual TLS")
     server.add_argument("--server-name", help="TLS server name to verify when it differs from the address host")
+    server.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds one server call may take (default 300: compressing a long prefix on a "
+                        "busy CPU takes a while)")
     server.add_argument("--server-device", default="cpu", choices=("auto", "cpu", "cuda"),
                         help="--device of the server this demo starts (default: cpu)")
     model = parser.add_argument_group("compression and generation")
@@ -183,7 +186,8 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     enable_offload(model)
 
     client = KVCacheClient(address, token=args.token, root_certificates=args.tls_ca,
-                           client_certificate=args.tls_cert, client_key=args.tls_key, server_name=args.server_name)
+                           client_certificate=args.tls_cert, client_key=args.tls_key, server_name=args.server_name,
+                           timeout=args.timeout)
     with client:
         backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity)
         cache = SvdqOffloadCache(model, backend, window=args.window)

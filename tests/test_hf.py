@@ -34,6 +34,9 @@ from svdq.errors import InvalidInputError, NotFoundError
 
 PASSTHROUGH = CodecConfig(method="fp16")
 NEW_TOKENS = 10
+# Compressing a prefix of 30 layers can take tens of seconds on a loaded shared CPU; the
+# tests check results, not latency.
+RPC_TIMEOUT_S = 300.0
 
 PROMPTS = [
     "The history of the Roman Empire begins with",
@@ -99,7 +102,8 @@ def test_remote_passthrough_against_a_server_gives_the_plain_greedy_tokens(smoll
     from conftest import TENANT_TOKENS
 
     model, tokenizer = smollm2
-    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20) as client:
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20,
+                      timeout=RPC_TIMEOUT_S) as client:
         for prompt in PROMPTS[1:2]:  # the in-process test covers the others
             input_ids = tokenizer(prompt, return_tensors="pt").input_ids
             expected = _plain_greedy(model, input_ids)
@@ -127,7 +131,8 @@ def test_remote_svdq_with_sparsity_stores_fewer_bytes_and_reads_fewer(smollm2, s
     model, tokenizer = smollm2
     input_ids = load_harness().text_tokens(tokenizer, 600)
     sparsity = SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32)
-    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20) as client:
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20,
+                      timeout=RPC_TIMEOUT_S) as client:
         backend = RemoteOffload(client, CodecConfig(method="svdq", bits_per_element=1.5), sparsity=sparsity)
         cache = SvdqOffloadCache(model, backend, window=32, spill_block=16)
         produced = _offloaded_greedy(model, input_ids, cache, new_tokens=4)

@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-proto}
-PYTHON=${PYTHON:-python}
+# The project's virtual environment has grpcio-tools; PYTHON overrides.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 mkdir -p "$OUT/svdq/v1"
 "$PYTHON" -m grpc_tools.protoc -I proto \
   --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \

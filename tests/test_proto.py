@@ -2,7 +2,9 @@
 domain types survive their protobuf round trip."""
 
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +30,11 @@ GENERATED = ("kvcache_pb2.py", "kvcache_pb2.pyi", "kvcache_pb2_grpc.py")
 
 
 def test_generated_code_matches_the_proto(tmp_path):
-    subprocess.run([str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, capture_output=True,
-                   timeout=120)
+    # The generator must be the interpreter running the tests (the one with grpcio-tools).
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run([str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, f"gen_proto.sh failed:\n{run.stderr}"
     for name in GENERATED:
         fresh = (tmp_path / "svdq" / "v1" / name).read_text()
         checked_in = (ROOT / "proto" / "svdq" / "v1" / name).read_text()

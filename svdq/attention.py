@@ -16,21 +16,20 @@ parts are combined exactly through their log-sum-exp (:func:`merge_attention`), 
 operation a caller uses to merge this result with attention over its own recent tokens.
 
 Key sparsity (:class:`SparsityConfig`): the quantized body is cut into chunks of
-``chunk_size`` tokens. Each chunk carries a summary: the minimum and maximum over its tokens
-of ``score_channels`` latent channels (those with the widest quantization range: the
-leading SVD channels for svdq), float16, computed once per compressed sequence. For a query
-head, the query is rotated back to the chunk's centre position (RoPE^-1) and projected on
-those channels' basis rows (``u``); the chunk's score is the upper bound
-``q.mean + sum_j max(u_j * lo_j, u_j * hi_j)``, maximised over the query heads of a KV
-head. Each KV head then attends to its best chunks up to ``keep_fraction`` of the sequence,
-plus the sinks, the full-precision tail and every chunk that touches the ``num_recent``
-latest tokens. The rotation to the chunk centre is the approximation: it is exact for the
-slow RoPE frequencies that carry most of the latent energy and noisy for the fast ones.
+``chunk_size`` tokens. Every token gets a cheap approximate score from the low-rank keys of
+the ``score_channels`` leading latent channels (svdq keeps its latent in SVD order, so these
+carry most of the key energy): ``k_t ~= mean + sum_j l_tj b_j`` rotated to the token's
+position and dotted with the post-RoPE query, computed without rotating the query per token
+(:func:`token_scores`). A chunk scores the maximum of its tokens, a KV head the maximum of
+its query heads. Each KV head attends ``keep_fraction * S`` tokens (rounded up to whole
+chunks) selected by score from the body, in addition to the always-attended sinks, the
+full-precision tail and every chunk that touches the ``num_recent`` latest tokens.
 
 Bytes read (``AttentionStats.key_bytes_read``) count, once each, the compressed bytes the
 computation needs: basis and mean, the codes of every token attended by any head, the
 scales and minimums of the groups those tokens fall in, the full-precision sinks and tail,
-and for sparse calls the chunk summaries. The dense fp16 reference is ``2 * S * C``.
+and for sparse calls what the score read (:func:`selection_bytes`). The dense fp16 reference
+is ``2 * S * C``.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ import torch
 from .codec import CompressedKeys
 from .errors import InvalidInputError
 from .quant import unpack_codes
-from .rope import apply_rope, undo_rope
+from .rope import apply_rope, rope_cos_sin
 from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
@@ -56,12 +55,20 @@ BACKEND_ENV = "SVDQ_BACKEND"
 class SparsityConfig:
     """Attend only to a budget of token chunks chosen by an approximate score.
 
+    Each KV head attends the sinks, the full-precision tail and the chunks touching the
+    ``num_recent`` latest tokens (always, they are not scored), plus the best-scoring
+    ``ceil(ceil(keep_fraction * S) / chunk_size)`` chunks of the other body tokens, S being
+    the sequence's token count. So ``keep_fraction`` is the share of the sequence *selected*
+    by score, not a cap on everything attended; ``AttentionStats.tokens_attended`` and
+    ``key_bytes_read`` report what was really attended and read, the forced tokens and the
+    score's own reads included. Sequences where the selection would cover every candidate
+    chunk are attended densely.
+
     Attributes:
-        keep_fraction: share of the sequence's tokens attended in total, sinks, tail and
-            recent tokens included (they are always attended, even past the budget); (0, 1].
-        chunk_size: tokens per selectable chunk, 1..1024.
+        keep_fraction: share of the sequence's tokens selected by score; (0, 1].
+        chunk_size: tokens per selectable chunk (1 = token-level selection), 1..1024.
         num_recent: the latest tokens that are always attended, >= 0.
-        score_channels: latent channels whose per-chunk min/max make the summary, 1..64.
+        score_channels: leading latent channels of the low-rank score, 1..64.
     """
 
     keep_fraction: float = 1 / 32
@@ -118,7 +125,7 @@ class BodySelection:
 
     ``token_index`` int64 [Hkv, n] (``None`` = every body token, for all heads) and
     ``valid`` bool [Hkv, n] (False for padding that must not count); ``attended_union``
-    number of distinct body tokens over heads, ``summary_bytes`` what choosing them read.
+    number of distinct body tokens over heads, ``summary_bytes`` what scoring them read.
     """
 
     token_index: torch.Tensor | None
@@ -225,44 +232,125 @@ def _dequantized(keys: CompressedKeys, body_index: torch.Tensor | None, channels
 
 
 def _score_channels(keys: CompressedKeys, count: int) -> torch.Tensor:
-    """int64 [k] kept-channel indices with the widest mean quantization range."""
+    """int64 [m] kept-channel indices the selection score uses.
+
+    svdq keeps its latent channels in SVD order, so the leading ones carry the most key
+    energy. The kivi baseline's channels are raw key channels in no particular order, so it
+    takes those with the widest mean quantization range instead.
+    """
     key = ("score_channels", count)
     cached = keys._cache.get(key)
     if cached is None:
-        levels = (2 ** keys.kept_bits.to(keys.scales.device).float() - 1)
-        spread = (keys.scales.float() * levels).pow(2).mean(dim=0)
-        cached = torch.argsort(spread, descending=True)[: min(count, spread.numel())]
+        kept = keys.kept_bits.numel()
+        device = keys.scales.device
+        if keys.method == "svdq":
+            cached = torch.arange(min(count, kept), device=device)
+        else:
+            levels = 2 ** keys.kept_bits.to(device).float() - 1
+            spread = (keys.scales.float() * levels).pow(2).mean(dim=0)
+            cached = torch.argsort(spread, descending=True)[: min(count, kept)]
         keys._cache[key] = cached
     return cached
 
 
-def chunk_summary(keys: CompressedKeys, chunk_size: int, score_channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-chunk latent bounds, cached on ``keys``.
+def score_latent(keys: CompressedKeys, score_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low-rank view of the body keys the selection scores, cached on ``keys``.
 
-    Returns ``channels`` int64 [k] (kept-channel indices), ``low`` and ``high`` float16
-    [n_chunks, k]: min and max over each chunk's body tokens of those latent channels
-    (float16 rounded outward so they stay bounds).
+    Returns ``channels`` int64 [m] (kept-channel indices, see :func:`_score_channels`) and
+    ``latent`` float32 [n_body, m + 1]: the dequantized latent of those channels for every
+    body token, with a last column of ones that carries the mean.
     """
-    key = ("chunk_summary", chunk_size, score_channels)
+    key = ("score_latent", score_channels)
     cached = keys._cache.get(key)
     if cached is None:
         channels = _score_channels(keys, score_channels)
         latent = _dequantized(keys, None, channels)
-        n_body, k = latent.shape
-        n_chunks = -(-n_body // chunk_size)
-        padded_len = n_chunks * chunk_size
-        low = torch.full((padded_len, k), math.inf, device=latent.device)
-        high = torch.full((padded_len, k), -math.inf, device=latent.device)
-        low[:n_body], high[:n_body] = latent, latent
-        low = low.reshape(n_chunks, chunk_size, k).amin(dim=1)
-        high = high.reshape(n_chunks, chunk_size, k).amax(dim=1)
-        low16 = low.to(torch.float16)
-        high16 = high.to(torch.float16)
-        low16 = torch.where(low16.float() > low, torch.nextafter(low16, torch.full_like(low16, -math.inf)), low16)
-        high16 = torch.where(high16.float() < high, torch.nextafter(high16, torch.full_like(high16, math.inf)), high16)
-        cached = (channels, low16, high16)
+        ones = torch.ones(latent.shape[0], 1, device=latent.device)
+        cached = (channels, torch.cat([latent, ones], dim=1))
         keys._cache[key] = cached
     return cached
+
+
+def body_rope_tables(keys: CompressedKeys) -> torch.Tensor:
+    """float32 [n_body, 2 * P]: ``cos`` then ``sin`` of every body token's RoPE angles
+    (``svdq.rope.rope_cos_sin``, P = rotary_dim / 2), cached on ``keys``."""
+    cached = keys._cache.get("body_rope_tables")
+    if cached is None:
+        start, n_body = body_range(keys)
+        positions = keys.token_positions()[start:start + n_body]
+        cos, sin = rope_cos_sin(keys.rope, positions, keys.head_dim)
+        cached = torch.cat([cos, sin], dim=1)
+        keys._cache["body_rope_tables"] = cached
+    return cached
+
+
+def _rope_pairs(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(first, second, rotary): channel indices int64 [P] of each RoPE pair and the number
+    of rotating channels, as :mod:`svdq.rope` pairs them for the keys' style."""
+    rotary = keys.rope.dims(keys.head_dim)
+    device = keys.codes.device
+    pair = torch.arange(rotary // 2, device=device)
+    if keys.rope.style == "half":
+        return pair, pair + rotary // 2, rotary
+    return 2 * pair, 2 * pair + 1, rotary
+
+
+def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: int, tokens: int) -> torch.Tensor:
+    """Approximate ``q . RoPE_t(k_t)`` of the first ``tokens`` body tokens, from the low-rank
+    keys ``k_t ~= mean + sum_j l_tj b_j`` over the score channels.
+
+    For pre-RoPE keys the query is never rotated per token: with ``x1, x2`` the two channels
+    of RoPE pair ``p`` (angle ``a_tp``), ``RoPE_t`` maps them to ``x1 cos - x2 sin`` and
+    ``x2 cos + x1 sin``, so ``q . RoPE_t(x) = sum_p cos(a_tp) (q1 x1 + q2 x2)
+    + sin(a_tp) (q2 x1 - q1 x2) + q_rest . x_rest``. Both brackets are linear in ``x``, hence
+    in the latent ``[l_t, 1]``; their coefficients are computed once per query head and the
+    per-token work is one matmul with the cached cos/sin table.
+
+    Args:
+        queries: float32 [n, Hq, D] post-RoPE queries.
+        tokens: body tokens to score (the candidates, a prefix of the body).
+
+    Returns:
+        float32 [tokens, n, Hq] approximate scores (unscaled).
+    """
+    count, q_heads, head_dim = queries.shape
+    kv_heads = keys.kv_heads
+    ratio = q_heads // kv_heads
+    channels, latent = score_latent(keys, score_channels)
+    latent = latent[:tokens]
+    # [Hkv, D, m + 1]: each KV head's rows of the score channels' basis columns, then the mean.
+    columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1)
+    columns = columns.reshape(kv_heads, head_dim, -1)
+    grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)
+    if not rotates(keys):
+        coefficients = torch.einsum("nhgd,hdj->jnhg", grouped, columns).reshape(latent.shape[1], -1)
+        return (latent @ coefficients).reshape(tokens, count, q_heads)
+    first, second, rotary = _rope_pairs(keys)
+    q1, q2 = grouped[..., first], grouped[..., second]
+    x1, x2 = columns[:, first], columns[:, second]  # [Hkv, P, m + 1]
+    cos_part = torch.einsum("nhgp,hpj->pjnhg", q1, x1) + torch.einsum("nhgp,hpj->pjnhg", q2, x2)
+    sin_part = torch.einsum("nhgp,hpj->pjnhg", q2, x1) - torch.einsum("nhgp,hpj->pjnhg", q1, x2)
+    pairs = first.numel()
+    # [2P, (m + 1) * n * Hq] -> per token [m + 1, n * Hq] after one matmul with [cos | sin].
+    rotating = torch.cat([cos_part, sin_part]).reshape(2 * pairs, -1)
+    per_token = (body_rope_tables(keys)[:tokens] @ rotating).reshape(tokens, latent.shape[1], -1)
+    scores = torch.einsum("tj,tjq->tq", latent, per_token)
+    if rotary < head_dim:
+        rest = torch.einsum("nhgd,hdj->jnhg", grouped[..., rotary:], columns[:, rotary:]).reshape(latent.shape[1], -1)
+        scores = scores + latent @ rest
+    return scores.reshape(tokens, count, q_heads)
+
+
+def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:
+    """Bytes the score of ``tokens`` candidate body tokens reads: the codes of the score
+    ``channels`` of those tokens and the fp16 scales and minimums of those channels in the
+    groups they fall in. The basis columns and mean it uses are part of the basis every
+    svdq call already counts once (:func:`key_bytes_read`), so they are not counted twice."""
+    if tokens == 0:
+        return 0
+    bits = int(keys.kept_bits[channels.cpu()].sum()) if channels.numel() else 0
+    groups = -(-tokens // keys.group_size)
+    return -(-tokens * bits // 8) + 4 * channels.numel() * groups
 
 
 def select_body_tokens(query: torch.Tensor, keys: CompressedKeys, sparsity: SparsityConfig | None) -> BodySelection:
@@ -273,6 +361,11 @@ def select_body_tokens(query: torch.Tensor, keys: CompressedKeys, sparsity: Spar
 
 def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsity: SparsityConfig | None) -> list[BodySelection]:
     """Choose the quantized body tokens each KV head attends, for several queries of one sequence.
+
+    Chunks touching the ``num_recent`` latest tokens are always attended; of the others
+    (the candidates) each KV head takes the ``ceil(ceil(keep_fraction * S) / chunk_size)``
+    chunks with the highest score (:func:`token_scores`, maximised over the chunk's tokens
+    and the KV head's query heads).
 
     Args:
         queries: float32 [n, Hq, D] post-RoPE queries over ``keys`` (scored together).
@@ -288,56 +381,36 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     if sparsity is None or n_body == 0:
         return dense
     total = keys.num_tokens
-    kv_heads, head_dim = keys.kv_heads, keys.head_dim
+    kv_heads = keys.kv_heads
     chunk = sparsity.chunk_size
     n_chunks = -(-n_body // chunk)
-    # Chunks touching the recent window are always attended.
     recent_from = max(0, total - sparsity.num_recent - start)
     first_forced = min(n_chunks, recent_from // chunk)
-    forced_tokens = n_body - first_forced * chunk
-    full_precision = total - n_body
-    budget = math.ceil(sparsity.keep_fraction * total)
-    picks = max(0, (budget - full_precision - forced_tokens) // chunk)
+    picks = -(-math.ceil(sparsity.keep_fraction * total) // chunk)
     candidates = first_forced
     if picks >= candidates:
         return dense
     device = keys.codes.device
     forced = torch.arange(first_forced * chunk, n_body, device=device)
-    summary_bytes = 0
-    if picks > 0:
-        channels, low, high = chunk_summary(keys, chunk, sparsity.score_channels)
-        low, high = low[:candidates].float(), high[:candidates].float()
-        summary_bytes = 4 * candidates * channels.numel()
-        body_positions = keys.token_positions()[start:start + n_body]
-        centre = body_positions[torch.arange(candidates, device=device) * chunk + (chunk - 1) // 2]
-        q_heads = queries.shape[1]
-        ratio = q_heads // kv_heads
-        flat_q = queries.float().reshape(1, count * q_heads, head_dim)
-        if rotates(keys):
-            # RoPE^-1 at the chunk centre: q . R_t k ~= (R_c^T q) . k for t near c.
-            rotated = undo_rope(flat_q.expand(candidates, -1, -1), centre, keys.rope)
-        else:
-            rotated = flat_q.expand(candidates, -1, -1)
-        rotated = rotated.reshape(candidates, count, kv_heads, ratio, head_dim)
-        basis = keys.basis.float().reshape(kv_heads, head_dim, -1)[:, :, channels]
-        mean = keys.mean.float().reshape(kv_heads, head_dim)
-        projected = torch.einsum("cnhgd,hdj->cnhgj", rotated, basis)
-        bound = torch.maximum(projected * low[:, None, None, None, :], projected * high[:, None, None, None, :]).sum(-1)
-        bound = bound + torch.einsum("cnhgd,hd->cnhg", rotated, mean)
-        # Best chunks per (query, KV head), by the bound maximised over the head's query heads.
-        best = bound.amax(dim=3).permute(1, 2, 0).topk(picks, dim=-1).indices.sort(dim=-1).values
-        chosen = (best[..., None] * chunk + torch.arange(chunk, device=device)).reshape(count, kv_heads, -1)
-        token_index = torch.cat([chosen, forced.expand(count, kv_heads, -1)], dim=-1)
-    else:
-        token_index = forced.expand(count, kv_heads, -1).contiguous()
+    candidate_tokens = min(candidates * chunk, n_body)
+    channels, _ = score_latent(keys, sparsity.score_channels)
+    scores = token_scores(queries, keys, sparsity.score_channels, candidate_tokens)
+    scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1)
+    padded = scores.new_full((candidates * chunk, count, kv_heads), -math.inf)
+    padded[:candidate_tokens] = scores
+    chunk_scores = padded.reshape(candidates, chunk, count, kv_heads).amax(dim=1)
+    best = chunk_scores.permute(1, 2, 0).topk(picks, dim=-1).indices.sort(dim=-1).values
+    chosen = (best[..., None] * chunk + torch.arange(chunk, device=device)).reshape(count, kv_heads, -1)
+    token_index = torch.cat([chosen, forced.expand(count, kv_heads, -1)], dim=-1)
     valid = token_index < n_body
     token_index = torch.where(valid, token_index, torch.zeros_like(token_index))
     per_head = int(valid[0, 0].sum())
+    score_bytes = selection_bytes(keys, channels, candidate_tokens)
     selections = []
     for item, item_valid in zip(token_index, valid, strict=True):
         union = torch.unique(item[item_valid])
         groups_touched = torch.unique(union // keys.group_size).numel()
-        selections.append(BodySelection(item, item_valid, per_head, union.numel(), groups_touched, summary_bytes))
+        selections.append(BodySelection(item, item_valid, per_head, union.numel(), groups_touched, score_bytes))
     return selections
 
 

@@ -14,8 +14,10 @@ from svdq.attention import (
     attend,
     body_range,
     merge_attention,
+    score_latent,
     select_backend,
     select_body_tokens,
+    token_scores,
 )
 from svdq.errors import InvalidInputError
 from svdq.values import ValueConfig, compress_values, decompress_values, values_to_bytes
@@ -117,16 +119,59 @@ def test_sparse_reference_is_exact_attention_over_the_selected_tokens():
                                     decompress_values(values, torch.float32), 1 / 8, allowed)
     assert torch.allclose(result.output[0].double(), expected, atol=2e-5)
     assert torch.allclose(result.lse[0].double(), lse, atol=2e-5)
-    # Sinks and the recent window are always attended; the budget is respected.
+    # Sinks and the recent window are always attended, on top of the selected chunks.
     assert allowed[:, :4].all() and allowed[:, -24:].all()
     stats = result.stats[0]
     assert stats.tokens_attended == int(allowed[0].sum())
-    assert stats.tokens_attended <= math.ceil(0.25 * 403) + 8
-    dense = attend(queries, [keys], [values], backend="torch").stats[0]
-    assert stats.key_bytes_read < dense.key_bytes_read < stats.dense_fp16_key_bytes
 
 
-def test_sparse_selection_finds_a_planted_needle():
+def test_budget_selects_keep_fraction_of_the_tokens_on_top_of_the_forced_ones():
+    # 1/32 of 1000 tokens is 32 tokens = 4 chunks of 8, selected from the body even though
+    # sinks + tail + recent chunks alone exceed 32 tokens (the old budget selected nothing).
+    keys, values = make_case(tokens=1000, group_size=32)
+    sparsity = SparsityConfig(keep_fraction=1 / 32, chunk_size=8, num_recent=40)
+    selection = select_body_tokens(torch.randn(6, 64), keys, sparsity)
+    start, n_body = body_range(keys)
+    full_precision = 1000 - n_body
+    first_forced = (1000 - 40 - start) // 8
+    forced = n_body - first_forced * 8
+    assert full_precision + forced > 32
+    assert selection.per_head_count == 4 * 8 + forced
+    for head in range(3):
+        tokens = selection.token_index[head][selection.valid[head]]
+        assert (tokens < first_forced * 8).sum() == 32
+        assert torch.equal(tokens[-forced:], torch.arange(first_forced * 8, n_body))
+    stats = attend(torch.randn(1, 6, 64), [keys], [values], sparsity=sparsity, backend="torch").stats[0]
+    assert stats.tokens_attended == full_precision + 32 + forced
+
+
+@pytest.mark.parametrize("method,key_space,rope", [
+    ("svdq", "pre_rope", ROPE),
+    ("svdq", "pre_rope", RopeConfig(style="interleaved")),
+    ("svdq", "pre_rope", RopeConfig(rotary_dim=32)),
+    ("svdq", "pre_rope", None),
+    ("kivi", "post_rope", ROPE),
+    ("kivi", "pre_rope", RopeConfig(style="interleaved", rotary_dim=16)),
+])
+def test_token_scores_equal_the_query_dotted_with_rotated_low_rank_keys(method, key_space, rope):
+    keys, _ = make_case(method, tokens=200, key_space=key_space, rope=rope)
+    queries = torch.randn(2, 6, 64)
+    channels, latent = score_latent(keys, 5)
+    assert latent.shape == (body_range(keys)[1], channels.numel() + 1)
+    if method == "svdq":
+        assert torch.equal(channels, torch.arange(5))  # svdq's latent order is importance order
+    scores = token_scores(queries, keys, 5, 150)
+    low_rank = (latent[:150, :-1] @ keys.basis.float()[:, channels].T + keys.mean.float()).reshape(150, 3, 64)
+    if key_space == "pre_rope" and rope is not None:
+        start, _ = body_range(keys)
+        low_rank = apply_rope(low_rank, keys.token_positions()[start:start + 150], rope)
+    expected = torch.einsum("nhd,thd->tnh", queries.double(), low_rank.double().repeat_interleave(2, dim=1))
+    assert scores.shape == (150, 2, 6)
+    assert torch.allclose(scores.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_sparse_selection_finds_a_planted_needle(chunk_size):
     tokens, kv_heads, head_dim = 1024, 2, 64
     pre = structured_keys(tokens, kv_heads, head_dim, seed=7)
     direction = pre[:, 0].std(dim=0)
@@ -138,13 +183,34 @@ def test_sparse_selection_finds_a_planted_needle():
     # Rotated to the needle's own position, so that q . RoPE(k) peaks at the needle.
     query = apply_rope((40 * direction).reshape(1, 1, head_dim), torch.tensor([needle]), ROPE)[0]
     queries = torch.cat([query, torch.zeros(1, head_dim)]).reshape(1, 2, head_dim)
-    sparsity = SparsityConfig(keep_fraction=1 / 16, chunk_size=16, num_recent=0)
+    # 1/1024 of the tokens: a single chunk (a single token for chunk_size 1) is selected.
+    sparsity = SparsityConfig(keep_fraction=1 / 1024, chunk_size=chunk_size, num_recent=0, score_channels=8)
     selection = select_body_tokens(queries[0], keys, sparsity)
     start, _ = body_range(keys)
-    assert (selection.token_index[0] + start == needle).any()
+    assert selection.per_head_count <= 32 + chunk_size
+    assert (selection.token_index[0][selection.valid[0]] + start == needle).any()
     result = attend(queries, [keys], [values], sparsity=sparsity, backend="torch")
     dense = attend(queries, [keys], [values], backend="torch")
     assert torch.allclose(result.output[0, 0], dense.output[0, 0], atol=1e-2)
+
+
+def test_sparse_bytes_read_count_selected_codes_and_the_score_reads():
+    keys, values = make_case(tokens=403, group_size=16)
+    sparsity = SparsityConfig(keep_fraction=1 / 16, chunk_size=4, num_recent=16, score_channels=3)
+    queries = torch.randn(1, 3, 64)
+    selection = select_body_tokens(queries[0], keys, sparsity)
+    stats = attend(queries, [keys], [values], sparsity=sparsity, backend="torch").stats[0]
+    start, n_body = body_range(keys)
+    kept_bits = keys.kept_bits
+    kept, channels = kept_bits.numel(), keys.channels
+    union = torch.unique(selection.token_index[selection.valid])
+    groups = torch.unique(union // 16).numel()
+    candidates = (403 - 16 - start) // 4 * 4
+    score = -(-candidates * int(kept_bits[:3].sum()) // 8) + 4 * 3 * -(-candidates // 16)
+    expected = ((403 - n_body) * channels * 2 + 2 * channels * kept + 4 * channels
+                + -(-union.numel() * int(kept_bits.sum()) // 8) + 4 * kept * groups + score)
+    assert selection.summary_bytes == score
+    assert stats.key_bytes_read == expected
 
 
 def test_keep_everything_equals_dense_and_bytes_add_up():

@@ -90,7 +90,7 @@ def check_against_reference(queries, keys, values, device, scale=None, sparsity=
     return result
 
 
-SPARSE = SparsityConfig(keep_fraction=0.6, chunk_size=8, num_recent=4)
+SPARSE = SparsityConfig(keep_fraction=0.3, chunk_size=8, num_recent=4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -171,7 +171,7 @@ def _compress_prefix(prefix, codec: CodecConfig, rope: RopeConfig):
 def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: CodecConfig,
                    check_path: bool = False) -> list[str]:
     """Continuation dNLL and needle accuracy of SmolLM2 with prefix attention done by attend()."""
-    import harness  # bench/harness.py (quality part): text, prefill, NLL, needle cases
+    from svdq_client import evaluation as harness  # text, prefill, NLL, needle cases
     from svdq_client.models import load_smollm2
 
     model, tokenizer = load_smollm2(torch.float32)

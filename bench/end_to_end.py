@@ -16,7 +16,7 @@ Columns:
   ``--prefix``-token prefix, minus the plain model's. The prefix is offloaded (all but the
   ``--window`` most recent tokens), the continuation runs as one chunk of queries.
 * ``needle``: RULER-style needle cases answered (``--cases`` cases of ``--context`` tokens,
-  bench/harness.py): the document is offloaded, the question runs on top of it, the answer is
+  svdq_client.evaluation): the document is offloaded, the question runs on top of it, the answer is
   generated greedily.
 * ``key bits``: serialized key bytes the server stores over key elements (16 = fp16);
   ``stored/fp16``: the same as a share of fp16 bytes.
@@ -45,11 +45,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from svdq_client import KVCacheClient  # noqa: E402
+from svdq_client import evaluation as harness  # noqa: E402
 from svdq_client.demo import local_server  # noqa: E402
 from svdq_client.hf import LocalOffload, RemoteOffload, SvdqOffloadCache, disable_offload, enable_offload  # noqa: E402
 from svdq_client.models import load_smollm2  # noqa: E402
 
-from bench import harness  # noqa: E402
 from svdq.attention import SparsityConfig  # noqa: E402
 from svdq.codec import CodecConfig  # noqa: E402
 
@@ -99,7 +99,7 @@ def _backend(row: Row, client: KVCacheClient | None):
 
 
 def _nll(logits: torch.Tensor, continuation_ids: torch.Tensor) -> float:
-    """Mean NLL of tokens 2..T of the continuation, as bench/harness.continuation_nll scores
+    """Mean NLL of tokens 2..T of the continuation, as svdq_client.evaluation.continuation_nll scores
     (the first token is predicted from the prefix's own last position)."""
     log_probs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
     return float(-log_probs.gather(1, continuation_ids[0, 1:, None]).mean())

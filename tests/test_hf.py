@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from svdq_client import KVCacheClient
+from svdq_client import KVCacheClient, evaluation
 from svdq_client.hf import (
     LocalOffload,
     ModelShape,
@@ -126,10 +126,9 @@ def test_remote_passthrough_against_a_server_gives_the_plain_greedy_tokens(smoll
 def test_remote_svdq_with_sparsity_stores_fewer_bytes_and_reads_fewer(smollm2, shared_server):
     """SVDq on the server: the prefix is stored compressed and sparse attention reads less."""
     from conftest import TENANT_TOKENS
-    from svdq_client.demo import load_harness
 
     model, tokenizer = smollm2
-    input_ids = load_harness().text_tokens(tokenizer, 600)
+    input_ids = evaluation.text_tokens(tokenizer, 600)
     sparsity = SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32)
     with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20,
                       timeout=RPC_TIMEOUT_S) as client:

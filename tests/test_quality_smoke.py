@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import harness  # noqa: E402
 import quality  # noqa: E402
+from svdq_client import evaluation as harness  # noqa: E402
 
 import svdq  # noqa: E402
 

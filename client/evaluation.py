@@ -1,4 +1,5 @@
-"""Real-model evaluation pieces shared by the benchmarks (quality, attention, integration).
+"""Real-model evaluation pieces: the demo's needle prompt and the benchmarks' measurements
+(quality, attention, integration). Packaged so that ``svdq-demo`` works outside a checkout.
 
 What it provides, for a transformers causal LM (SmolLM2-135M in this project):
 

@@ -21,7 +21,6 @@ import torch
 from .errors import InvalidInputError
 
 MAX_BITS = 8
-_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
 
 
 def channel_offsets(channel_bits: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -67,46 +66,52 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     return codes.float() * scales.float()[:, None, :] + mins.float()[:, None, :]
 
 
+def code_bit_positions(kept_bits: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every code of a group row starts: int64 ``byte`` and ``shift`` [group_size, r].
+
+    Code (t, j) occupies bits ``[shift, shift + b_j)`` of the little-endian 16-bit word at
+    ``byte``; the second byte is only needed when ``shift + b_j > 8``.
+    """
+    bits = kept_bits.to(torch.int64)
+    offsets = channel_offsets(bits, group_size)
+    bit_in_channel = torch.arange(group_size, device=bits.device)[:, None] * bits[None, :]
+    return offsets[None, :] + bit_in_channel // 8, bit_in_channel % 8
+
+
 def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
-    """Pack codes [groups, group_size, r] into rows uint8 [groups, group_bytes]."""
+    """Pack codes [groups, group_size, r] into rows uint8 [groups, group_bytes].
+
+    Every code is shifted into its 16-bit window and added into the row: codes never share a
+    bit, so the sum is their bitwise union, and one scatter handles every width.
+    """
     groups, group_size, _ = codes.shape
     if group_size % 8:
         raise InvalidInputError(f"group_size must be a multiple of 8, got {group_size}")
-    offsets = channel_offsets(kept_bits, group_size)
-    rows = torch.zeros(groups, group_bytes(kept_bits, group_size), dtype=torch.uint8, device=codes.device)
-    weights = _BIT_WEIGHTS.to(codes.device)
-    if groups == 0:
-        return rows
-    for width in torch.unique(kept_bits).tolist():
-        channels = torch.nonzero(kept_bits == width).flatten()
-        if width == 0 or channels.numel() == 0:
-            continue
-        # [groups, channels, group_size, width] bits, LSB of each code first
-        bits = (codes[:, :, channels].permute(0, 2, 1).to(torch.int32)[..., None] >> torch.arange(width, device=codes.device)) & 1
-        nbytes = group_size * width // 8
-        packed = (bits.reshape(groups, channels.numel(), nbytes, 8) * weights).sum(-1).to(torch.uint8)
-        index = (offsets[channels.to(offsets.device)][:, None] + torch.arange(nbytes, device=codes.device)).flatten()
-        rows[:, index] = packed.reshape(groups, channels.numel() * nbytes)
-    return rows
+    row_bytes = group_bytes(kept_bits, group_size)
+    rows = torch.zeros(groups, row_bytes + 1, dtype=torch.int32, device=codes.device)
+    if groups and row_bytes:
+        byte, shift = code_bit_positions(kept_bits.to(codes.device), group_size)
+        shifted = codes.to(torch.int32) << shift.to(torch.int32)
+        index = byte.reshape(1, -1).expand(groups, -1)
+        rows.scatter_add_(1, index, (shifted & 0xFF).reshape(groups, -1))
+        rows.scatter_add_(1, index + 1, (shifted >> 8).reshape(groups, -1))
+    return rows[:, :row_bytes].to(torch.uint8)
 
 
 def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r]."""
+    """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r], by one gather of
+    the two bytes under every code."""
     groups = rows.shape[0]
-    offsets = channel_offsets(kept_bits, group_size)
-    codes = torch.zeros(groups, group_size, kept_bits.numel(), dtype=torch.uint8, device=rows.device)
-    for width in torch.unique(kept_bits).tolist():
-        channels = torch.nonzero(kept_bits == width).flatten()
-        if width == 0 or channels.numel() == 0:
-            continue
-        nbytes = group_size * width // 8
-        index = (offsets[channels.to(offsets.device)][:, None] + torch.arange(nbytes, device=rows.device)).flatten()
-        packed = rows[:, index].reshape(groups, channels.numel(), nbytes, 1).to(torch.int32)
-        bits = (packed >> torch.arange(8, device=rows.device)) & 1
-        bits = bits.reshape(groups, channels.numel(), group_size, width)
-        values = (bits * _BIT_WEIGHTS[:width].to(rows.device)).sum(-1)
-        codes[:, :, channels] = values.permute(0, 2, 1).to(torch.uint8)
-    return codes
+    kept = kept_bits.numel()
+    if groups == 0 or kept == 0:
+        return torch.zeros(groups, group_size, kept, dtype=torch.uint8, device=rows.device)
+    byte, shift = code_bit_positions(kept_bits.to(rows.device), group_size)
+    padded = torch.nn.functional.pad(rows, (0, 1)).to(torch.int32)
+    index = byte.reshape(1, -1).expand(groups, -1)
+    words = padded.gather(1, index) | (padded.gather(1, index + 1) << 8)
+    mask = ((1 << kept_bits.to(rows.device, torch.int32)) - 1)
+    codes = (words.reshape(groups, group_size, kept) >> shift.to(torch.int32)) & mask
+    return codes.to(torch.uint8)
 
 
 def distortion_table(latent: torch.Tensor) -> torch.Tensor:

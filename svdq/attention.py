@@ -72,7 +72,7 @@ class SparsityConfig:
     """
 
     keep_fraction: float = 1 / 32
-    chunk_size: int = 16
+    chunk_size: int = 8
     num_recent: int = 64
     score_channels: int = 16
 

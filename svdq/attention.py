@@ -49,6 +49,8 @@ from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
 BACKEND_ENV = "SVDQ_BACKEND"
+# Largest [tokens, m + 1, heads] intermediate of the selection score (float32 elements).
+SCORE_BLOCK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -331,10 +333,19 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     cos_part = torch.einsum("nhgp,hpj->pjnhg", q1, x1) + torch.einsum("nhgp,hpj->pjnhg", q2, x2)
     sin_part = torch.einsum("nhgp,hpj->pjnhg", q2, x1) - torch.einsum("nhgp,hpj->pjnhg", q1, x2)
     pairs = first.numel()
-    # [2P, (m + 1) * n * Hq] -> per token [m + 1, n * Hq] after one matmul with [cos | sin].
-    rotating = torch.cat([cos_part, sin_part]).reshape(2 * pairs, -1)
-    per_token = (body_rope_tables(keys)[:tokens] @ rotating).reshape(tokens, latent.shape[1], -1)
-    scores = torch.einsum("tj,tjq->tq", latent, per_token)
+    # [2P, m + 1, n * Hq]: per latent column, the cos and sin coefficients of every query head.
+    rotating = torch.cat([cos_part, sin_part]).flatten(2)
+    tables = body_rope_tables(keys)[:tokens]
+    columns_count, heads_total = rotating.shape[1], rotating.shape[2]
+    # One matmul per block of query heads: a single one keeps the CPU's parallel regions few
+    # (many small matmuls stall on a loaded CPU), blocks bound its [tokens, m + 1, block]
+    # output for long continuations scored in one call.
+    block = max(1, SCORE_BLOCK_ELEMENTS // max(1, tokens * columns_count))
+    scores = torch.empty(tokens, heads_total, device=latent.device)
+    for head_from in range(0, heads_total, block):
+        part = rotating[:, :, head_from:head_from + block].reshape(2 * pairs, -1)
+        per_token = (tables @ part).reshape(tokens, columns_count, -1)
+        scores[:, head_from:head_from + block] = torch.einsum("tj,tjq->tq", latent, per_token)
     if rotary < head_dim:
         rest = torch.einsum("nhgd,hdj->jnhg", grouped[..., rotary:], columns[:, rotary:]).reshape(latent.shape[1], -1)
         scores = scores + latent @ rest
@@ -348,7 +359,12 @@ def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -
     svdq call already counts once (:func:`key_bytes_read`), so they are not counted twice."""
     if tokens == 0:
         return 0
-    bits = int(keys.kept_bits[channels.cpu()].sum()) if channels.numel() else 0
+    key = ("score_code_bits", channels.numel())
+    bits = keys._cache.get(key)
+    if bits is None:
+        # Cached: summing on a CUDA tensor would synchronise the device on every call.
+        bits = int(keys.kept_bits[channels.to(keys.kept_bits.device)].sum())
+        keys._cache[key] = bits
     groups = -(-tokens // keys.group_size)
     return -(-tokens * bits // 8) + 4 * channels.numel() * groups
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, to_bytes
+from svdq import attention as attention_module
 from svdq.attention import (
     SparsityConfig,
     attend,
@@ -168,6 +169,15 @@ def test_token_scores_equal_the_query_dotted_with_rotated_low_rank_keys(method, 
     expected = torch.einsum("nhd,thd->tnh", queries.double(), low_rank.double().repeat_interleave(2, dim=1))
     assert scores.shape == (150, 2, 6)
     assert torch.allclose(scores.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_token_scores_in_blocks_of_query_heads_equal_one_block(monkeypatch):
+    keys, _ = make_case(tokens=200)
+    queries = torch.randn(3, 6, 64)
+    whole = token_scores(queries, keys, 5, 150)
+    # 150 tokens x 6 latent columns x 4 heads: 18 query heads in blocks of 4 (the last of 2).
+    monkeypatch.setattr(attention_module, "SCORE_BLOCK_ELEMENTS", 150 * 6 * 4)
+    assert torch.allclose(token_scores(queries, keys, 5, 150), whole, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])

@@ -76,7 +76,7 @@ class SparsityConfig:
     keep_fraction: float = 1 / 32
     chunk_size: int = 8
     num_recent: int = 64
-    score_channels: int = 16
+    score_channels: int = 32
 
     def __post_init__(self) -> None:
         if not (isinstance(self.keep_fraction, (int, float)) and 0 < self.keep_fraction <= 1):

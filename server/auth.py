@@ -20,13 +20,11 @@ the comparison does not leak a token's prefix through timing.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from pathlib import Path
-
-import yaml
 
 from svdq.errors import InvalidInputError
+
+from .config import read_config_file
 
 DEFAULT_TENANT = "default"
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -93,12 +91,7 @@ class TokenAuthenticator:
         """Merge the tokens file and the ``SVDQ_TOKENS`` value (either may be absent)."""
         tenants: dict[str, list[str]] = {}
         if tokens_file:
-            path = Path(tokens_file)
-            try:
-                text = path.read_text()
-            except OSError as exc:
-                raise InvalidInputError(f"cannot read --tokens-file {tokens_file}: {exc}") from None
-            loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            loaded = read_config_file(tokens_file, "--tokens-file")
             if not isinstance(loaded, dict) or not isinstance(loaded.get("tenants"), dict):
                 raise InvalidInputError(f"--tokens-file {tokens_file} must hold a mapping 'tenants: {{name: [tokens]}}'")
             for tenant, tokens in loaded["tenants"].items():

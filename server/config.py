@@ -151,6 +151,16 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     return settings
 
 
+def read_config_file(path: str | Path, option: str) -> object:
+    """Parse a configuration file given by ``option``: JSON when it ends in .json, else YAML."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {option} {path}: {exc}") from None
+    return json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+
+
 def load_profiles(path: str | None) -> list[Profile]:
     """Profiles from a YAML/JSON file: ``profiles: [{name, num_layers, kv_heads, head_dim,
     rope: {...}, codec: {...}, value_bits, value_group_size, basis_file}]``.
@@ -161,11 +171,7 @@ def load_profiles(path: str | None) -> list[Profile]:
     if not path:
         return []
     file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read --profiles-file {path}: {exc}") from None
-    loaded = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    loaded = read_config_file(file, "--profiles-file")
     entries = loaded.get("profiles") if isinstance(loaded, dict) else loaded
     if not isinstance(entries, list):
         raise InvalidInputError(f"--profiles-file {path} must hold a list 'profiles: [...]'")

@@ -420,7 +420,7 @@ def compress(
         position_offset=offset,
         channel_bits=channel_bits.to(torch.uint8),
         basis=components if config.method == "kivi" else components[:, kept].contiguous(),
-        mean=mean if config.method == "svdq" else torch.zeros(channels, device=device),
+        mean=mean,
         sinks=flat[:num_sinks].to(storage),
         codes=pack_codes(codes, kept_bits),
         scales=scales,

@@ -457,8 +457,9 @@ def _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_si
         has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
     )
     budget = config.bits_per_element * tokens * channels - fixed_bits
-    # Sequences too short to amortise the fixed costs still get the budget on their own
-    # quantized tokens; the true bits per element then exceed the target (reported as such).
+    # Sequences too short to amortise the fixed costs still get half the budget's bits for
+    # their quantized tokens' codes and metadata, rather than none; the true bits per element
+    # then exceed the target (reported as such).
     budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
     per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
     groups = body.reshape(n_groups, group_size, channels)

@@ -43,6 +43,8 @@ DEFAULT_MAX_TOKENS = 1 << 20
 DEFAULT_MAX_BATCH = 4096
 #: abandoned uploads are dropped after this many seconds without a chunk
 UPLOAD_IDLE_SECONDS = 600.0
+#: owner of the profiles loaded at start (--profiles-file): every tenant sees them
+OPERATOR = ""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,43 +164,63 @@ class Engine:
                  self.config.eviction, f"{self.config.ttl_seconds}s" if self.config.ttl_seconds else "off")
 
     # -- profiles ------------------------------------------------------------------------
+    #
+    # Profiles of the operator (``--profiles-file``, owner OPERATOR) are seen by every tenant
+    # and belong to no tenant; a profile registered by RPC belongs to the tenant that registered
+    # it, so one tenant can neither see nor change another tenant's profiles. A tenant's own
+    # profile may not take an operator profile's name (lookups would become ambiguous).
 
-    def register_profile(self, profile: Profile, replace: bool = False) -> Profile:
-        """Add a profile; re-registering an identical one is a no-op, a different one with
-        the same name needs ``replace`` (ConflictError otherwise)."""
+    def register_profile(self, profile: Profile, replace: bool = False, tenant: str = OPERATOR) -> Profile:
+        """Add a profile for ``tenant`` (OPERATOR: visible to all tenants); re-registering an
+        identical one is a no-op, a different one with the same name needs ``replace``
+        (ConflictError otherwise)."""
         with self._profiles_lock:
-            existing = self._profiles.get(profile.name)
+            if tenant != OPERATOR:
+                operator = self._profiles.get((OPERATOR, profile.name))
+                if operator is not None:
+                    if operator.same_as(profile):
+                        return operator
+                    raise ConflictError(
+                        f"profile {profile.name!r} is set by the server's operator (--profiles-file) with different "
+                        "settings and cannot be replaced over RPC; register yours under another name"
+                    )
+            existing = self._profiles.get((tenant, profile.name))
             if existing is not None and not replace and not existing.same_as(profile):
                 raise ConflictError(
                     f"profile {profile.name!r} already exists with different settings; pass replace=true to change it"
                 )
-            self._profiles[profile.name] = profile
+            self._profiles[(tenant, profile.name)] = profile
         return profile
 
-    def get_profile(self, name: str) -> Profile:
+    def get_profile(self, name: str, tenant: str = OPERATOR) -> Profile:
+        """The profile ``name`` as ``tenant`` sees it: its own, else the operator's."""
         with self._profiles_lock:
-            profile = self._profiles.get(name)
+            profile = self._profiles.get((tenant, name)) or self._profiles.get((OPERATOR, name))
         if profile is None:
-            raise NotFoundError(f"profile {name!r} not found; known profiles: {sorted(self._profiles)}")
+            known = sorted(profile.name for profile in self.list_profiles(tenant))
+            raise NotFoundError(f"profile {name!r} not found; known profiles: {known}")
         return profile
 
-    def list_profiles(self) -> list[Profile]:
+    def list_profiles(self, tenant: str = OPERATOR) -> list[Profile]:
+        """The operator's profiles and ``tenant``'s own, by name."""
         with self._profiles_lock:
-            return [self._profiles[name] for name in sorted(self._profiles)]
+            visible = {name: profile for (owner, name), profile in self._profiles.items() if owner in (OPERATOR, tenant)}
+        return [visible[name] for name in sorted(visible)]
 
     # -- stateless codec -------------------------------------------------------------------
 
-    def compress_keys(self, keys: torch.Tensor, *, profile_name: str = "", layer: int = 0,
+    def compress_keys(self, keys: torch.Tensor, *, tenant: str = OPERATOR, profile_name: str = "", layer: int = 0,
                       codec: CodecConfig | None = None, rope: RopeConfig | None = None,
                       positions: torch.Tensor | None = None, key_space: str = "pre_rope") -> tuple[bytes, BlobStats]:
         """Compress one layer's keys [tokens, kv_heads, head_dim] to an svdq.format blob.
 
-        With ``profile_name`` the codec, RoPE and shared basis of that profile's ``layer`` are
-        used (``codec`` still overrides the codec); without it, ``codec`` and ``rope``.
+        With ``profile_name`` (as ``tenant`` sees it) the codec, RoPE and shared basis of that
+        profile's ``layer`` are used (``codec`` still overrides the codec); without it, ``codec``
+        and ``rope``.
         """
         basis = None
         if profile_name:
-            profile = self.get_profile(profile_name)
+            profile = self.get_profile(profile_name, tenant)
             self._check_layer(profile, layer, "layer")
             self._check_geometry(profile, keys, "keys", dims=3)
             rope = profile.rope
@@ -215,12 +237,13 @@ class Engine:
             self.metrics.compressed(profile_name or "none", stats.compression_ratio, stats.bits_per_element, error)
         return blob, stats
 
-    def decompress_keys(self, blob: bytes, *, profile_name: str = "", layer: int = 0, key_space: str | None = None,
+    def decompress_keys(self, blob: bytes, *, tenant: str = OPERATOR, profile_name: str = "", layer: int = 0,
+                        key_space: str | None = None,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
         """Keys [tokens, kv_heads, head_dim] (CPU) of a blob from :meth:`compress_keys`."""
         basis = None
         if profile_name:
-            profile = self.get_profile(profile_name)
+            profile = self.get_profile(profile_name, tenant)
             self._check_layer(profile, layer, "layer")
             basis = profile.bases[layer] if profile.bases is not None else None
         compressed = from_bytes(blob, basis=basis)
@@ -233,7 +256,7 @@ class Engine:
         already completed (a retried stream), else ``None`` and chunks may follow."""
         check_name(header.sequence_id, "sequence_id")
         check_name(header.upload_id, "upload_id")
-        profile = self.get_profile(header.profile)
+        profile = self.get_profile(header.profile, tenant)
         if not 1 <= header.total_tokens <= self.config.max_tokens:
             raise InvalidInputError(
                 f"total_tokens must be in 1..{self.config.max_tokens} (--max-tokens), got {header.total_tokens}"
@@ -558,7 +581,7 @@ class Engine:
             stored_bytes=totals["keys"] + totals["values"], stored_fp16_bytes=totals["fp16_keys"] + totals["fp16_values"],
             sequences=totals["sequences"], tenant_sequences=self.store.count(tenant), evictions=self.store.evictions,
             eviction=self.store.eviction, ttl_seconds=self.store.ttl_seconds,
-            profiles=tuple(profile.name for profile in self.list_profiles()),
+            profiles=tuple(profile.name for profile in self.list_profiles(tenant)),
         )
 
     # -- helpers -----------------------------------------------------------------------------

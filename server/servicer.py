@@ -45,24 +45,29 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     async def RegisterProfile(self, request, context):
         profile = Profile.from_pb(request.profile)
-        return (await self._run(self.engine.register_profile, profile, request.replace)).to_pb()
+        return (await self._run(self.engine.register_profile, profile, request.replace, current_tenant.get())).to_pb()
 
     async def GetProfile(self, request, context):
-        return self.engine.get_profile(request.name).to_pb()
+        return self.engine.get_profile(request.name, current_tenant.get()).to_pb()
 
     async def ListProfiles(self, request, context):
-        return pb.ListProfilesResponse(profiles=[profile.to_pb() for profile in self.engine.list_profiles()])
+        profiles = self.engine.list_profiles(current_tenant.get())
+        return pb.ListProfilesResponse(profiles=[profile.to_pb() for profile in profiles])
 
     async def Compress(self, request, context):
+        tenant = current_tenant.get()
+
         def work():
-            return self.engine.compress_keys(**convert.compress_args_from_pb(request))
+            return self.engine.compress_keys(tenant=tenant, **convert.compress_args_from_pb(request))
 
         blob, stats = await self._run(work)
         return pb.CompressResponse(blob=blob, stats=stats.to_pb())
 
     async def Decompress(self, request, context):
+        tenant = current_tenant.get()
+
         def work():
-            return tensor_to_pb(self.engine.decompress_keys(**convert.decompress_args_from_pb(request)))
+            return tensor_to_pb(self.engine.decompress_keys(tenant=tenant, **convert.decompress_args_from_pb(request)))
 
         return pb.DecompressResponse(keys=await self._run(work))
 

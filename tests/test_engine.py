@@ -336,6 +336,30 @@ def test_profiles_register_idempotently_and_conflicts_need_replace(engine):
         engine.get_profile("nope")
 
 
+def test_profiles_belong_to_the_tenant_that_registers_them(engine):
+    # "tiny" came with the engine, as from --profiles-file: every tenant sees it
+    engine.register_profile(make_profile("mine", codec=CodecConfig(method="fp16")), tenant="alpha")
+    assert [p.name for p in engine.list_profiles("alpha")] == ["mine", "tiny"]
+    assert [p.name for p in engine.list_profiles("beta")] == ["tiny"]
+    with pytest.raises(NotFoundError, match=r"profile 'mine' not found; known profiles: \['tiny'\]"):
+        engine.get_profile("mine", "beta")
+    keys, values = cache()
+    with pytest.raises(NotFoundError, match="profile 'mine' not found"):
+        engine.begin_upload("beta", UploadHeader("s", "mine", "u", TOKENS, "post_rope", True, True))
+    with pytest.raises(NotFoundError, match="profile 'mine' not found"):
+        engine.compress_keys(keys[0], tenant="beta", profile_name="mine")
+    # beta's own "mine" is a different profile and leaves alpha's alone, even with replace
+    engine.register_profile(make_profile("mine", num_layers=1), replace=True, tenant="beta")
+    assert engine.get_profile("mine", "alpha").codec.method == "fp16"
+    assert engine.get_profile("mine", "beta").num_layers == 1
+    # an operator profile cannot be changed over RPC; registering an identical one is a no-op
+    assert engine.register_profile(make_profile(), tenant="alpha").same_as(make_profile())
+    with pytest.raises(ConflictError, match="set by the server's operator"):
+        engine.register_profile(make_profile(num_layers=1), replace=True, tenant="alpha")
+    assert engine.get_profile("tiny", "alpha").num_layers == LAYERS
+    assert engine.server_info("alpha").profiles == ("mine", "tiny")
+
+
 def test_bad_uploads_are_refused_before_anything_is_stored(engine):
     keys, values = cache()
     with pytest.raises(NotFoundError, match="profile 'nope'"):

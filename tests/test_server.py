@@ -120,6 +120,22 @@ def test_profiles_register_by_rpc(client):
     assert name in {p.name for p in client.list_profiles()}
 
 
+def test_profiles_are_private_to_their_tenant(shared_server, client):
+    name = new_id("profile")
+    mine = Profile(name, 1, 1, 16, codec=CodecConfig(method="fp16"))
+    client.register_profile(mine)
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-b"]) as other:
+        assert name not in {p.name for p in other.list_profiles()} and "tiny" in {p.name for p in other.list_profiles()}
+        with pytest.raises(NotFoundError, match=f"profile '{name}' not found"):
+            other.get_profile(name)
+        other.register_profile(Profile(name, 2, 1, 16), replace=True)  # team-b's own, under the same name
+        assert other.get_profile(name).num_layers == 2
+        with pytest.raises(ConflictError, match="set by the server's operator"):
+            other.register_profile(Profile("tiny", 1, 1, 16), replace=True)
+    assert client.get_profile(name).same_as(mine)
+    assert client.get_profile("tiny").num_layers == LAYERS
+
+
 def test_authentication_and_tenant_isolation(shared_server, client):
     sequence = new_id()
     keys, values = cache(40)

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from svdq_client import evaluation as harness  # noqa: E402
+from svdq_client.hf import calibrate_bases  # noqa: E402
 
 import svdq  # noqa: E402
 from svdq.rope import apply_rope  # noqa: E402
@@ -177,10 +178,9 @@ def check_rope(prefix: harness.PrefixCache, rope: svdq.RopeConfig) -> RopeCheck:
     return RopeCheck(roundtrip, undo)
 
 
-def fit_shared_bases(model, tokenizer, rope: svdq.RopeConfig, start: int, tokens: int) -> list[svdq.Basis]:
+def fit_shared_bases(model, tokenizer, start: int, tokens: int) -> tuple[svdq.Basis, ...]:
     """One basis per layer from the keys of a different window of the text (calibration)."""
-    calibration = harness.prefill(model, harness.text_tokens(tokenizer, tokens, start=start))
-    return [svdq.fit_layer_basis(keys, positions=calibration.positions, rope=rope) for keys in calibration.keys]
+    return calibrate_bases(model, harness.text_tokens(tokenizer, tokens, start=start))
 
 
 @dataclass
@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     if not args.no_explore:
         explore = explore_methods()
-        bases = fit_shared_bases(model, tokenizer, setup.rope, args.prefix_tokens + args.continuation_tokens,
+        bases = fit_shared_bases(model, tokenizer, args.prefix_tokens + args.continuation_tokens,
                                  args.prefix_tokens)
         explore_rows = score_nll(model, setup, explore, bases)
         print()

@@ -202,7 +202,8 @@ class Profile:
         for basis in self.bases or ():
             layer = message.bases.add()
             tensor_to_pb(basis.mean.float(), layer.mean)
-            tensor_to_pb(basis.components.float(), layer.components)
+            # float16: all the codec ever uses of a basis (and what its fingerprint hashes), half the bytes
+            tensor_to_pb(basis.components.to(torch.float16), layer.components)
             tensor_to_pb(basis.singular_values.float(), layer.singular_values)
         return message
 
@@ -214,7 +215,7 @@ class Profile:
                 Basis(
                     mean=tensor_from_pb(layer.mean, f"profile.bases[{i}].mean", dtypes=(torch.float32,), finite=True),
                     components=tensor_from_pb(layer.components, f"profile.bases[{i}].components",
-                                              dtypes=(torch.float32,), finite=True),
+                                              dtypes=(torch.float16, torch.float32), finite=True).float(),
                     singular_values=tensor_from_pb(layer.singular_values, f"profile.bases[{i}].singular_values",
                                                    dtypes=(torch.float32,), finite=True),
                 )

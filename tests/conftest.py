@@ -118,7 +118,7 @@ def shared_server(tmp_path_factory, tokens_file, profiles_file):
     """One multi-tenant server for the integration modules (auth on, metrics on)."""
     server = ServerProcess(tmp_path_factory.mktemp("shared-server"),
                            ["--tokens-file", str(tokens_file), "--profiles-file", str(profiles_file),
-                            "--store-bytes", "64MiB", "--max-message-bytes", "2MiB"]).start()
+                            "--store-bytes", "64MiB", "--max-message-bytes", "3MiB"]).start()
     yield server
     server.stop()
 

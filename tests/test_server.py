@@ -177,7 +177,7 @@ def _bad_requests(sequence):
     attend = pb.AttendRequest(entries=[pb.AttendEntry(sequence_id=sequence, layer=5)])
     tensor_to_pb(torch.zeros(1, HEADS, DIM), attend.queries)
     huge = pb.AppendRequest(sequence_id=sequence, expected_tokens=48)
-    tensor_to_pb(torch.zeros(LAYERS, 8200, HEADS, DIM), huge.keys)  # > the server's 2 MiB message limit
+    tensor_to_pb(torch.zeros(LAYERS, 8200, HEADS, DIM), huge.keys)  # > the server's 3 MiB message limit
     return [
         ("Append", append(keys=short), grpc.StatusCode.INVALID_ARGUMENT, "keys.data has 254 bytes"),
         ("Append", append(keys=nan_keys), grpc.StatusCode.INVALID_ARGUMENT, "keys contains NaN or Inf"),
@@ -228,7 +228,7 @@ def test_typed_client_errors_carry_the_server_message(client):
         client.compress(torch.full((4, HEADS, DIM), float("nan")))
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(ResourceExhaustedError):
-        client.compress(torch.zeros(9000, HEADS, DIM))  # 2.3 MB > the 2 MiB message limit
+        client.compress(torch.zeros(13000, HEADS, DIM))  # 3.3 MB > the 3 MiB message limit
     sequence = new_id()
     keys, values = cache(40)
     client.upload(sequence, "tiny", keys, values, key_space="post_rope")

@@ -44,13 +44,13 @@ import torch
 from .codec import CompressedKeys
 from .errors import InvalidInputError
 from .quant import unpack_codes
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, rope_cos_sin, rotate_with_tables
 from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
 BACKEND_ENV = "SVDQ_BACKEND"
-# Largest [tokens, m + 1, heads] intermediate of the selection score (float32 elements).
-SCORE_BLOCK_ELEMENTS = 1 << 25
+# Low-rank keys (float32 elements) the selection score builds and rotates at a time.
+SCORE_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -286,27 +286,17 @@ def body_rope_tables(keys: CompressedKeys) -> torch.Tensor:
     return cached
 
 
-def _rope_pairs(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(first, second, rotary): channel indices int64 [P] of each RoPE pair and the number
-    of rotating channels, as :mod:`svdq.rope` pairs them for the keys' style."""
-    rotary = keys.rope.dims(keys.head_dim)
-    device = keys.codes.device
-    pair = torch.arange(rotary // 2, device=device)
-    if keys.rope.style == "half":
-        return pair, pair + rotary // 2, rotary
-    return 2 * pair, 2 * pair + 1, rotary
-
-
 def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: int, tokens: int) -> torch.Tensor:
     """Approximate ``q . RoPE_t(k_t)`` of the first ``tokens`` body tokens, from the low-rank
     keys ``k_t ~= mean + sum_j l_tj b_j`` over the score channels.
 
-    For pre-RoPE keys the query is never rotated per token: with ``x1, x2`` the two channels
-    of RoPE pair ``p`` (angle ``a_tp``), ``RoPE_t`` maps them to ``x1 cos - x2 sin`` and
-    ``x2 cos + x1 sin``, so ``q . RoPE_t(x) = sum_p cos(a_tp) (q1 x1 + q2 x2)
-    + sin(a_tp) (q2 x1 - q1 x2) + q_rest . x_rest``. Both brackets are linear in ``x``, hence
-    in the latent ``[l_t, 1]``; their coefficients are computed once per query head and the
-    per-token work is one matmul with the cached cos/sin table.
+    The low-rank keys of all KV heads are built in one ``[tokens, m + 1] @ [m + 1, C]`` matmul,
+    rotated to their positions with the cached cos/sin table (for pre-RoPE keys: with ``x1, x2``
+    the two channels of RoPE pair ``p``, ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``), and
+    dotted with every query head. That is ``tokens * (C * (m + 1) + n * Hq * D)`` multiply-adds:
+    the low-rank keys do not depend on the queries, so a chunk of ``n`` queries (a scored
+    continuation, a prompt over an offloaded prefix) builds them once. The reads are the same
+    as for any evaluation of the score: ``m`` channels' codes per token, basis columns, mean.
 
     Args:
         queries: float32 [n, Hq, D] post-RoPE queries.
@@ -317,39 +307,23 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     """
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
-    ratio = q_heads // kv_heads
     channels, latent = score_latent(keys, score_channels)
-    latent = latent[:tokens]
-    # [Hkv, D, m + 1]: each KV head's rows of the score channels' basis columns, then the mean.
-    columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1)
-    columns = columns.reshape(kv_heads, head_dim, -1)
-    grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)
-    if not rotates(keys):
-        coefficients = torch.einsum("nhgd,hdj->jnhg", grouped, columns).reshape(latent.shape[1], -1)
-        return (latent @ coefficients).reshape(tokens, count, q_heads)
-    first, second, rotary = _rope_pairs(keys)
-    q1, q2 = grouped[..., first], grouped[..., second]
-    x1, x2 = columns[:, first], columns[:, second]  # [Hkv, P, m + 1]
-    cos_part = torch.einsum("nhgp,hpj->pjnhg", q1, x1) + torch.einsum("nhgp,hpj->pjnhg", q2, x2)
-    sin_part = torch.einsum("nhgp,hpj->pjnhg", q2, x1) - torch.einsum("nhgp,hpj->pjnhg", q1, x2)
-    pairs = first.numel()
-    # [2P, m + 1, n * Hq]: per latent column, the cos and sin coefficients of every query head.
-    rotating = torch.cat([cos_part, sin_part]).flatten(2)
-    tables = body_rope_tables(keys)[:tokens]
-    columns_count, heads_total = rotating.shape[1], rotating.shape[2]
-    # One matmul per block of query heads: a single one keeps the CPU's parallel regions few
-    # (many small matmuls stall on a loaded CPU), blocks bound its [tokens, m + 1, block]
-    # output for long continuations scored in one call.
-    block = max(1, SCORE_BLOCK_ELEMENTS // max(1, tokens * columns_count))
-    scores = torch.empty(tokens, heads_total, device=latent.device)
-    for head_from in range(0, heads_total, block):
-        part = rotating[:, :, head_from:head_from + block].reshape(2 * pairs, -1)
-        per_token = (tables @ part).reshape(tokens, columns_count, -1)
-        scores[:, head_from:head_from + block] = torch.einsum("tj,tjq->tq", latent, per_token)
-    if rotary < head_dim:
-        rest = torch.einsum("nhgd,hdj->jnhg", grouped[..., rotary:], columns[:, rotary:]).reshape(latent.shape[1], -1)
-        scores = scores + latent @ rest
-    return scores.reshape(tokens, count, q_heads)
+    # [C, m + 1]: the score channels' basis columns, then the mean.
+    columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1).T
+    grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim)
+    tables = body_rope_tables(keys) if rotates(keys) else None
+    scores = torch.empty(tokens, count, q_heads, device=latent.device)
+    # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
+    # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
+    block = max(64, SCORE_BLOCK_ELEMENTS // columns.shape[1])
+    for start in range(0, tokens, block):
+        stop = min(tokens, start + block)
+        low_rank = (latent[start:stop] @ columns).reshape(stop - start, kv_heads, head_dim)
+        if tables is not None:
+            pairs = tables.shape[1] // 2
+            low_rank = rotate_with_tables(low_rank, tables[start:stop, :pairs], tables[start:stop, pairs:], keys.rope)
+        scores[start:stop] = torch.einsum("thd,nhgd->tnhg", low_rank, grouped).reshape(stop - start, count, q_heads)
+    return scores
 
 
 def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:
@@ -465,23 +439,37 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     return rows, index
 
 
+def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.Tensor:
+    """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``body_index`` [n]
+    (every body token when None), all KV heads of each token at once."""
+    start, n_body = body_range(keys)
+    positions = keys.token_positions()[start:start + n_body]
+    flat = _dequantized(keys, body_index) @ keys.basis.float().T + keys.mean.float()
+    rows = flat.reshape(flat.shape[0], keys.kv_heads, keys.head_dim)
+    if rotates(keys):
+        rows = apply_rope(rows, positions if body_index is None else positions[body_index], keys.rope)
+    return rows
+
+
 def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
     (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None)."""
-    start, n_body = body_range(keys)
-    kv_heads, head_dim = keys.kv_heads, keys.head_dim
-    positions = keys.token_positions()[start:start + n_body]
-    mean = keys.mean.float()
     if selection.token_index is None:
-        flat = _dequantized(keys, None) @ keys.basis.float().T + mean
-        rows = flat.reshape(n_body, kv_heads, head_dim)
-        if rotates(keys):
-            rows = apply_rope(rows, positions, keys.rope)
-        return rows.transpose(0, 1)
+        return _body_rows(keys, None).transpose(0, 1)
     index = selection.token_index
+    kv_heads, head_dim = keys.kv_heads, keys.head_dim
+    union = torch.unique(index)
+    if union.numel() * kv_heads < index.numel():
+        # Several queries (a chunk of a continuation) whose selections overlap: reconstruct each
+        # token they select once, every KV head together, and gather per query and head.
+        rows = _body_rows(keys, union)  # [U, Hkv, D]
+        heads = torch.arange(kv_heads, device=index.device)[:, None]
+        return rows[torch.searchsorted(union, index), heads]
+    start, n_body = body_range(keys)
+    positions = keys.token_positions()[start:start + n_body]
     latent = _dequantized(keys, index)  # [..., Hkv, n, r]
     basis = keys.basis.float().reshape(kv_heads, head_dim, -1)
-    rows = torch.einsum("...hnr,hdr->...hnd", latent, basis) + mean.reshape(kv_heads, 1, head_dim)
+    rows = torch.einsum("...hnr,hdr->...hnd", latent, basis) + keys.mean.float().reshape(kv_heads, 1, head_dim)
     if rotates(keys):
         flat = rows.reshape(-1, 1, head_dim)
         rows = apply_rope(flat, positions[index].reshape(-1), keys.rope).reshape(rows.shape)

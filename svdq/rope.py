@@ -165,10 +165,16 @@ def _rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig, sign:
             f"positions must be a 1-D tensor with one entry per token ({keys.shape[0]}), "
             f"got shape {tuple(positions.shape)}"
         )
-    head_dim = keys.shape[-1]
-    rotary = rope.dims(head_dim)
-    cos, sin = rope_cos_sin(rope, positions, head_dim)
-    cos, sin = cos[:, None, :], sign * sin[:, None, :]
+    cos, sin = rope_cos_sin(rope, positions, keys.shape[-1])
+    return rotate_with_tables(keys, cos, sign * sin, rope)
+
+
+def rotate_with_tables(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Rotate ``keys`` [tokens, heads, head_dim] by precomputed angles: ``cos``, ``sin``
+    [tokens, rotary / 2] as :func:`rope_cos_sin` gives them (negated ``sin`` undoes the
+    rotation); float32 out. For callers that rotate the same positions many times."""
+    rotary = rope.dims(keys.shape[-1])
+    cos, sin = cos[:, None, :], sin[:, None, :]
     work = keys.to(torch.float32)
     rot, rest = work[..., :rotary], work[..., rotary:]
     if rope.style == "half":

@@ -126,6 +126,36 @@ def test_sparse_reference_is_exact_attention_over_the_selected_tokens():
     assert stats.tokens_attended == int(allowed[0].sum())
 
 
+def test_many_sparse_queries_over_one_sequence_equal_one_call_each(monkeypatch):
+    """A chunk of queries over one sequence reconstructs the union of their selections once
+    (the chunk's selections overlap); each query still attends exactly its own tokens."""
+    keys, values = make_case(method="svdq", tokens=403, key_space="post_rope")
+    queries = torch.randn(12, 6, 64, generator=torch.Generator().manual_seed(4))
+    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=24)
+    unions = []
+    original = attention_module._body_rows
+    monkeypatch.setattr(attention_module, "_body_rows",
+                        lambda k, index: unions.append(index) or original(k, index))
+    together = attend(queries, [keys] * 12, [values] * 12, sparsity=sparsity, backend="torch")
+    start, n_body = body_range(keys)
+    assert len(unions) == 1 and unions[0] is not None and unions[0].numel() <= n_body  # one shared reconstruction
+    decompressed = decompress(keys, "post_rope", torch.float32)
+    for b in range(12):
+        alone = attend(queries[b:b + 1], [keys], [values], sparsity=sparsity, backend="torch")
+        torch.testing.assert_close(together.output[b], alone.output[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.lse[b], alone.lse[0], atol=1e-5, rtol=0)
+        assert together.stats[b].key_bytes_read == alone.stats[0].key_bytes_read
+        selection = select_body_tokens(queries[b], keys, sparsity)
+        allowed = torch.ones(3, 403, dtype=torch.bool)
+        allowed[:, start:start + n_body] = False
+        for head in range(3):
+            allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+        expected, lse = naive_attention(queries[b], decompressed, decompress_values(values, torch.float32), 1 / 8,
+                                        allowed)
+        assert torch.allclose(together.output[b].double(), expected, atol=2e-5)
+        assert torch.allclose(together.lse[b].double(), lse, atol=2e-5)
+
+
 def test_budget_selects_keep_fraction_of_the_tokens_on_top_of_the_forced_ones():
     # 1/32 of 1000 tokens is 32 tokens = 4 chunks of 8, selected from the body even though
     # sinks + tail + recent chunks alone exceed 32 tokens (the old budget selected nothing).
@@ -169,15 +199,6 @@ def test_token_scores_equal_the_query_dotted_with_rotated_low_rank_keys(method, 
     expected = torch.einsum("nhd,thd->tnh", queries.double(), low_rank.double().repeat_interleave(2, dim=1))
     assert scores.shape == (150, 2, 6)
     assert torch.allclose(scores.double(), expected, rtol=1e-4, atol=1e-3)
-
-
-def test_token_scores_in_blocks_of_query_heads_equal_one_block(monkeypatch):
-    keys, _ = make_case(tokens=200)
-    queries = torch.randn(3, 6, 64)
-    whole = token_scores(queries, keys, 5, 150)
-    # 150 tokens x 6 latent columns x 4 heads: 18 query heads in blocks of 4 (the last of 2).
-    monkeypatch.setattr(attention_module, "SCORE_BLOCK_ELEMENTS", 150 * 6 * 4)
-    assert torch.allclose(token_scores(queries, keys, 5, 150), whole, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])

@@ -65,10 +65,12 @@ class Settings:
     max_batch: int = DEFAULT_MAX_BATCH
     grace_seconds: float = 30.0
     torch_threads: int = 0
+    attention_cache_bytes: int = 1 << 30
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(device=self.device, store_bytes=self.store_bytes, eviction=self.eviction,
-                            ttl_seconds=self.ttl_seconds, max_tokens=self.max_tokens, max_batch=self.max_batch)
+                            ttl_seconds=self.ttl_seconds, max_tokens=self.max_tokens, max_batch=self.max_batch,
+                            attention_cache_bytes=self.attention_cache_bytes)
 
 
 # (option, type, help); defaults come from Settings.
@@ -97,6 +99,9 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("grace-seconds", float, "on SIGTERM, how long in-flight calls may take to finish", {}),
     ("torch-threads", int, "intra-op threads of each torch computation; 0 keeps torch's default (all cores). "
      "On CPUs shared with other work, 1 avoids threads waiting for each other at every parallel region", {}),
+    ("attention-cache-bytes", parse_bytes, "memory for tensors attention derives from stored keys and keeps between "
+     "calls (unpacked codes, score latents, kernel layouts), least recently used first out; on top of --store-bytes. "
+     "0 keeps only the layer last served", {}),
 )
 
 

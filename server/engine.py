@@ -27,6 +27,7 @@ from svdq import __version__
 from svdq.attention import SparsityConfig
 from svdq.attention import attend as attend_compressed
 from svdq.codec import CodecConfig, CompressedKeys, append, compress, decompress, relative_error
+from svdq.derived import DERIVED
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.format import from_bytes, to_bytes
 from svdq.rope import RopeConfig
@@ -69,6 +70,8 @@ class EngineConfig:
         ttl_seconds: idle sequences expire after this long; 0 = never.
         max_tokens: tokens one sequence may hold.
         max_batch: entries one Attend call may have.
+        attention_cache_bytes: limit of :data:`svdq.derived.DERIVED`, the process-wide memory
+            for tensors attention derives from stored keys; ``None`` leaves it as it is.
     """
 
     device: str = "auto"
@@ -77,6 +80,7 @@ class EngineConfig:
     ttl_seconds: float = 0.0
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_batch: int = DEFAULT_MAX_BATCH
+    attention_cache_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, profiles: Sequence[Profile] = (), metrics=None) -> None:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
+        if self.config.attention_cache_bytes is not None:
+            if self.config.attention_cache_bytes < 0:
+                raise InvalidInputError(f"attention_cache_bytes must be >= 0, got {self.config.attention_cache_bytes}")
+            DERIVED.limit_bytes = self.config.attention_cache_bytes
         self.metrics = metrics
         self.store = SequenceStore(self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
                                    on_evict=metrics.evicted if metrics is not None else None)

@@ -13,6 +13,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from svdq.derived import DERIVED
+
 log = logging.getLogger(__name__)
 
 RATIO_BUCKETS = (1, 1.5, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32, 64)
@@ -53,6 +55,11 @@ class _StoreCollector:
         else:
             memory.add_metric([str(device), "store_tensors"], store.tensor_bytes())
         yield memory
+        yield GaugeMetricFamily("svdq_attention_cache_bytes", "Bytes of tensors attention derived from stored keys "
+                                "and keeps between calls (process-wide, on top of the store).", value=DERIVED.nbytes)
+        limit = DERIVED.limit_bytes
+        yield GaugeMetricFamily("svdq_attention_cache_limit_bytes", "Limit of the attention cache "
+                                "(--attention-cache-bytes; -1: none).", value=-1 if limit is None else limit)
 
 
 class Metrics:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .codec import CompressedKeys
+from .derived import DERIVED
 from .errors import InvalidInputError
 from .quant import unpack_codes
 from .rope import apply_rope, rope_cos_sin, rotate_with_tables
@@ -209,13 +210,13 @@ def code_widths(keys: CompressedKeys) -> tuple[int, int]:
 
 
 def latent_codes(keys: CompressedKeys) -> torch.Tensor:
-    """uint8 [n_body, r] unpacked codes, cached on ``keys`` (r bytes per body token: the
-    general bit unpack is the slow step of the CPU path, so it runs once per sequence)."""
-    cached = keys._cache.get("latent_codes")
+    """uint8 [n_body, r] unpacked codes, kept in :data:`svdq.derived.DERIVED` (r bytes per body
+    token: the general bit unpack is the slow step of the CPU path, so it runs once per
+    sequence while the budget allows)."""
+    cached = DERIVED.get(keys, "latent_codes")
     if cached is None:
         codes = unpack_codes(keys.codes, keys.kept_bits.to(keys.codes.device), keys.group_size)
-        cached = codes.reshape(-1, keys.kept_bits.numel())
-        keys._cache["latent_codes"] = cached
+        cached = DERIVED.put(keys, "latent_codes", codes.reshape(-1, keys.kept_bits.numel()))
     return cached
 
 
@@ -256,33 +257,19 @@ def _score_channels(keys: CompressedKeys, count: int) -> torch.Tensor:
 
 
 def score_latent(keys: CompressedKeys, score_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The low-rank view of the body keys the selection scores, cached on ``keys``.
+    """The low-rank view of the body keys the selection scores, kept in :data:`svdq.derived.DERIVED`.
 
     Returns ``channels`` int64 [m] (kept-channel indices, see :func:`_score_channels`) and
     ``latent`` float32 [n_body, m + 1]: the dequantized latent of those channels for every
     body token, with a last column of ones that carries the mean.
     """
     key = ("score_latent", score_channels)
-    cached = keys._cache.get(key)
+    cached = DERIVED.get(keys, key)
     if cached is None:
         channels = _score_channels(keys, score_channels)
         latent = _dequantized(keys, None, channels)
         ones = torch.ones(latent.shape[0], 1, device=latent.device)
-        cached = (channels, torch.cat([latent, ones], dim=1))
-        keys._cache[key] = cached
-    return cached
-
-
-def body_rope_tables(keys: CompressedKeys) -> torch.Tensor:
-    """float32 [n_body, 2 * P]: ``cos`` then ``sin`` of every body token's RoPE angles
-    (``svdq.rope.rope_cos_sin``, P = rotary_dim / 2), cached on ``keys``."""
-    cached = keys._cache.get("body_rope_tables")
-    if cached is None:
-        start, n_body = body_range(keys)
-        positions = keys.token_positions()[start:start + n_body]
-        cos, sin = rope_cos_sin(keys.rope, positions, keys.head_dim)
-        cached = torch.cat([cos, sin], dim=1)
-        keys._cache["body_rope_tables"] = cached
+        cached = DERIVED.put(keys, key, (channels, torch.cat([latent, ones], dim=1)))
     return cached
 
 
@@ -311,17 +298,20 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     # [C, m + 1]: the score channels' basis columns, then the mean.
     columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1).T
     grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim)
-    tables = body_rope_tables(keys) if rotates(keys) else None
+    body_start, _ = body_range(keys)
+    positions = keys.token_positions()[body_start:body_start + tokens]
     scores = torch.empty(tokens, count, q_heads, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
+    # The block's cos/sin are computed here rather than cached per sequence: a cached table
+    # would hold 8 * P bytes per token, more than the compressed keys themselves.
     block = max(64, SCORE_BLOCK_ELEMENTS // columns.shape[1])
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
         low_rank = (latent[start:stop] @ columns).reshape(stop - start, kv_heads, head_dim)
-        if tables is not None:
-            pairs = tables.shape[1] // 2
-            low_rank = rotate_with_tables(low_rank, tables[start:stop, :pairs], tables[start:stop, pairs:], keys.rope)
+        if rotates(keys):
+            cos, sin = rope_cos_sin(keys.rope, positions[start:stop], head_dim)
+            low_rank = rotate_with_tables(low_rank, cos, sin, keys.rope)
         scores[start:stop] = torch.einsum("thd,nhgd->tnhg", low_rank, grouped).reshape(stop - start, count, q_heads)
     return scores
 

@@ -359,3 +359,7 @@ def test_metrics_endpoint_exports_the_contract(shared_server, client):
     assert not missing, missing
     budget = next(line for line in text.splitlines() if line.startswith("svdq_store_budget_bytes "))
     assert float(budget.split()[1]) == 64 * 2**20
+    gauges = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("svdq_attention_cache")}
+    # the sparse Attend above unpacked codes and score latents: kept, within the default 1 GiB
+    assert 0 < gauges["svdq_attention_cache_bytes"] <= gauges["svdq_attention_cache_limit_bytes"] == 2**30

@@ -17,7 +17,8 @@ from svdq_server.servicer import KVCacheServicer
 from svdq import InvalidInputError, fit_basis
 
 CONTRACT_OPTIONS = ["host", "port", "metrics-port", "device", "store-bytes", "eviction", "ttl-seconds", "profiles-file",
-                    "tokens-file", "tls-cert", "tls-key", "tls-client-ca", "log-format", "log-level"]
+                    "tokens-file", "tls-cert", "tls-key", "tls-client-ca", "log-format", "log-level",
+                    "attention-cache-bytes"]
 
 
 def test_help_documents_every_option_with_its_environment_variable():

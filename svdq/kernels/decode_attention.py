@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..derived import DERIVED
 from ..quant import channel_offsets
 from ..rope import inverse_frequencies
 
@@ -264,14 +265,14 @@ def _layout_signature(keys: CompressedKeys, values: CompressedValues) -> tuple:
 
 
 def _sequence_layout(keys: CompressedKeys) -> dict:
-    """Launch-ready per-sequence tensors and sizes, cached on ``keys`` (a few bytes per token:
+    """Launch-ready per-sequence tensors and sizes, kept in ``DERIVED`` (a few bytes per token:
     int32 body positions, plus a copy of the full-precision sinks and tail).
 
     ``widths``/``offsets`` int32 [r] kept channel widths and byte offsets in a group row;
     ``body_positions`` int32 [n_body]; ``full_rows`` [F, C] storage dtype (sinks then tail),
     ``full_positions`` and ``full_tokens`` int32 [F] (position and sequence index).
     """
-    cached = keys._cache.get("kernel_layout")
+    cached = DERIVED.get(keys, "kernel_layout")
     if cached is None:
         device = keys.codes.device
         start, n_body = keys.sinks.shape[0], keys.num_groups * keys.group_size
@@ -292,7 +293,7 @@ def _sequence_layout(keys: CompressedKeys) -> dict:
             "full_count": full_index.numel(),
             "rope_tables": rope_query_tables(keys, keys.head_dim, device),
         }
-        keys._cache["kernel_layout"] = cached
+        DERIVED.put(keys, "kernel_layout", cached)
     return cached
 
 

@@ -1,0 +1,129 @@
+"""Tensors that attention derives from compressed keys and keeps between calls, under one budget.
+
+Attention over a stored sequence is much faster when some derived tensors survive from one
+call to the next: the unpacked codes (``r`` bytes per body token), the dequantized score
+channels of the sparse selection (``4 * (m + 1)`` bytes per token), the kernels' launch
+layout. Together they can outweigh the compressed keys themselves (1.5-bit keys of an
+8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
+
+:data:`DERIVED` is the process's cache. The tensors live on each
+:class:`~svdq.codec.CompressedKeys` (its ``_cache`` dict, which dies with it); the budget
+keeps a least-recently-used order over the objects that hold some and, past
+``limit_bytes``, clears the oldest objects' caches (they are recomputed when next needed).
+``limit_bytes=None`` (the library default) keeps everything; a server sets a limit
+(``svdq-server --attention-cache-bytes``). The object being served is never cleared while it
+is in use, so one sequence's layer may exceed a limit smaller than its own cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    return 0
+
+
+class DerivedCache:
+    """Byte-bounded LRU over the ``_cache`` dicts of compressed objects (thread-safe).
+
+    Args:
+        limit_bytes: most bytes kept over all objects; ``None`` for no limit.
+    """
+
+    def __init__(self, limit_bytes: int | None = None) -> None:
+        # Re-entrant: a weakref callback may run (garbage collection) while the lock is held.
+        self._lock = threading.RLock()
+        self._owners: OrderedDict[int, list] = OrderedDict()  # id -> [weakref, bytes]
+        self._bytes = 0
+        self._limit = limit_bytes
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently kept."""
+        return self._bytes
+
+    @property
+    def limit_bytes(self) -> int | None:
+        """Most bytes kept over all owners (``None``: no limit); setting it trims at once."""
+        return self._limit
+
+    @limit_bytes.setter
+    def limit_bytes(self, limit: int | None) -> None:
+        with self._lock:
+            self._limit = limit
+            self._trim_locked()
+
+    def get(self, owner: Any, name: Any) -> Any:
+        """``owner``'s cached ``name`` or None; marks the owner recently used (and, past the
+        limit, clears the least recently used others)."""
+        value = owner._cache.get(name)
+        if value is not None:
+            with self._lock:
+                if id(owner) in self._owners:
+                    self._owners.move_to_end(id(owner))
+                    self._trim_locked()
+        return value
+
+    def put(self, owner: Any, name: Any, value: Any) -> Any:
+        """Keep ``value`` as ``owner``'s ``name``, charge its bytes, clear the least recently
+        used other owners while over the limit; returns ``value``."""
+        nbytes = tensor_bytes(value)
+        key = id(owner)
+        with self._lock:
+            owner._cache[name] = value
+            entry = self._owners.get(key)
+            if entry is None or entry[0]() is not owner:
+                entry = [weakref.ref(owner, lambda ref, key=key: self._forget(key, ref)), 0]
+                self._owners[key] = entry
+            entry[1] += nbytes
+            self._bytes += nbytes
+            self._owners.move_to_end(key)
+            self._trim_locked()
+        return value
+
+    def _trim_locked(self) -> None:
+        """Clear the least recently used owners until within the limit, never the most recent."""
+        while self._limit is not None and self._bytes > self._limit and len(self._owners) > 1:
+            _, (ref, charged) = self._owners.popitem(last=False)
+            self._bytes -= charged
+            self.evictions += 1
+            evicted = ref()
+            if evicted is not None:
+                evicted._cache.clear()
+
+    def clear(self) -> None:
+        """Drop every kept tensor."""
+        with self._lock:
+            while self._owners:
+                _, (ref, charged) = self._owners.popitem(last=False)
+                self._bytes -= charged
+                owner = ref()
+                if owner is not None:
+                    owner._cache.clear()
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        with self._lock:
+            entry = self._owners.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._owners[key]
+                self._bytes -= entry[1]
+
+
+#: The process's derived-tensor cache (no limit until a server sets one).
+DERIVED = DerivedCache()
+
+__all__ = ["DERIVED", "DerivedCache", "tensor_bytes"]

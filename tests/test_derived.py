@@ -1,0 +1,70 @@
+"""The attention cache budget (svdq.derived): least recently used objects lose their derived
+tensors past the limit, results do not change, collected objects stop being charged."""
+
+import gc
+
+import pytest
+import torch
+
+from svdq import CodecConfig, compress
+from svdq.attention import SparsityConfig, attend
+from svdq.derived import DERIVED, DerivedCache, tensor_bytes
+from svdq.values import compress_values
+
+
+class Holder:
+    def __init__(self):
+        self._cache = {}
+
+
+def test_lru_by_bytes_clears_the_oldest_owners_and_keeps_the_one_in_use():
+    cache = DerivedCache(limit_bytes=1000)
+    first, second, third = Holder(), Holder(), Holder()
+    cache.put(first, "a", torch.zeros(100, dtype=torch.uint8))
+    cache.put(second, "a", torch.zeros(400, dtype=torch.uint8))
+    assert cache.nbytes == 500
+    assert cache.get(first, "a") is not None  # first is now the most recent
+    cache.put(third, "a", torch.zeros(600, dtype=torch.uint8))  # 1100 > 1000: second goes
+    assert second._cache == {} and "a" in first._cache and "a" in third._cache
+    assert cache.nbytes == 700 and cache.evictions == 1
+    cache.put(third, "b", (torch.zeros(2000, dtype=torch.uint8),))  # alone over the limit: kept while in use
+    assert first._cache == {} and cache.nbytes == 2600 and set(third._cache) == {"a", "b"}
+    del third
+    gc.collect()
+    assert cache.nbytes == 0  # a collected owner is no longer charged
+
+
+def test_tensor_bytes_counts_nested_tensors():
+    assert tensor_bytes({"x": torch.zeros(3, dtype=torch.float32), "n": 5, "y": (torch.zeros(2, dtype=torch.int64),)}) == 28
+
+
+@pytest.fixture
+def limited():
+    previous = DERIVED.limit_bytes
+    DERIVED.clear()
+    yield DERIVED
+    DERIVED.limit_bytes = previous
+    DERIVED.clear()
+
+
+def test_attention_is_unchanged_when_the_budget_clears_derived_tensors(limited):
+    generator = torch.Generator().manual_seed(0)
+    sequences = []
+    for seed in range(3):
+        keys = torch.randn(300, 2, 32, generator=generator) * torch.linspace(3, 0.1, 32)
+        sequences.append((compress(keys, CodecConfig(bits_per_element=3.0, group_size=32)),
+                          compress_values(torch.randn(300, 2, 32, generator=generator))))
+    queries = torch.randn(3, 4, 32, generator=generator)
+    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=16, score_channels=8)
+    limited.limit_bytes = None
+    expected = attend(queries, [k for k, _ in sequences], [v for _, v in sequences], sparsity=sparsity, backend="torch")
+    unlimited_bytes = limited.nbytes
+    assert unlimited_bytes > 0
+    limited.limit_bytes = 0
+    for _ in range(2):  # every call recomputes what the previous one's other sequences dropped
+        for index, (keys, values) in enumerate(sequences):
+            result = attend(queries[index:index + 1], [keys], [values], sparsity=sparsity, backend="torch")
+            assert torch.equal(result.output[0], expected.output[index])
+            assert torch.equal(result.lse[0], expected.lse[index])
+            assert limited.nbytes <= unlimited_bytes / 2  # only the sequence just served keeps its tensors
+            assert all("latent_codes" not in other._cache for j, (other, _) in enumerate(sequences) if j != index)

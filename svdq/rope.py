@@ -176,18 +176,16 @@ def rotate_with_tables(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     rotary = rope.dims(keys.shape[-1])
     cos, sin = cos[:, None, :], sin[:, None, :]
     work = keys.to(torch.float32)
-    rot, rest = work[..., :rotary], work[..., rotary:]
+    out = torch.empty_like(work)
+    out[..., rotary:] = work[..., rotary:]
     if rope.style == "half":
-        first, second = rot[..., : rotary // 2], rot[..., rotary // 2 :]
+        pair = slice(0, rotary // 2), slice(rotary // 2, rotary)
     else:
-        first, second = rot[..., 0::2], rot[..., 1::2]
-    new_first = first * cos - second * sin
-    new_second = second * cos + first * sin
-    if rope.style == "half":
-        rotated = torch.cat([new_first, new_second], dim=-1)
-    else:
-        rotated = torch.stack([new_first, new_second], dim=-1).flatten(-2)
-    return torch.cat([rotated, rest], dim=-1)
+        pair = slice(0, rotary, 2), slice(1, rotary, 2)
+    first, second = work[..., pair[0]], work[..., pair[1]]
+    torch.mul(first, cos, out=out[..., pair[0]]).addcmul_(second, sin, value=-1.0)
+    torch.mul(second, cos, out=out[..., pair[1]]).addcmul_(first, sin)
+    return out
 
 
 def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:

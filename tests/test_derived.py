@@ -68,3 +68,40 @@ def test_attention_is_unchanged_when_the_budget_clears_derived_tensors(limited):
             assert torch.equal(result.lse[0], expected.lse[index])
             assert limited.nbytes <= unlimited_bytes / 2  # only the sequence just served keeps its tensors
             assert all("latent_codes" not in other._cache for j, (other, _) in enumerate(sequences) if j != index)
+
+
+def test_concurrent_attention_under_a_tiny_budget_gives_the_same_results(limited):
+    """Threads attending different sequences keep clearing each other's derived tensors
+    (limit 0): every result still equals the unlimited one."""
+    import threading
+
+    generator = torch.Generator().manual_seed(1)
+    sequences = []
+    for _ in range(4):
+        keys = torch.randn(260, 2, 32, generator=generator) * torch.linspace(3, 0.1, 32)
+        sequences.append((compress(keys, CodecConfig(bits_per_element=3.0, group_size=32)),
+                          compress_values(torch.randn(260, 2, 32, generator=generator))))
+    queries = torch.randn(2, 4, 32, generator=generator)
+    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=16, score_channels=8)
+    limited.limit_bytes = None
+    expected = [attend(queries, [k, k], [v, v], sparsity=sparsity, backend="torch") for k, v in sequences]
+    limited.clear()
+    limited.limit_bytes = 0
+    evictions_before = limited.evictions
+    failures = []
+
+    def worker(index):
+        keys, values = sequences[index % 4]
+        for _ in range(5):
+            result = attend(queries, [keys, keys], [values, values], sparsity=sparsity, backend="torch")
+            if not (torch.equal(result.output, expected[index % 4].output)
+                    and torch.equal(result.lse, expected[index % 4].lse)):
+                failures.append(index)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not failures and limited.evictions > evictions_before

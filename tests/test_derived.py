@@ -50,7 +50,7 @@ def limited():
 def test_attention_is_unchanged_when_the_budget_clears_derived_tensors(limited):
     generator = torch.Generator().manual_seed(0)
     sequences = []
-    for seed in range(3):
+    for _ in range(3):
         keys = torch.randn(300, 2, 32, generator=generator) * torch.linspace(3, 0.1, 32)
         sequences.append((compress(keys, CodecConfig(bits_per_element=3.0, group_size=32)),
                           compress_values(torch.randn(300, 2, 32, generator=generator))))

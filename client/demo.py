@@ -8,6 +8,8 @@ What it does:
    RULER-style needle prompt of about ``--context-tokens`` tokens (:mod:`svdq_client.evaluation`).
 3. Runs the document part of the prompt once; its K/V cache of every layer goes to the server
    (SVDq-compressed keys by default), only ``--window`` recent tokens stay in the process.
+   With ``--shared-basis-tokens N`` the keys use shared per-layer bases fitted first on N
+   tokens of other text (:func:`svdq_client.hf.calibrate_bases`) and sent in the profile.
 4. Generates the answer to the question greedily: every decode step asks the server for
    attention over the compressed prefix and merges it with local attention.
 5. Prints the answer, whether it holds the needle, the bytes the server stores, the key
@@ -120,6 +122,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     model.add_argument("--kivi-bits", type=int, default=2, help="width of the kivi baseline (default 2)")
     model.add_argument("--value-bits", type=int, choices=(2, 4), default=None,
                        help="quantize values to 2 or 4 bits (default: values stay 16-bit)")
+    model.add_argument("--shared-basis-tokens", type=int, default=0,
+                       help="fit one shared key basis per layer on this many tokens of calibration text (Python's "
+                       "own docs, not the prompt) and send it in the profile, instead of a basis per sequence "
+                       "(svdq only; e.g. 2048; default 0: per-sequence bases)")
     model.add_argument("--keep-fraction", type=float, default=None,
                        help="key sparsity: attend to this share of the prefix tokens, e.g. 0.03125 (default: dense)")
     model.add_argument("--context-tokens", type=int, default=4096, help="prompt length in tokens (default 4096)")
@@ -135,6 +141,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--window and --max-new-tokens must be >= 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together (mutual TLS)")
+    if args.shared_basis_tokens and (args.codec != "svdq" or args.shared_basis_tokens < 256):
+        parser.error(f"--shared-basis-tokens needs --codec svdq and at least 256 tokens, got {args.shared_basis_tokens} "
+                     f"with --codec {args.codec}")
     if args.address is None and (args.tls_ca or args.token):
         parser.error("--token and --tls-* apply to a remote server: give --address HOST:PORT")
     return args
@@ -144,7 +153,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     """Run the needle question through the server at ``address``; returns the measurements."""
     import torch
     from svdq_client import KVCacheClient
-    from svdq_client.hf import RemoteOffload, SvdqOffloadCache, enable_offload
+    from svdq_client.hf import RemoteOffload, SvdqOffloadCache, calibrate_bases, enable_offload
     from svdq_client.models import load_smollm2
     from transformers.utils import logging as transformers_logging
 
@@ -168,13 +177,19 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     case = evaluation.needle_cases(tokenizer, context_tokens=args.context_tokens, depths=[args.depth], count=1)[0]
     prompt_ids = torch.cat([case.prefix_ids, case.question_ids], dim=1)
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    bases, calibration_seconds = None, 0.0
+    if args.shared_basis_tokens:
+        started = time.perf_counter()
+        with torch.no_grad():
+            bases = calibrate_bases(model, evaluation.text_tokens(tokenizer, args.shared_basis_tokens))
+        calibration_seconds = time.perf_counter() - started
     enable_offload(model)
 
     client = KVCacheClient(address, token=args.token, root_certificates=args.tls_ca,
                            client_certificate=args.tls_cert, client_key=args.tls_key, server_name=args.server_name,
                            timeout=args.timeout)
     with client:
-        backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity)
+        backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity, bases=bases)
         cache = SvdqOffloadCache(model, backend, window=args.window)
         try:
             with torch.no_grad():
@@ -208,6 +223,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         "total_ratio": info.compression_ratio,
         "generated_tokens": output_ids.shape[1] - prompt_ids.shape[1],
         "load_seconds": load_seconds,
+        "calibration_seconds": calibration_seconds,
         "prefill_seconds": prefill_seconds,
         "answer_seconds": answer_seconds,
         "answer_rpc_seconds": stats.backend_seconds - rpc_before,
@@ -220,6 +236,8 @@ def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> st
     """The demo's printed summary."""
     codec = {"svdq": f"svdq {args.bits} bits", "kivi": f"kivi {args.kivi_bits} bits", "fp16": "fp16 passthrough"}
     sparsity = f", sparsity {args.keep_fraction:g}" if args.keep_fraction else ""
+    if args.shared_basis_tokens:
+        sparsity += f", shared bases fitted on {args.shared_basis_tokens} calibration tokens"
     read_ratio = result["dense_fp16_key_bytes_read"] / max(1, result["key_bytes_read"])
     lines = [
         f"server            {address}",
@@ -233,7 +251,9 @@ def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> st
         f"stored values     {result['value_bytes']:,} bytes; keys + values ratio {result['total_ratio']:.2f}x",
         f"keys read         {result['key_bytes_read']:,} bytes for the answer "
         f"({read_ratio:.1f}x less than dense fp16)",
-        f"time              model load {result['load_seconds']:.1f} s, document prefill + upload "
+        f"time              model load {result['load_seconds']:.1f} s, "
+        + (f"calibration {result['calibration_seconds']:.1f} s, " if args.shared_basis_tokens else "")
+        + "document prefill + upload "
         f"{result['prefill_seconds']:.1f} s, question + {result['generated_tokens']} answer tokens "
         f"{result['answer_seconds']:.1f} s ({result['answer_rpc_seconds']:.1f} s in server calls)",
     ]

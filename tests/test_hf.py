@@ -330,9 +330,24 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     assert "needle            " in report and "time              model load" in report
 
 
+@pytest.mark.model
+@pytest.mark.integration
+def test_demo_with_shared_bases_reports_them(smollm2, capsys):
+    from svdq_client.demo import main
+
+    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "2",
+                 "--shared-basis-tokens", "256"]) == 0
+    report = capsys.readouterr().out
+    assert "shared bases fitted on 256 calibration tokens" in report
+    assert "calibration " in next(line for line in report.splitlines() if line.startswith("time"))
+    assert "stored keys" in report
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--shared-basis-tokens", "64"], "--shared-basis-tokens needs --codec svdq and at least 256 tokens"),
+        (["--shared-basis-tokens", "512", "--codec", "fp16"], "--shared-basis-tokens needs --codec svdq"),
         (["--depth", "1.5"], "--depth must be in 0..1"),
         (["--context-tokens", "100"], "--context-tokens must be >= 256"),
         (["--token", "secret-token-123456"], "give --address HOST:PORT"),

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from svdq import CodecConfig, RopeConfig, compress  # noqa: E402
 from svdq.attention import SparsityConfig, attend, select_backend  # noqa: E402
+from svdq.derived import tensor_bytes  # noqa: E402
 from svdq.values import compress_values  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -120,8 +121,11 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         for name, seconds, nbytes in results:
             rows.append(f"| {tokens} | {name} | {seconds * 1e3:.3f} | {seconds / baseline:.2f}x | {nbytes:,} | "
                         f"{fp16_bytes / nbytes:.1f}x |")
+        # What attention keeps between calls for this layer (svdq.derived), against the layer's size.
+        cached = tensor_bytes(keys_list[0]._cache)
         rows.append(f"| {tokens} | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
-                    f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept) | | | | |")
+                    f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept; attention cache "
+                    f"{cached:,} bytes = {cached / compressed.nbytes:.2f}x the compressed keys) | | | | |")
     return rows
 
 

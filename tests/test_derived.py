@@ -47,15 +47,24 @@ def limited():
     DERIVED.clear()
 
 
-def test_attention_is_unchanged_when_the_budget_clears_derived_tensors(limited):
-    generator = torch.Generator().manual_seed(0)
+def _sequences(count, tokens, seed):
+    """``count`` compressed (keys, values) pairs whose keys have a decaying spectrum."""
+    generator = torch.Generator().manual_seed(seed)
     sequences = []
-    for _ in range(3):
-        keys = torch.randn(300, 2, 32, generator=generator) * torch.linspace(3, 0.1, 32)
+    for _ in range(count):
+        keys = torch.randn(tokens, 2, 32, generator=generator) * torch.linspace(3, 0.1, 32)
         sequences.append((compress(keys, CodecConfig(bits_per_element=3.0, group_size=32)),
-                          compress_values(torch.randn(300, 2, 32, generator=generator))))
+                          compress_values(torch.randn(tokens, 2, 32, generator=generator))))
+    return sequences, generator
+
+
+SPARSITY = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=16, score_channels=8)
+
+
+def test_attention_is_unchanged_when_the_budget_clears_derived_tensors(limited):
+    sequences, generator = _sequences(3, 300, seed=0)
     queries = torch.randn(3, 4, 32, generator=generator)
-    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=16, score_channels=8)
+    sparsity = SPARSITY
     limited.limit_bytes = None
     expected = attend(queries, [k for k, _ in sequences], [v for _, v in sequences], sparsity=sparsity, backend="torch")
     unlimited_bytes = limited.nbytes
@@ -75,14 +84,9 @@ def test_concurrent_attention_under_a_tiny_budget_gives_the_same_results(limited
     (limit 0): every result still equals the unlimited one."""
     import threading
 
-    generator = torch.Generator().manual_seed(1)
-    sequences = []
-    for _ in range(4):
-        keys = torch.randn(260, 2, 32, generator=generator) * torch.linspace(3, 0.1, 32)
-        sequences.append((compress(keys, CodecConfig(bits_per_element=3.0, group_size=32)),
-                          compress_values(torch.randn(260, 2, 32, generator=generator))))
+    sequences, generator = _sequences(4, 260, seed=1)
     queries = torch.randn(2, 4, 32, generator=generator)
-    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=16, score_channels=8)
+    sparsity = SPARSITY
     limited.limit_bytes = None
     expected = [attend(queries, [k, k], [v, v], sparsity=sparsity, backend="torch") for k, v in sequences]
     limited.clear()

@@ -278,7 +278,7 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     keys ``k_t ~= mean + sum_j l_tj b_j`` over the score channels.
 
     The low-rank keys of all KV heads are built in one ``[tokens, m + 1] @ [m + 1, C]`` matmul,
-    rotated to their positions with the cached cos/sin table (for pre-RoPE keys: with ``x1, x2``
+    rotated to their positions with the block's cos/sin (for pre-RoPE keys: with ``x1, x2``
     the two channels of RoPE pair ``p``, ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``), and
     dotted with every query head. That is ``tokens * (C * (m + 1) + n * Hq * D)`` multiply-adds:
     the low-rank keys do not depend on the queries, so a chunk of ``n`` queries (a scored
@@ -448,13 +448,14 @@ def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
         return _body_rows(keys, None).transpose(0, 1)
     index = selection.token_index
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
-    union = torch.unique(index)
-    if union.numel() * kv_heads < index.numel():
-        # Several queries (a chunk of a continuation) whose selections overlap: reconstruct each
-        # token they select once, every KV head together, and gather per query and head.
-        rows = _body_rows(keys, union)  # [U, Hkv, D]
-        heads = torch.arange(kv_heads, device=index.device)[:, None]
-        return rows[torch.searchsorted(union, index), heads]
+    if index.dim() == 3 and index.shape[0] > 1:
+        union = torch.unique(index)
+        if union.numel() * kv_heads < index.numel():
+            # Several queries (a chunk of a continuation) whose selections overlap: reconstruct
+            # each token they select once, every KV head together, and gather per query and head.
+            rows = _body_rows(keys, union)  # [U, Hkv, D]
+            heads = torch.arange(kv_heads, device=index.device)[:, None]
+            return rows[torch.searchsorted(union, index), heads]
     start, n_body = body_range(keys)
     positions = keys.token_positions()[start:start + n_body]
     latent = _dequantized(keys, index)  # [..., Hkv, n, r]

@@ -172,7 +172,7 @@ def _rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig, sign:
 def rotate_with_tables(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     """Rotate ``keys`` [tokens, heads, head_dim] by precomputed angles: ``cos``, ``sin``
     [tokens, rotary / 2] as :func:`rope_cos_sin` gives them (negated ``sin`` undoes the
-    rotation); float32 out. For callers that rotate the same positions many times."""
+    rotation); float32 out. For callers that compute the angles themselves (e.g. per block)."""
     rotary = rope.dims(keys.shape[-1])
     cos, sin = cos[:, None, :], sin[:, None, :]
     work = keys.to(torch.float32)

@@ -503,7 +503,7 @@ def _attend_torch_group(
     kv_heads = keys.kv_heads
     ratio = q_heads // kv_heads
     fp_keys, fp_index = full_precision_keys(keys)
-    fp_values = gather_values(values, fp_index.expand(kv_heads, -1))
+    fp_values = gather_values(values, fp_index)
     start, n_body = body_range(keys)
     if selections[0].token_index is None:
         # [Hkv, n * ratio, D]: the query heads of a KV head, for every query.

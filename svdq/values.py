@@ -219,16 +219,19 @@ def gather_values(compressed: CompressedValues, token_index: torch.Tensor | None
     """float32 values of some tokens, per head.
 
     Args:
-        token_index: int64 [H, n], the tokens each head needs (same count per head); ``None``
-            means every token of every head.
+        token_index: int64 [H, n], the tokens each head needs (same count per head); int64
+            [n], the same tokens for every head (whole rows: cheaper); ``None`` means every
+            token of every head.
 
     Returns:
         float32 [H, n, D] (or [H, S, D] for ``None``).
     """
-    if token_index is None:
+    if token_index is None or token_index.dim() == 1:
+        rows = slice(None) if token_index is None else token_index
         if compressed.bits is None:
-            return compressed.data.float().transpose(0, 1)
-        return _dequantize(compressed.codes, compressed.scales, compressed.mins, compressed).transpose(0, 1)
+            return compressed.data[rows].float().transpose(0, 1)
+        return _dequantize(compressed.codes[rows], compressed.scales[rows], compressed.mins[rows],
+                           compressed).transpose(0, 1)
     heads = torch.arange(compressed.heads, device=token_index.device)[:, None]
     if compressed.bits is None:
         return compressed.data[token_index, heads].float()

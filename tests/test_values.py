@@ -89,6 +89,8 @@ def test_gather_values_picks_tokens_per_head(bits):
     for head in range(3):
         assert torch.allclose(picked[head], full[index[head], head])
     assert torch.allclose(gather_values(stored), full.transpose(0, 1))
+    shared = torch.tensor([19, 0, 4])  # the same tokens for every head
+    assert torch.equal(gather_values(stored, shared), gather_values(stored, shared.expand(3, -1)))
 
 
 @pytest.mark.parametrize("bits", [None, 2])

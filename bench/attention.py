@@ -34,12 +34,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from svdq import CodecConfig, RopeConfig, compress  # noqa: E402
-from svdq.attention import SparsityConfig, attend, select_backend  # noqa: E402
-from svdq.derived import tensor_bytes  # noqa: E402
-from svdq.values import compress_values  # noqa: E402
+from svdq import CodecConfig, RopeConfig, compress
+from svdq.attention import SparsityConfig, attend, select_backend
+from svdq.derived import tensor_bytes
+from svdq.values import compress_values
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 LLAMA3_ROPE = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,

@@ -38,20 +38,16 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from svdq_client import KVCacheClient
+from svdq_client import evaluation as harness
+from svdq_client.demo import local_server
+from svdq_client.hf import LocalOffload, RemoteOffload, SvdqOffloadCache, disable_offload, enable_offload
+from svdq_client.models import load_smollm2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from svdq_client import KVCacheClient  # noqa: E402
-from svdq_client import evaluation as harness  # noqa: E402
-from svdq_client.demo import local_server  # noqa: E402
-from svdq_client.hf import LocalOffload, RemoteOffload, SvdqOffloadCache, disable_offload, enable_offload  # noqa: E402
-from svdq_client.models import load_smollm2  # noqa: E402
-
-from svdq.attention import SparsityConfig  # noqa: E402
-from svdq.codec import CodecConfig  # noqa: E402
+from svdq.attention import SparsityConfig
+from svdq.codec import CodecConfig
 
 
 @dataclass(frozen=True)

@@ -30,17 +30,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from svdq_client import evaluation as harness
+from svdq_client.hf import calibrate_bases
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from svdq_client import evaluation as harness  # noqa: E402
-from svdq_client.hf import calibrate_bases  # noqa: E402
-
-import svdq  # noqa: E402
-from svdq.rope import apply_rope  # noqa: E402
+import svdq
+from svdq.rope import apply_rope
 
 LOGGER = logging.getLogger("bench.quality")
 
@@ -176,11 +172,6 @@ def check_rope(prefix: harness.PrefixCache, rope: svdq.RopeConfig) -> RopeCheck:
         roundtrip = max(roundtrip, float((again - keys).abs().max() / keys.abs().max()))
         undo = max(undo, float((unrotated - pre_rope).abs().max() / pre_rope.abs().max()))
     return RopeCheck(roundtrip, undo)
-
-
-def fit_shared_bases(model, tokenizer, start: int, tokens: int) -> tuple[svdq.Basis, ...]:
-    """One basis per layer from the keys of a different window of the text (calibration)."""
-    return calibrate_bases(model, harness.text_tokens(tokenizer, tokens, start=start))
 
 
 @dataclass
@@ -427,8 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     if not args.no_explore:
         explore = explore_methods()
-        bases = fit_shared_bases(model, tokenizer, args.prefix_tokens + args.continuation_tokens,
-                                 args.prefix_tokens)
+        # One basis per layer fitted on a different window of the text (calibration).
+        bases = calibrate_bases(model, harness.text_tokens(tokenizer, args.prefix_tokens,
+                                                           start=args.prefix_tokens + args.continuation_tokens))
         explore_rows = score_nll(model, setup, explore, bases)
         print()
         print("## Settings at 1.5 bits (same prefix; shared basis fitted on the next "

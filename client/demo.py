@@ -180,8 +180,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     bases, calibration_seconds = None, 0.0
     if args.shared_basis_tokens:
         started = time.perf_counter()
-        with torch.no_grad():
-            bases = calibrate_bases(model, evaluation.text_tokens(tokenizer, args.shared_basis_tokens))
+        bases = calibrate_bases(model, evaluation.text_tokens(tokenizer, args.shared_basis_tokens))
         calibration_seconds = time.perf_counter() - started
     enable_offload(model)
 
@@ -235,13 +234,13 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
 def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> str:
     """The demo's printed summary."""
     codec = {"svdq": f"svdq {args.bits} bits", "kivi": f"kivi {args.kivi_bits} bits", "fp16": "fp16 passthrough"}
-    sparsity = f", sparsity {args.keep_fraction:g}" if args.keep_fraction else ""
+    options = f", sparsity {args.keep_fraction:g}" if args.keep_fraction else ""
     if args.shared_basis_tokens:
-        sparsity += f", shared bases fitted on {args.shared_basis_tokens} calibration tokens"
+        options += f", shared bases fitted on {args.shared_basis_tokens} calibration tokens"
     read_ratio = result["dense_fp16_key_bytes_read"] / max(1, result["key_bytes_read"])
     lines = [
         f"server            {address}",
-        f"keys              {codec[args.codec]}{sparsity}; values {args.value_bits or 16}-bit",
+        f"keys              {codec[args.codec]}{options}; values {args.value_bits or 16}-bit",
         f"prompt            {result['prompt_tokens']} tokens; server holds {result['offloaded_tokens']} per layer, "
         f"{result['local_tokens']} stay local",
         f"answer            {result['answer']!r}",

@@ -396,7 +396,7 @@ def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
     ``bench/quality.py``: dNLL +0.004 with a shared basis vs +0.013 with per-sequence ones).
     Needs at least ``kv_heads * head_dim`` tokens; a few thousand is better.
     """
-    from transformers import DynamicCache
+    from .evaluation import prefill
 
     shape = ModelShape.from_config(model.config)
     channels = shape.kv_heads * shape.head_dim
@@ -409,16 +409,12 @@ def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
     if previous == ATTENTION_NAME:  # the offload attention needs an SvdqOffloadCache; this is a plain run
         model.set_attn_implementation("sdpa")
     try:
-        cache = DynamicCache(config=model.config)
-        output = model(input_ids=input_ids.to(model.device), cache=cache, use_cache=True, logits_to_keep=1)
+        calibration = prefill(model, input_ids.to(model.device))
     finally:
         if previous == ATTENTION_NAME:
             model.set_attn_implementation(previous)
-    positions = torch.arange(input_ids.shape[1])
-    return tuple(
-        fit_layer_basis(layer.keys[0].transpose(0, 1).float().cpu(), positions=positions, rope=shape.rope)
-        for layer in output.cache.layers
-    )
+    return tuple(fit_layer_basis(keys.cpu(), positions=calibration.positions, rope=shape.rope)
+                 for keys in calibration.keys)
 
 
 def _require_open(shape: ModelShape | None) -> ModelShape:

@@ -230,21 +230,14 @@ def test_other_supported_families_match_plain_logits(config_class, extra, monkey
 def test_calibrated_bases_are_the_models_pre_rope_key_bases_and_feed_local_offload():
     model = _tiny_model(LlamaConfig)
     tokens = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(3))
-    captured = {}
-    hooks = [layer.self_attn.k_proj.register_forward_hook(
-        lambda _module, _inputs, output, index=index: captured.__setitem__(index, output[0].detach()))
-        for index, layer in enumerate(model.model.layers)]
+    pre_rope = evaluation.prefill(model, tokens, capture_pre_rope=True).pre_rope_keys  # k_proj outputs
     enable_offload(model)  # calibration switches the offload attention off for its own run and back on
-    try:
-        bases = calibrate_bases(model, tokens)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    bases = calibrate_bases(model, tokens)
     assert model.config._attn_implementation == "svdq_offload"
     assert len(bases) == 2
     for index, basis in enumerate(bases):
         # RoPE undone exactly: the same basis as fitted on the model's own pre-RoPE keys.
-        expected = fit_layer_basis(captured[index].reshape(48, 2, 16))
+        expected = fit_layer_basis(pre_rope[index])
         torch.testing.assert_close(basis.mean, expected.mean, atol=1e-4, rtol=0)
         torch.testing.assert_close(basis.singular_values, expected.singular_values, atol=1e-3, rtol=1e-4)
     backend = LocalOffload(CodecConfig(method="svdq", bits_per_element=3.0), bases=bases)

@@ -81,14 +81,15 @@ class DerivedCache:
     def put(self, owner: Any, name: Any, value: Any) -> Any:
         """Keep ``value`` as ``owner``'s ``name``, charge its bytes, clear the least recently
         used other owners while over the limit; returns ``value``."""
-        nbytes = tensor_bytes(value)
         key = id(owner)
         with self._lock:
-            owner._cache[name] = value
             entry = self._owners.get(key)
             if entry is None or entry[0]() is not owner:
                 entry = [weakref.ref(owner, lambda ref, key=key: self._forget(key, ref)), 0]
                 self._owners[key] = entry
+            # Two threads may both compute a missing tensor: the second replaces the first.
+            nbytes = tensor_bytes(value) - tensor_bytes(owner._cache.get(name))
+            owner._cache[name] = value
             entry[1] += nbytes
             self._bytes += nbytes
             self._owners.move_to_end(key)

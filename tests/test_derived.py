@@ -29,6 +29,8 @@ def test_lru_by_bytes_clears_the_oldest_owners_and_keeps_the_one_in_use():
     assert cache.nbytes == 700 and cache.evictions == 1
     cache.put(third, "b", (torch.zeros(2000, dtype=torch.uint8),))  # alone over the limit: kept while in use
     assert first._cache == {} and cache.nbytes == 2600 and set(third._cache) == {"a", "b"}
+    cache.put(third, "b", (torch.zeros(1500, dtype=torch.uint8),))  # replacing a tensor charges the difference
+    assert cache.nbytes == 2100
     del third
     gc.collect()
     assert cache.nbytes == 0  # a collected owner is no longer charged

@@ -373,7 +373,7 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     device = keys.codes.device
     forced = torch.arange(first_forced * chunk, n_body, device=device)
     candidate_tokens = min(candidates * chunk, n_body)
-    channels, _ = score_latent(keys, sparsity.score_channels)
+    channels = _score_channels(keys, sparsity.score_channels)
     scores = token_scores(queries, keys, sparsity.score_channels, candidate_tokens)
     scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1)
     padded = scores.new_full((candidates * chunk, count, kv_heads), -math.inf)

@@ -151,7 +151,8 @@ def test_remote_svdq_with_sparsity_stores_fewer_bytes_and_reads_fewer(smollm2, s
 def test_remote_shared_bases_travel_with_the_profile_and_beat_per_sequence_bases(smollm2, shared_server):
     """Calibrated bases go to the server once, in the profile; at the same 1.5 stored bits the
     keys come back closer to the model's than with a basis fitted on (and stored with) the
-    sequence itself (measured: mean relative error 0.156 vs 0.232 over the 30 layers)."""
+    sequence itself (in-process with LocalOffload: mean relative error 0.156 vs 0.232 over the 30
+    layers)."""
     from conftest import TENANT_TOKENS
 
     model, tokenizer = smollm2

@@ -33,6 +33,10 @@ ARG TORCH_INDEX_URL=https://pypi.org/simple
 ARG TORCH_VERSION=2.13.0
 # pyproject extras to install: "gpu" brings the Triton kernels; empty for the CPU variant.
 ARG EXTRAS=gpu
+# Offline or proxied builds only (scripts/build_image.sh): a CA bundle and a local wheel
+# directory, both bind-mounted into the build; empty by default, and ARGs never reach the image.
+ARG PIP_CERT=
+ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv

@@ -14,6 +14,15 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   fi
 fi
 
+# buildah and debootstrap build and run the CPU image for tests/test_image.py (scripts/build_image.sh).
+if ! command -v buildah >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null
+  else
+    echo "note: buildah/debootstrap not installed and no root apt-get; the image test is skipped" >&2
+  fi
+fi
+
 # Triton kernels run on the CPU under the interpreter where no GPU is present.
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1

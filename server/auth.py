@@ -27,7 +27,7 @@ from svdq.errors import InvalidInputError
 from .config import read_config_file
 
 DEFAULT_TENANT = "default"
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)  # fullmatch: "$" passes a trailing newline
 MIN_TOKEN_LENGTH = 16
 
 
@@ -49,7 +49,7 @@ class TokenAuthenticator:
     def __init__(self, tenants: dict[str, list[str]] | None = None) -> None:
         self._by_digest: dict[bytes, str] = {}
         for tenant, tokens in (tenants or {}).items():
-            if not isinstance(tenant, str) or not _TENANT.match(tenant):
+            if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
                 raise InvalidInputError(f"tenant names must be 1-64 letters, digits, '._-'; got {tenant!r}")
             if isinstance(tokens, str):
                 tokens = [tokens]
@@ -81,8 +81,13 @@ class TokenAuthenticator:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("authorization metadata must be 'Bearer <token>'")
-        tenant = self._by_digest.get(_digest(token.strip()))
+        token = token.strip()
+        tenant = self._by_digest.get(_digest(token))
         if tenant is None:
+            if token.lower().startswith("bearer "):
+                raise AuthenticationError("invalid bearer token: the token itself starts with 'Bearer ' (sent as "
+                                          "'Bearer Bearer <token>'?); send 'authorization: Bearer <token>' with the "
+                                          "token alone")
             raise AuthenticationError("invalid bearer token")
         return tenant
 

@@ -329,7 +329,8 @@ class SequenceInfo:
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """The server's device, store budget and occupancy."""
+    """The server's device and store budget; occupancy, evictions and quota of the caller's
+    tenant only (``sequences`` equals ``tenant_sequences``; ``tenant_quota_bytes`` 0: none)."""
 
     version: str
     device: str
@@ -342,6 +343,7 @@ class ServerInfo:
     eviction: str
     ttl_seconds: float
     profiles: tuple[str, ...]
+    tenant_quota_bytes: int = 0
 
     def to_pb(self) -> pb.ServerInfo:
         fields = dict(self.__dict__)
@@ -352,7 +354,7 @@ class ServerInfo:
     def from_pb(cls, message: pb.ServerInfo) -> ServerInfo:
         return cls(message.version, message.device, message.store_budget_bytes, message.stored_bytes,
                    message.stored_fp16_bytes, message.sequences, message.tenant_sequences, message.evictions,
-                   message.eviction, message.ttl_seconds, tuple(message.profiles))
+                   message.eviction, message.ttl_seconds, tuple(message.profiles), message.tenant_quota_bytes)
 
 
 @dataclass(frozen=True)

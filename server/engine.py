@@ -248,7 +248,7 @@ class Engine:
         stats = BlobStats(compressed.num_tokens, len(blob), 2 * keys.numel(), compressed.bits_per_element,
                           compressed.compression_ratio, error)
         if self.metrics is not None:
-            self.metrics.compressed(profile_name or "none", stats.compression_ratio, stats.bits_per_element, error)
+            self.metrics.compressed(profile_name, stats.compression_ratio, stats.bits_per_element, error)
         return blob, stats
 
     def decompress_keys(self, blob: bytes, *, tenant: str = OPERATOR, profile_name: str = "", layer: int = 0,

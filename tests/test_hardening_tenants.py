@@ -189,3 +189,83 @@ def _sample(text, name, labels=""):
     match = re.search(rf"^{name}{re.escape(labels)} ([0-9.e+]+)$", text, re.MULTILINE)
     assert match, name
     return float(match.group(1))
+
+
+# -- metrics: no label value chosen by a tenant ---------------------------------------------
+
+@pytest.mark.integration
+def test_tenant_registered_profiles_share_one_label(tenant_server):
+    keys = torch.randn(8, 1, 32).half()
+    with tenant_client(tenant_server, "team-b") as client:
+        for index in range(150):
+            name = f"mine-{index}-{uuid.uuid4().hex[:6]}"
+            client.register_profile(Profile(name, 1, 1, 32, codec=CodecConfig(method="fp16")))
+            client.compress(keys, profile=name)
+        client.compress(keys, codec=CodecConfig(method="fp16"))
+        client.upload(f"labelled-{uuid.uuid4().hex[:6]}", name, *cache(8))
+    text = _scrape(tenant_server)
+    labels = set(re.findall(r'^svdq_\w+\{.*?profile="([^"]*)"', text, re.MULTILINE))
+    assert labels == {"tenant", "none"}, labels  # "small" of the other test is a tenant profile too
+    series = [line for line in text.splitlines() if line.startswith("svdq_compression_ratio_count")]
+    assert len(series) == 2 and _sample(text, "svdq_compression_ratio_count", '{profile="tenant"}') >= 151
+    assert "mine-" not in text
+
+
+def test_operator_profiles_keep_their_name_label():
+    from svdq_server.engine import Engine, EngineConfig
+    from svdq_server.metrics import Metrics
+
+    metrics = Metrics()
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 20), [PROFILE], metrics=metrics)
+    metrics.bind_engine(engine, "test")
+    engine.register_profile(Profile("tenant-made", 1, 1, 32, codec=CodecConfig(method="fp16")), tenant="t")
+    keys = torch.randn(8, 1, 32)
+    engine.compress_keys(keys, tenant="t", profile_name="small")
+    engine.compress_keys(keys, tenant="t", profile_name="tenant-made")
+    engine.compress_keys(keys, tenant="t", codec=CodecConfig(method="fp16"))
+    counts = {sample.labels["profile"]: sample.value for family in metrics.registry.collect()
+              if family.name == "svdq_compression_ratio" for sample in family.samples
+              if sample.name.endswith("_count")}
+    assert counts == {"small": 1, "tenant": 1, "none": 1}
+
+
+# -- reflection and graceful shutdown ----------------------------------------------------------
+
+def _reflection_services(server):
+    with server.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=10)
+        return {service.name for response in responses for service in response.list_services_response.service}
+
+
+@pytest.mark.integration
+def test_reflection_is_an_option(tenant_server, tmp_path):
+    assert "svdq.v1.KVCache" in _reflection_services(tenant_server)  # the default: on
+    server = ServerProcess(tmp_path, [], env={"SVDQ_REFLECTION": "false"}).start()
+    try:
+        with pytest.raises(grpc.RpcError) as raised:
+            _reflection_services(server)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert server.health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_sigterm_answers_not_serving_while_the_port_still_serves(tmp_path):
+    server = ServerProcess(tmp_path, ["--drain-seconds", "4", "--grace-seconds", "5"]).start()
+    try:
+        with KVCacheClient(server.address, timeout=10, retries=0) as client:
+            client.register_profile(PROFILE)
+            server.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 3
+            while server.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health never turned NOT_SERVING after SIGTERM"
+                time.sleep(0.05)
+            assert client.get_profile("small").same_as(PROFILE)  # draining: calls are still answered
+            assert server.process.poll() is None
+            assert server.process.wait(timeout=30) == 0
+        assert "drain_seconds" in server.log()
+    finally:
+        server.kill()

@@ -121,7 +121,7 @@ class RateLimitedLog:
             self.suppressed += 1
             return False
         if self.suppressed:
-            message += f" (and {self.suppressed} more like it in the last {self.interval:g}s)"
+            message += f" (and {self.suppressed} more like it since the last such line)"
             self.suppressed = 0
         self._next = now + self.interval
         self.logger.log(self.level, message, *args)

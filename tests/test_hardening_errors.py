@@ -108,7 +108,7 @@ def test_rate_limited_log_counts_what_it_left_out(caplog):
         now[0] += 10.0
         assert limited.log("bad request %d", 99)
     assert [record.getMessage() for record in caplog.records] == [
-        "bad request 1", "bad request 99 (and 50 more like it in the last 10s)"]
+        "bad request 1", "bad request 99 (and 50 more like it since the last such line)"]
 
 
 # -- ids -----------------------------------------------------------------------------------

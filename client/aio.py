@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +26,13 @@ from .client import (
     attend_request,
     attend_result,
     channel_settings,
-    check_cache_tensors,
     compress_request,
     decompress_request,
     fetch_request,
+    profile_name_request,
     profile_request,
-    upload_messages,
+    sequence_request,
+    upload_request,
 )
 from .errors import NotFoundError, UnavailableError, error_from_rpc
 from .types import AttendResult, BlobStats, CompressResult, FetchResult, Profile, SequenceInfo, ServerInfo
@@ -94,7 +94,8 @@ class AsyncKVCacheClient:
         return Profile.from_pb(await self._call(self._stub.RegisterProfile, lambda: request, timeout))
 
     async def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
-        return Profile.from_pb(await self._call(self._stub.GetProfile, lambda: pb.GetProfileRequest(name=name), timeout))
+        request = profile_name_request(name)
+        return Profile.from_pb(await self._call(self._stub.GetProfile, lambda: request, timeout))
 
     async def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
         response = await self._call(self._stub.ListProfiles, pb.ListProfilesRequest, timeout)
@@ -117,13 +118,8 @@ class AsyncKVCacheClient:
     async def upload(self, sequence_id: str, profile: str, keys: torch.Tensor, values: torch.Tensor | None = None, *,
                      positions: torch.Tensor | None = None, key_space: str = "pre_rope", replace: bool = False,
                      upload_id: str | None = None, timeout: float | None = None) -> SequenceInfo:
-        keys, values, positions = check_cache_tensors(keys, values, positions, "upload")
-        upload_id = upload_id or uuid.uuid4().hex
-
-        def messages():
-            return upload_messages(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
-                                   self.chunk_bytes)
-
+        messages = upload_request(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
+                                  self.chunk_bytes)
         response = await self._call(self._stub.Upload, messages, timeout)
         info = SequenceInfo.from_pb(response.sequence)
         self._tokens[sequence_id] = info.num_tokens
@@ -132,12 +128,12 @@ class AsyncKVCacheClient:
     async def append(self, sequence_id: str, keys: torch.Tensor, values: torch.Tensor | None = None, *,
                      positions: torch.Tensor | None = None, expected_tokens: int | None = None,
                      timeout: float | None = None) -> int:
-        keys, values, positions = check_cache_tensors(keys, values, positions, "append")
+        request = append_request(sequence_id, keys, values, positions, expected_tokens)
         if expected_tokens is None:
             expected_tokens = self._tokens.get(sequence_id)
             if expected_tokens is None:
                 expected_tokens = (await self.describe(sequence_id, timeout=timeout)).num_tokens
-        request = append_request(sequence_id, keys, values, positions, expected_tokens)
+            request.expected_tokens = expected_tokens
         count = (await self._call(self._stub.Append, lambda: request, timeout)).num_tokens
         self._tokens[sequence_id] = count
         return count
@@ -167,12 +163,13 @@ class AsyncKVCacheClient:
                 await asyncio.sleep(delay)
 
     async def delete(self, sequence_id: str, *, timeout: float | None = None) -> None:
+        message = sequence_request(pb.DeleteRequest, sequence_id)
         attempts = 0
 
         def request():
             nonlocal attempts
             attempts += 1
-            return pb.DeleteRequest(sequence_id=sequence_id)
+            return message
 
         try:
             await self._call(self._stub.Delete, request, timeout)
@@ -182,7 +179,8 @@ class AsyncKVCacheClient:
         self._tokens.pop(sequence_id, None)
 
     async def describe(self, sequence_id: str, *, timeout: float | None = None) -> SequenceInfo:
-        response = await self._call(self._stub.Describe, lambda: pb.DescribeRequest(sequence_id=sequence_id), timeout)
+        request = sequence_request(pb.DescribeRequest, sequence_id)
+        response = await self._call(self._stub.Describe, lambda: request, timeout)
         info = SequenceInfo.from_pb(response)
         self._tokens[sequence_id] = info.num_tokens
         return info

@@ -8,25 +8,28 @@ failures raise the typed errors of :mod:`svdq_client.errors` with the server's m
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
+from svdq import errors as library
 from svdq.attention import SparsityConfig
 from svdq.codec import CodecConfig
-from svdq.errors import InvalidInputError
 from svdq.rope import RopeConfig
 
-from .errors import NotFoundError, ServiceError, UnavailableError, error_from_rpc
+from .errors import InvalidInputError, NotFoundError, ServiceError, UnavailableError, error_from_rpc
 from .types import (
     AttendResult,
     AttendStats,
@@ -36,6 +39,8 @@ from .types import (
     Profile,
     SequenceInfo,
     ServerInfo,
+    abbreviate,
+    check_name,
     codec_to_pb,
     key_space_to_pb,
     rope_to_pb,
@@ -76,6 +81,18 @@ def _read_pem(value: bytes | str | Path | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
+def bare_token(token: str | None) -> str | None:
+    """The token itself: a value copied with its ``Bearer `` prefix (as it appears in an
+    ``authorization`` header) is accepted, since the client adds the prefix."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise InvalidInputError(f"token must be a string, got {type(token).__name__}", grpc.StatusCode.INVALID_ARGUMENT)
+    token = token.strip()
+    scheme, _, rest = token.partition(" ")
+    return rest.strip() if scheme.lower() == "bearer" and rest.strip() else token
+
+
 def channel_settings(token: str | None, root_certificates, client_certificate, client_key, server_name: str | None,
                      tls: bool | None, max_message_bytes: int):
     """(credentials or None, channel options, call metadata) for a client."""
@@ -87,7 +104,9 @@ def channel_settings(token: str | None, root_certificates, client_certificate, c
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
     if bool(client_certificate) != bool(client_key):
-        raise InvalidInputError("client_certificate and client_key must be given together (mutual TLS)")
+        raise InvalidInputError("client_certificate and client_key must be given together (mutual TLS)",
+                                grpc.StatusCode.INVALID_ARGUMENT)
+    token = bare_token(token)
     use_tls = tls if tls is not None else bool(root_certificates or client_certificate)
     credentials = None
     if use_tls:
@@ -102,12 +121,145 @@ def channel_settings(token: str | None, root_certificates, client_certificate, c
     return credentials, options, metadata
 
 
-# -- requests and responses shared by both clients ------------------------------------------
+# -- arguments: checked and put in wire form before anything is sent ------------------------
+#
+# Both clients build every request through these helpers, so a bad argument fails in the
+# caller's frame with a message naming what was expected (inside an upload's request
+# iterator it would surface only as "Exception iterating requests!"), and the obvious
+# alternatives are accepted: a Profile for its name, a numpy array for a tensor, a
+# CompressResult for its blob, one (sequence_id, layer) pair for a list of one.
+
+def client_side(build):
+    """Raise the argument errors of request builder ``build`` as :class:`svdq_client.InvalidInputError`
+    (code INVALID_ARGUMENT, the server's own answer to such a request), whichever check found them."""
+
+    @functools.wraps(build)
+    def checked(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        except ServiceError:
+            raise
+        except library.InvalidInputError as exc:
+            raise InvalidInputError(str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
+
+    return checked
+
+
+def _kind(value) -> str:
+    return type(value).__name__
+
+
+def profile_name(profile, field: str = "profile", optional: bool = False) -> str:
+    """A profile's name from a name or a :class:`Profile`; ``""`` for None when ``optional``."""
+    if isinstance(profile, Profile):
+        return profile.name
+    if profile is None and optional:
+        return ""
+    if not isinstance(profile, str):
+        raise library.InvalidInputError(f"{field} must be a profile name (str) or a Profile, got {_kind(profile)}")
+    return check_name(profile, field)
+
+
+def as_integer(value, field: str, minimum: int = 0) -> int:
+    """An int (numpy integers too, not bools) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise library.InvalidInputError(f"{field} must be an integer >= {minimum}, got {_kind(value)} {abbreviate(value)}")
+    if value < minimum:
+        raise library.InvalidInputError(f"{field} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def as_instance(value, kind: type, field: str):
+    """``value`` when it is a ``kind`` or None."""
+    if value is not None and not isinstance(value, kind):
+        raise library.InvalidInputError(f"{field} must be a {kind.__name__} or None, got {_kind(value)}")
+    return value
+
+
+def as_tensor(value, field: str, layout: str, dims: int, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """A CPU torch tensor of rank ``dims`` and one of ``dtypes`` from a tensor or numpy array
+    (``layout`` names the dimensions for the message, e.g. ``[tokens, kv_heads, head_dim]``)."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    names = "/".join(str(dtype).replace("torch.", "") for dtype in dtypes)
+    if not isinstance(value, torch.Tensor):
+        raise library.InvalidInputError(f"{field} must be a torch.Tensor (or numpy array) {layout} of {names}, "
+                                        f"got {_kind(value)}")
+    if value.dim() != dims or value.dtype not in dtypes:
+        raise library.InvalidInputError(f"{field} must be a torch.Tensor {layout} of {names}, got "
+                                        f"{str(value.dtype).replace('torch.', '')} {list(value.shape)}")
+    return value.detach().cpu()
+
+
+def as_positions(positions, tokens: int) -> torch.Tensor | None:
+    """int64 positions [tokens] from a tensor, array or sequence of integers, or None."""
+    if positions is None:
+        return None
+    if isinstance(positions, (list, tuple, range)):
+        positions = torch.as_tensor(list(positions), dtype=torch.int64)
+    positions = as_tensor(positions, "positions", f"[{tokens}] (one per token)", 1,
+                          (torch.int64, torch.int32, torch.int16, torch.uint8))
+    if positions.shape[0] != tokens:
+        raise library.InvalidInputError(f"positions must have one entry per token ({tokens}), got {positions.shape[0]}")
+    return positions.to(torch.int64)
+
+
+def as_entries(entries) -> list[tuple[str, int]]:
+    """``[(sequence_id, layer), ...]`` from a sequence of pairs or one pair."""
+    pair = isinstance(entries, tuple) and len(entries) == 2 and isinstance(entries[0], str)
+    if pair:
+        entries = [entries]
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise library.InvalidInputError(f"entries must be a list of (sequence_id, layer) pairs, got {_kind(entries)}")
+    checked = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise library.InvalidInputError(f"entries[{index}] must be a (sequence_id, layer) pair such as "
+                                            f"('seq-1', 0), got {_kind(entry)} {abbreviate(entry)}")
+        checked.append((check_name(entry[0], f"entries[{index}].sequence_id"),
+                        as_integer(entry[1], f"entries[{index}].layer")))
+    return checked
+
+
+def as_blob(blob) -> bytes:
+    """Blob bytes from bytes-like data or a :class:`CompressResult`."""
+    if isinstance(blob, CompressResult):
+        return blob.blob
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise library.InvalidInputError(f"blob must be the bytes of a compressed blob (or the CompressResult of "
+                                        f"compress()), got {_kind(blob)}")
+    return bytes(blob)
+
+
+def as_dtype(dtype) -> int:
+    if dtype is None:
+        return pb.DTYPE_UNSPECIFIED
+    if dtype not in FLOAT_DTYPES:
+        raise library.InvalidInputError(f"dtype must be torch.float16, torch.bfloat16, torch.float32 or None, "
+                                        f"got {abbreviate(dtype)}")
+    return dtype_to_pb(dtype)
+
+
+def check_cache_tensors(keys, values, positions, what: str) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                     torch.Tensor | None]:
+    """Keys/values [layers, tokens, kv_heads, head_dim] with at least one token, and positions
+    (the server checks everything again; this catches mistakes before bytes travel)."""
+    keys = as_tensor(keys, f"{what} keys", "[layers, tokens, kv_heads, head_dim]", 4)
+    if values is not None:
+        values = as_tensor(values, f"{what} values", "[layers, tokens, kv_heads, head_dim]", 4)
+        if values.shape != keys.shape:
+            raise library.InvalidInputError(f"{what} values must have the shape of keys {list(keys.shape)}, "
+                                            f"got {list(values.shape)}")
+    if keys.shape[1] == 0:
+        raise library.InvalidInputError(f"{what} keys must hold at least one token, got shape {list(keys.shape)}")
+    return keys, values, as_positions(positions, keys.shape[1])
+
 
 def upload_messages(sequence_id: str, profile: str, keys: torch.Tensor, values: torch.Tensor | None,
                     positions: torch.Tensor | None, key_space: str, replace: bool, upload_id: str,
                     chunk_bytes: int) -> Iterator[pb.UploadChunk]:
-    """The chunks of one upload, each at most about ``chunk_bytes`` of tensor data.
+    """The chunks of one upload, each at most about ``chunk_bytes`` of tensor data (arguments
+    already checked by :func:`upload_request`).
 
     Chunks walk the tokens in order and, within a token range, the layers; a token range of
     every layer fits one chunk unless a single token of all layers is already too big.
@@ -131,45 +283,50 @@ def upload_messages(sequence_id: str, profile: str, keys: torch.Tensor, values: 
             yield chunk
 
 
-def check_cache_tensors(keys: torch.Tensor, values: torch.Tensor | None, positions: torch.Tensor | None,
-                        what: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Client-side shape checks of [layers, tokens, kv_heads, head_dim] keys/values (the server
-    checks everything again; this only catches mistakes before bytes travel)."""
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.dtype not in FLOAT_DTYPES:
-        raise InvalidInputError(f"{what} keys must be a float16/bfloat16/float32 tensor [layers, tokens, kv_heads, "
-                                f"head_dim], got {getattr(keys, 'dtype', type(keys).__name__)} "
-                                f"{list(getattr(keys, 'shape', []))}")
-    if values is not None and (not isinstance(values, torch.Tensor) or values.shape != keys.shape):
-        raise InvalidInputError(f"{what} values must have the shape of keys {list(keys.shape)}")
-    if positions is not None:
-        if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] != keys.shape[1]:
-            raise InvalidInputError(f"positions must be a 1-D tensor with one entry per token ({keys.shape[1]})")
-        positions = positions.to(torch.int64)
-    return keys.detach().cpu(), None if values is None else values.detach().cpu(), positions
+@client_side
+def upload_request(sequence_id, profile, keys, values, positions, key_space: str, replace: bool,
+                   upload_id: str | None, chunk_bytes: int) -> Callable[[], Iterator[pb.UploadChunk]]:
+    """Check an upload's arguments; returns a factory of its chunk stream (one per attempt)."""
+    sequence_id = check_name(sequence_id, "sequence_id")
+    profile = profile_name(profile)
+    keys, values, positions = check_cache_tensors(keys, values, positions, "upload")
+    key_space_to_pb(key_space)
+    upload_id = check_name(upload_id, "upload_id") if upload_id is not None else uuid.uuid4().hex
+    replace = bool(replace)
+    return lambda: upload_messages(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
+                                   chunk_bytes)
 
 
-def compress_request(keys: torch.Tensor, profile: str | None, layer: int, codec: CodecConfig | None,
-                     rope: RopeConfig | None, positions: torch.Tensor | None, key_space: str) -> pb.CompressRequest:
-    request = pb.CompressRequest(profile=profile or "", layer=layer, key_space=key_space_to_pb(key_space))
+@client_side
+def compress_request(keys, profile, layer, codec, rope, positions, key_space: str) -> pb.CompressRequest:
+    keys = as_tensor(keys, "keys", "[tokens, kv_heads, head_dim]", 3)
+    request = pb.CompressRequest(profile=profile_name(profile, optional=True), layer=as_integer(layer, "layer"),
+                                 key_space=key_space_to_pb(key_space))
     tensor_to_pb(keys, request.keys)
+    positions = as_positions(positions, keys.shape[0])
     if positions is not None:
-        tensor_to_pb(positions.to(torch.int64), request.positions)
-    if codec is not None:
+        tensor_to_pb(positions, request.positions)
+    if as_instance(codec, CodecConfig, "codec") is not None:
         codec_to_pb(codec, request.codec)
-    if rope is not None:
+    if as_instance(rope, RopeConfig, "rope") is not None:
         rope_to_pb(rope, request.rope)
     return request
 
 
-def decompress_request(blob: bytes, profile: str | None, layer: int, key_space: str | None,
-                       dtype: torch.dtype | None) -> pb.DecompressRequest:
-    return pb.DecompressRequest(blob=blob, profile=profile or "", layer=layer, key_space=key_space_to_pb(key_space),
-                                dtype=dtype_to_pb(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED)
+@client_side
+def decompress_request(blob, profile, layer, key_space: str | None, dtype) -> pb.DecompressRequest:
+    return pb.DecompressRequest(blob=as_blob(blob), profile=profile_name(profile, optional=True),
+                                layer=as_integer(layer, "layer"), key_space=key_space_to_pb(key_space),
+                                dtype=as_dtype(dtype))
 
 
-def append_request(sequence_id: str, keys: torch.Tensor, values: torch.Tensor | None, positions: torch.Tensor | None,
-                   expected_tokens: int) -> pb.AppendRequest:
-    request = pb.AppendRequest(sequence_id=sequence_id, expected_tokens=expected_tokens)
+@client_side
+def append_request(sequence_id, keys, values, positions, expected_tokens) -> pb.AppendRequest:
+    """An AppendRequest; ``expected_tokens`` None leaves it for the caller to fill in."""
+    request = pb.AppendRequest(sequence_id=check_name(sequence_id, "sequence_id"))
+    keys, values, positions = check_cache_tensors(keys, values, positions, "append")
+    if expected_tokens is not None:
+        request.expected_tokens = as_integer(expected_tokens, "expected_tokens")
     tensor_to_pb(keys, request.keys)
     if values is not None:
         tensor_to_pb(values, request.values)
@@ -178,17 +335,21 @@ def append_request(sequence_id: str, keys: torch.Tensor, values: torch.Tensor | 
     return request
 
 
-def attend_request(queries: torch.Tensor, entries: Sequence[tuple[str, int]], sparsity: SparsityConfig | None,
-                   scale: float | None) -> pb.AttendRequest:
-    if not isinstance(queries, torch.Tensor) or queries.dim() != 3 or queries.shape[0] != len(entries):
-        raise InvalidInputError(f"queries must be [B, q_heads, head_dim] with B = len(entries) = {len(entries)}, "
-                                f"got {list(getattr(queries, 'shape', []))}")
+@client_side
+def attend_request(queries, entries, sparsity, scale) -> pb.AttendRequest:
+    entries = as_entries(entries)
+    queries = as_tensor(queries, "queries", f"[B, q_heads, head_dim] with B = len(entries) = {len(entries)}", 3)
+    if queries.shape[0] != len(entries):
+        raise library.InvalidInputError(f"queries must be [B, q_heads, head_dim] with B = len(entries) = "
+                                        f"{len(entries)}, got {list(queries.shape)}")
     request = pb.AttendRequest(entries=[pb.AttendEntry(sequence_id=seq, layer=layer) for seq, layer in entries])
     tensor_to_pb(queries, request.queries)
-    if sparsity is not None:
+    if as_instance(sparsity, SparsityConfig, "sparsity") is not None:
         sparsity_to_pb(sparsity, request.sparsity)
     if scale is not None:
-        request.scale = scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not 0 < scale < math.inf:
+            raise library.InvalidInputError(f"scale must be a positive finite number or None, got {abbreviate(scale)}")
+        request.scale = float(scale)
     return request
 
 
@@ -199,11 +360,31 @@ def attend_result(response: pb.AttendResponse) -> AttendResult:
     )
 
 
-def fetch_request(sequence_id: str, layers: Sequence[int] | None, key_space: str | None, dtype: torch.dtype | None,
-                  include_values: bool, chunk_bytes: int) -> pb.FetchRequest:
-    return pb.FetchRequest(sequence_id=sequence_id, layers=list(layers or ()), key_space=key_space_to_pb(key_space),
-                           dtype=dtype_to_pb(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,
-                           include_values=include_values, max_chunk_bytes=chunk_bytes)
+@client_side
+def fetch_request(sequence_id, layers, key_space: str | None, dtype, include_values: bool,
+                  chunk_bytes: int) -> pb.FetchRequest:
+    if layers is None:
+        layers = ()
+    elif isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = (layers,)
+    elif isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise library.InvalidInputError(f"layers must be a list of layer indices, one index, or None (every "
+                                        f"layer), got {_kind(layers)}")
+    layers = [as_integer(layer, f"layers[{index}]") for index, layer in enumerate(layers)]
+    return pb.FetchRequest(sequence_id=check_name(sequence_id, "sequence_id"), layers=layers,
+                           key_space=key_space_to_pb(key_space), dtype=as_dtype(dtype),
+                           include_values=bool(include_values), max_chunk_bytes=chunk_bytes)
+
+
+@client_side
+def sequence_request(message_type, sequence_id):
+    """A Delete/Describe request naming one sequence."""
+    return message_type(sequence_id=check_name(sequence_id, "sequence_id"))
+
+
+@client_side
+def profile_name_request(name) -> pb.GetProfileRequest:
+    return pb.GetProfileRequest(name=profile_name(name, "name"))
 
 
 class FetchAssembler:
@@ -245,9 +426,10 @@ class FetchAssembler:
         return FetchResult(keys, values, self._positions)
 
 
+@client_side
 def profile_request(profile: Profile, replace: bool) -> pb.RegisterProfileRequest:
     if not isinstance(profile, Profile):
-        raise InvalidInputError(f"profile must be an svdq_client.Profile, got {type(profile).__name__}")
+        raise library.InvalidInputError(f"profile must be an svdq_client.Profile, got {type(profile).__name__}")
     return pb.RegisterProfileRequest(profile=profile.to_pb(), replace=replace)
 
 
@@ -320,7 +502,8 @@ class KVCacheClient:
         return Profile.from_pb(self._call(self._stub.RegisterProfile, lambda: request, timeout))
 
     def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
-        return Profile.from_pb(self._call(self._stub.GetProfile, lambda: pb.GetProfileRequest(name=name), timeout))
+        request = profile_name_request(name)
+        return Profile.from_pb(self._call(self._stub.GetProfile, lambda: request, timeout))
 
     def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
         response = self._call(self._stub.ListProfiles, pb.ListProfilesRequest, timeout)
@@ -350,13 +533,8 @@ class KVCacheClient:
                upload_id: str | None = None, timeout: float | None = None) -> SequenceInfo:
         """Store a sequence's prefill: keys (and values) [layers, tokens, kv_heads, head_dim]
         of every layer of the profile, streamed in chunks; retried streams do not duplicate."""
-        keys, values, positions = check_cache_tensors(keys, values, positions, "upload")
-        upload_id = upload_id or uuid.uuid4().hex
-
-        def messages():
-            return upload_messages(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
-                                   self.chunk_bytes)
-
+        messages = upload_request(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
+                                  self.chunk_bytes)
         response = self._call(self._stub.Upload, messages, timeout)
         info = SequenceInfo.from_pb(response.sequence)
         self._tokens[sequence_id] = info.num_tokens
@@ -368,12 +546,12 @@ class KVCacheClient:
         """Append a decode step: keys (and values) [layers, new_tokens, kv_heads, head_dim] of
         every layer. Returns the new token count. Ordered by ``expected_tokens`` (default: the
         count this client last saw, else asked from the server)."""
-        keys, values, positions = check_cache_tensors(keys, values, positions, "append")
+        request = append_request(sequence_id, keys, values, positions, expected_tokens)
         if expected_tokens is None:
             expected_tokens = self._tokens.get(sequence_id)
             if expected_tokens is None:
                 expected_tokens = self.describe(sequence_id, timeout=timeout).num_tokens
-        request = append_request(sequence_id, keys, values, positions, expected_tokens)
+            request.expected_tokens = expected_tokens
         count = self._call(self._stub.Append, lambda: request, timeout).num_tokens
         self._tokens[sequence_id] = count
         return count
@@ -408,12 +586,13 @@ class KVCacheClient:
 
     def delete(self, sequence_id: str, *, timeout: float | None = None) -> None:
         """Delete a stored sequence (NotFoundError when absent)."""
+        message = sequence_request(pb.DeleteRequest, sequence_id)
         attempts = 0
 
         def request():
             nonlocal attempts
             attempts += 1
-            return pb.DeleteRequest(sequence_id=sequence_id)
+            return message
 
         try:
             self._call(self._stub.Delete, request, timeout)
@@ -425,8 +604,8 @@ class KVCacheClient:
 
     def describe(self, sequence_id: str, *, timeout: float | None = None) -> SequenceInfo:
         """Tokens, layers, bytes and compression of a stored sequence."""
-        info = SequenceInfo.from_pb(
-            self._call(self._stub.Describe, lambda: pb.DescribeRequest(sequence_id=sequence_id), timeout))
+        request = sequence_request(pb.DescribeRequest, sequence_id)
+        info = SequenceInfo.from_pb(self._call(self._stub.Describe, lambda: request, timeout))
         self._tokens[sequence_id] = info.num_tokens
         return info
 

@@ -22,7 +22,13 @@ from svdq.values import ValueConfig
 
 from .wire import tensor_from_pb, tensor_to_pb
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+#: longest profile, sequence or upload id
+MAX_NAME_LENGTH = 128
+# Matched with fullmatch: "$" would also match before a trailing newline ("dup\n" beside "dup").
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/-]{{0,{MAX_NAME_LENGTH - 1}}}", re.ASCII)
+NAME_RULE = (f"1-{MAX_NAME_LENGTH} characters of ASCII letters, digits and '._:/-', starting with a letter or digit")
+#: characters of a bad value that an error message quotes
+QUOTE_CHARACTERS = 40
 MAX_LAYERS = 1024
 MAX_KV_HEADS = 256
 MAX_HEAD_DIM = 1024
@@ -30,13 +36,23 @@ KEY_SPACE_TO_PB = {"pre_rope": pb.PRE_ROPE, "post_rope": pb.POST_ROPE}
 KEY_SPACE_FROM_PB = {code: name for name, code in KEY_SPACE_TO_PB.items()}
 
 
+def abbreviate(value: Any, limit: int = QUOTE_CHARACTERS) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters with the full
+    length named: bad input may be megabytes long, and a message must not echo all of it."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}... ({type(value).__name__})"
+
+
 def check_name(value: str, field_name: str) -> str:
-    """Validate a profile or sequence name: 1..128 characters of letters, digits and ``._:/-``."""
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
-        raise InvalidInputError(
-            f"{field_name} must be 1-128 characters of letters, digits and '._:/-' starting with a "
-            f"letter or digit, got {value!r}"
-        )
+    """Validate a profile, sequence or upload id against :data:`NAME_RULE` (the one place
+    that defines them, for client and server alike)."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{field_name} must be a string of {NAME_RULE}; got a {type(value).__name__}")
+    if not NAME_PATTERN.fullmatch(value):
+        raise InvalidInputError(f"{field_name} must be {NAME_RULE}; got {abbreviate(value)}")
     return value
 
 
@@ -313,7 +329,8 @@ class SequenceInfo:
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """The server's device, store budget and occupancy."""
+    """The server's device and store budget; occupancy, evictions and quota of the caller's
+    tenant only (``sequences`` equals ``tenant_sequences``; ``tenant_quota_bytes`` 0: none)."""
 
     version: str
     device: str
@@ -326,6 +343,7 @@ class ServerInfo:
     eviction: str
     ttl_seconds: float
     profiles: tuple[str, ...]
+    tenant_quota_bytes: int = 0
 
     def to_pb(self) -> pb.ServerInfo:
         fields = dict(self.__dict__)
@@ -336,7 +354,7 @@ class ServerInfo:
     def from_pb(cls, message: pb.ServerInfo) -> ServerInfo:
         return cls(message.version, message.device, message.store_budget_bytes, message.stored_bytes,
                    message.stored_fp16_bytes, message.sequences, message.tenant_sequences, message.evictions,
-                   message.eviction, message.ttl_seconds, tuple(message.profiles))
+                   message.eviction, message.ttl_seconds, tuple(message.profiles), message.tenant_quota_bytes)
 
 
 @dataclass(frozen=True)
@@ -393,6 +411,7 @@ __all__ = [
     "Profile",
     "SequenceInfo",
     "ServerInfo",
+    "abbreviate",
     "check_name",
     "codec_from_pb",
     "codec_to_dict",

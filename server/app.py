@@ -3,7 +3,9 @@
 Start-up order: engine and metrics, then the gRPC server (health NOT_SERVING), a warm-up
 request through the engine (first compression and attention pay one-off costs such as
 kernel compilation), then health SERVING and ``svdq_ready 1``. On stop: health
-NOT_SERVING, no new calls, in-flight calls get ``grace_seconds`` to finish.
+NOT_SERVING while calls are still served for ``drain_seconds`` (load balancers and probes
+see it and stop routing here before the port closes), then no new calls, and in-flight
+calls get ``grace_seconds`` to finish.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -75,15 +78,17 @@ class SvdqServer:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.metrics = Metrics()
-        self.engine = Engine(settings.engine_config(), load_profiles(settings.profiles_file), metrics=self.metrics)
-        self.metrics.bind_engine(self.engine, __version__)
         self.authenticator = TokenAuthenticator.from_sources(settings.tokens_file, environ.get("SVDQ_TOKENS"))
+        engine_config = replace(settings.engine_config(), tenant_quotas=self.authenticator.quotas)
+        self.engine = Engine(engine_config, load_profiles(settings.profiles_file), metrics=self.metrics)
+        self.metrics.bind_engine(self.engine, __version__)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="svdq-engine")
         self.health = None
         self.server = None
         self.port = 0
         self.metrics_port = 0
         self._stopped: asyncio.Event | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         # grpc.aio objects bind to the running event loop, so they are made here.
@@ -96,8 +101,9 @@ class SvdqServer:
         kvcache_pb2_grpc.add_KVCacheServicer_to_server(
             KVCacheServicer(self.engine, self.executor, self.settings.max_message_bytes), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if self.settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings)
         if credentials is None:
@@ -112,7 +118,7 @@ class SvdqServer:
                 self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
             await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
         except BaseException:
-            await self.stop(grace=0)
+            await self.stop(grace=0, drain=0)
             raise
         await self._set_serving(True)
         log.info(json.dumps({
@@ -144,13 +150,18 @@ class SvdqServer:
                 await result
         self.metrics.set_ready(serving)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish within ``grace`` seconds, then close."""
-        if self.server is None or self._stopped.is_set():
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Answer NOT_SERVING to health checks while still serving for ``drain`` seconds, then
+        refuse new calls, let in-flight ones finish within ``grace`` seconds, and close."""
+        if self.server is None or self._stopped.is_set() or self._stopping:
             return
+        self._stopping = True  # a second SIGTERM during the drain must not start another stop
         grace = self.settings.grace_seconds if grace is None else grace
-        log.info(json.dumps({"event": "stopping", "grace_seconds": grace}))
+        drain = self.settings.drain_seconds if drain is None else drain
+        log.info(json.dumps({"event": "stopping", "drain_seconds": drain, "grace_seconds": grace}))
         await self._set_serving(False)
+        if drain > 0:
+            await asyncio.sleep(drain)
         await self.server.stop(grace)
         self.metrics.shutdown()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -3,10 +3,10 @@
 Tokens come from a file (``--tokens-file``, YAML or JSON) and/or the ``SVDQ_TOKENS``
 environment variable::
 
-    # tokens file
+    # tokens file: a tenant maps to its tokens, or to its tokens and a byte quota
     tenants:
       team-a: [token-a1, token-a2]
-      team-b: [token-b]
+      team-b: {tokens: [token-b], quota_bytes: 8GiB}
 
     # environment
     SVDQ_TOKENS="team-a=token-a1,team-b=token-b"
@@ -19,15 +19,17 @@ the comparison does not leak a token's prefix through timing.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
+from collections.abc import Mapping
 
 from svdq.errors import InvalidInputError
 
-from .config import read_config_file
+from .config import parse_bytes, read_config_file
 
 DEFAULT_TENANT = "default"
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)  # fullmatch: "$" passes a trailing newline
 MIN_TOKEN_LENGTH = 16
 
 
@@ -44,12 +46,18 @@ class TokenAuthenticator:
 
     Args:
         tenants: tenant name -> list of its tokens; empty means single-tenant without auth.
+        quotas: tenant name -> its stored-byte quota (tenants not named have the server's
+            default, ``--tenant-quota-bytes``).
     """
 
-    def __init__(self, tenants: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, tenants: dict[str, list[str]] | None = None, quotas: Mapping[str, int] | None = None) -> None:
         self._by_digest: dict[bytes, str] = {}
+        self.quotas = dict(quotas or {})
+        unknown = sorted(set(self.quotas) - set(tenants or {}))
+        if unknown:
+            raise InvalidInputError(f"quotas given for tenants without tokens: {unknown}")
         for tenant, tokens in (tenants or {}).items():
-            if not isinstance(tenant, str) or not _TENANT.match(tenant):
+            if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
                 raise InvalidInputError(f"tenant names must be 1-64 letters, digits, '._-'; got {tenant!r}")
             if isinstance(tokens, str):
                 tokens = [tokens]
@@ -81,8 +89,13 @@ class TokenAuthenticator:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("authorization metadata must be 'Bearer <token>'")
-        tenant = self._by_digest.get(_digest(token.strip()))
+        token = token.strip()
+        tenant = self._by_digest.get(_digest(token))
         if tenant is None:
+            if token.lower().startswith("bearer "):
+                raise AuthenticationError("invalid bearer token: the token itself starts with 'Bearer ' (sent as "
+                                          "'Bearer Bearer <token>'?); send 'authorization: Bearer <token>' with the "
+                                          "token alone")
             raise AuthenticationError("invalid bearer token")
         return tenant
 
@@ -90,12 +103,16 @@ class TokenAuthenticator:
     def from_sources(cls, tokens_file: str | None, tokens_env: str | None) -> TokenAuthenticator:
         """Merge the tokens file and the ``SVDQ_TOKENS`` value (either may be absent)."""
         tenants: dict[str, list[str]] = {}
+        quotas: dict[str, int] = {}
         if tokens_file:
             loaded = read_config_file(tokens_file, "--tokens-file")
             if not isinstance(loaded, dict) or not isinstance(loaded.get("tenants"), dict):
                 raise InvalidInputError(f"--tokens-file {tokens_file} must hold a mapping 'tenants: {{name: [tokens]}}'")
-            for tenant, tokens in loaded["tenants"].items():
-                tenants.setdefault(tenant, []).extend([tokens] if isinstance(tokens, str) else list(tokens or []))
+            for tenant, entry in loaded["tenants"].items():
+                tokens, quota = _tenant_entry(tenant, entry, tokens_file)
+                tenants.setdefault(tenant, []).extend(tokens)
+                if quota is not None:
+                    quotas[tenant] = quota
         for item in (tokens_env or "").split(","):
             if not item.strip():
                 continue
@@ -103,4 +120,27 @@ class TokenAuthenticator:
             if not sep:
                 raise InvalidInputError("SVDQ_TOKENS must be 'tenant=token,tenant=token,...'")
             tenants.setdefault(tenant, []).append(token)
-        return cls(tenants)
+        return cls(tenants, quotas)
+
+
+def _tenant_entry(tenant, entry, tokens_file: str) -> tuple[list, int | None]:
+    """(tokens, quota or None) of one tenant of the tokens file: a token, a list of tokens,
+    or ``{tokens: [...], quota_bytes: 1GiB}``."""
+    if isinstance(entry, str):
+        return [entry], None
+    if not isinstance(entry, dict):
+        return list(entry or []), None
+    unknown = sorted(set(entry) - {"tokens", "quota_bytes"})
+    if unknown:
+        raise InvalidInputError(f"--tokens-file {tokens_file}: tenant {tenant!r} has unknown fields {unknown}; "
+                                "allowed: tokens, quota_bytes")
+    tokens = entry.get("tokens") or []
+    quota = entry.get("quota_bytes")
+    if quota is not None:
+        try:
+            quota = parse_bytes(quota)
+        except argparse.ArgumentTypeError as exc:
+            raise InvalidInputError(f"--tokens-file {tokens_file}: quota_bytes of tenant {tenant!r}: {exc}") from None
+        if quota <= 0:
+            raise InvalidInputError(f"--tokens-file {tokens_file}: quota_bytes of tenant {tenant!r} must be > 0")
+    return [tokens] if isinstance(tokens, str) else list(tokens), quota

@@ -32,6 +32,16 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
 
+def _boolean(text: str) -> bool:
+    """``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case) -> bool."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_bytes(text: str) -> int:
     """``"4GiB"``, ``"512MB"``, ``"1000000"`` -> bytes."""
     match = _SIZE.match(str(text))
@@ -66,11 +76,15 @@ class Settings:
     grace_seconds: float = 30.0
     torch_threads: int = 0
     attention_cache_bytes: int = 1 << 30
+    tenant_quota_bytes: int = 0
+    reflection: bool = True
+    drain_seconds: float = 5.0
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(device=self.device, store_bytes=self.store_bytes, eviction=self.eviction,
                             ttl_seconds=self.ttl_seconds, max_tokens=self.max_tokens, max_batch=self.max_batch,
-                            attention_cache_bytes=self.attention_cache_bytes)
+                            attention_cache_bytes=self.attention_cache_bytes,
+                            tenant_quota_bytes=self.tenant_quota_bytes)
 
 
 # (option, type, help); defaults come from Settings.
@@ -102,6 +116,13 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("attention-cache-bytes", parse_bytes, "memory for tensors attention derives from stored keys and keeps between "
      "calls (unpacked codes, score latents, kernel layouts), least recently used first out; on top of --store-bytes. "
      "0 keeps only the layer last served", {}),
+    ("tenant-quota-bytes", parse_bytes, "stored bytes (serialized keys and values) each tenant may hold unless the "
+     "tokens file gives it its own quota_bytes; at its quota a tenant gets RESOURCE_EXHAUSTED. 0 = no quota: the "
+     "store budget bounds it, and LRU eviction takes only from tenants over an equal share of the budget", {}),
+    ("reflection", _boolean, "serve gRPC server reflection (grpcurl, grpcui list and describe the API without the "
+     ".proto); 'false' hides the API description from anyone who can connect", {}),
+    ("drain-seconds", float, "on SIGTERM, how long health answers NOT_SERVING while calls are still served, so "
+     "load balancers and probes stop sending new ones before the listener closes; then --grace-seconds", {}),
 )
 
 
@@ -145,6 +166,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         problems.append(f"--ttl-seconds must be >= 0, got {settings.ttl_seconds}")
     if settings.torch_threads < 0:
         problems.append(f"--torch-threads must be >= 0 (0 = torch's default), got {settings.torch_threads}")
+    if settings.drain_seconds < 0 or settings.tenant_quota_bytes < 0:
+        problems.append("--drain-seconds and --tenant-quota-bytes must be >= 0")
     if settings.workers < 1 or settings.max_tokens < 1 or settings.max_batch < 1:
         problems.append("--workers, --max-tokens and --max-batch must be >= 1")
     if bool(settings.tls_cert) != bool(settings.tls_key):

@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +72,9 @@ class EngineConfig:
         max_batch: entries one Attend call may have.
         attention_cache_bytes: limit of :data:`svdq.derived.DERIVED`, the process-wide memory
             for tensors attention derives from stored keys; ``None`` leaves it as it is.
+        tenant_quota_bytes: stored bytes a tenant may hold unless ``tenant_quotas`` names it;
+            0 = no quota (see :class:`~svdq_server.store.SequenceStore` for shares and eviction).
+        tenant_quotas: tenant -> its own quota (the tokens file's ``quota_bytes``).
     """
 
     device: str = "auto"
@@ -81,6 +84,8 @@ class EngineConfig:
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_batch: int = DEFAULT_MAX_BATCH
     attention_cache_bytes: int | None = None
+    tenant_quota_bytes: int = 0
+    tenant_quotas: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,8 @@ class Engine:
             DERIVED.limit_bytes = self.config.attention_cache_bytes
         self.metrics = metrics
         self.store = SequenceStore(self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
-                                   on_evict=metrics.evicted if metrics is not None else None)
+                                   on_evict=metrics.evicted if metrics is not None else None,
+                                   quotas=self.config.tenant_quotas, default_quota=self.config.tenant_quota_bytes or None)
         self._profiles: dict[str, Profile] = {}
         self._profiles_lock = threading.Lock()
         self._uploads: dict[tuple[str, str], _Staging] = {}
@@ -242,7 +248,7 @@ class Engine:
         stats = BlobStats(compressed.num_tokens, len(blob), 2 * keys.numel(), compressed.bits_per_element,
                           compressed.compression_ratio, error)
         if self.metrics is not None:
-            self.metrics.compressed(profile_name or "none", stats.compression_ratio, stats.bits_per_element, error)
+            self.metrics.compressed(profile_name, stats.compression_ratio, stats.bits_per_element, error)
         return blob, stats
 
     def decompress_keys(self, blob: bytes, *, tenant: str = OPERATOR, profile_name: str = "", layer: int = 0,
@@ -582,14 +588,16 @@ class Engine:
         return self._info(self.store.get(tenant, sequence_id))
 
     def server_info(self, tenant: str) -> ServerInfo:
-        """Device, budget and occupancy of the whole server; ``tenant_sequences`` is the caller's."""
-        totals = self.store.totals()
+        """Device and budget of the server, and the occupancy, evictions and quota of
+        ``tenant`` alone: one tenant learns nothing about the others (operators read global
+        figures from the metrics)."""
+        own = self.store.tenant_totals(tenant)
         return ServerInfo(
             version=__version__, device=str(self.device), store_budget_bytes=self.store.budget_bytes,
-            stored_bytes=totals["keys"] + totals["values"], stored_fp16_bytes=totals["fp16_keys"] + totals["fp16_values"],
-            sequences=totals["sequences"], tenant_sequences=self.store.count(tenant), evictions=self.store.evictions,
-            eviction=self.store.eviction, ttl_seconds=self.store.ttl_seconds,
-            profiles=tuple(profile.name for profile in self.list_profiles(tenant)),
+            stored_bytes=own["bytes"], stored_fp16_bytes=own["fp16_bytes"], sequences=own["sequences"],
+            tenant_sequences=own["sequences"], evictions=own["evictions"], eviction=self.store.eviction,
+            ttl_seconds=self.store.ttl_seconds, profiles=tuple(profile.name for profile in self.list_profiles(tenant)),
+            tenant_quota_bytes=self.store.quota_for(tenant) or 0,
         )
 
     # -- helpers -----------------------------------------------------------------------------

@@ -7,6 +7,9 @@ Every ``svdq.v1.KVCache`` call passes through :class:`ServiceInterceptor`, which
 * maps the library's typed errors to status codes with their message unchanged (the
   messages name the field and what is allowed); anything unexpected becomes INTERNAL with
   a short reference, the traceback going to the log only;
+* answers INVALID_ARGUMENT to request bytes that do not parse as the method's message
+  (grpc would answer UNKNOWN, or INTERNAL inside a stream, and log a traceback each time),
+  with one rate-limited WARNING line for all of them;
 * records ``svdq_rpc_duration_seconds`` and ``svdq_rpc_total{method,code}``.
 
 Health and reflection calls are left alone (probes carry no token).
@@ -21,6 +24,8 @@ import time
 import uuid
 
 import grpc
+from svdq_client.types import abbreviate
+from svdq_proto.svdq.v1 import kvcache_pb2
 
 from svdq.errors import (
     ConflictError,
@@ -40,6 +45,10 @@ SERVICE_PREFIX = "/svdq.v1.KVCache/"
 #: the authenticated tenant of the call being served
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("svdq_tenant")
 
+_METHODS = kvcache_pb2.DESCRIPTOR.services_by_name["KVCache"].methods_by_name
+#: at most one WARNING line per this many seconds about unparsable requests
+MALFORMED_LOG_INTERVAL_SECONDS = 10.0
+
 # Subclasses first: the first matching class decides.
 _STATUS = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -49,6 +58,74 @@ _STATUS = (
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
+
+
+class MalformedRequestError(InvalidInputError):
+    """The request bytes are not a valid protobuf message of the method's request type."""
+
+
+class _Unparsable:
+    """Stands in for a request whose bytes did not parse: grpc calls the deserializer
+    outside any handler code, so raising there could not be mapped to a status."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: MalformedRequestError) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer, message_type: str):
+    """``deserializer`` that returns an :class:`_Unparsable` instead of raising."""
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - whatever parsing raises, the bytes were not a message
+            return _Unparsable(MalformedRequestError(
+                f"the request could not be parsed as a {message_type} message ({type(exc).__name__}: "
+                f"{abbreviate(str(exc), 120)}); send a serialized {message_type}"))
+
+    return deserialize
+
+
+def _parsed(request):
+    """``request`` itself, or the MalformedRequestError it stands for."""
+    if isinstance(request, _Unparsable):
+        raise request.error
+    return request
+
+
+async def _parsed_stream(requests):
+    async for request in requests:
+        yield _parsed(request)
+
+
+class RateLimitedLog:
+    """At most one log line per ``interval`` seconds; the next line says how many were left out.
+
+    A client sending garbage in a loop must not flood the log (and the disk) with one
+    line per request, while an operator still sees that it happens and how often.
+    """
+
+    def __init__(self, logger: logging.Logger, level: int, interval: float,
+                 clock=time.monotonic) -> None:
+        self.logger, self.level, self.interval, self._clock = logger, level, interval, clock
+        self._next = 0.0
+        self.suppressed = 0
+
+    def log(self, message: str, *args) -> bool:
+        """Log ``message % args`` unless a line went out less than ``interval`` ago; returns
+        whether it was logged."""
+        now = self._clock()
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        if self.suppressed:
+            message += f" (and {self.suppressed} more like it since the last such line)"
+            self.suppressed = 0
+        self._next = now + self.interval
+        self.logger.log(self.level, message, *args)
+        return True
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
@@ -72,6 +149,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: TokenAuthenticator, metrics=None) -> None:
         self.authenticator = authenticator
         self.metrics = metrics
+        self.malformed_log = RateLimitedLog(log, logging.WARNING, MALFORMED_LOG_INTERVAL_SECONDS)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -80,27 +158,31 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method[len(SERVICE_PREFIX):]
         metadata = dict(handler_call_details.invocation_metadata or ())
         authorization = metadata.get("authorization")
+        described = _METHODS.get(method)
+        deserializer = handler.request_deserializer
+        if deserializer is not None and described is not None:
+            deserializer = _tolerant(deserializer, described.input_type.full_name)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, authorization),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._unary(handler.unary_unary, method, authorization, stream=False),
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method, authorization),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._unary(handler.stream_unary, method, authorization, stream=True),
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(handler.unary_stream, method, authorization),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         return handler  # no bidirectional methods in svdq.v1
 
-    def _unary(self, behaviour, method: str, authorization: str | None):
+    def _unary(self, behaviour, method: str, authorization: str | None, stream: bool):
         async def wrapped(request, context):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 current_tenant.set(self.authenticator.tenant_for(authorization))
-                return await behaviour(request, context)
+                return await behaviour(_parsed_stream(request) if stream else _parsed(request), context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -118,7 +200,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             try:
                 current_tenant.set(self.authenticator.tenant_for(authorization))
-                async for response in behaviour(request, context):
+                async for response in behaviour(_parsed(request), context):
                     yield response
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -131,8 +213,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    @staticmethod
-    async def _abort(error: Exception, code: grpc.StatusCode, context: grpc.aio.ServicerContext, method: str) -> None:
+    async def _abort(self, error: Exception, code: grpc.StatusCode, context: grpc.aio.ServicerContext,
+                     method: str) -> None:
         """Abort the call with ``code`` and a message a caller can act on (always raises)."""
         if isinstance(error, grpc.aio.AbortError):
             raise error  # the servicer aborted with its own status already
@@ -140,6 +222,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             reference = uuid.uuid4().hex[:12]
             log.error("internal error in %s (reference %s)", method, reference, exc_info=error)
             message = f"internal error (reference {reference}; details are in the server log)"
+        elif isinstance(error, MalformedRequestError):
+            message = str(error)
+            self.malformed_log.log("%s: unparsable request from %s: %s", method, context.peer(), message)
         else:
             message = str(error)
             log.info("%s failed with %s: %s", method, code.name, message)

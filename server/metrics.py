@@ -1,7 +1,10 @@
 """Prometheus metrics of the server (names and labels are a contract: docs/CONTRACTS.md).
 
 Everything lives in one registry per :class:`Metrics` so that tests can run several servers
-in one process. Store occupancy and device memory are read when Prometheus scrapes, from
+in one process. No label value is ever chosen by a tenant: the metrics port needs no token,
+and a label per tenant-registered profile would let any tenant grow every scrape without
+bound. Only the operator's profiles (``--profiles-file``) appear by name; every profile a
+tenant registered over RPC is counted under :data:`TENANT_PROFILE_LABEL`. Store occupancy and device memory are read when Prometheus scrapes, from
 the store itself, so the gauges can never drift from the truth.
 """
 
@@ -22,6 +25,10 @@ BITS_BUCKETS = (0.5, 1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 8, 12, 16, 32)
 ERROR_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+#: ``profile`` label of every profile registered over RPC
+TENANT_PROFILE_LABEL = "tenant"
+#: ``profile`` label of Compress calls without a profile
+NO_PROFILE_LABEL = "none"
 
 
 class _StoreCollector:
@@ -102,11 +109,20 @@ class Metrics:
             self.key_bytes_read.labels(mode)
             self.dense_key_bytes.labels(mode)
         self._http = None
+        self._operator_profiles: frozenset[str] = frozenset()
 
     def bind_engine(self, engine, version: str) -> None:
-        """Export the engine's store and device gauges and the build info."""
+        """Export the engine's store and device gauges and the build info; the profiles the
+        engine holds now (the operator's, loaded at start) are the ones labelled by name."""
         self.registry.register(_StoreCollector(engine))
         self.build_info.labels(version, str(engine.device)).set(1)
+        self._operator_profiles = frozenset(profile.name for profile in engine.list_profiles())
+
+    def profile_label(self, profile: str) -> str:
+        """The ``profile`` label value of a profile name (``""``: no profile)."""
+        if not profile:
+            return NO_PROFILE_LABEL
+        return profile if profile in self._operator_profiles else TENANT_PROFILE_LABEL
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (``port=0`` is not used
@@ -125,9 +141,11 @@ class Metrics:
     # -- events ----------------------------------------------------------------------------
 
     def compressed(self, profile: str, ratio: float, bits_per_element: float, relative_error: float) -> None:
-        self.compression_ratio.labels(profile).observe(ratio)
-        self.bits_per_element.labels(profile).observe(bits_per_element)
-        self.reconstruction_error.labels(profile).observe(relative_error)
+        """One upload or Compress call with profile name ``profile`` (``""`` for none)."""
+        label = self.profile_label(profile)
+        self.compression_ratio.labels(label).observe(ratio)
+        self.bits_per_element.labels(label).observe(bits_per_element)
+        self.reconstruction_error.labels(label).observe(relative_error)
 
     def attended(self, batch: int, mode: str, key_bytes_read: int, dense_fp16_key_bytes: int) -> None:
         self.attention_batch.observe(batch)

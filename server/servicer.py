@@ -48,7 +48,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return (await self._run(self.engine.register_profile, profile, request.replace, current_tenant.get())).to_pb()
 
     async def GetProfile(self, request, context):
-        return self.engine.get_profile(request.name, current_tenant.get()).to_pb()
+        return self.engine.get_profile(convert.check_name(request.name, "name"), current_tenant.get()).to_pb()
 
     async def ListProfiles(self, request, context):
         profiles = self.engine.list_profiles(current_tenant.get())

@@ -6,9 +6,15 @@ reader (attention, fetch) always sees one consistent version and a failed update
 old one in place. Writers of one sequence serialise on its ``write_lock``; different
 sequences never wait for each other except for the short store-wide bookkeeping lock.
 
-When a new or grown sequence would exceed the budget, the least recently used other
-sequences are evicted (``eviction="lru"``) or the request fails with
-RESOURCE_EXHAUSTED (``eviction="none"``). Sequences idle longer than ``ttl_seconds`` expire.
+Tenants cannot push each other out. A tenant may have a byte quota (a hard limit: an
+insert or append that would take it over answers RESOURCE_EXHAUSTED naming the quota, and
+evicts nothing). When a new or grown sequence would exceed the store budget,
+``eviction="lru"`` evicts least recently used sequences, but only of tenants holding more
+than their share (their quota, or else an equal part of the budget among the tenants that
+store something), then the requesting tenant's own; a tenant within its share never loses a
+sequence to another tenant. What cannot be freed that way, and everything under
+``eviction="none"``, fails with RESOURCE_EXHAUSTED. Sequences idle longer than
+``ttl_seconds`` expire.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -94,17 +100,26 @@ class SequenceStore:
         ttl_seconds: idle time after which a sequence expires; 0 disables expiry.
         on_evict: called with the reason (``"lru"`` or ``"ttl"``) for every evicted sequence.
         clock: monotonic time source (tests pass a fake one).
+        quotas: tenant -> its byte quota (from the tokens file).
+        default_quota: quota of every tenant not in ``quotas``; None = no quota (the store
+            budget bounds it, and its eviction share is an equal part of the budget).
     """
 
     def __init__(self, budget_bytes: int, eviction: str = "lru", ttl_seconds: float = 0.0,
-                 on_evict: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_evict: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 quotas: Mapping[str, int] | None = None, default_quota: int | None = None) -> None:
         if budget_bytes <= 0:
             raise InvalidInputError(f"store budget must be > 0 bytes, got {budget_bytes}")
         if eviction not in EVICTION_POLICIES:
             raise InvalidInputError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
         if ttl_seconds < 0:
             raise InvalidInputError(f"ttl_seconds must be >= 0 (0 = no expiry), got {ttl_seconds}")
+        for owner, quota in [*(quotas or {}).items(), ("every other tenant", default_quota)]:
+            if quota is not None and (not isinstance(quota, int) or quota <= 0):
+                raise InvalidInputError(f"the quota of {owner!r} must be a byte count > 0, got {quota!r}")
         self.budget_bytes = budget_bytes
+        self.quotas = dict(quotas or {})
+        self.default_quota = default_quota
         self.eviction = eviction
         self.ttl_seconds = ttl_seconds
         self._on_evict = on_evict
@@ -114,6 +129,9 @@ class SequenceStore:
         self._stored_bytes = 0
         self._stored_key_bytes = 0
         self._stored_fp16 = {"keys": 0, "values": 0}
+        # Per tenant, kept with the totals: quota checks run on every insert and append.
+        self._tenant_bytes: defaultdict[str, int] = defaultdict(int)
+        self._tenant_evictions: defaultdict[str, int] = defaultdict(int)
         self.evictions = 0
 
     # -- reading -------------------------------------------------------------------------
@@ -149,6 +167,20 @@ class SequenceStore:
                 "sequences": len(self._sequences),
             }
 
+    def quota_for(self, tenant: str) -> int | None:
+        """The tenant's byte quota; None when it has none."""
+        return self.quotas.get(tenant, self.default_quota)
+
+    def tenant_totals(self, tenant: str) -> dict[str, int]:
+        """What :meth:`totals` gives, for one tenant's sequences, plus its ``evictions``."""
+        with self._lock:
+            self._expire_locked()
+            entries = [entry for entry in self._sequences.values() if entry.tenant == tenant]
+            fp16 = sum(fp16_bytes(entry.profile, entry.state.num_tokens) * (2 if entry.state.values is not None else 1)
+                       for entry in entries)
+            return {"bytes": self._tenant_bytes.get(tenant, 0), "fp16_bytes": fp16, "sequences": len(entries),
+                    "evictions": self._tenant_evictions.get(tenant, 0)}
+
     def tensor_bytes(self) -> int:
         """Bytes of the torch tensors the stored sequences hold in memory (device memory
         accounting; close to, but not the same as, the serialized sizes)."""
@@ -180,7 +212,8 @@ class SequenceStore:
             self._expire_locked()
             old = self._sequences.get(entry.key)
             freed = old.charged_bytes if (old is not None and replace) else 0
-            self._make_room_locked(entry.state.nbytes, freed, protect=entry.key, what=f"sequence {entry.sequence_id!r}")
+            self._make_room_locked(entry.tenant, entry.state.nbytes, freed, protect=entry.key,
+                                   what=f"sequence {entry.sequence_id!r}")
             if old is not None:
                 self._remove_locked(old)
             self._charge_locked(entry, entry.state)
@@ -195,7 +228,7 @@ class SequenceStore:
         with self._lock:
             if entry.deleted or self._sequences.get(entry.key) is not entry:
                 raise NotFoundError(f"sequence {entry.sequence_id!r} not found (deleted or evicted meanwhile)")
-            self._make_room_locked(new_state.nbytes, entry.charged_bytes, protect=entry.key,
+            self._make_room_locked(entry.tenant, new_state.nbytes, entry.charged_bytes, protect=entry.key,
                                    what=f"sequence {entry.sequence_id!r}")
             self._uncharge_locked(entry)
             self._charge_locked(entry, new_state)
@@ -224,6 +257,7 @@ class SequenceStore:
         entry.charged_key_bytes = state.key_bytes
         self._stored_bytes += entry.charged_bytes
         self._stored_key_bytes += entry.charged_key_bytes
+        self._tenant_bytes[entry.tenant] += entry.charged_bytes
         fp16 = fp16_bytes(entry.profile, state.num_tokens)
         self._stored_fp16["keys"] += fp16
         self._stored_fp16["values"] += fp16 if state.values is not None else 0
@@ -232,6 +266,9 @@ class SequenceStore:
         state = entry.state
         self._stored_bytes -= entry.charged_bytes
         self._stored_key_bytes -= entry.charged_key_bytes
+        self._tenant_bytes[entry.tenant] -= entry.charged_bytes
+        if not self._tenant_bytes[entry.tenant]:
+            del self._tenant_bytes[entry.tenant]  # the share count is over tenants that store something
         fp16 = fp16_bytes(entry.profile, state.num_tokens)
         self._stored_fp16["keys"] -= fp16
         self._stored_fp16["values"] -= fp16 if state.values is not None else 0
@@ -241,37 +278,66 @@ class SequenceStore:
         entry.deleted = True
         del self._sequences[entry.key]
 
-    def _make_room_locked(self, needed: int, freed: int, protect: tuple[str, str], what: str) -> None:
-        """Evict least recently used sequences (never ``protect``) until ``needed`` bytes fit,
-        counting ``freed`` bytes that the caller's own old version gives back."""
+    def _make_room_locked(self, tenant: str, needed: int, freed: int, protect: tuple[str, str], what: str) -> None:
+        """Make ``needed`` bytes of ``tenant`` fit its quota and the budget, counting ``freed``
+        bytes that the caller's own old version gives back; evicts as the module docstring
+        says (never ``protect``), or raises ResourceExhaustedError and changes nothing."""
         if needed > self.budget_bytes:
             raise ResourceExhaustedError(
                 f"{what} needs {needed} bytes compressed, more than the whole store budget of "
                 f"{self.budget_bytes} bytes (--store-bytes)"
             )
+        quota = self.quota_for(tenant)
+        holds = self._tenant_bytes.get(tenant, 0) - freed
+        if quota is not None and holds + needed > quota:
+            raise ResourceExhaustedError(
+                f"{what} needs {needed} bytes but tenant {tenant!r} already holds {holds} of its {quota}-byte quota "
+                "(quota_bytes in --tokens-file, or --tenant-quota-bytes); delete some of its sequences"
+            )
         available = self.budget_bytes - self._stored_bytes + freed
         if needed <= available:
             return
-        victims = []
+        victims: dict[tuple[str, str], StoredSequence] = {}
         if self.eviction == "lru":
-            for key, candidate in self._sequences.items():
-                if needed <= available:
-                    break
-                if key == protect:
-                    continue
-                victims.append(candidate)
-                available += candidate.charged_bytes
+            # Bytes each tenant holds above its share, the requester's with the new version in.
+            excess = {owner: held - self._share_locked(owner, tenant) for owner, held in self._tenant_bytes.items()}
+            excess[tenant] = holds + needed - self._share_locked(tenant, tenant)
+            for over_share_only in (True, False):
+                for key, candidate in self._sequences.items():
+                    if needed <= available:
+                        break
+                    if key == protect or key in victims:
+                        continue
+                    if over_share_only and excess[candidate.tenant] <= 0:
+                        continue
+                    if not over_share_only and candidate.tenant != tenant:
+                        continue
+                    victims[key] = candidate
+                    available += candidate.charged_bytes
+                    excess[candidate.tenant] -= candidate.charged_bytes
         if needed > available:
+            detail = ("the other tenants' sequences are within their shares" if self.eviction == "lru"
+                      else f"eviction is {self.eviction!r}")
             raise ResourceExhaustedError(
                 f"{what} needs {needed} bytes but only {self.budget_bytes - self._stored_bytes + freed} of the "
-                f"{self.budget_bytes}-byte store budget are free and eviction is {self.eviction!r}; "
-                "delete sequences or raise --store-bytes"
+                f"{self.budget_bytes}-byte store budget are free and {detail}; delete sequences or raise --store-bytes"
             )
-        for victim in victims:
+        for victim in victims.values():
             log.info("evicting sequence %r of tenant %r (lru, %d bytes)", victim.sequence_id, victim.tenant,
                      victim.charged_bytes)
             self._remove_locked(victim)
+            self._tenant_evictions[victim.tenant] += 1
             self._evicted("lru")
+
+    def _share_locked(self, owner: str, requester: str) -> int:
+        """The bytes ``owner`` may hold before its sequences become eviction candidates for
+        other tenants: its quota, else an equal part of the budget among the tenants that
+        store something (the requester included)."""
+        quota = self.quota_for(owner)
+        if quota is not None:
+            return quota
+        tenants = len(self._tenant_bytes.keys() | {requester})
+        return self.budget_bytes // tenants
 
     def _expire_locked(self) -> int:
         if not self.ttl_seconds:
@@ -282,6 +348,7 @@ class SequenceStore:
             log.info("expiring sequence %r of tenant %r (idle > %ss)", entry.sequence_id, entry.tenant,
                      self.ttl_seconds)
             self._remove_locked(entry)
+            self._tenant_evictions[entry.tenant] += 1
             self._evicted("ttl")
         return len(expired)
 

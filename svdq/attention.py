@@ -562,6 +562,10 @@ def _validate(queries: torch.Tensor, keys: Sequence[CompressedKeys], values: Seq
     if not torch.isfinite(queries).all():
         raise InvalidInputError("queries contain NaN or Inf")
     batch, q_heads, head_dim = queries.shape
+    for name, given in (("keys", keys), ("values", values)):
+        if not isinstance(given, Sequence):
+            raise InvalidInputError(f"{name} must be a list with one compressed cache per query (batch {batch}), "
+                                    f"got {type(given).__name__}")
     if len(keys) != batch or len(values) != batch:
         raise InvalidInputError(f"keys and values need one entry per query (batch {batch}), got {len(keys)} keys "
                                 f"and {len(values)} values")
@@ -605,8 +609,10 @@ def attend(
     Args:
         queries: [B, Hq, D] float16/bfloat16/float32 post-RoPE decode queries; Hq a multiple
             of the keys' kv_heads (query head ``i`` uses KV head ``i // (Hq / Hkv)``).
-        keys: B compressed key caches (any method: svdq, kivi, fp16) on the queries' device.
-        values: B value caches with the same token count and heads as ``keys``.
+        keys: B compressed key caches (any method: svdq, kivi, fp16) on the queries' device;
+            one :class:`CompressedKeys` alone stands for a list of one.
+        values: B value caches with the same token count and heads as ``keys`` (one alone
+            likewise).
         scale: softmax scale; default ``1 / sqrt(D)``.
         sparsity: attend only to chosen chunks (see the module docstring); None = dense.
         backend: ``"torch"`` or ``"triton"``; default from :func:`select_backend`.
@@ -614,6 +620,9 @@ def attend(
     Returns:
         :class:`AttentionOutput`: ``output`` float32 [B, Hq, D], ``lse`` float32 [B, Hq].
     """
+    # One sequence's caches may be given bare; _validate wants one entry per query.
+    keys = [keys] if isinstance(keys, CompressedKeys) else keys
+    values = [values] if isinstance(values, CompressedValues) else values
     softmax_scale = _validate(queries, keys, values, scale, sparsity)
     chosen = select_backend(queries.device, backend)
     batch, q_heads, head_dim = queries.shape

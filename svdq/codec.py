@@ -480,14 +480,23 @@ def _latent_rows(compressed: CompressedKeys) -> torch.Tensor:
 
 
 def decompress(
-    compressed: CompressedKeys, key_space: str | None = None, dtype: torch.dtype | None = None
+    compressed: CompressedKeys | bytes, key_space: str | None = None, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Reconstruct keys [tokens, kv_heads, head_dim].
 
     Args:
+        compressed: :class:`CompressedKeys`, or the bytes of :func:`svdq.format.to_bytes`
+            (parsed with ``from_bytes``; a blob made with a shared basis needs ``from_bytes(blob, basis)``).
         key_space: ``"pre_rope"`` or ``"post_rope"``; default: the space the keys came in.
         dtype: output dtype; default: the dtype the keys came in.
     """
+    if isinstance(compressed, (bytes, bytearray, memoryview)):
+        from .format import from_bytes  # format imports this module
+
+        compressed = from_bytes(compressed)
+    if not isinstance(compressed, CompressedKeys):
+        raise InvalidInputError(f"decompress takes CompressedKeys (from compress or from_bytes) or blob bytes, got "
+                                f"{type(compressed).__name__}")
     key_space = key_space or compressed.input_space
     if key_space not in KEY_SPACES:
         raise InvalidInputError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")

@@ -38,7 +38,7 @@ class ServerProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"server-{self.port}.log"
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                     "--device", "cpu", "--workers", "4", *args]
+                     "--device", "cpu", "--workers", "4", "--drain-seconds", "0", *args]
         self.env = {**os.environ, "SVDQ_BACKEND": "torch", **(env or {})}
         self.credentials = credentials
         self.server_name = server_name

@@ -147,7 +147,7 @@ def test_client_side_checks_and_policy():
     assert all(0 <= delay <= 0.4 for delay in RetryPolicy(5, 0.1, 0.4).delays())
     assert len(list(RetryPolicy(5, 0.1, 0.4).delays())) == 5
     with KVCacheClient("127.0.0.1:1") as client:
-        with pytest.raises(svdq.InvalidInputError, match=r"upload keys must be a float16/bfloat16/float32 tensor"):
+        with pytest.raises(svdq.InvalidInputError, match=r"upload keys must be a torch.Tensor \[layers, tokens"):
             client.upload("s", "p", torch.zeros(2, 3, 4))
         with pytest.raises(svdq.InvalidInputError, match="values must have the shape of keys"):
             client.upload("s", "p", torch.zeros(1, 2, 1, 4), torch.zeros(1, 3, 1, 4))

@@ -391,7 +391,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "device", "store_budget_bytes", "stored_bytes", "stored_fp16_bytes", "sequences", "tenant_sequences", "evictions", "eviction", "ttl_seconds", "profiles")
+    __slots__ = ("version", "device", "store_budget_bytes", "stored_bytes", "stored_fp16_bytes", "sequences", "tenant_sequences", "evictions", "eviction", "ttl_seconds", "profiles", "tenant_quota_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     STORE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -403,6 +403,7 @@ class ServerInfo(_message.Message):
     EVICTION_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
+    TENANT_QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: str
     device: str
     store_budget_bytes: int
@@ -414,4 +415,5 @@ class ServerInfo(_message.Message):
     eviction: str
     ttl_seconds: float
     profiles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., store_budget_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., stored_fp16_bytes: _Optional[int] = ..., sequences: _Optional[int] = ..., tenant_sequences: _Optional[int] = ..., evictions: _Optional[int] = ..., eviction: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., profiles: _Optional[_Iterable[str]] = ...) -> None: ...
+    tenant_quota_bytes: int
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., store_budget_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., stored_fp16_bytes: _Optional[int] = ..., sequences: _Optional[int] = ..., tenant_sequences: _Optional[int] = ..., evictions: _Optional[int] = ..., eviction: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., profiles: _Optional[_Iterable[str]] = ..., tenant_quota_bytes: _Optional[int] = ...) -> None: ...

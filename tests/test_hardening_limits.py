@@ -1,0 +1,196 @@
+"""Hostile and careless input to the codec library: the cost check before work, crafted
+blobs, zero-dimension wire tensors, keys too large for the float16 metadata, zero-rank
+sequences, non-finite outputs and the codec config's silent surprises (issue 13)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import struct
+import time
+import zlib
+
+import pytest
+import torch
+from svdq_client.wire import MAX_DIM_SIZE, tensor_from_pb
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+from test_attention import naive_attention
+
+from svdq import CodecConfig, RopeConfig, append, compress, decompress, from_bytes, to_bytes
+from svdq.attention import SparsityConfig, attend
+from svdq.codec import CostLimits, check_cost
+from svdq.errors import FormatError, InvalidInputError, ResourceExhaustedError
+from svdq.format import _HEADER
+from svdq.values import ValueConfig, compress_values
+
+ROPE = RopeConfig(theta=10000.0)
+
+
+def rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def keys_of(tokens, kv_heads=2, head_dim=32, scale=1.0, seed=0):
+    return torch.randn(tokens, kv_heads, head_dim, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# -- the cost check -------------------------------------------------------------------------
+
+def test_transposed_keys_are_refused_before_any_work_with_a_hint():
+    keys = torch.zeros(3, 1000, 64)  # [kv_heads, tokens, head_dim]: read as 3 tokens x 1000 heads
+    before, started = rss_peak_bytes(), time.perf_counter()
+    with pytest.raises(ResourceExhaustedError, match=r"64000 channels is more than the limit of 4096 "
+                                                     r"\(max_channels\).*transpose\(0, 1\)"):
+        compress(keys)
+    assert time.perf_counter() - started < 5 and rss_peak_bytes() - before < 200 << 20  # no 16 GB covariance
+
+
+def test_cost_check_names_each_limit():
+    limits = CostLimits(max_tokens=1000, max_channels=256, max_work_bytes=2 << 20)
+    with pytest.raises(ResourceExhaustedError, match=r"2000 tokens is more than the limit of 1000 \(max_tokens\)"):
+        check_cost(2000, 2, 64, limits)
+    with pytest.raises(ResourceExhaustedError, match=r"1 \* 4096 = 4096 channels is more than the limit of 256"):
+        compress(torch.zeros(16, 1, 4096), limits=limits)
+    with pytest.raises(ResourceExhaustedError, match=r"about \d+ bytes of working memory, more than the limit of "
+                                                     r"2097152 \(max_work_bytes\)"):
+        compress(keys_of(900, 2, 64), limits=limits)
+    assert check_cost(900, 2, 64) > 0  # the default limits take it
+    base = compress(keys_of(64))
+    with pytest.raises(ResourceExhaustedError, match="appended keys: 1064 tokens is more than the limit of 1000"):
+        append(base, keys_of(1000), limits=limits)
+    with pytest.raises(InvalidInputError):
+        CostLimits(max_tokens=0)
+
+
+# -- crafted blobs ---------------------------------------------------------------------------
+
+def crafted_blob(tokens, kv_heads=1, head_dim=2, method=0, flags=0, tail=b"", widths=None, mean=None):
+    channels = kv_heads * head_dim
+    header = _HEADER.pack(b"SVDQ", 1, method, flags, 0x00, tokens, kv_heads, head_dim, 64, 0, 0)
+    body = header + (bytes((channels + 1) // 2) if widths is None else widths)
+    body += struct.pack(f"<{channels}f", *([0.0] * channels if mean is None else mean)) + tail
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("tokens", [1 << 26, (1 << 32) - 1])
+def test_a_tiny_blob_claiming_huge_token_counts_fails_fast(tokens):
+    blob = crafted_blob(tokens)  # every channel width 0: the body would cost no bytes at all
+    assert len(blob) == 41  # the issue's size
+    before, started = rss_peak_bytes(), time.perf_counter()
+    with pytest.raises(FormatError, match=rf"{tokens} tokens is more than the limit of 1048576 \(max_tokens\)"):
+        from_bytes(blob)
+    assert time.perf_counter() - started < 1 and rss_peak_bytes() - before < 50 << 20
+
+
+def test_blob_header_fields_are_checked_against_the_blob_size_and_limits():
+    with pytest.raises(FormatError, match="invalid shape in header"):
+        from_bytes(crafted_blob(64, head_dim=3))
+    with pytest.raises(FormatError, match="blob is 41 bytes but its header and channel widths describe 185"):
+        from_bytes(crafted_blob(64, widths=bytes([0x88])))  # two 8-bit channels need codes, scales, mins
+    with pytest.raises(FormatError, match=r"4096 tokens is more than the limit of 1000"):
+        from_bytes(crafted_blob(4096), limits=CostLimits(max_tokens=1000))
+    with pytest.raises(FormatError, match="NaN or Inf in its mean"):
+        from_bytes(crafted_blob(64, mean=[float("nan"), 0.0]))
+    with pytest.raises(FormatError, match="blob mean reaches 3e\\+38"):
+        from_bytes(crafted_blob(64, mean=[3e38, 0.0]))
+    # The same layout with sane fields loads: 64 tokens, every channel dropped -> the mean.
+    assert torch.equal(decompress(from_bytes(crafted_blob(64, mean=[1.0, 2.0]))),
+                       torch.tensor([[[1.0, 2.0]]]).expand(64, 1, 2))
+
+
+def test_blob_sections_with_inf_are_refused_and_no_decompress_returns_inf():
+    compressed = compress(keys_of(200))
+    blob = bytearray(to_bytes(compressed))
+    # The first float16 scale sits right after mean, basis and sinks: make it +Inf.
+    channels, kept = compressed.channels, compressed.kept_bits.numel()
+    at = _HEADER.size + (channels + 1) // 2 + 4 * channels + 2 * channels * kept + 2 * channels * 4
+    blob[at:at + 2] = struct.pack("<e", math.inf)
+    blob[-4:] = struct.pack("<I", zlib.crc32(bytes(blob[:-4])))
+    with pytest.raises(FormatError, match="NaN or Inf in its scales"):
+        from_bytes(bytes(blob))
+    # Finite float32 keys beyond float16's range cannot be read back as float16.
+    big = compress(keys_of(8) * 1e5, CodecConfig(method="fp16"))
+    with pytest.raises(InvalidInputError, match="do not fit torch.float16"):
+        decompress(big, dtype=torch.float16)
+    assert torch.isfinite(decompress(big, dtype=torch.float32)).all()
+
+
+# -- zero-dimension wire tensors --------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [[2, 0, 2**62, 2**62], [2, 0, 2**30, 2**30], [0, MAX_DIM_SIZE + 1]])
+def test_zero_dimension_wire_tensors_with_huge_others_are_refused(shape):
+    with pytest.raises(InvalidInputError, match=r"keys.shape .* is too large: each dimension may be at most "
+                                                r"2147483647 and their product .* at most 1099511627776"):
+        tensor_from_pb(pb.Tensor(dtype=pb.FLOAT16, shape=shape, data=b""), "keys")
+    assert tensor_from_pb(pb.Tensor(dtype=pb.FLOAT16, shape=[2, 0, 3], data=b""), "keys").shape == (2, 0, 3)
+
+
+# -- large magnitudes and zero rank -------------------------------------------------------------
+
+@pytest.mark.parametrize("magnitude", [6e4, 1e5, 1e6])
+def test_keys_too_large_for_float16_metadata_are_refused_with_the_rule(magnitude):
+    keys = keys_of(200, scale=magnitude)
+    for config in (CodecConfig(), CodecConfig(schedule=(8, 4, 0)), CodecConfig(method="kivi")):
+        with pytest.raises(InvalidInputError, match="group minimums and steps are stored as float16, so both must "
+                                                    "stay within 65504"):
+            compress(keys, config)
+    stored = compress(keys, CodecConfig(method="fp16"))  # the documented way to keep them
+    assert torch.equal(decompress(stored, dtype=torch.float32), keys.to(torch.bfloat16).float())
+
+
+def test_append_of_too_large_keys_is_refused_and_leaves_the_state():
+    base = compress(keys_of(100, scale=100.0), CodecConfig(group_size=16))
+    with pytest.raises(InvalidInputError, match="too large in magnitude"):
+        append(base, keys_of(40, scale=1e5)[:, :, :].clamp(-6e4, 6e4))
+    assert base.num_tokens == 100
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_over_a_sequence_with_every_channel_dropped(backend, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    keys = keys_of(150, 2, 32, seed=1)
+    compressed = compress(keys, CodecConfig(schedule=(0,), group_size=32), rope=ROPE)
+    assert compressed.kept_bits.numel() == 0 and compressed.num_groups == 4
+    values = torch.randn(150, 2, 32, generator=torch.Generator().manual_seed(2))
+    queries = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(3))
+    expected, expected_lse = naive_attention(queries[0], decompress(compressed, "post_rope", torch.float32), values,
+                                             1 / math.sqrt(32))
+    for sparsity in (None, SparsityConfig()):
+        result = attend(queries, [compressed], [compress_values(values, ValueConfig())], sparsity=sparsity,
+                        backend=backend)
+        assert torch.isfinite(result.output).all()
+        if sparsity is None:
+            torch.testing.assert_close(result.output[0].double(), expected, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(result.lse[0].double(), expected_lse, atol=2e-3, rtol=2e-3)
+
+
+# -- the codec config's surprises -----------------------------------------------------------------
+
+def test_bits_per_element_and_schedule_together_is_an_error():
+    with pytest.raises(InvalidInputError, match="give either bits_per_element .* or schedule .*, not both"):
+        CodecConfig(bits_per_element=2.0, schedule=(8, 4, 0))
+    assert CodecConfig(schedule=(8, 4, 0)).bits_per_element is None
+    assert CodecConfig().bits_per_element == 1.5
+
+
+def test_a_budget_below_the_fixed_costs_warns_with_the_bits_stored(caplog):
+    with caplog.at_level(logging.WARNING, logger="svdq.codec"):
+        compressed = compress(keys_of(300), CodecConfig(bits_per_element=0.1))
+    assert compressed.bits_per_element > 0.5
+    assert f"asked for 0.1 bits per element, stored {compressed.bits_per_element:.3f}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="svdq.codec"):
+        compress(keys_of(4096, seed=4), CodecConfig(bits_per_element=3.0, group_size=32))
+    assert "asked for" not in caplog.text  # long sequences meet the budget: no warning
+
+
+def test_post_rope_keys_without_positions_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="svdq.codec"):
+        compress(keys_of(77), rope=ROPE, key_space="post_rope")
+    assert "post-RoPE keys came without positions: assuming positions 0..76" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="svdq.codec"):
+        compress(keys_of(78), rope=ROPE, key_space="post_rope", positions=torch.arange(78))
+    assert "without positions" not in caplog.text

@@ -194,3 +194,108 @@ def test_post_rope_keys_without_positions_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="svdq.codec"):
         compress(keys_of(78), rope=ROPE, key_space="post_rope", positions=torch.arange(78))
     assert "without positions" not in caplog.text
+
+
+# -- the engine's staging budget ------------------------------------------------------------
+
+def staging_engine(**config):
+    from svdq_client.types import Profile
+    from svdq_server.engine import Engine, EngineConfig
+
+    profile = Profile("narrow", 1, 1, 16, codec=CodecConfig(method="fp16"))
+    return Engine(EngineConfig(device="cpu", store_bytes=1 << 20, **config), [profile])
+
+
+def upload_header(sequence, tokens, upload_id="u1"):
+    from svdq_server.engine import UploadHeader
+
+    return UploadHeader(sequence, "narrow", upload_id, tokens, "pre_rope", False, False)
+
+
+def chunk(start, tokens, dtype=torch.float16):
+    from svdq_server.engine import UploadChunkData
+
+    return UploadChunkData(0, start, torch.ones(1, tokens, 1, 16, dtype=dtype), None, None)
+
+
+def test_staging_reserves_the_declared_size_and_frees_it_on_abort():
+    engine = staging_engine(staging_bytes=100_000, staging_tenant_share=0.5)  # 50,000 per tenant
+    engine.begin_upload("a", upload_header("s1", 1000), owner="stream-1")  # 32,000 bytes in 16-bit
+    assert engine.staging_totals("a") == (32_000, 1)
+    with pytest.raises(ResourceExhaustedError, match=r"needs 32000 bytes of staging, but uploads in progress hold "
+                                                     r"32000 of the 100000-byte budget \(--staging-bytes\), 32000 of "
+                                                     r"this tenant's 50000"):
+        engine.begin_upload("a", upload_header("s2", 1000), owner="stream-2")
+    with pytest.raises(ResourceExhaustedError, match=r"more than one tenant's share of the staging budget, 50000 "
+                                                     r"bytes \(--staging-bytes 100000 x --staging-tenant-share 0.5\)"):
+        engine.begin_upload("b", upload_header("s3", 2000), owner="stream-3")
+    engine.begin_upload("b", upload_header("s2", 1000), owner="stream-4")  # another tenant still has its share
+    engine.abort_upload("a", upload_header("s1", 1000), owner="someone-else")  # not the owner: kept
+    assert engine.staging_totals("a") == (32_000, 1)
+    engine.abort_upload("a", upload_header("s1", 1000), owner="stream-1")
+    assert engine.staging_totals("a") == (0, 0) and engine.staging_totals() == (32_000, 1)
+    with pytest.raises(Exception, match="no upload 'u1' in progress"):
+        engine.add_chunk("a", upload_header("s1", 1000), chunk(0, 10))
+
+
+def test_float32_chunks_are_charged_at_their_real_size():
+    engine = staging_engine(staging_bytes=100_000, staging_tenant_share=0.5)
+    header = upload_header("s", 1000)
+    engine.begin_upload("a", header, owner="stream")
+    engine.add_chunk("a", header, chunk(0, 500, torch.float32))  # 32,000 bytes: within the reservation
+    assert engine.staging_totals("a") == (32_000, 1)
+    engine.add_chunk("a", header, chunk(500, 250, torch.float32))  # +16,000 beyond it
+    assert engine.staging_totals("a") == (48_000, 1)
+    with pytest.raises(ResourceExhaustedError, match=r"upload chunk of 16000 bytes \(torch.float32\) does not fit the "
+                                                     r"staging budget: .* this tenant 48000 of 50000"):
+        engine.add_chunk("a", header, chunk(750, 250, torch.float32))
+    assert engine.staging_totals("a") == (48_000, 1)  # the refused chunk was neither staged nor charged
+    engine.abort_upload("a", header, owner="stream")
+    assert engine.staging_totals() == (0, 0)
+    complete = upload_header("t", 1000)
+    engine.begin_upload("a", complete, owner="stream")
+    engine.add_chunk("a", complete, chunk(0, 1000))  # 16-bit: exactly the reservation
+    assert engine.staging_totals("a") == (32_000, 1)
+    assert engine.finish_upload("a", complete).num_tokens == 1000
+    assert engine.staging_totals() == (0, 0)
+
+
+def test_open_uploads_are_bounded_per_tenant_and_in_all():
+    engine = staging_engine(max_open_uploads=4, staging_tenant_share=0.5)
+    for index in range(2):
+        engine.begin_upload("a", upload_header(f"a{index}", 10), owner=index)
+    with pytest.raises(ResourceExhaustedError, match=r"too many uploads in progress: 2 open \(2 of this tenant\); at "
+                                                     r"most 4 \(--max-open-uploads\), 2 per tenant"):
+        engine.begin_upload("a", upload_header("a2", 10))
+    for index in range(2):
+        engine.begin_upload("b", upload_header(f"b{index}", 10), owner=index)
+    with pytest.raises(ResourceExhaustedError, match="4 open"):
+        engine.begin_upload("c", upload_header("c0", 10))
+
+
+def test_failed_library_upload_and_idle_uploads_free_their_staging():
+    engine = staging_engine(upload_idle_seconds=0.05)
+    bad = torch.full((1, 10, 1, 16), float("nan"))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        engine.upload("a", upload_header("s", 10), bad)
+    assert engine.staging_totals() == (0, 0)
+    engine.begin_upload("a", upload_header("idle", 10), owner="gone")
+    time.sleep(0.1)
+    engine.begin_upload("a", upload_header("next", 10), owner="new")  # sweeps the idle one
+    assert engine.staging_totals() == (320, 1)
+
+
+def test_engine_refuses_oversized_profiles_transposed_compress_and_post_rope_without_positions():
+    from svdq_client.types import Profile
+    from svdq_server.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(device="cpu", max_channels=1024))
+    with pytest.raises(ResourceExhaustedError, match=r"profile 'big': kv_heads \* head_dim = 16 \* 128 = 2048 "
+                                                     r"channels is more than the limit of 1024"):
+        engine.register_profile(Profile("big", 1, 16, 128), tenant="a")
+    with pytest.raises(ResourceExhaustedError, match=r"keys \[3, 1000, 64\] read as 3 tokens of 1000 kv_heads"):
+        engine.compress_keys(torch.zeros(3, 1000, 64))
+    with pytest.raises(InvalidInputError, match="post-RoPE keys need their positions"):
+        engine.compress_keys(keys_of(20), rope=ROPE, key_space="post_rope")
+    blob, _ = engine.compress_keys(keys_of(20), rope=ROPE, key_space="post_rope", positions=torch.arange(20))
+    assert engine.decompress_keys(blob).shape == (20, 2, 32)

@@ -155,6 +155,38 @@ def test_connection_age_closes_a_stream_that_never_finishes(tmp_path):
         process.stop()
 
 
+def test_one_connection_cannot_open_streams_without_bound(tmp_path):
+    from conftest import ServerProcess
+
+    process = ServerProcess(tmp_path, ["--max-concurrent-streams", "2"]).start()
+    try:
+        with KVCacheClient(process.address) as client:
+            client.register_profile(NARROW)
+        release = threading.Event()
+        with process.channel() as channel:
+            stub = pb_grpc.KVCacheStub(channel)
+            held = [held_upload(stub, f"held-{index}", 4096, 1024, release, dtype=torch.float16) for index in range(2)]
+            time.sleep(1)
+            with pytest.raises(grpc.RpcError) as raised:  # a third call on this connection has to wait
+                stub.GetServerInfo(pb.ServerInfoRequest(), timeout=2)
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            with KVCacheClient(process.address) as other:  # another connection is not affected
+                assert other.server_info().store_budget_bytes > 0
+            for call in held:
+                call.cancel()
+            release.set()
+            deadline = time.monotonic() + 15
+            while True:  # the freed slots serve new calls on the same connection
+                try:
+                    stub.GetServerInfo(pb.ServerInfoRequest(), timeout=2)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+    finally:
+        process.stop()
+
+
 def test_help_documents_the_limits():
     import subprocess
     import sys

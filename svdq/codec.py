@@ -435,7 +435,7 @@ def compress(
     if key_space not in KEY_SPACES:
         raise InvalidInputError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
     if key_space == "post_rope" and positions is None:
-        _warn_once(("positions", keys.shape[0]), "post-RoPE keys came without positions: assuming positions "
+        _warn_once(("positions", keys.shape[1], keys.shape[2]), "post-RoPE keys came without positions: assuming positions "
                    f"0..{keys.shape[0] - 1}; pass positions= when the keys do not start at position 0")
     if basis is not None and config.method != "svdq":
         raise InvalidInputError(f"a shared basis only applies to method 'svdq', not {config.method!r}")
@@ -477,6 +477,11 @@ def compress(
                     f"shared basis has {basis.channels} channels but keys have kv_heads*head_dim = {channels}"
                 )
             fitted, shared_fp = basis, basis.fingerprint
+        elif n_groups == 0 and config.schedule is None:
+            # Nothing to quantize, so the budget keeps no channel and later appends quantize
+            # none either: only the mean is stored, and the O(C^3) fit would be wasted.
+            fitted = Basis(flat.to(torch.float64).mean(dim=0).float(), flat.new_zeros(channels, 0),
+                           flat.new_zeros(0))
         else:
             fitted = fit_basis(body if n_groups else flat)
         components = fitted.components.to(device).to(torch.float16)
@@ -535,11 +540,11 @@ _WARNED: set = set()
 
 
 def _warn_once(key: tuple, message: str) -> None:
-    """Log ``message`` the first time ``key`` is seen (bounded, so a server cannot grow it)."""
-    if key in _WARNED:
+    """Log ``message`` the first time ``key`` is seen; a server compressing every layer of
+    every upload would otherwise repeat it per call. Bounded: past 1024 keys it stays quiet."""
+    if key in _WARNED or len(_WARNED) >= 1024:
         return
-    if len(_WARNED) < 1024:
-        _WARNED.add(key)
+    _WARNED.add(key)
     log.warning(message)
 
 
@@ -556,7 +561,7 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
                            has_rope=compressed.rope is not None, stored_basis=compressed.shared_basis is None,
                            explicit_positions=compressed.positions is not None)
     fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
-    _warn_once(("budget", target, compressed.num_tokens, compressed.channels),
+    _warn_once(("budget", target, compressed.channels, compressed.group_size),
                f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} tokens "
                f"x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision sinks and tail) "
                f"take {fixed_per_element:.3f} and every kept channel pays its scales, minimums and basis column; "

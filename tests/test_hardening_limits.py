@@ -175,7 +175,14 @@ def test_bits_per_element_and_schedule_together_is_an_error():
     assert CodecConfig().bits_per_element == 1.5
 
 
-def test_a_budget_below_the_fixed_costs_warns_with_the_bits_stored(caplog):
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    import svdq.codec
+
+    monkeypatch.setattr(svdq.codec, "_WARNED", set())  # other tests may have warned already
+
+
+def test_a_budget_below_the_fixed_costs_warns_with_the_bits_stored(caplog, fresh_warnings):
     with caplog.at_level(logging.WARNING, logger="svdq.codec"):
         compressed = compress(keys_of(300), CodecConfig(bits_per_element=0.1))
     assert compressed.bits_per_element > 0.5
@@ -184,9 +191,12 @@ def test_a_budget_below_the_fixed_costs_warns_with_the_bits_stored(caplog):
     with caplog.at_level(logging.WARNING, logger="svdq.codec"):
         compress(keys_of(4096, seed=4), CodecConfig(bits_per_element=3.0, group_size=32))
     assert "asked for" not in caplog.text  # long sequences meet the budget: no warning
+    with caplog.at_level(logging.WARNING, logger="svdq.codec"):
+        compress(keys_of(300, seed=5), CodecConfig(bits_per_element=0.1))
+    assert "asked for" not in caplog.text  # said once per budget and geometry, not per call
 
 
-def test_post_rope_keys_without_positions_warn(caplog):
+def test_post_rope_keys_without_positions_warn(caplog, fresh_warnings):
     with caplog.at_level(logging.WARNING, logger="svdq.codec"):
         compress(keys_of(77), rope=ROPE, key_space="post_rope")
     assert "post-RoPE keys came without positions: assuming positions 0..76" in caplog.text

@@ -75,9 +75,10 @@ def check_metadata_range(largest_minimum: float, largest_range: float) -> None:
     """Refuse latent values whose float16 group minimum or width-1 step would overflow."""
     if largest_minimum > FLOAT16_MAX or largest_range > FLOAT16_MAX:
         raise InvalidInputError(
-            f"keys are too large in magnitude to quantize: a latent channel reaches {largest_minimum:.4g} and spans "
-            f"{largest_range:.4g} within one token group, but group minimums and steps are stored as float16, so "
-            f"both must stay within {FLOAT16_MAX:.0f}; scale the keys down or store them with method 'fp16'"
+            f"too large in magnitude to quantize: a channel reaches {largest_minimum:.4g} and spans "
+            f"{largest_range:.4g} within one group, but group minimums and steps are stored as float16, so "
+            f"both must stay within {FLOAT16_MAX:.0f}; scale the data down or keep it unquantized (codec method "
+            "'fp16' for keys, no value bits for values)"
         )
 
 

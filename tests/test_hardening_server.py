@@ -30,11 +30,12 @@ TINY = Profile("tiny-svdq", 2, 2, 32, rope=RopeConfig(theta=10000.0), codec=Code
 RAW = Profile("raw", 2, 2, 32, rope=RopeConfig(theta=10000.0), codec=CodecConfig(method="fp16"))
 
 
-def rss_bytes(server) -> int:
+def rss_bytes(server, field: str = "VmRSS") -> int:
+    """The server process's resident memory now (VmRSS) or at its peak so far (VmHWM)."""
     for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def held_upload(stub, sequence, total_tokens, chunk_tokens, release: threading.E
 def test_abandoned_uploads_are_bounded_by_the_staging_budget_and_freed_on_disconnect(server, stub):
     """The issue's reproduction: six streams of total_tokens=131000 float32 chunks, last chunk
     never sent, --store-bytes 16MiB (staging 32 MiB, 16 MiB for the one tenant)."""
-    before = rss_bytes(server)
+    before, peak_before = rss_bytes(server), rss_bytes(server, "VmHWM")
     release = threading.Event()
     calls = [held_upload(stub, f"abandoned-{index}", 131000, 8192, release) for index in range(6)]
     time.sleep(3)  # every stream has sent what it will send
@@ -85,6 +86,7 @@ def test_abandoned_uploads_are_bounded_by_the_staging_budget_and_freed_on_discon
         assert "staging" in call.details() and "--staging-bytes" in call.details()
     # Six streams used to take the process from 281 MB to 1,161 MB; the budget is 32 MiB.
     assert held - before < 96 << 20, (before, held)
+    assert rss_bytes(server, "VmHWM") - max(peak_before, before) < 96 << 20
     for call in calls:
         call.cancel()
     release.set()
@@ -113,7 +115,6 @@ def test_a_stalled_upload_stream_is_closed_and_its_data_dropped(tmp_path):
         with KVCacheClient(process.address) as client, process.channel() as channel:
             client.register_profile(NARROW)
             release = threading.Event()
-            started = time.monotonic()
             call = held_upload(pb_grpc.KVCacheStub(channel), "stalled", 2000, 500, release, dtype=torch.float16)
             time.sleep(0.5)
             with pytest.raises(Exception, match="staging"):  # the stalled upload holds the budget
@@ -122,8 +123,8 @@ def test_a_stalled_upload_stream_is_closed_and_its_data_dropped(tmp_path):
                 call.result(timeout=30)
             release.set()
             assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # the server closed it (the client's own deadline is 120 s and says nothing of the sort)
             assert "no chunk for 2 s (--upload-idle-seconds)" in raised.value.details()
-            assert 1.5 < time.monotonic() - started < 20
             # Its data was dropped with it: the budget is free again.
             assert client.upload("other", "narrow", torch.zeros(1, 2000, 1, 16).half()).num_tokens == 2000
     finally:
@@ -143,13 +144,12 @@ def test_connection_age_closes_a_stream_that_never_finishes(tmp_path):
             yield from ()
 
         with process.channel() as channel:
-            started = time.monotonic()
             call = pb_grpc.KVCacheStub(channel).Upload.future(silent(), timeout=60)
             with pytest.raises(grpc.RpcError) as raised:
                 call.result(timeout=30)
             never.set()
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert time.monotonic() - started < 15  # age 1 s + grace 1 s, not the 60 s deadline
+            # closed by the server at age + grace, not by the client's 60 s deadline (DEADLINE_EXCEEDED)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value.details()
         assert process.health() == 1  # SERVING
     finally:
         process.stop()
@@ -205,26 +205,22 @@ def crafted_blob(tokens):
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def test_crafted_blobs_and_oversized_keys_get_invalid_argument_or_resource_exhausted_fast(server, stub):
-    before = rss_bytes(server)
+def test_crafted_blobs_and_oversized_keys_get_invalid_argument_or_resource_exhausted(server, stub):
+    peak_before = rss_bytes(server, "VmHWM")
     for tokens in (1 << 26, (1 << 32) - 1):
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             stub.Decompress(pb.DecompressRequest(blob=crafted_blob(tokens)), timeout=30)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
         assert f"{tokens} tokens is more than the limit of 1048576 (max_tokens)" in raised.value.details()
-        assert time.monotonic() - started < 5
     for keys, code, message in (
         (torch.zeros(3, 1000, 64), grpc.StatusCode.RESOURCE_EXHAUSTED,
          "64000 channels is more than the limit of 1024 (max_channels); keys [3, 1000, 64] read as 3 tokens of "
          "1000 kv_heads"),
         (torch.zeros(16, 1, 4096), grpc.StatusCode.RESOURCE_EXHAUSTED, "4096 channels is more than the limit of 1024"),
     ):
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             stub.Compress(pb.CompressRequest(keys=tensor_to_pb(keys)), timeout=30)
         assert raised.value.code() == code and message in raised.value.details(), raised.value.details()
-        assert time.monotonic() - started < 5
     with pytest.raises(grpc.RpcError) as raised:
         stub.Compress(pb.CompressRequest(keys=tensor_to_pb(torch.ones(8, 2, 32)), key_space=pb.POST_ROPE,
                                          rope=pb.Rope(theta=10000.0)), timeout=30)
@@ -233,7 +229,8 @@ def test_crafted_blobs_and_oversized_keys_get_invalid_argument_or_resource_exhau
     with pytest.raises(grpc.RpcError) as raised:
         stub.RegisterProfile(pb.RegisterProfileRequest(profile=Profile("wide", 1, 16, 128).to_pb()), timeout=30)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_channels" in raised.value.details()
-    assert rss_bytes(server) - before < 200 << 20
+    # The 2^26-token blob alone would decode to 512 MiB, the transposed keys to a 16 GB covariance.
+    assert rss_bytes(server, "VmHWM") - peak_before < 200 << 20
 
 
 def test_zero_dimension_tensors_get_invalid_argument_naming_the_limit(server, stub):

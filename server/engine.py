@@ -370,19 +370,30 @@ class Engine:
         with self._uploads_lock:
             if tenant is None:
                 return sum(self._staged_bytes.values()), len(self._uploads)
-            return self._staged_bytes.get(tenant, 0), sum(1 for owner, _ in self._uploads if owner == tenant)
+            return self._staged_bytes.get(tenant, 0), self._open_uploads_locked(tenant)
+
+    def _open_uploads_locked(self, tenant: str) -> int:
+        return sum(1 for holder, _ in self._uploads if holder == tenant)
+
+    def _staging_room_locked(self, tenant: str, extra: int) -> tuple[bool, int, int, int]:
+        """Whether ``extra`` bytes fit the staging budget and ``tenant``'s share of it, with
+        what is held in all, by the tenant, and the tenant's share."""
+        tenant_bytes = int(self.config.staging_tenant_share * self.staging_bytes)
+        staged = sum(self._staged_bytes.values())
+        mine = self._staged_bytes.get(tenant, 0)
+        return staged + extra <= self.staging_bytes and mine + extra <= tenant_bytes, staged, mine, tenant_bytes
 
     def _reserve_staging_locked(self, tenant: str, header: UploadHeader, reserve: int) -> None:
         share = self.config.staging_tenant_share
-        tenant_bytes = int(share * self.staging_bytes)
         tenant_uploads = max(1, int(share * self.config.max_open_uploads))
-        open_uploads = sum(1 for owner, _ in self._uploads if owner == tenant)
+        open_uploads = self._open_uploads_locked(tenant)
         if len(self._uploads) >= self.config.max_open_uploads or open_uploads >= tenant_uploads:
             raise ResourceExhaustedError(
                 f"too many uploads in progress: {len(self._uploads)} open ({open_uploads} of this tenant); at most "
                 f"{self.config.max_open_uploads} (--max-open-uploads), {tenant_uploads} per tenant "
                 "(--staging-tenant-share); finish or cancel one first"
             )
+        fits, staged, mine, tenant_bytes = self._staging_room_locked(tenant, reserve)
         if reserve > tenant_bytes:
             raise ResourceExhaustedError(
                 f"upload of {header.total_tokens} tokens needs {reserve} bytes of staging (16-bit keys"
@@ -390,9 +401,7 @@ class Engine:
                 f"{tenant_bytes} bytes (--staging-bytes {self.staging_bytes} x --staging-tenant-share {share}); "
                 "upload fewer tokens"
             )
-        staged = sum(self._staged_bytes.values())
-        mine = self._staged_bytes.get(tenant, 0)
-        if staged + reserve > self.staging_bytes or mine + reserve > tenant_bytes:
+        if not fits:
             raise ResourceExhaustedError(
                 f"upload of {header.total_tokens} tokens needs {reserve} bytes of staging, but uploads in progress "
                 f"hold {staged} of the {self.staging_bytes}-byte budget (--staging-bytes), {mine} of this tenant's "
@@ -424,10 +433,8 @@ class Engine:
                                     "was dropped (cancelled, failed or idle); send it again from the start")
             extra = staging.received_bytes + size - staging.charged
             if extra > 0:
-                tenant_bytes = int(self.config.staging_tenant_share * self.staging_bytes)
-                staged = sum(self._staged_bytes.values())
-                mine = self._staged_bytes.get(staging.tenant, 0)
-                if staged + extra > self.staging_bytes or mine + extra > tenant_bytes:
+                fits, staged, mine, tenant_bytes = self._staging_room_locked(staging.tenant, extra)
+                if not fits:
                     raise ResourceExhaustedError(
                         f"upload chunk of {size} bytes ({chunk.keys.dtype}) does not fit the staging budget: uploads "
                         f"in progress hold {staged} of {self.staging_bytes} bytes (--staging-bytes), this tenant "

@@ -152,15 +152,18 @@ def work_bytes(tokens: int, channels: int, operation: str = "compress") -> int:
 
 
 def check_cost(tokens: int, kv_heads: int, head_dim: int, limits: CostLimits | None = None, *,
-               what: str = "keys", operation: str = "compress") -> int:
+               what: str = "keys", operation: str = "compress", work_tokens: int | None = None) -> int:
     """Refuse, before any work, keys ``[tokens, kv_heads, head_dim]`` that exceed ``limits``.
 
-    Raises ResourceExhaustedError naming the limit (and, when the shape looks like
-    ``[kv_heads, tokens, head_dim]``, how to fix it); returns the estimated work bytes.
+    ``work_tokens`` are the tokens the call processes when fewer than the ``tokens`` it leaves
+    (an append works on its new tokens). Raises ResourceExhaustedError naming the limit (and,
+    when the shape looks like ``[kv_heads, tokens, head_dim]``, how to fix it); returns the
+    estimated work bytes.
     """
     limits = limits or CostLimits()
     channels = kv_heads * head_dim
-    estimate = work_bytes(tokens, channels, operation)
+    processed = tokens if work_tokens is None else work_tokens
+    estimate = work_bytes(processed, channels, operation)
     problem = None
     if tokens > limits.max_tokens:
         problem = f"{tokens} tokens is more than the limit of {limits.max_tokens} (max_tokens)"
@@ -168,7 +171,7 @@ def check_cost(tokens: int, kv_heads: int, head_dim: int, limits: CostLimits | N
         problem = (f"kv_heads * head_dim = {kv_heads} * {head_dim} = {channels} channels is more than the limit of "
                    f"{limits.max_channels} (max_channels)")
     elif estimate > limits.max_work_bytes:
-        problem = (f"{operation} of {tokens} tokens x {channels} channels needs about {estimate} bytes of working "
+        problem = (f"{operation} of {processed} tokens x {channels} channels needs about {estimate} bytes of working "
                    f"memory, more than the limit of {limits.max_work_bytes} (max_work_bytes)")
     if problem is None:
         return estimate
@@ -366,7 +369,7 @@ def _check_keys(keys: torch.Tensor, name: str = "keys", limits: CostLimits | Non
     if keys.shape[1] < 1 or keys.shape[2] < 2 or keys.shape[2] % 2:
         raise InvalidInputError(f"{name} need kv_heads >= 1 and an even head_dim >= 2, got {tuple(keys.shape)}")
     tokens = keys.shape[0] if total_tokens is None else total_tokens
-    check_cost(tokens, keys.shape[1], keys.shape[2], limits, what=name, operation=operation)
+    check_cost(tokens, keys.shape[1], keys.shape[2], limits, what=name, operation=operation, work_tokens=keys.shape[0])
     if not torch.isfinite(keys).all():
         raise InvalidInputError(f"{name} contain NaN or Inf; only finite values can be compressed")
 

@@ -367,3 +367,13 @@ def test_engine_refuses_large_magnitude_keys_at_upload_and_append_and_keeps_the_
     with pytest.raises(InvalidInputError, match="do not fit torch.float16"):
         next(engine.fetch("t", "r", dtype=torch.float16))
     assert torch.isfinite(next(engine.fetch("t", "r", dtype=torch.float32)).keys).all()
+
+
+def test_appends_are_costed_by_their_new_tokens_and_limited_by_the_total():
+    limits = CostLimits(max_tokens=5000, max_work_bytes=4 << 20)
+    grown = compress(keys_of(600), limits=limits)  # 32 * 600 * 64 + 24 * 64 * 64 bytes: within 4 MiB
+    for _ in range(7):
+        grown = append(grown, keys_of(600), limits=limits)  # 4800 tokens: a compress of them would not fit
+    assert grown.num_tokens == 4800
+    with pytest.raises(ResourceExhaustedError, match="5400 tokens is more than the limit of 5000"):
+        append(grown, keys_of(600), limits=limits)

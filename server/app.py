@@ -62,7 +62,7 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_seconds)),
         ("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)),
-        ("grpc.max_connection_age_grace_ms", ms(settings.connection_age_grace_seconds)),
+        ("grpc.max_connection_age_grace_ms", int(settings.connection_age_grace_seconds * 1000)),
         # gRPC shares ports by default; a second server on a taken port must fail, not split traffic.
         ("grpc.so_reuseport", 0),
     ]

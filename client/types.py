@@ -96,7 +96,7 @@ def rope_from_pb(message: pb.Rope) -> RopeConfig:
 
 def codec_to_pb(config: CodecConfig, out: pb.Codec) -> pb.Codec:
     """Write a :class:`CodecConfig` into a ``Codec`` message."""
-    out.method, out.bits_per_element, out.bits = config.method, config.bits_per_element, config.bits
+    out.method, out.bits_per_element, out.bits = config.method, config.bits_per_element or 0.0, config.bits
     out.schedule[:] = list(config.schedule or ())
     out.group_size, out.num_sinks = config.group_size, config.num_sinks
     return out
@@ -107,7 +107,7 @@ def codec_from_pb(message: pb.Codec) -> CodecConfig:
     defaults = CodecConfig()
     return CodecConfig(
         method=message.method or defaults.method,
-        bits_per_element=message.bits_per_element or defaults.bits_per_element,
+        bits_per_element=message.bits_per_element or None,  # None: the default budget, or the schedule's
         schedule=tuple(message.schedule) or None,
         bits=message.bits or defaults.bits,
         group_size=message.group_size or defaults.group_size,

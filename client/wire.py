@@ -31,6 +31,11 @@ _ITEMSIZE = {pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.FLOAT32: 4, pb.INT64: 8}
 _NUMPY = {pb.FLOAT16: "<f2", pb.BFLOAT16: "<i2", pb.FLOAT32: "<f4", pb.INT64: "<i8"}
 _NAMES = {pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT32: "float32", pb.INT64: "int64"}
 MAX_DIMS = 8
+#: largest size of one dimension (int32 range: what torch kernels index with)
+MAX_DIM_SIZE = (1 << 31) - 1
+#: largest product of the dimensions, zero-sized ones counted as 1: a tensor with a zero
+#: dimension holds nothing, but its other dimensions still reach every reshape and view
+MAX_ELEMENTS = 1 << 40
 
 #: float dtypes a key or value tensor may have
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,6 +125,9 @@ def tensor_from_pb(
     dims = list(message.shape)
     if len(dims) > MAX_DIMS or any(d < 0 for d in dims):
         raise InvalidInputError(f"{field}.shape must have at most {MAX_DIMS} non-negative dimensions, got {dims}")
+    if any(d > MAX_DIM_SIZE for d in dims) or math.prod(max(d, 1) for d in dims) > MAX_ELEMENTS:
+        raise InvalidInputError(f"{field}.shape {dims} is too large: each dimension may be at most {MAX_DIM_SIZE} and "
+                                f"their product (zero-sized dimensions counted as 1) at most {MAX_ELEMENTS}")
     if shape is not None:
         if len(dims) != len(shape) or any(want is not None and want != got for want, got in zip(shape, dims, strict=True)):
             expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"

@@ -40,12 +40,16 @@ SERVICE_NAME = kvcache_pb2.DESCRIPTOR.services_by_name["KVCache"].full_name
 WARMUP_TENANT = "warmup"
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(settings: Settings) -> list[tuple[str, int]]:
     """Server channel options."""
+    def ms(seconds: float) -> int:
+        # gRPC reads INT_MAX as "never"; the options' 0 means the same.
+        return int(seconds * 1000) if seconds > 0 else 2**31 - 1
+
     return [
         # Uploads arrive in chunks (4 MiB by default); the limit bounds one message, not a sequence.
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
         # Workers keep long-lived channels: ping idle connections so dead peers are noticed,
         # and accept client pings every 10 s without treating them as abuse.
         ("grpc.keepalive_time_ms", 60_000),
@@ -53,6 +57,15 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # Pings more often than that are strikes; two strikes close the connection (GOAWAY).
+        ("grpc.http2.max_ping_strikes", 2),
+        # One connection cannot open streams without bound, idle connections go, and every
+        # connection is recycled after its age (calls in flight get the grace), so a call or
+        # stream that never finishes cannot hold memory forever.
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", int(settings.connection_age_grace_seconds * 1000)),
         # gRPC shares ports by default; a second server on a taken port must fail, not split traffic.
         ("grpc.so_reuseport", 0),
     ]
@@ -96,7 +109,7 @@ class SvdqServer:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.authenticator, self.metrics)],
-            options=channel_options(self.settings.max_message_bytes),
+            options=channel_options(self.settings),
         )
         kvcache_pb2_grpc.add_KVCacheServicer_to_server(
             KVCacheServicer(self.engine, self.executor, self.settings.max_message_bytes), self.server)

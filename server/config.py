@@ -20,10 +20,17 @@ import torch
 import yaml
 from svdq_client.types import Profile
 
-from svdq.codec import Basis
+from svdq.codec import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORK_BYTES, Basis
 from svdq.errors import InvalidInputError
 
-from .engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, DEVICES, EngineConfig
+from .engine import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_OPEN_UPLOADS,
+    DEFAULT_STAGING_TENANT_SHARE,
+    DEFAULT_UPLOAD_IDLE_SECONDS,
+    DEVICES,
+    EngineConfig,
+)
 from .store import EVICTION_POLICIES
 
 ENV_PREFIX = "SVDQ_"
@@ -73,6 +80,16 @@ class Settings:
     max_message_bytes: int = 64 << 20
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_batch: int = DEFAULT_MAX_BATCH
+    max_channels: int = DEFAULT_MAX_CHANNELS
+    max_work_bytes: int = DEFAULT_MAX_WORK_BYTES
+    staging_bytes: int = 0
+    staging_tenant_share: float = DEFAULT_STAGING_TENANT_SHARE
+    max_open_uploads: int = DEFAULT_MAX_OPEN_UPLOADS
+    upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS
+    max_concurrent_streams: int = 100
+    max_connection_idle_seconds: float = 300.0
+    max_connection_age_seconds: float = 3600.0
+    connection_age_grace_seconds: float = 120.0
     grace_seconds: float = 30.0
     torch_threads: int = 0
     attention_cache_bytes: int = 1 << 30
@@ -83,6 +100,9 @@ class Settings:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(device=self.device, store_bytes=self.store_bytes, eviction=self.eviction,
                             ttl_seconds=self.ttl_seconds, max_tokens=self.max_tokens, max_batch=self.max_batch,
+                            max_channels=self.max_channels, max_work_bytes=self.max_work_bytes,
+                            staging_bytes=self.staging_bytes or None, staging_tenant_share=self.staging_tenant_share,
+                            max_open_uploads=self.max_open_uploads, upload_idle_seconds=self.upload_idle_seconds,
                             attention_cache_bytes=self.attention_cache_bytes,
                             tenant_quota_bytes=self.tenant_quota_bytes)
 
@@ -110,6 +130,23 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("max-message-bytes", parse_bytes, "largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED", {}),
     ("max-tokens", int, "most tokens one sequence may hold", {}),
     ("max-batch", int, "most entries one Attend call may have", {}),
+    ("max-channels", int, "most kv_heads * head_dim of any keys compressed, loaded or described by a profile "
+     "(fitting a basis costs O(channels^3) whatever the token count)", {}),
+    ("max-work-bytes", parse_bytes, "most estimated working memory of compressing or reconstructing one layer; "
+     "larger requests get RESOURCE_EXHAUSTED before any work", {}),
+    ("staging-bytes", parse_bytes, "raw data all uploads in progress may stage together (16-bit size reserved "
+     "at the start, float32 chunks charged at their real size); 0 = twice --store-bytes", {}),
+    ("staging-tenant-share", float, "fraction of --staging-bytes and of --max-open-uploads one tenant may hold", {}),
+    ("max-open-uploads", int, "most uploads in progress at once", {}),
+    ("upload-idle-seconds", float, "an upload stream without a chunk for this long is closed "
+     "(DEADLINE_EXCEEDED) and its staged data dropped", {}),
+    ("max-concurrent-streams", int, "most calls in flight on one client connection (HTTP/2 streams)", {}),
+    ("max-connection-idle-seconds", float, "connections without a call for this long are closed (GOAWAY); "
+     "0 = never", {}),
+    ("max-connection-age-seconds", float, "connections are asked to reconnect (GOAWAY) after this long, "
+     "so that no call or stalled stream lives forever; 0 = never", {}),
+    ("connection-age-grace-seconds", float, "calls in flight on a connection past its age get this long "
+     "before it is closed", {}),
     ("grace-seconds", float, "on SIGTERM, how long in-flight calls may take to finish", {}),
     ("torch-threads", int, "intra-op threads of each torch computation; 0 keeps torch's default (all cores). "
      "On CPUs shared with other work, 1 avoids threads waiting for each other at every parallel region", {}),
@@ -168,8 +205,20 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         problems.append(f"--torch-threads must be >= 0 (0 = torch's default), got {settings.torch_threads}")
     if settings.drain_seconds < 0 or settings.tenant_quota_bytes < 0:
         problems.append("--drain-seconds and --tenant-quota-bytes must be >= 0")
-    if settings.workers < 1 or settings.max_tokens < 1 or settings.max_batch < 1:
-        problems.append("--workers, --max-tokens and --max-batch must be >= 1")
+    if min(settings.workers, settings.max_tokens, settings.max_batch, settings.max_channels, settings.max_work_bytes,
+           settings.max_open_uploads, settings.max_concurrent_streams) < 1:
+        problems.append("--workers, --max-tokens, --max-batch, --max-channels, --max-work-bytes, --max-open-uploads "
+                        "and --max-concurrent-streams must be >= 1")
+    if settings.staging_bytes < 0:
+        problems.append(f"--staging-bytes must be >= 0 (0 = twice --store-bytes), got {settings.staging_bytes}")
+    if not 0 < settings.staging_tenant_share <= 1:
+        problems.append(f"--staging-tenant-share must be in (0, 1], got {settings.staging_tenant_share}")
+    if settings.upload_idle_seconds <= 0:
+        problems.append(f"--upload-idle-seconds must be > 0, got {settings.upload_idle_seconds}")
+    if min(settings.max_connection_idle_seconds, settings.max_connection_age_seconds,
+           settings.connection_age_grace_seconds) < 0:
+        problems.append("--max-connection-idle-seconds, --max-connection-age-seconds and "
+                        "--connection-age-grace-seconds must be >= 0")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         problems.append("--tls-cert and --tls-key must be given together")
     if settings.tls_client_ca and not settings.tls_cert:

@@ -26,7 +26,19 @@ from svdq_client.wire import all_finite
 from svdq import __version__
 from svdq.attention import SparsityConfig
 from svdq.attention import attend as attend_compressed
-from svdq.codec import CodecConfig, CompressedKeys, append, compress, decompress, relative_error
+from svdq.codec import (
+    DEFAULT_MAX_CHANNELS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_WORK_BYTES,
+    CodecConfig,
+    CompressedKeys,
+    CostLimits,
+    append,
+    check_cost,
+    compress,
+    decompress,
+    relative_error,
+)
 from svdq.derived import DERIVED
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.format import from_bytes, to_bytes
@@ -38,12 +50,16 @@ from .store import SequenceState, SequenceStore, StoredSequence, fp16_bytes
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-#: tokens one sequence may hold; larger uploads are rejected as oversize
-DEFAULT_MAX_TOKENS = 1 << 20
 #: entries of one Attend call
 DEFAULT_MAX_BATCH = 4096
-#: abandoned uploads are dropped after this many seconds without a chunk
-UPLOAD_IDLE_SECONDS = 600.0
+#: uploads open at once (all tenants)
+DEFAULT_MAX_OPEN_UPLOADS = 64
+#: an upload without a chunk for this long is dropped with its staged data
+DEFAULT_UPLOAD_IDLE_SECONDS = 30.0
+#: share of the staging budget (bytes and open uploads) one tenant may hold
+DEFAULT_STAGING_TENANT_SHARE = 0.5
+#: largest attention scale: models use 1/sqrt(head_dim) or less; larger ones only overflow
+MAX_ATTEND_SCALE = 16.0
 #: owner of the profiles loaded at start (--profiles-file): every tenant sees them
 OPERATOR = ""
 
@@ -70,6 +86,15 @@ class EngineConfig:
         ttl_seconds: idle sequences expire after this long; 0 = never.
         max_tokens: tokens one sequence may hold.
         max_batch: entries one Attend call may have.
+        max_channels: ``kv_heads * head_dim`` of any keys the engine compresses or loads.
+        max_work_bytes: estimated working memory of one layer's compression or
+            reconstruction (:func:`svdq.codec.work_bytes`).
+        staging_bytes: raw data of every upload in progress together; ``None``: twice
+            ``store_bytes`` (raw 16-bit keys are ~10x their compressed size).
+        staging_tenant_share: fraction of ``staging_bytes`` and of ``max_open_uploads`` that
+            one tenant may hold.
+        max_open_uploads: uploads in progress at once.
+        upload_idle_seconds: an upload without a chunk for this long is dropped.
         attention_cache_bytes: limit of :data:`svdq.derived.DERIVED`, the process-wide memory
             for tensors attention derives from stored keys; ``None`` leaves it as it is.
         tenant_quota_bytes: stored bytes a tenant may hold unless ``tenant_quotas`` names it;
@@ -83,6 +108,12 @@ class EngineConfig:
     ttl_seconds: float = 0.0
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_batch: int = DEFAULT_MAX_BATCH
+    max_channels: int = DEFAULT_MAX_CHANNELS
+    max_work_bytes: int = DEFAULT_MAX_WORK_BYTES
+    staging_bytes: int | None = None
+    staging_tenant_share: float = DEFAULT_STAGING_TENANT_SHARE
+    max_open_uploads: int = DEFAULT_MAX_OPEN_UPLOADS
+    upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS
     attention_cache_bytes: int | None = None
     tenant_quota_bytes: int = 0
     tenant_quotas: Mapping[str, int] | None = None
@@ -135,14 +166,26 @@ class FetchPiece:
 
 @dataclass(eq=False)
 class _Staging:
-    """Chunks of an upload in progress, per layer, in token order."""
+    """Chunks of an upload in progress, per layer, in token order.
+
+    ``charged`` bytes of the staging budget are held for it: the declared size in 16-bit at
+    the start, more when chunks arrive in float32 (``received_bytes``, their real size).
+    ``owner`` is the stream writing it (a retried stream takes over); ``closed`` is set when
+    it is dropped, after which no chunk is staged or charged. Both change under the engine's
+    uploads lock; ``lock`` orders the chunks.
+    """
 
     header: UploadHeader
+    tenant: str
     profile: Profile
     keys: list[list[torch.Tensor]]
     values: list[list[torch.Tensor]]
     received: list[int]
     positions: torch.Tensor  # int64 [total_tokens], -1 where no chunk has arrived yet
+    charged: int
+    owner: object = None
+    received_bytes: int = 0
+    closed: bool = False
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -169,8 +212,14 @@ class Engine:
                                    quotas=self.config.tenant_quotas, default_quota=self.config.tenant_quota_bytes or None)
         self._profiles: dict[str, Profile] = {}
         self._profiles_lock = threading.Lock()
+        self.limits = CostLimits(self.config.max_tokens, self.config.max_channels, self.config.max_work_bytes)
+        self.staging_bytes = self.config.staging_bytes if self.config.staging_bytes is not None \
+            else 2 * self.config.store_bytes
+        if not 0 < self.config.staging_tenant_share <= 1:
+            raise InvalidInputError(f"staging_tenant_share must be in (0, 1], got {self.config.staging_tenant_share}")
         self._uploads: dict[tuple[str, str], _Staging] = {}
         self._uploads_lock = threading.Lock()
+        self._staged_bytes: dict[str, int] = {}  # tenant -> charged staging bytes, under _uploads_lock
         self._sample_layer = itertools.count()
         for profile in profiles:
             self.register_profile(profile)
@@ -187,7 +236,8 @@ class Engine:
     def register_profile(self, profile: Profile, replace: bool = False, tenant: str = OPERATOR) -> Profile:
         """Add a profile for ``tenant`` (OPERATOR: visible to all tenants); re-registering an
         identical one is a no-op, a different one with the same name needs ``replace``
-        (ConflictError otherwise)."""
+        (ConflictError otherwise). Its geometry must be within the cost limits."""
+        check_cost(1, profile.kv_heads, profile.head_dim, self.limits, what=f"profile {profile.name!r}")
         with self._profiles_lock:
             if tenant != OPERATOR:
                 operator = self._profiles.get((OPERATOR, profile.name))
@@ -241,8 +291,13 @@ class Engine:
             if codec is None:
                 codec = profile.codec
                 basis = profile.bases[layer] if profile.bases is not None else None
+        if keys.dim() == 3:
+            check_cost(*keys.shape, self.limits)  # before the copy to the device
+        if key_space == "post_rope" and positions is None:
+            raise InvalidInputError("post-RoPE keys need their positions (int64 [tokens]) to undo RoPE; for keys at "
+                                    "positions 0..tokens-1 send positions = arange(tokens)")
         compressed = compress(keys.to(self.device), codec, positions=positions, rope=rope,
-                              key_space=key_space, basis=basis)
+                              key_space=key_space, basis=basis, limits=self.limits)
         blob = to_bytes(compressed)
         error = relative_error(keys.float(), decompress(compressed, dtype=torch.float32).cpu())
         stats = BlobStats(compressed.num_tokens, len(blob), 2 * keys.numel(), compressed.bits_per_element,
@@ -260,14 +315,16 @@ class Engine:
             profile = self.get_profile(profile_name, tenant)
             self._check_layer(profile, layer, "layer")
             basis = profile.bases[layer] if profile.bases is not None else None
-        compressed = from_bytes(blob, basis=basis)
+        compressed = from_bytes(blob, basis=basis, limits=self.limits)
         return decompress(compressed, key_space=key_space, dtype=dtype)
 
     # -- uploads -----------------------------------------------------------------------------
 
-    def begin_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo | None:
-        """Open (or resume) an upload. Returns the stored sequence's info when this upload
-        already completed (a retried stream), else ``None`` and chunks may follow."""
+    def begin_upload(self, tenant: str, header: UploadHeader, owner: object = None) -> SequenceInfo | None:
+        """Open (or resume) an upload for the stream ``owner``. Returns the stored sequence's
+        info when this upload already completed (a retried stream), else ``None`` and chunks
+        may follow. The declared size is reserved in the staging budget up front
+        (RESOURCE_EXHAUSTED when it cannot fit)."""
         check_name(header.sequence_id, "sequence_id")
         check_name(header.upload_id, "upload_id")
         profile = self.get_profile(header.profile, tenant)
@@ -277,6 +334,7 @@ class Engine:
             )
         if header.key_space == "post_rope" and profile.rope is None:
             raise InvalidInputError(f"key_space POST_ROPE needs a rope description, and profile {profile.name!r} has none")
+        check_cost(header.total_tokens, profile.kv_heads, profile.head_dim, self.limits, what="upload")
         existing = self.store.peek(tenant, header.sequence_id)
         if existing is not None:
             if existing.upload_id == header.upload_id:
@@ -285,27 +343,112 @@ class Engine:
                 raise ConflictError(
                     f"sequence {header.sequence_id!r} already exists; delete it, append to it, or upload with replace=true"
                 )
-        # Raw chunks wait here until the upload completes; they may not exceed what the store
-        # could hold uncompressed, so an upload cannot exhaust memory behind the budget's back.
-        raw_bytes = 2 * header.total_tokens * profile.num_layers * profile.channels * (2 if header.has_values else 1)
-        if raw_bytes > 4 * self.store.budget_bytes:
-            raise ResourceExhaustedError(
-                f"upload of {header.total_tokens} tokens is {raw_bytes} bytes in float16, more than 4x the store "
-                f"budget of {self.store.budget_bytes} bytes (--store-bytes)"
-            )
+        # Raw chunks wait here until the upload completes: the declared size in 16-bit is
+        # reserved now, so that open uploads can never hold more than the staging budget.
+        reserve = 2 * header.total_tokens * profile.num_layers * profile.channels * (2 if header.has_values else 1)
         key = (tenant, header.sequence_id)
         with self._uploads_lock:
             self._drop_idle_uploads_locked()
             staging = self._uploads.get(key)
-            if staging is None or staging.header != header:
-                # A new upload id (or different header) supersedes an abandoned attempt.
-                layers = profile.num_layers
-                self._uploads[key] = _Staging(header, profile, [[] for _ in range(layers)],
-                                              [[] for _ in range(layers)], [0] * layers,
-                                              torch.full((header.total_tokens,), -1, dtype=torch.int64))
-            else:
-                staging.touched = time.monotonic()
+            if staging is not None and staging.header == header:
+                staging.touched, staging.owner = time.monotonic(), owner  # a retried stream takes over
+                return None
+            if staging is not None:  # a new upload id (or different header) supersedes an abandoned attempt
+                self._close_staging_locked(key, staging)
+            self._reserve_staging_locked(tenant, header, reserve)
+            layers = profile.num_layers
+            self._uploads[key] = _Staging(header, tenant, profile, [[] for _ in range(layers)],
+                                          [[] for _ in range(layers)], [0] * layers,
+                                          torch.full((header.total_tokens,), -1, dtype=torch.int64), reserve, owner)
         return None
+
+    def abort_upload(self, tenant: str, header: UploadHeader, owner: object = None) -> None:
+        """Drop an unfinished upload and free its staged data (its stream failed, was
+        cancelled or its client went away); a no-op when another stream has taken it over."""
+        key = (tenant, header.sequence_id)
+        with self._uploads_lock:
+            staging = self._uploads.get(key)
+            if staging is not None and staging.header == header and staging.owner is owner:
+                self._close_staging_locked(key, staging)
+
+    def staging_totals(self, tenant: str | None = None) -> tuple[int, int]:
+        """(charged staging bytes, open uploads) of ``tenant``, or of everyone."""
+        with self._uploads_lock:
+            if tenant is None:
+                return sum(self._staged_bytes.values()), len(self._uploads)
+            return self._staged_bytes.get(tenant, 0), self._open_uploads_locked(tenant)
+
+    def _open_uploads_locked(self, tenant: str) -> int:
+        return sum(1 for holder, _ in self._uploads if holder == tenant)
+
+    def _staging_room_locked(self, tenant: str, extra: int) -> tuple[bool, int, int, int]:
+        """Whether ``extra`` bytes fit the staging budget and ``tenant``'s share of it, with
+        what is held in all, by the tenant, and the tenant's share."""
+        tenant_bytes = int(self.config.staging_tenant_share * self.staging_bytes)
+        staged = sum(self._staged_bytes.values())
+        mine = self._staged_bytes.get(tenant, 0)
+        return staged + extra <= self.staging_bytes and mine + extra <= tenant_bytes, staged, mine, tenant_bytes
+
+    def _reserve_staging_locked(self, tenant: str, header: UploadHeader, reserve: int) -> None:
+        share = self.config.staging_tenant_share
+        tenant_uploads = max(1, int(share * self.config.max_open_uploads))
+        open_uploads = self._open_uploads_locked(tenant)
+        if len(self._uploads) >= self.config.max_open_uploads or open_uploads >= tenant_uploads:
+            raise ResourceExhaustedError(
+                f"too many uploads in progress: {len(self._uploads)} open ({open_uploads} of this tenant); at most "
+                f"{self.config.max_open_uploads} (--max-open-uploads), {tenant_uploads} per tenant "
+                "(--staging-tenant-share); finish or cancel one first"
+            )
+        fits, staged, mine, tenant_bytes = self._staging_room_locked(tenant, reserve)
+        if reserve > tenant_bytes:
+            raise ResourceExhaustedError(
+                f"upload of {header.total_tokens} tokens needs {reserve} bytes of staging (16-bit keys"
+                f"{' and values' if header.has_values else ''}), more than one tenant's share of the staging budget, "
+                f"{tenant_bytes} bytes (--staging-bytes {self.staging_bytes} x --staging-tenant-share {share}); "
+                "upload fewer tokens"
+            )
+        if not fits:
+            raise ResourceExhaustedError(
+                f"upload of {header.total_tokens} tokens needs {reserve} bytes of staging, but uploads in progress "
+                f"hold {staged} of the {self.staging_bytes}-byte budget (--staging-bytes), {mine} of this tenant's "
+                f"{tenant_bytes}; retry when they finish"
+            )
+        self._staged_bytes[tenant] = mine + reserve
+
+    def _close_staging_locked(self, key: tuple[str, str], staging: _Staging) -> None:
+        """Forget an upload and free what it was charged (once)."""
+        if self._uploads.get(key) is staging:
+            del self._uploads[key]
+        if not staging.closed:
+            staging.closed = True
+            left = self._staged_bytes.get(staging.tenant, 0) - staging.charged
+            if left > 0:
+                self._staged_bytes[staging.tenant] = left
+            else:
+                self._staged_bytes.pop(staging.tenant, None)
+
+    def _charge_chunk(self, staging: _Staging, chunk: UploadChunkData) -> None:
+        """Charge a chunk's real size beyond the upload's reservation (float32 chunks cost twice
+        the 16-bit reservation); RESOURCE_EXHAUSTED past the budget, and nothing is staged."""
+        size = chunk.keys.numel() * chunk.keys.element_size()
+        if chunk.values is not None:
+            size += chunk.values.numel() * chunk.values.element_size()
+        with self._uploads_lock:
+            if staging.closed:
+                raise ConflictError(f"upload {staging.header.upload_id!r} of sequence {staging.header.sequence_id!r} "
+                                    "was dropped (cancelled, failed or idle); send it again from the start")
+            extra = staging.received_bytes + size - staging.charged
+            if extra > 0:
+                fits, staged, mine, tenant_bytes = self._staging_room_locked(staging.tenant, extra)
+                if not fits:
+                    raise ResourceExhaustedError(
+                        f"upload chunk of {size} bytes ({chunk.keys.dtype}) does not fit the staging budget: uploads "
+                        f"in progress hold {staged} of {self.staging_bytes} bytes (--staging-bytes), this tenant "
+                        f"{mine} of {tenant_bytes}; send 16-bit chunks (the reservation assumes them) or fewer tokens"
+                    )
+                self._staged_bytes[staging.tenant] = mine + extra
+                staging.charged += extra
+            staging.received_bytes += size
 
     def add_chunk(self, tenant: str, header: UploadHeader, chunk: UploadChunkData) -> None:
         """Stage one chunk. A resent chunk (its tokens were already received for every layer
@@ -335,6 +478,7 @@ class Engine:
                 raise InvalidInputError(
                     f"positions of tokens [{chunk.token_start}, {end}) differ from those an earlier chunk gave them"
                 )
+            self._charge_chunk(staging, chunk)
             for offset, layer in enumerate(span):
                 staging.keys[layer].append(chunk.keys[offset])
                 if chunk.values is not None:
@@ -343,8 +487,8 @@ class Engine:
             staging.positions[chunk.token_start:end] = positions
 
     def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:
-        """Compress the staged upload and store it atomically; the staging is kept when
-        tokens are missing (a retried stream can complete it)."""
+        """Compress the staged upload and store it atomically. Missing tokens are a
+        ConflictError (the stream that ends here then drops the upload: send it again)."""
         staging = self._staging(tenant, header)
         profile = staging.profile
         with staging.lock:
@@ -353,25 +497,34 @@ class Engine:
                 layer, got = missing[0]
                 raise ConflictError(
                     f"upload incomplete: layer {layer} has {got} of {header.total_tokens} tokens "
-                    f"({len(missing)} layers incomplete); resend the missing chunks with the same upload_id"
+                    f"({len(missing)} layers incomplete); send the whole upload again with the same upload_id"
                 )
             positions = staging.positions.clone()
             key_layers = [torch.cat(chunks) for chunks in staging.keys]
             value_layers = [torch.cat(chunks) for chunks in staging.values] if header.has_values else None
         with self._uploads_lock:
             # The upload is consumed whatever happens next: a failure below is about the data.
+            # Its staging bytes stay charged until compression has let go of the raw tensors.
             if self._uploads.get((tenant, header.sequence_id)) is staging:
                 del self._uploads[(tenant, header.sequence_id)]
-        return self._store_new(tenant, header, profile, key_layers, value_layers, positions)
+        try:
+            return self._store_new(tenant, header, profile, key_layers, value_layers, positions)
+        finally:
+            with self._uploads_lock:
+                self._close_staging_locked((tenant, header.sequence_id), staging)
 
     def upload(self, tenant: str, header: UploadHeader, keys: torch.Tensor, values: torch.Tensor | None = None,
                positions: torch.Tensor | None = None) -> SequenceInfo:
         """Library shortcut: upload keys/values [layers, tokens, kv_heads, head_dim] in one chunk."""
-        done = self.begin_upload(tenant, header)
+        owner = object()
+        done = self.begin_upload(tenant, header, owner)
         if done is not None:
             return done
-        self.add_chunk(tenant, header, UploadChunkData(0, 0, keys, values, positions))
-        return self.finish_upload(tenant, header)
+        try:
+            self.add_chunk(tenant, header, UploadChunkData(0, 0, keys, values, positions))
+            return self.finish_upload(tenant, header)
+        finally:
+            self.abort_upload(tenant, header, owner)
 
     def _staging(self, tenant: str, header: UploadHeader) -> _Staging:
         with self._uploads_lock:
@@ -384,11 +537,12 @@ class Engine:
         return staging
 
     def _drop_idle_uploads_locked(self) -> None:
-        deadline = time.monotonic() - UPLOAD_IDLE_SECONDS
-        for key in [key for key, staging in self._uploads.items() if staging.touched < deadline]:
-            log.info("dropping upload %r of sequence %r: idle for %ss", self._uploads[key].header.upload_id, key[1],
-                     UPLOAD_IDLE_SECONDS)
-            del self._uploads[key]
+        # Streams close their own idle uploads (the servicer's timeout); this catches library use.
+        idle = self.config.upload_idle_seconds
+        deadline = time.monotonic() - idle
+        for key, staging in [(key, staging) for key, staging in self._uploads.items() if staging.touched < deadline]:
+            log.info("dropping upload %r of sequence %r: idle for %ss", staging.header.upload_id, key[1], idle)
+            self._close_staging_locked(key, staging)
 
     def _check_chunk(self, profile: Profile, header: UploadHeader, chunk: UploadChunkData) -> tuple[int, int]:
         self._check_geometry(profile, chunk.keys, "keys", dims=4)
@@ -421,7 +575,7 @@ class Engine:
         for layer, layer_keys in enumerate(key_layers):
             basis = profile.bases[layer] if profile.bases is not None else None
             keys.append(compress(layer_keys.to(self.device), profile.codec, positions=device_positions,
-                                 rope=profile.rope, key_space=header.key_space, basis=basis))
+                                 rope=profile.rope, key_space=header.key_space, basis=basis, limits=self.limits))
         values = None
         if value_layers is not None:
             values = tuple(compress_values(layer.to(self.device), profile.value_config) for layer in value_layers)
@@ -489,7 +643,7 @@ class Engine:
                 )
             device_keys = keys.to(self.device)
             device_positions = positions.to(self.device) if positions is not None else None
-            new_keys = tuple(append(layer, device_keys[index], device_positions)
+            new_keys = tuple(append(layer, device_keys[index], device_positions, limits=self.limits)
                              for index, layer in enumerate(state.keys))
             new_values = None
             if values is not None:
@@ -516,8 +670,8 @@ class Engine:
         if queries.dim() != 3 or queries.shape[0] != len(entries):
             raise InvalidInputError(f"queries must have shape [{len(entries)}, q_heads, head_dim] (one row per "
                                     f"entry), got {list(queries.shape)}")
-        if scale is not None and not (scale > 0 and scale < float("inf")):
-            raise InvalidInputError(f"scale must be a positive finite number, got {scale}")
+        if scale is not None and not 0 < scale <= MAX_ATTEND_SCALE:
+            raise InvalidInputError(f"scale must be in (0, {MAX_ATTEND_SCALE:g}] (unset: 1/sqrt(head_dim)), got {scale}")
         keys: list[CompressedKeys] = []
         values: list[CompressedValues] = []
         for index, (sequence_id, layer) in enumerate(entries):
@@ -535,6 +689,10 @@ class Engine:
             keys.append(state.keys[layer])
             values.append(state.values[layer])
         result = attend_compressed(queries.to(self.device), keys, values, scale=scale, sparsity=sparsity)
+        if not (all_finite(result.output) and all_finite(result.lse)):
+            # Finite keys, queries and scale can still overflow float32 scores (|q.k| ~ 1e38).
+            raise InvalidInputError("attention overflowed: the scores scale * q.k of these queries exceed float32's "
+                                    "range, so the output would hold Inf or NaN; use queries of smaller magnitude")
         stats = [AttendStats(s.key_bytes_read, s.dense_fp16_key_bytes, s.tokens_attended, s.tokens_total)
                  for s in result.stats]
         if self.metrics is not None:
@@ -580,7 +738,9 @@ class Engine:
     def delete(self, tenant: str, sequence_id: str) -> None:
         """Remove a stored sequence (and any upload of it in progress); NotFoundError when absent."""
         with self._uploads_lock:
-            self._uploads.pop((tenant, sequence_id), None)
+            staging = self._uploads.get((tenant, sequence_id))
+            if staging is not None:
+                self._close_staging_locked((tenant, sequence_id), staging)
         self.store.delete(tenant, sequence_id)
 
     def describe(self, tenant: str, sequence_id: str) -> SequenceInfo:

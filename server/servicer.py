@@ -11,6 +11,7 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 from svdq_client.types import Profile
 from svdq_client.wire import tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
@@ -75,18 +76,40 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         tenant = current_tenant.get()
         header = None
         completed = None
-        async for chunk in request_iterator:
+        stream = object()  # owns the staged upload until it completes
+        try:
+            async for chunk in self._chunks_until_idle(request_iterator, context):
+                if header is None:
+                    header = convert.upload_header_from_pb(chunk)
+                    completed = await self._run(self.engine.begin_upload, tenant, header, stream)
+                else:
+                    convert.check_same_header(chunk, header)
+                if completed is None and chunk.HasField("keys"):
+                    await self._run(self._add_chunk, tenant, header, chunk)
             if header is None:
-                header = convert.upload_header_from_pb(chunk)
-                completed = await self._run(self.engine.begin_upload, tenant, header)
-            else:
-                convert.check_same_header(chunk, header)
-            if completed is None and chunk.HasField("keys"):
-                await self._run(self._add_chunk, tenant, header, chunk)
-        if header is None:
-            raise InvalidInputError("an Upload stream must carry at least one chunk")
-        info = completed or await self._run(self.engine.finish_upload, tenant, header)
+                raise InvalidInputError("an Upload stream must carry at least one chunk")
+            info = completed or await self._run(self.engine.finish_upload, tenant, header)
+        finally:
+            # Failed, cancelled, timed out or disconnected: the staged data goes now, not at
+            # some idle deadline (after success there is nothing left to drop).
+            if header is not None:
+                self.engine.abort_upload(tenant, header, stream)
         return pb.UploadResponse(sequence=info.to_pb())
+
+    async def _chunks_until_idle(self, request_iterator, context):
+        """The stream's chunks; a stream silent for --upload-idle-seconds is closed."""
+        idle = self.engine.config.upload_idle_seconds
+        chunks = request_iterator.__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), idle)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"upload stream sent no chunk for {idle:g} s (--upload-idle-seconds) and was "
+                                    "closed; its staged data was dropped: send the upload again")
+            yield chunk
 
     def _add_chunk(self, tenant, header, chunk) -> None:
         self.engine.add_chunk(tenant, header, convert.upload_chunk_from_pb(chunk))

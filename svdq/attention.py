@@ -216,7 +216,9 @@ def latent_codes(keys: CompressedKeys) -> torch.Tensor:
     cached = DERIVED.get(keys, "latent_codes")
     if cached is None:
         codes = unpack_codes(keys.codes, keys.kept_bits.to(keys.codes.device), keys.group_size)
-        cached = DERIVED.put(keys, "latent_codes", codes.reshape(-1, keys.kept_bits.numel()))
+        # Explicit row count: with every channel dropped (r = 0) a -1 would be ambiguous.
+        rows = keys.num_groups * keys.group_size
+        cached = DERIVED.put(keys, "latent_codes", codes.reshape(rows, keys.kept_bits.numel()))
     return cached
 
 

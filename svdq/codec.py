@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .allocation import allocate_budget, allocate_schedule
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ResourceExhaustedError
 from .quant import (
     MAX_BITS,
     dequantize_groups,
@@ -40,6 +41,8 @@ from .quant import (
     unpack_codes,
 )
 from .rope import RopeConfig, apply_rope, undo_rope
+
+log = logging.getLogger(__name__)
 
 METHODS = ("svdq", "kivi", "fp16")
 KEY_SPACES = ("pre_rope", "post_rope")
@@ -63,16 +66,18 @@ class CodecConfig:
         method: ``"svdq"``, ``"kivi"`` or ``"fp16"``.
         bits_per_element: svdq budget in true bits per key element, counting every serialized
             byte (header, scales, minimums, basis, mean, full-precision sinks and tail).
-            Ignored when ``schedule`` is given. Allowed: (0, 16].
+            Allowed: (0, 16]; default 1.5. Not together with ``schedule`` (``None`` then).
+            A budget below what a sequence's fixed costs need is exceeded: the keys are
+            stored at the bits they need and a warning says so.
         schedule: explicit svdq widths for equal groups of latent channels, e.g.
-            ``(8, 4, 2, 1, 1, 0, 0, 0)``.
+            ``(8, 4, 2, 1, 1, 0, 0, 0)``, instead of a ``bits_per_element`` budget.
         bits: width of every channel for ``kivi`` (1..8).
         group_size: tokens per quantization group, one of 8, 16, 32, 64, 128, 256.
         num_sinks: leading tokens kept in full precision (attention sinks), 0..1024.
     """
 
     method: str = "svdq"
-    bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
+    bits_per_element: float | None = None
     schedule: tuple[int, ...] | None = None
     bits: int = 2
     group_size: int = DEFAULT_GROUP_SIZE
@@ -81,7 +86,15 @@ class CodecConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidInputError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not (isinstance(self.bits_per_element, (int, float)) and 0 < self.bits_per_element <= MAX_BUDGET):
+        if self.schedule is not None and self.bits_per_element is not None:
+            raise InvalidInputError(
+                f"give either bits_per_element ({self.bits_per_element}) or schedule ({tuple(self.schedule)}), not "
+                "both: a schedule fixes every channel's width, so no budget would apply"
+            )
+        if self.schedule is None and self.bits_per_element is None:
+            object.__setattr__(self, "bits_per_element", DEFAULT_BITS_PER_ELEMENT)
+        if self.schedule is None and not (
+                isinstance(self.bits_per_element, (int, float)) and 0 < self.bits_per_element <= MAX_BUDGET):
             raise InvalidInputError(
                 f"bits_per_element must be in (0, {MAX_BUDGET}], got {self.bits_per_element}"
             )
@@ -95,6 +108,79 @@ class CodecConfig:
             raise InvalidInputError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
         if not 0 <= self.num_sinks <= MAX_SINKS:
             raise InvalidInputError(f"num_sinks must be in 0..{MAX_SINKS}, got {self.num_sinks}")
+
+
+#: largest sequence (tokens of one layer) the codec takes by default
+DEFAULT_MAX_TOKENS = 1 << 20
+#: kv_heads * head_dim of the largest common models (multi-head 32 x 128)
+DEFAULT_MAX_CHANNELS = 4096
+DEFAULT_MAX_WORK_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class CostLimits:
+    """What one codec call on one layer may cost, checked by :func:`check_cost` before any
+    work or allocation (compress, append, decompress, :func:`svdq.format.from_bytes`).
+
+    Attributes:
+        max_tokens: tokens of one layer.
+        max_channels: ``kv_heads * head_dim``; fitting a basis costs ``O(C^3)`` and its
+            covariance ``4 * C * C`` bytes whatever the token count.
+        max_work_bytes: estimated peak working memory of the call (:func:`work_bytes`).
+    """
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_channels: int = DEFAULT_MAX_CHANNELS
+    max_work_bytes: int = DEFAULT_MAX_WORK_BYTES
+
+    def __post_init__(self) -> None:
+        if min(self.max_tokens, self.max_channels, self.max_work_bytes) < 1:
+            raise InvalidInputError(f"cost limits must be >= 1, got {self}")
+
+
+def work_bytes(tokens: int, channels: int, operation: str = "compress") -> int:
+    """Upper estimate of the peak working memory of one codec call on ``[tokens, C]`` keys.
+
+    Compress holds a few float32 copies of the keys (input, 16-bit rounding, latent, trial
+    quantizations of the sample) and the ``[C, C]`` covariance, eigenvectors and basis:
+    measured on the CPU at 4-7x ``4 * tokens * C`` plus ~6x ``4 * C * C``; the estimate
+    doubles the first. Decompress and append build about three float32 copies of the keys.
+    """
+    if operation == "compress":
+        return 32 * tokens * channels + 24 * channels * channels
+    return 12 * tokens * channels + 8 * channels * channels
+
+
+def check_cost(tokens: int, kv_heads: int, head_dim: int, limits: CostLimits | None = None, *,
+               what: str = "keys", operation: str = "compress", work_tokens: int | None = None) -> int:
+    """Refuse, before any work, keys ``[tokens, kv_heads, head_dim]`` that exceed ``limits``.
+
+    ``work_tokens`` are the tokens the call processes when fewer than the ``tokens`` it leaves
+    (an append works on its new tokens). Raises ResourceExhaustedError naming the limit (and,
+    when the shape looks like ``[kv_heads, tokens, head_dim]``, how to fix it); returns the
+    estimated work bytes.
+    """
+    limits = limits or CostLimits()
+    channels = kv_heads * head_dim
+    processed = tokens if work_tokens is None else work_tokens
+    estimate = work_bytes(processed, channels, operation)
+    problem = None
+    if tokens > limits.max_tokens:
+        problem = f"{tokens} tokens is more than the limit of {limits.max_tokens} (max_tokens)"
+    elif channels > limits.max_channels:
+        problem = (f"kv_heads * head_dim = {kv_heads} * {head_dim} = {channels} channels is more than the limit of "
+                   f"{limits.max_channels} (max_channels)")
+    elif estimate > limits.max_work_bytes:
+        problem = (f"{operation} of {processed} tokens x {channels} channels needs about {estimate} bytes of working "
+                   f"memory, more than the limit of {limits.max_work_bytes} (max_work_bytes)")
+    if problem is None:
+        return estimate
+    hint = ""
+    if kv_heads > tokens or (tokens <= 8 and channels > limits.max_channels):
+        hint = (f"; {what} [{tokens}, {kv_heads}, {head_dim}] read as {tokens} tokens of {kv_heads} kv_heads: the "
+                "layout is [tokens, kv_heads, head_dim], so keys in [kv_heads, tokens, head_dim] order need "
+                ".transpose(0, 1)")
+    raise ResourceExhaustedError(f"{what}: {problem}{hint}")
 
 
 @dataclass(frozen=True)
@@ -268,7 +354,10 @@ def identity_basis(channels: int, device: torch.device | str = "cpu") -> torch.T
     return torch.eye(channels, device=device, dtype=torch.float16)
 
 
-def _check_keys(keys: torch.Tensor, name: str = "keys") -> None:
+def _check_keys(keys: torch.Tensor, name: str = "keys", limits: CostLimits | None = None, *,
+                total_tokens: int | None = None, operation: str = "compress") -> None:
+    """Type, layout, cost (``total_tokens`` of the result, default the keys' own) before the
+    finiteness scan, so that an oversized input is refused without reading it."""
     if not isinstance(keys, torch.Tensor):
         raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(keys).__name__}")
     if keys.dtype not in SUPPORTED_DTYPES:
@@ -279,6 +368,8 @@ def _check_keys(keys: torch.Tensor, name: str = "keys") -> None:
         )
     if keys.shape[1] < 1 or keys.shape[2] < 2 or keys.shape[2] % 2:
         raise InvalidInputError(f"{name} need kv_heads >= 1 and an even head_dim >= 2, got {tuple(keys.shape)}")
+    tokens = keys.shape[0] if total_tokens is None else total_tokens
+    check_cost(tokens, keys.shape[1], keys.shape[2], limits, what=name, operation=operation, work_tokens=keys.shape[0])
     if not torch.isfinite(keys).all():
         raise InvalidInputError(f"{name} contain NaN or Inf; only finite values can be compressed")
 
@@ -322,6 +413,7 @@ def compress(
     rope: RopeConfig | None = None,
     key_space: str = "pre_rope",
     basis: Basis | None = None,
+    limits: CostLimits | None = None,
 ) -> CompressedKeys:
     """Compress the keys of one layer of one sequence.
 
@@ -334,13 +426,20 @@ def compress(
         key_space: ``"pre_rope"`` or ``"post_rope"``, the space ``keys`` are in.
         basis: a shared calibrated :class:`Basis` (svdq only); the blob then stores only its
             fingerprint and loading it needs the same basis.
+        limits: :class:`CostLimits` checked before any work (default: the library's).
+
+    Raises InvalidInputError for malformed keys or options, ResourceExhaustedError for keys
+    beyond ``limits``.
     """
     config = config or CodecConfig()
-    _check_keys(keys)
+    _check_keys(keys, limits=limits)
     if keys.shape[0] == 0:
         raise InvalidInputError("keys must hold at least one token, got 0")
     if key_space not in KEY_SPACES:
         raise InvalidInputError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
+    if key_space == "post_rope" and positions is None:
+        _warn_once(("positions", keys.shape[1], keys.shape[2]), "post-RoPE keys came without positions: assuming positions "
+                   f"0..{keys.shape[0] - 1}; pass positions= when the keys do not start at position 0")
     if basis is not None and config.method != "svdq":
         raise InvalidInputError(f"a shared basis only applies to method 'svdq', not {config.method!r}")
     tokens, kv_heads, head_dim = keys.shape
@@ -381,6 +480,11 @@ def compress(
                     f"shared basis has {basis.channels} channels but keys have kv_heads*head_dim = {channels}"
                 )
             fitted, shared_fp = basis, basis.fingerprint
+        elif n_groups == 0 and config.schedule is None:
+            # Nothing to quantize, so the budget keeps no channel and later appends quantize
+            # none either: only the mean is stored, and the O(C^3) fit would be wasted.
+            fitted = Basis(flat.to(torch.float64).mean(dim=0).float(), flat.new_zeros(channels, 0),
+                           flat.new_zeros(0))
         else:
             fitted = fit_basis(body if n_groups else flat)
         components = fitted.components.to(device).to(torch.float16)
@@ -430,7 +534,41 @@ def compress(
         shared_basis=shared_fp,
         input_space=key_space,
     )
+    if config.method == "svdq" and config.schedule is None:
+        _warn_if_over_budget(compressed, config.bits_per_element)
     return compressed
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    """Log ``message`` the first time ``key`` is seen; a server compressing every layer of
+    every upload would otherwise repeat it per call. Bounded: past 1024 keys it stays quiet."""
+    if key in _WARNED or len(_WARNED) >= 1024:
+        return
+    _WARNED.add(key)
+    log.warning(message)
+
+
+def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
+    """Say when the fixed costs made the stored bits exceed the asked budget (short sequences,
+    tiny budgets): the keys are kept, at the bits reported here and in ``bits_per_element``."""
+    stored = compressed.bits_per_element
+    if stored <= 1.05 * target + 0.01:
+        return
+    from .format import fixed_size
+
+    fixed = 8 * fixed_size(method="svdq", channels=compressed.channels, tokens=compressed.num_tokens,
+                           num_sinks=compressed.num_sinks, group_size=compressed.group_size,
+                           has_rope=compressed.rope is not None, stored_basis=compressed.shared_basis is None,
+                           explicit_positions=compressed.positions is not None)
+    fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
+    _warn_once(("budget", target, compressed.channels, compressed.group_size),
+               f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} tokens "
+               f"x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision sinks and tail) "
+               f"take {fixed_per_element:.3f} and every kept channel pays its scales, minimums and basis column; "
+               "longer sequences, smaller token groups or a shared basis come closer to the budget")
 
 
 def _project(rows: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor) -> torch.Tensor:
@@ -511,11 +649,16 @@ def decompress(
             )
         rotate = apply_rope if key_space == "post_rope" else undo_rope
         keys = rotate(keys, compressed.token_positions(), rope)
-    return keys.to(dtype or compressed.input_dtype)
+    keys = keys.to(dtype or compressed.input_dtype)
+    if not bool(torch.isfinite(keys).all()):
+        # Finite stored keys can leave a narrower output dtype's range (float32 keys read as float16).
+        raise InvalidInputError(f"reconstructed keys do not fit {keys.dtype} (they overflow to Inf); ask for float32")
+    return keys
 
 
 def append(
-    compressed: CompressedKeys, keys: torch.Tensor, positions: torch.Tensor | None = None
+    compressed: CompressedKeys, keys: torch.Tensor, positions: torch.Tensor | None = None,
+    limits: CostLimits | None = None,
 ) -> CompressedKeys:
     """Append decode-time keys [new_tokens, kv_heads, head_dim] and return the new state.
 
@@ -526,7 +669,7 @@ def append(
     result equals compressing all the keys at once with the same basis and widths. The input
     object is not modified.
     """
-    _check_keys(keys, "appended keys")
+    _check_keys(keys, "appended keys", limits, total_tokens=compressed.num_tokens + keys.shape[0], operation="append")
     if keys.shape[1:] != (compressed.kv_heads, compressed.head_dim):
         raise InvalidInputError(
             f"appended keys must have kv_heads={compressed.kv_heads}, head_dim={compressed.head_dim}, "
@@ -601,7 +744,9 @@ __all__ = [
     "Basis",
     "CodecConfig",
     "CompressedKeys",
+    "CostLimits",
     "append",
+    "check_cost",
     "compress",
     "decompress",
     "fit_basis",

@@ -42,8 +42,18 @@ import zlib
 import numpy as np
 import torch
 
-from .codec import METHODS, Basis, CompressedKeys, check_group_bytes, identity_basis
-from .errors import FormatError, InvalidInputError
+from .codec import (
+    GROUP_SIZES,
+    MAX_SINKS,
+    METHODS,
+    Basis,
+    CompressedKeys,
+    CostLimits,
+    check_cost,
+    check_group_bytes,
+    identity_basis,
+)
+from .errors import FormatError, InvalidInputError, ResourceExhaustedError
 from .quant import group_bytes
 from .rope import ROPE_SCALINGS, ROPE_STYLES, RopeConfig
 
@@ -56,6 +66,8 @@ _CRC = struct.Struct("<I")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _F_POST_IN, _F_POST_STORED, _F_ROPE, _F_SHARED, _F_POSITIONS = 1, 2, 4, 8, 16
+# Positions must leave room for arange(offset, offset + tokens) in int64.
+_MAX_POSITION = 1 << 62
 
 
 def _layout(method: str, channels: int, tokens: int, num_sinks: int, group_size: int, kept_bits: np.ndarray,
@@ -168,11 +180,19 @@ class _Reader:
         return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone() if count else torch.empty(shape, dtype=dtype)
 
 
+#: largest magnitude a blob's float32 mean may have: with float16 basis, scales, minimums and
+#: at most 8-bit codes, the reconstruction then stays finite in float32
+MAX_MEAN_MAGNITUDE = 1e30
+
+
 def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
-               device: torch.device | str = "cpu") -> CompressedKeys:
+               device: torch.device | str = "cpu", limits: CostLimits | None = None) -> CompressedKeys:
     """Parse a blob written by :func:`to_bytes`.
 
-    ``basis`` must be the shared basis when the blob was compressed with one.
+    ``basis`` must be the shared basis when the blob was compressed with one. Every header
+    field is checked against ``limits`` (default: the library's :class:`CostLimits`) and the
+    blob's real length before anything is allocated, and every float section must be finite,
+    so a crafted blob fails with :class:`FormatError` instead of allocating or returning NaN.
     """
     data = memoryview(bytes(blob))
     if len(data) < _HEADER.size + _CRC.size:
@@ -197,13 +217,22 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         raise FormatError(f"unknown dtype code {dtypes:#x}")
     method = METHODS[method_id]
     channels = kv_heads * head_dim
-    if channels == 0 or group_size == 0 or group_size % 8:
-        raise FormatError(f"invalid shape in header: kv_heads={kv_heads}, head_dim={head_dim}, group_size={group_size}")
+    if kv_heads < 1 or head_dim < 2 or head_dim % 2 or group_size not in GROUP_SIZES:
+        raise FormatError(f"invalid shape in header: kv_heads={kv_heads} (>= 1), head_dim={head_dim} (even, >= 2), "
+                          f"group_size={group_size} (one of {GROUP_SIZES})")
+    if tokens < 1 or num_sinks > MAX_SINKS or not 0 <= offset <= _MAX_POSITION - tokens:
+        raise FormatError(f"invalid header: tokens={tokens} (>= 1), num_sinks={num_sinks} (<= {MAX_SINKS}), "
+                          f"position_offset={offset} (>= 0, offset + tokens <= {_MAX_POSITION})")
+    try:
+        check_cost(tokens, kv_heads, head_dim, limits, what="blob header", operation="decompress")
+    except ResourceExhaustedError as exc:
+        raise FormatError(f"{exc}; this reader does not load such blobs") from None
     rope = None
     if flags & _F_ROPE:
         theta, rotary, style, scaling, factor, low, high, orig = _ROPE.unpack(reader.take(_ROPE.size, "rope"))
         try:
             rope = RopeConfig(theta, rotary, ROPE_STYLES[style], ROPE_SCALINGS[scaling], factor, low, high, orig)
+            rope.dims(head_dim)
         except (IndexError, InvalidInputError) as exc:
             raise FormatError(f"invalid rope description in blob: {exc}") from exc
     shared = None
@@ -213,6 +242,8 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
             raise FormatError(f"blob was compressed with a shared basis (fingerprint {shared:016x}); pass that basis to load it")
         if basis.fingerprint != shared:
             raise FormatError(f"blob needs the shared basis {shared:016x}, but the given basis is {basis.fingerprint:016x}")
+        if basis.channels != channels:
+            raise FormatError(f"blob has {channels} channels but its shared basis has {basis.channels}")
     if method == "fp16":
         channel_bits = np.zeros(channels, dtype=np.uint8)
     else:
@@ -220,6 +251,13 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         channel_bits = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1)[:channels].copy()
         if channel_bits.max(initial=0) > 8:
             raise FormatError("channel widths above 8 bits in blob")
+    # The whole layout follows from the header and widths: compare it with the real length
+    # before reading (and allocating) any section.
+    expected = sum(_layout(method, channels, tokens, num_sinks, group_size, channel_bits, bool(flags & _F_ROPE),
+                           shared is None, bool(flags & _F_POSITIONS)).values())
+    if expected != len(data):
+        raise FormatError(f"blob is {len(data)} bytes but its header and channel widths describe {expected}: "
+                          "truncated, padded or a header field is wrong")
     kept_idx = np.nonzero(channel_bits)[0]
     kept = kept_idx.size
     if method == "svdq" and shared is None:
@@ -237,6 +275,8 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         mean = torch.zeros(channels)
         basis_cols = torch.empty(channels, 0, dtype=torch.float16)
     positions = reader.tensor(torch.int64, (tokens,), "positions") if flags & _F_POSITIONS else None
+    if positions is not None and (int(positions.min()) < 0 or int(positions.max()) > _MAX_POSITION):
+        raise FormatError(f"blob positions must be in 0..{_MAX_POSITION}")
     storage = _DTYPES[dtypes >> 4]
     sinks_n = 0 if method == "fp16" else min(num_sinks, tokens)
     groups = 0 if method == "fp16" else (tokens - sinks_n) // group_size
@@ -249,6 +289,12 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
     tail = reader.tensor(storage, (tail_n, channels), "tail")
     if reader.at != len(reader.data):
         raise FormatError(f"blob has {len(reader.data) - reader.at} unexpected trailing bytes")
+    for name, section in (("mean", mean), ("basis", basis_cols), ("sinks", sinks), ("scales", scales),
+                          ("mins", mins), ("tail", tail)):
+        if not bool(torch.isfinite(section).all()):
+            raise FormatError(f"blob holds NaN or Inf in its {name}; a blob from to_bytes never does")
+    if mean.numel() and float(mean.abs().max()) > MAX_MEAN_MAGNITUDE:
+        raise FormatError(f"blob mean reaches {float(mean.abs().max()):.3g}, beyond {MAX_MEAN_MAGNITUDE:g}")
     compressed = CompressedKeys(
         method=method, kv_heads=kv_heads, head_dim=head_dim, input_dtype=_DTYPES[dtypes & 15],
         storage_dtype=storage, stored_space="post_rope" if flags & _F_POST_STORED else "pre_rope", rope=rope,

@@ -21,6 +21,9 @@ import torch
 from .errors import InvalidInputError
 
 MAX_BITS = 8
+#: largest finite float16: every group minimum and step must fit, and at width 1 the step is
+#: the channel's whole range over the group
+FLOAT16_MAX = 65504.0
 
 
 def channel_offsets(channel_bits: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -42,10 +45,15 @@ def quantize_groups(
     Returns ``codes`` (uint8 [groups, group_size, r]), ``scales`` and ``mins`` (float16
     [groups, r]). Codes are computed against the float16-rounded scale and minimum, so that
     dequantization from the stored values is what the encoder measured.
+
+    Raises InvalidInputError when a group's minimum or range leaves the float16 range: the
+    stored metadata would be infinite and every later use of it NaN.
     """
     levels = (2 ** kept_bits.to(torch.float32) - 1).to(latent.device)
     low = latent.amin(dim=1)
     high = latent.amax(dim=1)
+    if low.numel():
+        check_metadata_range(float(low.abs().max()), float((high - low).max()))
     mins = low.to(torch.float16)
     scales = ((high - mins.float()) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
@@ -54,11 +62,24 @@ def quantize_groups(
         torch.nextafter(scales, torch.full_like(scales, float("inf"))),
         scales,
     )
+    if scales.numel() and not bool(torch.isfinite(scales).all()):  # the nudge may step past 65504
+        check_metadata_range(float(low.abs().max()), float("inf"))
     step = scales.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.round((latent - mins.float()[:, None, :]) / safe[:, None, :])
     codes = torch.minimum(codes.clamp_(min=0), levels).to(torch.uint8)
     return codes, scales, mins
+
+
+def check_metadata_range(largest_minimum: float, largest_range: float) -> None:
+    """Refuse latent values whose float16 group minimum or width-1 step would overflow."""
+    if largest_minimum > FLOAT16_MAX or largest_range > FLOAT16_MAX:
+        raise InvalidInputError(
+            f"too large in magnitude to quantize: a channel reaches {largest_minimum:.4g} and spans "
+            f"{largest_range:.4g} within one group, but group minimums and steps are stored as float16, so "
+            f"both must stay within {FLOAT16_MAX:.0f}; scale the data down or keep it unquantized (codec method "
+            "'fp16' for keys, no value bits for values)"
+        )
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:

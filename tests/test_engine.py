@@ -259,7 +259,8 @@ def test_no_eviction_refuses_with_resource_exhausted_and_changes_nothing():
     keys, values = cache()
     probe = Engine(EngineConfig(device="cpu"), [make_profile()])
     size = probe.upload("t", header(), keys, values).key_bytes + probe.describe("t", "s").value_bytes
-    engine = Engine(EngineConfig(device="cpu", store_bytes=int(size * 1.5), eviction="none"), [make_profile()])
+    engine = Engine(EngineConfig(device="cpu", store_bytes=int(size * 1.5), eviction="none", staging_bytes=1 << 20),
+                    [make_profile()])
     engine.upload("t", header("a"), keys, values)
     before = snapshot(engine, "t", "a")
     with pytest.raises(ResourceExhaustedError, match="eviction is 'none'"):
@@ -270,12 +271,15 @@ def test_no_eviction_refuses_with_resource_exhausted_and_changes_nothing():
     with pytest.raises(ResourceExhaustedError, match="store budget"):
         engine.append("t", "a", grow_keys, grow_values)  # +100 tokens does not fit
     assert snapshot(engine, "t", "a") == before
-    small = Engine(EngineConfig(device="cpu", store_bytes=size // 2), [make_profile()])
+    # Staging room for the raw upload, so that the store's own check is the one that refuses it.
+    small = Engine(EngineConfig(device="cpu", store_bytes=size // 2, staging_bytes=1 << 20), [make_profile()])
     with pytest.raises(ResourceExhaustedError, match="more than the whole store budget"):
         small.upload("t", header(), keys, values)
     tiny = Engine(EngineConfig(device="cpu", store_bytes=1000), [make_profile()])
-    with pytest.raises(ResourceExhaustedError, match="more than 4x the store budget"):
+    with pytest.raises(ResourceExhaustedError, match=r"needs 51200 bytes of staging .* more than one tenant's share "
+                                                     r"of the staging budget, 1000 bytes \(--staging-bytes 2000"):
         tiny.upload("t", header(), keys, values)
+    assert tiny.staging_totals() == (0, 0)
 
 
 def test_ttl_expires_idle_sequences():

@@ -36,7 +36,9 @@ def sizes(client, sequence):
 def lru_server(tmp_path_factory):
     from conftest import ServerProcess
 
-    server = ServerProcess(tmp_path_factory.mktemp("lru"), ["--store-bytes", "30000", "--eviction", "lru"]).start()
+    # Staging room for the raw "huge" upload below, so that the store's own check refuses it.
+    server = ServerProcess(tmp_path_factory.mktemp("lru"), ["--store-bytes", "30000", "--eviction", "lru",
+                                                            "--staging-bytes", "1MiB"]).start()
     yield server
     server.stop()
 

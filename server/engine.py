@@ -26,14 +26,14 @@ from svdq_client.wire import all_finite
 from svdq import __version__
 from svdq.attention import SparsityConfig
 from svdq.attention import attend as attend_compressed
-from svdq.codec import CodecConfig, CompressedKeys, append, compress, decompress, relative_error
+from svdq.codec import CodecConfig, CompressedKeys, compress, decompress, relative_error
 from svdq.derived import DERIVED
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.format import from_bytes, to_bytes
 from svdq.rope import RopeConfig
-from svdq.values import CompressedValues, append_values, compress_values, decompress_values
+from svdq.values import CompressedValues, compress_values, decompress_values
 
-from .store import SequenceState, SequenceStore, StoredSequence, fp16_bytes
+from .store import SequenceState, SequenceStore, StoreBackend, StoredSequence, fp16_bytes
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ class Engine:
         metrics: optional observer with the methods of :class:`svdq_server.metrics.Metrics`.
     """
 
-    def __init__(self, config: EngineConfig | None = None, profiles: Sequence[Profile] = (), metrics=None) -> None:
+    def __init__(self, config: EngineConfig | None = None, profiles: Sequence[Profile] = (), metrics=None,
+                 store: StoreBackend | None = None) -> None:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         if self.config.attention_cache_bytes is not None:
@@ -164,10 +165,13 @@ class Engine:
                 raise InvalidInputError(f"attention_cache_bytes must be >= 0, got {self.config.attention_cache_bytes}")
             DERIVED.limit_bytes = self.config.attention_cache_bytes
         self.metrics = metrics
-        self.store = SequenceStore(self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
-                                   on_evict=metrics.evicted if metrics is not None else None,
-                                   quotas=self.config.tenant_quotas, default_quota=self.config.tenant_quota_bytes or None)
-        self._profiles: dict[str, Profile] = {}
+        # The store backend (server/store.py) also holds the profiles, so a shared one shares them.
+        self.store = store if store is not None else SequenceStore(
+            self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
+            on_evict=metrics.evicted if metrics is not None else None, quotas=self.config.tenant_quotas,
+            default_quota=self.config.tenant_quota_bytes or None,
+            observe=metrics.store_operation if metrics is not None else None)
+        self._profiles = self.store.profiles()
         self._profiles_lock = threading.Lock()
         self._uploads: dict[tuple[str, str], _Staging] = {}
         self._uploads_lock = threading.Lock()
@@ -487,16 +491,7 @@ class Engine:
                     f"sequence {sequence_id!r} would hold {current + new_tokens} tokens, more than --max-tokens "
                     f"{self.config.max_tokens}"
                 )
-            device_keys = keys.to(self.device)
-            device_positions = positions.to(self.device) if positions is not None else None
-            new_keys = tuple(append(layer, device_keys[index], device_positions)
-                             for index, layer in enumerate(state.keys))
-            new_values = None
-            if values is not None:
-                device_values = values.to(self.device)
-                new_values = tuple(append_values(layer, device_values[index])
-                                   for index, layer in enumerate(state.values))
-            self.store.update(entry, SequenceState(new_keys, new_values, (current, new_tokens, digest)))
+            self.store.update(entry, state.appended(keys, values, positions, (current, new_tokens, digest)))
             return current + new_tokens
 
     # -- attention ---------------------------------------------------------------------------

@@ -124,8 +124,11 @@ class StoredSequence:
     charged_bytes: int = 0
     charged_key_bytes: int = 0
     deleted: bool = False
-    # Counts the committed states of the sequence; a shared backend's compare-and-set checks it.
+    # Identifies the committed state; a shared backend's compare-and-set checks it.
     version: int = 0
+    # (version of the stored blobs, appends after them) a shared backend loaded: what a
+    # replica must read to catch up with another one's appends.
+    log_position: tuple[int, int] = (0, 0)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -400,12 +403,7 @@ class SequenceStore:
         accounting; close to, but not the same as, the serialized sizes)."""
         with self._lock:
             states = [entry.state for entry in self._sequences.values()]
-        total = 0
-        for state in states:
-            for layer in state.keys + (state.values or ()):
-                total += sum(value.numel() * value.element_size() for value in vars(layer).values()
-                             if isinstance(value, torch.Tensor))
-        return total
+        return states_tensor_bytes(states)
 
     def count(self, tenant: str | None = None) -> int:
         with self._lock:
@@ -526,6 +524,16 @@ class SequenceStore:
         self.evictions += 1
         if self._on_evict is not None:
             self._on_evict(reason)
+
+
+def states_tensor_bytes(states: Iterable[SequenceState]) -> int:
+    """Bytes of the torch tensors that ``states`` hold in memory."""
+    total = 0
+    for state in states:
+        for layer in state.keys + (state.values or ()):
+            total += sum(value.numel() * value.element_size() for value in vars(layer).values()
+                         if isinstance(value, torch.Tensor))
+    return total
 
 
 def fp16_bytes(profile: Profile, tokens: int) -> int:

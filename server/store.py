@@ -33,6 +33,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from svdq_client.types import Profile
@@ -44,8 +45,6 @@ from svdq.values import append_values
 log = logging.getLogger(__name__)
 
 EVICTION_POLICIES = ("lru", "none")
-#: ``--store`` values: ``memory``, or a Redis URL (``redis://host:port/db``, ``rediss://`` for TLS)
-STORE_SCHEMES = ("memory", "redis://", "rediss://")
 
 
 @dataclass(frozen=True)
@@ -539,3 +538,31 @@ def states_tensor_bytes(states: Iterable[SequenceState]) -> int:
 def fp16_bytes(profile: Profile, tokens: int) -> int:
     """Bytes of ``tokens`` tokens of one tensor kind (keys or values) of every layer in float16."""
     return 2 * tokens * profile.num_layers * profile.channels
+
+
+def check_store_url(url: str) -> str:
+    """``redis://host:port/db`` or ``rediss://...`` without a password in it (it would show
+    in process listings and logs; --store-password-file takes it)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise InvalidInputError(f"--store must be 'memory' or redis://host:port/db (rediss:// for TLS), got "
+                                f"{urlunsplit(parts._replace(netloc=parts.hostname or ''))!r}")
+    if parts.password:
+        raise InvalidInputError("--store must not contain a password: it would show in process listings and "
+                                "logs; put it in a file and pass --store-password-file")
+    return url
+
+
+def open_store(url: str, policy: StorePolicy, *, device: torch.device | str = "cpu",
+               on_evict: Callable[[str], None] | None = None,
+               observe: Callable[[str, float, bool], None] | None = None, **redis_options) -> StoreBackend:
+    """The backend ``url`` names (``memory`` or a Redis URL; see ``svdq-server --help``);
+    ``redis_options`` go to :class:`~svdq_server.store_redis.RedisSequenceStore`."""
+    if url == "memory":
+        return SequenceStore(policy.budget_bytes, policy.eviction, policy.ttl_seconds, on_evict=on_evict,
+                             quotas=policy.quotas, default_quota=policy.default_quota, observe=observe)
+    check_store_url(url)
+    # Imported here: the redis client is an optional dependency (the [redis] extra).
+    from .store_redis import RedisSequenceStore
+
+    return RedisSequenceStore(url, policy, device=device, on_evict=on_evict, observe=observe, **redis_options)

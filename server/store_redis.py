@@ -69,6 +69,7 @@ from .store import (
     SequenceState,
     StoredSequence,
     StorePolicy,
+    check_store_url,
     fp16_bytes,
     plan_eviction,
     states_tensor_bytes,
@@ -127,18 +128,6 @@ def _decode_last_append(text: str) -> tuple[int, int, bytes] | None:
         return None
     before, new, digest = text.split(":")
     return int(before), int(new), bytes.fromhex(digest)
-
-
-def check_store_url(url: str) -> str:
-    """``redis://host:port/db`` or ``rediss://...`` without a password in it (it would show
-    in process listings and logs; use --store-password-file)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise InvalidInputError(f"--store must be 'memory' or redis://host:port/db (rediss:// for TLS), got {url!r}")
-    if parts.password:
-        raise InvalidInputError("--store must not contain a password: it would show in process listings and "
-                                "logs; put it in a file and pass --store-password-file")
-    return url
 
 
 def redacted(url: str) -> str:

@@ -143,11 +143,11 @@ def _guarded(method):
         try:
             return method(self, *args, **kwargs)
         except _UNAVAILABLE as exc:
-            raise UnavailableError(f"the store (redis at {self.location}) is unavailable: {exc}; retry "
+            raise UnavailableError(f"the store {self.location} is unavailable: {exc}; retry "
                                    "later") from None
         except ResponseError as exc:
             if str(exc).startswith(("MISCONF", "LOADING", "READONLY", "OOM")):
-                raise UnavailableError(f"the store (redis at {self.location}) refused the write: {exc}; retry "
+                raise UnavailableError(f"the store {self.location} refused the write: {exc}; retry "
                                        "later") from None
             raise
 
@@ -651,7 +651,7 @@ class RedisSequenceStore:
                 raise UnavailableError(f"sequence {entry.sequence_id!r} is being written through another replica "
                                        f"for more than {LOCK_SECONDS:.0f}s; retry")
         except _UNAVAILABLE as exc:
-            raise UnavailableError(f"the store (redis at {self.location}) is unavailable: {exc}; retry later") from None
+            raise UnavailableError(f"the store {self.location} is unavailable: {exc}; retry later") from None
         try:
             if self._lookup(entry.tenant, entry.sequence_id, touch=False, entry=entry) is not entry:
                 raise NotFoundError(f"sequence {entry.sequence_id!r} not found (deleted or evicted meanwhile)")
@@ -683,7 +683,7 @@ class RedisSequenceStore:
                     return result
                 except WatchError:
                     continue
-        raise UnavailableError(f"the store (redis at {self.location}) is too busy: {MAX_ATTEMPTS} attempts of a "
+        raise UnavailableError(f"the store {self.location} is too busy: {MAX_ATTEMPTS} attempts of a "
                                "write lost to concurrent writes; retry")
 
     def _plan(self, pipe, books: _Books, tenant: str, needed: int, freed: int, protect: str, what: str) -> list:
@@ -750,7 +750,7 @@ class RedisSequenceStore:
         try:
             return command(self._redis)
         except _UNAVAILABLE as exc:
-            raise UnavailableError(f"the store (redis at {self.location}) is unavailable: {exc}; retry later") from None
+            raise UnavailableError(f"the store {self.location} is unavailable: {exc}; retry later") from None
 
     @staticmethod
     def _meta(member: str) -> str:

@@ -1,6 +1,6 @@
-"""A real ``redis-server`` (Debian's package) on loopback for the Redis backend's tests:
-its own temp directory and free port, AOF persistence with ``appendfsync always``, stopped
-(or killed) by the test."""
+"""A real ``redis-server`` (Debian's package) on loopback for the Redis backend's tests: the
+shipped deploy/redis/redis.conf (AOF, ``appendfsync always``, ``noeviction``) with its own
+temp directory and free port, stopped (or killed) by the test."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 REDIS_SERVER = shutil.which("redis-server")
+#: the configuration deploy/ ships: the tests run with its durability settings
+REDIS_CONF = Path(__file__).resolve().parent.parent / "deploy" / "redis" / "redis.conf"
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (scripts/test.sh "
                                  "installs Debian's redis-server as root)")
 
@@ -25,8 +27,8 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """``redis-server`` with the durability settings of deploy/redis/redis.conf; restart it
-    on the same port and directory to check what persisted."""
+    """``redis-server`` with deploy/redis/redis.conf; restart it on the same port and
+    directory to check what persisted."""
 
     def __init__(self, folder: Path, password: str | None = None) -> None:
         self.folder = folder
@@ -37,9 +39,8 @@ class RedisProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisProcess:
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-                "--logfile", str(self.folder / "redis.log")]
+        args = [REDIS_SERVER, str(REDIS_CONF), "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                str(self.folder), "--daemonize", "no", "--logfile", str(self.folder / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

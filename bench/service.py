@@ -5,6 +5,7 @@ compression off (fp16 passthrough profile).
     python bench/service.py                       # starts its own server on 127.0.0.1 (CPU)
     python bench/service.py --tokens 4096 --layers 4 --device auto
     python bench/service.py --address host:port   # an already running server (no auth)
+    python bench/service.py --part stores         # memory store vs Redis store, 1 and 3 replicas
 
 Keys are synthetic post-RoPE keys with a nearly low-rank pre-RoPE form (shape of
 SmolLM2-135M: 3 KV heads x 64, 9 query heads). Stored bytes do not depend on the values
@@ -16,13 +17,17 @@ wall times of one call (gRPC round trip included); p50/p99 over the iterations.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import torch
 from svdq_client import KVCacheClient, Profile, Sparsity
@@ -48,13 +53,14 @@ def synthetic_cache(layers: int, tokens: int, seed: int = 0) -> tuple[torch.Tens
     return keys, values
 
 
-def start_server(device: str, torch_threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(device: str, torch_threads: int, *extra_args: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "svdq_server.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING", "--torch-threads", str(torch_threads)],
+         "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING", "--torch-threads", str(torch_threads),
+         "--drain-seconds", "0", "--grace-seconds", "0", *extra_args],
         env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -109,6 +115,135 @@ def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches
     return rows
 
 
+# -- store backends: memory vs Redis, one and several replicas ------------------------------------
+
+def redis_process(folder: Path):
+    """A redis-server with deploy/redis/redis.conf (AOF, appendfsync always): the tests' helper."""
+    spec = importlib.util.spec_from_file_location("redis_process", Path(__file__).parents[1] / "tests" / "redis_process.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.REDIS_SERVER is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    return module.RedisProcess(folder).start()
+
+
+def attend_throughput(addresses: list[str], sequences: list[str], layers: int, batch: int, seconds: float,
+                      clients_per_replica: int) -> float:
+    """Attend calls per second of ``clients_per_replica`` client threads per replica, each
+    calling its replica back to back with batches over its own warm sequence."""
+    queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3)).half()
+    counts = []
+    start = threading.Barrier(len(addresses) * clients_per_replica + 1)
+    stop = threading.Event()
+
+    def worker(address, sequence):
+        entries = [(sequence, index % layers) for index in range(batch)]
+        done = 0
+        with KVCacheClient(address, timeout=600) as client:
+            client.attend(queries, entries)  # warm
+            start.wait()
+            while not stop.is_set():
+                client.attend(queries, entries)
+                done += 1
+        counts.append(done)
+
+    threads = [threading.Thread(target=worker, args=(address, sequences[index * clients_per_replica + client]))
+               for index, address in enumerate(addresses) for client in range(clients_per_replica)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - began)
+
+
+def bench_stores(args) -> None:
+    """Rows side by side in one run: memory store (1 server), Redis store with 1 and 3
+    replicas; then aggregate Attend throughput of 2 Redis replicas against 1."""
+    keys, values = synthetic_cache(args.layers, args.tokens)
+    profile = Profile("bench-svdq", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=CodecConfig(method="svdq"))
+    key_mb = keys.numel() * 2 / 1e6
+    batch = 8
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        redis = redis_process(Path(folder) / "redis")
+        processes = []
+        try:
+            for name, store, replicas in (("memory store, 1 server", "memory", 1),
+                                          ("redis store, 1 replica", redis.url, 1),
+                                          ("redis store, 3 replicas", redis.url, 3)):
+                started = [start_server(args.device, 1, "--store", store) for _ in range(replicas)]
+                processes += [process for process, _ in started]
+                addresses = [address for _, address in started]
+                clients = [KVCacheClient(address, timeout=600) for address in addresses]
+                clients[0].register_profile(profile, replace=True)
+                upload_seconds, cold, warm = [], [], []
+                queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).half()
+                for repeat in range(args.repeats):
+                    sequence = f"store-bench-{repeat}-{uuid.uuid4().hex[:6]}"
+                    began = time.perf_counter()
+                    clients[0].upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
+                                      key_space="post_rope")
+                    upload_seconds.append(time.perf_counter() - began)
+                    entries = [(sequence, index % args.layers) for index in range(batch)]
+                    # cold: the first Attend on each replica (with several: one that never saw the
+                    # sequence and loads it from Redis); warm: the same call again
+                    for client in clients[1:] or clients:
+                        began = time.perf_counter()
+                        client.attend(queries, entries)
+                        cold.append(time.perf_counter() - began)
+                        for _ in range(max(1, args.iterations // (args.repeats * len(clients[1:] or clients)))):
+                            began = time.perf_counter()
+                            client.attend(queries, entries)
+                            warm.append(time.perf_counter() - began)
+                    print(f"# {name} {repeat}: upload {upload_seconds[-1]:.2f} s, cold {1e3 * cold[-1]:.0f} ms",
+                          file=sys.stderr, flush=True)
+                rows[name] = (key_mb / statistics.median(upload_seconds), statistics.median(cold),
+                              percentile(cold, 0.99), statistics.median(warm), percentile(warm, 0.99), len(cold),
+                              len(warm))
+                for client in clients:
+                    client.close()
+                for process, _ in started:
+                    process.terminate()
+                    process.wait(timeout=60)
+            # aggregate throughput: the same Redis, 1 replica vs 2 (one torch thread each)
+            started = [start_server(args.device, 1, "--store", redis.url) for _ in range(2)]
+            processes += [process for process, _ in started]
+            addresses = [address for _, address in started]
+            with KVCacheClient(addresses[0], timeout=600) as client:
+                client.register_profile(profile, replace=True)
+                sequences = [f"throughput-{index}" for index in range(4)]
+                for sequence in sequences:
+                    client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
+                                  key_space="post_rope", replace=True)
+            one = attend_throughput(addresses[:1], sequences, args.layers, batch, args.seconds, 2)
+            two = attend_throughput(addresses, sequences, args.layers, batch, args.seconds, 2)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+            redis.kill()
+    print(f"store backends on loopback (device {args.device}, server --torch-threads 1), {args.layers} layers x "
+          f"{args.tokens} tokens x {KV_HEADS} KV heads x {HEAD_DIM}, svdq 1.5 b/e, values 16-bit; keys in: "
+          f"{key_mb:.1f} MB fp16; Redis {redis.url.split('/')[2]} with deploy/redis/redis.conf (appendfsync always); "
+          f"Attend batch {batch}, dense; upload median of {args.repeats}\n")
+    print("| store | upload MB/s | Attend cold p50 ms | cold p99 ms | cold n | Attend warm p50 ms | warm p99 ms | warm n |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, (mb_s, cold50, cold99, warm50, warm99, cold_n, warm_n) in rows.items():
+        print(f"| {name} | {mb_s:.1f} | {1e3 * cold50:.1f} | {1e3 * cold99:.1f} | {cold_n} | {1e3 * warm50:.1f} | "
+              f"{1e3 * warm99:.1f} | {warm_n} |")
+    base = rows["memory store, 1 server"]
+    print("\nratios vs the memory store (median; >1 is slower): " + "; ".join(
+        f"{name}: upload time {base[0] / row[0]:.2f}x, cold {row[1] / base[1]:.2f}x, warm {row[3] / base[3]:.2f}x"
+        for name, row in rows.items() if row is not base))
+    print(f"\naggregate Attend throughput, redis store, 2 client threads per replica, {args.seconds:.0f} s each: "
+          f"1 replica {one:.1f} calls/s, 2 replicas {two:.1f} calls/s = {two / one:.2f}x "
+          f"(machine: {os.cpu_count()} cores, shared with other jobs)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="use a running server instead of starting one")
@@ -118,7 +253,13 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=60, help="Attend calls at batch 1 (fewer at larger batches)")
     parser.add_argument("--repeats", type=int, default=3, help="uploads per profile (median reported)")
+    parser.add_argument("--part", choices=("codecs", "stores"), default="codecs",
+                        help="codecs: svdq vs fp16 passthrough on one server; stores: memory vs Redis store backends")
+    parser.add_argument("--seconds", type=float, default=20.0, help="--part stores: seconds per throughput run")
     args = parser.parse_args(argv)
+    if args.part == "stores":
+        bench_stores(args)
+        return
 
     process = None
     address = args.address

@@ -46,6 +46,7 @@ import functools
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import replace
@@ -87,6 +88,9 @@ MAX_ATTEMPTS = 64
 LOCK_SECONDS = 30.0
 #: owner of the operator's profiles (--profiles-file): each replica loads its own file
 OPERATOR = ""
+#: a replica records a use of a sequence in the LRU order at most this often: the record is a
+#: write, and with ``appendfsync always`` every write waits for a disk flush (a read does not)
+TOUCH_SECONDS = 1.0
 
 _TOUCH = """
 local last = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -321,6 +325,7 @@ class RedisSequenceStore:
         self._cache_lock = threading.Lock()
         self._profiles: dict[str, Profile] = {}
         self._profile_map = _Profiles(self)
+        self._touched: dict[str, float] = {}
 
     # -- the StoreBackend interface ------------------------------------------------------------
 
@@ -527,6 +532,13 @@ class RedisSequenceStore:
         """The sequence at its latest version: the cached entry (or ``entry``, brought up to
         date in place) when there is one, else loaded; None when it is absent or expired."""
         member = _member(tenant, sequence_id)
+        if touch:
+            now = time.monotonic()
+            touch = now - self._touched.get(member, -TOUCH_SECONDS) >= TOUCH_SECONDS
+            if touch:
+                if len(self._touched) > 100_000:
+                    self._touched.clear()
+                self._touched[member] = now
         answer = self._touch(keys=[f"{PREFIX}:lru", self._meta(member)],
                              args=[member, self.ttl_seconds, 1 if touch else 0])
         if answer is None:

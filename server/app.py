@@ -147,7 +147,7 @@ class SvdqServer:
 
     def _warm_up(self) -> None:
         """One small upload, attention and delete through the engine, off the books."""
-        from svdq_client.types import Profile
+        from svdq.api.types import Profile
 
         profile = Profile("warmup", 1, 1, 64)
         generator = torch.Generator().manual_seed(0)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from svdq_client.types import Profile
 
+from svdq.api.types import Profile
 from svdq.codec import Basis
 from svdq.errors import InvalidInputError
 

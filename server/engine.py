@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from svdq_client.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
-from svdq_client.wire import all_finite
 
 from svdq import __version__
+from svdq.api.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
+from svdq.api.wire import all_finite
 from svdq.attention import SparsityConfig
 from svdq.attention import attend as attend_compressed
 from svdq.codec import CodecConfig, CompressedKeys, compress, decompress, relative_error

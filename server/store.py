@@ -36,8 +36,8 @@ from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
-from svdq_client.types import Profile
 
+from svdq.api.types import Profile
 from svdq.codec import CompressedKeys, append
 from svdq.errors import InvalidInputError, NotFoundError, ResourceExhaustedError, UnavailableError
 from svdq.values import append_values

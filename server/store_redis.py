@@ -58,10 +58,10 @@ import torch
 from redis.exceptions import BusyLoadingError, LockError, ReadOnlyError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from svdq_client.types import Profile
-from svdq_client.wire import optional_tensor_from_pb, tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
+from svdq.api.types import Profile
+from svdq.api.wire import optional_tensor_from_pb, tensor_from_pb, tensor_to_pb
 from svdq.errors import InvalidInputError, NotFoundError, UnavailableError
 from svdq.format import from_bytes, to_bytes
 from svdq.values import values_from_bytes, values_to_bytes

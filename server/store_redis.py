@@ -14,12 +14,13 @@ Layout, with ``m = "<len(tenant)>:<tenant>:<sequence_id>"`` (unambiguous for any
                                last_append, log_len, log_bytes; per layer the blobs k<i> (svdq.format)
                                and v<i> (svdq.values), CRC-checked, as written at base_version.
                                Versions are store-wide commit numbers: never reused, even when a
-                               sequence is deleted and uploaded again
+                               sequence is deleted and uploaded again, or Redis lost its data
     svdq:log:<m>       list    the appends since base_version (svdq.v1.AppendRequest messages)
     svdq:lock:<m>      string  the writer lock of the sequence (redis-py Lock)
     svdq:lru           zset    m -> last access in Redis server time (LRU eviction and TTL)
     svdq:seqbytes      hash    m -> charged bytes (eviction candidates without reading metadata)
-    svdq:totals        hash    bytes, key_bytes, fp16_keys, fp16_values, sequences, evictions, commits
+    svdq:totals        hash    bytes, key_bytes, fp16_keys, fp16_values, sequences, evictions, and
+                               commits: the version of the latest write
     svdq:tenant_bytes  hash    tenant -> bytes, only tenants that store something (the share count)
     svdq:tenant:<t>    hash    fp16, sequences, evictions of one tenant
     svdq:profiles      hash    "<len(owner)>:<owner>:<name>" -> profile digest (tenant profiles)
@@ -165,8 +166,11 @@ class _Books:
         self.tenant_bytes = {key.decode(): int(value) for key, value in pipe.hgetall(f"{PREFIX}:tenant_bytes").items()}
         stored, commits = pipe.hmget(f"{PREFIX}:totals", "bytes", "commits")
         self.stored_bytes = int(stored or 0)
-        #: the version this transaction's write gets: one more than the last commit
-        self.version = int(commits or 0) + 1
+        seconds, microseconds = pipe.time()
+        #: the version this transaction's write gets: above the last commit's, and at least Redis's
+        #: clock in microseconds, so that versions are not reused even if Redis lost its data
+        #: (a replica's cached copy of a lost sequence can never match a new one)
+        self.version = max(int(commits or 0) + 1, seconds * 1_000_000 + microseconds)
         self._totals: dict[str, int] = {}
         self._tenants: dict[str, dict[str, int]] = {}
 
@@ -195,7 +199,7 @@ class _Books:
     def queue(self, pipe) -> None:
         """Queue the changes (after ``pipe.multi()``); ``commits`` changes on every write, so
         the ``WATCH`` on the totals makes any two writers conflict."""
-        pipe.hincrby(f"{PREFIX}:totals", "commits", 1)
+        pipe.hset(f"{PREFIX}:totals", "commits", self.version)
         for name, delta in self._totals.items():
             if delta:
                 pipe.hincrby(f"{PREFIX}:totals", name, delta)

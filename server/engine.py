@@ -515,8 +515,12 @@ class Engine:
             raise InvalidInputError(f"scale must be a positive finite number, got {scale}")
         keys: list[CompressedKeys] = []
         values: list[CompressedValues] = []
+        # One store lookup per sequence: a shared store answers each with a round trip.
+        looked_up: dict[str, StoredSequence] = {}
         for index, (sequence_id, layer) in enumerate(entries):
-            stored = self.store.get(tenant, sequence_id)
+            stored = looked_up.get(sequence_id)
+            if stored is None:
+                stored = looked_up[sequence_id] = self.store.get(tenant, sequence_id)
             profile = stored.profile
             self._check_layer(profile, layer, f"entries[{index}].layer")
             if queries.shape[2] != profile.head_dim or queries.shape[1] % profile.kv_heads:

@@ -42,6 +42,12 @@ class _StoreCollector:
 
     def collect(self):
         store = self.engine.store
+        # Replicas of one shared store all report its figures: dashboards join on this to
+        # count each store once (max by store), not once per replica.
+        info = GaugeMetricFamily("svdq_store_info", "The store this server uses (always 1): backend and store, "
+                                 "the same for every replica sharing it.", labels=["backend", "store"])
+        info.add_metric([store.backend, store.store_id], 1)
+        yield info
         try:
             totals = store.totals()
         except UnavailableError:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -277,6 +279,8 @@ class StoreBackend(Protocol):
     """
 
     backend: str
+    #: one name per store, the same on every replica that shares it (metrics count it once)
+    store_id: str
     policy: StorePolicy
     budget_bytes: int
     eviction: str
@@ -323,6 +327,8 @@ class SequenceStore:
         self.eviction = eviction
         self.ttl_seconds = ttl_seconds
         self.observe = observe
+        # This process's memory: a store of its own (a shared backend names its location).
+        self.store_id = f"memory:{socket.gethostname()}:{os.getpid()}"
         self._on_evict = on_evict
         self._clock = clock
         self._lock = threading.Lock()

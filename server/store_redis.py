@@ -310,6 +310,7 @@ class RedisSequenceStore:
                  observe: Callable[[str, float, bool], None] | None = None) -> None:
         check_store_url(url)
         self.location = redacted(url)
+        self.store_id = self.location
         self.policy = policy
         self.budget_bytes = policy.budget_bytes
         self.eviction = policy.eviction

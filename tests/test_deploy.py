@@ -701,3 +701,25 @@ def test_dashboard_panels_have_units_legends_and_profile_filter():
     for topic in ("compression ratio", "bits per element", "fp16", "sequences", "evictions", "request rate",
                   "p99", "errors by code", "key bytes read", "reconstruction error", "device memory"):
         assert topic in titles, f"no panel about {topic}"
+
+
+def test_dashboard_counts_a_shared_store_once(tmp_path):
+    # Two replicas a and b share one Redis store and both report its 5 sequences; c is a server
+    # with its own memory store holding 3. The overview counts 8, not 13.
+    queries = {title: expr for title, expr in dashboard_queries()}
+    series = {"a": ("redis", "redis://redis:6379/0", 5), "b": ("redis", "redis://redis:6379/0", 5),
+              "c": ("memory", "memory:c:1", 3)}
+    lines = []
+    for instance, (backend, store, sequences) in series.items():
+        lines += [f"      - series: 'svdq_store_info{{job=\"svdq\",instance=\"{instance}\",backend=\"{backend}\","
+                  f"store=\"{store}\"}}'", "        values: '1x5'",
+                  f"      - series: 'svdq_sequences{{job=\"svdq\",instance=\"{instance}\"}}'",
+                  f"        values: '{sequences}x5'"]
+    test = tmp_path / "store_once_test.yml"
+    test.write_text("tests:\n  - interval: 1m\n    input_series:\n" + "\n".join(lines) + "\n"
+                    "    promql_expr_test:\n      - expr: " + json.dumps(render_grafana_query(queries["Sequences stored"]))
+                    + "\n        eval_time: 2m\n        exp_samples:\n          - labels: '{}'\n            value: 8\n")
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus (scripts/test.sh does it)"
+    result = subprocess.run([promtool, "test", "rules", str(test)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"

@@ -136,7 +136,10 @@ def test_ttl_expires_for_every_replica(redis_server):
 def test_any_replica_serves_any_sequence_byte_identical(redis_server):
     first, second = engines(redis_server)
     keys, values = cache()
-    first.upload("t", UploadHeader("s", "tiny", "u1", 100, "pre_rope", False, True), keys, values)
+    header = UploadHeader("s", "tiny", "u1", 100, "pre_rope", False, True)
+    first.upload("t", header, keys, values)
+    # the same upload retried through another replica (its answer was lost) is recognised
+    assert second.begin_upload("t", header).num_tokens == 100
     expected = 100
     for step in range(LOG_MAX_APPENDS + 5):  # past the log limit: the layers are rewritten once
         engine = (first, second)[step % 2]

@@ -48,6 +48,7 @@ import hashlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import replace
@@ -329,6 +330,7 @@ class RedisSequenceStore:
         self.cache_limit = cache_bytes
         self._cache_lock = threading.Lock()
         self._profiles: dict[str, Profile] = {}
+        self._messages: weakref.WeakKeyDictionary[Profile, tuple[str, bytes]] = weakref.WeakKeyDictionary()
         self._profile_map = _Profiles(self)
         self._touched: dict[str, float] = {}
 
@@ -376,13 +378,17 @@ class RedisSequenceStore:
         state = entry.state
         charge = self._charge(entry.tenant, entry.profile, state)
         fields = {"tenant": entry.tenant, "sequence_id": entry.sequence_id,
-                  "profile": self._save_profile(entry.profile), "key_space": entry.key_space,
+                  "profile": self._profile_message(entry.profile)[0], "key_space": entry.key_space,
                   "upload_id": entry.upload_id, "tokens": state.num_tokens,
                   "last_append": _encode_last_append(state.last_append), "log_len": 0, "log_bytes": 0,
                   **{name: charge[name] for name in _CHARGE_FIELDS}, **self._blobs(state)}
 
+        digest, profile_message = self._profile_message(entry.profile)
+
         def build(pipe):
             old = self._read_charge(pipe, member)
+            # the sequence's profile is committed with it (sent only when Redis lacks it)
+            profile_missing = not pipe.exists(f"{PREFIX}:profile:{digest}")
             books = _Books(pipe)
             freed = old["nbytes"] if (old is not None and replace) else 0
             victims = self._plan(pipe, books, entry.tenant, state.nbytes, freed, member,
@@ -392,6 +398,8 @@ class RedisSequenceStore:
             evicted = self._queue_evictions(pipe, books, victims)
             if old is not None:
                 self._queue_removal(pipe, books, member, old)
+            if profile_missing:
+                pipe.set(f"{PREFIX}:profile:{digest}", profile_message)
             pipe.delete(self._meta(member), self._log(member))
             pipe.hset(self._meta(member), mapping={**fields, "version": books.version, "base_version": books.version})
             pipe.zadd(f"{PREFIX}:lru", {member: now})
@@ -805,13 +813,19 @@ class RedisSequenceStore:
             blobs[f"v{layer}"] = values_to_bytes(values)
         return blobs
 
+    def _profile_message(self, profile: Profile) -> tuple[str, bytes]:
+        """(digest, serialized Profile) of ``profile``, computed once per object."""
+        known = self._messages.get(profile)
+        if known is None:
+            message = profile.to_pb().SerializeToString(deterministic=True)
+            known = self._messages[profile] = (hashlib.sha256(message).hexdigest()[:32], message)
+            self._profiles.setdefault(known[0], profile)
+        return known
+
     def _save_profile(self, profile: Profile) -> str:
         """Store ``profile`` under its digest (idempotent); returns the digest."""
-        message = profile.to_pb().SerializeToString(deterministic=True)
-        digest = hashlib.sha256(message).hexdigest()[:32]
-        if digest not in self._profiles:
-            self._call(lambda r: r.set(f"{PREFIX}:profile:{digest}", message, nx=True))
-            self._profiles[digest] = profile
+        digest, message = self._profile_message(profile)
+        self._call(lambda r: r.set(f"{PREFIX}:profile:{digest}", message, nx=True))
         return digest
 
     def _profile(self, digest: str) -> Profile:

@@ -161,90 +161,98 @@ def attend_throughput(addresses: list[str], sequences: list[str], layers: int, b
 
 
 def bench_stores(args) -> None:
-    """Rows side by side in one run: memory store (1 server), Redis store with 1 and 3
-    replicas; then aggregate Attend throughput of 2 Redis replicas against 1."""
+    """Rows side by side: a memory-store server, one Redis-store replica and three replicas of
+    another Redis store, all running at once and measured in turns (every repeat visits each
+    configuration), so that load from other work on the machine falls on all of them alike;
+    then aggregate Attend throughput of 2 Redis replicas against 1, in alternating rounds."""
     keys, values = synthetic_cache(args.layers, args.tokens)
     profile = Profile("bench-svdq", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=CodecConfig(method="svdq"))
     key_mb = keys.numel() * 2 / 1e6
     batch = 8
-    rows = {}
+    queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).half()
     with tempfile.TemporaryDirectory() as folder:
         redis = redis_process(Path(folder) / "redis")
+        base = redis.url.rsplit("/", 1)[0]
+        # separate Redis databases: the groups share the Redis process, not their data
+        layout = {"memory store, 1 server": ["memory"], "redis store, 1 replica": [f"{base}/1"],
+                  "redis store, 3 replicas": [f"{base}/2"] * 3, "throughput pair": [f"{base}/3"] * 2}
         processes = []
         try:
-            for name, store, replicas in (("memory store, 1 server", "memory", 1),
-                                          ("redis store, 1 replica", redis.url, 1),
-                                          ("redis store, 3 replicas", redis.url, 3)):
-                started = [start_server(args.device, 1, "--store", store) for _ in range(replicas)]
-                processes += [process for process, _ in started]
-                addresses = [address for _, address in started]
-                clients = [KVCacheClient(address, timeout=600) for address in addresses]
-                clients[0].register_profile(profile, replace=True)
-                upload_seconds, cold, warm = [], [], []
-                queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).half()
-                for repeat in range(args.repeats):
+            servers = {}
+            for name, stores in layout.items():
+                servers[name] = [start_server(args.device, 1, "--store", store) for store in stores]
+                processes += [process for process, _ in servers[name]]
+            clients = {name: [KVCacheClient(address, timeout=600) for _, address in started]
+                       for name, started in servers.items()}
+            for group in clients.values():
+                group[0].register_profile(profile, replace=True)
+            samples = {name: {"upload": [], "cold": [], "warm": []} for name in layout if name != "throughput pair"}
+            for repeat in range(args.repeats):
+                for name, measured in samples.items():
+                    group = clients[name]
                     sequence = f"store-bench-{repeat}-{uuid.uuid4().hex[:6]}"
                     began = time.perf_counter()
-                    clients[0].upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
-                                      key_space="post_rope")
-                    upload_seconds.append(time.perf_counter() - began)
+                    group[0].upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
+                                    key_space="post_rope")
+                    measured["upload"].append(time.perf_counter() - began)
                     entries = [(sequence, index % args.layers) for index in range(batch)]
-                    # cold: the first Attend on each replica (with several: one that never saw the
-                    # sequence and loads it from Redis); warm: the same call again
-                    for client in clients[1:] or clients:
+                    # cold: the first Attend on a replica (with several: ones that never saw the
+                    # sequence and load it from Redis); warm: the same call again there
+                    for client in group[1:] or group:
                         began = time.perf_counter()
                         client.attend(queries, entries)
-                        cold.append(time.perf_counter() - began)
-                        for _ in range(max(1, args.iterations // (args.repeats * len(clients[1:] or clients)))):
+                        measured["cold"].append(time.perf_counter() - began)
+                        for _ in range(max(1, args.iterations // (args.repeats * len(group[1:] or group)))):
                             began = time.perf_counter()
                             client.attend(queries, entries)
-                            warm.append(time.perf_counter() - began)
-                    print(f"# {name} {repeat}: upload {upload_seconds[-1]:.2f} s, cold {1e3 * cold[-1]:.0f} ms",
-                          file=sys.stderr, flush=True)
-                rows[name] = (key_mb / statistics.median(upload_seconds), statistics.median(cold),
-                              percentile(cold, 0.99), statistics.median(warm), percentile(warm, 0.99), len(cold),
-                              len(warm))
-                for client in clients:
+                            measured["warm"].append(time.perf_counter() - began)
+                    print(f"# {name} {repeat}: upload {measured['upload'][-1]:.2f} s, cold "
+                          f"{1e3 * measured['cold'][-1]:.0f} ms", file=sys.stderr, flush=True)
+            # aggregate throughput over one Redis store: 1 replica vs 2, one torch thread each,
+            # alternating rounds; the ratio is the median of the rounds' ratios
+            pair = [address for _, address in servers["throughput pair"]]
+            sequences = [f"throughput-{index}" for index in range(2)]
+            for sequence in sequences:
+                clients["throughput pair"][0].upload(sequence, profile.name, keys, values, replace=True,
+                                                     positions=torch.arange(args.tokens), key_space="post_rope")
+            rounds = []
+            for _ in range(args.rounds):
+                one = attend_throughput(pair[:1], sequences, args.layers, batch, args.seconds, 1)
+                two = attend_throughput(pair, sequences, args.layers, batch, args.seconds, 1)
+                rounds.append((one, two))
+                print(f"# throughput round: 1 replica {one:.1f}/s, 2 replicas {two:.1f}/s", file=sys.stderr, flush=True)
+            for group in clients.values():
+                for client in group:
                     client.close()
-                for process, _ in started:
-                    process.terminate()
-                    process.wait(timeout=60)
-            # aggregate throughput: the same Redis, 1 replica vs 2 (one torch thread each)
-            started = [start_server(args.device, 1, "--store", redis.url) for _ in range(2)]
-            processes += [process for process, _ in started]
-            addresses = [address for _, address in started]
-            with KVCacheClient(addresses[0], timeout=600) as client:
-                client.register_profile(profile, replace=True)
-                sequences = [f"throughput-{index}" for index in range(4)]
-                for sequence in sequences:
-                    client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
-                                  key_space="post_rope", replace=True)
-            # One client per replica, calling back to back: one Attend in flight per replica, so one
-            # replica uses one core (a second client would run a second call in its thread pool).
-            one = attend_throughput(addresses[:1], sequences, args.layers, batch, args.seconds, 1)
-            two = attend_throughput(addresses, sequences, args.layers, batch, args.seconds, 1)
         finally:
             for process in processes:
                 if process.poll() is None:
                     process.kill()
             redis.kill()
-    print(f"store backends on loopback (device {args.device}, server --torch-threads 1), {args.layers} layers x "
+    print(f"store backends on loopback (device {args.device}, every server --torch-threads 1), {args.layers} layers x "
           f"{args.tokens} tokens x {KV_HEADS} KV heads x {HEAD_DIM}, svdq 1.5 b/e, values 16-bit; keys in: "
-          f"{key_mb:.1f} MB fp16; Redis {redis.url.split('/')[2]} with deploy/redis/redis.conf (appendfsync always); "
-          f"Attend batch {batch}, dense; upload median of {args.repeats}\n")
+          f"{key_mb:.1f} MB fp16; one redis-server with deploy/redis/redis.conf (appendfsync always); Attend batch "
+          f"{batch}, dense; {args.repeats} uploads per row, configurations measured in turns\n")
     print("| store | upload MB/s | Attend cold p50 ms | cold p99 ms | cold n | Attend warm p50 ms | warm p99 ms | warm n |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, (mb_s, cold50, cold99, warm50, warm99, cold_n, warm_n) in rows.items():
-        print(f"| {name} | {mb_s:.1f} | {1e3 * cold50:.1f} | {1e3 * cold99:.1f} | {cold_n} | {1e3 * warm50:.1f} | "
-              f"{1e3 * warm99:.1f} | {warm_n} |")
-    base = rows["memory store, 1 server"]
-    print("\nratios vs the memory store (median; >1 is slower): " + "; ".join(
-        f"{name}: upload time {base[0] / row[0]:.2f}x, cold {row[1] / base[1]:.2f}x, warm {row[3] / base[3]:.2f}x"
-        for name, row in rows.items() if row is not base))
-    print(f"\naggregate Attend throughput, redis store, one client calling each replica back to back, "
-          f"{args.seconds:.0f} s each: "
-          f"1 replica {one:.1f} calls/s, 2 replicas {two:.1f} calls/s = {two / one:.2f}x "
-          f"(machine: {os.cpu_count()} cores, shared with other jobs)")
+    rows = {}
+    for name, measured in samples.items():
+        cold, warm = measured["cold"], measured["warm"]
+        rows[name] = (key_mb / statistics.median(measured["upload"]), statistics.median(cold), statistics.median(warm))
+        print(f"| {name} | {rows[name][0]:.1f} | {1e3 * rows[name][1]:.1f} | {1e3 * percentile(cold, 0.99):.1f} | "
+              f"{len(cold)} | {1e3 * rows[name][2]:.1f} | {1e3 * percentile(warm, 0.99):.1f} | {len(warm)} |")
+    memory = rows["memory store, 1 server"]
+    print("\nratios vs the memory store (medians; >1 is slower): " + "; ".join(
+        f"{name}: upload time {memory[0] / row[0]:.2f}x, cold {row[1] / memory[1]:.2f}x, warm {row[2] / memory[2]:.2f}x"
+        for name, row in rows.items() if row is not memory))
+    ratios = [two / one for one, two in rounds]
+    print(f"\naggregate Attend throughput over one Redis store, one client calling each replica back to back, "
+          f"{len(rounds)} alternating rounds of {args.seconds:.0f} s: 1 replica "
+          f"{statistics.median(one for one, _ in rounds):.1f} calls/s, 2 replicas "
+          f"{statistics.median(two for _, two in rounds):.1f} calls/s; ratio per round "
+          f"{', '.join(f'{ratio:.2f}' for ratio in ratios)}, median {statistics.median(ratios):.2f}x "
+          f"(machine: {os.cpu_count()} cores, shared with other jobs; load average before: "
+          f"{', '.join(f'{load:.1f}' for load in os.getloadavg())})")
 
 
 def main(argv=None) -> None:
@@ -258,7 +266,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="uploads per profile (median reported)")
     parser.add_argument("--part", choices=("codecs", "stores"), default="codecs",
                         help="codecs: svdq vs fp16 passthrough on one server; stores: memory vs Redis store backends")
-    parser.add_argument("--seconds", type=float, default=20.0, help="--part stores: seconds per throughput run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="--part stores: seconds per throughput run")
+    parser.add_argument("--rounds", type=int, default=3, help="--part stores: alternating 1-vs-2-replica rounds")
     args = parser.parse_args(argv)
     if args.part == "stores":
         bench_stores(args)

@@ -168,6 +168,8 @@ class _Books:
         stored, commits = pipe.hmget(f"{PREFIX}:totals", "bytes", "commits")
         self.stored_bytes = int(stored or 0)
         seconds, microseconds = pipe.time()
+        #: Redis's clock: the time of the uses this write records in the LRU order
+        self.now = seconds + microseconds / 1e6
         #: the version this transaction's write gets: above the last commit's, and at least Redis's
         #: clock in microseconds, so that versions are not reused even if Redis lost its data
         #: (a replica's cached copy of a lost sequence can never match a new one)
@@ -377,13 +379,12 @@ class RedisSequenceStore:
         member = _member(entry.tenant, entry.sequence_id)
         state = entry.state
         charge = self._charge(entry.tenant, entry.profile, state)
-        fields = {"tenant": entry.tenant, "sequence_id": entry.sequence_id,
-                  "profile": self._profile_message(entry.profile)[0], "key_space": entry.key_space,
+        digest, profile_message = self._profile_message(entry.profile)
+        fields = {"tenant": entry.tenant, "sequence_id": entry.sequence_id, "profile": digest,
+                  "key_space": entry.key_space,
                   "upload_id": entry.upload_id, "tokens": state.num_tokens,
                   "last_append": _encode_last_append(state.last_append), "log_len": 0, "log_bytes": 0,
                   **{name: charge[name] for name in _CHARGE_FIELDS}, **self._blobs(state)}
-
-        digest, profile_message = self._profile_message(entry.profile)
 
         def build(pipe):
             old = self._read_charge(pipe, member)
@@ -393,7 +394,6 @@ class RedisSequenceStore:
             freed = old["nbytes"] if (old is not None and replace) else 0
             victims = self._plan(pipe, books, entry.tenant, state.nbytes, freed, member,
                                  f"sequence {entry.sequence_id!r}")
-            now = self._now(pipe)
             pipe.multi()
             evicted = self._queue_evictions(pipe, books, victims)
             if old is not None:
@@ -402,7 +402,7 @@ class RedisSequenceStore:
                 pipe.set(f"{PREFIX}:profile:{digest}", profile_message)
             pipe.delete(self._meta(member), self._log(member))
             pipe.hset(self._meta(member), mapping={**fields, "version": books.version, "base_version": books.version})
-            pipe.zadd(f"{PREFIX}:lru", {member: now})
+            pipe.zadd(f"{PREFIX}:lru", {member: books.now})
             pipe.hset(f"{PREFIX}:seqbytes", member, state.nbytes)
             books.charge(charge)
             books.queue(pipe)
@@ -449,7 +449,6 @@ class RedisSequenceStore:
             victims = self._plan(pipe, books, entry.tenant, new_state.nbytes, old["nbytes"], member,
                                  f"sequence {entry.sequence_id!r}")
             compact = record is None or log_len >= LOG_MAX_APPENDS or log_bytes + len(record) > old["nbytes"]
-            now = self._now(pipe)
             pipe.multi()
             evicted = self._queue_evictions(pipe, books, victims)
             version = books.version
@@ -465,7 +464,7 @@ class RedisSequenceStore:
                 fields.update(log_len=log_len + 1, log_bytes=log_bytes + len(record))
                 position = (base_version, log_len + 1)
             pipe.hset(self._meta(member), mapping=fields)
-            pipe.zadd(f"{PREFIX}:lru", {member: now})
+            pipe.zadd(f"{PREFIX}:lru", {member: books.now})
             pipe.hset(f"{PREFIX}:seqbytes", member, new_state.nbytes)
             books.uncharge(old)
             books.charge(charge)

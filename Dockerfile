@@ -7,7 +7,7 @@
 #   docker run --gpus all -p 50051:50051 -p 9464:9464 svdq:gpu
 # CPU variant (laptops, CI, CPU-only nodes): a plain Ubuntu base and the CPU build of torch.
 #   docker build -t svdq:cpu --build-arg BASE_IMAGE=ubuntu:24.04 \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg EXTRAS= .
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg EXTRAS=redis .
 #   docker run -p 50051:50051 -p 9464:9464 -e SVDQ_DEVICE=cpu svdq:cpu
 # Both variants use the same Ubuntu release, so the virtual environment built in the first
 # stage runs unchanged on the second.
@@ -31,8 +31,9 @@ FROM python-base AS builder
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 # The version the project is tested with.
 ARG TORCH_VERSION=2.13.0
-# pyproject extras to install: "gpu" brings the Triton kernels; empty for the CPU variant.
-ARG EXTRAS=gpu
+# pyproject extras to install: "gpu" brings the Triton kernels, "redis" the Redis store client
+# (--store redis://...); "redis" alone for the CPU variant.
+ARG EXTRAS="gpu redis"
 # Offline or proxied builds only (scripts/build_image.sh): a CA bundle and a local wheel
 # directory, both bind-mounted into the build; empty by default, and ARGs never reach the image.
 ARG PIP_CERT=

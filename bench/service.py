@@ -5,6 +5,7 @@ compression off (fp16 passthrough profile).
     python bench/service.py                       # starts its own server on 127.0.0.1 (CPU)
     python bench/service.py --tokens 4096 --layers 4 --device auto
     python bench/service.py --address host:port   # an already running server (no auth)
+    python bench/service.py --part stores         # memory store vs Redis store, 1 and 3 replicas
 
 Keys are synthetic post-RoPE keys with a nearly low-rank pre-RoPE form (shape of
 SmolLM2-135M: 3 KV heads x 64, 9 query heads). Stored bytes do not depend on the values
@@ -16,13 +17,17 @@ wall times of one call (gRPC round trip included); p50/p99 over the iterations.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import torch
 from svdq_client import KVCacheClient, Profile, Sparsity
@@ -48,13 +53,14 @@ def synthetic_cache(layers: int, tokens: int, seed: int = 0) -> tuple[torch.Tens
     return keys, values
 
 
-def start_server(device: str, torch_threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(device: str, torch_threads: int, *extra_args: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "svdq_server.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING", "--torch-threads", str(torch_threads)],
+         "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING", "--torch-threads", str(torch_threads),
+         "--drain-seconds", "0", "--grace-seconds", "0", *extra_args],
         env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -109,6 +115,146 @@ def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches
     return rows
 
 
+# -- store backends: memory vs Redis, one and several replicas ------------------------------------
+
+def redis_process(folder: Path):
+    """A redis-server with deploy/redis/redis.conf (AOF, appendfsync always): the tests' helper."""
+    spec = importlib.util.spec_from_file_location("redis_process", Path(__file__).parents[1] / "tests" / "redis_process.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.REDIS_SERVER is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    return module.RedisProcess(folder).start()
+
+
+def attend_throughput(addresses: list[str], sequences: list[str], layers: int, batch: int, seconds: float,
+                      clients_per_replica: int) -> float:
+    """Attend calls per second of ``clients_per_replica`` client threads per replica, each
+    calling its replica back to back with batches over its own warm sequence."""
+    queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3)).half()
+    counts = []
+    start = threading.Barrier(len(addresses) * clients_per_replica + 1)
+    stop = threading.Event()
+
+    def worker(address, sequence):
+        entries = [(sequence, index % layers) for index in range(batch)]
+        done = 0
+        with KVCacheClient(address, timeout=600) as client:
+            client.attend(queries, entries)  # warm
+            start.wait()
+            while not stop.is_set():
+                client.attend(queries, entries)
+                done += 1
+        counts.append(done)
+
+    threads = [threading.Thread(target=worker, args=(address, sequences[index * clients_per_replica + client]))
+               for index, address in enumerate(addresses) for client in range(clients_per_replica)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - began)
+
+
+def bench_stores(args) -> None:
+    """Rows side by side: a memory-store server, one Redis-store replica and three replicas of
+    another Redis store, all running at once and measured in turns (every repeat visits each
+    configuration), so that load from other work on the machine falls on all of them alike;
+    then aggregate Attend throughput of 2 Redis replicas against 1, in alternating rounds."""
+    keys, values = synthetic_cache(args.layers, args.tokens)
+    profile = Profile("bench-svdq", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=CodecConfig(method="svdq"))
+    key_mb = keys.numel() * 2 / 1e6
+    batch = 8
+    queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).half()
+    with tempfile.TemporaryDirectory() as folder:
+        redis = redis_process(Path(folder) / "redis")
+        base = redis.url.rsplit("/", 1)[0]
+        # separate Redis databases: the groups share the Redis process, not their data
+        layout = {"memory store, 1 server": ["memory"], "redis store, 1 replica": [f"{base}/1"],
+                  "redis store, 3 replicas": [f"{base}/2"] * 3, "throughput pair": [f"{base}/3"] * 2}
+        processes = []
+        try:
+            servers = {}
+            for name, stores in layout.items():
+                servers[name] = [start_server(args.device, 1, "--store", store) for store in stores]
+                processes += [process for process, _ in servers[name]]
+            clients = {name: [KVCacheClient(address, timeout=600) for _, address in started]
+                       for name, started in servers.items()}
+            for group in clients.values():
+                group[0].register_profile(profile, replace=True)
+            samples = {name: {"upload": [], "cold": [], "warm": []} for name in layout if name != "throughput pair"}
+            for repeat in range(args.repeats):
+                for name, measured in samples.items():
+                    group = clients[name]
+                    sequence = f"store-bench-{repeat}-{uuid.uuid4().hex[:6]}"
+                    began = time.perf_counter()
+                    group[0].upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
+                                    key_space="post_rope")
+                    measured["upload"].append(time.perf_counter() - began)
+                    entries = [(sequence, index % args.layers) for index in range(batch)]
+                    # cold: the first Attend on a replica (with several: ones that never saw the
+                    # sequence and load it from Redis); warm: the same call again there
+                    for client in group[1:] or group:
+                        began = time.perf_counter()
+                        client.attend(queries, entries)
+                        measured["cold"].append(time.perf_counter() - began)
+                        for _ in range(max(1, args.iterations // (args.repeats * len(group[1:] or group)))):
+                            began = time.perf_counter()
+                            client.attend(queries, entries)
+                            measured["warm"].append(time.perf_counter() - began)
+                    print(f"# {name} {repeat}: upload {measured['upload'][-1]:.2f} s, cold "
+                          f"{1e3 * measured['cold'][-1]:.0f} ms", file=sys.stderr, flush=True)
+            # aggregate throughput over one Redis store: 1 replica vs 2, one torch thread each,
+            # alternating rounds; the ratio is the median of the rounds' ratios
+            pair = [address for _, address in servers["throughput pair"]]
+            sequences = [f"throughput-{index}" for index in range(2)]
+            for sequence in sequences:
+                clients["throughput pair"][0].upload(sequence, profile.name, keys, values, replace=True,
+                                                     positions=torch.arange(args.tokens), key_space="post_rope")
+            rounds = []
+            for _ in range(args.rounds):
+                one = attend_throughput(pair[:1], sequences, args.layers, batch, args.seconds, 1)
+                two = attend_throughput(pair, sequences, args.layers, batch, args.seconds, 1)
+                rounds.append((one, two))
+                print(f"# throughput round: 1 replica {one:.1f}/s, 2 replicas {two:.1f}/s", file=sys.stderr, flush=True)
+            for group in clients.values():
+                for client in group:
+                    client.close()
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+            redis.kill()
+    print(f"store backends on loopback (device {args.device}, every server --torch-threads 1), {args.layers} layers x "
+          f"{args.tokens} tokens x {KV_HEADS} KV heads x {HEAD_DIM}, svdq 1.5 b/e, values 16-bit; keys in: "
+          f"{key_mb:.1f} MB fp16; one redis-server with deploy/redis/redis.conf (appendfsync always); Attend batch "
+          f"{batch}, dense; {args.repeats} uploads per row, configurations measured in turns\n")
+    print("| store | upload MB/s | Attend cold p50 ms | cold p99 ms | cold n | Attend warm p50 ms | warm p99 ms | warm n |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = {}
+    for name, measured in samples.items():
+        cold, warm = measured["cold"], measured["warm"]
+        rows[name] = (key_mb / statistics.median(measured["upload"]), statistics.median(cold), statistics.median(warm))
+        print(f"| {name} | {rows[name][0]:.1f} | {1e3 * rows[name][1]:.1f} | {1e3 * percentile(cold, 0.99):.1f} | "
+              f"{len(cold)} | {1e3 * rows[name][2]:.1f} | {1e3 * percentile(warm, 0.99):.1f} | {len(warm)} |")
+    memory = rows["memory store, 1 server"]
+    print("\nratios vs the memory store (medians; >1 is slower): " + "; ".join(
+        f"{name}: upload time {memory[0] / row[0]:.2f}x, cold {row[1] / memory[1]:.2f}x, warm {row[2] / memory[2]:.2f}x"
+        for name, row in rows.items() if row is not memory))
+    ratios = [two / one for one, two in rounds]
+    print(f"\naggregate Attend throughput over one Redis store, one client calling each replica back to back, "
+          f"{len(rounds)} alternating rounds of {args.seconds:.0f} s: 1 replica "
+          f"{statistics.median(one for one, _ in rounds):.1f} calls/s, 2 replicas "
+          f"{statistics.median(two for _, two in rounds):.1f} calls/s; ratio per round "
+          f"{', '.join(f'{ratio:.2f}' for ratio in ratios)}, median {statistics.median(ratios):.2f}x "
+          f"(machine: {os.cpu_count()} cores, shared with other jobs; load average before: "
+          f"{', '.join(f'{load:.1f}' for load in os.getloadavg())})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="use a running server instead of starting one")
@@ -118,7 +264,14 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=60, help="Attend calls at batch 1 (fewer at larger batches)")
     parser.add_argument("--repeats", type=int, default=3, help="uploads per profile (median reported)")
+    parser.add_argument("--part", choices=("codecs", "stores"), default="codecs",
+                        help="codecs: svdq vs fp16 passthrough on one server; stores: memory vs Redis store backends")
+    parser.add_argument("--seconds", type=float, default=10.0, help="--part stores: seconds per throughput run")
+    parser.add_argument("--rounds", type=int, default=3, help="--part stores: alternating 1-vs-2-replica rounds")
     args = parser.parse_args(argv)
+    if args.part == "stores":
+        bench_stores(args)
+        return
 
     process = None
     address = args.address

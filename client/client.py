@@ -8,7 +8,10 @@ failures raise the typed errors of :mod:`svdq_client.errors` with the server's m
 
 from __future__ import annotations
 
+import bisect
 import functools
+import hashlib
+import itertools
 import logging
 import math
 import random
@@ -21,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import Message
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
@@ -119,6 +123,19 @@ def channel_settings(token: str | None, root_certificates, client_certificate, c
         log.debug("sending a bearer token over a plaintext channel")
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return credentials, options, metadata
+
+
+def replica_addresses(address) -> list[str]:
+    """``[host:port, ...]`` from one address or a list of distinct replica addresses."""
+    addresses = [address] if isinstance(address, str) else address
+    if (isinstance(addresses, (bytes, Path)) or not isinstance(addresses, Sequence) or not addresses
+            or not all(isinstance(item, str) and item for item in addresses)):
+        raise InvalidInputError(f"address must be 'host:port' or a non-empty list of them, got {abbreviate(address)}",
+                                grpc.StatusCode.INVALID_ARGUMENT)
+    if len(set(addresses)) != len(addresses):
+        raise InvalidInputError(f"the replica addresses must be distinct, got {list(addresses)}",
+                                grpc.StatusCode.INVALID_ARGUMENT)
+    return list(addresses)
 
 
 # -- arguments: checked and put in wire form before anything is sent ------------------------
@@ -433,13 +450,112 @@ def profile_request(profile: Profile, replace: bool) -> pb.RegisterProfileReques
     return pb.RegisterProfileRequest(profile=profile.to_pb(), replace=replace)
 
 
+# -- several replicas: consistent hashing with failover --------------------------------------
+
+#: points per replica on the hash ring: evens out the sequences each replica owns
+RING_POINTS = 128
+#: seconds a replica that answered UNAVAILABLE is passed over before it gets traffic again
+REPLICA_COOLDOWN_SECONDS = 5.0
+
+
+def _ring_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def routing_key(request) -> str:
+    """The sequence a request is about (the first entry's for Attend); ``""`` for none."""
+    if isinstance(request, pb.AttendRequest):
+        return request.entries[0].sequence_id if request.entries else ""
+    return getattr(request, "sequence_id", "")
+
+
+class ReplicaRouter:
+    """Stands in for the stub over several replicas (all behind one shared store, e.g.
+    ``svdq-server --store redis://...``): each call goes to the replica that owns its
+    sequence id on a consistent-hash ring, so a sequence stays in one replica's cache while
+    that replica is healthy, and adding or removing a replica moves only ~1/N of the
+    sequences. A replica that answers UNAVAILABLE is passed over for
+    :data:`REPLICA_COOLDOWN_SECONDS`, so the client's retry goes to the next replica on the ring.
+    """
+
+    def __init__(self, addresses: Sequence[str], channels: Sequence[grpc.Channel],
+                 cooldown: float = REPLICA_COOLDOWN_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.addresses = list(addresses)
+        self._stubs = [pb_grpc.KVCacheStub(channel) for channel in channels]
+        self._ring = sorted((_ring_hash(f"{address}#{point}"), index) for index, address in enumerate(self.addresses)
+                            for point in range(RING_POINTS))
+        self._hashes = [point for point, _ in self._ring]
+        self._down_until = [0.0] * len(self.addresses)
+        self._cooldown = cooldown
+        self._clock = clock
+
+    def order(self, key: str) -> list[int]:
+        """Replica indices in ring order from ``key``'s owner: the failover order."""
+        start = bisect.bisect(self._hashes, _ring_hash(key))
+        order: list[int] = []
+        for offset in range(len(self._ring)):
+            index = self._ring[(start + offset) % len(self._ring)][1]
+            if index not in order:
+                order.append(index)
+                if len(order) == len(self.addresses):
+                    break
+        return order
+
+    def choose(self, key: str) -> int:
+        """The first replica in ``key``'s order that is not cooling down (the owner if all are)."""
+        order = self.order(key)
+        now = self._clock()
+        return next((index for index in order if self._down_until[index] <= now), order[0])
+
+    def mark_down(self, index: int) -> None:
+        self._down_until[index] = self._clock() + self._cooldown
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def call(request, **kwargs):
+            if not isinstance(request, Message):  # a request stream (Upload): its first message names the sequence
+                stream = iter(request)
+                first = next(stream, None)
+                key = first.sequence_id if first is not None else ""
+                request = itertools.chain([first], stream) if first is not None else iter(())
+            else:
+                key = routing_key(request)
+            index = self.choose(key)
+            try:
+                answer = getattr(self._stubs[index], method)(request, **kwargs)
+            except grpc.RpcError as error:
+                self._note(index, error)
+                raise
+            if isinstance(answer, Message):
+                return answer
+            return self._watched(index, answer)
+
+        return call
+
+    def _note(self, index: int, error: grpc.RpcError) -> None:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            log.info("replica %s answered UNAVAILABLE; failing over for %.0fs", self.addresses[index], self._cooldown)
+            self.mark_down(index)
+
+    def _watched(self, index: int, stream):
+        try:
+            yield from stream
+        except grpc.RpcError as error:
+            self._note(index, error)
+            raise
+
+
 # -- the synchronous client ---------------------------------------------------------------
 
 class KVCacheClient:
     """Blocking client of ``svdq.v1.KVCache`` (see docs/service.md for the semantics).
 
     Args:
-        address: ``host:port`` of the server.
+        address: ``host:port`` of the server, or a list of replicas that share one store
+            (``svdq-server --store redis://...``): calls are routed by sequence id with
+            consistent hashing and fail over to the next replica (:class:`ReplicaRouter`).
         token: bearer token of the caller's tenant.
         root_certificates: PEM bytes or path of the CA that signed the server certificate;
             turns TLS on (``tls=True`` without it uses the system roots).
@@ -451,7 +567,7 @@ class KVCacheClient:
         max_message_bytes: channel message size limit both ways.
     """
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051", *, token: str | None = None,
                  root_certificates: bytes | str | Path | None = None,
                  client_certificate: bytes | str | Path | None = None, client_key: bytes | str | Path | None = None,
                  server_name: str | None = None, tls: bool | None = None, timeout: float = 30.0, retries: int = 3,
@@ -459,11 +575,16 @@ class KVCacheClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         credentials, options, self._metadata = channel_settings(
             token, root_certificates, client_certificate, client_key, server_name, tls, max_message_bytes)
+        addresses = replica_addresses(address)
         if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=options)
+            self._channels = [grpc.insecure_channel(target, options=options) for target in addresses]
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
-        self._stub = pb_grpc.KVCacheStub(self._channel)
+            self._channels = [grpc.secure_channel(target, credentials, options=options) for target in addresses]
+        self._channel = self._channels[0]
+        if len(addresses) == 1:
+            self._stub = pb_grpc.KVCacheStub(self._channel)
+        else:
+            self._stub = ReplicaRouter(addresses, self._channels)
         self.address = address
         self.timeout = timeout
         self.retry = RetryPolicy(retries, backoff, max_backoff)
@@ -471,7 +592,8 @@ class KVCacheClient:
         self._tokens: dict[str, int] = {}  # last known token count per sequence, for ordered appends
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> KVCacheClient:
         return self

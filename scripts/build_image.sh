@@ -36,7 +36,7 @@ if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
   rm -rf "$root"
 fi
 
-build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "EXTRAS=")
+build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "EXTRAS=redis")
 pip_setting() { python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:.]*$1='\(.*\)'$/\1/p" | head -n 1; }
 cert=$(pip_setting cert)
 if [ -n "$cert" ] && [ -f "$cert" ]; then

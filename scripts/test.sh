@@ -14,6 +14,15 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   fi
 fi
 
+# redis-server backs the Redis store's tests (tests/test_store_redis*.py, tests/test_replicas*.py).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "note: redis-server not installed and no root apt-get; the Redis store tests are skipped" >&2
+  fi
+fi
+
 # buildah and debootstrap build and run the CPU image for tests/test_image.py (scripts/build_image.sh).
 if ! command -v buildah >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

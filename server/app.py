@@ -6,6 +6,10 @@ kernel compilation), then health SERVING and ``svdq_ready 1``. On stop: health
 NOT_SERVING while calls are still served for ``drain_seconds`` (load balancers and probes
 see it and stop routing here before the port closes), then no new calls, and in-flight
 calls get ``grace_seconds`` to finish.
+
+With a shared store (``--store redis://...``) health also follows the store: every
+``store_check_seconds`` the server pings it, turns NOT_SERVING while it does not answer (calls
+then fail with UNAVAILABLE anyway) and SERVING again when it does.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from grpc_reflection.v1alpha import reflection
 from svdq_proto.svdq.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 from svdq import __version__
+from svdq.errors import UnavailableError
 
 from .auth import TokenAuthenticator
 from .config import Settings, load_profiles
-from .engine import Engine, UploadHeader
+from .engine import Engine, UploadHeader, resolve_device
 from .interceptors import ServiceInterceptor
 from .metrics import Metrics
 from .servicer import KVCacheServicer
+from .store import StorePolicy, open_store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +99,9 @@ class SvdqServer:
         self.metrics = Metrics()
         self.authenticator = TokenAuthenticator.from_sources(settings.tokens_file, environ.get("SVDQ_TOKENS"))
         engine_config = replace(settings.engine_config(), tenant_quotas=self.authenticator.quotas)
-        self.engine = Engine(engine_config, load_profiles(settings.profiles_file), metrics=self.metrics)
+        self.store = open_store_from(settings, engine_config, self.metrics)
+        self.engine = Engine(engine_config, load_profiles(settings.profiles_file), metrics=self.metrics,
+                             store=self.store)
         self.metrics.bind_engine(self.engine, __version__)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="svdq-engine")
         self.health = None
@@ -102,6 +110,7 @@ class SvdqServer:
         self.metrics_port = 0
         self._stopped: asyncio.Event | None = None
         self._stopping = False
+        self._store_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         # grpc.aio objects bind to the running event loop, so they are made here.
@@ -133,9 +142,16 @@ class SvdqServer:
         except BaseException:
             await self.stop(grace=0, drain=0)
             raise
-        await self._set_serving(True)
+        store_up = await asyncio.get_running_loop().run_in_executor(self.executor, self._store_answers)
+        await self._set_serving(store_up is None)
+        if self.store.backend != "memory":
+            if store_up is not None:
+                log.warning(json.dumps({"event": "store down", "store": store_description(self.settings),
+                                        "error": store_up}))
+            self._store_watch = asyncio.create_task(self._watch_store(store_up is None))
         log.info(json.dumps({
             "event": "serving", "address": f"{self.settings.host}:{self.port}", "device": str(self.engine.device),
+            "store": store_description(self.settings),
             "tls": credentials is not None, "mutual_tls": bool(self.settings.tls_client_ca),
             "tenants": len(self.authenticator.tenants) if self.authenticator.enabled else "auth off",
             "metrics_port": self.metrics_port or "off", "torch_threads": torch.get_num_threads(), "warmup_ms": round(1e3 * (time.perf_counter() - started), 1),
@@ -144,7 +160,7 @@ class SvdqServer:
 
     def _warm_up(self) -> None:
         """One small upload, attention and delete through the engine, off the books."""
-        from svdq_client.types import Profile
+        from svdq.api.types import Profile
 
         profile = Profile("warmup", 1, 1, 64)
         generator = torch.Generator().manual_seed(0)
@@ -154,6 +170,29 @@ class SvdqServer:
                         [profile])
         engine.upload(WARMUP_TENANT, header, keys, keys)
         engine.attend(WARMUP_TENANT, [("warmup", 0)], torch.randn(1, 1, 64, generator=generator).to(self.engine.device))
+
+    def _store_answers(self) -> str | None:
+        """None when the store answers, else what is wrong."""
+        try:
+            self.store.ping()
+        except UnavailableError as exc:
+            return str(exc)
+        return None
+
+    async def _watch_store(self, serving: bool) -> None:
+        """Health follows the store backend: NOT_SERVING while it does not answer."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            await asyncio.sleep(self.settings.store_check_seconds)
+            try:
+                problem = await loop.run_in_executor(self.executor, self._store_answers)
+            except RuntimeError:  # the executor shut down: the server is stopping
+                return
+            if (problem is None) != serving and not self._stopping:
+                serving = problem is None
+                await self._set_serving(serving)
+                log.warning(json.dumps({"event": "store up" if serving else "store down", "store":
+                                        store_description(self.settings), **({"error": problem} if problem else {})}))
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -172,18 +211,44 @@ class SvdqServer:
         grace = self.settings.grace_seconds if grace is None else grace
         drain = self.settings.drain_seconds if drain is None else drain
         log.info(json.dumps({"event": "stopping", "drain_seconds": drain, "grace_seconds": grace}))
+        if self._store_watch is not None:
+            self._store_watch.cancel()
         await self._set_serving(False)
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(grace)
         self.metrics.shutdown()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
         self._stopped.set()
         log.info(json.dumps({"event": "stopped"}))
 
     async def wait(self) -> None:
         if self._stopped is not None:
             await self._stopped.wait()
+
+
+def open_store_from(settings: Settings, engine_config, metrics: Metrics):
+    """The store backend the settings name, with the engine's limits and device."""
+    policy = StorePolicy(engine_config.store_bytes, engine_config.eviction, engine_config.ttl_seconds,
+                         engine_config.tenant_quotas or {}, engine_config.tenant_quota_bytes or None)
+    options = {}
+    if settings.store != "memory":
+        from .store_redis import read_password
+
+        options = {"password": read_password(settings.store_password_file), "tls_ca": settings.store_tls_ca,
+                   "cache_bytes": settings.store_cache_bytes, "timeout": settings.store_timeout_seconds}
+    return open_store(settings.store, policy, device=resolve_device(settings.device), on_evict=metrics.evicted,
+                      observe=metrics.store_operation, **options)
+
+
+def store_description(settings: Settings) -> str:
+    """The store for logs: never a password (none is allowed in the URL)."""
+    if settings.store == "memory":
+        return "memory"
+    from .store_redis import redacted
+
+    return redacted(settings.store)
 
 
 class JsonFormatter(logging.Formatter):

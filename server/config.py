@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from svdq_client.types import Profile
 
+from svdq.api.types import Profile
 from svdq.codec import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORK_BYTES, Basis
 from svdq.errors import InvalidInputError
 
@@ -31,7 +31,7 @@ from .engine import (
     DEVICES,
     EngineConfig,
 )
-from .store import EVICTION_POLICIES
+from .store import EVICTION_POLICIES, check_store_url
 
 ENV_PREFIX = "SVDQ_"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -96,6 +96,12 @@ class Settings:
     tenant_quota_bytes: int = 0
     reflection: bool = True
     drain_seconds: float = 5.0
+    store: str = "memory"
+    store_password_file: str | None = None
+    store_tls_ca: str | None = None
+    store_cache_bytes: int = 1 << 30
+    store_timeout_seconds: float = 10.0
+    store_check_seconds: float = 2.0
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(device=self.device, store_bytes=self.store_bytes, eviction=self.eviction,
@@ -160,6 +166,18 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
      ".proto); 'false' hides the API description from anyone who can connect", {}),
     ("drain-seconds", float, "on SIGTERM, how long health answers NOT_SERVING while calls are still served, so "
      "load balancers and probes stop sending new ones before the listener closes; then --grace-seconds", {}),
+    ("store", str, "where sequences and tenant profiles are stored: 'memory' (this process; lost when it stops) "
+     "or redis://host:port/db (rediss:// with TLS): shared by every replica that names it, acknowledged writes "
+     "survive restarts (with Redis AOF persistence). No password in it: see --store-password-file", {}),
+    ("store-password-file", str, "file holding the Redis password (a Kubernetes/Docker secret)", {}),
+    ("store-tls-ca", str, "PEM CA bundle that signed the Redis server certificate (rediss://); default: system roots",
+     {}),
+    ("store-cache-bytes", parse_bytes, "with a Redis store: serialized bytes of decoded sequences this replica keeps "
+     "in memory (least recently used out; a sequence not kept is loaded from Redis when next served)", {}),
+    ("store-timeout-seconds", float, "with a Redis store: longest wait for one Redis command before the call "
+     "answers UNAVAILABLE", {}),
+    ("store-check-seconds", float, "with a Redis store: how often health checks that Redis answers (NOT_SERVING "
+     "while it does not)", {}),
 )
 
 
@@ -223,6 +241,13 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         problems.append("--tls-cert and --tls-key must be given together")
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if settings.store != "memory":
+        try:
+            check_store_url(settings.store)
+        except InvalidInputError as exc:
+            problems.append(str(exc))
+    if settings.store_timeout_seconds <= 0 or settings.store_check_seconds <= 0 or settings.store_cache_bytes < 0:
+        problems.append("--store-timeout-seconds and --store-check-seconds must be > 0, --store-cache-bytes >= 0")
     if problems:
         parser.error("; ".join(problems))
     return settings

@@ -2,16 +2,16 @@
 
 The servicer stays thin by calling one function here per direction; the API-level types
 (profiles, sequence info, stats) carry their own ``from_pb``/``to_pb`` in
-:mod:`svdq_client.types`, and tensors go through :mod:`svdq_client.wire`.
+:mod:`svdq.api.types`, and tensors go through :mod:`svdq.api.wire`.
 """
 
 from __future__ import annotations
 
 import torch
-from svdq_client.types import check_name, codec_from_pb, key_space_from_pb, rope_from_pb, sparsity_from_pb
-from svdq_client.wire import FLOAT_DTYPES, dtype_from_pb, optional_tensor_from_pb, tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
+from svdq.api.types import check_name, codec_from_pb, key_space_from_pb, rope_from_pb, sparsity_from_pb
+from svdq.api.wire import FLOAT_DTYPES, dtype_from_pb, optional_tensor_from_pb, tensor_from_pb, tensor_to_pb
 from svdq.errors import InvalidInputError
 
 from .engine import FetchPiece, UploadChunkData, UploadHeader
@@ -125,7 +125,7 @@ def attend_args_from_pb(request: pb.AttendRequest) -> dict:
 
 
 def attend_result_to_pb(result) -> pb.AttendResponse:
-    """An :class:`~svdq_client.types.AttendResult` as a response."""
+    """An :class:`~svdq.api.types.AttendResult` as a response."""
     response = pb.AttendResponse()
     tensor_to_pb(result.output, response.output)
     tensor_to_pb(result.lse, response.lse)

@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from svdq_client.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
-from svdq_client.wire import all_finite
 
 from svdq import __version__
+from svdq.api.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
+from svdq.api.wire import all_finite
 from svdq.attention import SparsityConfig
 from svdq.attention import attend as attend_compressed
 from svdq.codec import (
@@ -33,7 +33,6 @@ from svdq.codec import (
     CodecConfig,
     CompressedKeys,
     CostLimits,
-    append,
     check_cost,
     compress,
     decompress,
@@ -43,9 +42,9 @@ from svdq.derived import DERIVED
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.format import from_bytes, to_bytes
 from svdq.rope import RopeConfig
-from svdq.values import CompressedValues, append_values, compress_values, decompress_values
+from svdq.values import CompressedValues, compress_values, decompress_values
 
-from .store import SequenceState, SequenceStore, StoredSequence, fp16_bytes
+from .store import SequenceState, SequenceStore, StoreBackend, StoredSequence, fp16_bytes
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,8 @@ class Engine:
         metrics: optional observer with the methods of :class:`svdq_server.metrics.Metrics`.
     """
 
-    def __init__(self, config: EngineConfig | None = None, profiles: Sequence[Profile] = (), metrics=None) -> None:
+    def __init__(self, config: EngineConfig | None = None, profiles: Sequence[Profile] = (), metrics=None,
+                 store: StoreBackend | None = None) -> None:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         if self.config.attention_cache_bytes is not None:
@@ -207,10 +207,13 @@ class Engine:
                 raise InvalidInputError(f"attention_cache_bytes must be >= 0, got {self.config.attention_cache_bytes}")
             DERIVED.limit_bytes = self.config.attention_cache_bytes
         self.metrics = metrics
-        self.store = SequenceStore(self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
-                                   on_evict=metrics.evicted if metrics is not None else None,
-                                   quotas=self.config.tenant_quotas, default_quota=self.config.tenant_quota_bytes or None)
-        self._profiles: dict[str, Profile] = {}
+        # The store backend (server/store.py) also holds the profiles, so a shared one shares them.
+        self.store = store if store is not None else SequenceStore(
+            self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
+            on_evict=metrics.evicted if metrics is not None else None, quotas=self.config.tenant_quotas,
+            default_quota=self.config.tenant_quota_bytes or None,
+            observe=metrics.store_operation if metrics is not None else None)
+        self._profiles = self.store.profiles()
         self._profiles_lock = threading.Lock()
         self.limits = CostLimits(self.config.max_tokens, self.config.max_channels, self.config.max_work_bytes)
         self.staging_bytes = self.config.staging_bytes if self.config.staging_bytes is not None \
@@ -641,16 +644,8 @@ class Engine:
                     f"sequence {sequence_id!r} would hold {current + new_tokens} tokens, more than --max-tokens "
                     f"{self.config.max_tokens}"
                 )
-            device_keys = keys.to(self.device)
-            device_positions = positions.to(self.device) if positions is not None else None
-            new_keys = tuple(append(layer, device_keys[index], device_positions, limits=self.limits)
-                             for index, layer in enumerate(state.keys))
-            new_values = None
-            if values is not None:
-                device_values = values.to(self.device)
-                new_values = tuple(append_values(layer, device_values[index])
-                                   for index, layer in enumerate(state.values))
-            self.store.update(entry, SequenceState(new_keys, new_values, (current, new_tokens, digest)))
+            self.store.update(entry, state.appended(keys, values, positions, (current, new_tokens, digest),
+                                                    limits=self.limits))
             return current + new_tokens
 
     # -- attention ---------------------------------------------------------------------------
@@ -674,8 +669,12 @@ class Engine:
             raise InvalidInputError(f"scale must be in (0, {MAX_ATTEND_SCALE:g}] (unset: 1/sqrt(head_dim)), got {scale}")
         keys: list[CompressedKeys] = []
         values: list[CompressedValues] = []
+        # One store lookup per sequence: a shared store answers each with a round trip.
+        looked_up: dict[str, StoredSequence] = {}
         for index, (sequence_id, layer) in enumerate(entries):
-            stored = self.store.get(tenant, sequence_id)
+            stored = looked_up.get(sequence_id)
+            if stored is None:
+                stored = looked_up[sequence_id] = self.store.get(tenant, sequence_id)
             profile = stored.profile
             self._check_layer(profile, layer, f"entries[{index}].layer")
             if queries.shape[2] != profile.head_dim or queries.shape[1] % profile.kv_heads:

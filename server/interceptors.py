@@ -24,9 +24,9 @@ import time
 import uuid
 
 import grpc
-from svdq_client.types import abbreviate
 from svdq_proto.svdq.v1 import kvcache_pb2
 
+from svdq.api.types import abbreviate
 from svdq.errors import (
     ConflictError,
     FormatError,

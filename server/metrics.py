@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 
 from svdq.derived import DERIVED
+from svdq.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 TENANT_PROFILE_LABEL = "tenant"
 #: ``profile`` label of Compress calls without a profile
 NO_PROFILE_LABEL = "none"
+#: ``operation`` labels of the store metrics
+STORE_OPERATIONS = ("get", "peek", "insert", "update", "delete")
 
 
 class _StoreCollector:
@@ -39,7 +42,21 @@ class _StoreCollector:
 
     def collect(self):
         store = self.engine.store
-        totals = store.totals()
+        # Replicas of one shared store all report its figures: dashboards join on this to
+        # count each store once (max by store), not once per replica.
+        info = GaugeMetricFamily("svdq_store_info", "The store this server uses (always 1): backend and store, "
+                                 "the same for every replica sharing it.", labels=["backend", "store"])
+        info.add_metric([store.backend, store.store_id], 1)
+        yield info
+        try:
+            totals = store.totals()
+        except UnavailableError:
+            # A shared backend that is down: the scrape still reports that, and the process.
+            backend = GaugeMetricFamily("svdq_store_backend_up", "1 while the store backend answers (memory: "
+                                        "always).", labels=["backend"])
+            backend.add_metric([store.backend], 0)
+            yield backend
+            return
         stored = GaugeMetricFamily("svdq_stored_bytes", "Serialized bytes of stored compressed sequences.",
                                    labels=["kind"])
         stored.add_metric(["keys"], totals["keys"])
@@ -67,6 +84,20 @@ class _StoreCollector:
         limit = DERIVED.limit_bytes
         yield GaugeMetricFamily("svdq_attention_cache_limit_bytes", "Limit of the attention cache "
                                 "(--attention-cache-bytes; -1: none).", value=-1 if limit is None else limit)
+        try:
+            used = store.backend_memory_bytes()
+        except UnavailableError:
+            used = None
+        backend = GaugeMetricFamily("svdq_store_backend_up", "1 while the store backend answers (memory: always).",
+                                    labels=["backend"])
+        backend.add_metric([store.backend], 0 if used is None else 1)
+        yield backend
+        if used is not None:
+            memory = GaugeMetricFamily("svdq_store_backend_memory_bytes", "Memory the store backend uses: Redis "
+                                       "used_memory (all replicas' data), or this process's stored tensors.",
+                                       labels=["backend"])
+            memory.add_metric([store.backend], used)
+            yield memory
 
 
 class Metrics:
@@ -103,6 +134,14 @@ class Metrics:
         self.build_info = Gauge("svdq_build_info", "Version and device of this server (always 1).",
                                 ["version", "device"], registry=registry)
         self.ready = Gauge("svdq_ready", "1 while the server accepts requests.", registry=registry)
+        self.store_duration = Histogram("svdq_store_operation_duration_seconds", "Latency of store backend "
+                                        "operations (get, peek, insert, update, delete).", ["operation"],
+                                        buckets=LATENCY_BUCKETS, registry=registry)
+        self.store_errors = Counter("svdq_store_errors", "Store operations that failed because the backend was "
+                                    "unreachable or refused.", ["operation"], registry=registry)
+        for operation in STORE_OPERATIONS:
+            self.store_duration.labels(operation)
+            self.store_errors.labels(operation)
         for reason in ("lru", "ttl"):
             self.evictions.labels(reason)
         for mode in ("dense", "sparse"):
@@ -154,6 +193,11 @@ class Metrics:
 
     def evicted(self, reason: str) -> None:
         self.evictions.labels(reason).inc()
+
+    def store_operation(self, operation: str, seconds: float, failed: bool) -> None:
+        self.store_duration.labels(operation).observe(seconds)
+        if failed:
+            self.store_errors.labels(operation).inc()
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
         self.rpc_duration.labels(method).observe(seconds)

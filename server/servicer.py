@@ -12,11 +12,11 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from svdq_client.types import Profile
-from svdq_client.wire import tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
+from svdq.api.types import Profile
+from svdq.api.wire import tensor_to_pb
 from svdq.errors import InvalidInputError
 
 from . import convert

@@ -383,7 +383,8 @@ def k8s_resource(kind: str, name: str | None = None) -> dict:
 def test_k8s_manifests_validate_against_the_kubernetes_schemas():
     documents = k8s_documents()
     kinds = {doc["kind"] for _, doc in documents}
-    assert {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "ServiceMonitor"} <= kinds
+    assert {"Namespace", "ConfigMap", "Secret", "Deployment", "Service", "ServiceMonitor", "StatefulSet",
+            "PodDisruptionBudget"} <= kinds
     validated = 0
     for filename, doc in documents:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -474,7 +475,7 @@ def test_example_tokens_load_and_k8s_placeholder_is_refused():
 
 
 def test_service_exposes_the_named_container_ports():
-    service = k8s_resource("Service")
+    service = k8s_resource("Service", "svdq")
     deployment = k8s_resource("Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -486,7 +487,7 @@ def test_service_exposes_the_named_container_ports():
 def test_servicemonitor_selects_the_metrics_port():
     # Structural check of the Prometheus Operator CRD (its schema is not in kubernetes-validate).
     monitor = k8s_resource("ServiceMonitor")
-    service = k8s_resource("Service")
+    service = k8s_resource("Service", "svdq")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
     assert set(monitor["spec"]) <= {"selector", "namespaceSelector", "endpoints", "jobLabel", "targetLabels",
@@ -503,6 +504,53 @@ def test_servicemonitor_selects_the_metrics_port():
         assert duration.match(endpoint["interval"]) and duration.match(endpoint["scrapeTimeout"])
         # The alerts and the dashboard select job="svdq".
         assert {"targetLabel": "job", "replacement": "svdq"} in endpoint["relabelings"]
+
+
+def test_k8s_replicas_share_the_redis_statefulset():
+    deployment = k8s_resource("Deployment")
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no spare GPU needed
+    settings = k8s_resource("ConfigMap", "svdq-settings")["data"]
+    redis_set = k8s_resource("StatefulSet", "svdq-redis")
+    redis_service = k8s_resource("Service", "svdq-redis")
+    assert redis_service["spec"]["clusterIP"] == "None" and redis_set["spec"]["serviceName"] == "svdq-redis"
+    host = f"{redis_set['metadata']['name']}-0.{redis_service['metadata']['name']}.svdq.svc"
+    assert settings["SVDQ_STORE"] == f"redis://{host}:{redis_service['spec']['ports'][0]['port']}/0"
+    pod = redis_set["spec"]["template"]["spec"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == "/data" and redis_set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    command = " ".join(pod["containers"][0]["command"])
+    assert f"{mounts['config']}/redis.conf" in command and "--dir /data" in command
+    # the ConfigMap carries the shipped redis.conf, whose durability settings the tests run with
+    embedded = k8s_resource("ConfigMap", "svdq-redis-config")["data"]["redis.conf"]
+    shipped = (DEPLOY / "redis" / "redis.conf").read_text()
+    assert embedded == shipped, "deploy/k8s/redis.yaml and deploy/redis/redis.conf drifted apart"
+    assert re.search(r"^appendonly yes$", shipped, re.M) and re.search(r"^appendfsync (always|everysec)$", shipped, re.M)
+    assert re.search(r"^maxmemory-policy noeviction$", shipped, re.M)
+    budget = k8s_resource("PodDisruptionBudget", "svdq")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    headless = k8s_resource("Service", "svdq-replicas")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_compose_replicas_share_one_redis():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    for first, second in (("svdq-gpu", "svdq-gpu-2"), ("svdq-cpu", "svdq-cpu-2")):
+        one, two = services[first], services[second]
+        assert one["profiles"] == two["profiles"] and one["image"] == two["image"]
+        assert one["environment"] == two["environment"] and one["command"] == two["command"]
+        assert one["environment"]["SVDQ_STORE"] == "redis://redis:6379/0"
+        assert two["networks"]["default"]["aliases"] == ["svdq-2"]
+        assert {port.split(":")[-2] for port in two["ports"]} == {"50052", "9465"}
+        check_server_settings(two["environment"], two["command"])
+        assert one["environment"]["SVDQ_STORE_PASSWORD_FILE"] == "/run/secrets/redis_password"
+        assert "redis_password" in one["secrets"] and "redis" in one["depends_on"]
+    redis = services["redis"]
+    assert "./redis/redis.conf:/usr/local/etc/redis/redis.conf:ro" in redis["volumes"]
+    assert "/usr/local/etc/redis/redis.conf" in redis["command"][-1] and "redis_password" in redis["secrets"]
+    assert (COMPOSE.parent / re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", compose["secrets"]["redis_password"]["file"])).exists()
 
 
 def test_kustomization_lists_every_manifest():
@@ -560,7 +608,7 @@ def test_compose_file_wires_server_prometheus_and_grafana():
     scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
     targets = [target for job in scrape if job["job_name"] == "svdq" for group in job["static_configs"]
                for target in group["targets"]]
-    assert targets == [f"svdq:{METRICS_PORT}"]
+    assert targets == [f"svdq:{METRICS_PORT}", f"svdq-2:{METRICS_PORT}"]
 
     # Grafana: the provisioned datasource points at the compose Prometheus with the uid the
     # dashboard uses; the dashboard provider reads the folder the dashboards are mounted in.
@@ -653,3 +701,25 @@ def test_dashboard_panels_have_units_legends_and_profile_filter():
     for topic in ("compression ratio", "bits per element", "fp16", "sequences", "evictions", "request rate",
                   "p99", "errors by code", "key bytes read", "reconstruction error", "device memory"):
         assert topic in titles, f"no panel about {topic}"
+
+
+def test_dashboard_counts_a_shared_store_once(tmp_path):
+    # Two replicas a and b share one Redis store and both report its 5 sequences; c is a server
+    # with its own memory store holding 3. The overview counts 8, not 13.
+    queries = {title: expr for title, expr in dashboard_queries()}
+    series = {"a": ("redis", "redis://redis:6379/0", 5), "b": ("redis", "redis://redis:6379/0", 5),
+              "c": ("memory", "memory:c:1", 3)}
+    lines = []
+    for instance, (backend, store, sequences) in series.items():
+        lines += [f"      - series: 'svdq_store_info{{job=\"svdq\",instance=\"{instance}\",backend=\"{backend}\","
+                  f"store=\"{store}\"}}'", "        values: '1x5'",
+                  f"      - series: 'svdq_sequences{{job=\"svdq\",instance=\"{instance}\"}}'",
+                  f"        values: '{sequences}x5'"]
+    test = tmp_path / "store_once_test.yml"
+    test.write_text("tests:\n  - interval: 1m\n    input_series:\n" + "\n".join(lines) + "\n"
+                    "    promql_expr_test:\n      - expr: " + json.dumps(render_grafana_query(queries["Sequences stored"]))
+                    + "\n        eval_time: 2m\n        exp_samples:\n          - labels: '{}'\n            value: 8\n")
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus (scripts/test.sh does it)"
+    result = subprocess.run([promtool, "test", "rules", str(test)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"

@@ -1,0 +1,425 @@
+"""Domain types of the svdq service API, with their protobuf conversions next to them.
+
+Client and server both speak in these types; ``from_pb`` / ``to_pb`` are the only places
+that know the message layout. Validation happens in the constructors, so a bad field is
+rejected the same way whether it came from a config file, a Python caller or the wire.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+
+from svdq.attention import SparsityConfig
+from svdq.codec import Basis, CodecConfig
+from svdq.errors import InvalidInputError
+from svdq.rope import RopeConfig
+from svdq.values import ValueConfig
+
+from .wire import tensor_from_pb, tensor_to_pb
+
+#: longest profile, sequence or upload id
+MAX_NAME_LENGTH = 128
+# Matched with fullmatch: "$" would also match before a trailing newline ("dup\n" beside "dup").
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/-]{{0,{MAX_NAME_LENGTH - 1}}}", re.ASCII)
+NAME_RULE = (f"1-{MAX_NAME_LENGTH} characters of ASCII letters, digits and '._:/-', starting with a letter or digit")
+#: characters of a bad value that an error message quotes
+QUOTE_CHARACTERS = 40
+MAX_LAYERS = 1024
+MAX_KV_HEADS = 256
+MAX_HEAD_DIM = 1024
+KEY_SPACE_TO_PB = {"pre_rope": pb.PRE_ROPE, "post_rope": pb.POST_ROPE}
+KEY_SPACE_FROM_PB = {code: name for name, code in KEY_SPACE_TO_PB.items()}
+
+
+def abbreviate(value: Any, limit: int = QUOTE_CHARACTERS) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters with the full
+    length named: bad input may be megabytes long, and a message must not echo all of it."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def check_name(value: str, field_name: str) -> str:
+    """Validate a profile, sequence or upload id against :data:`NAME_RULE` (the one place
+    that defines them, for client and server alike)."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{field_name} must be a string of {NAME_RULE}; got a {type(value).__name__}")
+    if not NAME_PATTERN.fullmatch(value):
+        raise InvalidInputError(f"{field_name} must be {NAME_RULE}; got {abbreviate(value)}")
+    return value
+
+
+def key_space_from_pb(code: int, field_name: str, default: str | None) -> str | None:
+    """``KeySpace`` enum -> ``"pre_rope"``/``"post_rope"``; unspecified gives ``default``."""
+    if code == pb.KEY_SPACE_UNSPECIFIED:
+        return default
+    try:
+        return KEY_SPACE_FROM_PB[code]
+    except KeyError:
+        raise InvalidInputError(f"{field_name} must be PRE_ROPE or POST_ROPE, got enum value {code}") from None
+
+
+def key_space_to_pb(name: str | None) -> int:
+    """``"pre_rope"``/``"post_rope"``/``None`` -> ``KeySpace`` enum."""
+    if name is None:
+        return pb.KEY_SPACE_UNSPECIFIED
+    try:
+        return KEY_SPACE_TO_PB[name]
+    except KeyError:
+        raise InvalidInputError(f"key_space must be 'pre_rope' or 'post_rope', got {name!r}") from None
+
+
+def rope_to_pb(rope: RopeConfig, out: pb.Rope) -> pb.Rope:
+    """Write a :class:`RopeConfig` into a ``Rope`` message."""
+    out.theta, out.rotary_dim, out.style, out.scaling = rope.theta, rope.rotary_dim, rope.style, rope.scaling
+    out.factor, out.low_freq_factor, out.high_freq_factor = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    out.original_max_position = rope.original_max_position
+    return out
+
+
+def rope_from_pb(message: pb.Rope) -> RopeConfig:
+    """A :class:`RopeConfig` from a ``Rope`` message (validated by RopeConfig itself)."""
+    return RopeConfig(
+        theta=message.theta, rotary_dim=message.rotary_dim, style=message.style or "half",
+        scaling=message.scaling or "none", factor=message.factor or 1.0,
+        low_freq_factor=message.low_freq_factor or 1.0, high_freq_factor=message.high_freq_factor or 4.0,
+        original_max_position=message.original_max_position or 8192,
+    )
+
+
+def codec_to_pb(config: CodecConfig, out: pb.Codec) -> pb.Codec:
+    """Write a :class:`CodecConfig` into a ``Codec`` message."""
+    out.method, out.bits_per_element, out.bits = config.method, config.bits_per_element or 0.0, config.bits
+    out.schedule[:] = list(config.schedule or ())
+    out.group_size, out.num_sinks = config.group_size, config.num_sinks
+    return out
+
+
+def codec_from_pb(message: pb.Codec) -> CodecConfig:
+    """A :class:`CodecConfig` from a ``Codec`` message; zero fields take the codec defaults."""
+    defaults = CodecConfig()
+    return CodecConfig(
+        method=message.method or defaults.method,
+        bits_per_element=message.bits_per_element or None,  # None: the default budget, or the schedule's
+        schedule=tuple(message.schedule) or None,
+        bits=message.bits or defaults.bits,
+        group_size=message.group_size or defaults.group_size,
+        num_sinks=message.num_sinks if message.HasField("num_sinks") else defaults.num_sinks,
+    )
+
+
+def sparsity_to_pb(config: SparsityConfig, out: pb.Sparsity) -> pb.Sparsity:
+    """Write a :class:`SparsityConfig` into a ``Sparsity`` message."""
+    out.keep_fraction, out.chunk_size = config.keep_fraction, config.chunk_size
+    out.num_recent, out.score_channels = config.num_recent, config.score_channels
+    return out
+
+
+def sparsity_from_pb(message: pb.Sparsity) -> SparsityConfig:
+    """A :class:`SparsityConfig` from a ``Sparsity`` message; zero fields take the defaults."""
+    defaults = SparsityConfig()
+    return SparsityConfig(
+        keep_fraction=message.keep_fraction or defaults.keep_fraction,
+        chunk_size=message.chunk_size or defaults.chunk_size,
+        num_recent=message.num_recent if message.HasField("num_recent") else defaults.num_recent,
+        score_channels=message.score_channels or defaults.score_channels,
+    )
+
+
+def codec_to_dict(config: CodecConfig) -> dict[str, Any]:
+    """Plain-dict form of a codec config (profiles files, logs)."""
+    return {"method": config.method, "bits_per_element": config.bits_per_element,
+            "schedule": list(config.schedule) if config.schedule else None, "bits": config.bits,
+            "group_size": config.group_size, "num_sinks": config.num_sinks}
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    """What requests about one model share.
+
+    Attributes:
+        name: profile name requests refer to.
+        num_layers, kv_heads, head_dim: the model's KV cache geometry; every stored sequence
+            has keys [num_layers][tokens, kv_heads, head_dim].
+        rope: the model's RoPE; needed to accept post-RoPE keys and to attend.
+        codec: how keys are compressed (``method="fp16"`` turns compression off).
+        value_bits: ``None`` keeps values 16-bit; 2 or 4 quantizes them per token.
+        value_group_size: values quantization group along head_dim.
+        bases: optional shared calibrated basis per layer (svdq only); blobs then store only
+            the basis fingerprint.
+    """
+
+    name: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    rope: RopeConfig | None = None
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    value_bits: int | None = None
+    value_group_size: int = 64
+    bases: tuple[Basis, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "profile.name")
+        for name, upper in (("num_layers", MAX_LAYERS), ("kv_heads", MAX_KV_HEADS), ("head_dim", MAX_HEAD_DIM)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= upper:
+                raise InvalidInputError(f"profile.{name} must be an integer in 1..{upper}, got {value!r}")
+        if self.head_dim % 2:
+            raise InvalidInputError(f"profile.head_dim must be even, got {self.head_dim}")
+        if self.rope is not None:
+            self.rope.dims(self.head_dim)
+        value_config = self.value_config  # validates bits and group size
+        if value_config.bits is not None and self.head_dim % value_config.group_size:
+            raise InvalidInputError(
+                f"profile.value_group_size {value_config.group_size} must divide head_dim {self.head_dim} "
+                "when values are quantized"
+            )
+        if self.bases is not None:
+            bases = tuple(self.bases)
+            object.__setattr__(self, "bases", bases)
+            if self.codec.method != "svdq":
+                raise InvalidInputError(f"profile.bases only apply to codec method 'svdq', not {self.codec.method!r}")
+            if len(bases) != self.num_layers:
+                raise InvalidInputError(f"profile.bases must hold one basis per layer ({self.num_layers}), got {len(bases)}")
+            channels = self.channels
+            for index, basis in enumerate(bases):
+                if tuple(basis.mean.shape) != (channels,) or tuple(basis.components.shape) != (channels, channels):
+                    raise InvalidInputError(
+                        f"profile.bases[{index}] must have mean [{channels}] and components [{channels}, {channels}], "
+                        f"got {list(basis.mean.shape)} and {list(basis.components.shape)}"
+                    )
+
+    @property
+    def channels(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def value_config(self) -> ValueConfig:
+        try:
+            return ValueConfig(bits=self.value_bits, group_size=self.value_group_size)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"profile.values: {exc}") from None
+
+    def to_pb(self) -> pb.Profile:
+        message = pb.Profile(name=self.name, num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim)
+        if self.rope is not None:
+            rope_to_pb(self.rope, message.rope)
+        codec_to_pb(self.codec, message.codec)
+        message.values.bits = self.value_bits or 0
+        message.values.group_size = self.value_group_size
+        for basis in self.bases or ():
+            layer = message.bases.add()
+            tensor_to_pb(basis.mean.float(), layer.mean)
+            # float16: all the codec ever uses of a basis (and what its fingerprint hashes), half the bytes
+            tensor_to_pb(basis.components.to(torch.float16), layer.components)
+            tensor_to_pb(basis.singular_values.float(), layer.singular_values)
+        return message
+
+    @classmethod
+    def from_pb(cls, message: pb.Profile) -> Profile:
+        bases = None
+        if message.bases:
+            bases = tuple(
+                Basis(
+                    mean=tensor_from_pb(layer.mean, f"profile.bases[{i}].mean", dtypes=(torch.float32,), finite=True),
+                    components=tensor_from_pb(layer.components, f"profile.bases[{i}].components",
+                                              dtypes=(torch.float16, torch.float32), finite=True).float(),
+                    singular_values=tensor_from_pb(layer.singular_values, f"profile.bases[{i}].singular_values",
+                                                   dtypes=(torch.float32,), finite=True),
+                )
+                for i, layer in enumerate(message.bases)
+            )
+        return cls(
+            name=message.name, num_layers=message.num_layers, kv_heads=message.kv_heads, head_dim=message.head_dim,
+            rope=rope_from_pb(message.rope) if message.HasField("rope") else None,
+            codec=codec_from_pb(message.codec), value_bits=message.values.bits or None,
+            value_group_size=message.values.group_size or 64, bases=bases,
+        )
+
+    def same_as(self, other: Profile) -> bool:
+        """Whether two profiles describe the same thing (bases compared byte for byte)."""
+        return self.to_pb().SerializeToString(deterministic=True) == other.to_pb().SerializeToString(deterministic=True)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any], bases: tuple[Basis, ...] | None = None) -> Profile:
+        """A profile from its plain-dict form (profiles file): ``name``, ``num_layers``,
+        ``kv_heads``, ``head_dim``, optional ``rope`` (RopeConfig fields), ``codec``
+        (CodecConfig fields), ``value_bits``, ``value_group_size``."""
+        allowed = {"name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "value_bits",
+                   "value_group_size", "basis_file"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidInputError(f"unknown profile fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+        codec_fields = dict(fields.get("codec") or {})
+        if codec_fields.get("schedule") is not None:
+            codec_fields["schedule"] = tuple(codec_fields["schedule"])
+        try:
+            codec = CodecConfig(**codec_fields)
+        except TypeError as exc:
+            raise InvalidInputError(f"profile {fields.get('name')!r} codec: {exc}") from None
+        rope = RopeConfig.from_dict(fields["rope"]) if fields.get("rope") else None
+        missing = {"name", "num_layers", "kv_heads", "head_dim"} - set(fields)
+        if missing:
+            raise InvalidInputError(f"profile is missing required fields {sorted(missing)}")
+        return cls(name=fields["name"], num_layers=fields["num_layers"], kv_heads=fields["kv_heads"],
+                   head_dim=fields["head_dim"], rope=rope, codec=codec, value_bits=fields.get("value_bits"),
+                   value_group_size=fields.get("value_group_size", 64), bases=bases)
+
+
+@dataclass(frozen=True)
+class BlobStats:
+    """Sizes of one compressed key blob (``nbytes`` is the serialized size, all included)."""
+
+    num_tokens: int
+    nbytes: int
+    fp16_bytes: int
+    bits_per_element: float
+    compression_ratio: float
+    relative_error: float
+
+    def to_pb(self) -> pb.BlobStats:
+        return pb.BlobStats(**self.__dict__)
+
+    @classmethod
+    def from_pb(cls, message: pb.BlobStats) -> BlobStats:
+        return cls(message.num_tokens, message.nbytes, message.fp16_bytes, message.bits_per_element,
+                   message.compression_ratio, message.relative_error)
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """What is stored for one sequence; byte counts are serialized sizes over all layers."""
+
+    sequence_id: str
+    profile: str
+    num_tokens: int
+    num_layers: int
+    key_bytes: int
+    value_bytes: int
+    fp16_key_bytes: int
+    fp16_value_bytes: int
+    key_compression_ratio: float
+    key_bits_per_element: float
+    compression_ratio: float
+    key_space: str
+    has_values: bool
+
+    def to_pb(self) -> pb.SequenceInfo:
+        fields = dict(self.__dict__)
+        fields["key_space"] = key_space_to_pb(self.key_space)
+        return pb.SequenceInfo(**fields)
+
+    @classmethod
+    def from_pb(cls, message: pb.SequenceInfo) -> SequenceInfo:
+        return cls(
+            message.sequence_id, message.profile, message.num_tokens, message.num_layers, message.key_bytes,
+            message.value_bytes, message.fp16_key_bytes, message.fp16_value_bytes, message.key_compression_ratio,
+            message.key_bits_per_element, message.compression_ratio,
+            key_space_from_pb(message.key_space, "key_space", "pre_rope"), message.has_values,
+        )
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The server's device and store budget; occupancy, evictions and quota of the caller's
+    tenant only (``sequences`` equals ``tenant_sequences``; ``tenant_quota_bytes`` 0: none)."""
+
+    version: str
+    device: str
+    store_budget_bytes: int
+    stored_bytes: int
+    stored_fp16_bytes: int
+    sequences: int
+    tenant_sequences: int
+    evictions: int
+    eviction: str
+    ttl_seconds: float
+    profiles: tuple[str, ...]
+    tenant_quota_bytes: int = 0
+
+    def to_pb(self) -> pb.ServerInfo:
+        fields = dict(self.__dict__)
+        fields["profiles"] = list(self.profiles)
+        return pb.ServerInfo(**fields)
+
+    @classmethod
+    def from_pb(cls, message: pb.ServerInfo) -> ServerInfo:
+        return cls(message.version, message.device, message.store_budget_bytes, message.stored_bytes,
+                   message.stored_fp16_bytes, message.sequences, message.tenant_sequences, message.evictions,
+                   message.eviction, message.ttl_seconds, tuple(message.profiles), message.tenant_quota_bytes)
+
+
+@dataclass(frozen=True)
+class AttendStats:
+    """Per-entry bytes and tokens of one attention call (mirrors svdq.attention.AttentionStats)."""
+
+    key_bytes_read: int
+    dense_fp16_key_bytes: int
+    tokens_attended: int
+    tokens_total: int
+
+    def to_pb(self) -> pb.AttendStats:
+        return pb.AttendStats(**self.__dict__)
+
+    @classmethod
+    def from_pb(cls, message: pb.AttendStats) -> AttendStats:
+        return cls(message.key_bytes_read, message.dense_fp16_key_bytes, message.tokens_attended, message.tokens_total)
+
+
+@dataclass
+class AttendResult:
+    """``output`` float32 [B, q_heads, head_dim], ``lse`` float32 [B, q_heads] (natural log),
+    ``stats`` one per entry."""
+
+    output: torch.Tensor
+    lse: torch.Tensor
+    stats: list[AttendStats]
+
+
+@dataclass
+class FetchResult:
+    """Reconstructed cache: ``keys`` and ``values`` [layers, tokens, kv_heads, head_dim]
+    (``values`` is None when not stored or not requested), ``positions`` int64 [tokens]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor | None
+    positions: torch.Tensor
+
+
+@dataclass
+class CompressResult:
+    """``blob``: svdq.format bytes of one layer's keys; ``stats``: its sizes."""
+
+    blob: bytes
+    stats: BlobStats
+
+
+__all__ = [
+    "AttendResult",
+    "AttendStats",
+    "BlobStats",
+    "CompressResult",
+    "FetchResult",
+    "Profile",
+    "SequenceInfo",
+    "ServerInfo",
+    "abbreviate",
+    "check_name",
+    "codec_from_pb",
+    "codec_to_dict",
+    "codec_to_pb",
+    "key_space_from_pb",
+    "key_space_to_pb",
+    "rope_from_pb",
+    "rope_to_pb",
+    "sparsity_from_pb",
+    "sparsity_to_pb",
+]

@@ -159,6 +159,9 @@ def optional_tensor_from_pb(parent, name: str, field: str, **checks) -> torch.Te
 
 __all__ = [
     "FLOAT_DTYPES",
+    "MAX_DIMS",
+    "MAX_DIM_SIZE",
+    "MAX_ELEMENTS",
     "all_finite",
     "dtype_from_pb",
     "dtype_to_pb",

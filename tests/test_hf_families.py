@@ -45,6 +45,7 @@ def test_family_matches_plain_logits_and_offloads_only_full_attention_layers(fam
     backend = RecordingOffload(PASSTHROUGH)
     with torch.no_grad():
         expected = model(input_ids=tokens).logits[0]
+        expected_prefill = model(input_ids=tokens[:, :24]).logits[0]
         enable_offload(model)
         try:
             cache = SvdqOffloadCache(model, backend, window=5, spill_block=3)
@@ -68,8 +69,12 @@ def test_family_matches_plain_logits_and_offloads_only_full_attention_layers(fam
     for index, layer in enumerate(cache.layers):
         if index not in full:  # sliding layers hold their window only
             assert layer.keys.shape[-2] < shape.sliding_window
-    # The prefill is the model's own SDPA attention: float32 rounding only.
-    torch.testing.assert_close(first, expected[:24], atol=1e-5, rtol=0)
+    # The prefill is the model's own SDPA attention: bit for bit the plain model on the same
+    # tokens; transformers runs Gemma 2 with eager attention (float32 rounding apart).
+    if family == "gemma2":
+        torch.testing.assert_close(first, expected_prefill, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(first, expected_prefill)
     # Later tokens read the offloaded prefix, whose keys and values passthrough stores as
     # float16 (relative rounding 2**-11); measured max deviation ~1e-3 at logits std ~0.8.
     torch.testing.assert_close(produced[24:], expected[24:], atol=4e-3, rtol=0)

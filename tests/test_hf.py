@@ -246,15 +246,26 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     """The README's demo end to end on a short context: its own server process, the report."""
     from svdq_client.demo import main
 
-    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "3"]) == 0
-    report = capsys.readouterr().out
+    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "3", "--prefill-chunk", "100"]) == 0
+    captured = capsys.readouterr()
+    report = captured.out
+    # Progress on stderr: every prefill chunk with the tokens done, then the upload.
+    progress = [line.split()[1] for line in captured.err.splitlines() if line.startswith("prefill ")]
+    total = progress[-1].split("/")[1]
+    assert progress == [f"{done}/{total}" for done in (*range(100, int(total), 100), int(total))]
+    assert "upload   done" in captured.err
     assert "server            127.0.0.1:" in report
     stored = next(line for line in report.splitlines() if line.startswith("stored keys"))
     ratio = float(stored.split("= ratio ")[1].split("x")[0])
     bits = float(stored.split(", ")[-1].split(" bits")[0])
     # 16 / bits is the ratio by definition; short prompts pay more for the basis than 1.5 bits.
     assert ratio == pytest.approx(16.0 / bits, rel=1e-2) and 1.0 < bits < 8.0
-    assert "needle            " in report and "time              model load" in report
+    assert "needle            " in report
+    timing = next(line for line in report.splitlines() if line.startswith("time "))
+    assert all(part in timing for part in ("model load", "document prefill", "upload", "answer tokens", "server calls"))
+    wall = next(line for line in report.splitlines() if line.startswith("wall time"))
+    demo_s, plain_s, ratio = float(wall.split()[2]), float(wall.split(" = ")[0].split()[-2]), float(wall.split(" = ")[1][:-1])
+    assert ratio == pytest.approx(demo_s / plain_s, rel=0.06)  # the seconds are printed to 0.1 s
 
 
 @pytest.mark.model

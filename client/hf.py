@@ -790,24 +790,33 @@ def _local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if query.device.type == "cpu":
-        # The fused CPU flash kernel returns the log-sum-exp with the output; it takes an
-        # additive mask in the query's dtype.
-        additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-        additive.masked_fill_(~visible, float("-inf"))
-        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=additive, scale=scale)[:2]
-    else:
-        # No fused op returns the log-sum-exp here: SDPA for the output, the exact log-sum-exp
-        # from the scores in query blocks (local keys are few once a prefix is offloaded).
-        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
-        blocks = []
-        for start in range(0, query.shape[2], _QUERY_BLOCK):
-            scores = torch.matmul(query[:, :, start : start + _QUERY_BLOCK].float(), key.float().transpose(2, 3))
-            scores = (scores * scale).masked_fill(~visible[:, :, start : start + _QUERY_BLOCK], float("-inf"))
-            blocks.append(torch.logsumexp(scores, dim=-1))
-        lse = torch.cat(blocks, dim=-1)
+    attention = _fused_cpu_attention if query.device.type == "cpu" else _sdpa_attention_with_lse
+    output, lse = attention(query, key, value, visible, scale)
     return output.transpose(1, 2).float(), lse.transpose(1, 2).float()
+
+
+def _fused_cpu_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused CPU flash kernel returns the log-sum-exp with the output ([B, H, q, D] and
+    [B, H, q]); it takes an additive mask in the query's dtype."""
+    additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+    additive.masked_fill_(~visible, float("-inf"))
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=additive, scale=scale)[:2]
+    return output, lse
+
+
+def _sdpa_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Off the CPU no public fused op returns the log-sum-exp: SDPA gives the output, the exact
+    log-sum-exp comes from the scores in query blocks (few local keys once a prefix is offloaded)."""
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
+    blocks = []
+    for start in range(0, query.shape[2], _QUERY_BLOCK):
+        scores = torch.matmul(query[:, :, start : start + _QUERY_BLOCK].float(), key.float().transpose(2, 3)) * scale
+        blocks.append(torch.logsumexp(scores.masked_fill(~visible[:, :, start : start + _QUERY_BLOCK], float("-inf")),
+                                      dim=-1))
+    return output, torch.cat(blocks, dim=-1)
 
 
 def svdq_offload_attention(

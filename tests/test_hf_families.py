@@ -132,3 +132,24 @@ def test_gemma3_full_attention_layers_get_their_own_rope():
 def test_unsupported_models_are_refused(config, message):
     with pytest.raises(InvalidInputError, match=message):
         SvdqOffloadCache(config, LocalOffload(PASSTHROUGH))
+
+
+def test_local_attention_off_the_cpu_matches_the_fused_cpu_kernel(monkeypatch):
+    """The two ways of getting the local output and log-sum-exp (fused CPU kernel; SDPA plus
+    exact scores elsewhere) agree, with padding and a causal band, across query blocks."""
+    import math
+
+    import svdq_client.hf as hf
+
+    monkeypatch.setattr(hf, "_QUERY_BLOCK", 3)
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randn(2, 4, 7, 16, generator=generator)
+    key, value = torch.randn(2, 4, 11, 16, generator=generator), torch.randn(2, 4, 11, 16, generator=generator)
+    visible = hf._visible(None, 7, 11, torch.device("cpu")).expand(2, 1, 7, 11).clone()
+    visible[1, :, :, :3] = False  # row 1: three padded slots
+    fused = hf._fused_cpu_attention(query, key, value, visible, 0.25)
+    blocked = hf._sdpa_attention_with_lse(query, key, value, visible, 0.25)
+    scores = (query @ key.transpose(2, 3) * 0.25).masked_fill(~visible, -math.inf)
+    for output, lse in (fused, blocked):
+        torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(output, torch.softmax(scores, -1) @ value, atol=1e-5, rtol=0)

@@ -855,8 +855,9 @@ def svdq_offload_attention(
     query_count = query.shape[2]
     if isinstance(layer, SvdqOffloadLayer) and attention_mask is not None:
         # A query that cannot see itself is padding: keep it out of the backend.
-        columns = torch.arange(query_count, device=query.device) + (key.shape[2] - query_count)
-        own = _visible(attention_mask, query_count, key.shape[2], query.device)[:, 0, torch.arange(query_count), columns]
+        queries = torch.arange(query_count, device=query.device)
+        own = _visible(attention_mask, query_count, key.shape[2], query.device)[
+            :, 0, queries, queries + (key.shape[2] - query_count)]
         layer.valid[:, -query_count:] &= own.expand(layer.valid.shape[0], -1)
     if not rows:
         # Nothing offloaded for any live row (the prefill, or a sliding layer): the model's own SDPA.

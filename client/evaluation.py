@@ -110,35 +110,45 @@ def _attention_modules(model: Any) -> list[Any]:
 
 
 @torch.no_grad()
-def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False) -> PrefixCache:
-    """Run the prefix ``input_ids`` (int64 [1, S]) once through the uncompressed model."""
+def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False, chunk_tokens: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> PrefixCache:
+    """Run the prefix ``input_ids`` (int64 [1, S]) once through the uncompressed model.
+
+    ``chunk_tokens`` runs it in chunks of that many tokens over the growing cache (the same
+    attention, bounded activation memory) and calls ``progress(tokens_done, S)`` after each.
+    """
     from transformers import DynamicCache
 
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[int, list[torch.Tensor]] = {}
     hooks = []
     if capture_pre_rope:
         for index, attention in enumerate(_attention_modules(model)):
             def keep(_module, _inputs, output, index=index):
-                captured[index] = output.detach()
+                captured.setdefault(index, []).append(output.detach())
             hooks.append(attention.k_proj.register_forward_hook(keep))
+    total = input_ids.shape[1]
+    step = chunk_tokens or total
     try:
         cache = DynamicCache(config=model.config)
-        output = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        for start in range(0, total, step):
+            output = model(input_ids=input_ids[:, start : start + step], cache=cache, use_cache=True,
+                           logits_to_keep=1)
+            if progress is not None:
+                progress(min(total, start + step), total)
     finally:
         for hook in hooks:
             hook.remove()
-    cache = output.cache
     keys = [layer.keys[0].transpose(0, 1).float().contiguous() for layer in cache.layers]
     values = [layer.values[0].transpose(0, 1).float().contiguous() for layer in cache.layers]
     pre_rope = None
     if capture_pre_rope:
         shape = keys[0].shape
-        pre_rope = [captured[i][0].reshape(shape).float() for i in range(len(keys))]
+        pre_rope = [torch.cat(captured[i], dim=1)[0].reshape(shape).float() for i in range(len(keys))]
     return PrefixCache(
         input_ids=input_ids,
         keys=keys,
         values=values,
-        positions=torch.arange(input_ids.shape[1], dtype=torch.int64),
+        positions=torch.arange(total, dtype=torch.int64),
         last_logits=output.logits[0, -1].float(),
         pre_rope_keys=pre_rope,
     )

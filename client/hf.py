@@ -6,33 +6,37 @@ A worker enables it in a few lines::
 
     enable_offload(model)                                   # checks the model, switches its attention
     cache = SvdqOffloadCache(model, RemoteOffload(client))  # or LocalOffload(codec=...)
-    output_ids = model.generate(input_ids, cache=cache, max_new_tokens=32, do_sample=False)
-    cache.close()                                           # frees the server-side sequence
+    output_ids = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=32,
+                                do_sample=False, stopping_criteria=[StopFinishedRows(cache, eos_ids)])
+    cache.close()                                           # frees the server-side sequences
 
 How it works, per forward pass of the model:
 
-* :class:`SvdqOffloadCache` is a transformers ``Cache``. Its layers keep only the recent tokens
-  locally (post-RoPE keys and values, exactly as the model produced them). ``update`` appends
-  the new tokens and hands the attention function a reference to the cache through the
-  ``kwargs`` dict that the model passes both to ``cache.update`` and to the attention function.
+* :class:`SvdqOffloadCache` is a transformers ``Cache``. Its full-attention layers keep only
+  the recent tokens locally (post-RoPE keys and values, exactly as the model produced them);
+  sliding-window layers of hybrid models (Gemma 2/3, Qwen2 with ``max_window_layers``) are
+  ordinary sliding-window layers that keep their window and are never offloaded. ``update``
+  hands the attention function a reference to its layer through the ``kwargs`` dict that the
+  model passes both to ``cache.update`` and to the attention function.
 * ``svdq_offload_attention`` (registered in transformers' ``AttentionInterface`` as
-  ``"svdq_offload"``) computes causal attention over the local tokens, asks the offload
-  backend for attention over the offloaded prefix (keys compressed with SVDq, RoPE re-applied
-  inside), and merges the two by log-sum-exp in float32.
+  ``"svdq_offload"``, with the SDPA mask builder) runs transformers' own SDPA attention while
+  nothing is offloaded (the prefill) and on sliding layers. Once a prefix is offloaded it runs
+  the fused CPU flash kernel, which also returns the log-sum-exp, over the local tokens, asks
+  the backend for attention over each row's offloaded prefix in one call per layer, and merges
+  the two by log-sum-exp in float32.
 * After the last layer's attention, tokens beyond the local window move to the backend: the
-  whole prefill prefix at the first forward pass (one upload of every layer), then blocks of
-  ``spill_block`` tokens as decode steps fill the window (one append of every layer).
+  whole prefill prefix at the first forward pass (one upload of every offloaded layer per
+  row), then blocks of ``spill_block`` tokens as decode steps fill the window.
 
-The prefill itself attends over the exact local keys (the worker has them in hand); the
-offloaded, compressed keys serve every later step.
+Batches: every row is its own backend sequence; left padding is honoured through the model's
+attention mask (padding tokens are masked locally and never offloaded); rows that
+:class:`StopFinishedRows` saw finish are no longer attended or stored. Beam search and
+``num_return_sequences`` > 1 raise (the offloaded prefixes cannot be reordered).
 
-Supported model families: those whose attention module applies RoPE itself, passes post-RoPE
-keys to ``cache.update(..., kwargs=kwargs)`` and has plain causal full attention on every
-layer: ``llama`` (tested end to end with SmolLM2), ``mistral``, ``qwen2`` and ``qwen3`` (tested
-with small random models) without sliding windows. Anything else raises
-:class:`svdq.errors.InvalidInputError` instead of generating wrong text. Batch size 1 only;
-greedy or sampled decoding both work, beam search does not (the offloaded prefix cannot be
-reordered).
+Supported model families: :data:`SUPPORTED_MODEL_TYPES`; anything else, RoPE types other than
+default/linear/llama3, attention logit softcapping (Gemma 2 checkpoints) and layer types other
+than full and sliding attention raise :class:`svdq.errors.InvalidInputError` naming what is
+missing.
 """
 
 from __future__ import annotations
@@ -46,13 +50,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers import AttentionInterface, StoppingCriteria
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from svdq.attention import SparsityConfig, attend, merge_attention
 from svdq.codec import Basis, CodecConfig, CompressedKeys, append, compress, fit_layer_basis
 from svdq.errors import InvalidInputError
-from svdq.rope import RopeConfig
+from svdq.rope import RopeConfig, layer_ropes
 from svdq.values import CompressedValues, ValueConfig, append_values, compress_values
 
 LOGGER = logging.getLogger(__name__)
@@ -60,11 +66,18 @@ LOGGER = logging.getLogger(__name__)
 #: Name under which the attention function is registered in transformers' AttentionInterface.
 ATTENTION_NAME = "svdq_offload"
 
-#: ``config.model_type`` values whose attention follows the pattern this integration relies on.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: ``config.model_type`` values whose attention follows the pattern this integration relies on
+#: (RoPE applied in the attention module, post-RoPE keys passed to ``cache.update(...,
+#: kwargs=kwargs)``, the same ``kwargs`` passed to the attention function).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+
+#: Layer types of ``config.layer_types``: full-attention layers are offloaded, sliding ones stay local.
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
 
 DEFAULT_WINDOW = 128
 DEFAULT_SPILL_BLOCK = 64
+# Query rows per block of the exact log-sum-exp off the CPU (bounds [B, Hq, block, n] scores).
 _QUERY_BLOCK = 512
 
 # The model passes the same dict to cache.update(kwargs=...) and, unpacked, to the attention
@@ -82,7 +95,12 @@ class ModelShape:
         num_query_heads: attention heads of the queries.
         kv_heads: key/value heads (``num_query_heads`` is a multiple of it: GQA).
         head_dim: channels per head.
-        rope: the model's rotary embedding, read with :meth:`svdq.rope.RopeConfig.from_hf_config`.
+        rope: the RoPE of the offloaded (full-attention) layers, read with
+            :meth:`svdq.rope.RopeConfig.from_hf_config` for their layer type; sliding layers
+            of Gemma 3 use another one, which only the model itself needs.
+        layer_types: per layer ``"full_attention"`` (offloaded) or ``"sliding_attention"``
+            (kept locally, its window only).
+        sliding_window: tokens a sliding layer attends to (``None`` without sliding layers).
     """
 
     model_type: str
@@ -91,6 +109,15 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     rope: RopeConfig
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+
+    @property
+    def offloaded_layers(self) -> tuple[int, ...]:
+        """Model layer indices whose prefix goes to the backend, in order; the backend's
+        layer ``i`` is model layer ``offloaded_layers[i]``."""
+        types = self.layer_types or (FULL_ATTENTION,) * self.num_layers
+        return tuple(index for index, kind in enumerate(types) if kind == FULL_ATTENTION)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -102,14 +129,21 @@ class ModelShape:
                 f"model_type {model_type!r} is not supported by the svdq offload integration; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        window = getattr(config, "sliding_window", None)
-        uses_window = getattr(config, "use_sliding_window", window is not None)
-        layer_types = getattr(config, "layer_types", None) or []
-        if (window is not None and uses_window) or any(kind != "full_attention" for kind in layer_types):
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if softcap is not None:
             raise InvalidInputError(
-                f"{model_type} model with sliding-window attention (sliding_window={window}, "
-                f"layer_types={sorted(set(layer_types))}) is not supported; only full causal attention is"
+                f"{model_type} with attention logit softcapping (attn_logit_softcapping={softcap}) is not supported: "
+                "the server's attention over the offloaded prefix has no softcapping; only models with "
+                "attn_logit_softcapping=None are"
             )
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        unknown = sorted(set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+        if unknown:
+            raise InvalidInputError(
+                f"{model_type} layer types {unknown} are not supported; only {FULL_ATTENTION!r} (offloaded) and "
+                f"{SLIDING_ATTENTION!r} (kept locally) are"
+            )
+        windows = {kwargs["sliding_window"] for kwargs in layer_kwargs if "sliding_window" in kwargs}
         query_heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or query_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // query_heads)
@@ -117,29 +151,38 @@ class ModelShape:
             raise InvalidInputError(
                 f"num_attention_heads ({query_heads}) must be a multiple of num_key_value_heads ({kv_heads})"
             )
+        ropes = layer_ropes(config)
+        offloaded = {ropes[index] for index, kind in enumerate(layer_types) if kind == FULL_ATTENTION}
+        if len(offloaded) > 1:
+            # One profile describes every offloaded layer; no supported family varies RoPE among them.
+            raise InvalidInputError(f"{model_type} full-attention layers use different RoPEs {sorted(map(str, offloaded))}; "
+                                    "the svdq profile holds one for all offloaded layers")
         return cls(
             model_type=model_type,
             num_layers=int(config.num_hidden_layers),
             num_query_heads=query_heads,
             kv_heads=kv_heads,
             head_dim=head_dim,
-            rope=RopeConfig.from_hf_config(config),
+            rope=next(iter(offloaded)) if offloaded else ropes[0],
+            layer_types=tuple(layer_types),
+            sliding_window=int(max(windows)) if windows else None,
         )
 
 
 @dataclass
 class OffloadStats:
-    """Running totals of one offloaded sequence (all layers).
+    """Running totals of the offloaded sequences of one cache (all rows, all offloaded layers).
 
     Attributes:
-        tokens_offloaded: tokens stored in the backend (per layer).
-        key_bytes_stored / value_bytes_stored: serialized bytes held by the backend, all layers.
-        fp16_key_bytes_stored: the same keys in float16, all layers.
-        attend_calls: attention requests (one per layer per forward pass once a prefix exists).
-        attend_entries: query tokens those requests carried, summed (a decode step is one per layer).
+        tokens_offloaded: tokens stored in the backend per layer, summed over the rows.
+        key_bytes_stored / value_bytes_stored: serialized bytes held by the backend.
+        fp16_key_bytes_stored: the same keys in float16.
+        attend_calls: attention requests (one per offloaded layer per forward pass once a prefix exists).
+        attend_entries: query tokens those requests carried, summed (a decode step of B rows is B per layer).
         key_bytes_read / dense_fp16_key_bytes_read: key bytes the backend read to answer them,
             and what dense float16 attention over the same tokens would have read.
         backend_seconds: wall time spent inside backend calls (RPCs for :class:`RemoteOffload`).
+        store_seconds: the part of ``backend_seconds`` spent storing (uploads and appends).
     """
 
     tokens_offloaded: int = 0
@@ -151,6 +194,7 @@ class OffloadStats:
     key_bytes_read: int = 0
     dense_fp16_key_bytes_read: int = 0
     backend_seconds: float = 0.0
+    store_seconds: float = 0.0
 
     @property
     def key_bits_per_element(self) -> float:
@@ -162,31 +206,41 @@ class OffloadStats:
         """float16 key bytes over serialized key bytes."""
         return self.fp16_key_bytes_stored / max(1, self.key_bytes_stored)
 
+    def set_stored(self, per_row: dict[int, tuple[int, int, int, int]]) -> None:
+        """Totals from each row's (tokens, key bytes, value bytes, fp16 key bytes)."""
+        self.tokens_offloaded, self.key_bytes_stored, self.value_bytes_stored, self.fp16_key_bytes_stored = (
+            sum(column) for column in zip(*per_row.values(), strict=True)
+        )
+
 
 @runtime_checkable
 class OffloadBackend(Protocol):
-    """Where the offloaded prefix of one sequence lives and where attention over it runs.
+    """Where the offloaded prefixes of one cache's rows live and where attention over them runs.
 
-    Tensors are per sequence, all layers at once (the service's unit): ``keys`` and ``values``
-    [num_layers, tokens, kv_heads, head_dim] in the model's dtype, keys post-RoPE;
-    ``positions`` int64 [tokens], absolute positions of those tokens.
+    Tensors are per row (one backend sequence each), all offloaded layers at once (the
+    service's unit): ``keys`` and ``values`` [layers, tokens, kv_heads, head_dim] in the
+    model's dtype, keys post-RoPE; ``positions`` int64 [tokens], absolute positions.
+    ``layer`` counts offloaded layers only (:attr:`ModelShape.offloaded_layers`).
     """
 
     stats: OffloadStats
 
     def open(self, shape: ModelShape) -> None:
-        """Prepare for one sequence of a model of this shape (called once by the cache)."""
+        """Prepare for sequences of a model of this shape (called once by the cache)."""
 
-    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Offload tokens: the first call creates the sequence, later calls append to it."""
+    def store(self, row: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Offload tokens of batch row ``row``: its first call creates the row's sequence,
+        later calls append to it."""
 
-    def attend(self, layer: int, queries: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of post-RoPE ``queries`` float32 [q, num_query_heads, head_dim] over every
-        offloaded token of ``layer``; returns ``output`` float32 [q, num_query_heads, head_dim]
-        and ``lse`` float32 [q, num_query_heads] (natural log, ``scale`` included)."""
+    def attend(self, layer: int, queries: torch.Tensor, rows: Sequence[int],
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of post-RoPE ``queries`` float32 [len(rows), q, num_query_heads, head_dim],
+        row ``i`` over every offloaded token of ``rows[i]`` in ``layer``, in one request; returns
+        ``output`` float32 of the queries' shape and ``lse`` float32 [len(rows), q,
+        num_query_heads] (natural log, ``scale`` included)."""
 
     def close(self) -> None:
-        """Release the stored sequence; idempotent."""
+        """Release the stored sequences; idempotent."""
 
 
 def _count_attend_stats(stats: OffloadStats, attend_stats: Sequence[Any]) -> None:
@@ -206,8 +260,10 @@ class LocalOffload:
         values: how values are stored (default: their 16-bit dtype).
         sparsity: key sparsity of the attention over the prefix (``None``: dense).
         backend: ``"torch"`` or ``"triton"`` for :func:`svdq.attention.attend` (default: its own choice).
-        bases: shared key bases, one per layer (:func:`calibrate_bases`; svdq only); ``None``:
-            each layer fits its own basis on the offloaded keys and stores it with them.
+        bases: shared key bases, one per offloaded layer (:func:`calibrate_bases`; svdq only);
+            ``None``: each layer fits its own basis on the offloaded keys and stores it with them.
+
+    ``keys[row][layer]`` / ``values[row][layer]`` hold what each row stored.
     """
 
     def __init__(
@@ -225,50 +281,55 @@ class LocalOffload:
         self.bases = tuple(bases) if bases is not None else None
         self.stats = OffloadStats()
         self.shape: ModelShape | None = None
-        self.keys: list[CompressedKeys] = []
-        self.values: list[CompressedValues] = []
+        self.keys: dict[int, list[CompressedKeys]] = {}
+        self.values: dict[int, list[CompressedValues]] = {}
 
     def open(self, shape: ModelShape) -> None:
         _check_bases(self.bases, shape, self.codec)
         self.shape = shape
 
-    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def store(self, row: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         started = time.perf_counter()
         shape = _require_open(self.shape)
-        if not self.keys:
-            self.keys = [
+        layers = range(keys.shape[0])
+        if row not in self.keys:
+            self.keys[row] = [
                 compress(keys[layer], self.codec, positions=positions, rope=shape.rope, key_space="post_rope",
                          basis=self.bases[layer] if self.bases is not None else None)
-                for layer in range(shape.num_layers)
+                for layer in layers
             ]
-            self.values = [compress_values(values[layer], self.value_config) for layer in range(shape.num_layers)]
+            self.values[row] = [compress_values(values[layer], self.value_config) for layer in layers]
         else:
-            self.keys = [append(self.keys[layer], keys[layer], positions) for layer in range(shape.num_layers)]
-            self.values = [append_values(self.values[layer], values[layer]) for layer in range(shape.num_layers)]
-        stats = self.stats
-        stats.tokens_offloaded = self.keys[0].num_tokens
-        stats.key_bytes_stored = sum(item.nbytes for item in self.keys)
-        stats.value_bytes_stored = sum(item.nbytes for item in self.values)
-        stats.fp16_key_bytes_stored = 2 * stats.tokens_offloaded * shape.kv_heads * shape.head_dim * shape.num_layers
-        stats.backend_seconds += time.perf_counter() - started
+            self.keys[row] = [append(self.keys[row][layer], keys[layer], positions) for layer in layers]
+            self.values[row] = [append_values(self.values[row][layer], values[layer]) for layer in layers]
+        self.stats.set_stored({
+            index: (stored[0].num_tokens, sum(item.nbytes for item in stored),
+                    sum(item.nbytes for item in self.values[index]),
+                    2 * stored[0].num_tokens * shape.kv_heads * shape.head_dim * len(stored))
+            for index, stored in self.keys.items()
+        })
+        elapsed = time.perf_counter() - started
+        self.stats.backend_seconds += elapsed
+        self.stats.store_seconds += elapsed
 
-    def attend(self, layer: int, queries: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, queries: torch.Tensor, rows: Sequence[int],
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
-        count = queries.shape[0]
+        count = queries.shape[1]
         result = attend(
-            queries,
-            [self.keys[layer]] * count,
-            [self.values[layer]] * count,
+            queries.flatten(0, 1),
+            [self.keys[row][layer] for row in rows for _ in range(count)],
+            [self.values[row][layer] for row in rows for _ in range(count)],
             scale=scale,
             sparsity=self.sparsity,
             backend=self.backend,
         )
         _count_attend_stats(self.stats, result.stats)
         self.stats.backend_seconds += time.perf_counter() - started
-        return result.output, result.lse
+        return result.output.unflatten(0, queries.shape[:2]), result.lse.unflatten(0, queries.shape[:2])
 
     def close(self) -> None:
-        self.keys, self.values = [], []
+        self.keys, self.values = {}, {}
 
 
 class RemoteOffload:
@@ -276,14 +337,15 @@ class RemoteOffload:
 
     Args:
         client: a connected ``KVCacheClient`` (the caller owns and closes it).
-        codec: key codec of the sequence's profile (default: svdq at 1.5 true bits).
+        codec: key codec of the sequences' profile (default: svdq at 1.5 true bits).
         value_bits: ``None`` keeps values 16-bit on the server; 2 or 4 quantizes them.
         sparsity: key sparsity of the server's attention (``None``: dense).
         profile_name: name of the profile registered for the model (default: derived from
             the model shape, codec and bases, so different settings never collide).
-        sequence_id: id of the stored sequence (default: a fresh random one).
-        bases: shared key bases, one per layer (:func:`calibrate_bases`; svdq only), sent once
-            with the profile; the stored blobs then carry only their fingerprints.
+        sequence_id: id of batch row 0's stored sequence (default: a fresh random one); row
+            ``r`` > 0 uses ``f"{sequence_id}-{r}"`` (:meth:`sequence_id_of`).
+        bases: shared key bases, one per offloaded layer (:func:`calibrate_bases`; svdq only),
+            sent once with the profile; the stored blobs then carry only their fingerprints.
     """
 
     def __init__(
@@ -305,7 +367,11 @@ class RemoteOffload:
         self.sequence_id = sequence_id or f"hf-{uuid.uuid4().hex}"
         self.stats = OffloadStats()
         self.shape: ModelShape | None = None
-        self._created = False
+        self._stored: dict[int, tuple[int, int, int, int]] = {}
+
+    def sequence_id_of(self, row: int) -> str:
+        """Server-side sequence id of batch row ``row``."""
+        return self.sequence_id if row == 0 else f"{self.sequence_id}-{row}"
 
     def open(self, shape: ModelShape) -> None:
         from svdq_client import Profile
@@ -316,7 +382,7 @@ class RemoteOffload:
             self.profile_name = _profile_name(shape, self.codec, self.value_bits, self.bases)
         profile = Profile(
             name=self.profile_name,
-            num_layers=shape.num_layers,
+            num_layers=len(shape.offloaded_layers),
             kv_heads=shape.kv_heads,
             head_dim=shape.head_dim,
             rope=shape.rope,
@@ -330,36 +396,38 @@ class RemoteOffload:
         self.client.register_profile(profile)
         self.stats.backend_seconds += time.perf_counter() - started
 
-    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def store(self, row: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         started = time.perf_counter()
         _require_open(self.shape)
-        if not self._created:
+        sequence_id = self.sequence_id_of(row)
+        if row not in self._stored:
             info = self.client.upload(
-                self.sequence_id, self.profile_name, keys, values, positions=positions, key_space="post_rope"
+                sequence_id, self.profile_name, keys, values, positions=positions, key_space="post_rope"
             )
-            self._created = True
         else:
-            self.client.append(self.sequence_id, keys, values, positions=positions)
-            info = self.client.describe(self.sequence_id)
-        stats = self.stats
-        stats.tokens_offloaded = int(info.num_tokens)
-        stats.key_bytes_stored = int(info.key_bytes)
-        stats.value_bytes_stored = int(info.value_bytes)
-        stats.fp16_key_bytes_stored = int(info.fp16_key_bytes)
-        stats.backend_seconds += time.perf_counter() - started
+            self.client.append(sequence_id, keys, values, positions=positions)
+            info = self.client.describe(sequence_id)
+        self._stored[row] = (int(info.num_tokens), int(info.key_bytes), int(info.value_bytes),
+                             int(info.fp16_key_bytes))
+        self.stats.set_stored(self._stored)
+        elapsed = time.perf_counter() - started
+        self.stats.backend_seconds += elapsed
+        self.stats.store_seconds += elapsed
 
-    def attend(self, layer: int, queries: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, queries: torch.Tensor, rows: Sequence[int],
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
-        entries = [(self.sequence_id, layer)] * queries.shape[0]
-        result = self.client.attend(queries, entries, sparsity=self.sparsity, scale=scale)
+        count = queries.shape[1]
+        entries = [(self.sequence_id_of(row), layer) for row in rows for _ in range(count)]
+        result = self.client.attend(queries.flatten(0, 1), entries, sparsity=self.sparsity, scale=scale)
         _count_attend_stats(self.stats, result.stats)
         self.stats.backend_seconds += time.perf_counter() - started
-        return result.output, result.lse
+        return result.output.unflatten(0, queries.shape[:2]), result.lse.unflatten(0, queries.shape[:2])
 
     def close(self) -> None:
-        if self._created:
-            self._created = False
-            self.client.delete(self.sequence_id)
+        rows, self._stored = sorted(self._stored), {}
+        for row in rows:
+            self.client.delete(self.sequence_id_of(row))
 
 
 def _profile_name(shape: ModelShape, codec: CodecConfig, value_bits: int | None,
@@ -375,9 +443,10 @@ def _check_bases(bases: Sequence[Basis] | None, shape: ModelShape, codec: CodecC
     if codec.method != "svdq":
         raise InvalidInputError(f"shared bases apply to codec method 'svdq', not {codec.method!r}")
     channels = shape.kv_heads * shape.head_dim
-    if len(bases) != shape.num_layers or any(basis.channels != channels for basis in bases):
+    layers = len(shape.offloaded_layers)
+    if len(bases) != layers or any(basis.channels != channels for basis in bases):
         raise InvalidInputError(
-            f"bases must hold one basis of kv_heads*head_dim = {channels} channels per layer ({shape.num_layers}) "
+            f"bases must hold one basis of kv_heads*head_dim = {channels} channels per offloaded layer ({layers}) "
             f"of this {shape.model_type} model; got {len(bases)} with channels {sorted({b.channels for b in bases})}: "
             "fit them on this model with calibrate_bases"
         )
@@ -385,7 +454,7 @@ def _check_bases(bases: Sequence[Basis] | None, shape: ModelShape, codec: CodecC
 
 @torch.no_grad()
 def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
-    """Shared SVDq key bases, one per layer, fitted on the model's own keys for ``input_ids``.
+    """Shared SVDq key bases, one per offloaded layer, fitted on the model's own keys for ``input_ids``.
 
     The model runs ``input_ids`` (int64 [1, tokens], text like the traffic it will serve, not the
     served documents themselves) once with its standard attention; each layer's post-RoPE keys
@@ -407,14 +476,14 @@ def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
         )
     previous = model.config._attn_implementation
     if previous == ATTENTION_NAME:  # the offload attention needs an SvdqOffloadCache; this is a plain run
-        model.set_attn_implementation("sdpa")
+        disable_offload(model)
     try:
         calibration = prefill(model, input_ids.to(model.device))
     finally:
         if previous == ATTENTION_NAME:
             model.set_attn_implementation(previous)
-    return tuple(fit_layer_basis(keys.cpu(), positions=calibration.positions, rope=shape.rope)
-                 for keys in calibration.keys)
+    return tuple(fit_layer_basis(calibration.keys[layer].cpu(), positions=calibration.positions, rope=shape.rope)
+                 for layer in shape.offloaded_layers)
 
 
 def _require_open(shape: ModelShape | None) -> ModelShape:
@@ -424,93 +493,123 @@ def _require_open(shape: ModelShape | None) -> ModelShape:
 
 
 class SvdqOffloadLayer(CacheLayerMixin):
-    """One decoder layer's local part of an offloaded cache: the most recent tokens only.
+    """One full-attention layer's local part of an offloaded cache: the most recent tokens only.
 
-    ``keys`` / ``values``: [1, kv_heads, local_tokens, head_dim] in the model's dtype, keys
-    post-RoPE; ``positions``: int64 [local_tokens] absolute positions of the local tokens.
+    ``keys`` / ``values``: [batch, kv_heads, local_tokens, head_dim] in the model's dtype, keys
+    post-RoPE; ``positions``: int64 [batch, local_tokens] absolute positions of the local
+    tokens; ``valid``: bool [batch, local_tokens], False for padding (never offloaded).
+    ``offload_index`` is the layer's index in the backend.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, cache: SvdqOffloadCache, layer_idx: int) -> None:
+    def __init__(self, cache: SvdqOffloadCache, layer_idx: int, offload_index: int) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.positions = torch.zeros(0, dtype=torch.int64)
+        self.offload_index = offload_index
+        self.positions = torch.zeros(0, 0, dtype=torch.int64)
+        self.valid = torch.zeros(0, 0, dtype=torch.bool)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
-        self.keys = key_states.new_zeros((1, key_states.shape[1], 0, key_states.shape[3]))
-        self.values = value_states.new_zeros((1, value_states.shape[1], 0, value_states.shape[3]))
-        self.positions = self.positions.to(self.device)
+        batch = key_states.shape[0]
+        self.keys = key_states.new_zeros((batch, key_states.shape[1], 0, key_states.shape[3]))
+        self.values = value_states.new_zeros((batch, value_states.shape[1], 0, value_states.shape[3]))
+        self.positions = torch.zeros(batch, 0, dtype=torch.int64, device=self.device)
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, kwargs: dict | None = None, **extra: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new post-RoPE ``key_states`` / ``value_states`` [1, kv_heads, new, head_dim] and
-        return the local keys and values [1, kv_heads, local_tokens, head_dim]."""
+        """Append new post-RoPE ``key_states`` / ``value_states`` [batch, kv_heads, new, head_dim]
+        and return the local keys and values [batch, kv_heads, local_tokens, head_dim]."""
         if kwargs is None:
             raise InvalidInputError(
                 "this model's attention does not pass its kwargs to cache.update; its family is not supported "
                 f"by the svdq offload integration (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        if key_states.shape[0] != 1:
-            raise InvalidInputError(f"the svdq offload cache supports batch size 1, got {key_states.shape[0]}")
+        self.cache.check_batch(key_states.shape[0])
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new_tokens = key_states.shape[2]
+        batch, new_tokens = key_states.shape[0], key_states.shape[2]
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            new_positions = torch.arange(new_tokens, device=self.device) + self.get_seq_length()
+            new_positions = (torch.arange(new_tokens, device=self.device) + self.get_seq_length()).expand(batch, -1)
         else:
-            new_positions = position_ids.reshape(-1, position_ids.shape[-1])[0].to(self.device, torch.int64)
+            new_positions = position_ids.reshape(-1, position_ids.shape[-1]).to(self.device, torch.int64)
+            new_positions = new_positions.expand(batch, -1)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_positions])
+        self.positions = torch.cat([self.positions, new_positions], dim=1)
+        # Padding is known only from the attention mask, which the attention function sees.
+        self.valid = torch.cat([self.valid, torch.ones(batch, new_tokens, dtype=torch.bool, device=self.device)], dim=1)
         kwargs[_LAYER_KWARG] = self
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        """Tokens seen: offloaded plus local."""
+        """Token slots seen (offloaded plus local; padding included, as in the attention mask)."""
         return self.cache.offloaded_tokens + self.keys.shape[-2] if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Local keys start after the offloaded prefix (sliding-window-like semantics).
+        # Local keys start after the offloaded slots (sliding-window-like semantics).
         local = self.keys.shape[-2] if self.is_initialized else 0
         return local + query_length, self.cache.offloaded_tokens
 
     def get_max_length(self) -> int:
         return -1
 
-    def take_oldest(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Remove the ``count`` oldest local tokens; returns their keys and values
-        [count, kv_heads, head_dim] and positions int64 [count]."""
-        keys = self.keys[0, :, :count].transpose(0, 1)
-        values = self.values[0, :, :count].transpose(0, 1)
-        positions = self.positions[:count]
+    def take_oldest(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Remove the ``count`` oldest local slots; returns their keys and values
+        [batch, count, kv_heads, head_dim], positions int64 [batch, count] and valid bool [batch, count]."""
+        taken = (self.keys[:, :, :count].transpose(1, 2), self.values[:, :, :count].transpose(1, 2),
+                 self.positions[:, :count], self.valid[:, :count])
         self.keys = self.keys[:, :, count:]
         self.values = self.values[:, :, count:]
-        self.positions = self.positions[count:]
-        return keys, values, positions
+        self.positions = self.positions[:, count:]
+        self.valid = self.valid[:, count:]
+        return taken
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise InvalidInputError("beam search is not supported with the svdq offload cache (batch size 1 only)")
+        raise InvalidInputError("beam search is not supported with the svdq offload cache (offloaded prefixes "
+                                "cannot be reordered); use greedy or sampled decoding")
+
+
+class SvdqSlidingLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer of a hybrid model: transformers' own sliding-window cache layer,
+    kept locally in full (it needs only its window); it tells the attention function its cache."""
+
+    def __init__(self, cache: SvdqOffloadCache, layer_idx: int, sliding_window: int) -> None:
+        super().__init__(sliding_window=sliding_window)
+        self.cache = cache
+        self.layer_idx = layer_idx
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, kwargs: dict | None = None, **extra: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.check_batch(key_states.shape[0])
+        if kwargs is not None:
+            kwargs[_LAYER_KWARG] = self
+        return super().update(key_states, value_states)
 
 
 class SvdqOffloadCache(Cache):
-    """A transformers ``Cache`` that keeps ``window`` recent tokens per layer locally and the
-    rest in an :class:`OffloadBackend`.
+    """A transformers ``Cache`` that keeps ``window`` recent tokens per full-attention layer
+    locally and the rest of each batch row in an :class:`OffloadBackend` sequence.
 
     Args:
         model: a transformers causal LM (or its config) of a supported family.
-        backend: :class:`LocalOffload` or :class:`RemoteOffload` (one sequence per cache).
+        backend: :class:`LocalOffload` or :class:`RemoteOffload` (one sequence per batch row).
         window: local tokens kept after each forward pass (>= 1).
         spill_block: once the local part exceeds ``window`` by this many tokens, they move to
             the backend in one append (>= 1); a larger block means fewer, larger appends.
+
+    Sliding-window layers (:attr:`ModelShape.layer_types`) keep their window locally and never
+    reach the backend; a model with only sliding layers offloads nothing.
     """
 
     def __init__(
@@ -534,20 +633,44 @@ class SvdqOffloadCache(Cache):
         self.window = window
         self.spill_block = spill_block
         self.offloaded_tokens = 0
-        super().__init__(layers=[SvdqOffloadLayer(self, index) for index in range(self.shape.num_layers)])
-        backend.open(self.shape)
+        self.rows: int | None = None
+        #: Batch rows with a backend sequence, and rows :class:`StopFinishedRows` saw finish.
+        self.stored_rows: set[int] = set()
+        self.finished_rows: set[int] = set()
+        offload_index = {layer: index for index, layer in enumerate(self.shape.offloaded_layers)}
+        layers: list[CacheLayerMixin] = [
+            SvdqOffloadLayer(self, index, offload_index[index]) if index in offload_index
+            else SvdqSlidingLayer(self, index, self.shape.sliding_window)
+            for index in range(self.shape.num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.offload_layers = [layer for layer in layers if isinstance(layer, SvdqOffloadLayer)]
+        if self.offload_layers:
+            backend.open(self.shape)
 
     @property
     def stats(self) -> OffloadStats:
         return self.backend.stats
 
+    def check_batch(self, batch: int) -> None:
+        """The batch size is fixed by the first forward pass (beams would change it)."""
+        if self.rows is None:
+            self.rows = batch
+        elif batch != self.rows:
+            raise InvalidInputError(
+                f"this svdq offload cache holds {self.rows} rows, got a forward pass of {batch}: "
+                "use one cache per batch"
+            )
+
     def offload_prefix(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-        """Seed an empty cache with a prefix the worker already computed (for example a shared
-        document prefilled once): everything beyond ``window`` goes to the backend at once.
+        """Seed an empty cache (batch size 1) with a prefix the worker already computed (for
+        example a shared document prefilled once): everything beyond ``window`` goes to the
+        backend at once.
 
         Args:
-            keys: per layer [tokens, kv_heads, head_dim] post-RoPE keys at positions 0..tokens-1.
-            values: per layer [tokens, kv_heads, head_dim].
+            keys: per model layer [tokens, kv_heads, head_dim] post-RoPE keys at positions
+                0..tokens-1 (sliding layers keep their window of them).
+            values: per model layer [tokens, kv_heads, head_dim].
         Generation then continues with ``model.generate(prompt_ids, cache=cache)`` where the
         prompt starts with those ``tokens`` tokens.
         """
@@ -573,23 +696,33 @@ class SvdqOffloadCache(Cache):
 
     def after_attention(self, layer_idx: int) -> None:
         """Called by the attention function; after the last layer, spill what exceeds the window."""
-        if layer_idx != self.shape.num_layers - 1:
+        if layer_idx != self.shape.num_layers - 1 or not self.offload_layers:
             return
-        local = self.layers[0].keys.shape[-2]
+        local = self.offload_layers[0].keys.shape[-2]
         overflow = local - self.window
         # The first spill moves the whole prefill prefix; later ones wait for a full block.
         if overflow <= 0 or (self.offloaded_tokens and overflow < self.spill_block):
             return
-        taken = [layer.take_oldest(overflow) for layer in self.layers]
-        keys = torch.stack([item[0] for item in taken])
+        taken = [layer.take_oldest(overflow) for layer in self.offload_layers]
+        keys = torch.stack([item[0] for item in taken])  # [layers, batch, overflow, kv_heads, head_dim]
         values = torch.stack([item[1] for item in taken])
-        positions = taken[0][2].cpu()
-        self.backend.store(keys, values, positions)
+        positions, valid = taken[0][2].cpu(), taken[0][3].cpu()
+        for row in range(keys.shape[1]):
+            # Padding never reaches the backend; finished rows stop costing.
+            if row in self.finished_rows or not valid[row].any():
+                continue
+            keep = valid[row].to(keys.device)
+            self.backend.store(row, keys[:, row, keep], values[:, row, keep], positions[row][valid[row]])
+            self.stored_rows.add(row)
         self.offloaded_tokens += overflow
-        LOGGER.debug("offloaded %d tokens (total %d)", overflow, self.offloaded_tokens)
+        LOGGER.debug("offloaded %d token slots (total %d)", overflow, self.offloaded_tokens)
+
+    def finish_rows(self, rows: Sequence[int]) -> None:
+        """Stop attending to and storing for these batch rows (their sequences stay until close)."""
+        self.finished_rows.update(int(row) for row in rows)
 
     def close(self) -> None:
-        """Release the backend's stored sequence."""
+        """Release the backend's stored sequences."""
         self.backend.close()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -598,52 +731,92 @@ class SvdqOffloadCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:
             raise InvalidInputError(
-                f"the svdq offload cache supports one sequence; num_return_sequences / beams of {repeats} are not"
+                f"the svdq offload cache keeps one sequence per prompt; num_return_sequences / beams of {repeats} "
+                "are not supported (use greedy or sampled decoding, one row per prompt)"
             )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if indices.numel() != 1:
-            raise InvalidInputError("the svdq offload cache supports batch size 1")
+        raise InvalidInputError("selecting batch rows is not supported with the svdq offload cache")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise InvalidInputError("beam search is not supported with the svdq offload cache (offloaded prefixes "
+                                "cannot be reordered); use greedy or sampled decoding")
 
     def reset(self) -> None:
         raise InvalidInputError("reset is not supported with the svdq offload cache: create a new cache")
 
 
-def _local_attention(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention over the local tokens, in float32.
+class StopFinishedRows(StoppingCriteria):
+    """Stopping criterion for ``model.generate`` that tells an :class:`SvdqOffloadCache` which
+    rows have produced one of ``stop_token_ids``: those rows stop costing attention requests
+    and uploads while the others go on (generate keeps feeding them padding).
+
+    Pass it as ``stopping_criteria=[StopFinishedRows(cache, eos_ids)]``; it also stops the
+    rows itself, as generate's own end-of-sequence check does.
+    """
+
+    def __init__(self, cache: SvdqOffloadCache, stop_token_ids: int | Sequence[int]) -> None:
+        ids = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
+        if not ids:
+            raise InvalidInputError("StopFinishedRows needs at least one stop token id")
+        self.cache = cache
+        self.stop_token_ids = torch.tensor(ids, dtype=torch.int64)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.isin(input_ids[:, -1], self.stop_token_ids.to(input_ids.device))
+        self.cache.finish_rows(done.nonzero().flatten().tolist())
+        return done
+
+
+def _visible(mask: torch.Tensor | None, query_count: int, key_count: int, device: torch.device) -> torch.Tensor:
+    """bool [batch or 1, 1, q, n]: which local keys each query may see. ``None`` from the mask
+    builder means plain causal attention; the queries are the last ``q`` of the ``n`` keys."""
+    if mask is None:
+        rows = torch.arange(query_count, device=device)[:, None] + (key_count - query_count)
+        return (torch.arange(key_count, device=device)[None, :] <= rows)[None, None]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask (eager style)
+
+
+def _local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the local tokens with its log-sum-exp, for merging with the offloaded part.
 
     Args:
-        queries: [q, Hq, D] post-RoPE queries.
-        keys, values: [Hkv, n, D] local post-RoPE keys and values.
-        query_positions: int64 [q]; key_positions: int64 [n]; key j is visible to query i
-            when ``key_positions[j] <= query_positions[i]``.
+        query: [B, Hq, q, D]; key, value: [B, Hkv, n, D] post-RoPE; visible: bool [B or 1, 1, q, n].
     Returns:
-        output float32 [q, Hq, D] and lse float32 [q, Hq].
+        output float32 [B, q, Hq, D] and lse float32 [B, q, Hq] (natural log, scale included).
     """
-    query_count, query_heads, head_dim = queries.shape
-    kv_heads = keys.shape[0]
-    keys, values = keys.float(), values.float()
-    outputs, lses = [], []
-    # Blocks of queries bound the score matrix of a long prefill ([Hkv, group, block, n] float32).
-    for start in range(0, query_count, _QUERY_BLOCK):
-        block = queries[start : start + _QUERY_BLOCK].float()
-        count = block.shape[0]
-        grouped = block.reshape(count, kv_heads, query_heads // kv_heads, head_dim)
-        scores = torch.einsum("qhgd,hnd->hgqn", grouped, keys) * scale
-        visible = key_positions[None, :] <= query_positions[start : start + count, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        weights = torch.exp(scores - lse[..., None])
-        outputs.append(torch.einsum("hgqn,hnd->qhgd", weights, values).reshape(count, query_heads, head_dim))
-        lses.append(lse.permute(2, 0, 1).reshape(count, query_heads))
-    return torch.cat(outputs), torch.cat(lses)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    attention = _fused_cpu_attention if query.device.type == "cpu" else _sdpa_attention_with_lse
+    output, lse = attention(query, key, value, visible, scale)
+    return output.transpose(1, 2).float(), lse.transpose(1, 2).float()
+
+
+def _fused_cpu_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused CPU flash kernel returns the log-sum-exp with the output ([B, H, q, D] and
+    [B, H, q]); it takes an additive mask in the query's dtype."""
+    additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+    additive.masked_fill_(~visible, float("-inf"))
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=additive, scale=scale)[:2]
+    return output, lse
+
+
+def _sdpa_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Off the CPU no public fused op returns the log-sum-exp: SDPA gives the output, the exact
+    log-sum-exp comes from the scores in query blocks (few local keys once a prefix is offloaded)."""
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
+    blocks = []
+    for start in range(0, query.shape[2], _QUERY_BLOCK):
+        scores = torch.matmul(query[:, :, start : start + _QUERY_BLOCK].float(), key.float().transpose(2, 3)) * scale
+        blocks.append(torch.logsumexp(scores.masked_fill(~visible[:, :, start : start + _QUERY_BLOCK], float("-inf")),
+                                      dim=-1))
+    return output, torch.cat(blocks, dim=-1)
 
 
 def svdq_offload_attention(
@@ -660,16 +833,16 @@ def svdq_offload_attention(
 
     Args:
         module: the model's attention module (``layer_idx`` names its layer).
-        query: [1, Hq, q, D] post-RoPE queries.
-        key, value: [1, Hkv, n, D] the local keys and values the cache returned.
-        attention_mask: ignored: causality comes from the token positions (batch size 1, no
-            padding), since the offloaded part has no mask columns.
+        query: [B, Hq, q, D] post-RoPE queries.
+        key, value: [B, Hkv, n, D] the local keys and values the cache returned.
+        attention_mask: the SDPA mask the model built over those local keys (causality,
+            left padding, sliding windows), or ``None`` for plain causal attention.
         scaling: softmax scale (default ``D ** -0.5``).
-        kwargs: must carry the cache layer put there by :meth:`SvdqOffloadLayer.update`.
+        kwargs: must carry the cache layer put there by the cache's ``update``.
     Returns:
-        ``(output [1, q, Hq, D] in the query dtype, None)``.
+        ``(output [B, q, Hq, D] in the query dtype, None)``.
     """
-    layer = kwargs.get(_LAYER_KWARG)
+    layer = kwargs.pop(_LAYER_KWARG, None)
     if layer is None:
         raise InvalidInputError(
             f"attention {ATTENTION_NAME!r} needs an SvdqOffloadCache: call model.generate(..., cache=SvdqOffloadCache(...))"
@@ -677,17 +850,31 @@ def svdq_offload_attention(
     if dropout:
         raise InvalidInputError("the svdq offload attention is for inference: dropout must be 0 (call model.eval())")
     cache = layer.cache
-    head_dim = query.shape[-1]
-    scale = scaling if scaling is not None else head_dim**-0.5
-    queries = query[0].transpose(0, 1)  # [q, Hq, D]
-    query_count = queries.shape[0]
-    query_positions = layer.positions[-query_count:]
-    output, lse = _local_attention(queries, key[0], value[0], query_positions, layer.positions, scale)
-    if cache.offloaded_tokens:
-        remote_output, remote_lse = cache.backend.attend(layer.layer_idx, queries.float().cpu(), scale)
-        output, lse = merge_attention(output, lse, remote_output.to(output.device), remote_lse.to(output.device))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rows = sorted(cache.stored_rows - cache.finished_rows) if isinstance(layer, SvdqOffloadLayer) else []
+    query_count = query.shape[2]
+    if isinstance(layer, SvdqOffloadLayer) and attention_mask is not None:
+        # A query that cannot see itself is padding: keep it out of the backend.
+        queries = torch.arange(query_count, device=query.device)
+        own = _visible(attention_mask, query_count, key.shape[2], query.device)[
+            :, 0, queries, queries + (key.shape[2] - query_count)]
+        layer.valid[:, -query_count:] &= own.expand(layer.valid.shape[0], -1)
+    if not rows:
+        # Nothing offloaded for any live row (the prefill, or a sliding layer): the model's own SDPA.
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale,
+                                           **kwargs)
+        cache.after_attention(layer.layer_idx)
+        return output, None
+    visible = _visible(attention_mask, query_count, key.shape[2], query.device)
+    output, lse = _local_attention(query, key, value, visible, scale)
+    index = torch.tensor(rows, device=query.device)
+    remote_output, remote_lse = cache.backend.attend(layer.offload_index, query[index].transpose(1, 2).float().cpu(),
+                                                     rows, scale)
+    merged, _ = merge_attention(output[index], lse[index], remote_output.to(output.device),
+                                remote_lse.to(output.device))
+    output[index] = merged
     cache.after_attention(layer.layer_idx)
-    return output.to(query.dtype)[None], None
+    return output.to(query.dtype), None
 
 
 def enable_offload(model: Any) -> Any:
@@ -698,13 +885,18 @@ def enable_offload(model: Any) -> Any:
     """
     ModelShape.from_config(model.config)
     AttentionInterface.register(ATTENTION_NAME, svdq_offload_attention)
+    # The model builds SDPA masks (causal, padding, sliding windows) over the local keys.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model._svdq_plain_attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     return model
 
 
-def disable_offload(model: Any, attention: str = "sdpa") -> Any:
-    """Switch ``model`` back to a standard attention implementation (default ``"sdpa"``)."""
-    model.set_attn_implementation(attention)
+def disable_offload(model: Any, attention: str | None = None) -> Any:
+    """Switch ``model`` back to a standard attention implementation: ``attention``, or the one
+    it had before :func:`enable_offload` (``"sdpa"`` if unknown; Gemma 2 has ``"eager"``)."""
+    model.set_attn_implementation(attention or getattr(model, "_svdq_plain_attention", None) or "sdpa")
     return model
 
 
@@ -717,7 +909,9 @@ __all__ = [
     "OffloadStats",
     "RemoteOffload",
     "SvdqOffloadCache",
+    "StopFinishedRows",
     "SvdqOffloadLayer",
+    "SvdqSlidingLayer",
     "calibrate_bases",
     "disable_offload",
     "enable_offload",

@@ -92,16 +92,39 @@ class RopeConfig:
         return cls(**fields)
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> RopeConfig:
+    def from_hf_config(cls, config: Any, layer_type: str | None = None) -> RopeConfig:
         """Read the RoPE description of a transformers model config.
 
         Understands both ``rope_scaling`` + ``rope_theta`` (transformers 4) and
-        ``rope_parameters`` (transformers 5), and ``partial_rotary_factor``.
+        ``rope_parameters`` (transformers 5), and ``partial_rotary_factor``. Hybrid models
+        (Gemma 3) give ``rope_parameters`` per layer type (``{"full_attention": {...},
+        "sliding_attention": {...}}``): ``layer_type`` picks one; without it the types must
+        agree, else the error names them (use :func:`layer_ropes` for every layer).
         """
         params = dict(getattr(config, "rope_parameters", None) or {})
         legacy = getattr(config, "rope_scaling", None) or {}
         if not params:
             params = dict(legacy)
+        per_type = {kind: dict(value) for kind, value in params.items() if isinstance(value, dict)}
+        if not per_type:
+            return cls._from_params(config, params)
+        if layer_type is not None:
+            if layer_type not in per_type:
+                raise InvalidInputError(
+                    f"rope_parameters has no entry for layer type {layer_type!r}; it has {sorted(per_type)}"
+                )
+            return cls._from_params(config, per_type[layer_type])
+        ropes = {kind: cls._from_params(config, value) for kind, value in per_type.items()}
+        if len(set(ropes.values())) > 1:
+            raise InvalidInputError(
+                "this model uses a different RoPE per layer type ("
+                + "; ".join(f"{kind}: theta {rope.theta:g}, scaling {rope.scaling}" for kind, rope in sorted(ropes.items()))
+                + "): pass layer_type or use svdq.rope.layer_ropes(config)"
+            )
+        return next(iter(ropes.values()))
+
+    @classmethod
+    def _from_params(cls, config: Any, params: dict[str, Any]) -> RopeConfig:
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default")) or "default"
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -125,6 +148,18 @@ class RopeConfig:
         raise InvalidInputError(
             f"rope type {kind!r} is not supported; supported: default, linear, llama3"
         )
+
+
+def layer_ropes(config: Any) -> tuple[RopeConfig, ...]:
+    """The RoPE of every decoder layer of a transformers config, by ``config.layer_types``
+    (all layers the same when the config has one RoPE for every layer)."""
+    layers = int(config.num_hidden_layers)
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
+    params = getattr(config, "rope_parameters", None) or {}
+    if not any(isinstance(value, dict) for value in params.values()):
+        rope = RopeConfig.from_hf_config(config)
+        return (rope,) * layers
+    return tuple(RopeConfig.from_hf_config(config, layer_type=kind) for kind in layer_types)
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:

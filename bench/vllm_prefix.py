@@ -76,6 +76,8 @@ def engine(spec_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("kill_before_load"):
+        _kill_before_first_load(int(spec["kill_before_load"]))
     llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=spec.get("max_model_len", 8192),
               enable_prefix_caching=spec.get("prefix_caching", False), kv_transfer_config=spec.get("connector"),
               seed=0)
@@ -97,6 +99,33 @@ def engine(spec_path: str) -> None:
                 if sample.name.endswith("_total"):
                     counters[f"{sample.name}:{','.join(sample.labels.values())}"] = sample.value
     print(json.dumps({"calls": calls, "counters": counters}), flush=True)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return "(zombie)" in Path(f"/proc/{pid}/status").read_text()  # killed, not reaped yet
+    except FileNotFoundError:
+        return True
+
+
+def _kill_before_first_load(pid: int) -> None:
+    """Fault injection for the tests: SIGKILL the svdq server ``pid`` right before the
+    connector's first load, after the scheduler's lookup found the prefix stored."""
+    import signal
+
+    from svdq_client.vllm import SvdqConnector
+
+    original = SvdqConnector._load
+
+    def load(self, spec):
+        if not getattr(SvdqConnector, "_killed", False):
+            SvdqConnector._killed = True
+            os.kill(pid, signal.SIGKILL)
+            while not _exited(pid):
+                time.sleep(0.05)
+        return original(self, spec)
+
+    SvdqConnector._load = load
 
 
 def main(argv: list[str] | None = None) -> int:

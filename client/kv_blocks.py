@@ -106,22 +106,55 @@ class BlockLayout:
             raise InvalidInputError(f"{what}: the {self.name} layout expects a KV cache of shape {list(expected)} "
                                     f"(blocks, heads, block_size, head_dim of this model), got {list(cache.shape)}")
 
-    def _views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) views of ``cache`` indexed ``[block, offset]`` after permutation."""
+    def _block_views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) views of ``cache`` with the block first and each block's interior as
+        stored: cpu ``[block, head, dim, offset]`` / ``[block, head, offset, dim]``, flash
+        ``[block, offset, head, dim]`` for both."""
         if self.name == "cpu":
             halves = cache.view(cache.shape[0], self.kv_heads, 2, self.block_size * self.head_dim)
-            keys = halves[:, :, 0].view(cache.shape[0], self.kv_heads, self.head_dim, self.block_size)
-            values = halves[:, :, 1].view(cache.shape[0], self.kv_heads, self.block_size, self.head_dim)
-            # [block, offset, head, dim] views of the same memory
-            return keys.permute(0, 3, 1, 2), values.permute(0, 2, 1, 3)
+            return (halves[:, :, 0].view(cache.shape[0], self.kv_heads, self.head_dim, self.block_size),
+                    halves[:, :, 1].view(cache.shape[0], self.kv_heads, self.block_size, self.head_dim))
         return cache[0], cache[1]
+
+    def _token_views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) views of ``cache`` indexed ``[block, offset, head, dim]``."""
+        keys, values = self._block_views(cache)
+        if self.name == "cpu":
+            return keys.permute(0, 3, 1, 2), values.permute(0, 2, 1, 3)
+        return keys, values
+
+    def _to_blocks(self, tensor: torch.Tensor, kind: int) -> torch.Tensor:
+        """[n, heads, dim] tokens of whole blocks -> the layout's block interiors (kind 0: keys)."""
+        blocks = tensor.reshape(-1, self.block_size, self.kv_heads, self.head_dim)
+        if self.name == "cpu":
+            return blocks.permute(0, 2, 3, 1) if kind == 0 else blocks.permute(0, 2, 1, 3)
+        return blocks
+
+    def _from_blocks(self, blocks: torch.Tensor, kind: int) -> torch.Tensor:
+        """The inverse of :meth:`_to_blocks`."""
+        if self.name == "cpu":
+            blocks = blocks.permute(0, 3, 1, 2) if kind == 0 else blocks.permute(0, 2, 1, 3)
+        return blocks.reshape(-1, self.kv_heads, self.head_dim)
+
+    def _whole_blocks(self, block_ids: Sequence[int], start: int, stop: int) -> torch.Tensor | None:
+        """Block ids of ``[start, stop)`` when it is made of whole blocks (one copy per block
+        then, instead of one gather per token), else None."""
+        if start % self.block_size or stop % self.block_size:
+            return None
+        slot_indices(block_ids, self.block_size, start, stop)  # range checks
+        return torch.as_tensor(list(block_ids[start // self.block_size:stop // self.block_size]), dtype=torch.int64)
 
     def read(self, cache: torch.Tensor, block_ids: Sequence[int], start: int,
              stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[stop - start, kv_heads, head_dim]`` (copies) of tokens ``[start, stop)``."""
+        blocks = self._whole_blocks(block_ids, start, stop)
+        if blocks is not None:
+            keys, values = self._block_views(cache)
+            blocks = blocks.to(cache.device)
+            return self._from_blocks(keys[blocks], 0), self._from_blocks(values[blocks], 1)
         blocks, offsets = slot_indices(block_ids, self.block_size, start, stop)
         blocks, offsets = blocks.to(cache.device), offsets.to(cache.device)
-        keys, values = self._views(cache)
+        keys, values = self._token_views(cache)
         return keys[blocks, offsets], values[blocks, offsets]
 
     def write(self, cache: torch.Tensor, block_ids: Sequence[int], start: int, keys: torch.Tensor,
@@ -131,11 +164,21 @@ class BlockLayout:
         if tuple(keys.shape) != expected or tuple(values.shape) != expected:
             raise InvalidInputError(f"keys and values must be {list(expected)}, got {list(keys.shape)} and "
                                     f"{list(values.shape)}")
-        blocks, offsets = slot_indices(block_ids, self.block_size, start, start + keys.shape[0])
+        keys = keys.to(device=cache.device, dtype=cache.dtype)
+        values = values.to(device=cache.device, dtype=cache.dtype)
+        stop = start + keys.shape[0]
+        blocks = self._whole_blocks(block_ids, start, stop)
+        if blocks is not None:
+            key_view, value_view = self._block_views(cache)
+            blocks = blocks.to(cache.device)
+            key_view[blocks] = self._to_blocks(keys, 0)
+            value_view[blocks] = self._to_blocks(values, 1)
+            return
+        blocks, offsets = slot_indices(block_ids, self.block_size, start, stop)
         blocks, offsets = blocks.to(cache.device), offsets.to(cache.device)
-        key_view, value_view = self._views(cache)
-        key_view[blocks, offsets] = keys.to(device=cache.device, dtype=cache.dtype)
-        value_view[blocks, offsets] = values.to(device=cache.device, dtype=cache.dtype)
+        key_view, value_view = self._token_views(cache)
+        key_view[blocks, offsets] = keys
+        value_view[blocks, offsets] = values
 
 
 __all__ = ["BlockLayout", "chunk_keys", "slot_indices"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,9 @@ ERRORS = Counter("svdq_vllm_connector_errors", "svdq connector calls that failed
                  "(lookup: counted as a miss, load: blocks recomputed, save: chunk not stored).", ["operation"])
 TOKENS = Counter("svdq_vllm_connector_tokens", "Prompt tokens the svdq connector found stored (hit), loaded into "
                  "vLLM's cache (loaded) or stored (saved).", ["kind"])
+STORED_BYTES = Counter("svdq_vllm_connector_stored_bytes", "Bytes the server holds for the chunks this connector "
+                       "created (serialized, every byte counted: keys, values) and the same tensors in fp16 "
+                       "(fp16_keys, fp16_values).", ["kind"])
 
 #: default tokens per chunk (rounded up to whole blocks): long enough to quantize in full
 #: token groups, short enough for partial prefix hits to reuse most of a shared prefix
@@ -370,9 +374,11 @@ class SvdqConnector(KVConnectorBase_V1):
     def _load(self, spec: LoadSpec) -> None:
         chunk, layout = self.settings.chunk_tokens, self._layout
         dtype = next(iter(self._caches.values()))[1].dtype
+        started = time.perf_counter()
         self._ensure_profile()
         chunks = self._client.fetch_chunks(self.settings.profile, spec.keys, self._shape.num_layers,
                                            cache_salt=spec.cache_salt, dtype=dtype)
+        fetched_at = time.perf_counter()
         expected = (self._shape.num_layers, chunk, self._shape.kv_heads, self._shape.head_dim)
         # Check everything before writing anything: a bad chunk must not leave half a load behind.
         for offset, fetched in enumerate(chunks):
@@ -391,6 +397,8 @@ class SvdqConnector(KVConnectorBase_V1):
                 layout.write(cache, spec.block_ids, low, fetched.keys[index, low - chunk_start:high - chunk_start],
                              fetched.values[index, low - chunk_start:high - chunk_start])
         TOKENS.labels("loaded").inc(spec.stop - spec.start)
+        log.info("svdq connector: loaded tokens [%d, %d) of %s: fetch %.0f ms, write %.0f ms", spec.start, spec.stop,
+                 spec.req_id, 1e3 * (fetched_at - started), 1e3 * (time.perf_counter() - fetched_at))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv loads every layer before the forward pass
@@ -409,7 +417,9 @@ class SvdqConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         unreachable = None
-        for spec in getattr(meta, "saves", ()):
+        started = time.perf_counter()
+        saves = getattr(meta, "saves", ())
+        for spec in saves:
             parts = self._pending.pop((spec.req_id, spec.index), None)
             if unreachable is not None:
                 self._failed("save", unreachable, f"chunk {spec.index} of {spec.req_id} not stored (server unreachable)")
@@ -423,15 +433,21 @@ class SvdqConnector(KVConnectorBase_V1):
             values = torch.stack([part[1] for part in parts])
             try:
                 self._ensure_profile()
-                self._client.store_chunk(self.settings.profile, spec.key, keys, values,
-                                         positions=torch.arange(start, start + self.settings.chunk_tokens),
-                                         cache_salt=spec.cache_salt)
+                info, created = self._client.store_chunk(
+                    self.settings.profile, spec.key, keys, values,
+                    positions=torch.arange(start, start + self.settings.chunk_tokens), cache_salt=spec.cache_salt)
                 TOKENS.labels("saved").inc(self.settings.chunk_tokens)
+                if created:
+                    for kind, nbytes in (("keys", info.key_bytes), ("values", info.value_bytes),
+                                         ("fp16_keys", info.fp16_key_bytes), ("fp16_values", info.fp16_value_bytes)):
+                        STORED_BYTES.labels(kind).inc(nbytes)
             except (ServiceError, InvalidInputError) as error:
                 self._failed("save", error, f"chunk {spec.index} of {spec.req_id} not stored")
                 if isinstance(error, UnavailableError):
                     unreachable = error  # the rest of this step's saves would wait for it in vain
         self._pending.clear()
+        if saves:
+            log.info("svdq connector: stored %d chunks in %.0f ms", len(saves), 1e3 * (time.perf_counter() - started))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

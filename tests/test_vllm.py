@@ -92,7 +92,15 @@ def test_a_second_engine_reloads_what_the_first_saved(server, prompts, reference
     prompt, other = prompts
     first = run_engine(spec([call(prompt)], server.address))
     assert tokens(first, 0) == reference[0]
-    assert first["counters"] == {"svdq_vllm_connector_tokens_total:saved": 512.0}
+    counters = first["counters"]
+    assert counters["svdq_vllm_connector_tokens_total:saved"] == 512
+    assert not any(name.startswith(("svdq_vllm_connector_errors", "svdq_vllm_connector_tokens_total:hit"))
+                   for name in counters)
+    # Passthrough: what the server holds is the fp16 cache plus the blobs' headers.
+    fp16 = 512 * 30 * 3 * 64 * 2
+    for kind in ("keys", "values"):
+        assert counters[f"svdq_vllm_connector_stored_bytes_total:fp16_{kind}"] == fp16
+        assert fp16 <= counters[f"svdq_vllm_connector_stored_bytes_total:{kind}"] < 1.01 * fp16
     with KVCacheClient(server.address, token=TENANT_TOKENS["team-a"]) as client:
         info = client.server_info()
     assert info.tenant_sequences == 2  # two 256-token chunks, stored as the tenant's sequences

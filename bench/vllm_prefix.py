@@ -188,7 +188,8 @@ def table(args: argparse.Namespace) -> None:
             for _, profile in profiles:
                 client.register_profile(profile, replace=True)
         for label, profile in profiles:
-            for chunk_tokens in args.chunk_tokens:
+            # Passthrough does not depend on the chunk size; svdq's quality and bytes do.
+            for chunk_tokens in args.chunk_tokens if profile.codec.method == "svdq" else args.chunk_tokens[:1]:
                 connector = connector_config(address, profile.name, chunk_tokens=chunk_tokens)
                 # Each row's chunks are its own: a salt per row keeps rows from reusing each other's.
                 salt = f"{profile.name}-{chunk_tokens}"
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=4096, help="tokens per needle prompt")
     parser.add_argument("--answer-tokens", type=int, default=12, help="greedy tokens of each answer")
     parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[256],
-                        help="connector chunk sizes to run each profile with (multiples of the block size, 128)")
+                        help="connector chunk sizes for the svdq rows (multiples of the block size, 128); the fp16 "
+                             "row uses the first")
     parser.add_argument("--calibration-tokens", type=int, default=4096,
                         help="tokens of calibration text (Python docs prose) for the shared key bases")
     args = parser.parse_args(argv)

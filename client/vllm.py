@@ -52,7 +52,7 @@ from svdq.codec import Basis, CodecConfig
 from svdq.errors import InvalidInputError
 
 from .client import KVCacheClient
-from .errors import ServiceError, UnavailableError
+from .errors import DeadlineExceededError, ServiceError, UnavailableError
 from .hf import ModelShape
 from .kv_blocks import BlockLayout, chunk_keys
 from .types import Profile
@@ -236,7 +236,7 @@ class SvdqConnector(KVConnectorBase_V1):
             return
         try:
             profile = self._client.get_profile(self.settings.profile)
-        except UnavailableError as error:
+        except (UnavailableError, DeadlineExceededError) as error:
             if at_start:
                 log.warning("svdq server %s unreachable at start-up (%s); prefixes are recomputed until it answers",
                             self.settings.address, error.details)
@@ -443,7 +443,7 @@ class SvdqConnector(KVConnectorBase_V1):
                         STORED_BYTES.labels(kind).inc(nbytes)
             except (ServiceError, InvalidInputError) as error:
                 self._failed("save", error, f"chunk {spec.index} of {spec.req_id} not stored")
-                if isinstance(error, UnavailableError):
+                if isinstance(error, (UnavailableError, DeadlineExceededError)):
                     unreachable = error  # the rest of this step's saves would wait for it in vain
         self._pending.clear()
         if saves:

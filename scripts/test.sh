@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: set up the environments (.venv, and .venv-vllm
-# for tests/test_vllm.py), install the real
-# servers the tests talk to (Prometheus, from Debian's packages), then pytest.
+# for tests/test_vllm.py), install the real servers the tests talk to (Prometheus, from
+# Debian's packages), then pytest.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k codec`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,7 @@ server and reloaded by any vLLM worker instead of being prefilled again.
 
 Load it out of tree (see README "vLLM")::
 
-    vllm serve MODEL --kv-transfer-config '{"kv_connector": "SvdqConnector",
+    python -m vllm.entrypoints.openai.api_server --model MODEL --kv-transfer-config '{"kv_connector": "SvdqConnector",
         "kv_connector_module_path": "svdq_client.vllm", "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"address": "svdq:50051", "token": "...", "profile": "smollm2"}}'

@@ -444,6 +444,50 @@ class FetchAssembler:
 
 
 @client_side
+def store_chunk_request(profile: str, content_key: str, keys: torch.Tensor, values: torch.Tensor,
+                        positions: torch.Tensor | None, cache_salt: str, key_space: str) -> pb.StoreChunkRequest:
+    keys, values, positions = check_cache_tensors(keys, values, positions, "chunk")
+    if values is None:
+        raise InvalidInputError("a chunk stores keys and values: values are required")
+    request = pb.StoreChunkRequest(profile=profile, content_key=content_key, cache_salt=cache_salt,
+                                   key_space=key_space_to_pb(key_space))
+    tensor_to_pb(keys, request.keys)
+    tensor_to_pb(values, request.values)
+    if positions is not None:
+        tensor_to_pb(positions, request.positions)
+    return request
+
+
+class ChunkAssembler:
+    """Collects FetchChunks stream pieces into one :class:`FetchResult` per requested chunk."""
+
+    def __init__(self, count: int) -> None:
+        self._pieces: list[dict[int, pb.ChunkPiece]] = [{} for _ in range(count)]
+
+    def add(self, piece: pb.ChunkPiece) -> None:
+        if piece.index >= len(self._pieces):
+            raise ServiceError(f"FetchChunks sent chunk index {piece.index} of {len(self._pieces)} requested",
+                               grpc.StatusCode.INTERNAL)
+        self._pieces[piece.index][piece.layer_start] = piece
+
+    def result(self, num_layers: int) -> list[FetchResult]:
+        results = []
+        for index, pieces in enumerate(self._pieces):
+            keys, values, layer = [], [], 0
+            while layer < num_layers and layer in pieces:
+                piece = pieces[layer]
+                keys.append(tensor_from_pb(piece.keys, "keys"))
+                values.append(tensor_from_pb(piece.values, "values"))
+                layer += keys[-1].shape[0]
+            if layer != num_layers:
+                raise ServiceError(f"FetchChunks stream ended early: chunk {index} has {layer} of {num_layers} layers",
+                                   grpc.StatusCode.INTERNAL)
+            positions = tensor_from_pb(pieces[0].positions, "positions")
+            results.append(FetchResult(torch.cat(keys), torch.cat(values), positions))
+        return results
+
+
+@client_side
 def profile_request(profile: Profile, replace: bool) -> pb.RegisterProfileRequest:
     if not isinstance(profile, Profile):
         raise library.InvalidInputError(f"profile must be an svdq_client.Profile, got {type(profile).__name__}")
@@ -616,6 +660,23 @@ class KVCacheClient:
                 log.info("retrying after UNAVAILABLE in %.3fs: %s", delay, typed.details)
                 time.sleep(delay)
 
+    def _streamed(self, method, request, new_assembler, finish, timeout: float | None):
+        """A server-streaming call collected by a fresh assembler per attempt; the whole stream
+        is retried on UNAVAILABLE (reads are idempotent)."""
+        delays = self.retry.delays()
+        while True:
+            assembler = new_assembler()
+            try:
+                for message in method(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                    assembler.add(message)
+                return finish(assembler)
+            except grpc.RpcError as error:
+                typed = error_from_rpc(error)
+                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
+                if delay is None:
+                    raise typed from None
+                time.sleep(delay)
+
     # -- profiles ------------------------------------------------------------------------
 
     def register_profile(self, profile: Profile, replace: bool = False, *, timeout: float | None = None) -> Profile:
@@ -692,19 +753,7 @@ class KVCacheClient:
               timeout: float | None = None) -> FetchResult:
         """Reconstructed keys (and values) [layers, tokens, kv_heads, head_dim], streamed."""
         request = fetch_request(sequence_id, layers, key_space, dtype, include_values, self.chunk_bytes)
-        delays = self.retry.delays()
-        while True:
-            assembler = FetchAssembler()
-            try:
-                for chunk in self._stub.Fetch(request, timeout=timeout or self.timeout, metadata=self._metadata):
-                    assembler.add(chunk)
-                return assembler.result()
-            except grpc.RpcError as error:
-                typed = error_from_rpc(error)
-                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
-                if delay is None:
-                    raise typed from None
-                time.sleep(delay)
+        return self._streamed(self._stub.Fetch, request, FetchAssembler, lambda assembler: assembler.result(), timeout)
 
     def delete(self, sequence_id: str, *, timeout: float | None = None) -> None:
         """Delete a stored sequence (NotFoundError when absent)."""
@@ -734,3 +783,32 @@ class KVCacheClient:
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """The server's version, device, store budget and occupancy."""
         return ServerInfo.from_pb(self._call(self._stub.GetServerInfo, pb.ServerInfoRequest, timeout))
+
+    # -- content-addressed chunks (KV connectors) --------------------------------------------
+
+    def store_chunk(self, profile: str, content_key: str, keys: torch.Tensor, values: torch.Tensor, *,
+                    positions: torch.Tensor | None = None, cache_salt: str = "", key_space: str = "post_rope",
+                    timeout: float | None = None) -> tuple[SequenceInfo, bool]:
+        """Store one chunk, keys and values [layers, tokens, kv_heads, head_dim] of every layer,
+        under a content key (retried safely: a stored key is kept). Returns its info and
+        whether this call created it."""
+        request = store_chunk_request(profile, content_key, keys, values, positions, cache_salt, key_space)
+        response = self._call(self._stub.StoreChunk, lambda: request, timeout)
+        return SequenceInfo.from_pb(response.chunk), response.created
+
+    def lookup_chunks(self, profile: str, content_keys: Sequence[str], *, cache_salt: str = "",
+                      timeout: float | None = None) -> int:
+        """How many of ``content_keys`` (a chain in token order), from the first on, are stored."""
+        request = pb.LookupChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys))
+        return self._call(self._stub.LookupChunks, lambda: request, timeout).leading
+
+    def fetch_chunks(self, profile: str, content_keys: Sequence[str], num_layers: int, *, cache_salt: str = "",
+                     dtype: torch.dtype | None = None, timeout: float | None = None) -> list[FetchResult]:
+        """Reconstructed keys and values [num_layers, tokens, kv_heads, head_dim] of stored chunks,
+        one :class:`FetchResult` per content key, in one streamed call (NotFoundError when any
+        is not stored)."""
+        request = pb.FetchChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys),
+                                        dtype=dtype_to_pb(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,
+                                        max_chunk_bytes=self.chunk_bytes)
+        return self._streamed(self._stub.FetchChunks, request, lambda: ChunkAssembler(len(content_keys)),
+                              lambda assembler: assembler.result(num_layers), timeout)

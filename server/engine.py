@@ -11,6 +11,7 @@ compression, budget check) before it replaces the old one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -61,6 +62,8 @@ DEFAULT_STAGING_TENANT_SHARE = 0.5
 MAX_ATTEND_SCALE = 16.0
 #: owner of the profiles loaded at start (--profiles-file): every tenant sees them
 OPERATOR = ""
+#: longest cache_salt of a chunk request, characters
+MAX_CACHE_SALT = 1024
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,6 +163,20 @@ class FetchPiece:
     total_tokens: int
     keys: torch.Tensor
     values: torch.Tensor | None
+    positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ChunkPiece:
+    """Reconstructed layers ``[layer_start, layer_start + n)`` of the ``index``-th requested chunk.
+
+    ``keys``/``values`` [n, tokens, kv_heads, head_dim] on the CPU, keys in the space they
+    came in; ``positions`` int64 [tokens]."""
+
+    index: int
+    layer_start: int
+    keys: torch.Tensor
+    values: torch.Tensor
     positions: torch.Tensor
 
 
@@ -733,6 +750,110 @@ class Engine:
                 stop = min(total, start + step)
                 yield FetchPiece(layer, start, total, keys[start:stop], None if values is None else values[start:stop],
                                  positions[start:stop])
+
+    # -- content-addressed chunks (KV connectors) --------------------------------------------
+    #
+    # A chunk is stored as an ordinary sequence of the tenant (so it counts against the store
+    # budget, is evicted and expires like one) under an id derived from everything that must
+    # match for a hit: a different tenant, profile or cache_salt never finds it.
+
+    def chunk_sequence_id(self, tenant: str, profile_name: str, cache_salt: str, content_key: str) -> str:
+        """The sequence id a chunk is stored under."""
+        identity = repr((tenant, profile_name, cache_salt, content_key)).encode()
+        return "chunk/" + hashlib.sha256(identity).hexdigest()[:48]
+
+    def store_chunk(self, tenant: str, profile_name: str, content_key: str, cache_salt: str, keys: torch.Tensor,
+                    values: torch.Tensor, positions: torch.Tensor | None = None,
+                    key_space: str = "post_rope") -> tuple[SequenceInfo, bool]:
+        """Store keys and values [num_layers, tokens, kv_heads, head_dim] of one chunk under its
+        content key. Returns the chunk's info and whether it was created (a chunk stored
+        already is kept, and counts as used)."""
+        profile = self.get_profile(profile_name, tenant)
+        sequence_id = self._chunk_id(tenant, profile, cache_salt, content_key)
+        self._check_geometry(profile, keys, "keys", dims=4)
+        if keys.shape[0] != profile.num_layers:
+            raise InvalidInputError(f"keys must cover every layer: shape [{profile.num_layers}, tokens, "
+                                    f"{profile.kv_heads}, {profile.head_dim}], got {list(keys.shape)}")
+        tokens = keys.shape[1]
+        if not 1 <= tokens <= self.config.max_tokens:
+            raise InvalidInputError(f"a chunk must hold 1..{self.config.max_tokens} tokens (--max-tokens), got {tokens}")
+        self._check_geometry(profile, values, "values", dims=4)
+        if values.shape != keys.shape:
+            raise InvalidInputError(f"values must have the shape of keys {list(keys.shape)}, got {list(values.shape)}")
+        if positions is None:
+            positions = torch.arange(tokens, dtype=torch.int64)
+        self._check_positions(positions, tokens)
+        if key_space == "post_rope" and profile.rope is None:
+            raise InvalidInputError(f"key_space POST_ROPE needs a rope description, and profile {profile.name!r} has none")
+        existing = self.store.peek(tenant, sequence_id)
+        if existing is not None:
+            if existing.state.num_tokens != tokens:
+                raise ConflictError(f"chunk {content_key!r} is stored with {existing.state.num_tokens} tokens, not "
+                                    f"{tokens}: a content key must name one token range")
+            return self.describe(tenant, sequence_id), False
+        # Sinks are the sequence's first tokens; a chunk further in has none, and keeping four
+        # 16-bit tokens at the start of every chunk would cost more than its quantized body.
+        chunk_profile = profile
+        if int(positions[0]) != 0 and profile.codec.num_sinks:
+            chunk_profile = dataclasses.replace(profile, codec=dataclasses.replace(profile.codec, num_sinks=0))
+        header = UploadHeader(sequence_id, profile.name, sequence_id.replace("/", "-"), tokens, key_space,
+                              replace=False, has_values=True)
+        info = self._store_new(tenant, header, chunk_profile, list(keys), list(values), positions)
+        return info, True
+
+    def lookup_chunks(self, tenant: str, profile_name: str, cache_salt: str, content_keys: Sequence[str]) -> int:
+        """How many of ``content_keys`` (a chain in token order), from the first on, are stored."""
+        profile = self.get_profile(profile_name, tenant)
+        ids = self._chunk_ids(tenant, profile, cache_salt, content_keys)
+        for leading, sequence_id in enumerate(ids):
+            if self.store.peek(tenant, sequence_id) is None:
+                return leading
+        return len(ids)
+
+    def fetch_chunks(self, tenant: str, profile_name: str, cache_salt: str, content_keys: Sequence[str], *,
+                     dtype: torch.dtype | None = None, max_chunk_bytes: int = 4 << 20) -> Iterator[ChunkPiece]:
+        """Reconstructed keys and values of stored chunks, in pieces of whole layers of about
+        ``max_chunk_bytes`` at most (one layer when a layer alone is larger). NotFoundError,
+        before anything is produced, when any chunk is not stored."""
+        profile = self.get_profile(profile_name, tenant)
+        ids = self._chunk_ids(tenant, profile, cache_salt, content_keys)
+        if not ids:
+            raise InvalidInputError("content_keys must name at least one chunk")
+        if max_chunk_bytes < 1:
+            raise InvalidInputError(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
+        states = []
+        for index, sequence_id in enumerate(ids):
+            try:
+                states.append(self.store.get(tenant, sequence_id).state)
+            except NotFoundError:
+                raise NotFoundError(f"chunk content_keys[{index}] {content_keys[index]!r} is not stored") from None
+        return self._chunk_pieces(states, profile, dtype, max_chunk_bytes)
+
+    def _chunk_pieces(self, states: list[SequenceState], profile: Profile, dtype: torch.dtype | None,
+                      max_chunk_bytes: int) -> Iterator[ChunkPiece]:
+        for index, state in enumerate(states):
+            layer_bytes = 2 * 4 * state.num_tokens * profile.channels
+            step = max(1, max_chunk_bytes // layer_bytes)
+            positions = state.keys[0].token_positions().cpu()
+            for start in range(0, profile.num_layers, step):
+                layers = range(start, min(profile.num_layers, start + step))
+                keys = torch.stack([decompress(state.keys[layer], dtype=dtype).cpu() for layer in layers])
+                values = torch.stack([decompress_values(state.values[layer], dtype=dtype).cpu() for layer in layers])
+                yield ChunkPiece(index, start, keys, values, positions)
+
+    def _chunk_ids(self, tenant: str, profile: Profile, cache_salt: str, content_keys: Sequence[str]) -> list[str]:
+        if len(content_keys) > self.config.max_batch:
+            raise InvalidInputError(f"at most {self.config.max_batch} content_keys per call, got {len(content_keys)}")
+        return [self._chunk_id(tenant, profile, cache_salt, key, f"content_keys[{index}]")
+                for index, key in enumerate(content_keys)]
+
+    def _chunk_id(self, tenant: str, profile: Profile, cache_salt: str, content_key: str,
+                  field_name: str = "content_key") -> str:
+        check_name(content_key, field_name)
+        if not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT:
+            raise InvalidInputError(f"cache_salt must be a string of at most {MAX_CACHE_SALT} characters, "
+                                    f"got {len(cache_salt)}")
+        return self.chunk_sequence_id(tenant, profile.name, cache_salt, content_key)
 
     def delete(self, tenant: str, sequence_id: str) -> None:
         """Remove a stored sequence (and any upload of it in progress); NotFoundError when absent."""

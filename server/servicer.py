@@ -153,7 +153,39 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     async def GetServerInfo(self, request, context):
         return self.engine.server_info(current_tenant.get()).to_pb()
 
+    async def StoreChunk(self, request, context):
+        tenant = current_tenant.get()
+
+        def work():
+            info, created = self.engine.store_chunk(tenant, **convert.store_chunk_args_from_pb(request))
+            return pb.StoreChunkResponse(created=created, chunk=info.to_pb())
+
+        return await self._run(work)
+
+    async def LookupChunks(self, request, context):
+        tenant = current_tenant.get()
+        leading = await self._run(lambda: self.engine.lookup_chunks(tenant, **convert.chunk_keys_args_from_pb(request)))
+        return pb.LookupChunksResponse(leading=leading)
+
+    async def FetchChunks(self, request, context):
+        tenant = current_tenant.get()
+        chunk_bytes = min(request.max_chunk_bytes or DEFAULT_FETCH_CHUNK_BYTES, self.max_fetch_chunk_bytes)
+        dtype = convert.output_dtype_from_pb(request.dtype)
+        pieces = await self._run(lambda: self.engine.fetch_chunks(tenant, dtype=dtype, max_chunk_bytes=chunk_bytes,
+                                                                  **convert.chunk_keys_args_from_pb(request)))
+        done = object()
+        while True:
+            message = await self._run(_next_chunk_message, pieces, done)
+            if message is done:
+                return
+            yield message
+
 
 def _next_message(pieces, done):
     piece = next(pieces, None)
     return done if piece is None else convert.fetch_piece_to_pb(piece)
+
+
+def _next_chunk_message(pieces, done):
+    piece = next(pieces, None)
+    return done if piece is None else convert.chunk_piece_to_pb(piece)

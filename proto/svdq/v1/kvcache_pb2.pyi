@@ -417,3 +417,73 @@ class ServerInfo(_message.Message):
     profiles: _containers.RepeatedScalarFieldContainer[str]
     tenant_quota_bytes: int
     def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., store_budget_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., stored_fp16_bytes: _Optional[int] = ..., sequences: _Optional[int] = ..., tenant_sequences: _Optional[int] = ..., evictions: _Optional[int] = ..., eviction: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., profiles: _Optional[_Iterable[str]] = ..., tenant_quota_bytes: _Optional[int] = ...) -> None: ...
+
+class StoreChunkRequest(_message.Message):
+    __slots__ = ("profile", "content_key", "cache_salt", "key_space", "keys", "values", "positions")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    KEY_SPACE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    profile: str
+    content_key: str
+    cache_salt: str
+    key_space: KeySpace
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    def __init__(self, profile: _Optional[str] = ..., content_key: _Optional[str] = ..., cache_salt: _Optional[str] = ..., key_space: _Optional[_Union[KeySpace, str]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StoreChunkResponse(_message.Message):
+    __slots__ = ("created", "chunk")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    chunk: SequenceInfo
+    def __init__(self, created: _Optional[bool] = ..., chunk: _Optional[_Union[SequenceInfo, _Mapping]] = ...) -> None: ...
+
+class LookupChunksRequest(_message.Message):
+    __slots__ = ("profile", "cache_salt", "content_keys")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    profile: str
+    cache_salt: str
+    content_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, profile: _Optional[str] = ..., cache_salt: _Optional[str] = ..., content_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LookupChunksResponse(_message.Message):
+    __slots__ = ("leading",)
+    LEADING_FIELD_NUMBER: _ClassVar[int]
+    leading: int
+    def __init__(self, leading: _Optional[int] = ...) -> None: ...
+
+class FetchChunksRequest(_message.Message):
+    __slots__ = ("profile", "cache_salt", "content_keys", "dtype", "max_chunk_bytes")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    profile: str
+    cache_salt: str
+    content_keys: _containers.RepeatedScalarFieldContainer[str]
+    dtype: DType
+    max_chunk_bytes: int
+    def __init__(self, profile: _Optional[str] = ..., cache_salt: _Optional[str] = ..., content_keys: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class ChunkPiece(_message.Message):
+    __slots__ = ("index", "layer_start", "keys", "values", "positions")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    layer_start: int
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    def __init__(self, index: _Optional[int] = ..., layer_start: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

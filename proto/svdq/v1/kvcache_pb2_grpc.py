@@ -95,6 +95,21 @@ class KVCacheStub:
                 request_serializer=svdq_dot_v1_dot_kvcache__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=svdq_dot_v1_dot_kvcache__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.StoreChunk = channel.unary_unary(
+                '/svdq.v1.KVCache/StoreChunk',
+                request_serializer=svdq_dot_v1_dot_kvcache__pb2.StoreChunkRequest.SerializeToString,
+                response_deserializer=svdq_dot_v1_dot_kvcache__pb2.StoreChunkResponse.FromString,
+                _registered_method=True)
+        self.LookupChunks = channel.unary_unary(
+                '/svdq.v1.KVCache/LookupChunks',
+                request_serializer=svdq_dot_v1_dot_kvcache__pb2.LookupChunksRequest.SerializeToString,
+                response_deserializer=svdq_dot_v1_dot_kvcache__pb2.LookupChunksResponse.FromString,
+                _registered_method=True)
+        self.FetchChunks = channel.unary_stream(
+                '/svdq.v1.KVCache/FetchChunks',
+                request_serializer=svdq_dot_v1_dot_kvcache__pb2.FetchChunksRequest.SerializeToString,
+                response_deserializer=svdq_dot_v1_dot_kvcache__pb2.ChunkPiece.FromString,
+                _registered_method=True)
 
 
 class KVCacheServicer:
@@ -172,6 +187,24 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StoreChunk(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupChunks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchChunks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +267,21 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=svdq_dot_v1_dot_kvcache__pb2.ServerInfoRequest.FromString,
                     response_serializer=svdq_dot_v1_dot_kvcache__pb2.ServerInfo.SerializeToString,
+            ),
+            'StoreChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreChunk,
+                    request_deserializer=svdq_dot_v1_dot_kvcache__pb2.StoreChunkRequest.FromString,
+                    response_serializer=svdq_dot_v1_dot_kvcache__pb2.StoreChunkResponse.SerializeToString,
+            ),
+            'LookupChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupChunks,
+                    request_deserializer=svdq_dot_v1_dot_kvcache__pb2.LookupChunksRequest.FromString,
+                    response_serializer=svdq_dot_v1_dot_kvcache__pb2.LookupChunksResponse.SerializeToString,
+            ),
+            'FetchChunks': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchChunks,
+                    request_deserializer=svdq_dot_v1_dot_kvcache__pb2.FetchChunksRequest.FromString,
+                    response_serializer=svdq_dot_v1_dot_kvcache__pb2.ChunkPiece.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -560,6 +608,87 @@ class KVCache:
             '/svdq.v1.KVCache/GetServerInfo',
             svdq_dot_v1_dot_kvcache__pb2.ServerInfoRequest.SerializeToString,
             svdq_dot_v1_dot_kvcache__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svdq.v1.KVCache/StoreChunk',
+            svdq_dot_v1_dot_kvcache__pb2.StoreChunkRequest.SerializeToString,
+            svdq_dot_v1_dot_kvcache__pb2.StoreChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svdq.v1.KVCache/LookupChunks',
+            svdq_dot_v1_dot_kvcache__pb2.LookupChunksRequest.SerializeToString,
+            svdq_dot_v1_dot_kvcache__pb2.LookupChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/svdq.v1.KVCache/FetchChunks',
+            svdq_dot_v1_dot_kvcache__pb2.FetchChunksRequest.SerializeToString,
+            svdq_dot_v1_dot_kvcache__pb2.ChunkPiece.FromString,
             options,
             channel_credentials,
             insecure,

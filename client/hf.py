@@ -396,6 +396,14 @@ def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
     ``bench/quality.py``: dNLL +0.004 with a shared basis vs +0.013 with per-sequence ones).
     Needs at least ``kv_heads * head_dim`` tokens; a few thousand is better.
     """
+    return calibrate_cache_bases(model, input_ids)[0]
+
+
+def calibrate_cache_bases(model: Any, input_ids: torch.Tensor) -> tuple[tuple[Basis, ...], tuple[Basis, ...]]:
+    """Shared key bases (as :func:`calibrate_bases`) and value bases, one per layer each, from
+    one run of ``input_ids``: ``(key_bases, value_bases)``. Value bases serve SVDq latent
+    values (``ValueConfig(codec=...)``, :func:`svdq.values.compress_values` ``basis=``);
+    values carry no RoPE, so they are fitted as they are cached."""
     from .evaluation import prefill
 
     shape = ModelShape.from_config(model.config)
@@ -413,8 +421,9 @@ def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
     finally:
         if previous == ATTENTION_NAME:
             model.set_attn_implementation(previous)
-    return tuple(fit_layer_basis(keys.cpu(), positions=calibration.positions, rope=shape.rope)
-                 for keys in calibration.keys)
+    key_bases = tuple(fit_layer_basis(keys.cpu(), positions=calibration.positions, rope=shape.rope)
+                      for keys in calibration.keys)
+    return key_bases, tuple(fit_layer_basis(values.cpu()) for values in calibration.values)
 
 
 def _require_open(shape: ModelShape | None) -> ModelShape:
@@ -719,6 +728,7 @@ __all__ = [
     "SvdqOffloadCache",
     "SvdqOffloadLayer",
     "calibrate_bases",
+    "calibrate_cache_bases",
     "disable_offload",
     "enable_offload",
     "svdq_offload_attention",

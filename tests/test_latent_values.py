@@ -56,9 +56,9 @@ def test_latent_values_are_the_key_codec_output_and_count_every_byte():
     assert torch.equal(gather_values(restored, index), expected.transpose(0, 1)[torch.arange(3)[:, None], index])
 
 
-def test_default_value_codec_is_svdq_in_small_token_groups():
-    assert DEFAULT_VALUE_CODEC.method == "svdq" and DEFAULT_VALUE_CODEC.group_size == 32
-    stored = compress_values(structured_values(4 + 32 * 20), ValueConfig(codec=DEFAULT_VALUE_CODEC))
+def test_default_value_codec_is_svdq_weighing_noise_below_dropped_channels():
+    assert DEFAULT_VALUE_CODEC.method == "svdq" and DEFAULT_VALUE_CODEC.noise_averaging > 1
+    stored = compress_values(structured_values(4 + 64 * 20), ValueConfig(codec=DEFAULT_VALUE_CODEC))
     assert stored.bits_per_element <= DEFAULT_VALUE_CODEC.bits_per_element + 0.01
 
 

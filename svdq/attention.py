@@ -530,7 +530,8 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
     if isinstance(seq_index, slice) and v_start <= seq_index.start and seq_index.stop <= v_start + v_body:
         # The common dense case: the keys' body lies inside the values' body.
         codes = _dequantized(latent, None)[seq_index.start - v_start:seq_index.stop - v_start]
-        return _project_latent(latent, torch.einsum("...hgn,nr->...hgr", weights, codes), weights.sum(-1))
+        summed = (weights.reshape(-1, weights.shape[-1]) @ codes).reshape(*weights.shape[:-1], codes.shape[-1])
+        return _project_latent(latent, summed, weights.sum(-1))
     if isinstance(seq_index, slice):
         seq_index = torch.arange(seq_index.start, seq_index.stop, device=weights.device)
     body_index = seq_index - v_start
@@ -555,9 +556,17 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
 def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
     """Weighted latent sums [..., Hkv, g, r] -> values [..., Hkv, g, D] (each head's basis rows)."""
     kv_heads, head_dim = latent.kv_heads, latent.head_dim
-    basis = latent.basis.float().reshape(kv_heads, head_dim, -1)
+    # float32 [Hkv, r, D]: each head's basis rows laid out for one bmm, kept under the budget.
+    basis = DERIVED.get(latent, "basis_by_head")
+    if basis is None:
+        basis = DERIVED.put(latent, "basis_by_head",
+                            latent.basis.float().reshape(kv_heads, head_dim, -1).transpose(1, 2).contiguous())
     mean = latent.mean.float().reshape(kv_heads, 1, head_dim)
-    return torch.einsum("...hgr,hdr->...hgd", summed, basis) + mean * weight_sum[..., None]
+    lead = summed.shape[:-3]
+    per_head = summed.reshape(-1, kv_heads, summed.shape[-2], summed.shape[-1]).transpose(0, 1)
+    projected = torch.bmm(per_head.reshape(kv_heads, -1, summed.shape[-1]), basis)
+    projected = projected.reshape(kv_heads, -1, summed.shape[-2], head_dim).transpose(0, 1)
+    return projected.reshape(*lead, kv_heads, summed.shape[-2], head_dim) + mean * weight_sum[..., None]
 
 
 def _attend_torch_group(

@@ -8,10 +8,12 @@ import zlib
 
 import pytest
 import torch
+from test_attention import ROPE, make_case, naive_attention
 
 from svdq import CodecConfig, compress, decompress, fit_basis
 from svdq.attention import SparsityConfig, attend
 from svdq.errors import FormatError, InvalidInputError
+from svdq.kv import CacheBudget, compress_kv
 from svdq.values import (
     DEFAULT_VALUE_CODEC,
     ValueConfig,
@@ -22,8 +24,6 @@ from svdq.values import (
     values_from_bytes,
     values_to_bytes,
 )
-
-from test_attention import ROPE, make_case, naive_attention
 
 
 def structured_values(tokens, heads=3, head_dim=64, seed=0, rank=24):
@@ -192,3 +192,52 @@ def test_a_batch_mixing_latent_and_16_bit_values_answers_each_entry_as_alone():
              for b, (k, v) in enumerate([(keys, latent), (other_keys, other_values)])]
     for b in range(2):
         assert torch.allclose(together.output[b], alone[b].output[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# One budget for keys and values (svdq.kv)
+
+def _layer(tokens=900, seed=0):
+    keys, _ = make_case("svdq", tokens=tokens, key_space="post_rope", seed=seed)
+    post_keys = decompress(keys, key_space="post_rope", dtype=torch.float32)
+    return post_keys, structured_values(tokens, seed=seed + 7)
+
+
+def test_cache_budget_spends_the_total_bits_on_the_measured_best_split():
+    keys, values = _layer()
+    budget = CacheBudget(bits_per_element=2.0, key_shares=(0.25, 0.5), probe_queries=32)
+    cache = compress_kv(keys, values, budget, positions=torch.arange(900), rope=ROPE, key_space="post_rope")
+    assert set(cache.split_errors) == {0.25, 0.5}
+    assert cache.key_share == min(cache.split_errors, key=cache.split_errors.get)
+    assert cache.nbytes == len(values_to_bytes(cache.values)) + cache.keys.nbytes
+    # Both codecs count every byte: the whole cache lands on the budget (900 tokens: small tails).
+    assert cache.bits_per_element == pytest.approx(2.0, abs=0.05)
+    # Keys that barely matter (a flat score: every probe attends almost uniformly) leave the
+    # bits to values, and values of rank two (two latent channels hold them) leave them to keys.
+    flat_keys = keys * 1e-3
+    assert compress_kv(flat_keys, values, budget, positions=torch.arange(900), rope=ROPE,
+                       key_space="post_rope").key_share == 0.25
+    generator = torch.Generator().manual_seed(3)
+    rank_two = (torch.randn(900, 2, generator=generator) @ torch.randn(2, 192, generator=generator)).reshape(900, 3, 64)
+    sharp_keys = 2 * torch.randn(900, 3, 64, generator=generator)  # full rank: every key bit counts
+    assert compress_kv(sharp_keys, rank_two, budget, positions=torch.arange(900), rope=ROPE,
+                       key_space="post_rope").key_share == 0.5
+
+
+def test_cache_budget_from_a_ratio_and_its_bad_inputs():
+    assert CacheBudget.from_ratio(8).bits_per_element == 2.0
+    with pytest.raises(InvalidInputError, match=">= 1"):
+        CacheBudget.from_ratio(0.5)
+    with pytest.raises(InvalidInputError, match=r"in \(0, 16"):
+        CacheBudget(bits_per_element=0)
+    with pytest.raises(InvalidInputError, match="fractions"):
+        CacheBudget(key_shares=(0.0, 0.5))
+    with pytest.raises(InvalidInputError, match="above 16"):
+        CacheBudget(bits_per_element=12, key_shares=(0.8,))
+    with pytest.raises(InvalidInputError, match="svdq CodecConfig"):
+        CacheBudget(key_codec=CodecConfig(method="kivi"))
+    with pytest.raises(InvalidInputError, match="probe_queries"):
+        CacheBudget(probe_queries=0)
+    keys, values = _layer(200)
+    with pytest.raises(InvalidInputError, match="keys' shape"):
+        compress_kv(keys, values[:100], CacheBudget(), rope=ROPE, key_space="post_rope")

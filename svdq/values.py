@@ -58,11 +58,12 @@ from .quant import quantize_groups
 
 VALUE_BITS = (None, 2, 4)
 VALUE_GROUP_SIZES = (8, 16, 32, 64, 128, 256)
-#: SVDq latent values at 2 true bits per value element, token groups of 64, and an
-#: allocation that weighs quantization noise 1/5 against dropping a channel: attention
-#: averages values over many tokens, so their independent rounding errors shrink while a
-#: dropped channel's error does not (measured on SmolLM2, docs/quality.md).
-DEFAULT_VALUE_CODEC = CodecConfig(bits_per_element=2.0, group_size=64, noise_averaging=5.0)
+#: SVDq latent values at 2.5 true bits per value element (with 1.5-bit keys: 2 bits per KV
+#: element), token groups of 32 and an allocation that weighs quantization noise 1/3
+#: against dropping a channel: attention averages values over many tokens, so their
+#: independent rounding errors shrink while a dropped channel's error does not. Measured on
+#: SmolLM2 at 1,024 and 3,072-token prefixes (docs/quality.md).
+DEFAULT_VALUE_CODEC = CodecConfig(bits_per_element=2.5, group_size=32, noise_averaging=3.0)
 _MAGIC = b"SVDV"
 _VERSION = 2
 _LATENT_BITS = 16

@@ -73,9 +73,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         registry = self.registry
-        self.compression_ratio = Histogram("svdq_compression_ratio", "Key compression ratio (fp16 bytes over "
-                                           "serialized bytes, everything included) per upload or compress call.",
-                                           ["profile"], buckets=RATIO_BUCKETS, registry=registry)
+        self.compression_ratio = Histogram("svdq_compression_ratio", "Compression ratio (fp16 bytes over "
+                                           "serialized bytes, everything included) per upload or compress call, "
+                                           "by kind: keys, values, total (keys and values of an upload).",
+                                           ["profile", "kind"], buckets=RATIO_BUCKETS, registry=registry)
         self.bits_per_element = Histogram("svdq_bits_per_element", "True bits per key element (serialized size) per "
                                           "upload or compress call.", ["profile"], buckets=BITS_BUCKETS,
                                           registry=registry)
@@ -125,9 +126,15 @@ class Metrics:
     # -- events ----------------------------------------------------------------------------
 
     def compressed(self, profile: str, ratio: float, bits_per_element: float, relative_error: float) -> None:
-        self.compression_ratio.labels(profile).observe(ratio)
+        """Keys of an upload or compress call."""
+        self.compression_ratio.labels(profile, "keys").observe(ratio)
         self.bits_per_element.labels(profile).observe(bits_per_element)
         self.reconstruction_error.labels(profile).observe(relative_error)
+
+    def compressed_cache(self, profile: str, value_ratio: float, total_ratio: float) -> None:
+        """Values, and keys with values, of an upload that stores values."""
+        self.compression_ratio.labels(profile, "values").observe(value_ratio)
+        self.compression_ratio.labels(profile, "total").observe(total_ratio)
 
     def attended(self, batch: int, mode: str, key_bytes_read: int, dense_fp16_key_bytes: int) -> None:
         self.attention_batch.observe(batch)

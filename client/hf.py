@@ -284,6 +284,12 @@ class RemoteOffload:
         sequence_id: id of the stored sequence (default: a fresh random one).
         bases: shared key bases, one per layer (:func:`calibrate_bases`; svdq only), sent once
             with the profile; the stored blobs then carry only their fingerprints.
+        value_codec: store values as an SVDq latent with this codec (e.g.
+            :data:`svdq.values.DEFAULT_VALUE_CODEC`); ``value_bits`` must then be None.
+        value_bases: shared value bases, one per layer (:func:`calibrate_cache_bases`).
+        cache_bits_per_element: one budget in true bits per KV element for keys and latent
+            values, split per layer on the server (:func:`svdq.kv.compress_kv`); needs
+            ``value_codec``.
     """
 
     def __init__(
@@ -295,10 +301,16 @@ class RemoteOffload:
         profile_name: str | None = None,
         sequence_id: str | None = None,
         bases: Sequence[Basis] | None = None,
+        value_codec: CodecConfig | None = None,
+        value_bases: Sequence[Basis] | None = None,
+        cache_bits_per_element: float | None = None,
     ) -> None:
         self.client = client
         self.codec = codec or CodecConfig()
         self.value_bits = value_bits
+        self.value_codec = value_codec
+        self.value_bases = tuple(value_bases) if value_bases is not None else None
+        self.cache_bits_per_element = cache_bits_per_element
         self.sparsity = sparsity
         self.bases = tuple(bases) if bases is not None else None
         self.profile_name = profile_name
@@ -313,7 +325,9 @@ class RemoteOffload:
         _check_bases(self.bases, shape, self.codec)
         self.shape = shape
         if self.profile_name is None:
-            self.profile_name = _profile_name(shape, self.codec, self.value_bits, self.bases)
+            value_settings = (self.value_bits, self.value_codec, self.cache_bits_per_element)
+            self.profile_name = _profile_name(shape, self.codec, value_settings,
+                                              (self.bases or ()) + (self.value_bases or ()) or None)
         profile = Profile(
             name=self.profile_name,
             num_layers=shape.num_layers,
@@ -323,6 +337,9 @@ class RemoteOffload:
             codec=self.codec,
             value_bits=self.value_bits,
             bases=self.bases,
+            value_codec=self.value_codec,
+            value_bases=self.value_bases,
+            cache_bits_per_element=self.cache_bits_per_element,
         )
         started = time.perf_counter()
         # Registering an identical profile again is accepted; a different one under the same
@@ -362,10 +379,10 @@ class RemoteOffload:
             self.client.delete(self.sequence_id)
 
 
-def _profile_name(shape: ModelShape, codec: CodecConfig, value_bits: int | None,
+def _profile_name(shape: ModelShape, codec: CodecConfig, value_settings: Any,
                   bases: Sequence[Basis] | None) -> str:
     fingerprints = None if bases is None else tuple(basis.fingerprint for basis in bases)
-    settings = repr((shape, codec, value_bits, fingerprints)).encode()
+    settings = repr((shape, codec, value_settings, fingerprints)).encode()
     return f"hf-{shape.model_type}-{shape.num_layers}x{shape.kv_heads}x{shape.head_dim}-{hashlib.sha256(settings).hexdigest()[:12]}"
 
 

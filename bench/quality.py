@@ -117,6 +117,23 @@ def explore_methods() -> list[Method]:
     return methods
 
 
+def explore_value_methods() -> list[Method]:
+    """How to store values, keys fixed at svdq 1.5 bits with a shared basis: per-token
+    quantization against SVDq latent values with their own or a shared basis, token groups
+    and the allocation's noise weighing (``noise_averaging``)."""
+    C = svdq.CodecConfig
+    keys = C(bits_per_element=1.5)
+    methods = [Method("values per-token 4-bit g64", keys, True, ValueConfig(bits=4)),
+               Method("values per-token 2-bit g64", keys, True, ValueConfig(bits=2)),
+               Method("values per-token 2-bit g32", keys, True, ValueConfig(bits=2, group_size=32)),
+               Method("values latent 2.5 own basis g32 noise 3", keys, False, latent_values(2.5))]
+    for group in (32, 64):
+        for noise in (1.0, 3.0, 5.0):
+            codec = C(bits_per_element=2.5, group_size=group, noise_averaging=noise)
+            methods.append(Method(f"values latent 2.5 g{group} noise {noise:g}", keys, True, ValueConfig(codec=codec)))
+    return methods
+
+
 #: Methods that also answer the needle cases (each case costs one compression per method).
 NEEDLE_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "kivi 2-bit K and V g32",
                   "svdq cache 1.5 bits, shared", "svdq cache 2.0 bits, shared")
@@ -511,6 +528,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--needle-filler", choices=("noise", "prose"), default="noise",
                         help="haystack: repeated plain sentences (RULER's noise haystack) or the docs prose")
     parser.add_argument("--no-explore", action="store_true", help="skip the group size / sinks / basis sweep")
+    parser.add_argument("--explore-only", action="store_true",
+                        help="print only the sweeps (value options, key settings), not the main table")
     parser.add_argument("--throughput-tokens", type=int, nargs="*", default=[8192, 32768],
                         help="token counts of the throughput layer (none = skip)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per throughput median")
@@ -558,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"RoPE exactness (max over layers, relative to max |key|): undo+apply {setup.rope_check.roundtrip:.2e}, "
           f"undo vs k_proj outputs {setup.rope_check.undo_vs_k_proj:.2e}")
     sys.stdout.flush()
+    if args.explore_only:
+        methods, args.needle_cases, args.short_prefix_tokens = [], 0, 0
     rows = score_nll(model, setup, methods, bases)
     reference_found: dict[int, list[bool]] = {}
     needle_rows = [row for row in rows if row.method.name in NEEDLE_METHODS or args.smoke]
@@ -567,11 +588,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     tokens=length, filler=args.needle_filler, bases=bases)
     print(f"needle: {args.needle_cases} cases at each length, {args.needle_filler} filler, depths evenly spread "
           "0..1, greedy answer after the question; '-' = not run for that method")
-    print()
-    print(format_quality_table(rows, reference_found, calibration))
-    print()
-    for line in target_checks(rows, reference_found):
-        print(line)
+    if rows:
+        print()
+        print(format_quality_table(rows, reference_found, calibration))
+        print()
+        for line in target_checks(rows, reference_found):
+            print(line)
     for row in rows:
         if row.stats.key_shares:
             shares = row.stats.key_shares
@@ -589,6 +611,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_quality_table(short_rows, {}, calibration))
         sys.stdout.flush()
     if not args.no_explore:
+        value_rows = score_nll(model, setup, explore_value_methods(), bases)
+        print()
+        print("## Value options, keys svdq 1.5 bits with a shared basis (same prefix; shared bases as above)")
+        print()
+        print(format_quality_table(value_rows, {}, calibration))
+        sys.stdout.flush()
         explore_rows = score_nll(model, setup, explore_methods(), bases)
         print()
         print("## Key settings at 1.5 bits, values 16-bit (same prefix; shared bases as above)")

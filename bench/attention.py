@@ -6,7 +6,8 @@ timed with the same harness (warm-up, then the median of ``--repeats`` calls, sy
 CUDA): dense attention over uncompressed fp16 and fp32 keys and values with
 ``torch.nn.functional.scaled_dot_product_attention``, and :func:`svdq.attention.attend` dense
 and sparse (1/32 of the tokens) over SVDq keys compressed with the default codec config
-(1.5 true bits per element) and fp16 values. Keys are synthetic with a decaying spectrum
+(1.5 true bits per element), each with fp16 values and with SVDq latent values
+(:data:`svdq.values.DEFAULT_VALUE_CODEC`, which attention reads as latent codes). Keys are synthetic with a decaying spectrum
 (a low-rank signal plus noise): speed depends on the shapes and kept channels, not on the
 text. Ratios are against SDPA fp16 of the same length. Key bytes are what each call needs
 (``AttentionStats``); the SDPA rows read the fp16/fp32 keys.
@@ -37,7 +38,7 @@ import torch
 from svdq import CodecConfig, RopeConfig, compress
 from svdq.attention import SparsityConfig, attend, select_backend
 from svdq.derived import tensor_bytes
-from svdq.values import compress_values
+from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 LLAMA3_ROPE = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
@@ -93,9 +94,12 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         post = apply_rope(pre, positions, LLAMA3_ROPE)
         values = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).half()
         compressed = compress(post.half(), CodecConfig(), rope=LLAMA3_ROPE, key_space="post_rope", positions=positions)
-        compressed_values = compress_values(values)
+        # Latent values need a spectrum like real values' (flatter than keys'), not i.i.d. noise.
+        latent_source = synthetic_keys(tokens, seed=2, rank=256).half()
+        latent_values = compress_values(latent_source, ValueConfig(codec=DEFAULT_VALUE_CODEC))
         keys_list = [compressed.to(device)] * batch
-        values_list = [compressed_values.to(device)] * batch
+        value_kinds = [("16-bit V", [compress_values(values).to(device)] * batch),
+                       (f"svdq V {latent_values.bits_per_element:.2f} bits", [latent_values.to(device)] * batch)]
         queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
         fp16_bytes = 2 * tokens * KV_HEADS * HEAD_DIM
         results: list[tuple[str, float, int]] = []
@@ -108,13 +112,16 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
             results.append((name, median_seconds(run_sdpa, device, repeats), fp16_bytes * (2 if dtype == torch.float32 else 1)))
-        for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
+        for (label, sparsity), (value_label, values_list) in [
+            (mode, kind) for mode in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]
+            for kind in value_kinds
+        ]:
             def run_attend(sparsity=sparsity, queries=queries, keys_list=keys_list, values_list=values_list):
                 return attend(queries, keys_list, values_list, sparsity=sparsity)
 
             seconds = median_seconds(run_attend, device, repeats)
             stats = run_attend().stats[0]
-            results.append((f"{label} ({stats.tokens_attended} tok)", seconds, stats.key_bytes_read))
+            results.append((f"{label}, {value_label} ({stats.tokens_attended} tok)", seconds, stats.key_bytes_read))
         baseline = results[0][1]
         for name, seconds, nbytes in results:
             rows.append(f"| {tokens} | {name} | {seconds * 1e3:.3f} | {seconds / baseline:.2f}x | {nbytes:,} | "

@@ -152,6 +152,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     model.add_argument("--kivi-bits", type=int, default=2, help="width of the kivi baseline (default 2)")
     model.add_argument("--value-bits", type=int, choices=(2, 4), default=None,
                        help="quantize values to 2 or 4 bits (default: values stay 16-bit)")
+    model.add_argument("--cache-bits", type=float, default=None,
+                       help="one budget in true bits per KV element for keys and values together (svdq keys, "
+                       "SVDq latent values, split per layer on the server), e.g. 2.0 (8x smaller than fp16); "
+                       "default: keys at --bits, values as --value-bits")
     model.add_argument("--shared-basis-tokens", type=int, default=0,
                        help="fit one shared key basis per layer on this many tokens of calibration text (Python's "
                        "own docs, not the prompt) and send it in the profile, instead of a basis per sequence "
@@ -175,6 +179,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--window, --max-new-tokens and --prefill-chunk must be >= 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together (mutual TLS)")
+    if args.cache_bits is not None and (args.codec != "svdq" or args.value_bits or not 0 < args.cache_bits <= 16):
+        parser.error(f"--cache-bits needs --codec svdq, no --value-bits and a budget in (0, 16], got "
+                     f"{args.cache_bits} with --codec {args.codec}, --value-bits {args.value_bits}")
     if args.shared_basis_tokens and (args.codec != "svdq" or args.shared_basis_tokens < 256):
         parser.error(f"--shared-basis-tokens needs --codec svdq and at least 256 tokens, got {args.shared_basis_tokens} "
                      f"with --codec {args.codec}")
@@ -191,7 +198,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         ATTENTION_NAME,
         RemoteOffload,
         SvdqOffloadCache,
-        calibrate_bases,
+        calibrate_cache_bases,
         disable_offload,
         enable_offload,
     )
@@ -200,6 +207,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
 
     from svdq.attention import SparsityConfig
     from svdq.codec import CodecConfig
+    from svdq.values import DEFAULT_VALUE_CODEC
 
     from . import evaluation
 
@@ -220,17 +228,22 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     if model.config._attn_implementation == ATTENTION_NAME:  # the cached model, left enabled by a caller
         disable_offload(model)
-    bases, calibration_seconds = None, 0.0
+    bases, value_bases, calibration_seconds = None, None, 0.0
     if args.shared_basis_tokens:
         started = time.perf_counter()
-        bases = calibrate_bases(model, evaluation.text_tokens(tokenizer, args.shared_basis_tokens))
+        bases, value_bases = calibrate_cache_bases(model, evaluation.text_tokens(tokenizer, args.shared_basis_tokens))
         calibration_seconds = time.perf_counter() - started
 
     client = KVCacheClient(address, token=args.token, root_certificates=args.tls_ca,
                            client_certificate=args.tls_cert, client_key=args.tls_key, server_name=args.server_name,
                            timeout=args.timeout)
     with client:
-        backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity, bases=bases)
+        whole_cache = {}
+        if args.cache_bits:
+            whole_cache = {"value_codec": DEFAULT_VALUE_CODEC, "value_bases": value_bases,
+                           "cache_bits_per_element": args.cache_bits}
+        backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity, bases=bases,
+                                **whole_cache)
         cache = SvdqOffloadCache(model, backend, window=args.window)
         try:
             with torch.no_grad():
@@ -286,6 +299,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         "key_bytes": info.key_bytes,
         "value_bytes": info.value_bytes,
         "fp16_key_bytes": info.fp16_key_bytes,
+        "fp16_value_bytes": info.fp16_value_bytes,
         "key_ratio": info.key_compression_ratio,
         "key_bits": info.key_bits_per_element,
         "total_ratio": info.compression_ratio,
@@ -311,14 +325,19 @@ def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> st
     read_ratio = result["dense_fp16_key_bytes_read"] / max(1, result["key_bytes_read"])
     lines = [
         f"server            {address}",
-        f"keys              {codec[args.codec]}{options}; values {args.value_bits or 16}-bit",
+        f"keys              {codec[args.codec]}{options}; values "
+        + (f"svdq latent, whole cache {args.cache_bits} bits per KV element" if args.cache_bits
+           else f"{args.value_bits or 16}-bit"),
         f"prompt            {result['prompt_tokens']} tokens; server holds {result['offloaded_tokens']} per layer, "
         f"{result['local_tokens']} stay local",
         f"answer            {result['answer']!r}",
         f"needle            {result['expected']} -> {'found' if result['found'] else 'NOT found'}",
         f"stored keys       {result['key_bytes']:,} bytes (fp16: {result['fp16_key_bytes']:,}) "
         f"= ratio {result['key_ratio']:.2f}x, {result['key_bits']:.3f} bits per element",
-        f"stored values     {result['value_bytes']:,} bytes; keys + values ratio {result['total_ratio']:.2f}x",
+        f"stored values     {result['value_bytes']:,} bytes (fp16: {result['fp16_value_bytes']:,}) "
+        f"= ratio {result['fp16_value_bytes'] / max(1, result['value_bytes']):.2f}x",
+        f"stored total      keys + values ratio {result['total_ratio']:.2f}x, "
+        f"{16.0 / result['total_ratio']:.3f} bits per KV element",
         f"keys read         {result['key_bytes_read']:,} bytes for the answer "
         f"({read_ratio:.1f}x less than dense fp16)",
         f"time              model load {result['load_seconds']:.1f} s, "

@@ -38,6 +38,10 @@ import torch
 #: int64 [S]) -> keys of the same shape the model will attend to instead.
 KeyTransform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
+#: A value replacement, same signature as :data:`KeyTransform` (values float32
+#: [S, kv_heads, head_dim]; values carry no RoPE, the positions are passed for symmetry).
+ValueTransform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
 #: A transformers attention function: (module, query [B, Hq, q, D], key [B, Hkv, S+q, D],
 #: value [B, Hkv, S+q, D], attention_mask, *, scaling, dropout, **kwargs) -> (output
 #: [B, q, Hq, D], weights or None). ``module.layer_idx`` names the layer; key/value hold the
@@ -157,8 +161,10 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False,
     )
 
 
-def build_cache(model: Any, prefix: PrefixCache, key_transform: KeyTransform | None = None) -> Any:
-    """A new ``DynamicCache`` with the prefix; keys replaced layer by layer by ``key_transform``.
+def build_cache(model: Any, prefix: PrefixCache, key_transform: KeyTransform | None = None,
+                value_transform: ValueTransform | None = None) -> Any:
+    """A new ``DynamicCache`` with the prefix; keys (values) replaced layer by layer by
+    ``key_transform`` (``value_transform``).
 
     The tensors are copies, so running the model on the cache never touches ``prefix``.
     """
@@ -168,12 +174,13 @@ def build_cache(model: Any, prefix: PrefixCache, key_transform: KeyTransform | N
     cache = DynamicCache(config=model.config)
     for layer_index, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
         new_keys = keys if key_transform is None else key_transform(layer_index, keys, prefix.positions)
-        if new_keys.shape != keys.shape:
-            raise ValueError(f"key transform changed layer {layer_index} keys from {tuple(keys.shape)} "
-                             f"to {tuple(new_keys.shape)}")
+        new_values = values if value_transform is None else value_transform(layer_index, values, prefix.positions)
+        if new_keys.shape != keys.shape or new_values.shape != values.shape:
+            raise ValueError(f"transform changed layer {layer_index} keys/values from {tuple(keys.shape)} "
+                             f"to {tuple(new_keys.shape)}/{tuple(new_values.shape)}")
         cache.update(
             new_keys.to(dtype).transpose(0, 1).unsqueeze(0).clone(),
-            values.to(dtype).transpose(0, 1).unsqueeze(0).clone(),
+            new_values.to(dtype).transpose(0, 1).unsqueeze(0).clone(),
             layer_index,
         )
     return cache
@@ -212,19 +219,21 @@ def continuation_nll(
     continuation_ids: torch.Tensor,
     key_transform: KeyTransform | None = None,
     attention: AttentionFunction | None = None,
+    value_transform: ValueTransform | None = None,
 ) -> float:
     """Mean negative log-likelihood (nats per token) of ``continuation_ids`` after the prefix.
 
     Args:
         continuation_ids: int64 [1, T] the tokens that follow the prefix.
         key_transform: replaces the prefix keys the continuation attends to (None: unchanged).
+        value_transform: replaces the prefix values the same way.
         attention: replaces the attention computation (see :func:`attention_override`).
 
     The first continuation token is predicted from the prefix's own last position, which
     does not depend on the cached keys; it is left out so that the score measures only the
     effect of the cache: the mean is over the T - 1 tokens 2..T.
     """
-    cache = build_cache(model, prefix, key_transform)
+    cache = build_cache(model, prefix, key_transform, value_transform)
     positions = torch.arange(prefix.num_tokens, prefix.num_tokens + continuation_ids.shape[1])[None]
     with attention_override(model, attention):
         output = model(input_ids=continuation_ids, cache=cache, use_cache=True, position_ids=positions)
@@ -331,9 +340,10 @@ def greedy_answer(
     key_transform: KeyTransform | None = None,
     attention: AttentionFunction | None = None,
     max_new_tokens: int = 12,
+    value_transform: ValueTransform | None = None,
 ) -> str:
     """Greedy continuation text of ``question_ids`` (int64 [1, Q]) after the prefix."""
-    cache = build_cache(model, prefix, key_transform)
+    cache = build_cache(model, prefix, key_transform, value_transform)
     start = prefix.num_tokens
     step_ids = question_ids
     generated: list[int] = []

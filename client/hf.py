@@ -346,6 +346,12 @@ class RemoteOffload:
             ``r`` > 0 uses ``f"{sequence_id}-{r}"`` (:meth:`sequence_id_of`).
         bases: shared key bases, one per offloaded layer (:func:`calibrate_bases`; svdq only),
             sent once with the profile; the stored blobs then carry only their fingerprints.
+        value_codec: store values as an SVDq latent with this codec (e.g.
+            :data:`svdq.values.DEFAULT_VALUE_CODEC`); ``value_bits`` must then be None.
+        value_bases: shared value bases, one per offloaded layer (:func:`calibrate_cache_bases`).
+        cache_bits_per_element: one budget in true bits per KV element for keys and latent
+            values, split per layer on the server (:func:`svdq.kv.compress_kv`); needs
+            ``value_codec``.
     """
 
     def __init__(
@@ -357,10 +363,16 @@ class RemoteOffload:
         profile_name: str | None = None,
         sequence_id: str | None = None,
         bases: Sequence[Basis] | None = None,
+        value_codec: CodecConfig | None = None,
+        value_bases: Sequence[Basis] | None = None,
+        cache_bits_per_element: float | None = None,
     ) -> None:
         self.client = client
         self.codec = codec or CodecConfig()
         self.value_bits = value_bits
+        self.value_codec = value_codec
+        self.value_bases = tuple(value_bases) if value_bases is not None else None
+        self.cache_bits_per_element = cache_bits_per_element
         self.sparsity = sparsity
         self.bases = tuple(bases) if bases is not None else None
         self.profile_name = profile_name
@@ -379,7 +391,9 @@ class RemoteOffload:
         _check_bases(self.bases, shape, self.codec)
         self.shape = shape
         if self.profile_name is None:
-            self.profile_name = _profile_name(shape, self.codec, self.value_bits, self.bases)
+            value_settings = (self.value_bits, self.value_codec, self.cache_bits_per_element)
+            self.profile_name = _profile_name(shape, self.codec, value_settings,
+                                              (self.bases or ()) + (self.value_bases or ()) or None)
         profile = Profile(
             name=self.profile_name,
             num_layers=len(shape.offloaded_layers),
@@ -389,6 +403,9 @@ class RemoteOffload:
             codec=self.codec,
             value_bits=self.value_bits,
             bases=self.bases,
+            value_codec=self.value_codec,
+            value_bases=self.value_bases,
+            cache_bits_per_element=self.cache_bits_per_element,
         )
         started = time.perf_counter()
         # Registering an identical profile again is accepted; a different one under the same
@@ -430,10 +447,10 @@ class RemoteOffload:
             self.client.delete(self.sequence_id_of(row))
 
 
-def _profile_name(shape: ModelShape, codec: CodecConfig, value_bits: int | None,
+def _profile_name(shape: ModelShape, codec: CodecConfig, value_settings: Any,
                   bases: Sequence[Basis] | None) -> str:
     fingerprints = None if bases is None else tuple(basis.fingerprint for basis in bases)
-    settings = repr((shape, codec, value_bits, fingerprints)).encode()
+    settings = repr((shape, codec, value_settings, fingerprints)).encode()
     return f"hf-{shape.model_type}-{shape.num_layers}x{shape.kv_heads}x{shape.head_dim}-{hashlib.sha256(settings).hexdigest()[:12]}"
 
 
@@ -465,6 +482,14 @@ def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
     ``bench/quality.py``: dNLL +0.004 with a shared basis vs +0.013 with per-sequence ones).
     Needs at least ``kv_heads * head_dim`` tokens; a few thousand is better.
     """
+    return calibrate_cache_bases(model, input_ids)[0]
+
+
+def calibrate_cache_bases(model: Any, input_ids: torch.Tensor) -> tuple[tuple[Basis, ...], tuple[Basis, ...]]:
+    """Shared key bases (as :func:`calibrate_bases`) and value bases, one per offloaded layer each, from
+    one run of ``input_ids``: ``(key_bases, value_bases)``. Value bases serve SVDq latent
+    values (``ValueConfig(codec=...)``, :func:`svdq.values.compress_values` ``basis=``);
+    values carry no RoPE, so they are fitted as they are cached."""
     from .evaluation import prefill
 
     shape = ModelShape.from_config(model.config)
@@ -482,8 +507,9 @@ def calibrate_bases(model: Any, input_ids: torch.Tensor) -> tuple[Basis, ...]:
     finally:
         if previous == ATTENTION_NAME:
             model.set_attn_implementation(previous)
-    return tuple(fit_layer_basis(calibration.keys[layer].cpu(), positions=calibration.positions, rope=shape.rope)
-                 for layer in shape.offloaded_layers)
+    key_bases = tuple(fit_layer_basis(calibration.keys[layer].cpu(), positions=calibration.positions, rope=shape.rope)
+                      for layer in shape.offloaded_layers)
+    return key_bases, tuple(fit_layer_basis(calibration.values[layer].cpu()) for layer in shape.offloaded_layers)
 
 
 def _require_open(shape: ModelShape | None) -> ModelShape:
@@ -913,6 +939,7 @@ __all__ = [
     "SvdqOffloadLayer",
     "SvdqSlidingLayer",
     "calibrate_bases",
+    "calibrate_cache_bases",
     "disable_offload",
     "enable_offload",
     "svdq_offload_attention",

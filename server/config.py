@@ -265,7 +265,8 @@ def read_config_file(path: str | Path, option: str) -> object:
 
 def load_profiles(path: str | None) -> list[Profile]:
     """Profiles from a YAML/JSON file: ``profiles: [{name, num_layers, kv_heads, head_dim,
-    rope: {...}, codec: {...}, value_bits, value_group_size, basis_file}]``.
+    rope: {...}, codec: {...}, value_bits, value_group_size, value_codec: {...},
+    cache_bits_per_element, basis_file}]`` (see :meth:`svdq_client.types.Profile.from_dict`).
 
     ``basis_file`` (relative to the profiles file) is a ``torch.save`` of a list with one
     ``{"mean", "components", "singular_values"}`` dict of float32 tensors per layer.

@@ -42,6 +42,7 @@ from svdq.codec import (
 from svdq.derived import DERIVED
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.format import from_bytes, to_bytes
+from svdq.kv import compress_kv
 from svdq.rope import RopeConfig
 from svdq.values import CompressedValues, compress_values, decompress_values
 
@@ -591,15 +592,24 @@ class Engine:
                    value_layers: list[torch.Tensor] | None, positions: torch.Tensor) -> SequenceInfo:
         started = time.perf_counter()
         device_positions = positions.to(self.device)
-        keys = []
+        keys, values = [], None if value_layers is None else []
+        budget = profile.cache_budget if value_layers is not None else None
         for layer, layer_keys in enumerate(key_layers):
             basis = profile.bases[layer] if profile.bases is not None else None
+            value_basis = profile.value_bases[layer] if profile.value_bases is not None else None
+            if budget is not None:
+                cache = compress_kv(layer_keys.to(self.device), value_layers[layer].to(self.device), budget,
+                                    positions=device_positions, rope=profile.rope, key_space=header.key_space,
+                                    key_basis=basis, value_basis=value_basis)
+                keys.append(cache.keys)
+                values.append(cache.values)
+                continue
             keys.append(compress(layer_keys.to(self.device), profile.codec, positions=device_positions,
                                  rope=profile.rope, key_space=header.key_space, basis=basis, limits=self.limits))
-        values = None
-        if value_layers is not None:
-            values = tuple(compress_values(layer.to(self.device), profile.value_config) for layer in value_layers)
-        state = SequenceState(tuple(keys), values)
+            if value_layers is not None:
+                values.append(compress_values(value_layers[layer].to(self.device), profile.value_config,
+                                              basis=value_basis))
+        state = SequenceState(tuple(keys), None if values is None else tuple(values))
         entry = StoredSequence(tenant, header.sequence_id, profile, header.key_space, header.upload_id, state)
         existing = self.store.peek(tenant, header.sequence_id)
         if existing is not None and not header.replace and existing.upload_id != header.upload_id:
@@ -609,8 +619,12 @@ class Engine:
             sampled = next(self._sample_layer) % profile.num_layers
             error = relative_error(key_layers[sampled].float(),
                                    decompress(keys[sampled], dtype=torch.float32).cpu())
-            ratio = 2.0 * state.num_tokens * profile.num_layers * profile.channels / state.key_bytes
+            fp16_bytes = 2.0 * state.num_tokens * profile.num_layers * profile.channels
+            ratio = fp16_bytes / state.key_bytes
             self.metrics.compressed(profile.name, ratio, 16.0 / ratio, error)
+            if state.values is not None:
+                self.metrics.compressed_cache(profile.name, fp16_bytes / state.value_bytes,
+                                              2 * fp16_bytes / (state.key_bytes + state.value_bytes))
         log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, %.1f ms", header.sequence_id,
                  tenant, state.num_tokens, profile.num_layers, state.key_bytes, 1e3 * (time.perf_counter() - started))
         return self._info(entry)

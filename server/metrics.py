@@ -111,9 +111,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         registry = self.registry
-        self.compression_ratio = Histogram("svdq_compression_ratio", "Key compression ratio (fp16 bytes over "
-                                           "serialized bytes, everything included) per upload or compress call.",
-                                           ["profile"], buckets=RATIO_BUCKETS, registry=registry)
+        self.compression_ratio = Histogram("svdq_compression_ratio", "Compression ratio (fp16 bytes over "
+                                           "serialized bytes, everything included) per upload or compress call, "
+                                           "by kind: keys, values, total (keys and values of an upload).",
+                                           ["profile", "kind"], buckets=RATIO_BUCKETS, registry=registry)
         self.bits_per_element = Histogram("svdq_bits_per_element", "True bits per key element (serialized size) per "
                                           "upload or compress call.", ["profile"], buckets=BITS_BUCKETS,
                                           registry=registry)
@@ -180,11 +181,17 @@ class Metrics:
     # -- events ----------------------------------------------------------------------------
 
     def compressed(self, profile: str, ratio: float, bits_per_element: float, relative_error: float) -> None:
-        """One upload or Compress call with profile name ``profile`` (``""`` for none)."""
+        """Keys of an upload or Compress call with profile name ``profile`` (``""`` for none)."""
         label = self.profile_label(profile)
-        self.compression_ratio.labels(label).observe(ratio)
+        self.compression_ratio.labels(label, "keys").observe(ratio)
         self.bits_per_element.labels(label).observe(bits_per_element)
         self.reconstruction_error.labels(label).observe(relative_error)
+
+    def compressed_cache(self, profile: str, value_ratio: float, total_ratio: float) -> None:
+        """Values, and keys with values, of an upload that stores values."""
+        label = self.profile_label(profile)
+        self.compression_ratio.labels(label, "values").observe(value_ratio)
+        self.compression_ratio.labels(label, "total").observe(total_ratio)
 
     def attended(self, batch: int, mode: str, key_bytes_read: int, dense_fp16_key_bytes: int) -> None:
         self.attention_batch.observe(batch)

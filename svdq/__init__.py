@@ -1,7 +1,8 @@
-"""svdq: SVD-based mixed-precision compression of LLM key caches, and attention over them.
+"""svdq: SVD-based mixed-precision compression of LLM key and value caches, and attention over them.
 
 The core library: it knows nothing about gRPC. See :mod:`svdq.codec` for the codec,
-:mod:`svdq.format` for the serialized format and :mod:`svdq.rope` for RoPE handling.
+:mod:`svdq.format` for the serialized format, :mod:`svdq.values` and :mod:`svdq.kv` for values and
+the whole-cache budget, and :mod:`svdq.rope` for RoPE handling.
 """
 
 from .codec import (

@@ -469,27 +469,106 @@ def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     return rows
 
 
-def partial_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, valid: torch.Tensor | None = None
+def softmax_weights(
+    query: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of grouped queries over one token set.
+    """Unnormalised softmax weights of grouped queries over one token set.
 
     Args:
-        query: float32 [..., Hkv, ratio, D]; keys, values: float32 [..., Hkv, n, D] (leading
+        query: float32 [..., Hkv, ratio, D]; keys: float32 [..., Hkv, n, D] (leading
             dimensions broadcast); valid: bool [..., Hkv, n] or None (all valid).
 
     Returns:
-        ``(output [..., Hkv, ratio, D], lse [..., Hkv, ratio])`` float32; lse is -inf for no tokens.
+        ``(weights [..., Hkv, ratio, n], lse [..., Hkv, ratio])`` float32: ``weights`` are
+        ``exp(score - lse)`` (they sum to 1 over the set); lse is -inf for no tokens.
     """
     scores = torch.einsum("...hgd,...hnd->...hgn", query, keys) * scale
     if valid is not None:
         scores = scores.masked_fill(~valid[..., None, :], -math.inf)
     if scores.shape[-1] == 0:
-        return query.new_zeros(query.shape), query.new_full(query.shape[:-1], -math.inf)
+        return scores, query.new_full(query.shape[:-1], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    weights = torch.exp(scores - safe[..., None])
+    return torch.exp(scores - safe[..., None]), lse
+
+
+def partial_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of grouped queries over one token set with float32 values
+    [..., Hkv, n, D]; see :func:`softmax_weights` for the other shapes.
+
+    Returns:
+        ``(output [..., Hkv, ratio, D], lse [..., Hkv, ratio])`` float32; lse is -inf for no tokens.
+    """
+    weights, lse = softmax_weights(query, keys, scale, valid)
+    if weights.shape[-1] == 0:
+        return query.new_zeros(query.shape), lse
     return torch.einsum("...hgn,...hnd->...hgd", weights, values), lse
+
+
+def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: torch.Tensor | slice) -> torch.Tensor:
+    """``sum_n weights[..., h, g, n] * value[seq_index[n], h]``: float32 [..., Hkv, g, D].
+
+    Args:
+        weights: float32 [..., Hkv, g, n] softmax weights (see :func:`softmax_weights`).
+        seq_index: the sequence index of each weighted token: a ``slice`` or int64 [n] (the
+            same tokens for every head), or int64 [..., Hkv, n].
+
+    16-bit and per-token values are gathered and summed. SVDq latent values are not
+    reconstructed: for the tokens in their quantized body the weights sum the dequantized
+    latent codes, ``s = sum_t w_t l_t`` ([..., Hkv, g, r]), which is projected once per head,
+    ``s @ B_h^T + mean_h * sum_t w_t``, instead of ``S * r * C`` multiply-adds to rebuild
+    every value; their full-precision sinks and tail are summed exactly.
+    """
+    if weights.shape[-1] == 0:
+        return weights.new_zeros(*weights.shape[:-1], values.head_dim)
+    if values.latent is None:
+        rows = gather_values(values)[:, seq_index] if isinstance(seq_index, slice) else gather_values(values, seq_index)
+        return torch.einsum("...hgn,...hnd->...hgd", weights, rows)
+    latent = values.latent
+    kv_heads, head_dim = latent.kv_heads, latent.head_dim
+    v_start, v_body = body_range(latent)
+    if isinstance(seq_index, slice) and v_start <= seq_index.start and seq_index.stop <= v_start + v_body:
+        # The common dense case: the keys' body lies inside the values' body.
+        codes = _dequantized(latent, None)[seq_index.start - v_start:seq_index.stop - v_start]
+        summed = (weights.reshape(-1, weights.shape[-1]) @ codes).reshape(*weights.shape[:-1], codes.shape[-1])
+        return _project_latent(latent, summed, weights.sum(-1))
+    if isinstance(seq_index, slice):
+        seq_index = torch.arange(seq_index.start, seq_index.stop, device=weights.device)
+    body_index = seq_index - v_start
+    in_body = (body_index >= 0) & (body_index < v_body)
+    output = weights.new_zeros(*weights.shape[:-1], head_dim)
+    if v_body:
+        body_weights = weights * in_body.unsqueeze(-2)
+        codes = _dequantized(latent, body_index.clamp(0, v_body - 1))
+        pattern = "...hgn,nr->...hgr" if seq_index.dim() == 1 else "...hgn,...hnr->...hgr"
+        output = _project_latent(latent, torch.einsum(pattern, body_weights, codes), body_weights.sum(-1))
+    if not bool(in_body.all()):
+        full = torch.cat([latent.sinks.float(), latent.tail.float()]).reshape(-1, kv_heads, head_dim)
+        row = torch.where(seq_index < v_start, seq_index, seq_index - v_body).clamp(0, max(0, full.shape[0] - 1))
+        if seq_index.dim() == 1:
+            rows = full[row].transpose(0, 1)
+        else:
+            rows = full[row, torch.arange(kv_heads, device=row.device)[:, None]]
+        output = output + torch.einsum("...hgn,...hnd->...hgd", weights * (~in_body).unsqueeze(-2), rows)
+    return output
+
+
+def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
+    """Weighted latent sums [..., Hkv, g, r] -> values [..., Hkv, g, D] (each head's basis rows)."""
+    kv_heads, head_dim = latent.kv_heads, latent.head_dim
+    # float32 [Hkv, r, D]: each head's basis rows laid out for one bmm, kept under the budget.
+    basis = DERIVED.get(latent, "basis_by_head")
+    if basis is None:
+        basis = DERIVED.put(latent, "basis_by_head",
+                            latent.basis.float().reshape(kv_heads, head_dim, -1).transpose(1, 2).contiguous())
+    mean = latent.mean.float().reshape(kv_heads, 1, head_dim)
+    lead = summed.shape[:-3]
+    per_head = summed.reshape(-1, kv_heads, summed.shape[-2], summed.shape[-1]).transpose(0, 1)
+    projected = torch.bmm(per_head.reshape(kv_heads, -1, summed.shape[-1]), basis)
+    projected = projected.reshape(kv_heads, -1, summed.shape[-2], head_dim).transpose(0, 1)
+    return projected.reshape(*lead, kv_heads, summed.shape[-2], head_dim) + mean * weight_sum[..., None]
 
 
 def _attend_torch_group(
@@ -505,24 +584,25 @@ def _attend_torch_group(
     kv_heads = keys.kv_heads
     ratio = q_heads // kv_heads
     fp_keys, fp_index = full_precision_keys(keys)
-    fp_values = gather_values(values, fp_index)
     start, n_body = body_range(keys)
     if selections[0].token_index is None:
         # [Hkv, n * ratio, D]: the query heads of a KV head, for every query.
         grouped = queries.float().reshape(count, kv_heads, ratio, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
-        output, lse = partial_attention(grouped, fp_keys.transpose(0, 1), fp_values, scale)
+        weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale)
+        output = weighted_values(values, weights, fp_index)
         if n_body:
-            body_values = gather_values(values)[:, start:start + n_body]
-            out_body, lse_body = partial_attention(grouped, body_keys(keys, selections[0]), body_values, scale)
+            body_weights, lse_body = softmax_weights(grouped, body_keys(keys, selections[0]), scale)
+            out_body = weighted_values(values, body_weights, slice(start, start + n_body))
             output, lse = merge_attention(output, lse, out_body, lse_body)
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)
         return output.reshape(count, q_heads, head_dim), lse.reshape(kv_heads, count, ratio).transpose(0, 1).reshape(count, q_heads)
     grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)
-    output, lse = partial_attention(grouped, fp_keys.transpose(0, 1), fp_values, scale)
+    weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale)
+    output = weighted_values(values, weights, fp_index)
     stacked = BodySelection(torch.stack([s.token_index for s in selections]), torch.stack([s.valid for s in selections]),
                             0, 0, 0, 0)
-    body_values = gather_values(values, stacked.token_index + start)
-    out_body, lse_body = partial_attention(grouped, body_keys(keys, stacked), body_values, scale, stacked.valid)
+    body_weights, lse_body = softmax_weights(grouped, body_keys(keys, stacked), scale, stacked.valid)
+    out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
 
@@ -634,12 +714,26 @@ def attend(
         for b, selection in zip(members, select_body_tokens_many(queries[index].float(), keys[members[0]], sparsity),
                                 strict=True):
             selections[b] = selection
-    if chosen == "triton":
-        from .kernels.decode_attention import attend_triton
-
-        output, lse = attend_triton(queries, keys, values, softmax_scale, selections)
-    else:
-        output, lse = _attend_torch(queries, keys, values, softmax_scale, selections)
+    # The kernels read 16-bit and per-token values; SVDq latent values take the torch
+    # reference (on the same device) until the kernels sum latent codes too.
+    use_kernel = [chosen == "triton" and value.latent is None for value in values]
+    parts = [(rows, kernel) for kernel in (True, False)
+             if (rows := [b for b in range(batch) if use_kernel[b] == kernel])]
+    output = lse = None
+    for rows, kernel in parts:
+        if kernel:
+            from .kernels.decode_attention import attend_triton as run_part
+        else:
+            run_part = _attend_torch
+        if len(parts) == 1:
+            output, lse = run_part(queries, keys, values, softmax_scale, selections)
+            break
+        if output is None:
+            output = torch.empty(queries.shape, dtype=torch.float32, device=queries.device)
+            lse = torch.empty(queries.shape[:2], dtype=torch.float32, device=queries.device)
+        index = torch.tensor(rows, device=queries.device)
+        output[index], lse[index] = run_part(queries[index], [keys[b] for b in rows], [values[b] for b in rows],
+                                             softmax_scale, [selections[b] for b in rows])
     stats = []
     for key, selection in zip(keys, selections, strict=True):
         start, n_body = body_range(key)

@@ -56,6 +56,7 @@ MAX_BUDGET = 16.0
 DEFAULT_BITS_PER_ELEMENT = 1.5
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_SINKS = 4
+MAX_NOISE_AVERAGING = 1024
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class CodecConfig:
         bits: width of every channel for ``kivi`` (1..8).
         group_size: tokens per quantization group, one of 8, 16, 32, 64, 128, 256.
         num_sinks: leading tokens kept in full precision (attention sinks), 0..1024.
+        noise_averaging: how many tokens' quantization noise an attention output averages,
+            1..1024. The allocator weighs a kept channel's quantization error by
+            ``1 / noise_averaging`` against the error of dropping a channel, which the tokens
+            an output mixes share rather than average out. 1 for keys (a score sees each
+            token's error alone); values use :data:`svdq.values.DEFAULT_VALUE_CODEC`'s. Only the
+            allocation reads it (nothing is stored).
     """
 
     method: str = "svdq"
@@ -82,6 +89,7 @@ class CodecConfig:
     bits: int = 2
     group_size: int = DEFAULT_GROUP_SIZE
     num_sinks: int = DEFAULT_SINKS
+    noise_averaging: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -108,6 +116,10 @@ class CodecConfig:
             raise InvalidInputError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
         if not 0 <= self.num_sinks <= MAX_SINKS:
             raise InvalidInputError(f"num_sinks must be in 0..{MAX_SINKS}, got {self.num_sinks}")
+        if not (isinstance(self.noise_averaging, (int, float)) and 1 <= self.noise_averaging <= MAX_NOISE_AVERAGING):
+            raise InvalidInputError(
+                f"noise_averaging must be in [1, {MAX_NOISE_AVERAGING}], got {self.noise_averaging!r}"
+            )
 
 
 #: largest sequence (tokens of one layer) the codec takes by default
@@ -607,6 +619,7 @@ def _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_si
     sample = _project(groups.reshape(-1, channels), mean, components).reshape(-1, group_size, channels)
     # Errors of the sample stand for all groups: scale them so they weigh right against bit costs.
     table = distortion_table(sample) * (n_groups / sample.shape[0])
+    table[:, 1:] /= config.noise_averaging
     return allocate_budget(table, budget, quantized, per_channel_meta)
 
 

@@ -410,8 +410,13 @@ def test_metrics_observe_uploads_and_attention():
     info = engine.upload("t", header(), keys, values)
     engine.attend("t", [("s", 0), ("s", 1)], torch.randn(2, HEADS, DIM))
     sample = metrics.registry.get_sample_value
-    assert sample("svdq_compression_ratio_count", {"profile": "tiny"}) == 1
-    assert sample("svdq_compression_ratio_sum", {"profile": "tiny"}) == pytest.approx(info.key_compression_ratio)
+    assert sample("svdq_compression_ratio_count", {"profile": "tiny", "kind": "keys"}) == 1
+    assert sample("svdq_compression_ratio_sum", {"profile": "tiny", "kind": "keys"}) == pytest.approx(
+        info.key_compression_ratio)
+    assert sample("svdq_compression_ratio_sum", {"profile": "tiny", "kind": "total"}) == pytest.approx(
+        info.compression_ratio)
+    value_ratio = info.fp16_value_bytes / info.value_bytes
+    assert sample("svdq_compression_ratio_sum", {"profile": "tiny", "kind": "values"}) == pytest.approx(value_ratio)
     assert sample("svdq_reconstruction_relative_error_count", {"profile": "tiny"}) == 1
     assert 0 < sample("svdq_reconstruction_relative_error_sum", {"profile": "tiny"}) < 0.5
     assert sample("svdq_attention_batch_size_sum") == 2
@@ -436,3 +441,49 @@ def test_layers_may_be_chunked_differently_but_positions_must_agree(engine):
                                                      positions[start:stop]))
     engine.finish_upload("t", mixed)
     assert snapshot(engine, "t", "mixed") == snapshot(engine, "t", "whole")
+
+
+def test_whole_cache_profile_stores_latent_values_under_one_budget_and_attends_them():
+    from svdq.kv import CacheBudget, compress_kv
+    from svdq.values import DEFAULT_VALUE_CODEC, decompress_values
+
+    tokens = 600
+    profile = make_profile(value_codec=DEFAULT_VALUE_CODEC, cache_bits_per_element=2.0)
+    assert Profile.from_pb(profile.to_pb()).same_as(profile)
+    assert Profile.from_pb(profile.to_pb()).value_codec == DEFAULT_VALUE_CODEC
+    engine = Engine(EngineConfig(device="cpu"), [profile])
+    keys, values = cache(tokens)
+    info = engine.upload("t", header(tokens=tokens), keys, values)
+    state = engine.store.get("t", "s").state
+    assert all(layer.method == "svdq" for layer in state.values)
+    # What compress_kv makes of each layer, byte for byte: the engine adds nothing of its own.
+    budget = CacheBudget(2.0, key_codec=CODEC, value_codec=DEFAULT_VALUE_CODEC)
+    for layer in range(LAYERS):
+        expected = compress_kv(keys[layer], values[layer], budget, positions=torch.arange(tokens), rope=ROPE,
+                               key_space="post_rope")
+        assert to_bytes(state.keys[layer]) == to_bytes(expected.keys)
+        assert values_to_bytes(state.values[layer]) == values_to_bytes(expected.values)
+    assert 8 * (info.key_bytes + info.value_bytes) / (2 * keys.numel()) == pytest.approx(2.0, abs=0.15)
+    # Attention over the stored latent values equals attention over their reconstruction.
+    queries = torch.randn(1, HEADS, DIM)
+    result = engine.attend("t", [("s", 1)], queries)
+    plain_values = compress_values(decompress_values(state.values[1], torch.float32))
+    expected = attend(queries, [state.keys[1]], [plain_values])
+    assert torch.allclose(result.output, expected.output, atol=2e-3)
+    engine.append("t", "s", keys[:, :40], values[:, :40])
+    assert engine.store.get("t", "s").state.values[0].num_tokens == tokens + 40
+
+
+def test_whole_cache_profile_rejects_settings_it_cannot_split():
+    from svdq.values import DEFAULT_VALUE_CODEC
+
+    with pytest.raises(InvalidInputError, match="needs an svdq codec with a bit budget and profile.value_codec"):
+        make_profile(cache_bits_per_element=2.0)
+    with pytest.raises(InvalidInputError, match="needs an svdq codec"):
+        make_profile(codec=CodecConfig(method="kivi"), value_codec=DEFAULT_VALUE_CODEC, cache_bits_per_element=2.0)
+    with pytest.raises(InvalidInputError, match="profile.cache_bits_per_element: cache bits_per_element"):
+        make_profile(value_codec=DEFAULT_VALUE_CODEC, cache_bits_per_element=40.0)
+    with pytest.raises(InvalidInputError, match="value_bases only apply"):
+        make_profile(value_bases=(None, None))
+    with pytest.raises(InvalidInputError, match="not both"):
+        make_profile(value_codec=DEFAULT_VALUE_CODEC, value_bits=2)

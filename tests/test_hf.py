@@ -274,11 +274,19 @@ def test_demo_with_shared_bases_reports_them(smollm2, capsys):
     from svdq_client.demo import main
 
     assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "2",
-                 "--shared-basis-tokens", "256"]) == 0
+                 "--shared-basis-tokens", "256", "--cache-bits", "2.0"]) == 0
     report = capsys.readouterr().out
     assert "shared bases fitted on 256 calibration tokens" in report
+    assert "values svdq latent, whole cache 2.0 bits per KV element" in report
     assert "calibration " in next(line for line in report.splitlines() if line.startswith("time"))
-    assert "stored keys" in report
+    lines = {line[:17].strip(): line[18:] for line in report.splitlines()}
+    value_ratio = float(lines["stored values"].split("= ratio ")[1].split("x")[0])
+    total_ratio = float(lines["stored total"].split("ratio ")[1].split("x")[0])
+    total_bits = float(lines["stored total"].split(", ")[1].split(" bits")[0])
+    key_ratio = float(lines["stored keys"].split("= ratio ")[1].split("x")[0])
+    # Keys and values hold the same element count: the total ratio is their harmonic mean.
+    assert total_ratio == pytest.approx(2 / (1 / key_ratio + 1 / value_ratio), rel=1e-2)
+    assert total_bits == pytest.approx(16.0 / total_ratio, rel=1e-2) and value_ratio > 2.0
 
 
 @pytest.mark.parametrize(
@@ -291,6 +299,8 @@ def test_demo_with_shared_bases_reports_them(smollm2, capsys):
         (["--token", "secret-token-123456"], "give --address HOST:PORT"),
         (["--address", "127.0.0.1:1", "--tls-cert", "client.pem"], "--tls-cert and --tls-key go together"),
         (["--codec", "zip"], "invalid choice"),
+        (["--cache-bits", "2", "--value-bits", "4"], "--cache-bits needs --codec svdq, no --value-bits"),
+        (["--cache-bits", "0"], "a budget in (0, 16]"),
     ],
 )
 def test_demo_rejects_bad_options(argv, message, capsys):

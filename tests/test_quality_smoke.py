@@ -44,11 +44,12 @@ def smollm2():
 
 
 def _table_rows(output: str) -> dict[str, list[str]]:
-    rows = {}
+    """First table's rows by method name (later tables repeat names; the first one wins)."""
+    rows: dict[str, list[str]] = {}
     for line in output.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 6 and cells[0] != "method":
-            rows[cells[0]] = cells[1:]
+        if line.startswith("| ") and len(cells) >= 9 and cells[0] != "method" and not cells[0].isdigit():
+            rows.setdefault(cells[0], cells[1:])
     return rows
 
 
@@ -56,55 +57,73 @@ def test_smoke_run_prints_sane_table(smollm2, capsys):
     assert quality.main(["--smoke", "--threads", "1"]) == 0
     output = capsys.readouterr().out
     rows = _table_rows(output)
-    assert {"fp32 cache (reference)", "fp16", "kivi 2-bit g32", "svdq 1.5 bits"} <= set(rows)
+    assert {"fp32 cache (reference)", "fp16 K and V", "kivi 2-bit K and V g32", "keys svdq 1.5, values fp16",
+            "svdq cache 2.0 bits, shared"} <= set(rows)
 
-    bits, ratio, error, dnll, needle = rows["fp16"]
+    bases, key_bits, value_bits, total, ratio, key_error, value_error, dnll, needle = rows["fp16 K and V"]
     # fp16 passthrough: 16 bits plus a ~60-byte header per layer, NLL change only from rounding.
-    assert 16.0 <= float(bits) < 16.05
+    assert 16.0 <= float(key_bits) < 16.05 and 16.0 <= float(value_bits) < 16.05
     assert abs(float(dnll)) < 2e-3
-    assert float(error) < 1e-3
-    reference_needle = rows["fp32 cache (reference)"][4]
-    assert needle == reference_needle
+    assert float(key_error) < 1e-3 and float(value_error) < 1e-3
+    assert needle == rows["fp32 cache (reference)"][-1]
 
-    bits, ratio, error, dnll, needle = rows["svdq 1.5 bits"]
-    assert math.isclose(float(ratio.rstrip("x")), 16.0 / float(bits), rel_tol=2e-3)
-    assert 0.0 < float(error) < 0.5
+    bases, key_bits, value_bits, total, ratio, key_error, value_error, dnll, needle = rows["svdq cache 2.0 bits, shared"]
+    # Shared rows name the calibration text, which lies after the scored window.
+    calibration = re.search(r"text tokens (\d+)-(\d+)", bases)
+    prefix, continuation = (int(x) for x in re.search(r"prefix (\d+) tokens.*continuation (\d+)", output).groups())
+    assert calibration and int(calibration.group(1)) >= prefix + continuation
+    assert float(total) == pytest.approx((float(key_bits) + float(value_bits)) / 2, abs=1e-3)
+    assert math.isclose(float(ratio.rstrip("x")), 16.0 / float(total), rel_tol=2e-3)
+    assert 0.0 < float(key_error) < 0.6 and 0.0 < float(value_error) < 0.8
     assert math.isfinite(float(dnll)) and abs(float(dnll)) < 0.5
-    # kivi 2-bit g32, from the format's layout (svdq/format.py): header, RoPE, widths, 4 fp16
-    # sinks, fp16 scale and min per channel and group, 2-bit codes, fp16 tail, CRC.
-    tokens = int(re.search(r"prefix (\d+) tokens", output).group(1))
+    # kivi 2-bit g32 keys, from the format's layout (svdq/format.py): header, RoPE, widths, 4 fp16
+    # sinks, fp16 scale and min per channel and group, 2-bit codes, fp16 tail, CRC; its values
+    # per token: 2-bit codes plus an fp16 scale and min per 32 channels, 22 bytes of header and CRC.
+    tokens = prefix
     channels, sinks = 3 * 64, 4
     groups = (tokens - sinks) // 32
     tail = tokens - sinks - 32 * groups
     layer_bytes = (28 + 28 + channels // 2 + 2 * channels * sinks + 4 * groups * channels
                    + groups * 32 * channels * 2 // 8 + 2 * channels * tail + 4)
-    assert float(rows["kivi 2-bit g32"][0]) == pytest.approx(8 * layer_bytes / (tokens * channels), abs=1e-3)
+    kivi = rows["kivi 2-bit K and V g32"]
+    assert float(kivi[1]) == pytest.approx(8 * layer_bytes / (tokens * channels), abs=1e-3)
+    value_bytes = 22 + tokens * 3 * (64 * 2 // 8 + 4 * 2)
+    assert float(kivi[2]) == pytest.approx(8 * value_bytes / (tokens * channels), abs=1e-3)
 
     match = re.search(r"undo\+apply ([0-9.e+-]+), undo vs k_proj outputs ([0-9.e+-]+)", output)
     assert match and float(match.group(1)) < 1e-5 and float(match.group(2)) < 1e-5
-    assert "| 1024 | svdq 1.5 bits |" in output
+    assert "## Short prompt: prefix 256 tokens" in output
+    assert "| 1024 | keys | svdq 1.5 bits |" in output and "| 1024 | values | svdq 2.5 bits |" in output
 
 
 def test_bits_per_element_are_serialized_bytes(smollm2):
     model, tokenizer = smollm2
     prefix = harness.prefill(model, harness.text_tokens(tokenizer, 200, start=1000))
     rope = svdq.RopeConfig.from_hf_config(model.config)
-    method = quality.Method("svdq", svdq.CodecConfig(bits_per_element=2.0, group_size=32))
+    method = quality.Method("svdq", svdq.CodecConfig(bits_per_element=2.0, group_size=32),
+                            values=quality.latent_values(2.5))
     stats = quality.KeyStats()
-    transform = quality.codec_transform(method, rope, stats)
-    outputs = [transform(layer, keys, prefix.positions) for layer, keys in enumerate(prefix.keys)]
+    transform, value_transform = quality.cache_transforms(method, rope, stats, prefix)
+    outputs = []
+    for layer, keys in enumerate(prefix.keys):
+        outputs.append(transform(layer, keys, prefix.positions))
+        value_transform(layer, prefix.values[layer], prefix.positions)
 
     expected_bytes = sum(
         len(svdq.to_bytes(svdq.compress(keys, method.config, positions=prefix.positions, rope=rope,
                                         key_space="post_rope")))
         for keys in prefix.keys
     )
+    expected_value_bytes = sum(len(quality.values_to_bytes(quality.compress_values(values, method.values)))
+                               for values in prefix.values)
     elements = sum(keys.numel() for keys in prefix.keys)
-    assert stats.serialized_bytes == expected_bytes
+    assert stats.serialized_bytes == expected_bytes and stats.value_bytes == expected_value_bytes
     assert stats.bits_per_element == pytest.approx(8 * expected_bytes / elements)
+    assert stats.total_bits_per_element == pytest.approx(4 * (expected_bytes + expected_value_bytes) / elements)
     assert stats.blobs_checked == len(prefix.keys) == model.config.num_hidden_layers
     errors = [svdq.relative_error(keys, out) for keys, out in zip(prefix.keys, outputs, strict=True)]
     assert stats.layer_errors == pytest.approx(errors, rel=1e-6)
+    assert 0 < stats.value_relative_error < 1
     # The reference prefix must not be touched by a method's run.
     again = harness.prefill(model, prefix.input_ids)
     for before, after in zip(prefix.keys, again.keys, strict=True):

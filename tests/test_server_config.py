@@ -111,3 +111,23 @@ async def test_unexpected_errors_become_internal_without_details(caplog, monkeyp
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await server.stop(0)
+
+
+def test_profiles_file_takes_latent_values_and_a_whole_cache_budget(tmp_path):
+    from svdq_server.config import load_profiles
+
+    from svdq.values import DEFAULT_VALUE_CODEC
+
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        "profiles:\n"
+        "  - name: cache\n"
+        "    num_layers: 2\n    kv_heads: 2\n    head_dim: 32\n"
+        "    value_codec: {method: svdq, bits_per_element: 2.5, group_size: 32, num_sinks: 4, noise_averaging: 3.0}\n"
+        "    cache_bits_per_element: 2.0\n"
+    )
+    (profile,) = load_profiles(str(path))
+    assert profile.value_codec == DEFAULT_VALUE_CODEC and profile.cache_budget.bits_per_element == 2.0
+    path.write_text("profiles:\n  - {name: bad, num_layers: 2, kv_heads: 2, head_dim: 32, cache_bits_per_element: 2.0}\n")
+    with pytest.raises(InvalidInputError, match="needs an svdq codec with a bit budget and profile.value_codec"):
+        load_profiles(str(path))

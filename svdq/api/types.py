@@ -17,6 +17,7 @@ from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq.attention import SparsityConfig
 from svdq.codec import Basis, CodecConfig
 from svdq.errors import InvalidInputError
+from svdq.kv import CacheBudget
 from svdq.rope import RopeConfig
 from svdq.values import ValueConfig
 
@@ -99,6 +100,8 @@ def codec_to_pb(config: CodecConfig, out: pb.Codec) -> pb.Codec:
     out.method, out.bits_per_element, out.bits = config.method, config.bits_per_element or 0.0, config.bits
     out.schedule[:] = list(config.schedule or ())
     out.group_size, out.num_sinks = config.group_size, config.num_sinks
+    if config.noise_averaging != 1.0:
+        out.noise_averaging = config.noise_averaging
     return out
 
 
@@ -112,6 +115,7 @@ def codec_from_pb(message: pb.Codec) -> CodecConfig:
         bits=message.bits or defaults.bits,
         group_size=message.group_size or defaults.group_size,
         num_sinks=message.num_sinks if message.HasField("num_sinks") else defaults.num_sinks,
+        noise_averaging=message.noise_averaging if message.HasField("noise_averaging") else 1.0,
     )
 
 
@@ -137,7 +141,7 @@ def codec_to_dict(config: CodecConfig) -> dict[str, Any]:
     """Plain-dict form of a codec config (profiles files, logs)."""
     return {"method": config.method, "bits_per_element": config.bits_per_element,
             "schedule": list(config.schedule) if config.schedule else None, "bits": config.bits,
-            "group_size": config.group_size, "num_sinks": config.num_sinks}
+            "group_size": config.group_size, "num_sinks": config.num_sinks, "noise_averaging": config.noise_averaging}
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,6 +158,12 @@ class Profile:
         value_group_size: values quantization group along head_dim.
         bases: optional shared calibrated basis per layer (svdq only); blobs then store only
             the basis fingerprint.
+        value_codec: an svdq :class:`CodecConfig` stores values as an SVDq latent
+            (e.g. :data:`svdq.values.DEFAULT_VALUE_CODEC`); ``value_bits`` must be ``None``.
+        value_bases: optional shared value basis per layer (latent values only).
+        cache_bits_per_element: one budget in true bits per KV element for keys and latent
+            values, split per layer by :func:`svdq.kv.compress_kv` (needs ``value_codec``;
+            uploads without values then use ``codec``).
     """
 
     name: str
@@ -165,6 +175,9 @@ class Profile:
     value_bits: int | None = None
     value_group_size: int = 64
     bases: tuple[Basis, ...] | None = None
+    value_codec: CodecConfig | None = None
+    value_bases: tuple[Basis, ...] | None = None
+    cache_bits_per_element: float | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "profile.name")
@@ -183,19 +196,41 @@ class Profile:
                 "when values are quantized"
             )
         if self.bases is not None:
-            bases = tuple(self.bases)
-            object.__setattr__(self, "bases", bases)
             if self.codec.method != "svdq":
                 raise InvalidInputError(f"profile.bases only apply to codec method 'svdq', not {self.codec.method!r}")
-            if len(bases) != self.num_layers:
-                raise InvalidInputError(f"profile.bases must hold one basis per layer ({self.num_layers}), got {len(bases)}")
-            channels = self.channels
-            for index, basis in enumerate(bases):
-                if tuple(basis.mean.shape) != (channels,) or tuple(basis.components.shape) != (channels, channels):
-                    raise InvalidInputError(
-                        f"profile.bases[{index}] must have mean [{channels}] and components [{channels}, {channels}], "
-                        f"got {list(basis.mean.shape)} and {list(basis.components.shape)}"
-                    )
+            object.__setattr__(self, "bases", self._check_bases(self.bases, "bases"))
+        if self.value_bases is not None:
+            if self.value_codec is None:
+                raise InvalidInputError("profile.value_bases only apply to SVDq latent values (profile.value_codec)")
+            object.__setattr__(self, "value_bases", self._check_bases(self.value_bases, "value_bases"))
+        if self.cache_bits_per_element is not None:
+            if self.value_codec is None or self.codec.method != "svdq" or self.codec.schedule is not None:
+                raise InvalidInputError("profile.cache_bits_per_element needs an svdq codec with a bit budget and "
+                                        "profile.value_codec (the budget splits between them)")
+            _ = self.cache_budget  # validates the budget
+
+    def _check_bases(self, bases: tuple[Basis, ...], name: str) -> tuple[Basis, ...]:
+        bases = tuple(bases)
+        if len(bases) != self.num_layers:
+            raise InvalidInputError(f"profile.{name} must hold one basis per layer ({self.num_layers}), got {len(bases)}")
+        channels = self.channels
+        for index, basis in enumerate(bases):
+            if tuple(basis.mean.shape) != (channels,) or tuple(basis.components.shape) != (channels, channels):
+                raise InvalidInputError(
+                    f"profile.{name}[{index}] must have mean [{channels}] and components [{channels}, {channels}], "
+                    f"got {list(basis.mean.shape)} and {list(basis.components.shape)}"
+                )
+        return bases
+
+    @property
+    def cache_budget(self) -> CacheBudget | None:
+        """The whole-cache budget, or None when keys and values follow codec and value_codec."""
+        if self.cache_bits_per_element is None:
+            return None
+        try:
+            return CacheBudget(self.cache_bits_per_element, key_codec=self.codec, value_codec=self.value_codec)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"profile.cache_bits_per_element: {exc}") from None
 
     @property
     def channels(self) -> int:
@@ -204,7 +239,7 @@ class Profile:
     @property
     def value_config(self) -> ValueConfig:
         try:
-            return ValueConfig(bits=self.value_bits, group_size=self.value_group_size)
+            return ValueConfig(bits=self.value_bits, group_size=self.value_group_size, codec=self.value_codec)
         except InvalidInputError as exc:
             raise InvalidInputError(f"profile.values: {exc}") from None
 
@@ -215,33 +250,42 @@ class Profile:
         codec_to_pb(self.codec, message.codec)
         message.values.bits = self.value_bits or 0
         message.values.group_size = self.value_group_size
-        for basis in self.bases or ():
-            layer = message.bases.add()
-            tensor_to_pb(basis.mean.float(), layer.mean)
-            # float16: all the codec ever uses of a basis (and what its fingerprint hashes), half the bytes
-            tensor_to_pb(basis.components.to(torch.float16), layer.components)
-            tensor_to_pb(basis.singular_values.float(), layer.singular_values)
+        if self.value_codec is not None:
+            codec_to_pb(self.value_codec, message.values.codec)
+        message.cache_bits_per_element = self.cache_bits_per_element or 0.0
+        for bases, target in ((self.bases, message.bases), (self.value_bases, message.values.bases)):
+            for basis in bases or ():
+                layer = target.add()
+                tensor_to_pb(basis.mean.float(), layer.mean)
+                # float16: all the codec ever uses of a basis (and what its fingerprint hashes), half the bytes
+                tensor_to_pb(basis.components.to(torch.float16), layer.components)
+                tensor_to_pb(basis.singular_values.float(), layer.singular_values)
         return message
 
     @classmethod
     def from_pb(cls, message: pb.Profile) -> Profile:
-        bases = None
-        if message.bases:
-            bases = tuple(
+        def read_bases(layers, name: str) -> tuple[Basis, ...] | None:
+            if not layers:
+                return None
+            return tuple(
                 Basis(
-                    mean=tensor_from_pb(layer.mean, f"profile.bases[{i}].mean", dtypes=(torch.float32,), finite=True),
-                    components=tensor_from_pb(layer.components, f"profile.bases[{i}].components",
+                    mean=tensor_from_pb(layer.mean, f"profile.{name}[{i}].mean", dtypes=(torch.float32,), finite=True),
+                    components=tensor_from_pb(layer.components, f"profile.{name}[{i}].components",
                                               dtypes=(torch.float16, torch.float32), finite=True).float(),
-                    singular_values=tensor_from_pb(layer.singular_values, f"profile.bases[{i}].singular_values",
+                    singular_values=tensor_from_pb(layer.singular_values, f"profile.{name}[{i}].singular_values",
                                                    dtypes=(torch.float32,), finite=True),
                 )
-                for i, layer in enumerate(message.bases)
+                for i, layer in enumerate(layers)
             )
+
         return cls(
             name=message.name, num_layers=message.num_layers, kv_heads=message.kv_heads, head_dim=message.head_dim,
             rope=rope_from_pb(message.rope) if message.HasField("rope") else None,
             codec=codec_from_pb(message.codec), value_bits=message.values.bits or None,
-            value_group_size=message.values.group_size or 64, bases=bases,
+            value_group_size=message.values.group_size or 64, bases=read_bases(message.bases, "bases"),
+            value_codec=codec_from_pb(message.values.codec) if message.values.HasField("codec") else None,
+            value_bases=read_bases(message.values.bases, "value_bases"),
+            cache_bits_per_element=message.cache_bits_per_element or None,
         )
 
     def same_as(self, other: Profile) -> bool:
@@ -252,26 +296,32 @@ class Profile:
     def from_dict(cls, fields: dict[str, Any], bases: tuple[Basis, ...] | None = None) -> Profile:
         """A profile from its plain-dict form (profiles file): ``name``, ``num_layers``,
         ``kv_heads``, ``head_dim``, optional ``rope`` (RopeConfig fields), ``codec``
-        (CodecConfig fields), ``value_bits``, ``value_group_size``."""
+        (CodecConfig fields), ``value_bits``, ``value_group_size``, ``value_codec`` (CodecConfig
+        fields of SVDq latent values), ``cache_bits_per_element``."""
         allowed = {"name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "value_bits",
-                   "value_group_size", "basis_file"}
+                   "value_group_size", "basis_file", "value_codec", "cache_bits_per_element"}
         unknown = set(fields) - allowed
         if unknown:
             raise InvalidInputError(f"unknown profile fields {sorted(unknown)}; allowed: {sorted(allowed)}")
-        codec_fields = dict(fields.get("codec") or {})
-        if codec_fields.get("schedule") is not None:
-            codec_fields["schedule"] = tuple(codec_fields["schedule"])
-        try:
-            codec = CodecConfig(**codec_fields)
-        except TypeError as exc:
-            raise InvalidInputError(f"profile {fields.get('name')!r} codec: {exc}") from None
+        def read_codec(name: str) -> CodecConfig:
+            codec_fields = dict(fields.get(name) or {})
+            if codec_fields.get("schedule") is not None:
+                codec_fields["schedule"] = tuple(codec_fields["schedule"])
+            try:
+                return CodecConfig(**codec_fields)
+            except TypeError as exc:
+                raise InvalidInputError(f"profile {fields.get('name')!r} {name}: {exc}") from None
+
+        codec = read_codec("codec")
+        value_codec = read_codec("value_codec") if fields.get("value_codec") is not None else None
         rope = RopeConfig.from_dict(fields["rope"]) if fields.get("rope") else None
         missing = {"name", "num_layers", "kv_heads", "head_dim"} - set(fields)
         if missing:
             raise InvalidInputError(f"profile is missing required fields {sorted(missing)}")
         return cls(name=fields["name"], num_layers=fields["num_layers"], kv_heads=fields["kv_heads"],
                    head_dim=fields["head_dim"], rope=rope, codec=codec, value_bits=fields.get("value_bits"),
-                   value_group_size=fields.get("value_group_size", 64), bases=bases)
+                   value_group_size=fields.get("value_group_size", 64), bases=bases, value_codec=value_codec,
+                   cache_bits_per_element=fields.get("cache_bits_per_element"))
 
 
 @dataclass(frozen=True)

@@ -61,28 +61,34 @@ class Rope(_message.Message):
     def __init__(self, theta: _Optional[float] = ..., rotary_dim: _Optional[int] = ..., style: _Optional[str] = ..., scaling: _Optional[str] = ..., factor: _Optional[float] = ..., low_freq_factor: _Optional[float] = ..., high_freq_factor: _Optional[float] = ..., original_max_position: _Optional[int] = ...) -> None: ...
 
 class Codec(_message.Message):
-    __slots__ = ("method", "bits_per_element", "schedule", "bits", "group_size", "num_sinks")
+    __slots__ = ("method", "bits_per_element", "schedule", "bits", "group_size", "num_sinks", "noise_averaging")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_SINKS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_AVERAGING_FIELD_NUMBER: _ClassVar[int]
     method: str
     bits_per_element: float
     schedule: _containers.RepeatedScalarFieldContainer[int]
     bits: int
     group_size: int
     num_sinks: int
-    def __init__(self, method: _Optional[str] = ..., bits_per_element: _Optional[float] = ..., schedule: _Optional[_Iterable[int]] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., num_sinks: _Optional[int] = ...) -> None: ...
+    noise_averaging: float
+    def __init__(self, method: _Optional[str] = ..., bits_per_element: _Optional[float] = ..., schedule: _Optional[_Iterable[int]] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., num_sinks: _Optional[int] = ..., noise_averaging: _Optional[float] = ...) -> None: ...
 
 class ValueCodec(_message.Message):
-    __slots__ = ("bits", "group_size")
+    __slots__ = ("bits", "group_size", "codec", "bases")
     BITS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    BASES_FIELD_NUMBER: _ClassVar[int]
     bits: int
     group_size: int
-    def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
+    codec: Codec
+    bases: _containers.RepeatedCompositeFieldContainer[LayerBasis]
+    def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., bases: _Optional[_Iterable[_Union[LayerBasis, _Mapping]]] = ...) -> None: ...
 
 class LayerBasis(_message.Message):
     __slots__ = ("mean", "components", "singular_values")
@@ -95,7 +101,7 @@ class LayerBasis(_message.Message):
     def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., components: _Optional[_Union[Tensor, _Mapping]] = ..., singular_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Profile(_message.Message):
-    __slots__ = ("name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "values", "bases")
+    __slots__ = ("name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "values", "bases", "cache_bits_per_element")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +110,7 @@ class Profile(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     BASES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     kv_heads: int
@@ -112,7 +119,8 @@ class Profile(_message.Message):
     codec: Codec
     values: ValueCodec
     bases: _containers.RepeatedCompositeFieldContainer[LayerBasis]
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., rope: _Optional[_Union[Rope, _Mapping]] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., values: _Optional[_Union[ValueCodec, _Mapping]] = ..., bases: _Optional[_Iterable[_Union[LayerBasis, _Mapping]]] = ...) -> None: ...
+    cache_bits_per_element: float
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., rope: _Optional[_Union[Rope, _Mapping]] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., values: _Optional[_Union[ValueCodec, _Mapping]] = ..., bases: _Optional[_Iterable[_Union[LayerBasis, _Mapping]]] = ..., cache_bits_per_element: _Optional[float] = ...) -> None: ...
 
 class RegisterProfileRequest(_message.Message):
     __slots__ = ("profile", "replace")

@@ -1,0 +1,174 @@
+"""One budget for a layer's whole cache: keys and values split by measured effect on attention.
+
+A user states true bits per KV element (or a ratio vs fp16); :func:`compress_kv` compresses
+the layer's keys and values at every candidate split of those bits between them (each
+codec's ``bits_per_element`` counts every byte of its blob, so any split costs the same
+total) and keeps the split whose attention output is closest to the uncompressed one.
+
+The attention output is measured with probe queries: without the model's queries (a
+storage service sees only keys and values), the layer's own post-RoPE keys at evenly spaced
+positions stand in for them; they live in the query space, give each probe a causal
+softmax over the tokens before it, and show which tokens the layer's keys make
+distinguishable. The error of a split is ``sum ||softmax(q K^T / sqrt(D)) V - softmax(q
+K_hat^T / sqrt(D)) V_hat||^2`` over probes and KV heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .codec import MAX_BUDGET, Basis, CodecConfig, CompressedKeys, compress, decompress
+from .errors import InvalidInputError
+from .rope import RopeConfig, apply_rope
+from .values import DEFAULT_VALUE_CODEC, CompressedValues, ValueConfig, compress_values, decompress_values
+
+#: Default whole-cache budget: 2 true bits per KV element, 8x smaller than fp16.
+DEFAULT_TOTAL_BITS = 2.0
+#: Candidate shares of the budget spent on keys (the rest goes to values).
+DEFAULT_KEY_SHARES = (0.25, 0.3125, 0.375, 0.4375, 0.5)
+
+
+@dataclass(frozen=True)
+class CacheBudget:
+    """A budget for keys and values together.
+
+    Attributes:
+        bits_per_element: true bits per KV element, keys' and values' serialized bytes over
+            ``2 * tokens * kv_heads * head_dim`` elements; (0, 16].
+        key_shares: candidate fractions of the budget spent on keys, each in (0, 1).
+        key_codec: key settings (its ``bits_per_element`` is replaced by the split's).
+        value_codec: value settings (likewise).
+        probe_queries: probe positions the split is measured with, 1..4096.
+    """
+
+    bits_per_element: float = DEFAULT_TOTAL_BITS
+    key_shares: tuple[float, ...] = DEFAULT_KEY_SHARES
+    key_codec: CodecConfig = field(default_factory=CodecConfig)
+    value_codec: CodecConfig = DEFAULT_VALUE_CODEC
+    probe_queries: int = 64
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bits_per_element, (int, float)) and 0 < self.bits_per_element <= MAX_BUDGET):
+            raise InvalidInputError(f"cache bits_per_element must be in (0, {MAX_BUDGET}], got {self.bits_per_element!r}")
+        shares = tuple(self.key_shares)
+        if not shares or any(not (isinstance(s, (int, float)) and 0 < s < 1) for s in shares):
+            raise InvalidInputError(f"key_shares must be fractions in (0, 1), got {self.key_shares!r}")
+        object.__setattr__(self, "key_shares", shares)
+        for name in ("key_codec", "value_codec"):
+            codec = getattr(self, name)
+            if not isinstance(codec, CodecConfig) or codec.method != "svdq" or codec.schedule is not None:
+                raise InvalidInputError(f"{name} must be an svdq CodecConfig with a bit budget, got {codec!r}")
+        if not (isinstance(self.probe_queries, int) and 1 <= self.probe_queries <= 4096):
+            raise InvalidInputError(f"probe_queries must be an integer in 1..4096, got {self.probe_queries!r}")
+        for share in shares:
+            for part, fraction in (("keys", share), ("values", 1 - share)):
+                bits = 2 * self.bits_per_element * fraction
+                if bits > MAX_BUDGET:
+                    raise InvalidInputError(f"key share {share} gives {part} {bits:.2f} bits per element, above "
+                                            f"{MAX_BUDGET}; lower bits_per_element or pick shares nearer 0.5")
+
+    @classmethod
+    def from_ratio(cls, ratio: float, **kwargs) -> CacheBudget:
+        """The budget that makes the cache ``ratio`` times smaller than fp16 (``16 / ratio`` bits)."""
+        if not (isinstance(ratio, (int, float)) and ratio >= 1):
+            raise InvalidInputError(f"compression ratio must be a number >= 1, got {ratio!r}")
+        return cls(bits_per_element=16.0 / ratio, **kwargs)
+
+
+@dataclass
+class CompressedCache:
+    """A layer's keys and values compressed under one :class:`CacheBudget`.
+
+    ``key_share`` is the chosen split and ``split_errors`` the measured probe error of every
+    candidate share (relative to the probes' output energy).
+    """
+
+    keys: CompressedKeys
+    values: CompressedValues
+    key_share: float
+    split_errors: dict[float, float]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.nbytes / max(1, 2 * self.keys.num_tokens * self.keys.channels)
+
+
+def _attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, probe_positions: torch.Tensor,
+               token_positions: torch.Tensor) -> torch.Tensor:
+    """Causal attention of probes [P, H, D] over keys/values [S, H, D] -> [P, H, D] (float64)."""
+    scores = torch.einsum("phd,shd->phs", queries, keys) / math.sqrt(keys.shape[-1])
+    future = token_positions[None, None, :] > probe_positions[:, None, None]
+    weights = torch.softmax(scores.masked_fill(future, -math.inf), dim=-1)
+    return torch.einsum("phs,shd->phd", weights, values)
+
+
+def compress_kv(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    budget: CacheBudget | None = None,
+    *,
+    positions: torch.Tensor | None = None,
+    rope: RopeConfig | None = None,
+    key_space: str = "pre_rope",
+    key_basis: Basis | None = None,
+    value_basis: Basis | None = None,
+) -> CompressedCache:
+    """Compress one layer's keys and values [tokens, kv_heads, head_dim] under one budget.
+
+    Keys take the arguments of :func:`svdq.codec.compress`, values those of
+    :func:`svdq.values.compress_values`. Every candidate split is compressed (keys once per
+    key budget, values once per value budget) and the one with the smallest probe error is
+    returned, so this costs about ``len(budget.key_shares)`` times a single compression.
+    """
+    budget = budget or CacheBudget()
+    if not isinstance(values, torch.Tensor) or values.shape != keys.shape:
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise InvalidInputError(f"values must have the keys' shape {tuple(keys.shape)}, got {shape}")
+    candidates = []
+    for share in budget.key_shares:
+        key_config = replace(budget.key_codec, bits_per_element=2 * budget.bits_per_element * share)
+        value_config = ValueConfig(codec=replace(budget.value_codec,
+                                                 bits_per_element=2 * budget.bits_per_element * (1 - share)))
+        candidates.append((
+            share,
+            compress(keys, key_config, positions=positions, rope=rope, key_space=key_space, basis=key_basis),
+            compress_values(values, value_config, basis=value_basis),
+        ))
+    if key_space == "post_rope" and rope is None:
+        raise InvalidInputError("post-RoPE keys need a rope description")
+    if len(candidates) == 1:
+        share, compressed_keys, compressed_values = candidates[0]
+        return CompressedCache(compressed_keys, compressed_values, share, {share: math.nan})
+
+    tokens = keys.shape[0]
+    token_positions = candidates[0][1].token_positions()
+    # Post-RoPE keys are the probes and what they are scored against (the space queries see).
+    reference_keys = keys.double() if key_space == "post_rope" or rope is None else \
+        apply_rope(keys.float(), token_positions, rope).double()
+    probe_index = torch.linspace(tokens // 2, tokens - 1, min(budget.probe_queries, tokens)).round().long().unique()
+    probe_index = probe_index.to(keys.device)
+    probes = reference_keys[probe_index]
+    probe_positions = token_positions[probe_index]
+    reference = _attention(probes, reference_keys, values.double(), probe_positions, token_positions)
+    energy = float(reference.pow(2).sum().clamp(min=1e-300))
+    space = "post_rope" if rope is not None else "pre_rope"
+    errors = {}
+    best = None
+    for share, compressed_keys, compressed_values in candidates:
+        restored_keys = decompress(compressed_keys, space, dtype=torch.float32).double()
+        restored_values = decompress_values(compressed_values, torch.float32).double()
+        output = _attention(probes, restored_keys, restored_values, probe_positions, token_positions)
+        errors[share] = float((output - reference).pow(2).sum()) / energy
+        if best is None or errors[share] < errors[best[0]]:
+            best = (share, compressed_keys, compressed_values)
+    return CompressedCache(best[1], best[2], best[0], errors)
+
+
+__all__ = ["DEFAULT_TOTAL_BITS", "CacheBudget", "CompressedCache", "compress_kv"]

@@ -1,0 +1,243 @@
+"""SVDq latent values: the key codec applied to values, their format, and attention that sums
+latent codes instead of rebuilding values."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+from test_attention import ROPE, make_case, naive_attention
+
+from svdq import CodecConfig, compress, decompress, fit_basis
+from svdq.attention import SparsityConfig, attend
+from svdq.errors import FormatError, InvalidInputError
+from svdq.kv import CacheBudget, compress_kv
+from svdq.values import (
+    DEFAULT_VALUE_CODEC,
+    ValueConfig,
+    append_values,
+    compress_values,
+    decompress_values,
+    gather_values,
+    values_from_bytes,
+    values_to_bytes,
+)
+
+
+def structured_values(tokens, heads=3, head_dim=64, seed=0, rank=24):
+    """Values with a slowly decaying spectrum (flatter than keys, as measured on SmolLM2)."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = torch.randn(tokens, rank, generator=generator) * torch.linspace(3, 0.5, rank)
+    mixing = torch.randn(rank, heads * head_dim, generator=generator)
+    noise = 0.1 * torch.randn(tokens, heads * head_dim, generator=generator)
+    return (factors @ mixing + noise - 0.3).reshape(tokens, heads, head_dim)
+
+
+def latent_config(bits=3.0, group_size=32, num_sinks=4):
+    return ValueConfig(codec=CodecConfig(bits_per_element=bits, group_size=group_size, num_sinks=num_sinks))
+
+
+def test_latent_values_are_the_key_codec_output_and_count_every_byte():
+    values = structured_values(301)
+    stored = compress_values(values, latent_config())
+    same = compress(values, latent_config().codec)
+    assert stored.method == "svdq" and stored.latent is not None
+    assert torch.equal(stored.latent.codes, same.codes) and torch.equal(stored.latent.basis, same.basis)
+    blob = values_to_bytes(stored)
+    assert len(blob) == stored.nbytes == 18 + same.nbytes + 4
+    assert abs(stored.bits_per_element - 8 * len(blob) / values.numel()) < 1e-12
+    restored = values_from_bytes(blob)
+    expected = decompress(same, dtype=torch.float32)
+    assert torch.equal(decompress_values(restored, torch.float32), expected)
+    assert torch.equal(gather_values(restored), expected.transpose(0, 1))
+    index = torch.tensor([[0, 7, 300], [3, 3, 150], [299, 1, 2]])
+    assert torch.equal(gather_values(restored, index), expected.transpose(0, 1)[torch.arange(3)[:, None], index])
+
+
+def test_default_value_codec_is_svdq_weighing_noise_below_dropped_channels():
+    assert DEFAULT_VALUE_CODEC.method == "svdq" and DEFAULT_VALUE_CODEC.noise_averaging > 1
+    stored = compress_values(structured_values(4 + 64 * 20), ValueConfig(codec=DEFAULT_VALUE_CODEC))
+    assert stored.bits_per_element <= DEFAULT_VALUE_CODEC.bits_per_element + 0.01
+
+
+def test_append_latent_values_equals_compressing_at_once():
+    values = structured_values(200)
+    whole = compress(values, latent_config().codec)
+    basis = fit_basis(values[4:4 + 32 * 4].reshape(128, -1))
+    # Same basis and widths for both (as append keeps them): compress the prefix with the
+    # basis the whole sequence would fit, then append the rest in uneven pieces.
+    config = ValueConfig(codec=CodecConfig(schedule=(6, 4, 3, 2, 2, 1, 1, 0), group_size=32))
+    at_once = compress_values(values, config, basis=basis)
+    grown = compress_values(values[:37], config, basis=basis)
+    for stop in (38, 101, 160, 200):
+        grown = append_values(grown, values[grown.num_tokens:stop])
+    assert values_to_bytes(grown) == values_to_bytes(at_once)
+    assert whole.num_tokens == grown.num_tokens == 200
+
+
+def test_shared_value_basis_stores_a_fingerprint_and_is_needed_to_read():
+    calibration = structured_values(512, seed=5)
+    basis = fit_basis(calibration.reshape(512, -1))
+    values = structured_values(300, seed=6)
+    own = compress_values(values, latent_config(2.0))
+    shared = compress_values(values, latent_config(2.0), basis=basis)
+    assert shared.latent.shared_basis == basis.fingerprint
+    assert shared.nbytes <= own.nbytes + 64
+    blob = values_to_bytes(shared)
+    with pytest.raises(FormatError, match="shared basis"):
+        values_from_bytes(blob)
+    assert torch.equal(decompress_values(values_from_bytes(blob, basis=basis)), decompress_values(shared))
+
+
+def test_version_1_blobs_still_read_and_version_2_bytes_are_checked():
+    plain = compress_values(structured_values(40), ValueConfig(bits=4))
+    blob = values_to_bytes(plain)
+    assert blob[4] == 1  # older value formats keep version 1, which old readers accept
+    assert torch.equal(decompress_values(values_from_bytes(blob)), decompress_values(plain))
+    latent_blob = bytearray(values_to_bytes(compress_values(structured_values(90), latent_config())))
+    assert latent_blob[4] == 2 and latent_blob[5] == 16
+
+    def resealed(data: bytearray) -> bytes:
+        return bytes(data[:-4]) + struct.pack("<I", zlib.crc32(bytes(data[:-4])))
+
+    newer = bytearray(latent_blob)
+    newer[4] = 3
+    with pytest.raises(FormatError, match="version 3 is not supported"):
+        values_from_bytes(resealed(newer))
+    as_v1 = bytearray(latent_blob)
+    as_v1[4] = 1
+    with pytest.raises(FormatError, match="allowed bits 0, 2, 4$"):
+        values_from_bytes(resealed(as_v1))
+    wrong_tokens = bytearray(latent_blob)
+    wrong_tokens[8:12] = struct.pack("<I", 91)
+    with pytest.raises(FormatError, match="latent holds 90"):
+        values_from_bytes(resealed(wrong_tokens))
+    truncated = bytearray(latent_blob[:40] + latent_blob[-4:])
+    with pytest.raises(FormatError):
+        values_from_bytes(resealed(truncated))
+    corrupted = bytearray(latent_blob)
+    corrupted[30] ^= 0xFF
+    with pytest.raises(FormatError, match="checksum"):
+        values_from_bytes(bytes(corrupted))
+
+
+def test_latent_value_config_rejects_bad_input():
+    with pytest.raises(InvalidInputError, match="method 'svdq'"):
+        ValueConfig(codec=CodecConfig(method="kivi"))
+    with pytest.raises(InvalidInputError, match="not both"):
+        ValueConfig(bits=2, codec=CodecConfig())
+    with pytest.raises(InvalidInputError, match="CodecConfig"):
+        ValueConfig(codec="svdq")
+    with pytest.raises(InvalidInputError, match="only applies to SVDq latent"):
+        compress_values(structured_values(10), ValueConfig(bits=4), basis=fit_basis(torch.randn(50, 192)))
+    with pytest.raises(InvalidInputError, match="at least one token"):
+        compress_values(torch.zeros(0, 3, 64), latent_config())
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        compress_values(torch.full((5, 3, 64), float("nan")), latent_config())
+    stored = compress_values(structured_values(50), latent_config())
+    with pytest.raises(InvalidInputError, match="heads=3, head_dim=64"):
+        append_values(stored, torch.zeros(2, 3, 32))
+    with pytest.raises(InvalidInputError, match="no fixed size per token"):
+        _ = stored.token_bytes
+
+
+def _case_with_latent_values(tokens, value_sinks, value_group, seed=0):
+    keys, _ = make_case("svdq", tokens=tokens, key_space="post_rope", seed=seed)
+    values = compress_values(structured_values(tokens, seed=seed + 3), latent_config(3.0, value_group, value_sinks))
+    return keys, values
+
+
+@pytest.mark.parametrize(("tokens", "value_sinks", "value_group"), [(203, 4, 32), (203, 0, 64), (150, 9, 16),
+                                                                     (30, 4, 32)])
+def test_attention_over_latent_values_matches_naive_attention_over_their_reconstruction(tokens, value_sinks,
+                                                                                      value_group):
+    # The values' sinks and groups differ from the keys' (4 sinks, groups of 16), so key body
+    # tokens fall in the values' sinks, body and tail alike.
+    keys, values = _case_with_latent_values(tokens, value_sinks, value_group)
+    queries = torch.randn(3, 9, 64)
+    result = attend(queries, [keys] * 3, [values] * 3, backend="torch")
+    post = decompress(keys, key_space="post_rope", dtype=torch.float32)
+    dense_values = decompress_values(values, torch.float32)
+    for b in range(3):
+        expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8)
+        # float32 sums in another order than the float64 oracle: error relative to |values|.
+        error = (result.output[b].double() - expected).abs().max() / dense_values.abs().max()
+        assert error < 1e-5
+        assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
+
+
+@pytest.mark.parametrize("value_sinks", [0, 4, 12])
+def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_bit_values(value_sinks):
+    keys, values = _case_with_latent_values(400, value_sinks, 32, seed=2)
+    as_16_bit = compress_values(decompress_values(values, torch.float32))
+    sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=8, num_recent=16)
+    for count in (1, 4):  # one query, and several queries of one sequence batched together
+        queries = torch.randn(count, 9, 64, generator=torch.Generator().manual_seed(count))
+        latent = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, backend="torch")
+        plain = attend(queries, [keys] * count, [as_16_bit] * count, sparsity=sparsity, backend="torch")
+        assert latent.stats[0].tokens_attended < 400
+        # as_16_bit rounds the reconstruction to float16: the tolerance is float16's.
+        assert torch.allclose(latent.output, plain.output, atol=3e-3, rtol=1e-3)
+        assert torch.allclose(latent.lse, plain.lse, atol=1e-5)
+
+
+def test_a_batch_mixing_latent_and_16_bit_values_answers_each_entry_as_alone():
+    keys, latent = _case_with_latent_values(203, 4, 32)
+    other_keys, other_values = make_case("svdq", tokens=150, seed=4, value_bits=None, rope=ROPE)
+    queries = torch.randn(2, 9, 64)
+    together = attend(queries, [keys, other_keys], [latent, other_values], backend="torch")
+    alone = [attend(queries[b:b + 1], [k], [v], backend="torch")
+             for b, (k, v) in enumerate([(keys, latent), (other_keys, other_values)])]
+    for b in range(2):
+        assert torch.allclose(together.output[b], alone[b].output[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# One budget for keys and values (svdq.kv)
+
+def _layer(tokens=900, seed=0):
+    keys, _ = make_case("svdq", tokens=tokens, key_space="post_rope", seed=seed)
+    post_keys = decompress(keys, key_space="post_rope", dtype=torch.float32)
+    return post_keys, structured_values(tokens, seed=seed + 7)
+
+
+def test_cache_budget_spends_the_total_bits_on_the_measured_best_split():
+    keys, values = _layer()
+    budget = CacheBudget(bits_per_element=2.0, key_shares=(0.25, 0.5), probe_queries=32)
+    cache = compress_kv(keys, values, budget, positions=torch.arange(900), rope=ROPE, key_space="post_rope")
+    assert set(cache.split_errors) == {0.25, 0.5}
+    assert cache.key_share == min(cache.split_errors, key=cache.split_errors.get)
+    assert cache.nbytes == len(values_to_bytes(cache.values)) + cache.keys.nbytes
+    # Both codecs count every byte: the whole cache lands on the budget (900 tokens: small tails).
+    assert cache.bits_per_element == pytest.approx(2.0, abs=0.05)
+    # Keys that barely matter (a flat score: every probe attends almost uniformly) leave the
+    # bits to values, and values of rank two (two latent channels hold them) leave them to keys.
+    flat_keys = keys * 1e-3
+    assert compress_kv(flat_keys, values, budget, positions=torch.arange(900), rope=ROPE,
+                       key_space="post_rope").key_share == 0.25
+    generator = torch.Generator().manual_seed(3)
+    rank_two = (torch.randn(900, 2, generator=generator) @ torch.randn(2, 192, generator=generator)).reshape(900, 3, 64)
+    sharp_keys = 2 * torch.randn(900, 3, 64, generator=generator)  # full rank: every key bit counts
+    assert compress_kv(sharp_keys, rank_two, budget, positions=torch.arange(900), rope=ROPE,
+                       key_space="post_rope").key_share == 0.5
+
+
+def test_cache_budget_from_a_ratio_and_its_bad_inputs():
+    assert CacheBudget.from_ratio(8).bits_per_element == 2.0
+    with pytest.raises(InvalidInputError, match=">= 1"):
+        CacheBudget.from_ratio(0.5)
+    with pytest.raises(InvalidInputError, match=r"in \(0, 16"):
+        CacheBudget(bits_per_element=0)
+    with pytest.raises(InvalidInputError, match="fractions"):
+        CacheBudget(key_shares=(0.0, 0.5))
+    with pytest.raises(InvalidInputError, match="above 16"):
+        CacheBudget(bits_per_element=12, key_shares=(0.8,))
+    with pytest.raises(InvalidInputError, match="svdq CodecConfig"):
+        CacheBudget(key_codec=CodecConfig(method="kivi"))
+    with pytest.raises(InvalidInputError, match="probe_queries"):
+        CacheBudget(probe_queries=0)
+    keys, values = _layer(200)
+    with pytest.raises(InvalidInputError, match="keys' shape"):
+        compress_kv(keys, values[:100], CacheBudget(), rope=ROPE, key_space="post_rope")

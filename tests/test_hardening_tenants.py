@@ -206,8 +206,9 @@ def test_tenant_registered_profiles_share_one_label(tenant_server):
     text = _scrape(tenant_server)
     labels = set(re.findall(r'^svdq_\w+\{.*?profile="([^"]*)"', text, re.MULTILINE))
     assert labels == {"tenant", "none"}, labels  # "small" of the other test is a tenant profile too
-    series = [line for line in text.splitlines() if line.startswith("svdq_compression_ratio_count")]
-    assert len(series) == 2 and _sample(text, "svdq_compression_ratio_count", '{profile="tenant"}') >= 151
+    # one series per (profile label, kind): 151 compress/upload calls, two profile labels
+    series = [line for line in text.splitlines() if line.startswith('svdq_compression_ratio_count{kind="keys"')]
+    assert len(series) == 2 and _sample(text, "svdq_compression_ratio_count", '{kind="keys",profile="tenant"}') >= 151
     assert "mine-" not in text
 
 

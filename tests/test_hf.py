@@ -265,7 +265,8 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     assert all(part in timing for part in ("model load", "document prefill", "upload", "answer tokens", "server calls"))
     wall = next(line for line in report.splitlines() if line.startswith("wall time"))
     demo_s, plain_s, ratio = float(wall.split()[2]), float(wall.split(" = ")[0].split()[-2]), float(wall.split(" = ")[1][:-1])
-    assert ratio == pytest.approx(demo_s / plain_s, rel=0.06)  # the seconds are printed to 0.1 s
+    # the seconds are printed to 0.1 s: the ratio lies within what their rounding allows
+    assert (demo_s - 0.05) / (plain_s + 0.05) - 0.01 <= ratio <= (demo_s + 0.05) / max(plain_s - 0.05, 1e-3) + 0.01
 
 
 @pytest.mark.model

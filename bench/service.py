@@ -27,8 +27,10 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from svdq_client import KVCacheClient, Profile, Sparsity
 
@@ -160,6 +162,41 @@ def attend_throughput(addresses: list[str], sequences: list[str], layers: int, b
     return sum(counts) / (time.perf_counter() - began)
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """One throughput run: the calls, and what the replicas and Redis spent on them."""
+
+    calls_per_second: float
+    #: CPU seconds (user + system) of the replica processes per wall second
+    cores: float
+    cpu_ms_per_call: float
+    #: share of the machine's CPU time that nobody used during the run
+    idle: float
+    commands_per_call: float
+    transactions: int
+    lru_writes: int
+
+
+def measured_throughput(addresses: list[str], processes: list[psutil.Process], redis, sequences: list[str], args,
+                        batch: int) -> Throughput:
+    """:func:`attend_throughput` with the replicas' CPU time, the machine's idle time and the
+    Redis commands of the run: whether the replicas were short of CPU or waited on the store."""
+    redis.config_resetstat()
+    cpu_before = [sum(process.cpu_times()[:2]) for process in processes]
+    machine_before = psutil.cpu_times()
+    began = time.perf_counter()
+    rate = attend_throughput(addresses, sequences, args.layers, batch, args.seconds, 1)
+    wall = time.perf_counter() - began
+    machine_after = psutil.cpu_times()
+    cpu = sum(sum(process.cpu_times()[:2]) - before for process, before in zip(processes, cpu_before, strict=True))
+    commands = {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in redis.info("commandstats").items()}
+    commands.pop("config|resetstat", None)
+    calls = rate * args.seconds
+    elapsed = sum(machine_after) - sum(machine_before)
+    return Throughput(rate, cpu / wall, 1e3 * cpu / calls, (machine_after.idle - machine_before.idle) / elapsed,
+                      sum(commands.values()) / calls, commands.get("exec", 0), commands.get("zadd", 0))
+
+
 def bench_stores(args) -> None:
     """Rows side by side: a memory-store server, one Redis-store replica and three replicas of
     another Redis store, all running at once and measured in turns (every repeat visits each
@@ -215,12 +252,18 @@ def bench_stores(args) -> None:
             for sequence in sequences:
                 clients["throughput pair"][0].upload(sequence, profile.name, keys, values, replace=True,
                                                      positions=torch.arange(args.tokens), key_space="post_rope")
+            pair_processes = [psutil.Process(process.pid) for process, _ in servers["throughput pair"]]
+            import redis as redis_client  # the [redis] extra, only for this part
+
+            pair_redis = redis_client.Redis.from_url(f"{base}/3")
             rounds = []
             for _ in range(args.rounds):
-                one = attend_throughput(pair[:1], sequences, args.layers, batch, args.seconds, 1)
-                two = attend_throughput(pair, sequences, args.layers, batch, args.seconds, 1)
+                one = measured_throughput(pair[:1], pair_processes[:1], pair_redis, sequences, args, batch)
+                two = measured_throughput(pair, pair_processes, pair_redis, sequences, args, batch)
                 rounds.append((one, two))
-                print(f"# throughput round: 1 replica {one:.1f}/s, 2 replicas {two:.1f}/s", file=sys.stderr, flush=True)
+                print(f"# throughput round: 1 replica {one.calls_per_second:.1f}/s, 2 replicas "
+                      f"{two.calls_per_second:.1f}/s", file=sys.stderr, flush=True)
+            pair_redis.close()
             for group in clients.values():
                 for client in group:
                     client.close()
@@ -245,14 +288,28 @@ def bench_stores(args) -> None:
     print("\nratios vs the memory store (medians; >1 is slower): " + "; ".join(
         f"{name}: upload time {memory[0] / row[0]:.2f}x, cold {row[1] / memory[1]:.2f}x, warm {row[2] / memory[2]:.2f}x"
         for name, row in rows.items() if row is not memory))
-    ratios = [two / one for one, two in rounds]
     print(f"\naggregate Attend throughput over one Redis store, one client calling each replica back to back, "
-          f"{len(rounds)} alternating rounds of {args.seconds:.0f} s: 1 replica "
-          f"{statistics.median(one for one, _ in rounds):.1f} calls/s, 2 replicas "
-          f"{statistics.median(two for _, two in rounds):.1f} calls/s; ratio per round "
-          f"{', '.join(f'{ratio:.2f}' for ratio in ratios)}, median {statistics.median(ratios):.2f}x "
-          f"(machine: {os.cpu_count()} cores, shared with other jobs; load average before: "
-          f"{', '.join(f'{load:.1f}' for load in os.getloadavg())})")
+          f"{len(rounds)} alternating rounds of {args.seconds:.0f} s (machine: {os.cpu_count()} cores, shared with "
+          f"other jobs; load average after: {', '.join(f'{load:.1f}' for load in os.getloadavg())}). The replicas' "
+          "CPU is what they were given (user + system seconds per wall second); each Attend costs the server its "
+          "CPU ms whatever the replica count, so the throughput follows the cores the replicas get. Redis commands "
+          "count the version check's script as 4 (EVALSHA and the ZSCORE, TIME, HGET it runs):\n")
+    print("| replicas | Attend calls/s | replicas' CPU cores | server CPU ms per call | machine idle | "
+          "Redis commands per call | MULTI/EXEC (loads, writes) | LRU writes (ZADD) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for count, index in ((1, 0), (2, 1)):
+        runs = [measured[index] for measured in rounds]
+        print(f"| {count} | {statistics.median(run.calls_per_second for run in runs):.1f} | "
+              f"{statistics.median(run.cores for run in runs):.2f} | "
+              f"{statistics.median(run.cpu_ms_per_call for run in runs):.1f} | "
+              f"{statistics.median(run.idle for run in runs):.0%} | "
+              f"{statistics.median(run.commands_per_call for run in runs):.2f} | "
+              f"{sum(run.transactions for run in runs)} | {sum(run.lru_writes for run in runs)} |")
+    ratios = [two.calls_per_second / one.calls_per_second for one, two in rounds]
+    cores = [two.cores / one.cores for one, two in rounds]
+    print(f"\n2 replicas vs 1: throughput ratio per round {', '.join(f'{ratio:.2f}' for ratio in ratios)}, median "
+          f"{statistics.median(ratios):.2f}x; the replicas' CPU cores ratio per round "
+          f"{', '.join(f'{ratio:.2f}' for ratio in cores)}, median {statistics.median(cores):.2f}x")
 
 
 def main(argv=None) -> None:

@@ -160,6 +160,38 @@ def test_any_replica_serves_any_sequence_byte_identical(redis_server):
         late.append("t", "s", *cache(tokens=3, seed=1001), expected_tokens=expected)
 
 
+def test_warm_attend_takes_no_store_transaction_and_no_reload(redis_server, monkeypatch):
+    # Replicas serving Attend must not serialise on the store: a warm Attend reads the version
+    # (one script call) and records the use at most once per TOUCH_SECONDS per replica, outside
+    # any WATCH on the books; the decoded sequence comes from the read-through cache.
+    import redis as redis_client
+    from svdq_server import store_redis
+
+    monkeypatch.setattr(store_redis, "TOUCH_SECONDS", 3600.0)
+    first, second = engines(redis_server)
+    keys, values = cache()
+    first.upload("t", UploadHeader("s", "tiny", "u1", 100, "pre_rope", False, True), keys, values)
+    queries = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(3))
+    expected = first.attend("t", [("s", 0), ("s", 1)], queries).output
+    assert torch.equal(second.attend("t", [("s", 0), ("s", 1)], queries).output, expected)  # loads once
+    monitor = redis_client.Redis.from_url(redis_server.url)
+    monitor.config_resetstat()
+    calls = 20
+    for _ in range(calls):
+        for engine in (first, second):
+            assert torch.equal(engine.attend("t", [("s", 0), ("s", 1)], queries).output, expected)
+    commands = {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in monitor.info("commandstats").items()}
+    commands.pop("config|resetstat")
+    assert commands.get("evalsha") == 2 * calls  # one version check per Attend (both entries: one sequence)
+    assert not {"multi", "exec", "watch", "hgetall", "lrange", "zadd"} & commands.keys(), commands
+    monkeypatch.setattr(store_redis, "TOUCH_SECONDS", 0.0)  # now every use is recorded, still without a transaction
+    monitor.config_resetstat()
+    first.attend("t", [("s", 0)], queries[:1])
+    commands = {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in monitor.info("commandstats").items()}
+    assert commands.get("zadd") == 1 and "exec" not in commands, commands
+    monitor.close()
+
+
 def test_concurrent_appends_through_two_replicas_lose_and_duplicate_nothing(redis_server):
     first, second = engines(redis_server)
     keys, values = cache(tokens=64)

@@ -21,16 +21,19 @@ from .client import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     FetchAssembler,
+    Replicas,
     RetryPolicy,
     append_request,
     attend_request,
     attend_result,
+    call_metadata,
     channel_settings,
     compress_request,
     decompress_request,
     fetch_request,
     profile_name_request,
     profile_request,
+    replica_addresses,
     sequence_request,
     upload_request,
 )
@@ -42,12 +45,13 @@ log = logging.getLogger(__name__)
 
 
 class AsyncKVCacheClient:
-    """Non-blocking client of ``svdq.v1.KVCache``; arguments as :class:`svdq_client.KVCacheClient`.
+    """Non-blocking client of ``svdq.v1.KVCache``; arguments as :class:`svdq_client.KVCacheClient`,
+    including a list of replicas (the same ring and failover, :class:`svdq_client.client.Replicas`).
 
     Use ``async with AsyncKVCacheClient(...) as client:`` or call :meth:`close`.
     """
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051", *, token: str | None = None,
                  root_certificates: bytes | str | Path | None = None,
                  client_certificate: bytes | str | Path | None = None, client_key: bytes | str | Path | None = None,
                  server_name: str | None = None, tls: bool | None = None, timeout: float = 30.0, retries: int = 3,
@@ -55,11 +59,12 @@ class AsyncKVCacheClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         credentials, options, self._metadata = channel_settings(
             token, root_certificates, client_certificate, client_key, server_name, tls, max_message_bytes)
+        addresses = replica_addresses(address)
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
+            self._channels = [grpc.aio.insecure_channel(target, options=options) for target in addresses]
         else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
-        self._stub = pb_grpc.KVCacheStub(self._channel)
+            self._channels = [grpc.aio.secure_channel(target, credentials, options=options) for target in addresses]
+        self._replicas = Replicas(addresses, [pb_grpc.KVCacheStub(channel) for channel in self._channels])
         self.address = address
         self.timeout = timeout
         self.retry = RetryPolicy(retries, backoff, max_backoff)
@@ -67,7 +72,7 @@ class AsyncKVCacheClient:
         self._tokens: dict[str, int] = {}
 
     async def close(self) -> None:
-        await self._channel.close()
+        await asyncio.gather(*(channel.close() for channel in self._channels))
 
     async def __aenter__(self) -> AsyncKVCacheClient:
         return self
@@ -75,13 +80,18 @@ class AsyncKVCacheClient:
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
-    async def _call(self, method, request_factory, timeout: float | None, idempotent: bool = True):
+    async def _call(self, method: str, request_factory, timeout: float | None, idempotent: bool = True,
+                    sequence_id: str | None = None):
         delays = self.retry.delays() if idempotent else iter(())
+        metadata = call_metadata(self._metadata, sequence_id)
         while True:
+            index, stub = self._replicas.pick(sequence_id)
             try:
-                return await method(request_factory(), timeout=timeout or self.timeout, metadata=self._metadata)
+                return await getattr(stub, method)(request_factory(), timeout=timeout or self.timeout,
+                                                   metadata=metadata)
             except grpc.aio.AioRpcError as error:
                 typed = error_from_rpc(error)
+                self._replicas.failed(index, typed)
                 delay = next(delays, None) if isinstance(typed, UnavailableError) else None
                 if delay is None:
                     raise typed from None
@@ -91,14 +101,14 @@ class AsyncKVCacheClient:
     async def register_profile(self, profile: Profile, replace: bool = False, *,
                                timeout: float | None = None) -> Profile:
         request = profile_request(profile, replace)
-        return Profile.from_pb(await self._call(self._stub.RegisterProfile, lambda: request, timeout))
+        return Profile.from_pb(await self._call("RegisterProfile", lambda: request, timeout))
 
     async def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
         request = profile_name_request(name)
-        return Profile.from_pb(await self._call(self._stub.GetProfile, lambda: request, timeout))
+        return Profile.from_pb(await self._call("GetProfile", lambda: request, timeout))
 
     async def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
-        response = await self._call(self._stub.ListProfiles, pb.ListProfilesRequest, timeout)
+        response = await self._call("ListProfiles", pb.ListProfilesRequest, timeout)
         return [Profile.from_pb(message) for message in response.profiles]
 
     async def compress(self, keys: torch.Tensor, *, profile: str | None = None, layer: int = 0,
@@ -106,21 +116,21 @@ class AsyncKVCacheClient:
                        positions: torch.Tensor | None = None, key_space: str = "pre_rope",
                        timeout: float | None = None) -> CompressResult:
         request = compress_request(keys, profile, layer, codec, rope, positions, key_space)
-        response = await self._call(self._stub.Compress, lambda: request, timeout)
+        response = await self._call("Compress", lambda: request, timeout)
         return CompressResult(response.blob, BlobStats.from_pb(response.stats))
 
     async def decompress(self, blob: bytes, *, profile: str | None = None, layer: int = 0,
                          key_space: str | None = None, dtype: torch.dtype | None = None,
                          timeout: float | None = None) -> torch.Tensor:
         request = decompress_request(blob, profile, layer, key_space, dtype)
-        return tensor_from_pb((await self._call(self._stub.Decompress, lambda: request, timeout)).keys, "keys")
+        return tensor_from_pb((await self._call("Decompress", lambda: request, timeout)).keys, "keys")
 
     async def upload(self, sequence_id: str, profile: str, keys: torch.Tensor, values: torch.Tensor | None = None, *,
                      positions: torch.Tensor | None = None, key_space: str = "pre_rope", replace: bool = False,
                      upload_id: str | None = None, timeout: float | None = None) -> SequenceInfo:
         messages = upload_request(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
                                   self.chunk_bytes)
-        response = await self._call(self._stub.Upload, messages, timeout)
+        response = await self._call("Upload", messages, timeout, sequence_id=sequence_id)
         info = SequenceInfo.from_pb(response.sequence)
         self._tokens[sequence_id] = info.num_tokens
         return info
@@ -134,7 +144,7 @@ class AsyncKVCacheClient:
             if expected_tokens is None:
                 expected_tokens = (await self.describe(sequence_id, timeout=timeout)).num_tokens
             request.expected_tokens = expected_tokens
-        count = (await self._call(self._stub.Append, lambda: request, timeout)).num_tokens
+        count = (await self._call("Append", lambda: request, timeout, sequence_id=sequence_id)).num_tokens
         self._tokens[sequence_id] = count
         return count
 
@@ -142,21 +152,25 @@ class AsyncKVCacheClient:
                      sparsity: SparsityConfig | None = None, scale: float | None = None,
                      timeout: float | None = None) -> AttendResult:
         request = attend_request(queries, entries, sparsity, scale)
-        return attend_result(await self._call(self._stub.Attend, lambda: request, timeout))
+        return attend_result(await self._call("Attend", lambda: request, timeout,
+                                               sequence_id=request.entries[0].sequence_id))
 
     async def fetch(self, sequence_id: str, *, layers: Sequence[int] | None = None, key_space: str | None = None,
                     dtype: torch.dtype | None = None, include_values: bool = True,
                     timeout: float | None = None) -> FetchResult:
         request = fetch_request(sequence_id, layers, key_space, dtype, include_values, self.chunk_bytes)
         delays = self.retry.delays()
+        metadata = call_metadata(self._metadata, request.sequence_id)
         while True:
             assembler = FetchAssembler()
+            index, stub = self._replicas.pick(request.sequence_id)
             try:
-                async for chunk in self._stub.Fetch(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                async for chunk in stub.Fetch(request, timeout=timeout or self.timeout, metadata=metadata):
                     assembler.add(chunk)
                 return assembler.result()
             except grpc.aio.AioRpcError as error:
                 typed = error_from_rpc(error)
+                self._replicas.failed(index, typed)
                 delay = next(delays, None) if isinstance(typed, UnavailableError) else None
                 if delay is None:
                     raise typed from None
@@ -172,7 +186,7 @@ class AsyncKVCacheClient:
             return message
 
         try:
-            await self._call(self._stub.Delete, request, timeout)
+            await self._call("Delete", request, timeout, sequence_id=message.sequence_id)
         except NotFoundError:
             if attempts == 1:
                 raise
@@ -180,10 +194,10 @@ class AsyncKVCacheClient:
 
     async def describe(self, sequence_id: str, *, timeout: float | None = None) -> SequenceInfo:
         request = sequence_request(pb.DescribeRequest, sequence_id)
-        response = await self._call(self._stub.Describe, lambda: request, timeout)
+        response = await self._call("Describe", lambda: request, timeout, sequence_id=request.sequence_id)
         info = SequenceInfo.from_pb(response)
         self._tokens[sequence_id] = info.num_tokens
         return info
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
-        return ServerInfo.from_pb(await self._call(self._stub.GetServerInfo, pb.ServerInfoRequest, timeout))
+        return ServerInfo.from_pb(await self._call("GetServerInfo", pb.ServerInfoRequest, timeout))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-import itertools
 import logging
 import math
 import random
@@ -24,7 +23,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from google.protobuf.message import Message
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
@@ -500,32 +498,37 @@ def profile_request(profile: Profile, replace: bool) -> pb.RegisterProfileReques
 RING_POINTS = 128
 #: seconds a replica that answered UNAVAILABLE is passed over before it gets traffic again
 REPLICA_COOLDOWN_SECONDS = 5.0
+#: call metadata naming the sequence a call is about: the key both the client's ring and a
+#: proxy's ring hash route by (deploy/envoy/envoy.yaml), so either keeps a sequence on one replica
+SEQUENCE_HEADER = "x-svdq-sequence-id"
 
 
 def _ring_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-def routing_key(request) -> str:
-    """The sequence a request is about (the first entry's for Attend); ``""`` for none."""
-    if isinstance(request, pb.AttendRequest):
-        return request.entries[0].sequence_id if request.entries else ""
-    return getattr(request, "sequence_id", "")
+def call_metadata(metadata: tuple, sequence_id: str | None) -> tuple:
+    """The client's metadata plus the :data:`SEQUENCE_HEADER` of a call about ``sequence_id``
+    (None for calls about no sequence: profiles, server info, the stateless codec)."""
+    return (*metadata, (SEQUENCE_HEADER, sequence_id)) if sequence_id else metadata
 
 
-class ReplicaRouter:
-    """Stands in for the stub over several replicas (all behind one shared store, e.g.
-    ``svdq-server --store redis://...``): each call goes to the replica that owns its
-    sequence id on a consistent-hash ring, so a sequence stays in one replica's cache while
-    that replica is healthy, and adding or removing a replica moves only ~1/N of the
-    sequences. A replica that answers UNAVAILABLE is passed over for
-    :data:`REPLICA_COOLDOWN_SECONDS`, so the client's retry goes to the next replica on the ring.
+class Replicas:
+    """The stubs of one server, or of several replicas behind one shared store (``svdq-server
+    --store redis://...``), and which one each call goes to; both clients use it, with sync or
+    ``grpc.aio`` stubs alike.
+
+    A call about a sequence goes to the replica that owns the sequence id on a consistent-hash
+    ring, so the sequence stays in one replica's cache while that replica is healthy, and adding
+    or removing a replica moves only ~1/N of the sequences. A replica that answered UNAVAILABLE
+    (:meth:`failed`) is passed over for :data:`REPLICA_COOLDOWN_SECONDS`, so the client's retry
+    goes to the next replica on the ring.
     """
 
-    def __init__(self, addresses: Sequence[str], channels: Sequence[grpc.Channel],
-                 cooldown: float = REPLICA_COOLDOWN_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, addresses: Sequence[str], stubs: Sequence, cooldown: float = REPLICA_COOLDOWN_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.addresses = list(addresses)
-        self._stubs = [pb_grpc.KVCacheStub(channel) for channel in channels]
+        self._stubs = list(stubs)
         self._ring = sorted((_ring_hash(f"{address}#{point}"), index) for index, address in enumerate(self.addresses)
                             for point in range(RING_POINTS))
         self._hashes = [point for point, _ in self._ring]
@@ -547,48 +550,22 @@ class ReplicaRouter:
 
     def choose(self, key: str) -> int:
         """The first replica in ``key``'s order that is not cooling down (the owner if all are)."""
+        if len(self.addresses) == 1:
+            return 0
         order = self.order(key)
         now = self._clock()
         return next((index for index in order if self._down_until[index] <= now), order[0])
 
-    def mark_down(self, index: int) -> None:
-        self._down_until[index] = self._clock() + self._cooldown
+    def pick(self, sequence_id: str | None):
+        """``(index, stub)`` for a call about ``sequence_id`` (None: no sequence)."""
+        index = self.choose(sequence_id or "")
+        return index, self._stubs[index]
 
-    def __getattr__(self, method: str):
-        if method.startswith("_"):
-            raise AttributeError(method)
-
-        def call(request, **kwargs):
-            if not isinstance(request, Message):  # a request stream (Upload): its first message names the sequence
-                stream = iter(request)
-                first = next(stream, None)
-                key = first.sequence_id if first is not None else ""
-                request = itertools.chain([first], stream) if first is not None else iter(())
-            else:
-                key = routing_key(request)
-            index = self.choose(key)
-            try:
-                answer = getattr(self._stubs[index], method)(request, **kwargs)
-            except grpc.RpcError as error:
-                self._note(index, error)
-                raise
-            if isinstance(answer, Message):
-                return answer
-            return self._watched(index, answer)
-
-        return call
-
-    def _note(self, index: int, error: grpc.RpcError) -> None:
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
+    def failed(self, index: int, error: ServiceError) -> None:
+        """Note a failed call to replica ``index``: UNAVAILABLE starts its cooldown."""
+        if isinstance(error, UnavailableError) and len(self.addresses) > 1:
             log.info("replica %s answered UNAVAILABLE; failing over for %.0fs", self.addresses[index], self._cooldown)
-            self.mark_down(index)
-
-    def _watched(self, index: int, stream):
-        try:
-            yield from stream
-        except grpc.RpcError as error:
-            self._note(index, error)
-            raise
+            self._down_until[index] = self._clock() + self._cooldown
 
 
 # -- the synchronous client ---------------------------------------------------------------
@@ -599,7 +576,9 @@ class KVCacheClient:
     Args:
         address: ``host:port`` of the server, or a list of replicas that share one store
             (``svdq-server --store redis://...``): calls are routed by sequence id with
-            consistent hashing and fail over to the next replica (:class:`ReplicaRouter`).
+            consistent hashing and fail over to the next replica (:class:`Replicas`). Each
+            call about a sequence carries its id in the :data:`SEQUENCE_HEADER` metadata,
+            which a proxy can route by (deploy/envoy/envoy.yaml).
         token: bearer token of the caller's tenant.
         root_certificates: PEM bytes or path of the CA that signed the server certificate;
             turns TLS on (``tls=True`` without it uses the system roots).
@@ -624,11 +603,7 @@ class KVCacheClient:
             self._channels = [grpc.insecure_channel(target, options=options) for target in addresses]
         else:
             self._channels = [grpc.secure_channel(target, credentials, options=options) for target in addresses]
-        self._channel = self._channels[0]
-        if len(addresses) == 1:
-            self._stub = pb_grpc.KVCacheStub(self._channel)
-        else:
-            self._stub = ReplicaRouter(addresses, self._channels)
+        self._replicas = Replicas(addresses, [pb_grpc.KVCacheStub(channel) for channel in self._channels])
         self.address = address
         self.timeout = timeout
         self.retry = RetryPolicy(retries, backoff, max_backoff)
@@ -645,33 +620,41 @@ class KVCacheClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _call(self, method, request_factory, timeout: float | None, idempotent: bool = True):
-        """Call with retries on UNAVAILABLE; ``request_factory`` builds a fresh request (or
-        request iterator) per attempt."""
+    def _call(self, method: str, request_factory, timeout: float | None, idempotent: bool = True,
+              sequence_id: str | None = None):
+        """Call ``method`` on the replica of ``sequence_id`` with retries on UNAVAILABLE;
+        ``request_factory`` builds a fresh request (or request iterator) per attempt."""
         delays = self.retry.delays() if idempotent else iter(())
+        metadata = call_metadata(self._metadata, sequence_id)
         while True:
+            index, stub = self._replicas.pick(sequence_id)
             try:
-                return method(request_factory(), timeout=timeout or self.timeout, metadata=self._metadata)
+                return getattr(stub, method)(request_factory(), timeout=timeout or self.timeout, metadata=metadata)
             except grpc.RpcError as error:
                 typed = error_from_rpc(error)
+                self._replicas.failed(index, typed)
                 delay = next(delays, None) if isinstance(typed, UnavailableError) else None
                 if delay is None:
                     raise typed from None
                 log.info("retrying after UNAVAILABLE in %.3fs: %s", delay, typed.details)
                 time.sleep(delay)
 
-    def _streamed(self, method, request, new_assembler, finish, timeout: float | None):
+    def _streamed(self, method: str, request, new_assembler, finish, timeout: float | None,
+                  sequence_id: str | None = None):
         """A server-streaming call collected by a fresh assembler per attempt; the whole stream
         is retried on UNAVAILABLE (reads are idempotent)."""
         delays = self.retry.delays()
+        metadata = call_metadata(self._metadata, sequence_id)
         while True:
             assembler = new_assembler()
+            index, stub = self._replicas.pick(sequence_id)
             try:
-                for message in method(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                for message in getattr(stub, method)(request, timeout=timeout or self.timeout, metadata=metadata):
                     assembler.add(message)
                 return finish(assembler)
             except grpc.RpcError as error:
                 typed = error_from_rpc(error)
+                self._replicas.failed(index, typed)
                 delay = next(delays, None) if isinstance(typed, UnavailableError) else None
                 if delay is None:
                     raise typed from None
@@ -682,14 +665,14 @@ class KVCacheClient:
     def register_profile(self, profile: Profile, replace: bool = False, *, timeout: float | None = None) -> Profile:
         """Register a model profile (identical re-registration is a no-op)."""
         request = profile_request(profile, replace)
-        return Profile.from_pb(self._call(self._stub.RegisterProfile, lambda: request, timeout))
+        return Profile.from_pb(self._call("RegisterProfile", lambda: request, timeout))
 
     def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
         request = profile_name_request(name)
-        return Profile.from_pb(self._call(self._stub.GetProfile, lambda: request, timeout))
+        return Profile.from_pb(self._call("GetProfile", lambda: request, timeout))
 
     def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
-        response = self._call(self._stub.ListProfiles, pb.ListProfilesRequest, timeout)
+        response = self._call("ListProfiles", pb.ListProfilesRequest, timeout)
         return [Profile.from_pb(message) for message in response.profiles]
 
     # -- stateless codec -------------------------------------------------------------------
@@ -700,14 +683,14 @@ class KVCacheClient:
                  timeout: float | None = None) -> CompressResult:
         """Compress keys [tokens, kv_heads, head_dim] without storing them."""
         request = compress_request(keys, profile, layer, codec, rope, positions, key_space)
-        response = self._call(self._stub.Compress, lambda: request, timeout)
+        response = self._call("Compress", lambda: request, timeout)
         return CompressResult(response.blob, BlobStats.from_pb(response.stats))
 
     def decompress(self, blob: bytes, *, profile: str | None = None, layer: int = 0, key_space: str | None = None,
                    dtype: torch.dtype | None = None, timeout: float | None = None) -> torch.Tensor:
         """Keys [tokens, kv_heads, head_dim] of a blob from :meth:`compress`."""
         request = decompress_request(blob, profile, layer, key_space, dtype)
-        return tensor_from_pb(self._call(self._stub.Decompress, lambda: request, timeout).keys, "keys")
+        return tensor_from_pb(self._call("Decompress", lambda: request, timeout).keys, "keys")
 
     # -- stored sequences ------------------------------------------------------------------
 
@@ -718,7 +701,7 @@ class KVCacheClient:
         of every layer of the profile, streamed in chunks; retried streams do not duplicate."""
         messages = upload_request(sequence_id, profile, keys, values, positions, key_space, replace, upload_id,
                                   self.chunk_bytes)
-        response = self._call(self._stub.Upload, messages, timeout)
+        response = self._call("Upload", messages, timeout, sequence_id=sequence_id)
         info = SequenceInfo.from_pb(response.sequence)
         self._tokens[sequence_id] = info.num_tokens
         return info
@@ -735,7 +718,7 @@ class KVCacheClient:
             if expected_tokens is None:
                 expected_tokens = self.describe(sequence_id, timeout=timeout).num_tokens
             request.expected_tokens = expected_tokens
-        count = self._call(self._stub.Append, lambda: request, timeout).num_tokens
+        count = self._call("Append", lambda: request, timeout, sequence_id=sequence_id).num_tokens
         self._tokens[sequence_id] = count
         return count
 
@@ -746,14 +729,16 @@ class KVCacheClient:
         ``entries[b] = (sequence_id, layer)``: output float32 [B, q_heads, head_dim] and lse
         float32 [B, q_heads]."""
         request = attend_request(queries, entries, sparsity, scale)
-        return attend_result(self._call(self._stub.Attend, lambda: request, timeout))
+        return attend_result(self._call("Attend", lambda: request, timeout,
+                                         sequence_id=request.entries[0].sequence_id))
 
     def fetch(self, sequence_id: str, *, layers: Sequence[int] | None = None, key_space: str | None = None,
               dtype: torch.dtype | None = None, include_values: bool = True,
               timeout: float | None = None) -> FetchResult:
         """Reconstructed keys (and values) [layers, tokens, kv_heads, head_dim], streamed."""
         request = fetch_request(sequence_id, layers, key_space, dtype, include_values, self.chunk_bytes)
-        return self._streamed(self._stub.Fetch, request, FetchAssembler, lambda assembler: assembler.result(), timeout)
+        return self._streamed("Fetch", request, FetchAssembler, lambda assembler: assembler.result(), timeout,
+                             sequence_id=request.sequence_id)
 
     def delete(self, sequence_id: str, *, timeout: float | None = None) -> None:
         """Delete a stored sequence (NotFoundError when absent)."""
@@ -766,7 +751,7 @@ class KVCacheClient:
             return message
 
         try:
-            self._call(self._stub.Delete, request, timeout)
+            self._call("Delete", request, timeout, sequence_id=message.sequence_id)
         except NotFoundError:
             # After an UNAVAILABLE retry, NOT_FOUND means an earlier attempt deleted it.
             if attempts == 1:
@@ -776,13 +761,13 @@ class KVCacheClient:
     def describe(self, sequence_id: str, *, timeout: float | None = None) -> SequenceInfo:
         """Tokens, layers, bytes and compression of a stored sequence."""
         request = sequence_request(pb.DescribeRequest, sequence_id)
-        info = SequenceInfo.from_pb(self._call(self._stub.Describe, lambda: request, timeout))
+        info = SequenceInfo.from_pb(self._call("Describe", lambda: request, timeout, sequence_id=request.sequence_id))
         self._tokens[sequence_id] = info.num_tokens
         return info
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """The server's version, device, store budget and occupancy."""
-        return ServerInfo.from_pb(self._call(self._stub.GetServerInfo, pb.ServerInfoRequest, timeout))
+        return ServerInfo.from_pb(self._call("GetServerInfo", pb.ServerInfoRequest, timeout))
 
     # -- content-addressed chunks (KV connectors) --------------------------------------------
 
@@ -793,14 +778,14 @@ class KVCacheClient:
         under a content key (retried safely: a stored key is kept). Returns its info and
         whether this call created it."""
         request = store_chunk_request(profile, content_key, keys, values, positions, cache_salt, key_space)
-        response = self._call(self._stub.StoreChunk, lambda: request, timeout)
+        response = self._call("StoreChunk", lambda: request, timeout)
         return SequenceInfo.from_pb(response.chunk), response.created
 
     def lookup_chunks(self, profile: str, content_keys: Sequence[str], *, cache_salt: str = "",
                       timeout: float | None = None) -> int:
         """How many of ``content_keys`` (a chain in token order), from the first on, are stored."""
         request = pb.LookupChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys))
-        return self._call(self._stub.LookupChunks, lambda: request, timeout).leading
+        return self._call("LookupChunks", lambda: request, timeout).leading
 
     def fetch_chunks(self, profile: str, content_keys: Sequence[str], num_layers: int, *, cache_salt: str = "",
                      dtype: torch.dtype | None = None, timeout: float | None = None) -> list[FetchResult]:
@@ -810,5 +795,5 @@ class KVCacheClient:
         request = pb.FetchChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys),
                                         dtype=dtype_to_pb(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,
                                         max_chunk_bytes=self.chunk_bytes)
-        return self._streamed(self._stub.FetchChunks, request, lambda: ChunkAssembler(len(content_keys)),
+        return self._streamed("FetchChunks", request, lambda: ChunkAssembler(len(content_keys)),
                               lambda assembler: assembler.result(num_layers), timeout)

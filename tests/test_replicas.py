@@ -13,14 +13,13 @@ from __future__ import annotations
 import threading
 import time
 
-import grpc
 import pytest
 import torch
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2
 from redis_process import RedisProcess, needs_redis
-from svdq_client import KVCacheClient, Profile
-from svdq_client.client import ReplicaRouter, append_request
+from svdq_client import AsyncKVCacheClient, KVCacheClient, Profile
+from svdq_client.client import Replicas, append_request
 from svdq_client.errors import NotFoundError, UnavailableError
 
 from svdq import CodecConfig, RopeConfig
@@ -98,7 +97,7 @@ def test_kill_9_mid_upload_and_append_loses_nothing_acknowledged(tmp_path, redis
             # Through the replica list: when its replica dies the retry goes to the other one, and
             # expected_tokens + the digest recognise an append that landed before the kill.
             with KVCacheClient([first.address, second.address], timeout=30, retries=6, backoff=0.2) as client:
-                client._stub.order = lambda key: [0, 1]  # "appended" lives on the replica that is killed
+                client._replicas.order = lambda key: [0, 1]  # "appended" lives on the replica that is killed
                 count = TOKENS
                 for step in range(1000):
                     if stop.is_set() and step >= killed_at[0] + 3:  # three more through the survivor
@@ -167,7 +166,7 @@ def test_two_replicas_appending_to_one_sequence_lose_and_duplicate_nothing(tmp_p
                     for step in range(steps):
                         # no expected_tokens: both writers append wherever the sequence is now
                         request = append_request("shared", *marked(index * 100 + step), None, None)
-                        client._stub.Append(request, timeout=60)
+                        client._replicas.pick(None)[1].Append(request, timeout=60)
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
@@ -234,13 +233,13 @@ def _metrics(server) -> str:
 
 def test_client_hashing_keeps_sequences_on_replicas_and_fails_over(tmp_path, redis_server):
     addresses = [f"10.0.0.{index}:50051" for index in range(3)]
-    router = ReplicaRouter(addresses, [grpc.insecure_channel(address) for address in addresses])
+    router = Replicas(addresses, [None] * 3)
     owners = {f"seq-{index}": router.order(f"seq-{index}")[0] for index in range(3000)}
     shares = [list(owners.values()).count(index) / len(owners) for index in range(3)]
     assert all(0.2 < share < 0.47 for share in shares), shares
     assert all(sorted(router.order(key)) == [0, 1, 2] for key in list(owners)[:50])
     # Without replica 2 only the sequences it owned move (consistent hashing).
-    smaller = ReplicaRouter(addresses[:2], [grpc.insecure_channel(address) for address in addresses[:2]])
+    smaller = Replicas(addresses[:2], [None] * 2)
     moved = [key for key, owner in owners.items() if owner != 2 and smaller.order(key)[0] != owner]
     assert not moved
     # real replicas: one killed, every sequence still served through the list
@@ -252,10 +251,72 @@ def test_client_hashing_keeps_sequences_on_replicas_and_fails_over(tmp_path, red
             for index, name in enumerate(names):
                 client.upload(name, "tiny", *cache(32, index))
             expected = {name: snapshot(client, name) for name in names}
-            assert {client._stub.choose(name) for name in names} == {0, 1}  # both replicas own some
+            assert {client._replicas.choose(name) for name in names} == {0, 1}  # both replicas own some
             servers[0].kill()
             for name in names:
                 assert same(snapshot(client, name), expected[name])
+    finally:
+        for server in servers:
+            server.kill()
+
+
+def test_async_client_routes_by_the_same_ring_and_fails_over(tmp_path, redis_server):
+    # Memory-store replicas first: a sequence exists only where the client sent it, so every
+    # call of the asyncio client finding its sequences shows they all went to its owner.
+    import asyncio
+
+    addresses = []
+    servers = [ServerProcess(tmp_path, ["--torch-threads", "1"]).start() for _ in range(2)]
+    names = [f"a{index}" for index in range(16)]
+    try:
+        addresses = [server.address for server in servers]
+
+        async def through_the_list():
+            async with AsyncKVCacheClient(addresses, timeout=30) as client:
+                for replica_address in addresses:  # each memory store has its own profiles
+                    async with AsyncKVCacheClient(replica_address, timeout=30) as single:
+                        await single.register_profile(PROFILE)
+                for index, name in enumerate(names):
+                    await client.upload(name, "tiny", *cache(32, index))
+                    assert await client.append(name, *marked(index)) == 33
+                    fetched = await client.fetch(name)
+                    assert fetched.values[0, 32, 0, 0].item() == index
+                    await client.attend(QUERIES, [(name, 0), (name, 1), (name, 0), (name, 1)])
+                    assert (await client.describe(name)).num_tokens == 33
+                return [client._replicas.choose(name) for name in names]
+
+        owners = asyncio.run(through_the_list())
+        assert set(owners) == {0, 1}
+        sync_ring = Replicas(addresses, [None, None])
+        assert owners == [sync_ring.order(name)[0] for name in names]  # one ring for both clients
+        for name, owner in zip(names, owners, strict=True):
+            with KVCacheClient(addresses[owner], timeout=30) as client:
+                assert client.describe(name).num_tokens == 33
+            with KVCacheClient(addresses[1 - owner], timeout=30) as client, pytest.raises(NotFoundError):
+                client.describe(name)
+    finally:
+        for server in servers:
+            server.kill()
+    # Redis replicas: one is killed, the list fails over and serves every sequence
+    servers = [replica(tmp_path, redis_server).start(), replica(tmp_path, redis_server).start()]
+    try:
+        addresses = [server.address for server in servers]
+
+        async def failover():
+            async with AsyncKVCacheClient(addresses, timeout=30, retries=4) as client:
+                await client.register_profile(PROFILE)
+                for index, name in enumerate(names):
+                    await client.upload(name, "tiny", *cache(32, index))
+                expected = {name: (await client.fetch(name)).keys for name in names}
+                orphans = [name for name in names if client._replicas.order(name)[0] == 0]
+                assert orphans, "replica 0 owns none of the sequences"
+                servers[0].kill()
+                for name in names:
+                    assert torch.equal((await client.fetch(name)).keys, expected[name])
+                    assert await client.append(name, *marked(1)) == 33
+                assert {client._replicas.choose(name) for name in orphans} == {1}  # the survivor took them over
+
+        asyncio.run(failover())
     finally:
         for server in servers:
             server.kill()

@@ -21,6 +21,7 @@ from .client import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     FetchAssembler,
+    KnownSequences,
     Replicas,
     RetryPolicy,
     append_request,
@@ -69,7 +70,7 @@ class AsyncKVCacheClient:
         self.timeout = timeout
         self.retry = RetryPolicy(retries, backoff, max_backoff)
         self.chunk_bytes = chunk_bytes
-        self._tokens: dict[str, int] = {}
+        self._known = KnownSequences()
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels))
@@ -132,7 +133,7 @@ class AsyncKVCacheClient:
                                   self.chunk_bytes)
         response = await self._call("Upload", messages, timeout, sequence_id=sequence_id)
         info = SequenceInfo.from_pb(response.sequence)
-        self._tokens[sequence_id] = info.num_tokens
+        self._known.saw(sequence_id, info)
         return info
 
     async def append(self, sequence_id: str, keys: torch.Tensor, values: torch.Tensor | None = None, *,
@@ -140,13 +141,12 @@ class AsyncKVCacheClient:
                      timeout: float | None = None) -> int:
         request = append_request(sequence_id, keys, values, positions, expected_tokens)
         if expected_tokens is None:
-            expected_tokens = self._tokens.get(sequence_id)
+            expected_tokens = self._known.tokens(sequence_id)
             if expected_tokens is None:
                 expected_tokens = (await self.describe(sequence_id, timeout=timeout)).num_tokens
             request.expected_tokens = expected_tokens
-        count = (await self._call("Append", lambda: request, timeout, sequence_id=sequence_id)).num_tokens
-        self._tokens[sequence_id] = count
-        return count
+        response = await self._call("Append", lambda: request, timeout, sequence_id=sequence_id)
+        return self._known.appended(sequence_id, response)
 
     async def attend(self, queries: torch.Tensor, entries: Sequence[tuple[str, int]], *,
                      sparsity: SparsityConfig | None = None, scale: float | None = None,
@@ -161,17 +161,18 @@ class AsyncKVCacheClient:
         request = fetch_request(sequence_id, layers, key_space, dtype, include_values, self.chunk_bytes)
         delays = self.retry.delays()
         metadata = call_metadata(self._metadata, request.sequence_id)
+        assembler = FetchAssembler()  # resumes a stream that was cut where it ended
         while True:
-            assembler = FetchAssembler()
             index, stub = self._replicas.pick(request.sequence_id)
             try:
-                async for chunk in stub.Fetch(request, timeout=timeout or self.timeout, metadata=metadata):
+                async for chunk in stub.Fetch(assembler.resume(request), timeout=timeout or self.timeout,
+                                              metadata=metadata):
                     assembler.add(chunk)
                 return assembler.result()
             except grpc.aio.AioRpcError as error:
                 typed = error_from_rpc(error)
                 self._replicas.failed(index, typed)
-                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
+                delay = next(delays, None) if assembler.retryable(typed) else None
                 if delay is None:
                     raise typed from None
                 await asyncio.sleep(delay)
@@ -190,14 +191,18 @@ class AsyncKVCacheClient:
         except NotFoundError:
             if attempts == 1:
                 raise
-        self._tokens.pop(sequence_id, None)
+        self._known.forget(sequence_id)
 
     async def describe(self, sequence_id: str, *, timeout: float | None = None) -> SequenceInfo:
         request = sequence_request(pb.DescribeRequest, sequence_id)
         response = await self._call("Describe", lambda: request, timeout, sequence_id=request.sequence_id)
         info = SequenceInfo.from_pb(response)
-        self._tokens[sequence_id] = info.num_tokens
+        self._known.saw(sequence_id, info)
         return info
+
+    def last_info(self, sequence_id: str) -> SequenceInfo | None:
+        """As :meth:`svdq_client.KVCacheClient.last_info` (no call)."""
+        return self._known.info(sequence_id)
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_pb(await self._call("GetServerInfo", pb.ServerInfoRequest, timeout))

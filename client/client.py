@@ -403,15 +403,26 @@ def profile_name_request(name) -> pb.GetProfileRequest:
 
 
 class FetchAssembler:
-    """Collects Fetch stream chunks into [layers, tokens, kv_heads, head_dim] tensors."""
+    """Collects Fetch stream chunks into [layers, tokens, kv_heads, head_dim] tensors, and knows
+    where a stream that was cut off resumes (:meth:`resume`)."""
 
     def __init__(self) -> None:
+        self._start_over()
+
+    def _start_over(self) -> None:
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self._positions: torch.Tensor | None = None
         self._received: dict[int, int] = {}
+        self._version = ""
+        #: (layer, next token) after the last chunk received: where a resumed stream continues
+        self._reached: tuple[int, int] | None = None
+        self._resuming = False
 
     def add(self, chunk: pb.FetchChunk) -> None:
+        if self._reached is not None and chunk.version != self._version:
+            raise ServiceError(f"Fetch stream switched from version {self._version!r} to {chunk.version!r} "
+                               "mid-stream", grpc.StatusCode.INTERNAL)
         keys = tensor_from_pb(chunk.keys, "keys")
         total, start, stop = chunk.total_tokens, chunk.token_start, chunk.token_start + keys.shape[0]
         if chunk.layer not in self._keys:
@@ -427,6 +438,32 @@ class FetchAssembler:
         if self._positions is None:
             self._positions = torch.empty(total, dtype=torch.int64)
         self._positions[start:stop] = tensor_from_pb(chunk.positions, "positions")
+        self._version, self._reached = chunk.version, (chunk.layer, stop)
+
+    def resume(self, request: pb.FetchRequest) -> pb.FetchRequest:
+        """The request of the next attempt: from where the chunks received so far end (a
+        server that names no version cannot resume: the fetch starts over)."""
+        self._resuming = bool(self._reached and self._version)
+        if not self._resuming:
+            self._start_over()
+            return request
+        resumed = pb.FetchRequest()
+        resumed.CopyFrom(request)
+        resumed.resume_version = self._version
+        resumed.resume_layer, resumed.resume_token = self._reached
+        return resumed
+
+    def retryable(self, error: ServiceError) -> bool:
+        """Whether a failed attempt is worth another: UNAVAILABLE resumes; a resume that the
+        server refused because the sequence changed meanwhile starts over."""
+        if isinstance(error, UnavailableError):
+            return True
+        if self._resuming and error.code == grpc.StatusCode.FAILED_PRECONDITION:
+            log.info("the sequence changed while its Fetch was interrupted; fetching it from the start: %s",
+                     error.details)
+            self._start_over()
+            return True
+        return False
 
     def result(self) -> FetchResult:
         if not self._keys:
@@ -457,10 +494,17 @@ def store_chunk_request(profile: str, content_key: str, keys: torch.Tensor, valu
 
 
 class ChunkAssembler:
-    """Collects FetchChunks stream pieces into one :class:`FetchResult` per requested chunk."""
+    """Collects FetchChunks stream pieces into one :class:`FetchResult` per requested chunk
+    (a retried stream starts over: pieces are keyed by chunk and layer, so none counts twice)."""
 
     def __init__(self, count: int) -> None:
         self._pieces: list[dict[int, pb.ChunkPiece]] = [{} for _ in range(count)]
+
+    def resume(self, request):
+        return request
+
+    def retryable(self, error: ServiceError) -> bool:
+        return isinstance(error, UnavailableError)
 
     def add(self, piece: pb.ChunkPiece) -> None:
         if piece.index >= len(self._pieces):
@@ -490,6 +534,40 @@ def profile_request(profile: Profile, replace: bool) -> pb.RegisterProfileReques
     if not isinstance(profile, Profile):
         raise library.InvalidInputError(f"profile must be an svdq_client.Profile, got {type(profile).__name__}")
     return pb.RegisterProfileRequest(profile=profile.to_pb(), replace=replace)
+
+
+class KnownSequences:
+    """What a client last heard about each sequence from the server: its token count (the
+    default ``expected_tokens`` of its next append) and its :class:`SequenceInfo` (from the
+    replies of Upload, Append and Describe)."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, int] = {}
+        self._infos: dict[str, SequenceInfo] = {}
+
+    def tokens(self, sequence_id: str) -> int | None:
+        return self._tokens.get(sequence_id)
+
+    def info(self, sequence_id: str) -> SequenceInfo | None:
+        return self._infos.get(sequence_id)
+
+    def saw(self, sequence_id: str, info: SequenceInfo) -> None:
+        self._tokens[sequence_id] = info.num_tokens
+        self._infos[sequence_id] = info
+
+    def appended(self, sequence_id: str, response: pb.AppendResponse) -> int:
+        """Note an Append's reply; returns the new token count. A server older than the
+        reply's ``sequence`` field leaves only the count known."""
+        if response.HasField("sequence"):
+            self.saw(sequence_id, SequenceInfo.from_pb(response.sequence))
+        else:
+            self._tokens[sequence_id] = response.num_tokens
+            self._infos.pop(sequence_id, None)
+        return response.num_tokens
+
+    def forget(self, sequence_id: str) -> None:
+        self._tokens.pop(sequence_id, None)
+        self._infos.pop(sequence_id, None)
 
 
 # -- several replicas: consistent hashing with failover --------------------------------------
@@ -608,7 +686,7 @@ class KVCacheClient:
         self.timeout = timeout
         self.retry = RetryPolicy(retries, backoff, max_backoff)
         self.chunk_bytes = chunk_bytes
-        self._tokens: dict[str, int] = {}  # last known token count per sequence, for ordered appends
+        self._known = KnownSequences()
 
     def close(self) -> None:
         for channel in self._channels:
@@ -639,25 +717,26 @@ class KVCacheClient:
                 log.info("retrying after UNAVAILABLE in %.3fs: %s", delay, typed.details)
                 time.sleep(delay)
 
-    def _streamed(self, method: str, request, new_assembler, finish, timeout: float | None,
+    def _streamed(self, method: str, request, assembler, finish, timeout: float | None,
                   sequence_id: str | None = None):
-        """A server-streaming call collected by a fresh assembler per attempt; the whole stream
-        is retried on UNAVAILABLE (reads are idempotent)."""
+        """A server-streaming call collected by ``assembler``; an attempt that failed with
+        UNAVAILABLE is retried from where its stream was cut (``assembler.resume``)."""
         delays = self.retry.delays()
         metadata = call_metadata(self._metadata, sequence_id)
         while True:
-            assembler = new_assembler()
             index, stub = self._replicas.pick(sequence_id)
             try:
-                for message in getattr(stub, method)(request, timeout=timeout or self.timeout, metadata=metadata):
+                for message in getattr(stub, method)(assembler.resume(request), timeout=timeout or self.timeout,
+                                                     metadata=metadata):
                     assembler.add(message)
                 return finish(assembler)
             except grpc.RpcError as error:
                 typed = error_from_rpc(error)
                 self._replicas.failed(index, typed)
-                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
+                delay = next(delays, None) if assembler.retryable(typed) else None
                 if delay is None:
                     raise typed from None
+                log.info("retrying the %s stream in %.3fs: %s", method, delay, typed.details)
                 time.sleep(delay)
 
     # -- profiles ------------------------------------------------------------------------
@@ -703,7 +782,7 @@ class KVCacheClient:
                                   self.chunk_bytes)
         response = self._call("Upload", messages, timeout, sequence_id=sequence_id)
         info = SequenceInfo.from_pb(response.sequence)
-        self._tokens[sequence_id] = info.num_tokens
+        self._known.saw(sequence_id, info)
         return info
 
     def append(self, sequence_id: str, keys: torch.Tensor, values: torch.Tensor | None = None, *,
@@ -714,13 +793,12 @@ class KVCacheClient:
         count this client last saw, else asked from the server)."""
         request = append_request(sequence_id, keys, values, positions, expected_tokens)
         if expected_tokens is None:
-            expected_tokens = self._tokens.get(sequence_id)
+            expected_tokens = self._known.tokens(sequence_id)
             if expected_tokens is None:
                 expected_tokens = self.describe(sequence_id, timeout=timeout).num_tokens
             request.expected_tokens = expected_tokens
-        count = self._call("Append", lambda: request, timeout, sequence_id=sequence_id).num_tokens
-        self._tokens[sequence_id] = count
-        return count
+        response = self._call("Append", lambda: request, timeout, sequence_id=sequence_id)
+        return self._known.appended(sequence_id, response)
 
     def attend(self, queries: torch.Tensor, entries: Sequence[tuple[str, int]], *,
                sparsity: SparsityConfig | None = None, scale: float | None = None,
@@ -737,7 +815,7 @@ class KVCacheClient:
               timeout: float | None = None) -> FetchResult:
         """Reconstructed keys (and values) [layers, tokens, kv_heads, head_dim], streamed."""
         request = fetch_request(sequence_id, layers, key_space, dtype, include_values, self.chunk_bytes)
-        return self._streamed("Fetch", request, FetchAssembler, lambda assembler: assembler.result(), timeout,
+        return self._streamed("Fetch", request, FetchAssembler(), lambda assembler: assembler.result(), timeout,
                              sequence_id=request.sequence_id)
 
     def delete(self, sequence_id: str, *, timeout: float | None = None) -> None:
@@ -756,14 +834,19 @@ class KVCacheClient:
             # After an UNAVAILABLE retry, NOT_FOUND means an earlier attempt deleted it.
             if attempts == 1:
                 raise
-        self._tokens.pop(sequence_id, None)
+        self._known.forget(sequence_id)
 
     def describe(self, sequence_id: str, *, timeout: float | None = None) -> SequenceInfo:
         """Tokens, layers, bytes and compression of a stored sequence."""
         request = sequence_request(pb.DescribeRequest, sequence_id)
         info = SequenceInfo.from_pb(self._call("Describe", lambda: request, timeout, sequence_id=request.sequence_id))
-        self._tokens[sequence_id] = info.num_tokens
+        self._known.saw(sequence_id, info)
         return info
+
+    def last_info(self, sequence_id: str) -> SequenceInfo | None:
+        """The sequence as this client's last Upload, Append or Describe of it left it (no
+        call; None when this client has not seen it, or its last Append's server did not say)."""
+        return self._known.info(sequence_id)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """The server's version, device, store budget and occupancy."""
@@ -795,5 +878,5 @@ class KVCacheClient:
         request = pb.FetchChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys),
                                         dtype=dtype_to_pb(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,
                                         max_chunk_bytes=self.chunk_bytes)
-        return self._streamed("FetchChunks", request, lambda: ChunkAssembler(len(content_keys)),
+        return self._streamed("FetchChunks", request, ChunkAssembler(len(content_keys)),
                               lambda assembler: assembler.result(num_layers), timeout)

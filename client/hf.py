@@ -423,7 +423,8 @@ class RemoteOffload:
             )
         else:
             self.client.append(sequence_id, keys, values, positions=positions)
-            info = self.client.describe(sequence_id)
+            # the Append reply carries the sequence's sizes; only an older server needs a Describe
+            info = self.client.last_info(sequence_id) or self.client.describe(sequence_id)
         self._stored[row] = (int(info.num_tokens), int(info.key_bytes), int(info.value_bytes),
                              int(info.fp16_key_bytes))
         self.stats.set_stored(self._stored)

@@ -141,12 +141,16 @@ def fetch_args_from_pb(request: pb.FetchRequest) -> dict:
         "key_space": key_space_from_pb(request.key_space, "key_space", None),
         "dtype": output_dtype_from_pb(request.dtype),
         "include_values": request.include_values,
+        "resume_version": request.resume_version,
+        "resume_layer": request.resume_layer,
+        "resume_token": request.resume_token,
     }
 
 
 def fetch_piece_to_pb(piece: FetchPiece) -> pb.FetchChunk:
     """One :class:`~svdq_server.engine.FetchPiece` as a stream message."""
-    message = pb.FetchChunk(layer=piece.layer, token_start=piece.token_start, total_tokens=piece.total_tokens)
+    message = pb.FetchChunk(layer=piece.layer, token_start=piece.token_start, total_tokens=piece.total_tokens,
+                            version=piece.version)
     tensor_to_pb(piece.keys, message.keys)
     if piece.values is not None:
         tensor_to_pb(piece.values, message.values)

@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 import torch
 
 from svdq import __version__
-from svdq.api.types import AttendResult, AttendStats, BlobStats, Profile, SequenceInfo, ServerInfo, check_name
+from svdq.api.types import (
+    AttendResult,
+    AttendStats,
+    BlobStats,
+    Profile,
+    SequenceInfo,
+    ServerInfo,
+    abbreviate,
+    check_name,
+)
 from svdq.api.wire import all_finite
 from svdq.attention import SparsityConfig
 from svdq.attention import attend as attend_compressed
@@ -165,6 +174,8 @@ class FetchPiece:
     keys: torch.Tensor
     values: torch.Tensor | None
     positions: torch.Tensor
+    #: the stored version the piece comes from (``StoredSequence.version_tag``): what a resumed fetch names
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -632,9 +643,9 @@ class Engine:
     # -- appends -----------------------------------------------------------------------------
 
     def append(self, tenant: str, sequence_id: str, keys: torch.Tensor, values: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None, expected_tokens: int | None = None) -> int:
+               positions: torch.Tensor | None = None, expected_tokens: int | None = None) -> SequenceInfo:
         """Append decode-step keys (and values) [num_layers, new_tokens, kv_heads, head_dim]
-        to every layer; returns the new token count.
+        to every layer; returns the sequence as this append left it.
 
         ``expected_tokens`` is the count the caller believes the sequence has; when the
         sequence already has ``expected_tokens + new_tokens`` tokens because this very append
@@ -665,7 +676,7 @@ class Engine:
             current = state.num_tokens
             if expected_tokens is not None and expected_tokens != current:
                 if state.last_append == (expected_tokens, new_tokens, digest):
-                    return current  # a retry of an append that already landed
+                    return self._info(entry)  # a retry of an append that already landed
                 raise ConflictError(
                     f"out-of-order append to sequence {sequence_id!r}: it has {current} tokens but the request "
                     f"expects {expected_tokens}"
@@ -677,7 +688,7 @@ class Engine:
                 )
             self.store.update(entry, state.appended(keys, values, positions, (current, new_tokens, digest),
                                                     limits=self.limits))
-            return current + new_tokens
+            return self._info(entry)  # under the write lock: the state this append committed
 
     # -- attention ---------------------------------------------------------------------------
 
@@ -734,9 +745,15 @@ class Engine:
 
     def fetch(self, tenant: str, sequence_id: str, *, layers: Sequence[int] | None = None,
               key_space: str | None = None, dtype: torch.dtype | None = None, include_values: bool = True,
-              max_chunk_bytes: int = 4 << 20) -> Iterator[FetchPiece]:
+              max_chunk_bytes: int = 4 << 20, resume_version: str = "", resume_layer: int = 0,
+              resume_token: int = 0) -> Iterator[FetchPiece]:
         """Reconstructed keys (and values) of some layers, in pieces of at most about
-        ``max_chunk_bytes``; the pieces come from one consistent version of the sequence."""
+        ``max_chunk_bytes``; the pieces come from one consistent version of the sequence.
+
+        A fetch that was cut off resumes at token ``resume_token`` of layer ``resume_layer``
+        (one of ``layers``; the layers before it in that order are skipped) when
+        ``resume_version`` names the version its pieces came from; ConflictError when the
+        sequence changed since."""
         stored = self.store.get(tenant, sequence_id)
         profile = stored.profile
         selected = list(range(profile.num_layers)) if not layers else list(layers)
@@ -747,23 +764,52 @@ class Engine:
         if max_chunk_bytes < 1:
             raise InvalidInputError(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
         state = stored.state
-        return self._fetch_pieces(state, profile, selected, key_space, dtype, include_values, max_chunk_bytes)
+        version = stored.version_tag
+        start = self._resume_point(sequence_id, state, version, selected, resume_version, resume_layer, resume_token)
+        return self._fetch_pieces(state, profile, selected, key_space, dtype, include_values, max_chunk_bytes,
+                                  version, start)
+
+    @staticmethod
+    def _resume_point(sequence_id: str, state: SequenceState, version: str, layers: list[int], resume_version: str,
+                      resume_layer: int, resume_token: int) -> tuple[int, int]:
+        """(index in ``layers``, token) where a fetch starts: (0, 0) unless it resumes."""
+        if not resume_version:
+            if resume_layer or resume_token:
+                raise InvalidInputError("resume_layer and resume_token need resume_version (the version of the "
+                                        "FetchChunks already received); leave all three unset to fetch from the start")
+            return 0, 0
+        if resume_version != version:
+            raise ConflictError(f"sequence {sequence_id!r} changed since the interrupted Fetch (version "
+                                f"{abbreviate(resume_version)}, now {version}); fetch it again from the start")
+        if resume_layer not in layers:
+            raise InvalidInputError(f"resume_layer must be one of the requested layers {abbreviate(layers)}, "
+                                    f"got {resume_layer}")
+        if not 0 <= resume_token <= state.num_tokens:
+            raise InvalidInputError(f"resume_token must be in 0..{state.num_tokens} (the sequence's tokens), "
+                                    f"got {resume_token}")
+        return layers.index(resume_layer), resume_token
 
     def _fetch_pieces(self, state: SequenceState, profile: Profile, layers: list[int], key_space: str | None,
-                      dtype: torch.dtype | None, include_values: bool, max_chunk_bytes: int) -> Iterator[FetchPiece]:
+                      dtype: torch.dtype | None, include_values: bool, max_chunk_bytes: int, version: str,
+                      start: tuple[int, int]) -> Iterator[FetchPiece]:
         total = state.num_tokens
         positions = state.keys[0].token_positions().cpu()
         token_bytes = 4 * profile.channels * (2 if include_values and state.values is not None else 1)
         step = max(1, max_chunk_bytes // token_bytes)
-        for layer in layers:
+        first_index, first_token = start
+        for index, layer in enumerate(layers[first_index:], first_index):
+            begin = first_token if index == first_index else 0
+            if begin >= total:
+                continue
             keys = decompress(state.keys[layer], key_space=key_space, dtype=dtype).cpu()
             values = None
             if include_values and state.values is not None:
                 values = decompress_values(state.values[layer], dtype=dtype).cpu()
-            for start in range(0, total, step):
-                stop = min(total, start + step)
-                yield FetchPiece(layer, start, total, keys[start:stop], None if values is None else values[start:stop],
-                                 positions[start:stop])
+            for piece_start in range(begin, total, step):
+                stop = min(total, piece_start + step)
+                yield FetchPiece(layer, piece_start, total, keys[piece_start:stop],
+                                 None if values is None else values[piece_start:stop], positions[piece_start:stop],
+                                 version)
 
     # -- content-addressed chunks (KV connectors) --------------------------------------------
     #

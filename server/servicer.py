@@ -120,7 +120,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         def work():
             return self.engine.append(tenant, **convert.append_args_from_pb(request))
 
-        return pb.AppendResponse(num_tokens=await self._run(work))
+        info = await self._run(work)
+        return pb.AppendResponse(num_tokens=info.num_tokens, sequence=info.to_pb())
 
     async def Attend(self, request, context):
         tenant = current_tenant.get()

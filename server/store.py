@@ -136,6 +136,12 @@ class StoredSequence:
     def key(self) -> tuple[str, str]:
         return (self.tenant, self.sequence_id)
 
+    @property
+    def version_tag(self) -> str:
+        """Names the committed state for clients (a resumed Fetch): the upload and the version
+        within it, so a sequence uploaded again never matches its predecessor's tag."""
+        return f"{self.upload_id}.{self.version}"
+
 
 @dataclass(frozen=True)
 class StorePolicy:

@@ -131,9 +131,9 @@ def test_append_equals_the_library_and_is_ordered(engine):
     keys, values = cache(tokens=TOKENS + 3)
     engine.upload("t", header(), keys[:, :TOKENS], values[:, :TOKENS])
     step = keys[:, TOKENS:TOKENS + 2]
-    assert engine.append("t", "s", step, values[:, TOKENS:TOKENS + 2], expected_tokens=TOKENS) == TOKENS + 2
+    assert engine.append("t", "s", step, values[:, TOKENS:TOKENS + 2], expected_tokens=TOKENS).num_tokens == TOKENS + 2
     # a retry of the same append (same expected count and bytes) is not applied twice
-    assert engine.append("t", "s", step, values[:, TOKENS:TOKENS + 2], expected_tokens=TOKENS) == TOKENS + 2
+    assert engine.append("t", "s", step, values[:, TOKENS:TOKENS + 2], expected_tokens=TOKENS).num_tokens == TOKENS + 2
     before = snapshot(engine, "t", "s")
     with pytest.raises(ConflictError, match=r"out-of-order append .* has 102 tokens but the request expects 100"):
         engine.append("t", "s", keys[:, -1:], values[:, -1:], expected_tokens=TOKENS)

@@ -144,7 +144,7 @@ def test_any_replica_serves_any_sequence_byte_identical(redis_server):
     for step in range(LOG_MAX_APPENDS + 5):  # past the log limit: the layers are rewritten once
         engine = (first, second)[step % 2]
         new_keys, new_values = cache(tokens=3, seed=step + 1)
-        expected = engine.append("t", "s", new_keys, new_values, expected_tokens=expected)
+        expected = engine.append("t", "s", new_keys, new_values, expected_tokens=expected).num_tokens
     assert expected == 100 + 3 * (LOG_MAX_APPENDS + 5)
     late = engines(redis_server, 1)[0]  # a replica that starts now, with nothing in memory
     states = [engine.store.get("t", "s").state for engine in (first, second, late)]
@@ -154,8 +154,8 @@ def test_any_replica_serves_any_sequence_byte_identical(redis_server):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
     # a retried append (same bytes, same expected count) is recognised on another replica
     new_keys, new_values = cache(tokens=3, seed=1000)
-    count = first.append("t", "s", new_keys, new_values, expected_tokens=expected)
-    assert second.append("t", "s", new_keys, new_values, expected_tokens=expected) == count == expected + 3
+    count = first.append("t", "s", new_keys, new_values, expected_tokens=expected).num_tokens
+    assert second.append("t", "s", new_keys, new_values, expected_tokens=expected).num_tokens == count == expected + 3
     with pytest.raises(svdq.ConflictError, match="out-of-order"):
         late.append("t", "s", *cache(tokens=3, seed=1001), expected_tokens=expected)
 
@@ -269,7 +269,7 @@ def test_redis_down_answers_unavailable_and_corrupts_nothing(redis_server):
             call()
     redis_server.start()
     assert blobs(engine.store.get("t", "s").state) == before
-    assert engine.append("t", "s", *cache(tokens=5, seed=3), expected_tokens=100) == 105
+    assert engine.append("t", "s", *cache(tokens=5, seed=3), expected_tokens=100).num_tokens == 105
     assert engine.store.totals()["sequences"] == 1
 
 

@@ -257,10 +257,12 @@ class AppendRequest(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., expected_tokens: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
-    __slots__ = ("num_tokens",)
+    __slots__ = ("num_tokens", "sequence")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
-    def __init__(self, num_tokens: _Optional[int] = ...) -> None: ...
+    sequence: SequenceInfo
+    def __init__(self, num_tokens: _Optional[int] = ..., sequence: _Optional[_Union[SequenceInfo, _Mapping]] = ...) -> None: ...
 
 class AttendEntry(_message.Message):
     __slots__ = ("sequence_id", "layer")
@@ -317,36 +319,44 @@ class AttendResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Iterable[_Union[AttendStats, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("sequence_id", "layers", "key_space", "dtype", "include_values", "max_chunk_bytes")
+    __slots__ = ("sequence_id", "layers", "key_space", "dtype", "include_values", "max_chunk_bytes", "resume_version", "resume_layer", "resume_token")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     KEY_SPACE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VALUES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_LAYER_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     key_space: KeySpace
     dtype: DType
     include_values: bool
     max_chunk_bytes: int
-    def __init__(self, sequence_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., key_space: _Optional[_Union[KeySpace, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., include_values: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    resume_version: str
+    resume_layer: int
+    resume_token: int
+    def __init__(self, sequence_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., key_space: _Optional[_Union[KeySpace, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., include_values: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., resume_version: _Optional[str] = ..., resume_layer: _Optional[int] = ..., resume_token: _Optional[int] = ...) -> None: ...
 
 class FetchChunk(_message.Message):
-    __slots__ = ("layer", "token_start", "total_tokens", "keys", "values", "positions")
+    __slots__ = ("layer", "token_start", "total_tokens", "keys", "values", "positions", "version")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     layer: int
     token_start: int
     total_tokens: int
     keys: Tensor
     values: Tensor
     positions: Tensor
-    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., total_tokens: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    version: str
+    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., total_tokens: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("sequence_id",)

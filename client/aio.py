@@ -56,8 +56,8 @@ class AsyncKVCacheClient:
                  root_certificates: bytes | str | Path | None = None,
                  client_certificate: bytes | str | Path | None = None, client_key: bytes | str | Path | None = None,
                  server_name: str | None = None, tls: bool | None = None, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.05, max_backoff: float = 2.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 backoff: float = 0.05, max_backoff: float = 2.0, retry_seconds: float | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         credentials, options, self._metadata = channel_settings(
             token, root_certificates, client_certificate, client_key, server_name, tls, max_message_bytes)
         addresses = replica_addresses(address)
@@ -68,7 +68,7 @@ class AsyncKVCacheClient:
         self._replicas = Replicas(addresses, [pb_grpc.KVCacheStub(channel) for channel in self._channels])
         self.address = address
         self.timeout = timeout
-        self.retry = RetryPolicy(retries, backoff, max_backoff)
+        self.retry = RetryPolicy(retries, backoff, max_backoff, retry_seconds)
         self.chunk_bytes = chunk_bytes
         self._known = KnownSequences()
 
@@ -88,8 +88,10 @@ class AsyncKVCacheClient:
         while True:
             index, stub = self._replicas.pick(sequence_id)
             try:
-                return await getattr(stub, method)(request_factory(), timeout=timeout or self.timeout,
-                                                   metadata=metadata)
+                response = await getattr(stub, method)(request_factory(), timeout=timeout or self.timeout,
+                                                       metadata=metadata)
+                self._replicas.succeeded(index)
+                return response
             except grpc.aio.AioRpcError as error:
                 typed = error_from_rpc(error)
                 self._replicas.failed(index, typed)
@@ -168,6 +170,7 @@ class AsyncKVCacheClient:
                 async for chunk in stub.Fetch(assembler.resume(request), timeout=timeout or self.timeout,
                                               metadata=metadata):
                     assembler.add(chunk)
+                self._replicas.succeeded(index)
                 return assembler.result()
             except grpc.aio.AioRpcError as error:
                 typed = error_from_rpc(error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import itertools
 import logging
 import math
 import random
@@ -66,15 +67,25 @@ class RetryPolicy:
         retries: extra attempts after the first.
         backoff: seconds before the first retry (upper bound of its jitter).
         max_backoff: cap of one wait.
+        retry_seconds: when set, retry for as long as this many seconds after the first
+            failure instead of ``retries`` times: a failover to another replica, or a store
+            that comes back, takes time rather than a number of attempts.
     """
 
     retries: int = 3
     backoff: float = 0.05
     max_backoff: float = 2.0
+    retry_seconds: float | None = None
 
     def delays(self) -> Iterator[float]:
-        for attempt in range(self.retries):
-            yield random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+        deadline = None if self.retry_seconds is None else time.monotonic() + self.retry_seconds
+        for attempt in itertools.count():
+            if deadline is None and attempt >= self.retries:
+                return
+            delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+            if deadline is not None and time.monotonic() + delay > deadline:
+                return
+            yield delay
 
 
 def _read_pem(value: bytes | str | Path | None) -> bytes | None:
@@ -611,6 +622,7 @@ class Replicas:
                             for point in range(RING_POINTS))
         self._hashes = [point for point, _ in self._ring]
         self._down_until = [0.0] * len(self.addresses)
+        self._failures = [0] * len(self.addresses)
         self._cooldown = cooldown
         self._clock = clock
 
@@ -627,12 +639,15 @@ class Replicas:
         return order
 
     def choose(self, key: str) -> int:
-        """The first replica in ``key``'s order that is not cooling down (the owner if all are)."""
+        """The first replica in ``key``'s order that is not cooling down; when all are, the one
+        whose cooldown ends first (a dead replica's grows with each failure, so a live one that
+        answered UNAVAILABLE once is tried again before it)."""
         if len(self.addresses) == 1:
             return 0
         order = self.order(key)
         now = self._clock()
-        return next((index for index in order if self._down_until[index] <= now), order[0])
+        return next((index for index in order if self._down_until[index] <= now),
+                    min(order, key=lambda index: self._down_until[index]))
 
     def pick(self, sequence_id: str | None):
         """``(index, stub)`` for a call about ``sequence_id`` (None: no sequence)."""
@@ -640,10 +655,17 @@ class Replicas:
         return index, self._stubs[index]
 
     def failed(self, index: int, error: ServiceError) -> None:
-        """Note a failed call to replica ``index``: UNAVAILABLE starts its cooldown."""
+        """Note a failed call to replica ``index``: UNAVAILABLE starts its cooldown, twice as
+        long for each further one in a row (at most 12 times :data:`REPLICA_COOLDOWN_SECONDS`)."""
         if isinstance(error, UnavailableError) and len(self.addresses) > 1:
-            log.info("replica %s answered UNAVAILABLE; failing over for %.0fs", self.addresses[index], self._cooldown)
-            self._down_until[index] = self._clock() + self._cooldown
+            cooldown = self._cooldown * min(12, 2 ** self._failures[index])
+            self._failures[index] += 1
+            log.info("replica %s answered UNAVAILABLE; failing over for %.0fs", self.addresses[index], cooldown)
+            self._down_until[index] = self._clock() + cooldown
+
+    def succeeded(self, index: int) -> None:
+        """Note a call that replica ``index`` answered: its failures in a row start again from 0."""
+        self._failures[index] = 0
 
 
 # -- the synchronous client ---------------------------------------------------------------
@@ -663,7 +685,8 @@ class KVCacheClient:
         client_certificate, client_key: PEM bytes or paths for mutual TLS.
         server_name: TLS name to verify when it differs from the address host.
         timeout: default deadline of every call, seconds.
-        retries, backoff, max_backoff: retry policy on UNAVAILABLE (idempotent calls).
+        retries, backoff, max_backoff, retry_seconds: retry policy on UNAVAILABLE (idempotent
+            calls; :class:`RetryPolicy`).
         chunk_bytes: largest tensor payload of one upload chunk.
         max_message_bytes: channel message size limit both ways.
     """
@@ -672,8 +695,8 @@ class KVCacheClient:
                  root_certificates: bytes | str | Path | None = None,
                  client_certificate: bytes | str | Path | None = None, client_key: bytes | str | Path | None = None,
                  server_name: str | None = None, tls: bool | None = None, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.05, max_backoff: float = 2.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 backoff: float = 0.05, max_backoff: float = 2.0, retry_seconds: float | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         credentials, options, self._metadata = channel_settings(
             token, root_certificates, client_certificate, client_key, server_name, tls, max_message_bytes)
         addresses = replica_addresses(address)
@@ -684,7 +707,7 @@ class KVCacheClient:
         self._replicas = Replicas(addresses, [pb_grpc.KVCacheStub(channel) for channel in self._channels])
         self.address = address
         self.timeout = timeout
-        self.retry = RetryPolicy(retries, backoff, max_backoff)
+        self.retry = RetryPolicy(retries, backoff, max_backoff, retry_seconds)
         self.chunk_bytes = chunk_bytes
         self._known = KnownSequences()
 
@@ -707,7 +730,9 @@ class KVCacheClient:
         while True:
             index, stub = self._replicas.pick(sequence_id)
             try:
-                return getattr(stub, method)(request_factory(), timeout=timeout or self.timeout, metadata=metadata)
+                response = getattr(stub, method)(request_factory(), timeout=timeout or self.timeout, metadata=metadata)
+                self._replicas.succeeded(index)
+                return response
             except grpc.RpcError as error:
                 typed = error_from_rpc(error)
                 self._replicas.failed(index, typed)
@@ -729,6 +754,7 @@ class KVCacheClient:
                 for message in getattr(stub, method)(assembler.resume(request), timeout=timeout or self.timeout,
                                                      metadata=metadata):
                     assembler.add(message)
+                self._replicas.succeeded(index)
                 return finish(assembler)
             except grpc.RpcError as error:
                 typed = error_from_rpc(error)

@@ -16,7 +16,7 @@ from svdq_client import (
     NotFoundError,
     UnavailableError,
 )
-from svdq_client.client import RetryPolicy, upload_messages
+from svdq_client.client import SEQUENCE_HEADER, Replicas, RetryPolicy, upload_messages
 from svdq_client.wire import tensor_from_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
@@ -44,6 +44,14 @@ class ScriptedServicer(pb_grpc.KVCacheServicer):
                 time.sleep(1.0)  # longer than the client's deadline
             context.abort(code, f"scripted {code.name}")
         return pb.ServerInfo(version="test", device="cpu")
+
+    def Describe(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        return pb.SequenceInfo(sequence_id=request.sequence_id, num_tokens=7)
+
+    def Attend(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        context.abort(grpc.StatusCode.NOT_FOUND, "scripted")
 
     def Delete(self, request, context):
         self.calls += 1
@@ -172,3 +180,54 @@ async def test_async_client_retries_and_types_errors(scripted, monkeypatch):
         servicer.script = [grpc.StatusCode.INVALID_ARGUMENT]
         with pytest.raises(InvalidInputError, match="scripted INVALID_ARGUMENT"):
             await client.server_info()
+
+
+async def test_calls_about_a_sequence_carry_its_id_for_proxies(scripted):
+    # deploy/envoy/envoy.yaml routes by this header; calls about no sequence carry none
+    servicer, address = scripted
+    with KVCacheClient(address, token="secret-token-123456") as client:
+        client.describe("seq-7")
+        with pytest.raises(NotFoundError):
+            client.attend(torch.zeros(2, 1, 4), [("seq-8", 0), ("other", 0)])
+        client.server_info()
+    async with AsyncKVCacheClient(address) as client:
+        await client.describe("seq-9")
+        await client.server_info()
+    assert [seen.get(SEQUENCE_HEADER) for seen in servicer.metadata] == ["seq-7", "seq-8", None, "seq-9", None]
+    assert servicer.metadata[0]["authorization"] == "Bearer secret-token-123456"
+
+
+def test_retry_seconds_bound_the_retries_by_time_not_count(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("svdq_client.client.time.monotonic", lambda: now[0])
+    waited = []
+    for delay in RetryPolicy(retries=0, backoff=0.5, max_backoff=1.0, retry_seconds=30.0).delays():
+        waited.append(delay)
+        now[0] += delay + 0.25  # the wait plus a failed attempt
+    assert len(waited) > 20 and sum(waited) + 0.25 * len(waited) <= 30.0 + 1.0 + 0.25
+    assert len(list(RetryPolicy(retries=2, retry_seconds=None).delays())) == 2
+
+
+def test_a_dead_replica_cools_down_longer_each_time_and_a_live_one_is_preferred():
+    now = [0.0]
+    replicas = Replicas(["a:1", "b:1"], ["stub-a", "stub-b"], cooldown=5.0, clock=lambda: now[0])
+    key = next(f"s{index}" for index in range(100) if replicas.order(f"s{index}") == [0, 1])
+    unavailable = UnavailableError("down", grpc.StatusCode.UNAVAILABLE)
+    assert replicas.pick(key) == (0, "stub-a")
+    replicas.failed(0, unavailable)  # a: cooling until 5
+    assert replicas.choose(key) == 1
+    replicas.failed(0, NotFoundError("no", grpc.StatusCode.NOT_FOUND))  # an answer, not an outage
+    now[0] = 6.0
+    assert replicas.choose(key) == 0  # back after its cooldown
+    replicas.failed(0, unavailable)  # second in a row: until 6 + 10 = 16
+    replicas.failed(1, unavailable)  # b answered UNAVAILABLE once (its store was busy): until 11
+    assert replicas.choose(key) == 1  # everyone cooling: the one back first, not the ring's owner
+    now[0] = 12.0
+    replicas.succeeded(1)
+    assert replicas.choose(key) == 1
+    now[0] = 17.0
+    assert replicas.choose(key) == 0
+    replicas.succeeded(0)
+    replicas.failed(0, unavailable)  # its count started again: 5 s
+    now[0] = 22.5
+    assert replicas.choose(key) == 0

@@ -21,6 +21,7 @@ from redis_process import RedisProcess, needs_redis
 from svdq_client import AsyncKVCacheClient, KVCacheClient, Profile
 from svdq_client.client import Replicas, append_request
 from svdq_client.errors import NotFoundError, UnavailableError
+from svdq_server.store_redis import LOCK_SECONDS
 
 from svdq import CodecConfig, RopeConfig
 
@@ -95,8 +96,12 @@ def test_kill_9_mid_upload_and_append_loses_nothing_acknowledged(tmp_path, redis
 
         def appender():
             # Through the replica list: when its replica dies the retry goes to the other one, and
-            # expected_tokens + the digest recognise an append that landed before the kill.
-            with KVCacheClient([first.address, second.address], timeout=30, retries=6, backoff=0.2) as client:
+            # expected_tokens + the digest recognise an append that landed before the kill. The
+            # retries are bounded by time, not count: the killed replica may hold the sequence's
+            # writer lock, which the survivor waits out (LOCK_SECONDS, hence the 60 s deadline),
+            # and a loaded machine makes every attempt slower.
+            with KVCacheClient([first.address, second.address], timeout=LOCK_SECONDS + 30, retry_seconds=120,
+                               backoff=0.2) as client:
                 client._replicas.order = lambda key: [0, 1]  # "appended" lives on the replica that is killed
                 count = TOKENS
                 for step in range(1000):
@@ -120,7 +125,9 @@ def test_kill_9_mid_upload_and_append_loses_nothing_acknowledged(tmp_path, redis
         first.kill()  # kill -9 under load
         stop.set()
         for thread in threads:
-            thread.join(timeout=180)
+            thread.join(timeout=240)
+        assert not any(thread.is_alive() for thread in threads), "a client thread is still retrying"
+        assert second.health() == health_pb2.HealthCheckResponse.SERVING
         assert not failures, failures
         with KVCacheClient(second.address, timeout=30) as client:
             for name, expected in acknowledged.items():

@@ -90,8 +90,11 @@ PREFIX = "svdq"
 LOG_MAX_APPENDS = 64
 #: transactions that lost a race to another writer are re-planned this many times
 MAX_ATTEMPTS = 64
-#: a writer lock expires after this long (a killed replica blocks its sequences no longer)
-LOCK_SECONDS = 30.0
+#: a writer lock expires after this long unless its holder renews it (every third of it):
+#: a killed replica blocks the sequences it was writing no longer than this
+LOCK_SECONDS = 6.0
+#: how long a writer waits for another writer of the same sequence (alive: it renews its lock)
+LOCK_WAIT_SECONDS = 30.0
 #: owner of the operator's profiles (--profiles-file): each replica loads its own file
 OPERATOR = ""
 #: a replica records a use of a sequence in the LRU order at most this often: the record is a
@@ -339,6 +342,11 @@ class RedisSequenceStore:
         self._messages: weakref.WeakKeyDictionary[Profile, tuple[str, bytes]] = weakref.WeakKeyDictionary()
         self._profile_map = _Profiles(self)
         self._touched: dict[str, float] = {}
+        # writer locks this replica holds, renewed by one thread while they are held
+        self._held: set = set()
+        self._held_lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._renew_locks, name="svdq-store-locks", daemon=True).start()
 
     # -- the StoreBackend interface ------------------------------------------------------------
 
@@ -354,7 +362,23 @@ class RedisSequenceStore:
         return int(self._redis.info("memory")["used_memory"])
 
     def close(self) -> None:
+        self._closed.set()
         self._redis.close()
+
+    def _renew_locks(self) -> None:
+        """Extend every held writer lock to LOCK_SECONDS again, three times per LOCK_SECONDS, so
+        a long write keeps its lock and a dead replica's lock runs out soon. A renewal that fails
+        leaves the lock to expire: the write's version check still refuses a conflicting commit."""
+        while not self._closed.wait(LOCK_SECONDS / 3):
+            with self._held_lock:
+                held = list(self._held)
+            for lock in held:
+                try:
+                    lock.extend(LOCK_SECONDS, replace_ttl=True)
+                except LockError:
+                    pass  # released meanwhile, or already expired
+                except (*_UNAVAILABLE, ResponseError) as exc:
+                    log.warning("could not renew a writer lock (it expires in at most %.0fs): %s", LOCK_SECONDS, exc)
 
     def quota_for(self, tenant: str) -> int | None:
         return self.policy.quota_for(tenant)
@@ -675,12 +699,14 @@ class RedisSequenceStore:
         """Take the sequence's Redis lock and bring ``entry`` to the latest version."""
         try:
             lock = self._redis.lock(f"{PREFIX}:lock:{_member(entry.tenant, entry.sequence_id)}",
-                                    timeout=LOCK_SECONDS, blocking_timeout=LOCK_SECONDS, thread_local=False)
+                                    timeout=LOCK_SECONDS, blocking_timeout=LOCK_WAIT_SECONDS, thread_local=False)
             if not lock.acquire():
                 raise UnavailableError(f"sequence {entry.sequence_id!r} is being written through another replica "
-                                       f"for more than {LOCK_SECONDS:.0f}s; retry")
+                                       f"for more than {LOCK_WAIT_SECONDS:.0f}s; retry")
         except _UNAVAILABLE as exc:
             raise UnavailableError(f"the store {self.location} is unavailable: {exc}; retry later") from None
+        with self._held_lock:
+            self._held.add(lock)
         try:
             if self._lookup(entry.tenant, entry.sequence_id, touch=False, entry=entry) is not entry:
                 raise NotFoundError(f"sequence {entry.sequence_id!r} not found (deleted or evicted meanwhile)")
@@ -692,6 +718,8 @@ class RedisSequenceStore:
     def _release(self, lock, entry: StoredSequence) -> None:
         if lock is None:
             return
+        with self._held_lock:
+            self._held.discard(lock)
         try:
             lock.release()
         except LockError:

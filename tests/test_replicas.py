@@ -98,7 +98,7 @@ def test_kill_9_mid_upload_and_append_loses_nothing_acknowledged(tmp_path, redis
             # Through the replica list: when its replica dies the retry goes to the other one, and
             # expected_tokens + the digest recognise an append that landed before the kill. The
             # retries are bounded by time, not count: the killed replica may hold the sequence's
-            # writer lock, which the survivor waits out (LOCK_SECONDS, hence the 60 s deadline),
+            # writer lock, which the survivor waits out (up to LOCK_SECONDS; the deadline leaves room),
             # and a loaded machine makes every attempt slower.
             with KVCacheClient([first.address, second.address], timeout=LOCK_SECONDS + 30, retry_seconds=120,
                                backoff=0.2) as client:

@@ -192,6 +192,28 @@ def test_warm_attend_takes_no_store_transaction_and_no_reload(redis_server, monk
     monitor.close()
 
 
+def test_a_held_writer_lock_is_renewed_and_a_dead_holders_lock_runs_out(redis_server):
+    import time
+
+    from svdq_server.store_redis import LOCK_SECONDS
+
+    first, second = engines(redis_server)
+    keys, values = cache(tokens=64)
+    first.upload("t", UploadHeader("s", "tiny", "u1", 64, "pre_rope", False, True), keys, values)
+    monitor = first.store._redis
+    lock_key = "svdq:lock:1:t:s"
+    entry = first.store.get("t", "s")
+    with entry.write_lock:  # a write that takes longer than the lock's lifetime keeps its lock
+        time.sleep(LOCK_SECONDS + 1)
+        assert monitor.pttl(lock_key) > 0
+    assert not monitor.exists(lock_key)  # released
+    # a replica killed while it held the lock: nobody renews it, and the next writer gets it
+    # once it runs out (at most LOCK_SECONDS), not after the wait limit
+    monitor.set(lock_key, "token-of-a-dead-replica", px=int(LOCK_SECONDS * 1000))
+    appended = second.append("t", "s", *cache(tokens=1, seed=5), expected_tokens=64)
+    assert appended.num_tokens == 65 and first.store.get("t", "s").state.num_tokens == 65
+
+
 def test_concurrent_appends_through_two_replicas_lose_and_duplicate_nothing(redis_server):
     first, second = engines(redis_server)
     keys, values = cache(tokens=64)

@@ -27,6 +27,7 @@ from .client import (
     append_request,
     attend_request,
     attend_result,
+    attended_sequence,
     call_metadata,
     channel_settings,
     compress_request,
@@ -155,7 +156,7 @@ class AsyncKVCacheClient:
                      timeout: float | None = None) -> AttendResult:
         request = attend_request(queries, entries, sparsity, scale)
         return attend_result(await self._call("Attend", lambda: request, timeout,
-                                               sequence_id=request.entries[0].sequence_id))
+                                               sequence_id=attended_sequence(request)))
 
     async def fetch(self, sequence_id: str, *, layers: Sequence[int] | None = None, key_space: str | None = None,
                     dtype: torch.dtype | None = None, include_values: bool = True,

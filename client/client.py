@@ -379,6 +379,12 @@ def attend_request(queries, entries, sparsity, scale) -> pb.AttendRequest:
     return request
 
 
+def attended_sequence(request: pb.AttendRequest) -> str | None:
+    """The sequence an Attend is routed by: its first entry's (None without entries, which the
+    server rejects)."""
+    return request.entries[0].sequence_id if request.entries else None
+
+
 def attend_result(response: pb.AttendResponse) -> AttendResult:
     return AttendResult(
         output=tensor_from_pb(response.output, "output"), lse=tensor_from_pb(response.lse, "lse"),
@@ -834,7 +840,7 @@ class KVCacheClient:
         float32 [B, q_heads]."""
         request = attend_request(queries, entries, sparsity, scale)
         return attend_result(self._call("Attend", lambda: request, timeout,
-                                         sequence_id=request.entries[0].sequence_id))
+                                         sequence_id=attended_sequence(request)))
 
     def fetch(self, sequence_id: str, *, layers: Sequence[int] | None = None, key_space: str | None = None,
               dtype: torch.dtype | None = None, include_values: bool = True,

@@ -189,11 +189,13 @@ async def test_calls_about_a_sequence_carry_its_id_for_proxies(scripted):
         client.describe("seq-7")
         with pytest.raises(NotFoundError):
             client.attend(torch.zeros(2, 1, 4), [("seq-8", 0), ("other", 0)])
+        with pytest.raises(NotFoundError):  # no entries: no header (the real server rejects it)
+            client.attend(torch.zeros(0, 1, 4), [])
         client.server_info()
     async with AsyncKVCacheClient(address) as client:
         await client.describe("seq-9")
         await client.server_info()
-    assert [seen.get(SEQUENCE_HEADER) for seen in servicer.metadata] == ["seq-7", "seq-8", None, "seq-9", None]
+    assert [seen.get(SEQUENCE_HEADER) for seen in servicer.metadata] == ["seq-7", "seq-8", None, None, "seq-9", None]
     assert servicer.metadata[0]["authorization"] == "Bearer secret-token-123456"
 
 

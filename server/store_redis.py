@@ -33,7 +33,8 @@ budget, which sequences to evict, with :func:`~svdq_server.store.plan_eviction`)
 exactly the figures the write commits against, across all replicas; a transaction that lost
 the race is re-planned. An append is a versioned compare-and-set: it commits only if the
 sequence is still at the version it was computed from. Writers of one sequence also take
-its Redis lock, so appends through two replicas queue instead of failing; an append usually
+its Redis lock (short-lived and renewed while held, so a killed replica's lock runs out within
+:data:`LOCK_SECONDS`), so appends through two replicas queue instead of failing; an append usually
 writes only its new tokens (the log), and the layers are rewritten whole when the log grows
 past :data:`LOG_MAX_APPENDS` entries or the sequence's own size.
 

@@ -129,8 +129,9 @@ def test_a_cut_fetch_resumes_where_its_stream_ended(shared_server, stored):
     proxy.close()
     cut, rest = proxy.received
     assert full // 2 - 65536 <= cut < full // 2
-    # a restart would carry the whole stream again; the resume carries about what was missing
-    assert rest < full - cut + full // 8, (full, cut, rest)
+    # a restart carries the whole stream again; the resume about what was missing (plus what
+    # had reached the client's transport but not its code when the connection dropped)
+    assert rest < full - cut // 2, (full, cut, rest)
 
 
 def test_the_async_client_resumes_too(shared_server, stored):
@@ -145,7 +146,7 @@ def test_the_async_client_resumes_too(shared_server, stored):
     assert same(asyncio.run(fetch()), expected)
     proxy.close()
     cut, rest = proxy.received
-    assert rest < full - cut + full // 8, (full, cut, rest)
+    assert rest < full - cut // 2, (full, cut, rest)
 
 
 def test_a_sequence_changed_during_the_cut_is_fetched_again_from_the_start(shared_server, stored):

@@ -50,10 +50,27 @@ def quantize_groups(
     stored metadata would be infinite and every later use of it NaN.
     """
     levels = (2 ** kept_bits.to(torch.float32) - 1).to(latent.device)
-    low = latent.amin(dim=1)
-    high = latent.amax(dim=1)
+    low, high = _group_range(latent)
+    codes, scales, mins = _quantize_in_range(latent, low, high, levels)
+    return codes.to(torch.uint8), scales, mins
+
+
+def _group_range(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 minimum and maximum [groups, r] of every channel over its token group, checked
+    against the float16 range of the metadata that will store them."""
+    low, high = torch.aminmax(latent, dim=1)
     if low.numel():
         check_metadata_range(float(low.abs().max()), float((high - low).max()))
+    return low, high
+
+
+def _quantize_in_range(
+    latent: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (float32, whole numbers 0..levels), float16 scales and minimums of ``latent``
+    [groups, group_size, r] with the group range ``low``/``high`` [groups, r] and ``levels``
+    (a scalar or one per channel). Shared by :func:`quantize_groups` and the error table, so
+    the allocation measures exactly the quantization the encoder then performs."""
     mins = low.to(torch.float16)
     scales = ((high - mins.float()) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
@@ -67,7 +84,10 @@ def quantize_groups(
     step = scales.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.round((latent - mins.float()[:, None, :]) / safe[:, None, :])
-    codes = torch.minimum(codes.clamp_(min=0), levels).to(torch.uint8)
+    if isinstance(levels, torch.Tensor):
+        codes = torch.minimum(codes.clamp_(min=0), levels)
+    else:
+        codes = codes.clamp_(0, levels)
     return codes, scales, mins
 
 
@@ -140,13 +160,15 @@ def distortion_table(latent: torch.Tensor) -> torch.Tensor:
 
     ``latent`` is [groups, group_size, channels] (callers may pass a sample of the groups:
     the allocation only compares errors). Width 0 means the channel is dropped and
-    reconstructs as 0, the mean.
+    reconstructs as 0, the mean. The group ranges are the same at every width, so they are
+    found (and range-checked) once; each width then costs one quantize-and-compare pass.
     """
     table = torch.empty(latent.shape[-1], MAX_BITS + 1, dtype=torch.float64)
     table[:, 0] = latent.pow(2).sum(dim=(0, 1)).double().cpu()
+    low, high = _group_range(latent)
     for width in range(1, MAX_BITS + 1):
-        bits = torch.full((latent.shape[-1],), width, dtype=torch.int64, device=latent.device)
-        codes, scales, mins = quantize_groups(latent, bits)
-        error = dequantize_groups(codes, scales, mins) - latent
+        codes, scales, mins = _quantize_in_range(latent, low, high, float(2**width - 1))
+        # codes * step + minimum: what dequantize_groups computes from the stored values
+        error = codes.mul_(scales.float()[:, None, :]).add_(mins.float()[:, None, :]).sub_(latent)
         table[:, width] = error.pow_(2).sum(dim=(0, 1)).double().cpu()
     return table

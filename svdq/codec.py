@@ -214,9 +214,11 @@ class Basis:
     def channels(self) -> int:
         return self.mean.numel()
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> int:
-        """64-bit identity of the basis (its float16 bytes) that blobs referencing it carry."""
+        """64-bit identity of the basis (its float16 bytes) that blobs referencing it carry.
+        Hashed once per basis object (a basis is not modified in place): ~12 ms of SHA-256
+        at C = 1024, which every compress and load with this shared basis would repeat."""
         digest = hashlib.sha256()
         digest.update(self.mean.to(torch.float32).cpu().numpy().tobytes())
         digest.update(self.components.to(torch.float16).cpu().numpy().tobytes())

@@ -21,6 +21,7 @@ from svdq import (
     to_bytes,
 )
 from svdq.codec import gram
+from svdq.quant import pack_codes, quantize_groups
 
 ROPE = RopeConfig(theta=10000.0)
 
@@ -214,3 +215,19 @@ def test_float16_keys_past_the_float16_range_after_unrotating_keep_bfloat16_stor
     compressed = compress(keys, rope=ROPE, key_space="post_rope")
     assert compressed.storage_dtype == torch.bfloat16
     assert torch.isfinite(decompress(compressed, dtype=torch.float32)).all()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_compress_stores_the_quantized_projection_of_every_group(shared):
+    # Long enough that the allocation samples some groups (more than 2048 / 8 of them): the
+    # sampled groups' latent is reused and the others are projected; both must be what a
+    # plain projection of the whole body quantizes to.
+    keys = layer_keys(tokens=2300, dtype=torch.float16)
+    basis = fit_layer_basis(layer_keys(tokens=500, seed=1)) if shared else None
+    compressed = compress(keys, CodecConfig(group_size=8), basis=basis)
+    assert compressed.num_groups > 2048 // 8
+    body = keys.float().reshape(2300, -1)[compressed.num_sinks:compressed.num_sinks + 8 * compressed.num_groups]
+    latent = (body - compressed.mean) @ compressed.basis.float()
+    codes, scales, mins = quantize_groups(latent.reshape(compressed.num_groups, 8, -1), compressed.kept_bits)
+    assert torch.equal(compressed.scales, scales) and torch.equal(compressed.mins, mins)
+    assert torch.equal(compressed.codes, pack_codes(codes, compressed.kept_bits))

@@ -66,12 +66,14 @@ def _group_range(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_in_range(
-    latent: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float
+    latent: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float,
+    shifted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (float32, whole numbers 0..levels), float16 scales and minimums of ``latent``
     [groups, group_size, r] with the group range ``low``/``high`` [groups, r] and ``levels``
     (a scalar or one per channel). Shared by :func:`quantize_groups` and the error table, so
-    the allocation measures exactly the quantization the encoder then performs."""
+    the allocation measures exactly the quantization the encoder then performs. ``shifted``
+    is ``latent`` minus the float16 minimums when the caller has it (the same at every width)."""
     mins = low.to(torch.float16)
     scales = ((high - mins.float()) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
@@ -84,7 +86,9 @@ def _quantize_in_range(
         check_metadata_range(float(low.abs().max()), float("inf"))
     step = scales.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round((latent - mins.float()[:, None, :]) / safe[:, None, :])
+    if shifted is None:
+        shifted = latent - mins.float()[:, None, :]
+    codes = torch.div(shifted, safe[:, None, :]).round_()
     if isinstance(levels, torch.Tensor):
         codes = torch.minimum(codes.clamp_(min=0), levels)
     else:
@@ -180,8 +184,9 @@ def distortion_table(latent: torch.Tensor) -> torch.Tensor:
     table = torch.empty(latent.shape[-1], MAX_BITS + 1, dtype=torch.float64)
     table[:, 0] = latent.pow(2).sum(dim=(0, 1)).double().cpu()
     low, high = _group_range(latent)
+    shifted = latent - low.to(torch.float16).float()[:, None, :]
     for width in range(1, MAX_BITS + 1):
-        codes, scales, mins = _quantize_in_range(latent, low, high, float(2**width - 1))
+        codes, scales, mins = _quantize_in_range(latent, low, high, float(2**width - 1), shifted)
         # codes * step + minimum: what dequantize_groups computes from the stored values
         error = codes.mul_(scales.float()[:, None, :]).add_(mins.float()[:, None, :]).sub_(latent)
         table[:, width] = error.pow_(2).sum(dim=(0, 1)).double().cpu()

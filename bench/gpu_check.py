@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from svdq import CodecConfig, compress, fit_layer_basis, to_bytes
+from svdq import Basis, CodecConfig, compress, fit_layer_basis, to_bytes
 from svdq.attention import SparsityConfig, attend, select_backend
 from svdq.rope import apply_rope
 from svdq.values import compress_values
@@ -76,7 +76,10 @@ def compress_rows(tokens: int, device: torch.device, repeats: int, bandwidth: fl
     positions = torch.arange(tokens, device=device)
     keys = apply_rope(synthetic_keys(tokens), positions.cpu(), LLAMA3_ROPE).half().to(device)
     calibration = apply_rope(synthetic_keys(tokens, seed=3), positions.cpu() + tokens, LLAMA3_ROPE).half()
-    shared = fit_layer_basis(calibration, positions.cpu() + tokens, LLAMA3_ROPE)
+    fitted = fit_layer_basis(calibration, positions.cpu() + tokens, LLAMA3_ROPE)
+    # Held on the device, as a server keeps a profile's bases: the rows time the codec, not a
+    # 4 MB host-to-device copy of the basis per call.
+    shared = Basis(fitted.mean.to(device), fitted.components.to(device), fitted.singular_values.to(device))
     rows = []
     for label, basis in [("own basis", None), ("shared basis", shared)]:
         def run(basis=basis):
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu for a quick check of the script")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the quick CPU run: threaded LAPACK (eigh) stalls on a busy machine
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bandwidth = copy_bandwidth(device, args.repeats, 1024 if device.type == "cuda" else 64)

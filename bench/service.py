@@ -326,7 +326,7 @@ def main(argv=None) -> None:
         print(f"svdq service on {address} (device {server.device}{threads}), {args.layers} layers x {args.tokens} tokens x "
               f"{KV_HEADS} KV heads x {HEAD_DIM}, queries {Q_HEADS} heads; keys in: "
               f"{keys.numel() * 2 / 1e6:.1f} MB fp16; medians over {args.repeats} uploads, "
-              f"{iterations} Attend calls per batch size\n")
+              + (f"{iterations} Attend calls per batch size" if batches else "no Attend calls (--part uploads)") + "\n")
         header = ["config", "upload MB/s", "codec alone MB/s", "upload / codec time", "key bytes stored", "key ratio",
                   "value bytes"] + [f"B={b} {cell}" for b in batches for cell in ("p50 ms", "p99 ms", "q/s")]
         print("| " + " | ".join(header) + " |")

@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# Attention part on a lent GPU, in well under 8 minutes on one H200:
-#   1. the gpu-marked kernel tests (Triton vs the torch reference, on the device);
-#   2. the speed table of bench/attention.py (SDPA fp16/fp32 vs attend dense and sparse,
-#      4k..32k tokens, Llama-3-8B-like shapes), batch 1 and batch 8.
-# Results go to $1 (default: $OUT when set, else bench/results): gpu_tests.txt,
-# attention_gpu_b1.md, attention_gpu_b8.md.
+# The GPU check of issue 12 on a lent GPU, in under 8 minutes on one H200, as one table:
+#   1. the gpu-marked kernel tests (Triton vs the torch reference, on the device), whose
+#      summary line heads the table;
+#   2. bench/gpu_check.py: decode attention at 32k tokens, Llama-3-8B shapes, batch 1 and 16
+#      (SDPA fp16 vs attend svdq dense and sparse 1/32) and compress throughput in bytes of
+#      fp16 keys read against the device's copy bandwidth, each row beside its target.
+# Writes $RESULTS/gpu_check.md (plus gpu_env.txt and gpu_tests.txt); RESULTS is the first
+# argument, else $OUT, else bench/results.
+#
+#   bench/gpu_check.sh [RESULTS]            on the GPU machine
+#   bench/gpu_check.sh --dry-run [RESULTS]  the same steps on the CPU at toy sizes (tests under
+#                                           the Triton interpreter, 512 tokens), to check the script
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY_RUN=1
+  shift
+fi
 RESULTS="${1:-${OUT:-bench/results}}"
 mkdir -p "$RESULTS"
 PYTHON="${PYTHON:-python}"
 # Works from a plain checkout too (no editable install needed for svdq itself).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
+
+if (( DRY_RUN )); then
+  export TRITON_INTERPRET=1
+  TEST_SELECTION=(tests/test_kernels.py -k "token_scores or kernel_score")
+  CHECK_ARGS=(--device cpu --tokens 512 --batches 1 2 --repeats 1)
+else
+  unset TRITON_INTERPRET
+  TEST_SELECTION=(-m gpu tests/test_kernels.py)
+  CHECK_ARGS=(--device cuda --tokens 32768 --batches 1 16 --repeats 20)
+fi
 
 "$PYTHON" - <<'PY' | tee "$RESULTS/gpu_env.txt"
 import torch, triton
@@ -21,10 +41,10 @@ print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else 
 PY
 
 status=0
-timeout 200 "$PYTHON" -m pytest -q -rs -m gpu tests/test_kernels.py -p no:cacheprovider -o addopts="" \
-  2>&1 | tee "$RESULTS/gpu_tests.txt" || status=$?
-timeout 150 "$PYTHON" bench/attention.py --part speed --device cuda --tokens 4096 8192 16384 32768 \
-  --repeats 30 --batch 1 --out "$RESULTS/attention_gpu_b1.md" || status=$?
-timeout 120 "$PYTHON" bench/attention.py --part speed --device cuda --tokens 8192 32768 \
-  --repeats 30 --batch 8 --out "$RESULTS/attention_gpu_b8.md" || status=$?
+timeout 200 "$PYTHON" -m pytest -q -rs "${TEST_SELECTION[@]}" -p no:cacheprovider -o addopts="" \
+  > "$RESULTS/gpu_tests.txt" 2>&1 || status=$?
+summary="$(tail -n 1 "$RESULTS/gpu_tests.txt")"
+echo "tests: $summary"
+timeout 240 "$PYTHON" bench/gpu_check.py "${CHECK_ARGS[@]}" --tests "$summary" --out "$RESULTS/gpu_check.md" \
+  || status=$?
 exit "$status"

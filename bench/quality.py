@@ -27,7 +27,6 @@ Run: ``python bench/quality.py`` (full, about 20-30 minutes on 2 CPU cores) or
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import statistics
@@ -467,48 +466,99 @@ def synthetic_layer_values(tokens: int, kv_heads: int = 8, head_dim: int = 128, 
     return flat.reshape(tokens, kv_heads, head_dim).to(torch.float16)
 
 
-def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int = 5,
-                     configs: Sequence[Method] | None = None) -> str:
-    """Markdown table of compress / decompress MB/s (of the fp16 tensor) next to an fp16 copy:
-    keys (``config``) and values (``values``, when they are not 16-bit) of each method."""
-    configs = configs or [
-        Method("svdq 1.5 bits", svdq.CodecConfig(bits_per_element=1.5)),
-        Method("kivi 2-bit g128", svdq.CodecConfig(method="kivi", bits=2, group_size=128)),
-        Method("svdq 2.5 bits", svdq.CodecConfig(), values=latent_values(2.5)),
-        Method("per-token 2-bit g64", svdq.CodecConfig(), values=ValueConfig(bits=2)),
+@dataclass(frozen=True)
+class ThroughputRow:
+    name: str
+    compress: Callable[[], object]  # returns the blob (or the copy)
+    decompress: Callable[[object], object] | None = None
+
+
+def _blob_digest(blob: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(blob).hexdigest()[:12] if isinstance(blob, bytes) else "-"
+
+
+def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
+    """The compared paths on one synthetic layer: a memory copy, the fp16 passthrough codec,
+    svdq with the sequence's own basis and with a shared basis fitted on other tokens of the
+    same synthetic layer (positions ``tokens..2*tokens``), the KIVI-like baseline and two value
+    codecs. Compress ends in the serialized blob (``to_bytes``), decompress starts from it."""
+    keys = synthetic_layer_keys(tokens)
+    calibration = synthetic_layer_keys(2 * tokens)[tokens:]
+    shared = svdq.fit_layer_basis(calibration, torch.arange(tokens, 2 * tokens), LLAMA3_ROPE)
+    values = synthetic_layer_values(tokens)
+    positions = torch.arange(tokens)
+
+    def keys_row(name: str, config: svdq.CodecConfig, basis: svdq.Basis | None = None) -> ThroughputRow:
+        def compress_one() -> bytes:
+            return svdq.to_bytes(svdq.compress(keys, config, positions=positions, rope=LLAMA3_ROPE,
+                                               key_space="post_rope", basis=basis))
+
+        return ThroughputRow(name, compress_one,
+                             lambda blob: svdq.decompress(svdq.from_bytes(blob, basis), "post_rope"))
+
+    def values_row(name: str, config: ValueConfig) -> ThroughputRow:
+        return ThroughputRow(name, lambda: values_to_bytes(compress_values(values, config)),
+                             lambda blob: decompress_values(values_from_bytes(blob)))
+
+    return keys, [
+        ThroughputRow("memory copy (keys.clone)", keys.clone),
+        keys_row("keys fp16 passthrough", svdq.CodecConfig(method="fp16")),
+        keys_row("keys svdq 1.5 bits, own basis", svdq.CodecConfig(bits_per_element=1.5)),
+        keys_row("keys svdq 1.5 bits, shared basis", svdq.CodecConfig(bits_per_element=1.5), shared),
+        keys_row("keys kivi 2-bit g128", svdq.CodecConfig(method="kivi", bits=2, group_size=128)),
+        values_row("values svdq 2.5 bits", latent_values(2.5)),
+        values_row("values per-token 2-bit g64", ValueConfig(bits=2)),
     ]
+
+
+def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int = 5) -> str:
+    """Markdown table of compress / decompress MB/s (of the layer's fp16 keys or values) of
+    every :func:`throughput_rows` path, measured in turns in this process (medians of
+    ``repeats``) so that load on the machine falls on all rows alike; times relative to the
+    memory copy; the blob's bits per element and the first hex digits of its SHA-256 (equal
+    digests: byte-identical blobs across code versions)."""
     lines = [
-        "| layer [tokens x 8 x 128] | tensor | method | compress MB/s | decompress MB/s | fp16 copy MB/s | "
-        "copy / compress | copy / decompress | ratio vs fp16 |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layer [tokens x 8 x 128] | path | compress MB/s | decompress MB/s | compress / copy | "
+        "bits per element | ratio vs fp16 | blob sha256 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for tokens in token_counts:
-        keys = synthetic_layer_keys(tokens)
-        values = synthetic_layer_values(tokens)
-        positions = torch.arange(tokens)
+        keys, rows = throughput_rows(tokens)
         megabytes = keys.numel() * 2 / 1e6
-        copy_s = _median_seconds(keys.clone, repeats)
-        for method in configs:
-            if method.values.method == "fp16":
-                tensor = "keys"
-                compress_one = functools.partial(svdq.compress, keys, method.config, positions=positions,
-                                                 rope=LLAMA3_ROPE, key_space="post_rope")
-                compressed = compress_one()
-                decompress_one = functools.partial(svdq.decompress, compressed, "post_rope")
+        blobs = [row.compress() for row in rows]  # warm-up, and the blob each decompress reads
+        compress_times: list[list[float]] = [[] for _ in rows]
+        decompress_times: list[list[float]] = [[] for _ in rows]
+        for _ in range(repeats):
+            for index, (row, blob) in enumerate(zip(rows, blobs, strict=True)):
+                started = time.perf_counter()
+                row.compress()
+                compress_times[index].append(time.perf_counter() - started)
+                if row.decompress is not None:
+                    started = time.perf_counter()
+                    row.decompress(blob)
+                    decompress_times[index].append(time.perf_counter() - started)
+        copy_s = statistics.median(compress_times[0])
+        for row, blob, c_times, d_times in zip(rows, blobs, compress_times, decompress_times, strict=True):
+            compress_s = statistics.median(c_times)
+            decompress = f"{megabytes / statistics.median(d_times):.1f}" if d_times else "-"
+            if isinstance(blob, bytes):
+                bits, ratio = f"{8 * len(blob) / keys.numel():.4f}", f"{2 * keys.numel() / len(blob):.2f}x"
             else:
-                tensor = "values"
-                compress_one = functools.partial(compress_values, values, method.values)
-                compressed = compress_one()
-                decompress_one = functools.partial(decompress_values, compressed)
-            compress_s = _median_seconds(compress_one, repeats)
-            decompress_s = _median_seconds(decompress_one, repeats)
-            ratio = 2.0 * keys.numel() / compressed.nbytes
-            lines.append(
-                f"| {tokens} | {tensor} | {method.name} | {megabytes / compress_s:.1f} | "
-                f"{megabytes / decompress_s:.1f} | {megabytes / copy_s:.0f} | {compress_s / copy_s:.0f}x | "
-                f"{decompress_s / copy_s:.0f}x | {ratio:.2f}x |"
-            )
+                bits, ratio = "16", "1.00x"
+            lines.append(f"| {tokens} | {row.name} | {megabytes / compress_s:.1f} | {decompress} | "
+                         f"{compress_s / copy_s:.0f}x | {bits} | {ratio} | {_blob_digest(blob)} |")
     return "\n".join(lines)
+
+
+def print_throughput(token_counts: Sequence[int], repeats: int) -> None:
+    print(f"## Throughput ({torch.get_num_threads()} torch threads, median of {repeats} runs in turns, MB/s of "
+          "the layer's fp16 tensor; synthetic post-RoPE Llama-3 keys: compress = undo RoPE + fit + allocate + "
+          "quantize + pack + to_bytes, decompress = from_bytes + reconstruct + RoPE; synthetic values likewise)")
+    print()
+    print(throughput_table(token_counts, repeats))
+    sys.stdout.flush()
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -534,6 +584,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--throughput-tokens", type=int, nargs="*", default=[8192, 32768],
                         help="token counts of the throughput layer (none = skip)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per throughput median")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="print only the throughput table (no model is loaded)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch default); 1 is much faster on an oversubscribed CPU, "
                              "where multi-threaded LAPACK calls such as the basis eigh stall for seconds")
@@ -545,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.throughput_only:
+        print_throughput(args.throughput_tokens or [8192], args.repeats)
+        return 0
     from svdq_client.models import load_smollm2
 
     methods = main_methods()
@@ -626,11 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     if args.throughput_tokens:
         print()
-        print(f"## Throughput (CPU, {torch.get_num_threads()} threads, median of {args.repeats} runs, "
-              "MB/s of the fp16 tensor; synthetic post-RoPE Llama-3 keys, compress = undo RoPE + fit + quantize; "
-              "synthetic values, compress = fit + quantize)")
-        print()
-        print(throughput_table(args.throughput_tokens, args.repeats))
+        print_throughput(args.throughput_tokens, args.repeats)
     LOGGER.info("done in %.0f s", time.perf_counter() - started)
     return 0
 

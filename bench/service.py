@@ -34,7 +34,8 @@ import psutil
 import torch
 from svdq_client import KVCacheClient, Profile, Sparsity
 
-from svdq import CodecConfig, RopeConfig, apply_rope
+from svdq import CodecConfig, RopeConfig, apply_rope, compress
+from svdq.values import compress_values
 
 KV_HEADS, HEAD_DIM, Q_HEADS = 3, 64, 9
 ROPE = RopeConfig(theta=100000.0)
@@ -84,11 +85,25 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def codec_seconds(profile: Profile, keys: torch.Tensor, values: torch.Tensor) -> float:
+    """Seconds the codec alone takes, in this process, for what an upload of ``keys`` and
+    ``values`` [layers, tokens, kv_heads, head_dim] under ``profile`` compresses: every layer's
+    keys (post-RoPE, with positions) and values, as the server's engine calls it."""
+    positions = torch.arange(keys.shape[1])
+    started = time.perf_counter()
+    for layer in range(keys.shape[0]):
+        compress(keys[layer], profile.codec, positions=positions, rope=profile.rope, key_space="post_rope")
+        compress_values(values[layer], profile.value_config)
+    return time.perf_counter() - started
+
+
 def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches, iterations, sparsity, repeats):
-    """Upload timing (median of ``repeats``), stored bytes, then Attend latencies per batch size."""
-    upload_seconds = []
+    """Upload timing and the codec's own time for the same data (medians of ``repeats``, in
+    turns), stored bytes, then Attend latencies per batch size (none when ``batches`` is empty)."""
+    upload_seconds, codec_times = [], []
     sequence = None
     for repeat in range(repeats):
+        codec_times.append(codec_seconds(profile, keys, values))
         sequence = f"bench-{profile.name}-{repeat}-{uuid.uuid4().hex[:6]}"
         started = time.perf_counter()
         info = client.upload(sequence, profile.name, keys, values, positions=torch.arange(keys.shape[1]),
@@ -99,6 +114,8 @@ def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches
             client.delete(sequence)
     key_mb = keys.numel() * 2 / 1e6
     rows = {"upload_mb_s": key_mb / statistics.median(upload_seconds), "key_bytes": info.key_bytes,
+            "codec_mb_s": key_mb / statistics.median(codec_times),
+            "upload_over_codec": statistics.median(upload_seconds) / statistics.median(codec_times),
             "value_bytes": info.value_bytes, "fp16_key_bytes": info.fp16_key_bytes, "attend": {}}
     generator = torch.Generator().manual_seed(1)
     layers = keys.shape[0]
@@ -321,8 +338,9 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=60, help="Attend calls at batch 1 (fewer at larger batches)")
     parser.add_argument("--repeats", type=int, default=3, help="uploads per profile (median reported)")
-    parser.add_argument("--part", choices=("codecs", "stores"), default="codecs",
-                        help="codecs: svdq vs fp16 passthrough on one server; stores: memory vs Redis store backends")
+    parser.add_argument("--part", choices=("codecs", "uploads", "stores"), default="codecs",
+                        help="codecs: svdq vs fp16 passthrough on one server; uploads: only their upload rows, "
+                             "beside the codec's own time; stores: memory vs Redis store backends")
     parser.add_argument("--seconds", type=float, default=10.0, help="--part stores: seconds per throughput run")
     parser.add_argument("--rounds", type=int, default=3, help="--part stores: alternating 1-vs-2-replica rounds")
     args = parser.parse_args(argv)
@@ -330,19 +348,23 @@ def main(argv=None) -> None:
         bench_stores(args)
         return
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)  # the codec-alone column runs like the server
     process = None
     address = args.address
     if address is None:
         process, address = start_server(args.device, args.torch_threads)
     try:
         keys, values = synthetic_cache(args.layers, args.tokens)
-        batches = (1, 8, 64)
+        batches = (1, 8, 64) if args.part == "codecs" else ()
         iterations = {1: args.iterations, 8: max(10, args.iterations // 3), 64: max(5, args.iterations // 10)}
         configs = [
             ("svdq 1.5 b/e, dense", CodecConfig(method="svdq"), None),
             ("svdq 1.5 b/e, sparse 1/8", CodecConfig(method="svdq"), Sparsity(keep_fraction=1 / 8)),
             ("fp16 passthrough (off)", CodecConfig(method="fp16"), None),
         ]
+        if not batches:  # the sparse row uploads exactly like the dense one
+            configs = [config for config in configs if config[2] is None]
         results = {}
         with KVCacheClient(address, timeout=600, chunk_bytes=4 << 20) as client:
             server = client.server_info()
@@ -361,12 +383,14 @@ def main(argv=None) -> None:
         print(f"svdq service on {address} (device {server.device}{threads}), {args.layers} layers x {args.tokens} tokens x "
               f"{KV_HEADS} KV heads x {HEAD_DIM}, queries {Q_HEADS} heads; keys in: "
               f"{keys.numel() * 2 / 1e6:.1f} MB fp16; medians over {args.repeats} uploads, "
-              f"{iterations} Attend calls per batch size\n")
-        print("| config | upload MB/s | key bytes stored | key ratio | value bytes | "
-              + " | ".join(f"B={b} p50 ms | B={b} p99 ms | B={b} q/s" for b in batches) + " |")
-        print("| --- " * (5 + 3 * len(batches)) + "|")
+              + (f"{iterations} Attend calls per batch size" if batches else "no Attend calls (--part uploads)") + "\n")
+        header = ["config", "upload MB/s", "codec alone MB/s", "upload / codec time", "key bytes stored", "key ratio",
+                  "value bytes"] + [f"B={b} {cell}" for b in batches for cell in ("p50 ms", "p99 ms", "q/s")]
+        print("| " + " | ".join(header) + " |")
+        print("| --- " * (7 + 3 * len(batches)) + "|")
         for name, row in results.items():
-            cells = [name, f"{row['upload_mb_s']:.1f}", f"{row['key_bytes']:,}",
+            cells = [name, f"{row['upload_mb_s']:.1f}", f"{row['codec_mb_s']:.1f}", f"{row['upload_over_codec']:.2f}x",
+                     f"{row['key_bytes']:,}",
                      f"{row['fp16_key_bytes'] / row['key_bytes']:.2f}x", f"{row['value_bytes']:,}"]
             for batch in batches:
                 p50, p99, qps = row["attend"][batch]
@@ -379,7 +403,8 @@ def main(argv=None) -> None:
             if row is baseline:
                 continue
             ratios = ", ".join(f"B={b}: {row['attend'][b][0] / baseline['attend'][b][0]:.2f}" for b in batches)
-            print(f"  {name}: upload time {baseline['upload_mb_s'] / row['upload_mb_s']:.2f}x; attend {ratios}")
+            print(f"  {name}: upload time {baseline['upload_mb_s'] / row['upload_mb_s']:.2f}x"
+                  + (f"; attend {ratios}" if batches else ""))
     finally:
         if process is not None:
             process.terminate()

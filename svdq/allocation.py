@@ -40,23 +40,44 @@ def allocate_budget(
     table = distortion.numpy()
     channels = table.shape[0]
     widths = np.arange(MAX_BITS + 1)
-    cost = widths[None, :] * bits_per_width + np.where(widths > 0, channel_metadata_bits, 0)[None, :]
-    cost = np.broadcast_to(cost, table.shape)
+    cost = (widths * bits_per_width + np.where(widths > 0, channel_metadata_bits, 0)).astype(np.float64)
     chosen = np.zeros(channels, dtype=np.int64)
+    if channels == 0:
+        return torch.from_numpy(chosen)
+    # Every channel's options (extra bits and error drop of each larger width) depend only on
+    # its own chosen width, so they are kept per row and only the row that moved is
+    # recomputed: one [channels, 9] pass per step would cost more than all the rest.
+    extra = np.broadcast_to(cost, table.shape).copy()
+    ratio = np.empty_like(table)
+
+    def refresh(row: int) -> None:
+        current = chosen[row]
+        extra[row] = cost - cost[current]
+        gain = table[row, current] - table[row]
+        usable = (widths > current) & (gain > 0)
+        ratio[row] = np.where(usable, gain / np.maximum(extra[row], 1e-9), -np.inf)
+
+    for row in range(channels):
+        refresh(row)
     spent = 0.0
-    rows = np.arange(channels)
     while True:
-        current_cost = cost[rows, chosen][:, None]
-        current_error = table[rows, chosen][:, None]
-        extra = cost - current_cost
-        gain = current_error - table
-        usable = (widths[None, :] > chosen[:, None]) & (extra <= budget_bits - spent) & (gain > 0)
-        if not usable.any():
+        left = budget_bits - spent
+        # The best option overall, when affordable, is also the first best among the
+        # affordable ones (ties break on the same flat index); only once the budget runs
+        # short are the unaffordable options masked out.
+        flat = int(np.argmax(ratio))
+        row, width = divmod(flat, MAX_BITS + 1)
+        if extra[row, width] > left:
+            affordable = np.where(extra <= left, ratio, -np.inf)
+            flat = int(np.argmax(affordable))
+            row, width = divmod(flat, MAX_BITS + 1)
+            if affordable[row, width] == -np.inf:
+                break
+        elif ratio[row, width] == -np.inf:
             break
-        ratio = np.where(usable, gain / np.maximum(extra, 1e-9), -np.inf)
-        best = np.unravel_index(np.argmax(ratio), ratio.shape)
-        spent += float(extra[best])
-        chosen[best[0]] = best[1]
+        spent += float(extra[row, width])
+        chosen[row] = width
+        refresh(row)
     return torch.from_numpy(chosen)
 
 

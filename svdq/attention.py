@@ -341,7 +341,8 @@ def select_body_tokens(query: torch.Tensor, keys: CompressedKeys, sparsity: Spar
     return select_body_tokens_many(query[None], keys, sparsity)[0]
 
 
-def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsity: SparsityConfig | None) -> list[BodySelection]:
+def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsity: SparsityConfig | None,
+                            backend: str = "torch") -> list[BodySelection]:
     """Choose the quantized body tokens each KV head attends, for several queries of one sequence.
 
     Chunks touching the ``num_recent`` latest tokens are always attended; of the others
@@ -352,6 +353,7 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     Args:
         queries: float32 [n, Hq, D] post-RoPE queries over ``keys`` (scored together).
         sparsity: ``None`` for dense attention.
+        backend: ``"triton"`` scores with :func:`svdq.kernels.token_scores.token_scores_triton`.
 
     Returns:
         n selections; for sparse ones ``token_index`` is [Hkv, m] with the same m for all.
@@ -376,7 +378,10 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     forced = torch.arange(first_forced * chunk, n_body, device=device)
     candidate_tokens = min(candidates * chunk, n_body)
     channels = _score_channels(keys, sparsity.score_channels)
-    scores = token_scores(queries, keys, sparsity.score_channels, candidate_tokens)
+    score = token_scores
+    if backend == "triton":
+        from .kernels.token_scores import token_scores_triton as score
+    scores = score(queries, keys, sparsity.score_channels, candidate_tokens)
     scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1)
     padded = scores.new_full((candidates * chunk, count, kv_heads), -math.inf)
     padded[:candidate_tokens] = scores
@@ -711,8 +716,8 @@ def attend(
     selections: list[BodySelection] = [None] * batch  # type: ignore[list-item]
     for members in _same_sequence_groups(keys, values):
         index = torch.tensor(members, device=queries.device)
-        for b, selection in zip(members, select_body_tokens_many(queries[index].float(), keys[members[0]], sparsity),
-                                strict=True):
+        for b, selection in zip(members, select_body_tokens_many(queries[index].float(), keys[members[0]], sparsity,
+                                                                 chosen), strict=True):
             selections[b] = selection
     # The kernels read 16-bit and per-token values; SVDq latent values take the torch
     # reference (on the same device) until the kernels sum latent codes too.

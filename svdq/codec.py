@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -213,9 +214,11 @@ class Basis:
     def channels(self) -> int:
         return self.mean.numel()
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> int:
-        """64-bit identity of the basis (its float16 bytes) that blobs referencing it carry."""
+        """64-bit identity of the basis (its float16 bytes) that blobs referencing it carry.
+        Hashed once per basis object (a basis is not modified in place): ~12 ms of SHA-256
+        at C = 1024, which every compress and load with this shared basis would repeat."""
         digest = hashlib.sha256()
         digest.update(self.mean.to(torch.float32).cpu().numpy().tobytes())
         digest.update(self.components.to(torch.float16).cpu().numpy().tobytes())
@@ -228,12 +231,18 @@ def fit_basis(keys: torch.Tensor) -> Basis:
     Uses the eigen-decomposition of the covariance: the same right singular vectors
     as an SVD of the centred keys at a fraction of the cost when tokens >> C.
     """
+    return _fit_centred(keys)[0]
+
+
+def _fit_centred(keys: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+    """:func:`fit_basis` and the float32 centred keys ``keys - basis.mean`` it computed on the
+    way, which compress projects rather than centring the same tokens again."""
     work = keys.to(torch.float32)
     mean = work.to(torch.float64).mean(dim=0)
     centred = work - mean.float()
     # float32 throughout: the eigenvectors that float32 cannot resolve belong to the smallest
     # singular values, whose channels the allocation drops anyway.
-    covariance = centred.T @ centred
+    covariance = gram(centred)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     order = torch.argsort(eigenvalues, descending=True)
     singular = eigenvalues[order].clamp(min=0).sqrt()
@@ -241,7 +250,33 @@ def fit_basis(keys: torch.Tensor) -> Basis:
     # Fix the sign of each column so the same keys always give the same basis bytes.
     signs = torch.sign(components[components.abs().argmax(dim=0), torch.arange(components.shape[1])])
     components = components * torch.where(signs == 0, torch.ones_like(signs), signs)
-    return Basis(mean.float(), components.float(), singular.float())
+    return Basis(mean.float(), components.float(), singular.float()), centred
+
+
+#: channels per block of :func:`gram`; 4 blocks of a 1024-channel layer
+GRAM_BLOCK = 256
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.T @ rows`` [C, C] of float32 ``rows`` [tokens, C], from the blocks on and above
+    the diagonal only, each mirrored below it: the product is symmetric, so the blocks under
+    the diagonal would repeat the same dot products (10 of 16 block products at C = 1024).
+    Every block is the same dot product over all tokens as in the full product."""
+    channels = rows.shape[1]
+    if channels <= GRAM_BLOCK:
+        return rows.T @ rows
+    out = rows.new_empty(channels, channels)
+    starts = range(0, channels, GRAM_BLOCK)
+    for i in starts:
+        left = rows[:, i:i + GRAM_BLOCK]
+        for j in starts:
+            if j < i:
+                continue
+            block = left.T @ rows[:, j:j + GRAM_BLOCK]
+            out[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK] = block
+            if j > i:
+                out[j:j + GRAM_BLOCK, i:i + GRAM_BLOCK] = block.T
+    return out
 
 
 def fit_layer_basis(
@@ -367,9 +402,10 @@ def identity_basis(channels: int, device: torch.device | str = "cpu") -> torch.T
 
 
 def _check_keys(keys: torch.Tensor, name: str = "keys", limits: CostLimits | None = None, *,
-                total_tokens: int | None = None, operation: str = "compress") -> None:
+                total_tokens: int | None = None, operation: str = "compress", scan: bool = True) -> None:
     """Type, layout, cost (``total_tokens`` of the result, default the keys' own) before the
-    finiteness scan, so that an oversized input is refused without reading it."""
+    finiteness scan, so that an oversized input is refused without reading it. ``scan=False``
+    leaves the scan to the caller (compress does it on its float32 copy, see :func:`_peak`)."""
     if not isinstance(keys, torch.Tensor):
         raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(keys).__name__}")
     if keys.dtype not in SUPPORTED_DTYPES:
@@ -382,8 +418,21 @@ def _check_keys(keys: torch.Tensor, name: str = "keys", limits: CostLimits | Non
         raise InvalidInputError(f"{name} need kv_heads >= 1 and an even head_dim >= 2, got {tuple(keys.shape)}")
     tokens = keys.shape[0] if total_tokens is None else total_tokens
     check_cost(tokens, keys.shape[1], keys.shape[2], limits, what=name, operation=operation, work_tokens=keys.shape[0])
-    if not torch.isfinite(keys).all():
+    if scan and not torch.isfinite(keys).all():
         raise InvalidInputError(f"{name} contain NaN or Inf; only finite values can be compressed")
+
+
+def _peak(work: torch.Tensor, name: str = "keys") -> float:
+    """Largest magnitude of float32 ``work``, refusing NaN and Inf: one min/max pass over the
+    float32 copy does both the finiteness scan and the float16 range check (a scan of
+    16-bit input is several times slower on the CPU than one of float32)."""
+    if work.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(work)
+    peak = max(-float(low), float(high))
+    if not math.isfinite(peak):  # aminmax propagates NaN
+        raise InvalidInputError(f"{name} contain NaN or Inf; only finite values can be compressed")
+    return peak
 
 
 def _require_rope(rope: RopeConfig | None) -> RopeConfig:
@@ -444,7 +493,7 @@ def compress(
     beyond ``limits``.
     """
     config = config or CodecConfig()
-    _check_keys(keys, limits=limits)
+    _check_keys(keys, limits=limits, scan=False)
     if keys.shape[0] == 0:
         raise InvalidInputError("keys must hold at least one token, got 0")
     if key_space not in KEY_SPACES:
@@ -468,7 +517,7 @@ def compress(
         work = undo_rope(keys, token_pos, _require_rope(rope))
         stored_space = "pre_rope"
     storage = _storage_dtype(keys)
-    if storage == torch.float16 and work.abs().max() > torch.finfo(torch.float16).max:
+    if _peak(work) > torch.finfo(torch.float16).max and storage == torch.float16:
         storage = torch.bfloat16  # float16 would overflow; bfloat16 keeps the range
     # Every token is rounded to the 16-bit storage dtype first, so a token quantized now and a
     # token that waited in the full-precision tail before its group filled are quantized alike.
@@ -485,6 +534,7 @@ def compress(
     device = keys.device
 
     shared_fp = None
+    centred = None  # body - mean, when the basis fit computed it
     if config.method == "svdq":
         if basis is not None:
             if basis.channels != channels:
@@ -497,14 +547,18 @@ def compress(
             # none either: only the mean is stored, and the O(C^3) fit would be wasted.
             fitted = Basis(flat.to(torch.float64).mean(dim=0).float(), flat.new_zeros(channels, 0),
                            flat.new_zeros(0))
+        elif n_groups:
+            fitted, centred = _fit_centred(body)
         else:
-            fitted = fit_basis(body if n_groups else flat)
+            fitted = fit_basis(flat)
         components = fitted.components.to(device).to(torch.float16)
         mean = fitted.mean.to(device).float()
     else:
         components = identity_basis(channels, torch.device(device))
         mean = torch.zeros(channels, device=device)
 
+    if centred is None:
+        centred = body - mean
     if config.method == "fp16":
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     elif config.method == "kivi":
@@ -514,13 +568,13 @@ def compress(
     elif n_groups == 0:
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     else:
-        channel_bits = _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_sinks,
+        channel_bits = _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks,
                                  stored_basis=basis is None, rope=rope, explicit_positions=explicit is not None)
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
-    # Only the kept columns are projected: the exact computation append() repeats.
-    latent = _project(body, mean, components[:, kept]).reshape(n_groups, group_size, kept.numel())
+    # Only the kept columns are projected: the exact computation append() repeats (_project).
+    latent = (centred @ components[:, kept].float()).reshape(n_groups, group_size, kept.numel())
     codes, scales, mins = quantize_groups(latent, kept_bits)
 
     compressed = CompressedKeys(
@@ -588,19 +642,20 @@ def _project(rows: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor
     return (rows - mean) @ basis_columns.float()
 
 
-def _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_sinks, *,
+def _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks, *,
               stored_basis, rope, explicit_positions, sample_tokens: int = 2048) -> torch.Tensor:
     """Budget allocation: spend what the fixed costs leave of ``bits_per_element``.
 
     The error of every latent channel at every width is measured on evenly spaced token
     groups holding about ``sample_tokens`` tokens: enough to rank channels, and it keeps the
     full [tokens, C] projection and nine trial quantizations of it out of the hot path.
+    ``centred`` are the body tokens minus the mean, float32 [n_groups * group_size, C].
     """
     from .format import fixed_size
 
     channels = kv_heads * head_dim
     group_size = config.group_size
-    n_groups = body.shape[0] // group_size
+    n_groups = centred.shape[0] // group_size
     quantized = n_groups * group_size
     fixed_bits = 8 * fixed_size(
         method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
@@ -612,11 +667,11 @@ def _allocate(body, mean, components, config, tokens, kv_heads, head_dim, num_si
     # then exceed the target (reported as such).
     budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
     per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
-    groups = body.reshape(n_groups, group_size, channels)
+    groups = centred.reshape(n_groups, group_size, channels)
     sample_groups = max(4, sample_tokens // group_size)
     if n_groups > sample_groups:
-        groups = groups[torch.linspace(0, n_groups - 1, sample_groups, device=body.device).round().long()]
-    sample = _project(groups.reshape(-1, channels), mean, components).reshape(-1, group_size, channels)
+        groups = groups[torch.linspace(0, n_groups - 1, sample_groups, device=centred.device).round().long()]
+    sample = (groups.reshape(-1, channels) @ components.float()).reshape(-1, group_size, channels)
     # Errors of the sample stand for all groups: scale them so they weigh right against bit costs.
     table = distortion_table(sample) * (n_groups / sample.shape[0])
     table[:, 1:] /= config.noise_averaging
@@ -651,8 +706,14 @@ def decompress(
     key_space = key_space or compressed.input_space
     if key_space not in KEY_SPACES:
         raise InvalidInputError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
-    body = _latent_rows(compressed) @ compressed.basis.float().T + compressed.mean
-    flat = torch.cat([compressed.sinks.float(), body, compressed.tail.float()])
+    # Sinks, body and tail written into one buffer: no concatenated copy of every key.
+    sinks, tail = compressed.sinks.shape[0], compressed.tail.shape[0]
+    body_end = compressed.num_tokens - tail
+    flat = torch.empty(compressed.num_tokens, compressed.channels, device=compressed.codes.device)
+    flat[:sinks] = compressed.sinks
+    torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
+    flat[sinks:body_end] += compressed.mean
+    flat[body_end:] = compressed.tail
     keys = flat.reshape(-1, compressed.kv_heads, compressed.head_dim)
     if key_space != compressed.stored_space:
         rope = compressed.rope
@@ -662,11 +723,16 @@ def decompress(
             )
         rotate = apply_rope if key_space == "post_rope" else undo_rope
         keys = rotate(keys, compressed.token_positions(), rope)
-    keys = keys.to(dtype or compressed.input_dtype)
-    if not bool(torch.isfinite(keys).all()):
-        # Finite stored keys can leave a narrower output dtype's range (float32 keys read as float16).
-        raise InvalidInputError(f"reconstructed keys do not fit {keys.dtype} (they overflow to Inf); ask for float32")
-    return keys
+    dtype = dtype or compressed.input_dtype
+    # Finite stored keys can leave a narrower output dtype's range (float32 keys read as
+    # float16). Rounding is monotonic, so the largest magnitude tells whether any key
+    # overflows; scanning the float32 keys is several times faster than the 16-bit output.
+    if keys.numel():
+        low, high = torch.aminmax(keys)
+        peak = torch.stack([low.abs(), high.abs()]).amax()
+        if not bool(torch.isfinite(peak.to(dtype))):
+            raise InvalidInputError(f"reconstructed keys do not fit {dtype} (they overflow to Inf); ask for float32")
+    return keys.to(dtype)
 
 
 def append(

@@ -50,10 +50,30 @@ def quantize_groups(
     stored metadata would be infinite and every later use of it NaN.
     """
     levels = (2 ** kept_bits.to(torch.float32) - 1).to(latent.device)
-    low = latent.amin(dim=1)
-    high = latent.amax(dim=1)
+    low, high = _group_range(latent)
+    codes, scales, mins = _quantize_in_range(latent, low, high, levels)
+    return codes.to(torch.uint8), scales, mins
+
+
+def _group_range(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 minimum and maximum [groups, r] of every channel over its token group, checked
+    against the float16 range of the metadata that will store them."""
+    # Two reductions: torch.aminmax over a middle dimension is several times slower on the CPU.
+    low, high = latent.amin(dim=1), latent.amax(dim=1)
     if low.numel():
         check_metadata_range(float(low.abs().max()), float((high - low).max()))
+    return low, high
+
+
+def _quantize_in_range(
+    latent: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float,
+    shifted: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (float32, whole numbers 0..levels), float16 scales and minimums of ``latent``
+    [groups, group_size, r] with the group range ``low``/``high`` [groups, r] and ``levels``
+    (a scalar or one per channel). Shared by :func:`quantize_groups` and the error table, so
+    the allocation measures exactly the quantization the encoder then performs. ``shifted``
+    is ``latent`` minus the float16 minimums when the caller has it (the same at every width)."""
     mins = low.to(torch.float16)
     scales = ((high - mins.float()) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
@@ -66,8 +86,13 @@ def quantize_groups(
         check_metadata_range(float(low.abs().max()), float("inf"))
     step = scales.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round((latent - mins.float()[:, None, :]) / safe[:, None, :])
-    codes = torch.minimum(codes.clamp_(min=0), levels).to(torch.uint8)
+    if shifted is None:
+        shifted = latent - mins.float()[:, None, :]
+    codes = torch.div(shifted, safe[:, None, :]).round_()
+    if isinstance(levels, torch.Tensor):
+        codes = torch.minimum(codes.clamp_(min=0), levels)
+    else:
+        codes = codes.clamp_(0, levels)
     return codes, scales, mins
 
 
@@ -102,21 +127,34 @@ def code_bit_positions(kept_bits: torch.Tensor, group_size: int) -> tuple[torch.
 def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
     """Pack codes [groups, group_size, r] into rows uint8 [groups, group_bytes].
 
-    Every code is shifted into its 16-bit window and added into the row: codes never share a
-    bit, so the sum is their bitwise union, and one scatter handles every width.
+    All channels of one width are packed at once: every 8 consecutive tokens of a channel of
+    width ``b`` fill exactly ``b`` bytes, so their codes are shifted into one 64-bit word
+    (token ``i`` at bit ``i * b``) and the word's ``b`` low bytes are the segment's bytes, in
+    order. Each width's bytes are then written to their channels' offsets in one indexed copy.
     """
     groups, group_size, _ = codes.shape
     if group_size % 8:
         raise InvalidInputError(f"group_size must be a multiple of 8, got {group_size}")
     row_bytes = group_bytes(kept_bits, group_size)
-    rows = torch.zeros(groups, row_bytes + 1, dtype=torch.int32, device=codes.device)
-    if groups and row_bytes:
-        byte, shift = code_bit_positions(kept_bits.to(codes.device), group_size)
-        shifted = codes.to(torch.int32) << shift.to(torch.int32)
-        index = byte.reshape(1, -1).expand(groups, -1)
-        rows.scatter_add_(1, index, (shifted & 0xFF).reshape(groups, -1))
-        rows.scatter_add_(1, index + 1, (shifted >> 8).reshape(groups, -1))
-    return rows[:, :row_bytes].to(torch.uint8)
+    rows = torch.empty(groups, row_bytes, dtype=torch.uint8, device=codes.device)
+    if not (groups and row_bytes):
+        return rows
+    bits = kept_bits.to(codes.device, torch.int64)
+    offsets = channel_offsets(bits, group_size)
+    words_per_channel = group_size // 8
+    for width in torch.unique(bits).tolist():
+        channels = torch.nonzero(bits == width).flatten()
+        # int32 holds the 8 codes of widths up to 3 (24 bits); wider ones need int64.
+        selected = codes[:, :, channels].to(torch.int32 if width <= 3 else torch.int64)
+        selected = selected.reshape(groups, words_per_channel, 8, channels.numel())
+        words = selected[:, :, 0].clone()  # [groups, words, channels]
+        for token in range(1, 8):
+            words |= selected[:, :, token] << (token * width)
+        byte_shift = torch.arange(0, 8 * width, 8, device=codes.device)
+        segment = (words.transpose(1, 2)[..., None] >> byte_shift) & 0xFF  # [groups, channels, words, width]
+        columns = offsets[channels][:, None] + torch.arange(words_per_channel * width, device=codes.device)
+        rows[:, columns.flatten()] = segment.reshape(groups, -1).to(torch.uint8)
+    return rows
 
 
 def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -140,13 +178,16 @@ def distortion_table(latent: torch.Tensor) -> torch.Tensor:
 
     ``latent`` is [groups, group_size, channels] (callers may pass a sample of the groups:
     the allocation only compares errors). Width 0 means the channel is dropped and
-    reconstructs as 0, the mean.
+    reconstructs as 0, the mean. The group ranges are the same at every width, so they are
+    found (and range-checked) once; each width then costs one quantize-and-compare pass.
     """
     table = torch.empty(latent.shape[-1], MAX_BITS + 1, dtype=torch.float64)
     table[:, 0] = latent.pow(2).sum(dim=(0, 1)).double().cpu()
+    low, high = _group_range(latent)
+    shifted = latent - low.to(torch.float16).float()[:, None, :]
     for width in range(1, MAX_BITS + 1):
-        bits = torch.full((latent.shape[-1],), width, dtype=torch.int64, device=latent.device)
-        codes, scales, mins = quantize_groups(latent, bits)
-        error = dequantize_groups(codes, scales, mins) - latent
+        codes, scales, mins = _quantize_in_range(latent, low, high, float(2**width - 1), shifted)
+        # codes * step + minimum: what dequantize_groups computes from the stored values
+        error = codes.mul_(scales.float()[:, None, :]).add_(mins.float()[:, None, :]).sub_(latent)
         table[:, width] = error.pow_(2).sum(dim=(0, 1)).double().cpu()
     return table

@@ -210,8 +210,10 @@ def rotate_with_tables(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     rotation); float32 out. For callers that compute the angles themselves (e.g. per block)."""
     rotary = rope.dims(keys.shape[-1])
     cos, sin = cos[:, None, :], sin[:, None, :]
-    work = keys.to(torch.float32)
-    out = torch.empty_like(work)
+    # 16-bit keys are read as they are: float32 cos/sin promote them exactly inside each
+    # product, which saves writing and rereading a float32 copy of every key.
+    work = keys if keys.dtype in (torch.float16, torch.bfloat16, torch.float32) else keys.to(torch.float32)
+    out = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
     out[..., rotary:] = work[..., rotary:]
     if rope.style == "half":
         pair = slice(0, rotary // 2), slice(rotary // 2, rotary)

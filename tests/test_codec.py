@@ -20,6 +20,8 @@ from svdq import (
     relative_error,
     to_bytes,
 )
+from svdq.codec import gram
+from svdq.quant import pack_codes, quantize_groups
 
 ROPE = RopeConfig(theta=10000.0)
 
@@ -186,3 +188,46 @@ def test_short_sequences_stay_full_precision():
 def test_bad_input_raises_a_typed_error_that_says_what_is_allowed(make, message):
     with pytest.raises(InvalidInputError, match=message):
         make()
+
+
+@pytest.mark.parametrize("channels", [48, 256, 600, 1024])
+def test_gram_from_the_upper_blocks_is_the_full_product(channels):
+    rows = torch.randn(70, channels, generator=torch.Generator().manual_seed(channels))
+    product = gram(rows)
+    assert torch.equal(product, product.T)  # mirrored, not recomputed below the diagonal
+    torch.testing.assert_close(product, rows.T @ rows, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("key_space", ["pre_rope", "post_rope"])
+def test_non_finite_keys_are_refused_in_every_dtype_and_space(dtype, bad, key_space):
+    # The scan runs on the codec's float32 copy (after un-rotating post-RoPE keys).
+    keys = layer_keys(tokens=80, dtype=dtype)
+    keys[41, 2, 5] = bad
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        compress(keys, rope=ROPE, key_space=key_space)
+
+
+def test_float16_keys_past_the_float16_range_after_unrotating_keep_bfloat16_storage():
+    keys = layer_keys(tokens=80, dtype=torch.float16)
+    keys[1, 0, 0] = keys[1, 0, 8] = 65000.0  # a rotate-half pair: un-rotating position 1 reaches ~89k
+    compressed = compress(keys, rope=ROPE, key_space="post_rope")
+    assert compressed.storage_dtype == torch.bfloat16
+    assert torch.isfinite(decompress(compressed, dtype=torch.float32)).all()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_compress_stores_the_quantized_projection_of_every_group(shared):
+    # Long enough that the allocation samples some groups (more than 2048 / 8 of them): the
+    # sampled groups' latent is reused and the others are projected; both must be what a
+    # plain projection of the whole body quantizes to.
+    keys = layer_keys(tokens=2300, dtype=torch.float16)
+    basis = fit_layer_basis(layer_keys(tokens=500, seed=1)) if shared else None
+    compressed = compress(keys, CodecConfig(group_size=8), basis=basis)
+    assert compressed.num_groups > 2048 // 8
+    body = keys.float().reshape(2300, -1)[compressed.num_sinks:compressed.num_sinks + 8 * compressed.num_groups]
+    latent = (body - compressed.mean) @ compressed.basis.float()
+    codes, scales, mins = quantize_groups(latent.reshape(compressed.num_groups, 8, -1), compressed.kept_bits)
+    assert torch.equal(compressed.scales, scales) and torch.equal(compressed.mins, mins)
+    assert torch.equal(compressed.codes, pack_codes(codes, compressed.kept_bits))

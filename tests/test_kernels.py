@@ -18,7 +18,17 @@ import pytest
 import torch
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress
-from svdq.attention import SparsityConfig, attend, body_range, select_body_tokens
+from svdq.attention import (
+    SparsityConfig,
+    attend,
+    body_range,
+    rotates,
+    score_latent,
+    select_body_tokens,
+    select_body_tokens_many,
+    token_scores,
+)
+from svdq.rope import inverse_frequencies
 from svdq.values import ValueConfig, compress_values, decompress_values
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -136,3 +146,70 @@ def test_long_sequence_uses_several_splits_and_sparse_indices(device):
     check_against_reference(queries, [keys], [values], device)
     check_against_reference(queries, [keys], [values], device,
                             sparsity=SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32))
+
+
+def score_oracle(queries, keys, score_channels, tokens):
+    """float64 ``q . RoPE_t(k_t)`` over the score channels' low-rank keys, written out."""
+    channels, latent = score_latent(keys, score_channels)
+    columns = torch.cat([keys.basis.double()[:, channels], keys.mean.double()[:, None]], dim=1).T
+    low_rank = (latent[:tokens].double() @ columns).reshape(tokens, keys.kv_heads, keys.head_dim)
+    if rotates(keys):
+        start, _ = body_range(keys)
+        positions = keys.token_positions()[start:start + tokens].double()
+        rotary = keys.rope.dims(keys.head_dim)
+        angles = positions[:, None] * inverse_frequencies(keys.rope, keys.head_dim).double()[None, :]
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        if keys.rope.style == "half":
+            first, second = slice(0, rotary // 2), slice(rotary // 2, rotary)
+        else:
+            first, second = slice(0, rotary, 2), slice(1, rotary, 2)
+        rotated = low_rank.clone()
+        rotated[..., first] = low_rank[..., first] * cos - low_rank[..., second] * sin
+        rotated[..., second] = low_rank[..., second] * cos + low_rank[..., first] * sin
+        low_rank = rotated
+    group = queries.shape[1] // keys.kv_heads
+    return torch.einsum("thd,nhd->tnh", low_rank.repeat_interleave(group, 1), queries.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    dict(tokens=67, kv_heads=3, head_dim=64, ratio=3, queries=1, score_channels=32),
+    dict(tokens=67, kv_heads=3, head_dim=64, ratio=3, queries=5, score_channels=4),
+    dict(tokens=130, kv_heads=2, head_dim=128, ratio=1, queries=3, score_channels=64),
+    dict(tokens=51, kv_heads=1, head_dim=256, ratio=8, queries=9, score_channels=7),
+    dict(tokens=45, kv_heads=3, head_dim=64, ratio=2, queries=2, score_channels=16,
+         rope=RopeConfig(theta=500000.0, style="interleaved", rotary_dim=32)),
+    dict(tokens=67, kv_heads=3, head_dim=64, ratio=3, queries=2, score_channels=8, method="kivi",
+         key_space="post_rope"),
+], ids=["gqa3", "five-queries-4-channels", "d128", "d256-gqa8", "interleaved-partial", "kivi-post-rope"])
+def test_token_scores_kernel_matches_the_torch_reference(device, case):
+    from svdq.kernels.token_scores import token_scores_triton  # triton only where kernels run
+
+    case = dict(case)
+    ratio, count, score_channels = case.pop("ratio"), case.pop("queries"), case.pop("score_channels")
+    keys, _ = make_sequence(**case)
+    start, n_body = body_range(keys)
+    tokens = n_body - 5  # a prefix of the body, as the selection scores its candidates
+    queries = torch.randn(count, keys.kv_heads * ratio, keys.head_dim, generator=torch.Generator().manual_seed(8))
+    oracle = score_oracle(queries, keys, score_channels, tokens)
+    reference = token_scores(queries, keys, score_channels, tokens)
+    kernel = token_scores_triton(queries.to(device), keys.to(device), score_channels, tokens).cpu()
+    assert kernel.shape == reference.shape == (tokens, count, keys.kv_heads * ratio)
+    assert not kernel.isnan().any(), "kernel left scores unwritten"
+    # float32 both: the kernel may be at most twice as far from the float64 oracle as the
+    # torch reference is, plus a float32 rounding floor of the scores' size.
+    torch_error = (reference.double() - oracle).abs().max()
+    floor = 1e-6 * oracle.abs().max()
+    assert (kernel.double() - oracle).abs().max() <= 2 * torch_error + floor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_selection_with_the_kernel_score_picks_the_reference_chunks(device):
+    keys, _ = make_sequence(tokens=700, kv_heads=2, group_size=32, schedule=(8, 4, 2, 1, 1, 0, 0, 0), seed=9)
+    queries = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(4))
+    sparsity = SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32)
+    reference = select_body_tokens_many(queries, keys, sparsity)
+    kernel = select_body_tokens_many(queries.to(device), keys.to(device), sparsity, backend="triton")
+    for expected, got in zip(reference, kernel, strict=True):
+        assert got.token_index is not None
+        assert torch.equal(got.token_index.cpu(), expected.token_index)

@@ -93,7 +93,9 @@ def test_smoke_run_prints_sane_table(smollm2, capsys):
     match = re.search(r"undo\+apply ([0-9.e+-]+), undo vs k_proj outputs ([0-9.e+-]+)", output)
     assert match and float(match.group(1)) < 1e-5 and float(match.group(2)) < 1e-5
     assert "## Short prompt: prefix 256 tokens" in output
-    assert "| 1024 | keys | svdq 1.5 bits |" in output and "| 1024 | values | svdq 2.5 bits |" in output
+    for path in ("memory copy (keys.clone)", "keys fp16 passthrough", "keys svdq 1.5 bits, own basis",
+                 "keys svdq 1.5 bits, shared basis", "values svdq 2.5 bits"):
+        assert f"| 1024 | {path} |" in output, path
 
 
 def test_bits_per_element_are_serialized_bytes(smollm2):

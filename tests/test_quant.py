@@ -1,9 +1,19 @@
 """Quantization and bit packing on small tensors."""
 
+import numpy as np
 import pytest
 import torch
 
-from svdq.quant import dequantize_groups, group_bytes, pack_codes, quantize_groups, unpack_codes
+from svdq.allocation import allocate_budget
+from svdq.errors import InvalidInputError
+from svdq.quant import (
+    dequantize_groups,
+    distortion_table,
+    group_bytes,
+    pack_codes,
+    quantize_groups,
+    unpack_codes,
+)
 
 
 @pytest.mark.parametrize("width", range(1, 9))
@@ -44,3 +54,69 @@ def test_constant_channel_reconstructs_exactly():
     latent = torch.full((2, 8, 3), 0.75)
     codes, scales, mins = quantize_groups(latent, torch.tensor([1, 4, 8]))
     assert torch.equal(dequantize_groups(codes, scales, mins), latent)
+
+
+def test_distortion_table_is_the_error_of_quantize_groups_at_every_width():
+    # The table shares the group ranges across widths; it must still measure exactly what
+    # quantize_groups and dequantize_groups then store, bit for bit.
+    generator = torch.Generator().manual_seed(3)
+    latent = torch.randn(5, 16, 7, generator=generator) * torch.tensor([1e-3, 0.1, 1, 10, 100, 0, 3])
+    latent[2, :, 6] = 0.5  # a constant channel in one group
+    table = distortion_table(latent)
+    assert table.shape == (7, 9) and table.dtype == torch.float64
+    assert torch.equal(table[:, 0], latent.pow(2).sum(dim=(0, 1)).double())
+    for width in range(1, 9):
+        codes, scales, mins = quantize_groups(latent, torch.full((7,), width))
+        error = (dequantize_groups(codes, scales, mins) - latent).pow(2).sum(dim=(0, 1)).double()
+        assert torch.equal(table[:, width], error), width
+
+
+def test_distortion_table_refuses_latent_beyond_the_float16_metadata_range():
+    with pytest.raises(InvalidInputError, match="float16"):
+        distortion_table(torch.tensor([0.0, 1e6]).reshape(1, 2, 1))
+
+
+def _greedy_reference(table, budget_bits, bits_per_width, channel_metadata_bits):
+    """The allocator's rule spelled out plainly: every step re-derives every channel's options
+    and takes the first best ratio among the affordable ones."""
+    table = table.numpy()
+    widths = np.arange(9)
+    cost = widths * bits_per_width + np.where(widths > 0, channel_metadata_bits, 0)
+    chosen = np.zeros(table.shape[0], dtype=np.int64)
+    spent = 0.0
+    while True:
+        best, best_ratio = None, -np.inf
+        for row in range(table.shape[0]):
+            for width in range(chosen[row] + 1, 9):
+                extra = cost[width] - cost[chosen[row]]
+                gain = table[row, chosen[row]] - table[row, width]
+                if extra <= budget_bits - spent and gain > 0 and gain / max(extra, 1e-9) > best_ratio:
+                    best, best_ratio = (row, width), gain / max(extra, 1e-9)
+        if best is None:
+            return torch.from_numpy(chosen)
+        spent += cost[best[1]] - cost[chosen[best[0]]]
+        chosen[best[0]] = best[1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocate_budget_matches_the_plain_greedy_rule(seed):
+    generator = torch.Generator().manual_seed(seed)
+    channels = int(torch.randint(1, 24, (1,), generator=generator))
+    energy = 10 ** (4 * torch.rand(channels, generator=generator).double())
+    table = energy[:, None] * 4.0 ** -torch.arange(9).double() * (1 + 0.3 * torch.rand(channels, 9, generator=generator).double())
+    table[:, 0] = energy
+    if seed % 3 == 0:
+        table = table.round()  # ties between channels
+    if seed % 4 == 1:
+        table[:, 4:] = table[:, 4:5]  # widths past 4 gain nothing
+    bits_per_width = int(torch.randint(1, 64, (1,), generator=generator))
+    metadata = int(torch.randint(0, 200, (1,), generator=generator))
+    budget = float(torch.rand(1, generator=generator)) * channels * 9 * (bits_per_width + metadata)
+    expected = _greedy_reference(table, budget, bits_per_width, metadata)
+    assert torch.equal(allocate_budget(table, budget, bits_per_width, metadata), expected)
+
+
+def test_allocate_budget_with_no_budget_keeps_nothing():
+    table = torch.tensor([[4.0, 1.0] + [0.5] * 7])
+    assert allocate_budget(table, -5.0, 8, 0).tolist() == [0]
+    assert allocate_budget(table, 0.0, 8, 0).tolist() == [0]

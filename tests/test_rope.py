@@ -103,3 +103,15 @@ def test_dict_round_trip_and_unknown_fields():
     assert RopeConfig.from_dict(rope.to_dict()) == rope
     with pytest.raises(InvalidInputError, match="unknown rope fields"):
         RopeConfig.from_dict({"theta": 1e4, "base": 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_16_bit_keys_rotate_exactly_as_their_float32_values(dtype, style):
+    rope = RopeConfig(theta=10000.0, style=style, rotary_dim=12)
+    keys = torch.randn(9, 2, 16).to(dtype)
+    positions = torch.arange(9) * 37
+    rotated = apply_rope(keys, positions, rope)
+    assert rotated.dtype == torch.float32
+    assert torch.equal(rotated, apply_rope(keys.float(), positions, rope))
+    assert torch.equal(undo_rope(keys, positions, rope), undo_rope(keys.float(), positions, rope))

@@ -72,11 +72,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.device.type != "cpu":
         return bool(torch.isfinite(tensor).all())
     host = tensor.detach()
-    if host.dtype == torch.bfloat16:
-        # bfloat16 is not finite exactly when its 8 exponent bits are all ones.
-        exponent = host.contiguous().view(torch.int16).numpy().view(np.uint16) & 0x7F80
-        return not bool((exponent == 0x7F80).any())
+    exponent_bits = _EXPONENT_BITS.get(host.dtype)
+    if exponent_bits is not None:
+        # A 16-bit float is not finite exactly when its exponent bits are all ones: two
+        # integer passes, where numpy's float16 isfinite converts every element first.
+        exponent = host.contiguous().view(torch.int16).numpy().view(np.uint16) & exponent_bits
+        return not bool((exponent == exponent_bits).any())
     return bool(np.isfinite(host.numpy()).all())
+
+
+_EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
 def tensor_to_pb(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:

@@ -52,6 +52,8 @@ BACKENDS = ("torch", "triton")
 BACKEND_ENV = "SVDQ_BACKEND"
 # Low-rank keys (float32 elements) the selection score builds and rotates at a time.
 SCORE_BLOCK_ELEMENTS = 1 << 18
+# Reconstructed keys (float32 elements, whole token groups) the dense path builds at a time.
+RECONSTRUCT_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -443,6 +445,83 @@ def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.T
     return rows
 
 
+def _basis_float(keys: CompressedKeys) -> torch.Tensor:
+    """float32 [C, r] basis, kept under the budget: converting the float16 basis costs more
+    than a small layer's whole dense call."""
+    cached = DERIVED.get(keys, "basis_float")
+    if cached is None:
+        cached = DERIVED.put(keys, "basis_float", keys.basis.float().contiguous())
+    return cached
+
+
+def _onednn_linear():
+    """oneDNN's float32 ``input @ weight.T + bias`` on dense CPU tensors, or None.
+
+    On the CPUs we serve from it runs the reconstruction matmul about 2x faster than
+    ``torch.addmm`` (MKL's sgemm), with float32 accuracy (``tests/test_attention.py``
+    checks it against float64). It is the op PyTorch's own CPU compiler emits for linear
+    layers, so it is looked up, not assumed.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_CPU_LINEAR = _onednn_linear()
+
+
+def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``latent @ basis.T + mean``: float32 latent [n, r], basis [C, r], mean [C] -> [n, C]."""
+    if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
+        return _CPU_LINEAR(latent, basis, mean, "none", [], "")
+    return torch.addmm(mean, latent, basis.T)
+
+
+def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor:
+    """``q . RoPE_t(k^_t)`` of grouped queries over every quantized body token.
+
+    The same function as dotting with :func:`body_keys` (dequantize ``code * scale + min``,
+    ``latent @ basis.T + mean``, RoPE at the token's position), computed in blocks of whole
+    token groups whose reconstructed keys stay in cache while they are rotated and dotted,
+    instead of building all ``n_body * C`` float32 keys (128 MiB at 32k tokens of an 8 x 128
+    layer) and passing over them several times.
+
+    Args:
+        grouped: float32 [Hkv, R, D] post-RoPE queries, the R rows of each KV head.
+
+    Returns:
+        float32 [Hkv, R, n_body] unscaled dot products.
+    """
+    kv_heads, rows, head_dim = grouped.shape
+    start, n_body = body_range(keys)
+    codes = latent_codes(keys)
+    kept = codes.shape[1]
+    basis = _basis_float(keys)
+    mean = keys.mean.float()
+    scales, mins = keys.scales.float(), keys.mins.float()
+    positions = keys.token_positions()[start:start + n_body]
+    group = keys.group_size
+    block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * group)) * group
+    dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
+    latent = torch.empty(block, kept, device=grouped.device)
+    for first in range(0, n_body, block):
+        stop = min(n_body, first + block)
+        count, groups = stop - first, slice(first // group, stop // group)
+        latent_block = latent[:count]
+        by_group = latent_block.view(-1, group, kept)
+        torch.mul(codes[first:stop].view(-1, group, kept), scales[groups, None], out=by_group)
+        by_group.add_(mins[groups, None])
+        rows_block = reconstruct(latent_block, basis, mean).view(count, kv_heads, head_dim)
+        if rotates(keys):
+            cos, sin = rope_cos_sin(keys.rope, positions[first:stop], head_dim)
+            rows_block = rotate_with_tables(rows_block, cos, sin, keys.rope)
+        torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
+    return dots
+
+
 def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
     (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None)."""
@@ -482,14 +561,26 @@ def softmax_weights(
         ``(weights [..., Hkv, ratio, n], lse [..., Hkv, ratio])`` float32: ``weights`` are
         ``exp(score - lse)`` (they sum to 1 over the set); lse is -inf for no tokens.
     """
-    scores = torch.einsum("...hgd,...hnd->...hgn", query, keys) * scale
+    return softmax_from_dots(torch.einsum("...hgd,...hnd->...hgn", query, keys), scale, valid)
+
+
+def softmax_from_dots(
+    dots: torch.Tensor, scale: float, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax weights and lse from raw dot products ``q . k`` [..., Hkv, ratio, n].
+
+    The one place where dot products become logits (scale, masking) for every torch path,
+    so that a change to the logits (e.g. a softcap) applies to all of them. ``dots`` is
+    scaled in place. Returns what :func:`softmax_weights` returns.
+    """
+    scores = dots.mul_(scale)
     if valid is not None:
         scores = scores.masked_fill(~valid[..., None, :], -math.inf)
     if scores.shape[-1] == 0:
-        return scores, query.new_full(query.shape[:-1], -math.inf)
+        return scores, scores.new_full(scores.shape[:-1], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe[..., None]), lse
+    return torch.exp_(scores.sub_(safe[..., None])), lse
 
 
 def partial_attention(
@@ -524,15 +615,15 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
     if weights.shape[-1] == 0:
         return weights.new_zeros(*weights.shape[:-1], values.head_dim)
     if values.latent is None:
-        rows = gather_values(values)[:, seq_index] if isinstance(seq_index, slice) else gather_values(values, seq_index)
-        return torch.einsum("...hgn,...hnd->...hgd", weights, rows)
+        if isinstance(seq_index, slice):
+            return _summed_value_rows(values, weights, seq_index)
+        return torch.einsum("...hgn,...hnd->...hgd", weights, gather_values(values, seq_index))
     latent = values.latent
     kv_heads, head_dim = latent.kv_heads, latent.head_dim
     v_start, v_body = body_range(latent)
     if isinstance(seq_index, slice) and v_start <= seq_index.start and seq_index.stop <= v_start + v_body:
         # The common dense case: the keys' body lies inside the values' body.
-        codes = _dequantized(latent, None)[seq_index.start - v_start:seq_index.stop - v_start]
-        summed = (weights.reshape(-1, weights.shape[-1]) @ codes).reshape(*weights.shape[:-1], codes.shape[-1])
+        summed = _summed_latent_rows(latent, weights, seq_index.start - v_start)
         return _project_latent(latent, summed, weights.sum(-1))
     if isinstance(seq_index, slice):
         seq_index = torch.arange(seq_index.start, seq_index.stop, device=weights.device)
@@ -553,6 +644,56 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
             rows = full[row, torch.arange(kv_heads, device=row.device)[:, None]]
         output = output + torch.einsum("...hgn,...hnd->...hgd", weights * (~in_body).unsqueeze(-2), rows)
     return output
+
+
+def _value_block(weights: torch.Tensor, width: int) -> int:
+    """Tokens per block of a blocked weighted sum: ``2^18`` float32 elements of rows."""
+    return max(64, RECONSTRUCT_BLOCK_ELEMENTS // max(1, width))
+
+
+def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
+    """``sum_n weights[..., h, g, n] * value[tokens.start + n, h]`` of 16-bit or per-token values
+    over a contiguous token range, float32 [..., Hkv, g, D].
+
+    In blocks of tokens converted to float32 in a reused buffer and summed into the output:
+    converting all values at once and summing over a head-strided view of them is several
+    times slower (a large transposed copy) than these cache-resident blocks.
+    """
+    heads, head_dim = values.heads, values.head_dim
+    lead = weights.shape[:-3]
+    grouped = weights.reshape(-1, heads, weights.shape[-2], weights.shape[-1])
+    output = weights.new_zeros(grouped.shape[0], heads, grouped.shape[2], head_dim)
+    count = tokens.stop - tokens.start
+    block = _value_block(weights, heads * head_dim)
+    buffer = torch.empty(min(block, count), heads, head_dim, device=weights.device) if values.bits is None else None
+    for first in range(0, count, block):
+        stop = min(count, first + block)
+        if buffer is not None:
+            rows = buffer[:stop - first]
+            rows.copy_(values.data[tokens.start + first:tokens.start + stop])
+            rows = rows.transpose(0, 1)
+        else:
+            rows = gather_values(values, torch.arange(tokens.start + first, tokens.start + stop, device=weights.device))
+        for item in range(grouped.shape[0]):
+            output[item].baddbmm_(grouped[item, :, :, first:stop], rows)
+    return output.reshape(*lead, heads, grouped.shape[2], head_dim)
+
+
+def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
+    """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
+    body, float32 [..., r]: in blocks dequantized into a reused buffer (the whole latent in
+    float32 would take ``4 r`` bytes per token on every call)."""
+    codes = latent_codes(latent)
+    kept = codes.shape[1]
+    flat = weights.reshape(-1, weights.shape[-1])
+    summed = weights.new_zeros(flat.shape[0], kept)
+    count = flat.shape[1]
+    block = _value_block(weights, kept)
+    for first in range(0, count, block):
+        stop = min(count, first + block)
+        index = torch.arange(first_body + first, first_body + stop, device=weights.device)
+        summed.addmm_(flat[:, first:stop], _dequantized(latent, index))
+    return summed.reshape(*weights.shape[:-1], kept)
 
 
 def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
@@ -591,7 +732,7 @@ def _attend_torch_group(
         weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale)
         output = weighted_values(values, weights, fp_index)
         if n_body:
-            body_weights, lse_body = softmax_weights(grouped, body_keys(keys, selections[0]), scale)
+            body_weights, lse_body = softmax_from_dots(dense_body_dots(keys, grouped), scale)
             out_body = weighted_values(values, body_weights, slice(start, start + n_body))
             output, lse = merge_attention(output, lse, out_body, lse_body)
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)

@@ -299,25 +299,37 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
     channels, latent = score_latent(keys, score_channels)
-    # [C, m + 1]: the score channels' basis columns, then the mean.
-    columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1).T
-    grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim)
-    body_start, _ = body_range(keys)
-    positions = keys.token_positions()[body_start:body_start + tokens]
+    # [C, m + 1]: the score channels' basis columns, then the mean (the latent's column of ones).
+    columns = _score_columns(keys, channels)
+    zero = torch.zeros(keys.channels, device=latent.device)
+    # [Hkv, D, n * g]: each KV head's query rows, for one matmul per head and block.
+    grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim).permute(1, 3, 0, 2)
+    grouped = grouped.reshape(kv_heads, head_dim, -1)
+    angles = body_angles(keys) if rotates(keys) else None
     scores = torch.empty(tokens, count, q_heads, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
-    # The block's cos/sin are computed here rather than cached per sequence: a cached table
-    # would hold 8 * P bytes per token, more than the compressed keys themselves.
-    block = max(64, SCORE_BLOCK_ELEMENTS // columns.shape[1])
+    block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
-        low_rank = (latent[start:stop] @ columns).reshape(stop - start, kv_heads, head_dim)
-        if rotates(keys):
-            cos, sin = rope_cos_sin(keys.rope, positions[start:stop], head_dim)
-            low_rank = rotate_with_tables(low_rank, cos, sin, keys.rope)
-        scores[start:stop] = torch.einsum("thd,nhgd->tnhg", low_rank, grouped).reshape(stop - start, count, q_heads)
+        low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
+        if angles is not None:
+            low_rank = rotate_with_tables(low_rank, *block_cos_sin(keys, angles, start, stop), keys.rope)
+        dots = torch.bmm(low_rank.transpose(0, 1), grouped)  # [Hkv, tokens, n * g]
+        scores[start:stop] = dots.view(kv_heads, stop - start, count, -1).permute(1, 2, 0, 3).reshape(
+            stop - start, count, q_heads)
     return scores
+
+
+def _score_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
+    """float32 [C, m + 1]: the basis columns of the score channels and the mean, kept under
+    the budget with the score latent they multiply."""
+    key = ("score_columns", channels.numel())
+    cached = DERIVED.get(keys, key)
+    if cached is None:
+        cached = DERIVED.put(keys, key, torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]],
+                                                  dim=1).contiguous())
+    return cached
 
 
 def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:
@@ -480,6 +492,56 @@ def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -
     return torch.addmm(mean, latent, basis.T)
 
 
+class _AngleTable:
+    """Holder of one RoPE's cos/sin table in :data:`svdq.derived.DERIVED` (its ``_cache``)."""
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+
+
+#: One table per (RoPE, head_dim, device), shared by every sequence and layer that uses it.
+_ANGLE_TABLES: dict[tuple, _AngleTable] = {}
+# Positions a shared table covers at most (8 * P bytes each: 64 MiB for head_dim 128).
+MAX_TABLE_POSITIONS = 1 << 17
+
+
+def body_angles(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """``(cos_table, sin_table, positions)`` for rotating the body tokens of ``keys``.
+
+    The cos/sin of a position depend only on the RoPE and head_dim, so one table over
+    positions ``0..n`` (float32 [n, P] each, :func:`svdq.rope.rope_cos_sin` of ``arange(n)``,
+    so the values are identical) serves every sequence and layer, under the attention-cache
+    budget, instead of recomputing ``2 * P`` sines and cosines per token per call (about 5%
+    of a dense call). Callers index the tables with blocks of ``positions`` (the body's,
+    int64 [n_body]). Positions outside ``0..MAX_TABLE_POSITIONS`` give ``None`` tables: then
+    the caller computes the angles itself.
+    """
+    start, n_body = body_range(keys)
+    positions = keys.token_positions()[start:start + n_body]
+    if keys.positions is None:
+        low, high = keys.position_offset + start, keys.position_offset + start + n_body - 1
+    else:
+        low, high = (int(positions.min()), int(positions.max())) if n_body else (0, 0)
+    if low < 0 or high >= MAX_TABLE_POSITIONS:
+        return None, None, positions
+    owner = _ANGLE_TABLES.setdefault((keys.rope, keys.head_dim, positions.device), _AngleTable())
+    table = DERIVED.get(owner, "cos_sin")
+    if table is None or table[0].shape[0] <= high:
+        size = min(MAX_TABLE_POSITIONS, max(1024, 1 << high.bit_length()))
+        table = DERIVED.put(owner, "cos_sin", rope_cos_sin(keys.rope, torch.arange(size, device=positions.device),
+                                                           keys.head_dim))
+    return table[0], table[1], positions
+
+
+def block_cos_sin(keys: CompressedKeys, angles: tuple, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [stop - first, P] of body tokens ``first..stop`` from :func:`body_angles`."""
+    cos_table, sin_table, positions = angles
+    block = positions[first:stop]
+    if cos_table is None:
+        return rope_cos_sin(keys.rope, block, keys.head_dim)
+    return cos_table[block], sin_table[block]
+
+
 def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor:
     """``q . RoPE_t(k^_t)`` of grouped queries over every quantized body token.
 
@@ -502,7 +564,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
     basis = _basis_float(keys)
     mean = keys.mean.float()
     scales, mins = keys.scales.float(), keys.mins.float()
-    positions = keys.token_positions()[start:start + n_body]
+    angles = body_angles(keys) if rotates(keys) else None
     group = keys.group_size
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * group)) * group
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
@@ -515,9 +577,8 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
         torch.mul(codes[first:stop].view(-1, group, kept), scales[groups, None], out=by_group)
         by_group.add_(mins[groups, None])
         rows_block = reconstruct(latent_block, basis, mean).view(count, kv_heads, head_dim)
-        if rotates(keys):
-            cos, sin = rope_cos_sin(keys.rope, positions[first:stop], head_dim)
-            rows_block = rotate_with_tables(rows_block, cos, sin, keys.rope)
+        if angles is not None:
+            rows_block = rotate_with_tables(rows_block, *block_cos_sin(keys, angles, first, stop), keys.rope)
         torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
     return dots
 

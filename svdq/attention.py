@@ -322,14 +322,8 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
 
 
 def _score_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
-    """float32 [C, m + 1]: the basis columns of the score channels and the mean, kept under
-    the budget with the score latent they multiply."""
-    key = ("score_columns", channels.numel())
-    cached = DERIVED.get(keys, key)
-    if cached is None:
-        cached = DERIVED.put(keys, key, torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]],
-                                                  dim=1).contiguous())
-    return cached
+    """float32 [C, m + 1]: the basis columns of the score channels and the mean."""
+    return torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1)
 
 
 def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:
@@ -457,15 +451,6 @@ def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.T
     return rows
 
 
-def _basis_float(keys: CompressedKeys) -> torch.Tensor:
-    """float32 [C, r] basis, kept under the budget: converting the float16 basis costs more
-    than a small layer's whole dense call."""
-    cached = DERIVED.get(keys, "basis_float")
-    if cached is None:
-        cached = DERIVED.put(keys, "basis_float", keys.basis.float().contiguous())
-    return cached
-
-
 def _onednn_linear():
     """oneDNN's float32 ``input @ weight.T + bias`` on dense CPU tensors, or None.
 
@@ -561,7 +546,9 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
     start, n_body = body_range(keys)
     codes = latent_codes(keys)
     kept = codes.shape[1]
-    basis = _basis_float(keys)
+    # Converted per call (r * C elements, well under 1% of the call) rather than cached: kept,
+    # the float32 basis would weigh as much as the unpacked codes of a 4k-token layer.
+    basis = keys.basis.float()
     mean = keys.mean.float()
     scales, mins = keys.scales.float(), keys.mins.float()
     angles = body_angles(keys) if rotates(keys) else None

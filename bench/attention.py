@@ -20,6 +20,7 @@ uncompressed model and needle accuracy at ~4k tokens, dense and sparse at 1/8, 1
 Usage::
 
     python bench/attention.py --part speed --tokens 4096 8192 --repeats 5
+    git worktree add /tmp/old HEAD~3 && python bench/attention.py --part speed --baseline-tree /tmp/old/svdq
     python bench/attention.py --part accuracy --needles 6
     python bench/attention.py --part speed --device cuda --out /tmp/attention_gpu.md
 """
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -37,10 +40,10 @@ from pathlib import Path
 
 import torch
 
-from svdq import CodecConfig, RopeConfig, compress
+from svdq import CodecConfig, RopeConfig, compress, to_bytes
 from svdq.attention import SparsityConfig, attend, select_backend
 from svdq.derived import tensor_bytes
-from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values
+from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, values_to_bytes
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 LLAMA3_ROPE = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
@@ -98,8 +101,21 @@ def _distinct_values(values, batch: int, device: torch.device, same: bool) -> li
     return [dataclasses.replace(moved) for _ in range(batch)]
 
 
+def load_tree(folder: Path):
+    """The ``svdq`` package of another source tree (e.g. ``git worktree`` or ``git archive`` of
+    an earlier commit), imported under another name so both run in this process."""
+    spec = importlib.util.spec_from_file_location("svdq_baseline", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["svdq_baseline"] = module
+    spec.loader.exec_module(module)
+    importlib.import_module("svdq_baseline.attention")
+    importlib.import_module("svdq_baseline.values")
+    return module
+
+
 def speed_table(token_counts: list[int], device: torch.device, repeats: int, batches: list[int],
-                thread_counts: list[int], same_sequence: bool) -> list[str]:
+                thread_counts: list[int], same_sequence: bool, baseline_tree=None) -> list[str]:
     from svdq.rope import apply_rope
 
     backend = select_backend(device)
@@ -156,6 +172,22 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                     calls[name] = lambda sparsity=sparsity, values_list=values_list, queries=queries, \
                         keys_list=keys_list: attend(queries, keys_list, values_list, sparsity=sparsity)
                     read[name] = stats.key_bytes_read
+                    if baseline_tree is not None:
+                        # The same blobs read by the other tree, attended by its own code.
+                        old_keys = baseline_tree.from_bytes(to_bytes(compressed)).to(device)
+                        old_keys_list = [old_keys] * batch if same_sequence else [
+                            baseline_tree.from_bytes(to_bytes(compressed)).to(device) for _ in range(batch)]
+                        blob = values_to_bytes(values_list[0])
+                        old_values = [baseline_tree.values.values_from_bytes(blob, device)
+                                      for _ in range(1 if same_sequence else batch)]
+                        old_values = old_values * batch if same_sequence else old_values
+                        old_sparsity = None if sparsity is None else baseline_tree.attention.SparsityConfig(
+                            **dataclasses.asdict(sparsity))
+                        old_name = f"{name} [baseline tree]"
+                        calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, queries=queries, \
+                            old_keys_list=old_keys_list: baseline_tree.attention.attend(
+                                queries, old_keys_list, old_values, sparsity=old_sparsity)
+                        read[old_name] = read[name]
             for threads in thread_counts:
                 torch.set_num_threads(threads or default_threads)
                 medians = medians_in_turns(calls, device, repeats)
@@ -295,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--same-sequence", action="store_true",
                         help="speed part: every batch entry over one sequence (a prompt chunk over an offloaded "
                              "prefix) instead of different sequences (batched decode)")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="speed part: the svdq/ folder of another source tree (an earlier commit); its attend "
+                             "runs the same blobs in the same turns, rows marked [baseline tree]")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--context", type=int, default=4096, help="prefix tokens for the accuracy part")
     parser.add_argument("--continuation", type=int, default=256, help="scored continuation tokens")
@@ -310,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = []
     if args.part in ("speed", "all"):
         lines += ["## Speed", ""] + speed_table(args.tokens, device, args.repeats, args.batch, args.threads,
-                                                    args.same_sequence) + [""]
+                                                    args.same_sequence,
+                                                    load_tree(args.baseline_tree) if args.baseline_tree else None) + [""]
     if args.part in ("accuracy", "all"):
         lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
         lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits),

@@ -473,7 +473,7 @@ _CPU_LINEAR = _onednn_linear()
 def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``latent @ basis.T + mean``: float32 latent [n, r], basis [C, r], mean [C] -> [n, C]."""
     if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
-        return _CPU_LINEAR(latent, basis, mean, "none", [], "")
+        return _CPU_LINEAR(latent.contiguous(), basis.contiguous(), mean.contiguous(), "none", [], "")
     return torch.addmm(mean, latent, basis.T)
 
 
@@ -560,8 +560,9 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
         stop = min(n_body, first + block)
         count, groups = stop - first, slice(first // group, stop // group)
         latent_block = latent[:count]
-        by_group = latent_block.view(-1, group, kept)
-        torch.mul(codes[first:stop].view(-1, group, kept), scales[groups, None], out=by_group)
+        # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
+        by_group = latent_block.view(count // group, group, kept)
+        torch.mul(codes[first:stop].view(count // group, group, kept), scales[groups, None], out=by_group)
         by_group.add_(mins[groups, None])
         rows_block = reconstruct(latent_block, basis, mean).view(count, kv_heads, head_dim)
         if angles is not None:

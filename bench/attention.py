@@ -20,6 +20,7 @@ uncompressed model and needle accuracy at ~4k tokens, dense and sparse at 1/8, 1
 Usage::
 
     python bench/attention.py --part speed --tokens 4096 8192 --repeats 5
+    git worktree add /tmp/old HEAD~3 && python bench/attention.py --part speed --baseline-tree /tmp/old/svdq
     python bench/attention.py --part accuracy --needles 6
     python bench/attention.py --part speed --device cuda --out /tmp/attention_gpu.md
 """
@@ -27,6 +28,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -35,10 +40,10 @@ from pathlib import Path
 
 import torch
 
-from svdq import CodecConfig, RopeConfig, compress
+from svdq import CodecConfig, RopeConfig, compress, to_bytes
 from svdq.attention import SparsityConfig, attend, select_backend
 from svdq.derived import tensor_bytes
-from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values
+from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, values_to_bytes
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 LLAMA3_ROPE = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
@@ -50,17 +55,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(call: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, timed in turns (every repeat visits every call once, after
+    one warm-up call each), so that load from other work on a shared machine falls on all
+    rows alike and their ratios stay meaningful."""
+    for call in calls.values():
         call()
     _synchronize(device)
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        _synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            _synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def synthetic_keys(tokens: int, seed: int = 0, rank: int = 48) -> torch.Tensor:
@@ -75,19 +84,59 @@ def synthetic_keys(tokens: int, seed: int = 0, rank: int = 48) -> torch.Tensor:
     return (factors @ mixing + noise + 0.3).reshape(tokens, KV_HEADS, HEAD_DIM)
 
 
-def speed_table(token_counts: list[int], device: torch.device, repeats: int, batch: int) -> list[str]:
+def _sequences(compressed, batch: int, device: torch.device, same: bool) -> list:
+    """``batch`` entries: one object repeated (queries over one sequence), or distinct objects
+    over the same tensors (different sequences: each has its own attention cache, as
+    different sequences of a server do, and is attended on its own)."""
+    moved = compressed.to(device)
+    return [moved] * batch if same else [dataclasses.replace(moved, _cache={}) for _ in range(batch)]
+
+
+def _distinct_values(values, batch: int, device: torch.device, same: bool) -> list:
+    moved = values.to(device)
+    if same:
+        return [moved] * batch
+    if moved.latent is not None:
+        return [dataclasses.replace(moved, latent=dataclasses.replace(moved.latent, _cache={})) for _ in range(batch)]
+    return [dataclasses.replace(moved) for _ in range(batch)]
+
+
+def load_tree(folder: Path):
+    """The ``svdq`` package of another source tree (e.g. ``git worktree`` or ``git archive`` of
+    an earlier commit), imported under another name so both run in this process."""
+    spec = importlib.util.spec_from_file_location("svdq_baseline", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["svdq_baseline"] = module
+    spec.loader.exec_module(module)
+    importlib.import_module("svdq_baseline.attention")
+    importlib.import_module("svdq_baseline.values")
+    return module
+
+
+def speed_table(token_counts: list[int], device: torch.device, repeats: int, batches: list[int],
+                thread_counts: list[int], same_sequence: bool, baseline_tree=None) -> list[str]:
     from svdq.rope import apply_rope
 
     backend = select_backend(device)
     sparse = SparsityConfig(keep_fraction=1 / 32)  # the library defaults: what the service serves
+    # PyTorch's CPU SDPA in float16 is several times slower than in float32: the fair CPU
+    # baseline is float32 (bfloat16 shown too); on CUDA it is float16.
+    baseline_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    sdpa_dtypes = [torch.float16, torch.float32] if device.type == "cuda" else [torch.float32, torch.bfloat16]
+    baseline_name = f"SDPA {str(baseline_dtype).removeprefix('torch.')}"
     rows = [
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-        f"attend backend: {backend}, batch {batch}, shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, "
-        f"median of {repeats}",
+        f"attend backend: {backend}, shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, batch entries over "
+        f"{'one sequence' if same_sequence else 'different sequences'}; median of {repeats}, rows of one "
+        f"(tokens, batch, threads) timed in turns; load average before: "
+        f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}",
         "",
-        "| tokens | method | median ms | vs SDPA fp16 | key bytes read | key read reduction vs fp16 |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        f"| tokens | batch | threads | method | median ms | vs {baseline_name} | key bytes read | "
+        "key read reduction vs fp16 |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
+    default_threads = torch.get_num_threads()
     for tokens in token_counts:
         pre = synthetic_keys(tokens)
         positions = torch.arange(tokens)
@@ -97,40 +146,63 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         # Latent values need a spectrum like real values' (flatter than keys'), not i.i.d. noise.
         latent_source = synthetic_keys(tokens, seed=2, rank=256).half()
         latent_values = compress_values(latent_source, ValueConfig(codec=DEFAULT_VALUE_CODEC))
-        keys_list = [compressed.to(device)] * batch
-        value_kinds = [("16-bit V", [compress_values(values).to(device)] * batch),
-                       (f"svdq V {latent_values.bits_per_element:.2f} bits", [latent_values.to(device)] * batch)]
-        queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
         fp16_bytes = 2 * tokens * KV_HEADS * HEAD_DIM
-        results: list[tuple[str, float, int]] = []
-        for dtype, name in [(torch.float16, "SDPA fp16 keys/values"), (torch.float32, "SDPA fp32 keys/values")]:
-            k = post.to(device, dtype).transpose(0, 1)[None].expand(batch, -1, -1, -1)
-            v = values.to(device, dtype).transpose(0, 1)[None].expand(batch, -1, -1, -1)
-            q = queries.to(dtype)[:, :, None, :]
-
-            def run_sdpa(q=q, k=k, v=v):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-            results.append((name, median_seconds(run_sdpa, device, repeats), fp16_bytes * (2 if dtype == torch.float32 else 1)))
-        for (label, sparsity), (value_label, values_list) in [
-            (mode, kind) for mode in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]
-            for kind in value_kinds
-        ]:
-            def run_attend(sparsity=sparsity, queries=queries, keys_list=keys_list, values_list=values_list):
-                return attend(queries, keys_list, values_list, sparsity=sparsity)
-
-            seconds = median_seconds(run_attend, device, repeats)
-            stats = run_attend().stats[0]
-            results.append((f"{label}, {value_label} ({stats.tokens_attended} tok)", seconds, stats.key_bytes_read))
-        baseline = results[0][1]
-        for name, seconds, nbytes in results:
-            rows.append(f"| {tokens} | {name} | {seconds * 1e3:.3f} | {seconds / baseline:.2f}x | {nbytes:,} | "
-                        f"{fp16_bytes / nbytes:.1f}x |")
+        for batch in batches:
+            keys_list = _sequences(compressed, batch, device, same_sequence)
+            value_kinds = [
+                ("16-bit V", _distinct_values(compress_values(values), batch, device, same_sequence)),
+                (f"svdq V {latent_values.bits_per_element:.2f} bits",
+                 _distinct_values(latent_values, batch, device, same_sequence)),
+            ]
+            queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
+            calls: dict[str, Callable[[], object]] = {}
+            read: dict[str, int] = {}
+            for dtype in sdpa_dtypes:
+                name = f"SDPA {str(dtype).removeprefix('torch.')} keys/values"
+                k = post.to(device, dtype).transpose(0, 1)[None].expand(batch, -1, -1, -1)
+                v = values.to(device, dtype).transpose(0, 1)[None].expand(batch, -1, -1, -1)
+                q = queries.to(dtype)[:, :, None, :]
+                calls[name] = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=True)
+                read[name] = fp16_bytes * (2 if dtype == torch.float32 else 1)
+            for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
+                for value_label, values_list in value_kinds:
+                    stats = attend(queries, keys_list, values_list, sparsity=sparsity).stats[0]
+                    name = f"{label}, {value_label} ({stats.tokens_attended} tok)"
+                    calls[name] = lambda sparsity=sparsity, values_list=values_list, queries=queries, \
+                        keys_list=keys_list: attend(queries, keys_list, values_list, sparsity=sparsity)
+                    read[name] = stats.key_bytes_read
+                    if baseline_tree is not None:
+                        # The same blobs read by the other tree, attended by its own code.
+                        old_keys = baseline_tree.from_bytes(to_bytes(compressed)).to(device)
+                        old_keys_list = [old_keys] * batch if same_sequence else [
+                            baseline_tree.from_bytes(to_bytes(compressed)).to(device) for _ in range(batch)]
+                        blob = values_to_bytes(values_list[0])
+                        old_values = [baseline_tree.values.values_from_bytes(blob, device)
+                                      for _ in range(1 if same_sequence else batch)]
+                        old_values = old_values * batch if same_sequence else old_values
+                        old_sparsity = None if sparsity is None else baseline_tree.attention.SparsityConfig(
+                            **dataclasses.asdict(sparsity))
+                        old_name = f"{name} [baseline tree]"
+                        calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, queries=queries, \
+                            old_keys_list=old_keys_list: baseline_tree.attention.attend(
+                                queries, old_keys_list, old_values, sparsity=old_sparsity)
+                        read[old_name] = read[name]
+            for threads in thread_counts:
+                torch.set_num_threads(threads or default_threads)
+                medians = medians_in_turns(calls, device, repeats)
+                baseline = medians[f"{baseline_name} keys/values"]
+                for name, seconds in medians.items():
+                    rows.append(f"| {tokens} | {batch} | {threads or default_threads} | {name} | {seconds * 1e3:.3f} | "
+                                f"{seconds / baseline:.2f}x | {read[name]:,} | {fp16_bytes / read[name]:.1f}x |")
+            torch.set_num_threads(default_threads)
         # What attention keeps between calls for this layer (svdq.derived), against the layer's size.
         cached = tensor_bytes(keys_list[0]._cache)
-        rows.append(f"| {tokens} | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
+        rows.append(f"| {tokens} | | | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
                     f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept; attention cache "
-                    f"{cached:,} bytes = {cached / compressed.nbytes:.2f}x the compressed keys) | | | | |")
+                    f"{cached:,} bytes per sequence = {cached / compressed.nbytes:.2f}x the compressed keys) | | | | |")
+    rows.append("")
+    rows.append(f"load average after: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
     return rows
 
 
@@ -249,7 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=["speed", "accuracy", "all"], default="all")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=1, help="sequences per attend call (speed part)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="entries per attend call (speed part)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0],
+                        help="torch intra-op threads for the speed part; 0 = torch's default")
+    parser.add_argument("--same-sequence", action="store_true",
+                        help="speed part: every batch entry over one sequence (a prompt chunk over an offloaded "
+                             "prefix) instead of different sequences (batched decode)")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="speed part: the svdq/ folder of another source tree (an earlier commit); its attend "
+                             "runs the same blobs in the same turns, rows marked [baseline tree]")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--context", type=int, default=4096, help="prefix tokens for the accuracy part")
     parser.add_argument("--continuation", type=int, default=256, help="scored continuation tokens")
@@ -264,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     lines: list[str] = []
     if args.part in ("speed", "all"):
-        lines += ["## Speed", ""] + speed_table(args.tokens, device, args.repeats, args.batch) + [""]
+        lines += ["## Speed", ""] + speed_table(args.tokens, device, args.repeats, args.batch, args.threads,
+                                                    args.same_sequence,
+                                                    load_tree(args.baseline_tree) if args.baseline_tree else None) + [""]
     if args.part in ("accuracy", "all"):
         lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
         lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits),

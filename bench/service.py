@@ -6,6 +6,7 @@ compression off (fp16 passthrough profile).
     python bench/service.py --tokens 4096 --layers 4 --device auto
     python bench/service.py --address host:port   # an already running server (no auth)
     python bench/service.py --part stores         # memory store vs Redis store, 1 and 3 replicas
+    python bench/service.py --part attend --torch-threads 1   # Attend RPC vs in-process, 32 clients
 
 Keys are synthetic post-RoPE keys with a nearly low-rank pre-RoPE form (shape of
 SmolLM2-135M: 3 KV heads x 64, 9 query heads). Stored bytes do not depend on the values
@@ -329,6 +330,111 @@ def bench_stores(args) -> None:
           f"{', '.join(f'{ratio:.2f}' for ratio in cores)}, median {statistics.median(cores):.2f}x")
 
 
+def bench_attend(args) -> None:
+    """Attend through the server against the same attention in this process and a bare round
+    trip, measured in turns (every iteration visits each), with batches over different
+    sequences; then p50/p99 of ``--clients`` concurrent clients calling back to back."""
+    from svdq import compress
+    from svdq.attention import attend
+    from svdq.values import compress_values
+
+    keys, values = synthetic_cache(1, args.tokens)
+    batches = (1, 2, 8)
+    count = max(max(batches), args.clients)
+    profile = Profile("bench-attend", 1, KV_HEADS, HEAD_DIM, rope=ROPE, codec=CodecConfig(method="svdq"))
+    process = None
+    address = args.address
+    if address is None:
+        process, address = start_server(args.device, args.torch_threads)
+    try:
+        with KVCacheClient(address, timeout=600) as client:
+            client.register_profile(profile, replace=True)
+            sequences = [f"attend-bench-{index}-{uuid.uuid4().hex[:6]}" for index in range(count)]
+            for sequence in sequences:
+                client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
+                              key_space="post_rope")
+            # The same compression in this process: one object per sequence, like the server's store.
+            local_keys = [compress(keys[0], profile.codec, positions=torch.arange(args.tokens), rope=ROPE,
+                                   key_space="post_rope") for _ in range(max(batches))]
+            local_values = [compress_values(values[0]) for _ in range(max(batches))]
+            if args.torch_threads:
+                torch.set_num_threads(args.torch_threads)  # the in-process rows run as the server does
+            generator = torch.Generator().manual_seed(1)
+            samples: dict[str, list[float]] = {"round trip": []}
+            calls = {"round trip": client.server_info}
+            for batch in batches:
+                queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=generator).half()
+                entries = [(sequence, 0) for sequence in sequences[:batch]]
+                calls[f"Attend RPC, batch {batch}"] = (lambda queries=queries, entries=entries:
+                                                       client.attend(queries, entries))
+                calls[f"attend in-process, batch {batch}"] = (
+                    lambda queries=queries, batch=batch: attend(queries, local_keys[:batch], local_values[:batch]))
+                samples[f"Attend RPC, batch {batch}"] = []
+                samples[f"attend in-process, batch {batch}"] = []
+            for call in calls.values():
+                call()  # warm-up: the server's attention cache, this process's too
+            load_before = os.getloadavg()
+            for _ in range(args.iterations):
+                for name, call in calls.items():
+                    began = time.perf_counter()
+                    call()
+                    samples[name].append(time.perf_counter() - began)
+        latencies: list[float] = []
+        lock = threading.Lock()
+        start = threading.Barrier(args.clients + 1)
+        stop = threading.Event()
+        single = torch.randn(1, Q_HEADS, HEAD_DIM, generator=generator).half()
+
+        def worker(sequence):
+            mine = []
+            with KVCacheClient(address, timeout=600) as own:
+                own.attend(single, [(sequence, 0)])
+                start.wait()
+                while not stop.is_set():
+                    began = time.perf_counter()
+                    own.attend(single, [(sequence, 0)])
+                    mine.append(time.perf_counter() - began)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=worker, args=(sequence,)) for sequence in sequences[:args.clients]]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        began = time.perf_counter()
+        time.sleep(args.seconds)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - began
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+    threads_note = f", server --torch-threads {args.torch_threads}" if process is not None else ""
+    print(f"Attend on {address} (device {args.device}{threads_note}), one layer x {args.tokens} tokens x {KV_HEADS} KV "
+          f"heads x {HEAD_DIM}, {Q_HEADS} query heads, svdq 1.5 b/e keys, 16-bit values, dense; batch entries over "
+          f"different sequences; {args.iterations} iterations, rows measured in turns; load average before "
+          f"{', '.join(f'{load:.1f}' for load in load_before)}\n")
+    print("| call | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: |")
+    p50 = {name: statistics.median(times) for name, times in samples.items()}
+    for name, times in samples.items():
+        print(f"| {name} | {1e3 * p50[name]:.2f} | {1e3 * percentile(times, 0.99):.2f} |")
+    print("\nservice overhead (RPC p50 - in-process p50 - round trip p50): " + "; ".join(
+        f"batch {b}: {1e3 * (p50[f'Attend RPC, batch {b}'] - p50[f'attend in-process, batch {b}'] - p50['round trip']):+.2f} ms"
+        for b in batches))
+    print("batch b / batch 1 (p50): " + "; ".join(
+        f"RPC batch {b}: {p50[f'Attend RPC, batch {b}'] / p50['Attend RPC, batch 1']:.2f}x, in-process "
+        f"{p50[f'attend in-process, batch {b}'] / p50['attend in-process, batch 1']:.2f}x" for b in batches[1:]))
+    concurrent_p50 = statistics.median(latencies)
+    print(f"{args.clients} concurrent clients, batch 1 each, {args.seconds:.0f} s: {len(latencies)} calls "
+          f"({len(latencies) / elapsed:.1f}/s), p50 {1e3 * concurrent_p50:.1f} ms, p99 "
+          f"{1e3 * percentile(latencies, 0.99):.1f} ms = {percentile(latencies, 0.99) / concurrent_p50:.2f}x p50 "
+          f"(machine: {os.cpu_count()} cores, shared; load average after "
+          f"{', '.join(f'{load:.1f}' for load in os.getloadavg())})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="use a running server instead of starting one")
@@ -338,14 +444,20 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=60, help="Attend calls at batch 1 (fewer at larger batches)")
     parser.add_argument("--repeats", type=int, default=3, help="uploads per profile (median reported)")
-    parser.add_argument("--part", choices=("codecs", "uploads", "stores"), default="codecs",
+    parser.add_argument("--part", choices=("codecs", "uploads", "stores", "attend"), default="codecs",
                         help="codecs: svdq vs fp16 passthrough on one server; uploads: only their upload rows, "
-                             "beside the codec's own time; stores: memory vs Redis store backends")
-    parser.add_argument("--seconds", type=float, default=10.0, help="--part stores: seconds per throughput run")
+                             "beside the codec's own time; stores: memory vs Redis store backends; attend: Attend "
+                             "RPC vs the same attention in-process and a bare round trip, and under concurrent clients")
+    parser.add_argument("--clients", type=int, default=32, help="--part attend: concurrent clients")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="--part stores: seconds per throughput run; --part attend: of the concurrent clients")
     parser.add_argument("--rounds", type=int, default=3, help="--part stores: alternating 1-vs-2-replica rounds")
     args = parser.parse_args(argv)
     if args.part == "stores":
         bench_stores(args)
+        return
+    if args.part == "attend":
+        bench_attend(args)
         return
 
     if args.torch_threads:

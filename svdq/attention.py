@@ -52,6 +52,8 @@ BACKENDS = ("torch", "triton")
 BACKEND_ENV = "SVDQ_BACKEND"
 # Low-rank keys (float32 elements) the selection score builds and rotates at a time.
 SCORE_BLOCK_ELEMENTS = 1 << 18
+# Reconstructed keys (float32 elements, whole token groups) the dense path builds at a time.
+RECONSTRUCT_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -297,25 +299,31 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
     channels, latent = score_latent(keys, score_channels)
-    # [C, m + 1]: the score channels' basis columns, then the mean.
-    columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1).T
-    grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim)
-    body_start, _ = body_range(keys)
-    positions = keys.token_positions()[body_start:body_start + tokens]
+    # [C, m + 1]: the score channels' basis columns, then the mean (the latent's column of ones).
+    columns = _score_columns(keys, channels)
+    zero = torch.zeros(keys.channels, device=latent.device)
+    # [Hkv, D, n * g]: each KV head's query rows, for one matmul per head and block.
+    grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim).permute(1, 3, 0, 2)
+    grouped = grouped.reshape(kv_heads, head_dim, -1)
+    angles = body_angles(keys) if rotates(keys) else None
     scores = torch.empty(tokens, count, q_heads, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
-    # The block's cos/sin are computed here rather than cached per sequence: a cached table
-    # would hold 8 * P bytes per token, more than the compressed keys themselves.
-    block = max(64, SCORE_BLOCK_ELEMENTS // columns.shape[1])
+    block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
-        low_rank = (latent[start:stop] @ columns).reshape(stop - start, kv_heads, head_dim)
-        if rotates(keys):
-            cos, sin = rope_cos_sin(keys.rope, positions[start:stop], head_dim)
-            low_rank = rotate_with_tables(low_rank, cos, sin, keys.rope)
-        scores[start:stop] = torch.einsum("thd,nhgd->tnhg", low_rank, grouped).reshape(stop - start, count, q_heads)
+        low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
+        if angles is not None:
+            low_rank = rotate_with_tables(low_rank, *block_cos_sin(keys, angles, start, stop), keys.rope)
+        dots = torch.bmm(low_rank.transpose(0, 1), grouped)  # [Hkv, tokens, n * g]
+        scores[start:stop] = dots.view(kv_heads, stop - start, count, -1).permute(1, 2, 0, 3).reshape(
+            stop - start, count, q_heads)
     return scores
+
+
+def _score_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
+    """float32 [C, m + 1]: the basis columns of the score channels and the mean."""
+    return torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1)
 
 
 def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:
@@ -448,6 +456,126 @@ def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.T
     return rows
 
 
+def _onednn_linear():
+    """oneDNN's float32 ``input @ weight.T + bias`` on dense CPU tensors, or None.
+
+    On the CPUs we serve from it runs the reconstruction matmul about 2x faster than
+    ``torch.addmm`` (MKL's sgemm), with float32 accuracy (``tests/test_attention.py``
+    checks it against float64). It is the op PyTorch's own CPU compiler emits for linear
+    layers, so it is looked up, not assumed.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_CPU_LINEAR = _onednn_linear()
+
+
+def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``latent @ basis.T + mean``: float32 latent [n, r], basis [C, r], mean [C] -> [n, C]."""
+    if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
+        return _CPU_LINEAR(latent.contiguous(), basis.contiguous(), mean.contiguous(), "none", [], "")
+    return torch.addmm(mean, latent, basis.T)
+
+
+class _AngleTable:
+    """Holder of one RoPE's cos/sin table in :data:`svdq.derived.DERIVED` (its ``_cache``)."""
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+
+
+#: One table per (RoPE, head_dim, device), shared by every sequence and layer that uses it.
+_ANGLE_TABLES: dict[tuple, _AngleTable] = {}
+# Positions a shared table covers at most (8 * P bytes each: 64 MiB for head_dim 128).
+MAX_TABLE_POSITIONS = 1 << 17
+
+
+def body_angles(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """``(cos_table, sin_table, positions)`` for rotating the body tokens of ``keys``.
+
+    The cos/sin of a position depend only on the RoPE and head_dim, so one table over
+    positions ``0..n`` (float32 [n, P] each, :func:`svdq.rope.rope_cos_sin` of ``arange(n)``,
+    so the values are identical) serves every sequence and layer, under the attention-cache
+    budget, instead of recomputing ``2 * P`` sines and cosines per token per call (about 5%
+    of a dense call). Callers index the tables with blocks of ``positions`` (the body's,
+    int64 [n_body]). Positions outside ``0..MAX_TABLE_POSITIONS`` give ``None`` tables: then
+    the caller computes the angles itself.
+    """
+    start, n_body = body_range(keys)
+    positions = keys.token_positions()[start:start + n_body]
+    if keys.positions is None:
+        low, high = keys.position_offset + start, keys.position_offset + start + n_body - 1
+    else:
+        low, high = (int(positions.min()), int(positions.max())) if n_body else (0, 0)
+    if low < 0 or high >= MAX_TABLE_POSITIONS:
+        return None, None, positions
+    owner = _ANGLE_TABLES.setdefault((keys.rope, keys.head_dim, positions.device), _AngleTable())
+    table = DERIVED.get(owner, "cos_sin")
+    if table is None or table[0].shape[0] <= high:
+        size = min(MAX_TABLE_POSITIONS, max(1024, 1 << high.bit_length()))
+        table = DERIVED.put(owner, "cos_sin", rope_cos_sin(keys.rope, torch.arange(size, device=positions.device),
+                                                           keys.head_dim))
+    return table[0], table[1], positions
+
+
+def block_cos_sin(keys: CompressedKeys, angles: tuple, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [stop - first, P] of body tokens ``first..stop`` from :func:`body_angles`."""
+    cos_table, sin_table, positions = angles
+    block = positions[first:stop]
+    if cos_table is None:
+        return rope_cos_sin(keys.rope, block, keys.head_dim)
+    return cos_table[block], sin_table[block]
+
+
+def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor:
+    """``q . RoPE_t(k^_t)`` of grouped queries over every quantized body token.
+
+    The same function as dotting with :func:`body_keys` (dequantize ``code * scale + min``,
+    ``latent @ basis.T + mean``, RoPE at the token's position), computed in blocks of whole
+    token groups whose reconstructed keys stay in cache while they are rotated and dotted,
+    instead of building all ``n_body * C`` float32 keys (128 MiB at 32k tokens of an 8 x 128
+    layer) and passing over them several times.
+
+    Args:
+        grouped: float32 [Hkv, R, D] post-RoPE queries, the R rows of each KV head.
+
+    Returns:
+        float32 [Hkv, R, n_body] unscaled dot products.
+    """
+    kv_heads, rows, head_dim = grouped.shape
+    start, n_body = body_range(keys)
+    codes = latent_codes(keys)
+    kept = codes.shape[1]
+    # Converted per call (r * C elements, well under 1% of the call) rather than cached: kept,
+    # the float32 basis would weigh as much as the unpacked codes of a 4k-token layer.
+    basis = keys.basis.float()
+    mean = keys.mean.float()
+    scales, mins = keys.scales.float(), keys.mins.float()
+    angles = body_angles(keys) if rotates(keys) else None
+    group = keys.group_size
+    block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * group)) * group
+    dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
+    latent = torch.empty(block, kept, device=grouped.device)
+    for first in range(0, n_body, block):
+        stop = min(n_body, first + block)
+        count, groups = stop - first, slice(first // group, stop // group)
+        latent_block = latent[:count]
+        # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
+        by_group = latent_block.view(count // group, group, kept)
+        torch.mul(codes[first:stop].view(count // group, group, kept), scales[groups, None], out=by_group)
+        by_group.add_(mins[groups, None])
+        rows_block = reconstruct(latent_block, basis, mean).view(count, kv_heads, head_dim)
+        if angles is not None:
+            rows_block = rotate_with_tables(rows_block, *block_cos_sin(keys, angles, first, stop), keys.rope)
+        torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
+    return dots
+
+
 def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
     (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None)."""
@@ -487,14 +615,26 @@ def softmax_weights(
         ``(weights [..., Hkv, ratio, n], lse [..., Hkv, ratio])`` float32: ``weights`` are
         ``exp(score - lse)`` (they sum to 1 over the set); lse is -inf for no tokens.
     """
-    scores = torch.einsum("...hgd,...hnd->...hgn", query, keys) * scale
+    return softmax_from_dots(torch.einsum("...hgd,...hnd->...hgn", query, keys), scale, valid)
+
+
+def softmax_from_dots(
+    dots: torch.Tensor, scale: float, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax weights and lse from raw dot products ``q . k`` [..., Hkv, ratio, n].
+
+    The one place where dot products become logits (scale, masking) for every torch path,
+    so that a change to the logits (e.g. a softcap) applies to all of them. ``dots`` is
+    scaled in place. Returns what :func:`softmax_weights` returns.
+    """
+    scores = dots.mul_(scale)
     if valid is not None:
         scores = scores.masked_fill(~valid[..., None, :], -math.inf)
     if scores.shape[-1] == 0:
-        return scores, query.new_full(query.shape[:-1], -math.inf)
+        return scores, scores.new_full(scores.shape[:-1], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe[..., None]), lse
+    return torch.exp_(scores.sub_(safe[..., None])), lse
 
 
 def partial_attention(
@@ -529,15 +669,15 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
     if weights.shape[-1] == 0:
         return weights.new_zeros(*weights.shape[:-1], values.head_dim)
     if values.latent is None:
-        rows = gather_values(values)[:, seq_index] if isinstance(seq_index, slice) else gather_values(values, seq_index)
-        return torch.einsum("...hgn,...hnd->...hgd", weights, rows)
+        if isinstance(seq_index, slice):
+            return _summed_value_rows(values, weights, seq_index)
+        return torch.einsum("...hgn,...hnd->...hgd", weights, gather_values(values, seq_index))
     latent = values.latent
     kv_heads, head_dim = latent.kv_heads, latent.head_dim
     v_start, v_body = body_range(latent)
     if isinstance(seq_index, slice) and v_start <= seq_index.start and seq_index.stop <= v_start + v_body:
         # The common dense case: the keys' body lies inside the values' body.
-        codes = _dequantized(latent, None)[seq_index.start - v_start:seq_index.stop - v_start]
-        summed = (weights.reshape(-1, weights.shape[-1]) @ codes).reshape(*weights.shape[:-1], codes.shape[-1])
+        summed = _summed_latent_rows(latent, weights, seq_index.start - v_start)
         return _project_latent(latent, summed, weights.sum(-1))
     if isinstance(seq_index, slice):
         seq_index = torch.arange(seq_index.start, seq_index.stop, device=weights.device)
@@ -558,6 +698,56 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
             rows = full[row, torch.arange(kv_heads, device=row.device)[:, None]]
         output = output + torch.einsum("...hgn,...hnd->...hgd", weights * (~in_body).unsqueeze(-2), rows)
     return output
+
+
+def _value_block(weights: torch.Tensor, width: int) -> int:
+    """Tokens per block of a blocked weighted sum: ``2^18`` float32 elements of rows."""
+    return max(64, RECONSTRUCT_BLOCK_ELEMENTS // max(1, width))
+
+
+def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
+    """``sum_n weights[..., h, g, n] * value[tokens.start + n, h]`` of 16-bit or per-token values
+    over a contiguous token range, float32 [..., Hkv, g, D].
+
+    In blocks of tokens converted to float32 in a reused buffer and summed into the output:
+    converting all values at once and summing over a head-strided view of them is several
+    times slower (a large transposed copy) than these cache-resident blocks.
+    """
+    heads, head_dim = values.heads, values.head_dim
+    lead = weights.shape[:-3]
+    grouped = weights.reshape(-1, heads, weights.shape[-2], weights.shape[-1])
+    output = weights.new_zeros(grouped.shape[0], heads, grouped.shape[2], head_dim)
+    count = tokens.stop - tokens.start
+    block = _value_block(weights, heads * head_dim)
+    buffer = torch.empty(min(block, count), heads, head_dim, device=weights.device) if values.bits is None else None
+    for first in range(0, count, block):
+        stop = min(count, first + block)
+        if buffer is not None:
+            rows = buffer[:stop - first]
+            rows.copy_(values.data[tokens.start + first:tokens.start + stop])
+            rows = rows.transpose(0, 1)
+        else:
+            rows = gather_values(values, torch.arange(tokens.start + first, tokens.start + stop, device=weights.device))
+        for item in range(grouped.shape[0]):
+            output[item].baddbmm_(grouped[item, :, :, first:stop], rows)
+    return output.reshape(*lead, heads, grouped.shape[2], head_dim)
+
+
+def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
+    """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
+    body, float32 [..., r]: in blocks dequantized into a reused buffer (the whole latent in
+    float32 would take ``4 r`` bytes per token on every call)."""
+    codes = latent_codes(latent)
+    kept = codes.shape[1]
+    flat = weights.reshape(-1, weights.shape[-1])
+    summed = weights.new_zeros(flat.shape[0], kept)
+    count = flat.shape[1]
+    block = _value_block(weights, kept)
+    for first in range(0, count, block):
+        stop = min(count, first + block)
+        index = torch.arange(first_body + first, first_body + stop, device=weights.device)
+        summed.addmm_(flat[:, first:stop], _dequantized(latent, index))
+    return summed.reshape(*weights.shape[:-1], kept)
 
 
 def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
@@ -596,7 +786,7 @@ def _attend_torch_group(
         weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale)
         output = weighted_values(values, weights, fp_index)
         if n_body:
-            body_weights, lse_body = softmax_weights(grouped, body_keys(keys, selections[0]), scale)
+            body_weights, lse_body = softmax_from_dots(dense_body_dots(keys, grouped), scale)
             out_body = weighted_values(values, body_weights, slice(start, start + n_body))
             output, lse = merge_attention(output, lse, out_body, lse_body)
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)

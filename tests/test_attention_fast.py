@@ -1,0 +1,163 @@
+"""The blocked CPU paths of the torch backend against the plain reference computations.
+
+The fast paths (dense dots in cache-sized blocks, values summed in blocks, the shared RoPE
+angle table, oneDNN's float32 matmul) must compute the same function as the plain ones
+(reconstruct every key with ``body_keys``, dot, sum every value at once) and as naive float64
+attention over ``decompress``: dense and sparse, 16-bit, per-token and latent values, GQA
+ratios 1..8, sinks and tail. The block sizes are shrunk so that every call spans many blocks
+and ends in a partial one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_attention import ROPE, make_case, naive_attention, structured_keys
+from test_latent_values import latent_config, structured_values
+
+from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress
+from svdq import attention as attention_module
+from svdq.attention import (
+    BodySelection,
+    SparsityConfig,
+    attend,
+    body_angles,
+    body_keys,
+    body_range,
+    dense_body_dots,
+    reconstruct,
+    select_body_tokens,
+    weighted_values,
+)
+from svdq.derived import DERIVED
+from svdq.rope import rope_cos_sin
+from svdq.values import ValueConfig, compress_values, decompress_values, gather_values
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    # 16-token groups of 3 x 64 channels: 2 groups per dense block, 21 tokens per score block.
+    monkeypatch.setattr(attention_module, "RECONSTRUCT_BLOCK_ELEMENTS", 2 * 16 * 192)
+    monkeypatch.setattr(attention_module, "SCORE_BLOCK_ELEMENTS", 64 * 192)
+
+
+def grouped_queries(count_rows, kv_heads, head_dim, seed=0):
+    return torch.randn(kv_heads, count_rows, head_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method,key_space", [("svdq", "pre_rope"), ("svdq", "post_rope"), ("kivi", "post_rope"),
+                                              ("fp16", "pre_rope")])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_blocked_dense_dots_equal_dots_with_every_reconstructed_key(method, key_space, rows):
+    keys, _ = make_case(method, tokens=203, key_space=key_space)
+    start, n_body = body_range(keys)
+    grouped = grouped_queries(rows, keys.kv_heads, keys.head_dim)
+    reference = torch.einsum("hgd,hnd->hgn", grouped.double(),
+                             body_keys(keys, BodySelection(None, None, n_body, n_body, 0, 0)).double())
+    fast = dense_body_dots(keys, grouped)
+    assert fast.shape == (keys.kv_heads, rows, n_body)
+    assert torch.allclose(fast.double(), reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 8])
+@pytest.mark.parametrize("value_kind", ["fp16", "per_token_4", "per_token_2", "latent"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_attend_equals_naive_float64_attention(ratio, value_kind, sparse):
+    tokens, kv_heads, head_dim = 331, 3, 64
+    keys, _ = make_case(tokens=tokens, kv_heads=kv_heads, head_dim=head_dim, seed=ratio)
+    raw_values = structured_values(tokens, kv_heads, head_dim, seed=ratio)
+    config = {"fp16": ValueConfig(), "per_token_4": ValueConfig(bits=4, group_size=32),
+              "per_token_2": ValueConfig(bits=2, group_size=16), "latent": latent_config(num_sinks=3)}[value_kind]
+    values = compress_values(raw_values.half(), config)
+    queries = torch.randn(2, kv_heads * ratio, head_dim, generator=torch.Generator().manual_seed(7))
+    sparsity = SparsityConfig(keep_fraction=0.2, chunk_size=8, num_recent=16) if sparse else None
+    result = attend(queries, [keys, keys], [values, values], sparsity=sparsity, backend="torch")
+    post = decompress(keys, "post_rope", torch.float32)
+    dense_values = decompress_values(values, torch.float32)
+    start, n_body = body_range(keys)
+    for b in range(2):
+        allowed = None
+        if sparse:
+            selection = select_body_tokens(queries[b], keys, sparsity)
+            assert selection.token_index is not None and selection.per_head_count < n_body
+            allowed = torch.ones(kv_heads, tokens, dtype=torch.bool)
+            allowed[:, start:start + n_body] = False
+            for head in range(kv_heads):
+                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+        expected, lse = naive_attention(queries[b], post, dense_values, 1 / math.sqrt(head_dim), allowed)
+        # float32 rounding of a weighted sum scales with the values (these reach ~50).
+        assert torch.allclose(result.output[b].double(), expected, atol=2e-6 * dense_values.abs().max().item())
+        assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
+
+
+def test_dense_attention_over_many_blocks_keeps_sinks_tail_and_explicit_positions():
+    tokens, kv_heads, head_dim = 250, 2, 128
+    pre = structured_keys(tokens, kv_heads, head_dim, seed=4)
+    positions = torch.arange(tokens) * 3 + 17  # not offset + arange: the angle table is indexed
+    rope = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, original_max_position=64)
+    keys = compress(apply_rope(pre, positions, rope), CodecConfig(group_size=16, num_sinks=5, bits_per_element=3.0),
+                    rope=rope, key_space="post_rope", positions=positions)
+    assert keys.sinks.shape[0] == 5 and keys.tail.shape[0] > 0
+    values = compress_values(structured_values(tokens, kv_heads, head_dim, seed=5).half())
+    queries = torch.randn(1, 8 * kv_heads, head_dim, generator=torch.Generator().manual_seed(8))
+    result = attend(queries, [keys], [values], backend="torch")
+    expected, lse = naive_attention(queries[0], decompress(keys, "post_rope", torch.float32),
+                                    decompress_values(values, torch.float32), 1 / math.sqrt(head_dim))
+    assert torch.allclose(result.output[0].double(), expected, atol=2e-6 * values.data.abs().max().item())
+    assert torch.allclose(result.lse[0].double(), lse, atol=2e-5)
+
+
+@pytest.mark.parametrize("value_kind", ["fp16", "per_token_4", "latent"])
+def test_blocked_value_sums_equal_summing_every_value_at_once(value_kind):
+    tokens, heads, head_dim = 203, 3, 64
+    config = {"fp16": ValueConfig(), "per_token_4": ValueConfig(bits=4, group_size=32),
+              "latent": latent_config()}[value_kind]
+    values = compress_values(structured_values(tokens, heads, head_dim, seed=2).half(), config)
+    weights = torch.rand(heads, 5, 150, generator=torch.Generator().manual_seed(3))
+    tokens_slice = slice(10, 160)  # inside the latent's body (4 sinks, groups of 32)
+    rows = gather_values(values).double()[:, tokens_slice]
+    expected = torch.einsum("hgn,hnd->hgd", weights.double(), rows)
+    # float32 rounding of a sum is bounded by a few ulps of the sum of its terms' magnitudes.
+    magnitude = torch.einsum("hgn,hnd->hgd", weights.double(), rows.abs())
+    error = (weighted_values(values, weights, tokens_slice).double() - expected).abs()
+    assert (error <= 1e-5 * magnitude + 1e-6).all()
+
+
+def test_onednn_reconstruction_is_float32_accurate():
+    generator = torch.Generator().manual_seed(0)
+    for rows, kept, channels in [(256, 427, 1024), (63, 33, 192), (1, 1, 64)]:
+        latent = torch.randn(rows, kept, generator=generator)
+        basis = torch.randn(channels, kept, generator=generator)
+        mean = torch.randn(channels, generator=generator)
+        exact = latent.double() @ basis.double().T + mean.double()
+        addmm_error = (torch.addmm(mean, latent, basis.T).double() - exact).abs().max()
+        error = (reconstruct(latent, basis, mean).double() - exact).abs().max()
+        # float32 rounding of a kept-term sum: a few ulps of its magnitude, as addmm's.
+        assert error <= 4 * addmm_error + 8 * torch.finfo(torch.float32).eps * exact.abs().max()
+
+
+def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
+    keys, _ = make_case(tokens=203)
+    other, _ = make_case(tokens=150, seed=3)
+    cos_table, sin_table, positions = body_angles(keys)
+    cos, sin = rope_cos_sin(ROPE, positions, keys.head_dim)
+    assert torch.equal(cos_table[positions], cos) and torch.equal(sin_table[positions], sin)
+    again = body_angles(other)
+    assert again[0] is cos_table  # one table per RoPE and head_dim, shared by sequences
+    # The budget may drop it; it is rebuilt with the same values.
+    limit = DERIVED.limit_bytes
+    try:
+        DERIVED.limit_bytes = 1
+        body_angles(keys)
+        dense_body_dots(other, grouped_queries(2, 3, 64))
+        rebuilt = body_angles(keys)[0]
+        assert rebuilt is not cos_table and torch.equal(rebuilt[positions], cos)
+    finally:
+        DERIVED.limit_bytes = limit
+    monkeypatch.setattr(attention_module, "MAX_TABLE_POSITIONS", 100)
+    assert body_angles(keys)[0] is None  # beyond the table: computed per block instead
+    queries = torch.randn(1, 6, 64)
+    result = attend(queries, [keys], [compress_values(torch.randn(203, 3, 64).half())], backend="torch")
+    assert torch.isfinite(result.output).all()

@@ -140,8 +140,8 @@ class AsyncKVCacheClient:
 
     async def attend(self, queries: torch.Tensor, entries: Sequence[tuple[str, int]], *,
                      sparsity: SparsityConfig | None = None, scale: float | None = None,
-                     timeout: float | None = None) -> AttendResult:
-        request = attend_request(queries, entries, sparsity, scale)
+                     softcap: float | None = None, timeout: float | None = None) -> AttendResult:
+        request = attend_request(queries, entries, sparsity, scale, softcap)
         return attend_result(await self._call(self._stub.Attend, lambda: request, timeout))
 
     async def fetch(self, sequence_id: str, *, layers: Sequence[int] | None = None, key_space: str | None = None,

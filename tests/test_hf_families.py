@@ -12,7 +12,7 @@ import pytest
 import torch
 from hf_tiny import FAMILIES, tiny_config, tiny_model
 from svdq_client.hf import LocalOffload, ModelShape, SvdqOffloadCache, disable_offload, enable_offload
-from transformers import Gemma2Config, GPT2Config, Phi3Config
+from transformers import GPT2Config, Phi3Config
 
 from svdq.codec import CodecConfig
 from svdq.errors import InvalidInputError
@@ -28,14 +28,16 @@ class RecordingOffload(LocalOffload):
         super().__init__(*args, **kwargs)
         self.stored_layers: set[int] = set()
         self.attended_layers: set[int] = set()
+        self.softcaps: set[float | None] = set()
 
     def store(self, row, keys, values, positions):
         self.stored_layers.update(range(keys.shape[0]))
         super().store(row, keys, values, positions)
 
-    def attend(self, layer, queries, rows, scale):
+    def attend(self, layer, queries, rows, scale, softcap=None):
         self.attended_layers.add(layer)
-        return super().attend(layer, queries, rows, scale)
+        self.softcaps.add(softcap)
+        return super().attend(layer, queries, rows, scale, softcap)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -70,8 +72,9 @@ def test_family_matches_plain_logits_and_offloads_only_full_attention_layers(fam
         if index not in full:  # sliding layers hold their window only
             assert layer.keys.shape[-2] < shape.sliding_window
     # The prefill is the model's own SDPA attention: bit for bit the plain model on the same
-    # tokens; transformers runs Gemma 2 with eager attention (float32 rounding apart).
-    if family == "gemma2":
+    # tokens; transformers runs Gemma 2 with eager attention, and softcapped scores take an
+    # exact blocked softmax here (float32 rounding apart).
+    if family.startswith("gemma2"):
         torch.testing.assert_close(first, expected_prefill, atol=1e-5, rtol=0)
     else:
         assert torch.equal(first, expected_prefill)
@@ -95,6 +98,29 @@ def test_family_greedy_tokens_equal_the_plain_model_with_passthrough(family):
             disable_offload(model)
     assert torch.equal(produced, expected)
     assert cache.offloaded_tokens >= (17 if cache.offload_layers else 0)
+
+
+def test_gemma2_softcap_reaches_the_backend_and_matters():
+    """Every real Gemma 2 checkpoint softcaps its attention logits: the offloaded part gets the
+    model's cap, and the cap changes the logits far beyond the tolerance of the family test."""
+    model = tiny_model("gemma2-softcap")
+    tokens = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+    backend = RecordingOffload(PASSTHROUGH)
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits[0]
+        uncapped = tiny_model("gemma2-softcap", attn_logit_softcapping=None)(input_ids=tokens).logits[0]
+        enable_offload(model)
+        try:
+            cache = SvdqOffloadCache(model, backend, window=4, spill_block=2)
+            first = model(input_ids=tokens[:, :20], cache=cache, use_cache=True).logits[0]
+            rest = [model(input_ids=tokens[:, index : index + 1], cache=cache, use_cache=True).logits[0]
+                    for index in range(20, 30)]
+        finally:
+            disable_offload(model)
+    assert backend.softcaps == {2.0} and backend.attended_layers == {0}
+    produced = torch.cat([first, *rest])
+    torch.testing.assert_close(produced, expected, atol=4e-3, rtol=0)
+    assert (uncapped - expected).abs().max() > 0.1
 
 
 def test_gemma3_full_attention_layers_get_their_own_rope():
@@ -121,13 +147,12 @@ def test_gemma3_full_attention_layers_get_their_own_rope():
     "config, message",
     [
         (GPT2Config(n_layer=2, n_head=2, n_embd=32), "model_type 'gpt2' is not supported"),
-        (Gemma2Config(num_hidden_layers=2), r"attention logit softcapping \(attn_logit_softcapping=50.0\)"),
         (Phi3Config(num_hidden_layers=2, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 48, "long_factor": [1.0] * 48,
             "original_max_position_embeddings": 4096}, max_position_embeddings=131072),
          "rope type 'longrope' is not supported"),
     ],
-    ids=["gpt2", "gemma2-softcapping", "phi3-longrope"],
+    ids=["gpt2", "phi3-longrope"],
 )
 def test_unsupported_models_are_refused(config, message):
     with pytest.raises(InvalidInputError, match=message):

@@ -178,3 +178,30 @@ def test_local_attention_off_the_cpu_matches_the_fused_cpu_kernel(monkeypatch):
     for output, lse in (fused, blocked):
         torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=0)
         torch.testing.assert_close(output, torch.softmax(scores, -1) @ value, atol=1e-5, rtol=0)
+
+
+def test_softcapped_local_attention_is_exact_across_query_blocks(monkeypatch):
+    """The local part with softcapping: the capped softmax and its log-sum-exp in blocks of
+    queries, with padding; a query that sees nothing gets output 0 and lse -inf (no NaN)."""
+    import math
+
+    import svdq_client.hf as hf
+
+    monkeypatch.setattr(hf, "_QUERY_BLOCK", 3)
+    generator = torch.Generator().manual_seed(8)
+    query = 4.0 * torch.randn(2, 4, 7, 16, generator=generator)
+    key, value = torch.randn(2, 4, 11, 16, generator=generator), torch.randn(2, 4, 11, 16, generator=generator)
+    visible = hf._visible(None, 7, 11, torch.device("cpu")).expand(2, 1, 7, 11).clone()
+    visible[1, :, :, :3] = False
+    visible[1, :, 0] = False  # row 1's first query is padding: it sees no key
+    output, lse = hf._softcapped_attention(query, key, value, visible, 0.25, 1.5)
+    scores = (1.5 * torch.tanh(query @ key.transpose(2, 3) * 0.25 / 1.5)).masked_fill(~visible, -math.inf)
+    seen = visible[:, 0].any(-1)  # [B, q]
+    expected_lse = torch.logsumexp(scores, -1)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+    expected = torch.nan_to_num(torch.softmax(scores, -1)) @ value
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    assert torch.isneginf(lse[1, :, 0]).all() and not seen[1, 0] and torch.equal(output[1, :, 0], torch.zeros(4, 16))
+    # The cap bites at these scores: without it the output differs.
+    plain = torch.softmax((query @ key.transpose(2, 3) * 0.25).masked_fill(~visible, -math.inf), -1)
+    assert (torch.nan_to_num(plain) @ value - expected).abs().max() > 0.05

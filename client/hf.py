@@ -23,7 +23,9 @@ How it works, per forward pass of the model:
   nothing is offloaded (the prefill) and on sliding layers. Once a prefix is offloaded it runs
   the fused CPU flash kernel, which also returns the log-sum-exp, over the local tokens, asks
   the backend for attention over each row's offloaded prefix in one call per layer, and merges
-  the two by log-sum-exp in float32.
+  the two by log-sum-exp in float32. With attention logit softcapping (Gemma 2), which no
+  fused kernel does, the local part is an exact blocked softmax of the capped scores (as the
+  model's eager attention computes them) and the backend caps the offloaded part's scores alike.
 * After the last layer's attention, tokens beyond the local window move to the backend: the
   whole prefill prefix at the first forward pass (one upload of every offloaded layer per
   row), then blocks of ``spill_block`` tokens as decode steps fill the window.
@@ -34,9 +36,8 @@ attention mask (padding tokens are masked locally and never offloaded); rows tha
 ``num_return_sequences`` > 1 raise (the offloaded prefixes cannot be reordered).
 
 Supported model families: :data:`SUPPORTED_MODEL_TYPES`; anything else, RoPE types other than
-default/linear/llama3, attention logit softcapping (Gemma 2 checkpoints) and layer types other
-than full and sliding attention raise :class:`svdq.errors.InvalidInputError` naming what is
-missing.
+default/linear/llama3 and layer types other than full and sliding attention raise
+:class:`svdq.errors.InvalidInputError` naming what is missing.
 """
 
 from __future__ import annotations
@@ -128,13 +129,6 @@ class ModelShape:
             raise InvalidInputError(
                 f"model_type {model_type!r} is not supported by the svdq offload integration; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        softcap = getattr(config, "attn_logit_softcapping", None)
-        if softcap is not None:
-            raise InvalidInputError(
-                f"{model_type} with attention logit softcapping (attn_logit_softcapping={softcap}) is not supported: "
-                "the server's attention over the offloaded prefix has no softcapping; only models with "
-                "attn_logit_softcapping=None are"
             )
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         unknown = sorted(set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION})
@@ -233,11 +227,12 @@ class OffloadBackend(Protocol):
         later calls append to it."""
 
     def attend(self, layer: int, queries: torch.Tensor, rows: Sequence[int],
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of post-RoPE ``queries`` float32 [len(rows), q, num_query_heads, head_dim],
         row ``i`` over every offloaded token of ``rows[i]`` in ``layer``, in one request; returns
         ``output`` float32 of the queries' shape and ``lse`` float32 [len(rows), q,
-        num_query_heads] (natural log, ``scale`` included)."""
+        num_query_heads] (natural log, ``scale`` and ``softcap`` included). ``softcap``: the
+        model's attention logit softcapping (Gemma 2), ``None`` for none."""
 
     def close(self) -> None:
         """Release the stored sequences; idempotent."""
@@ -313,7 +308,7 @@ class LocalOffload:
         self.stats.store_seconds += elapsed
 
     def attend(self, layer: int, queries: torch.Tensor, rows: Sequence[int],
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
         count = queries.shape[1]
         result = attend(
@@ -323,6 +318,7 @@ class LocalOffload:
             scale=scale,
             sparsity=self.sparsity,
             backend=self.backend,
+            softcap=softcap,
         )
         _count_attend_stats(self.stats, result.stats)
         self.stats.backend_seconds += time.perf_counter() - started
@@ -433,11 +429,12 @@ class RemoteOffload:
         self.stats.store_seconds += elapsed
 
     def attend(self, layer: int, queries: torch.Tensor, rows: Sequence[int],
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
         count = queries.shape[1]
         entries = [(self.sequence_id_of(row), layer) for row in rows for _ in range(count)]
-        result = self.client.attend(queries.flatten(0, 1), entries, sparsity=self.sparsity, scale=scale)
+        result = self.client.attend(queries.flatten(0, 1), entries, sparsity=self.sparsity, scale=scale,
+                                    softcap=softcap)
         _count_attend_stats(self.stats, result.stats)
         self.stats.backend_seconds += time.perf_counter() - started
         return result.output.unflatten(0, queries.shape[:2]), result.lse.unflatten(0, queries.shape[:2])
@@ -807,19 +804,43 @@ def _visible(mask: torch.Tensor | None, query_count: int, key_count: int, device
 
 
 def _local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the local tokens with its log-sum-exp, for merging with the offloaded part.
 
     Args:
-        query: [B, Hq, q, D]; key, value: [B, Hkv, n, D] post-RoPE; visible: bool [B or 1, 1, q, n].
+        query: [B, Hq, q, D]; key, value: [B, Hkv, n, D] post-RoPE; visible: bool [B or 1, 1, q, n];
+        softcap: the model's attention logit softcapping, or ``None``.
     Returns:
         output float32 [B, q, Hq, D] and lse float32 [B, q, Hq] (natural log, scale included).
     """
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    attention = _fused_cpu_attention if query.device.type == "cpu" else _sdpa_attention_with_lse
-    output, lse = attention(query, key, value, visible, scale)
+    if softcap is not None:
+        output, lse = _softcapped_attention(query, key, value, visible, scale, softcap)
+    elif query.device.type == "cpu":
+        output, lse = _fused_cpu_attention(query, key, value, visible, scale)
+    else:
+        output, lse = _sdpa_attention_with_lse(query, key, value, visible, scale)
     return output.transpose(1, 2).float(), lse.transpose(1, 2).float()
+
+
+def _softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                          scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention with logit softcapping, as Gemma 2's eager attention computes it (scores
+    ``softcap * tanh(scores / softcap)``, then the mask, a float32 softmax): no fused kernel
+    softcaps. Scores in query blocks bound the [B, H, block, n] memory. Shapes as
+    :func:`_fused_cpu_attention` (output in float32); a query that sees no key gets output 0
+    and lse -inf."""
+    outputs, lses = [], []
+    for start in range(0, query.shape[2], _QUERY_BLOCK):
+        scores = torch.matmul(query[:, :, start : start + _QUERY_BLOCK].float(), key.float().transpose(2, 3)) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~visible[:, :, start : start + _QUERY_BLOCK], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        outputs.append(torch.matmul(weights, value.float()))
+        lses.append(lse)
+    return torch.cat(outputs, dim=2), torch.cat(lses, dim=-1)
 
 
 def _fused_cpu_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
@@ -878,6 +899,8 @@ def svdq_offload_attention(
         raise InvalidInputError("the svdq offload attention is for inference: dropout must be 0 (call model.eval())")
     cache = layer.cache
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # Gemma 2 passes its attention logit softcapping (None for the other families).
+    softcap = kwargs.pop("softcap", None)
     rows = sorted(cache.stored_rows - cache.finished_rows) if isinstance(layer, SvdqOffloadLayer) else []
     query_count = query.shape[2]
     if isinstance(layer, SvdqOffloadLayer) and attention_mask is not None:
@@ -886,17 +909,20 @@ def svdq_offload_attention(
         own = _visible(attention_mask, query_count, key.shape[2], query.device)[
             :, 0, queries, queries + (key.shape[2] - query_count)]
         layer.valid[:, -query_count:] &= own.expand(layer.valid.shape[0], -1)
-    if not rows:
+    if not rows and softcap is None:
         # Nothing offloaded for any live row (the prefill, or a sliding layer): the model's own SDPA.
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale,
                                            **kwargs)
         cache.after_attention(layer.layer_idx)
         return output, None
     visible = _visible(attention_mask, query_count, key.shape[2], query.device)
-    output, lse = _local_attention(query, key, value, visible, scale)
+    output, lse = _local_attention(query, key, value, visible, scale, softcap)
+    if not rows:  # softcapped, nothing offloaded: the local part is all there is
+        cache.after_attention(layer.layer_idx)
+        return output.to(query.dtype), None
     index = torch.tensor(rows, device=query.device)
     remote_output, remote_lse = cache.backend.attend(layer.offload_index, query[index].transpose(1, 2).float().cpu(),
-                                                     rows, scale)
+                                                     rows, scale, softcap)
     merged, _ = merge_attention(output[index], lse[index], remote_output.to(output.device),
                                 remote_lse.to(output.device))
     output[index] = merged

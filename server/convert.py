@@ -121,6 +121,7 @@ def attend_args_from_pb(request: pb.AttendRequest) -> dict:
         "queries": _float_tensor(request, "queries", "queries", shape=(len(entries), None, None)),
         "sparsity": sparsity_from_pb(request.sparsity) if request.HasField("sparsity") else None,
         "scale": request.scale if request.HasField("scale") else None,
+        "softcap": request.softcap if request.HasField("softcap") else None,
     }
 
 

@@ -693,12 +693,14 @@ class Engine:
     # -- attention ---------------------------------------------------------------------------
 
     def attend(self, tenant: str, entries: Sequence[tuple[str, int]], queries: torch.Tensor, *,
-               sparsity: SparsityConfig | None = None, scale: float | None = None) -> AttendResult:
+               sparsity: SparsityConfig | None = None, scale: float | None = None,
+               softcap: float | None = None) -> AttendResult:
         """Attention of ``queries`` [B, q_heads, head_dim] (post-RoPE), row b over the keys
         and values of ``entries[b] = (sequence_id, layer)``.
 
         Returns output float32 [B, q_heads, head_dim] and lse float32 [B, q_heads] on the CPU.
-        ``sparsity`` None is dense attention.
+        ``sparsity`` None is dense attention; ``softcap`` (Gemma 2's attention logit
+        softcapping) is checked by :func:`svdq.attention.attend` and runs its torch path.
         """
         if not entries:
             raise InvalidInputError("entries must name at least one (sequence_id, layer)")
@@ -729,7 +731,8 @@ class Engine:
                 raise ConflictError(f"sequence {sequence_id!r} stores no values; attention needs them")
             keys.append(state.keys[layer])
             values.append(state.values[layer])
-        result = attend_compressed(queries.to(self.device), keys, values, scale=scale, sparsity=sparsity)
+        result = attend_compressed(queries.to(self.device), keys, values, scale=scale, sparsity=sparsity,
+                                   softcap=softcap)
         if not (all_finite(result.output) and all_finite(result.lse)):
             # Finite keys, queries and scale can still overflow float32 scores (|q.k| ~ 1e38).
             raise InvalidInputError("attention overflowed: the scores scale * q.k of these queries exceed float32's "

@@ -34,6 +34,7 @@ is ``2 * S * C``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -54,6 +55,9 @@ BACKEND_ENV = "SVDQ_BACKEND"
 SCORE_BLOCK_ELEMENTS = 1 << 18
 # Reconstructed keys (float32 elements, whole token groups) the dense path builds at a time.
 RECONSTRUCT_BLOCK_ELEMENTS = 1 << 18
+#: largest attention logit softcap: models cap at tens (Gemma 2: 50); far above the scores a
+#: cap changes nothing, so a larger one is taken for a mistake
+MAX_SOFTCAP = 1e4
 
 
 @dataclass(frozen=True)
@@ -603,23 +607,25 @@ def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
 
 
 def softmax_weights(
-    query: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor | None = None
+    query: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised softmax weights of grouped queries over one token set.
 
     Args:
         query: float32 [..., Hkv, ratio, D]; keys: float32 [..., Hkv, n, D] (leading
-            dimensions broadcast); valid: bool [..., Hkv, n] or None (all valid).
+            dimensions broadcast); valid: bool [..., Hkv, n] or None (all valid);
+            softcap: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2), or None.
 
     Returns:
         ``(weights [..., Hkv, ratio, n], lse [..., Hkv, ratio])`` float32: ``weights`` are
         ``exp(score - lse)`` (they sum to 1 over the set); lse is -inf for no tokens.
     """
-    return softmax_from_dots(torch.einsum("...hgd,...hnd->...hgn", query, keys), scale, valid)
+    return softmax_from_dots(torch.einsum("...hgd,...hnd->...hgn", query, keys), scale, valid, softcap)
 
 
 def softmax_from_dots(
-    dots: torch.Tensor, scale: float, valid: torch.Tensor | None = None
+    dots: torch.Tensor, scale: float, valid: torch.Tensor | None = None, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax weights and lse from raw dot products ``q . k`` [..., Hkv, ratio, n].
 
@@ -628,6 +634,8 @@ def softmax_from_dots(
     scaled in place. Returns what :func:`softmax_weights` returns.
     """
     scores = dots.mul_(scale)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if valid is not None:
         scores = scores.masked_fill(~valid[..., None, :], -math.inf)
     if scores.shape[-1] == 0:
@@ -768,7 +776,7 @@ def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: to
 
 def _attend_torch_group(
     queries: torch.Tensor, keys: CompressedKeys, values: CompressedValues, scale: float,
-    selections: Sequence[BodySelection],
+    selections: Sequence[BodySelection], softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries [n, Hq, D] over one sequence -> (output [n, Hq, D], lse [n, Hq]).
 
@@ -783,27 +791,28 @@ def _attend_torch_group(
     if selections[0].token_index is None:
         # [Hkv, n * ratio, D]: the query heads of a KV head, for every query.
         grouped = queries.float().reshape(count, kv_heads, ratio, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
-        weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale)
+        weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale, softcap=softcap)
         output = weighted_values(values, weights, fp_index)
         if n_body:
-            body_weights, lse_body = softmax_from_dots(dense_body_dots(keys, grouped), scale)
+            body_weights, lse_body = softmax_from_dots(dense_body_dots(keys, grouped), scale, softcap=softcap)
             out_body = weighted_values(values, body_weights, slice(start, start + n_body))
             output, lse = merge_attention(output, lse, out_body, lse_body)
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)
         return output.reshape(count, q_heads, head_dim), lse.reshape(kv_heads, count, ratio).transpose(0, 1).reshape(count, q_heads)
     grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)
-    weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale)
+    weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale, softcap=softcap)
     output = weighted_values(values, weights, fp_index)
     stacked = BodySelection(torch.stack([s.token_index for s in selections]), torch.stack([s.valid for s in selections]),
                             0, 0, 0, 0)
-    body_weights, lse_body = softmax_weights(grouped, body_keys(keys, stacked), scale, stacked.valid)
+    body_weights, lse_body = softmax_weights(grouped, body_keys(keys, stacked), scale, stacked.valid, softcap)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
 
 
 def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values: Sequence[CompressedValues],
-                  scale: float, selections: Sequence[BodySelection]) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, selections: Sequence[BodySelection],
+                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference over a batch: entries over the same sequence run together."""
     output = torch.empty(queries.shape, dtype=torch.float32, device=queries.device)
     lse = torch.empty(queries.shape[:2], dtype=torch.float32, device=queries.device)
@@ -811,7 +820,7 @@ def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values:
         index = torch.tensor(members, device=queries.device)
         first = members[0]
         out, lse_group = _attend_torch_group(queries[index], keys[first], values[first], scale,
-                                             [selections[b] for b in members])
+                                             [selections[b] for b in members], softcap)
         output[index], lse[index] = out, lse_group
     return output, lse
 
@@ -880,6 +889,7 @@ def attend(
     scale: float | None = None,
     sparsity: SparsityConfig | None = None,
     backend: str | None = None,
+    softcap: float | None = None,
 ) -> AttentionOutput:
     """Decode attention over compressed keys and values.
 
@@ -893,6 +903,9 @@ def attend(
         scale: softmax scale; default ``1 / sqrt(D)``.
         sparsity: attend only to chosen chunks (see the module docstring); None = dense.
         backend: ``"torch"`` or ``"triton"``; default from :func:`select_backend`.
+        softcap: attention logit softcapping, scores ``softcap * tanh(scores / softcap)``
+            before the softmax (Gemma 2), in (0, :data:`MAX_SOFTCAP`]; None: none. Softcapped
+            requests take the torch path (the Triton kernels do not softcap).
 
     Returns:
         :class:`AttentionOutput`: ``output`` float32 [B, Hq, D], ``lse`` float32 [B, Hq].
@@ -901,6 +914,10 @@ def attend(
     keys = [keys] if isinstance(keys, CompressedKeys) else keys
     values = [values] if isinstance(values, CompressedValues) else values
     softmax_scale = _validate(queries, keys, values, scale, sparsity)
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap <= MAX_SOFTCAP):
+        raise InvalidInputError(f"softcap must be a number in (0, {MAX_SOFTCAP:g}] or None (no softcapping), "
+                                f"got {softcap!r}")
     chosen = select_backend(queries.device, backend)
     batch, q_heads, head_dim = queries.shape
     selections: list[BodySelection] = [None] * batch  # type: ignore[list-item]
@@ -911,7 +928,7 @@ def attend(
             selections[b] = selection
     # The kernels read 16-bit and per-token values; SVDq latent values take the torch
     # reference (on the same device) until the kernels sum latent codes too.
-    use_kernel = [chosen == "triton" and value.latent is None for value in values]
+    use_kernel = [chosen == "triton" and value.latent is None and softcap is None for value in values]
     parts = [(rows, kernel) for kernel in (True, False)
              if (rows := [b for b in range(batch) if use_kernel[b] == kernel])]
     output = lse = None
@@ -919,7 +936,7 @@ def attend(
         if kernel:
             from .kernels.decode_attention import attend_triton as run_part
         else:
-            run_part = _attend_torch
+            run_part = functools.partial(_attend_torch, softcap=None if softcap is None else float(softcap))
         if len(parts) == 1:
             output, lse = run_part(queries, keys, values, softmax_scale, selections)
             break

@@ -37,6 +37,9 @@ FAMILIES = {
     "phi3-partial-rotary": (Phi3Config, dict(_COMMON, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
     "gemma2": (Gemma2Config, dict(_GEMMA, attn_logit_softcapping=None, final_logit_softcapping=30.0)),
+    # Real checkpoints cap at 50, which these small random scores never reach; a cap of 2
+    # moves the logits by ~0.4 (std 0.8), so leaving it out anywhere fails the comparisons.
+    "gemma2-softcap": (Gemma2Config, dict(_GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=30.0)),
     "gemma3": (Gemma3TextConfig, dict(_GEMMA, rope_parameters={
         "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),

@@ -34,13 +34,15 @@ def structured_keys(tokens, kv_heads, head_dim, seed=0, rank=6):
     return (factors @ mixing + noise + 0.5).reshape(tokens, kv_heads, head_dim)
 
 
-def naive_attention(queries, keys_post, values, scale, allowed=None):
+def naive_attention(queries, keys_post, values, scale, allowed=None, softcap=None):
     """queries [Hq, D]; keys_post, values [S, Hkv, D]; allowed bool [Hkv, S] or None."""
     q_heads, kv_heads = queries.shape[0], keys_post.shape[1]
     ratio = q_heads // kv_heads
     keys_rep = keys_post.double().repeat_interleave(ratio, dim=1)
     values_rep = values.double().repeat_interleave(ratio, dim=1)
     scores = torch.einsum("hd,shd->hs", queries.double(), keys_rep) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if allowed is not None:
         scores = scores.masked_fill(~allowed.repeat_interleave(ratio, dim=0), -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
@@ -299,6 +301,44 @@ def test_backend_choice_and_override(monkeypatch):
         select_backend("cpu", "triton")
     with pytest.raises(InvalidInputError, match="backend must be one of"):
         select_backend("cpu", "numpy")
+
+
+@pytest.mark.parametrize("method, sparse", [("svdq", False), ("svdq", True), ("fp16", False)])
+def test_softcap_caps_full_precision_and_latent_scores_before_the_softmax(method, sparse):
+    """Gemma 2's attention logit softcapping: scores ``cap * tanh(s / cap)``, on the sinks and
+    recent tokens kept in full precision and on the latent body alike, dense or sparse."""
+    keys, values = make_case(method, tokens=403)
+    queries = 3.0 * torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(11))
+    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=24) if sparse else None
+    post, dense_values = decompress(keys, "post_rope", torch.float32), decompress_values(values, torch.float32)
+    capped = attend(queries, [keys, keys], [values, values], sparsity=sparsity, backend="torch", softcap=2.0)
+    uncapped = attend(queries, [keys, keys], [values, values], sparsity=sparsity, backend="torch")
+    for b in range(2):
+        allowed = None
+        if sparse:
+            selection = select_body_tokens(queries[b], keys, sparsity)
+            start, n_body = body_range(keys)
+            allowed = torch.ones(3, 403, dtype=torch.bool)
+            allowed[:, start:start + n_body] = False
+            for head in range(3):
+                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+        expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8, allowed, softcap=2.0)
+        torch.testing.assert_close(capped.output[b].double(), expected, atol=2e-5, rtol=0)
+        torch.testing.assert_close(capped.lse[b].double(), lse, atol=2e-5, rtol=0)
+    # A cap of 2 on scores of std ~3 changes the attention: the check above could fail.
+    assert (capped.output - uncapped.output).abs().max() > 0.05
+    # The Triton kernels do not softcap: a softcapped request takes the torch path, same result.
+    through_triton_choice = attend(queries, [keys, keys], [values, values], sparsity=sparsity, backend="triton",
+                                   softcap=2.0)
+    assert torch.equal(through_triton_choice.output, capped.output)
+    assert torch.equal(through_triton_choice.lse, capped.lse)
+
+
+@pytest.mark.parametrize("softcap", [0.0, -50.0, float("nan"), float("inf"), 1e5, True, "50"])
+def test_bad_softcap_is_refused(softcap):
+    keys, values = make_case(tokens=40)
+    with pytest.raises(InvalidInputError, match=r"softcap must be a number in \(0, 10000\] or None"):
+        attend(torch.randn(1, 3, 64), [keys], [values], softcap=softcap)
 
 
 def test_bad_inputs_are_rejected_with_the_field_named():

@@ -246,14 +246,14 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     """The README's demo end to end on a short context: its own server process, the report."""
     from svdq_client.demo import main
 
-    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "3", "--prefill-chunk", "100"]) == 0
+    assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
     report = captured.out
-    # Progress on stderr: every prefill chunk with the tokens done, then the upload.
-    progress = [line.split()[1] for line in captured.err.splitlines() if line.startswith("prefill ")]
-    total = progress[-1].split("/")[1]
-    assert progress == [f"{done}/{total}" for done in (*range(100, int(total), 100), int(total))]
-    assert "upload   done" in captured.err
+    # Progress on stderr: every decoder layer of the one prefill pass, in order, then the upload.
+    progress = [line.split()[2] for line in captured.err.splitlines() if line.startswith("prefill  layer")]
+    assert progress == [f"{layer}/30" for layer in range(1, 31)]
+    upload = next(line for line in captured.err.splitlines() if line.startswith("upload "))
+    assert " tokens x 30 layers to 127.0.0.1:" in upload
     assert "server            127.0.0.1:" in report
     stored = next(line for line in report.splitlines() if line.startswith("stored keys"))
     ratio = float(stored.split("= ratio ")[1].split("x")[0])
@@ -311,18 +311,3 @@ def test_demo_rejects_bad_options(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-def test_chunked_prefill_gives_the_single_pass_cache_and_reports_progress():
-    model = tiny_model("llama")
-    tokens = torch.randint(3, 97, (1, 45), generator=torch.Generator().manual_seed(6))
-    whole = evaluation.prefill(model, tokens, capture_pre_rope=True)
-    seen = []
-    chunked = evaluation.prefill(model, tokens, capture_pre_rope=True, chunk_tokens=16,
-                                 progress=lambda done, total: seen.append((done, total)))
-    assert seen == [(16, 45), (32, 45), (45, 45)]
-    for name in ("keys", "values", "pre_rope_keys"):
-        for single, pieces in zip(getattr(whole, name), getattr(chunked, name), strict=True):
-            assert single.shape == pieces.shape == (45, 2, 16)
-            torch.testing.assert_close(pieces, single, atol=1e-5, rtol=0)
-    torch.testing.assert_close(chunked.last_logits, whole.last_logits, atol=1e-4, rtol=0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hf_tiny import FAMILIES, tiny_config, tiny_model
 from svdq_client.hf import LocalOffload, ModelShape, SvdqOffloadCache, disable_offload, enable_offload
-from transformers import Gemma2Config, GPT2Config, Phi3Config
+from transformers import GPT2Config, Phi3Config
 
 from svdq.codec import CodecConfig
 from svdq.errors import InvalidInputError
@@ -28,14 +28,16 @@ class RecordingOffload(LocalOffload):
         super().__init__(*args, **kwargs)
         self.stored_layers: set[int] = set()
         self.attended_layers: set[int] = set()
+        self.softcaps: set[float | None] = set()
 
     def store(self, row, keys, values, positions):
         self.stored_layers.update(range(keys.shape[0]))
         super().store(row, keys, values, positions)
 
-    def attend(self, layer, queries, rows, scale):
+    def attend(self, layer, queries, rows, scale, softcap=None):
         self.attended_layers.add(layer)
-        return super().attend(layer, queries, rows, scale)
+        self.softcaps.add(softcap)
+        return super().attend(layer, queries, rows, scale, softcap)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -70,8 +72,9 @@ def test_family_matches_plain_logits_and_offloads_only_full_attention_layers(fam
         if index not in full:  # sliding layers hold their window only
             assert layer.keys.shape[-2] < shape.sliding_window
     # The prefill is the model's own SDPA attention: bit for bit the plain model on the same
-    # tokens; transformers runs Gemma 2 with eager attention (float32 rounding apart).
-    if family == "gemma2":
+    # tokens; transformers runs Gemma 2 with eager attention, and softcapped scores take an
+    # exact blocked softmax here (float32 rounding apart).
+    if family.startswith("gemma2"):
         torch.testing.assert_close(first, expected_prefill, atol=1e-5, rtol=0)
     else:
         assert torch.equal(first, expected_prefill)
@@ -95,6 +98,29 @@ def test_family_greedy_tokens_equal_the_plain_model_with_passthrough(family):
             disable_offload(model)
     assert torch.equal(produced, expected)
     assert cache.offloaded_tokens >= (17 if cache.offload_layers else 0)
+
+
+def test_gemma2_softcap_reaches_the_backend_and_matters():
+    """Every real Gemma 2 checkpoint softcaps its attention logits: the offloaded part gets the
+    model's cap, and the cap changes the logits far beyond the tolerance of the family test."""
+    model = tiny_model("gemma2-softcap")
+    tokens = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+    backend = RecordingOffload(PASSTHROUGH)
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits[0]
+        uncapped = tiny_model("gemma2-softcap", attn_logit_softcapping=None)(input_ids=tokens).logits[0]
+        enable_offload(model)
+        try:
+            cache = SvdqOffloadCache(model, backend, window=4, spill_block=2)
+            first = model(input_ids=tokens[:, :20], cache=cache, use_cache=True).logits[0]
+            rest = [model(input_ids=tokens[:, index : index + 1], cache=cache, use_cache=True).logits[0]
+                    for index in range(20, 30)]
+        finally:
+            disable_offload(model)
+    assert backend.softcaps == {2.0} and backend.attended_layers == {0}
+    produced = torch.cat([first, *rest])
+    torch.testing.assert_close(produced, expected, atol=4e-3, rtol=0)
+    assert (uncapped - expected).abs().max() > 0.1
 
 
 def test_gemma3_full_attention_layers_get_their_own_rope():
@@ -121,13 +147,12 @@ def test_gemma3_full_attention_layers_get_their_own_rope():
     "config, message",
     [
         (GPT2Config(n_layer=2, n_head=2, n_embd=32), "model_type 'gpt2' is not supported"),
-        (Gemma2Config(num_hidden_layers=2), r"attention logit softcapping \(attn_logit_softcapping=50.0\)"),
         (Phi3Config(num_hidden_layers=2, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 48, "long_factor": [1.0] * 48,
             "original_max_position_embeddings": 4096}, max_position_embeddings=131072),
          "rope type 'longrope' is not supported"),
     ],
-    ids=["gpt2", "gemma2-softcapping", "phi3-longrope"],
+    ids=["gpt2", "phi3-longrope"],
 )
 def test_unsupported_models_are_refused(config, message):
     with pytest.raises(InvalidInputError, match=message):
@@ -153,3 +178,30 @@ def test_local_attention_off_the_cpu_matches_the_fused_cpu_kernel(monkeypatch):
     for output, lse in (fused, blocked):
         torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=0)
         torch.testing.assert_close(output, torch.softmax(scores, -1) @ value, atol=1e-5, rtol=0)
+
+
+def test_softcapped_local_attention_is_exact_across_query_blocks(monkeypatch):
+    """The local part with softcapping: the capped softmax and its log-sum-exp in blocks of
+    queries, with padding; a query that sees nothing gets output 0 and lse -inf (no NaN)."""
+    import math
+
+    import svdq_client.hf as hf
+
+    monkeypatch.setattr(hf, "_QUERY_BLOCK", 3)
+    generator = torch.Generator().manual_seed(8)
+    query = 4.0 * torch.randn(2, 4, 7, 16, generator=generator)
+    key, value = torch.randn(2, 4, 11, 16, generator=generator), torch.randn(2, 4, 11, 16, generator=generator)
+    visible = hf._visible(None, 7, 11, torch.device("cpu")).expand(2, 1, 7, 11).clone()
+    visible[1, :, :, :3] = False
+    visible[1, :, 0] = False  # row 1's first query is padding: it sees no key
+    output, lse = hf._softcapped_attention(query, key, value, visible, 0.25, 1.5)
+    scores = (1.5 * torch.tanh(query @ key.transpose(2, 3) * 0.25 / 1.5)).masked_fill(~visible, -math.inf)
+    seen = visible[:, 0].any(-1)  # [B, q]
+    expected_lse = torch.logsumexp(scores, -1)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+    expected = torch.nan_to_num(torch.softmax(scores, -1)) @ value
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    assert torch.isneginf(lse[1, :, 0]).all() and not seen[1, 0] and torch.equal(output[1, :, 0], torch.zeros(4, 16))
+    # The cap bites at these scores: without it the output differs.
+    plain = torch.softmax((query @ key.transpose(2, 3) * 0.25).masked_fill(~visible, -math.inf), -1)
+    assert (torch.nan_to_num(plain) @ value - expected).abs().max() > 0.05

@@ -86,6 +86,13 @@ def test_upload_fetch_attend_equal_the_library(client):
         torch.testing.assert_close(remote.output, expected.output, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(remote.lse, expected.lse, rtol=1e-5, atol=1e-5)
         assert [s.key_bytes_read for s in remote.stats] == [s.key_bytes_read for s in expected.stats]
+    # Attention logit softcapping (Gemma 2) travels in the request and caps the server's scores.
+    remote = client.attend(4.0 * queries, entries, softcap=1.5)
+    expected = attend(4.0 * queries, [local[layer] for _, layer in entries],
+                      [local_values[layer] for _, layer in entries], softcap=1.5)
+    torch.testing.assert_close(remote.output, expected.output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(remote.lse, expected.lse, rtol=1e-5, atol=1e-5)
+    assert (remote.output - client.attend(4.0 * queries, entries).output).abs().max() > 0.01
     client.delete(sequence)
     with pytest.raises(NotFoundError):
         client.describe(sequence)
@@ -176,6 +183,11 @@ def _bad_requests(sequence):
     nan_keys[1, 0, 1, 3] = float("inf")
     attend = pb.AttendRequest(entries=[pb.AttendEntry(sequence_id=sequence, layer=5)])
     tensor_to_pb(torch.zeros(1, HEADS, DIM), attend.queries)
+    softcaps = []
+    for softcap in (0.0, -50.0, float("nan"), 1e5):
+        request = pb.AttendRequest(entries=[pb.AttendEntry(sequence_id=sequence, layer=0)], softcap=softcap)
+        tensor_to_pb(torch.zeros(1, HEADS, DIM), request.queries)
+        softcaps.append(("Attend", request, grpc.StatusCode.INVALID_ARGUMENT, r"softcap must be a number in \(0, 10000\]"))
     huge = pb.AppendRequest(sequence_id=sequence, expected_tokens=48)
     tensor_to_pb(torch.zeros(LAYERS, 8200, HEADS, DIM), huge.keys)  # > the server's 3 MiB message limit
     return [
@@ -190,6 +202,7 @@ def _bad_requests(sequence):
         ("Append", append(sequence_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "sequence_id must be"),
         ("Append", huge, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
         ("Attend", attend, grpc.StatusCode.INVALID_ARGUMENT, r"entries\[0\].layer must be in 0..1"),
+        *softcaps,
         ("Fetch", pb.FetchRequest(sequence_id=sequence, dtype=pb.INT64), grpc.StatusCode.INVALID_ARGUMENT,
          "dtype must be FLOAT16, BFLOAT16 or FLOAT32"),
         ("Decompress", pb.DecompressRequest(blob=b"SVDQ-not-really"), grpc.StatusCode.INVALID_ARGUMENT, "blob"),

@@ -285,16 +285,18 @@ class Sparsity(_message.Message):
     def __init__(self, keep_fraction: _Optional[float] = ..., chunk_size: _Optional[int] = ..., num_recent: _Optional[int] = ..., score_channels: _Optional[int] = ...) -> None: ...
 
 class AttendRequest(_message.Message):
-    __slots__ = ("entries", "queries", "sparsity", "scale")
+    __slots__ = ("entries", "queries", "sparsity", "scale", "softcap")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    SOFTCAP_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AttendEntry]
     queries: Tensor
     sparsity: Sparsity
     scale: float
-    def __init__(self, entries: _Optional[_Iterable[_Union[AttendEntry, _Mapping]]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., sparsity: _Optional[_Union[Sparsity, _Mapping]] = ..., scale: _Optional[float] = ...) -> None: ...
+    softcap: float
+    def __init__(self, entries: _Optional[_Iterable[_Union[AttendEntry, _Mapping]]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., sparsity: _Optional[_Union[Sparsity, _Mapping]] = ..., scale: _Optional[float] = ..., softcap: _Optional[float] = ...) -> None: ...
 
 class AttendStats(_message.Message):
     __slots__ = ("key_bytes_read", "dense_fp16_key_bytes", "tokens_attended", "tokens_total")

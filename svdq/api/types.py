@@ -102,6 +102,7 @@ def codec_to_pb(config: CodecConfig, out: pb.Codec) -> pb.Codec:
     out.group_size, out.num_sinks = config.group_size, config.num_sinks
     if config.noise_averaging != 1.0:
         out.noise_averaging = config.noise_averaging
+    out.exact_tokens = config.exact_tokens
     return out
 
 
@@ -116,6 +117,7 @@ def codec_from_pb(message: pb.Codec) -> CodecConfig:
         group_size=message.group_size or defaults.group_size,
         num_sinks=message.num_sinks if message.HasField("num_sinks") else defaults.num_sinks,
         noise_averaging=message.noise_averaging if message.HasField("noise_averaging") else 1.0,
+        exact_tokens=message.exact_tokens,
     )
 
 

@@ -8,15 +8,14 @@ import zlib
 
 import pytest
 import torch
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+from test_attention import naive_attention, structured_keys
 
 from svdq import CodecConfig, FormatError, RopeConfig, append, apply_rope, compress, decompress, from_bytes, to_bytes
 from svdq.api.types import codec_from_pb, codec_to_pb
 from svdq.attention import SparsityConfig, attend, body_range, select_body_tokens
 from svdq.errors import InvalidInputError
 from svdq.values import ValueConfig, compress_values, decompress_values
-from svdq_proto.svdq.v1 import kvcache_pb2 as pb
-
-from test_attention import naive_attention, structured_keys
 
 ROPE = RopeConfig(theta=10000.0)
 SCHEDULE = CodecConfig(schedule=(8, 4, 2, 1, 1, 0, 0, 0), group_size=16, num_sinks=4)

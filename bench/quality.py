@@ -82,6 +82,10 @@ def latent_values(bits: float) -> ValueConfig:
     return ValueConfig(codec=replace(DEFAULT_VALUE_CODEC, bits_per_element=bits))
 
 
+#: Whole-cache keys that also keep their 4 worst-reconstructed quantized tokens exact.
+EXACT_KEYS = svdq.CodecConfig(exact_tokens=4)
+
+
 def main_methods() -> list[Method]:
     """The headline table: fp16, keys-only SVDq, KIVI-like baselines, whole-cache SVDq."""
     C = svdq.CodecConfig
@@ -100,6 +104,12 @@ def main_methods() -> list[Method]:
         Method("svdq cache 2.0 bits, own bases", C(), budget=CacheBudget(2.0)),
         Method("svdq cache 2.0 bits, shared", C(), budget=CacheBudget(2.0), shared_basis=True),
         Method("svdq cache 2.5 bits, shared", C(), budget=CacheBudget(2.5), shared_basis=True),
+        Method("svdq cache 1.5 bits, shared, 4 exact keys", C(), budget=CacheBudget(1.5, key_codec=EXACT_KEYS),
+               shared_basis=True),
+        Method("svdq cache 1.75 bits, shared, 4 exact keys", C(), budget=CacheBudget(1.75, key_codec=EXACT_KEYS),
+               shared_basis=True),
+        Method("svdq cache 2.0 bits, shared, 4 exact keys", C(), budget=CacheBudget(2.0, key_codec=EXACT_KEYS),
+               shared_basis=True),
     ]
 
 
@@ -134,13 +144,16 @@ def explore_value_methods() -> list[Method]:
     return methods
 
 
-#: Methods that also answer the needle cases (each case costs one compression per method, a
-#: whole-cache one five; on the shared 2-core machine 36 cases x 3 methods take ~35 min). The
-#: targets compare with the float32 cache's count where the fp16 row has none.
-NEEDLE_METHODS = ("keys svdq 1.5, values fp16", "kivi 2-bit K and V g32", "svdq cache 2.0 bits, shared")
+#: Methods that also answer the needle cases by default (``--needle-methods``; each case costs
+#: one compression per method, a whole-cache one five; on the shared 2-core machine 36 cases x
+#: 3 methods take ~35 min). The targets compare with the fp16 row's count (the float32 cache's
+#: where the fp16 row has none).
+NEEDLE_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "kivi 2-bit K and V g32", "svdq cache 2.0 bits, shared",
+                  "svdq cache 1.75 bits, shared, 4 exact keys", "svdq cache 2.0 bits, shared, 4 exact keys")
 #: Methods scored again at the short prefix (the issue's 1,024-token case).
 SHORT_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "keys svdq 1.5, values fp16, shared",
-                 "svdq cache 2.0 bits, own bases", "svdq cache 2.0 bits, shared", "svdq cache 2.5 bits, shared")
+                 "svdq cache 2.0 bits, own bases", "svdq cache 2.0 bits, shared", "svdq cache 2.5 bits, shared",
+                 "svdq cache 2.0 bits, shared, 4 exact keys")
 
 
 @dataclass
@@ -526,6 +539,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="tokens of text after the scored windows that the shared bases are fitted on")
     parser.add_argument("--methods", nargs="*", default=None,
                         help="only these rows of the main table (names as printed); default all")
+    parser.add_argument("--needle-methods", nargs="*", default=list(NEEDLE_METHODS),
+                        help="rows of the main table that also answer the needle cases (names as printed)")
     parser.add_argument("--needle-filler", choices=("noise", "prose"), default="noise",
                         help="haystack: repeated plain sentences (RULER's noise haystack) or the docs prose")
     parser.add_argument("--no-explore", action="store_true", help="skip the group size / sinks / basis sweep")
@@ -554,10 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_explore, args.throughput_tokens, args.repeats = True, [1024], 2
         args.methods = ["fp16 K and V", "keys svdq 1.5, values fp16", "kivi 2-bit K and V g32",
                         "svdq cache 2.0 bits, shared"]
+    unknown = (set(args.methods or ()) | set(args.needle_methods)) - {m.name for m in methods}
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {[m.name for m in methods]}")
     if args.methods is not None:
-        unknown = set(args.methods) - {m.name for m in methods}
-        if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {[m.name for m in methods]}")
         methods = [m for m in methods if m.name in args.methods]
     started = time.perf_counter()
     model, tokenizer = load_smollm2(torch.float32)
@@ -582,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods, args.needle_cases, args.short_prefix_tokens = [], 0, 0
     rows = score_nll(model, setup, methods, bases)
     reference_found: dict[int, list[bool]] = {}
-    needle_rows = [row for row in rows if row.method.name in NEEDLE_METHODS or args.smoke]
+    needle_rows = [row for row in rows if row.method.name in args.needle_methods or args.smoke]
     if args.needle_cases and needle_rows:
         for length in args.needle_tokens:
             reference_found[length] = score_needles(model, tokenizer, needle_rows, count=args.needle_cases,

@@ -58,6 +58,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from svdq.attention import SparsityConfig, attend, merge_attention
 from svdq.codec import Basis, CodecConfig, CompressedKeys, append, compress, fit_layer_basis
 from svdq.errors import InvalidInputError
+from svdq.kv import CacheBudget, measure_key_shares
 from svdq.rope import RopeConfig, layer_ropes
 from svdq.values import CompressedValues, ValueConfig, append_values, compress_values
 
@@ -352,6 +353,8 @@ class RemoteOffload:
         cache_bits_per_element: one budget in true bits per KV element for keys and latent
             values, split per layer on the server (:func:`svdq.kv.compress_kv`); needs
             ``value_codec``.
+        cache_key_shares: each layer's split of that budget, measured once
+            (:func:`calibrate_key_shares`); ``None``: the server measures it on every upload.
     """
 
     def __init__(
@@ -366,8 +369,10 @@ class RemoteOffload:
         value_codec: CodecConfig | None = None,
         value_bases: Sequence[Basis] | None = None,
         cache_bits_per_element: float | None = None,
+        cache_key_shares: Sequence[float] | None = None,
     ) -> None:
         self.client = client
+        self.cache_key_shares = tuple(cache_key_shares) if cache_key_shares is not None else None
         self.codec = codec or CodecConfig()
         self.value_bits = value_bits
         self.value_codec = value_codec
@@ -391,7 +396,7 @@ class RemoteOffload:
         _check_bases(self.bases, shape, self.codec)
         self.shape = shape
         if self.profile_name is None:
-            value_settings = (self.value_bits, self.value_codec, self.cache_bits_per_element)
+            value_settings = (self.value_bits, self.value_codec, self.cache_bits_per_element, self.cache_key_shares)
             self.profile_name = _profile_name(shape, self.codec, value_settings,
                                               (self.bases or ()) + (self.value_bases or ()) or None)
         profile = Profile(
@@ -406,6 +411,7 @@ class RemoteOffload:
             value_codec=self.value_codec,
             value_bases=self.value_bases,
             cache_bits_per_element=self.cache_bits_per_element,
+            cache_key_shares=self.cache_key_shares,
         )
         started = time.perf_counter()
         # Registering an identical profile again is accepted; a different one under the same
@@ -490,8 +496,6 @@ def calibrate_cache_bases(model: Any, input_ids: torch.Tensor) -> tuple[tuple[Ba
     one run of ``input_ids``: ``(key_bases, value_bases)``. Value bases serve SVDq latent
     values (``ValueConfig(codec=...)``, :func:`svdq.values.compress_values` ``basis=``);
     values carry no RoPE, so they are fitted as they are cached."""
-    from .evaluation import prefill
-
     shape = ModelShape.from_config(model.config)
     channels = shape.kv_heads * shape.head_dim
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < channels:
@@ -499,17 +503,42 @@ def calibrate_cache_bases(model: Any, input_ids: torch.Tensor) -> tuple[tuple[Ba
             f"calibration input_ids must have shape [1, tokens] with tokens >= kv_heads*head_dim = {channels}, "
             f"got {list(input_ids.shape)}"
         )
+    calibration = _calibration_prefill(model, input_ids)
+    key_bases = tuple(fit_layer_basis(calibration.keys[layer].cpu(), positions=calibration.positions, rope=shape.rope)
+                      for layer in shape.offloaded_layers)
+    return key_bases, tuple(fit_layer_basis(calibration.values[layer].cpu()) for layer in shape.offloaded_layers)
+
+
+def _calibration_prefill(model: Any, input_ids: torch.Tensor) -> Any:
+    """The model's plain cache for calibration ``input_ids`` (:func:`svdq_client.evaluation.prefill`)."""
+    from .evaluation import prefill
+
     previous = model.config._attn_implementation
     if previous == ATTENTION_NAME:  # the offload attention needs an SvdqOffloadCache; this is a plain run
         disable_offload(model)
     try:
-        calibration = prefill(model, input_ids.to(model.device))
+        return prefill(model, input_ids.to(model.device))
     finally:
         if previous == ATTENTION_NAME:
             model.set_attn_implementation(previous)
-    key_bases = tuple(fit_layer_basis(calibration.keys[layer].cpu(), positions=calibration.positions, rope=shape.rope)
-                      for layer in shape.offloaded_layers)
-    return key_bases, tuple(fit_layer_basis(calibration.values[layer].cpu()) for layer in shape.offloaded_layers)
+
+
+@torch.no_grad()
+def calibrate_key_shares(model: Any, input_ids: torch.Tensor, budget: CacheBudget,
+                         key_bases: Sequence[Basis] | None = None,
+                         value_bases: Sequence[Basis] | None = None) -> tuple[float, ...]:
+    """Each offloaded layer's split of ``budget`` between keys and values, measured once on the
+    model's cache for ``input_ids`` (text like the traffic, not the served documents) with the
+    shared bases the profile will hold (:func:`svdq.kv.measure_key_shares`). Pass the result
+    as ``cache_key_shares``: uploads then compress each layer once instead of once per
+    candidate share."""
+    shape = ModelShape.from_config(model.config)
+    calibration = _calibration_prefill(model, input_ids)
+    layers = shape.offloaded_layers
+    return measure_key_shares([calibration.keys[layer].cpu() for layer in layers],
+                              [calibration.values[layer].cpu() for layer in layers], budget,
+                              positions=calibration.positions, rope=shape.rope, key_space="post_rope",
+                              key_bases=key_bases, value_bases=value_bases)
 
 
 def _require_open(shape: ModelShape | None) -> ModelShape:
@@ -940,6 +969,7 @@ __all__ = [
     "SvdqSlidingLayer",
     "calibrate_bases",
     "calibrate_cache_bases",
+    "calibrate_key_shares",
     "disable_offload",
     "enable_offload",
     "svdq_offload_attention",

@@ -103,7 +103,7 @@ class LayerBasis(_message.Message):
     def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., components: _Optional[_Union[Tensor, _Mapping]] = ..., singular_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Profile(_message.Message):
-    __slots__ = ("name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "values", "bases", "cache_bits_per_element")
+    __slots__ = ("name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "values", "bases", "cache_bits_per_element", "cache_key_shares")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class Profile(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     BASES_FIELD_NUMBER: _ClassVar[int]
     CACHE_BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     kv_heads: int
@@ -122,7 +123,8 @@ class Profile(_message.Message):
     values: ValueCodec
     bases: _containers.RepeatedCompositeFieldContainer[LayerBasis]
     cache_bits_per_element: float
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., rope: _Optional[_Union[Rope, _Mapping]] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., values: _Optional[_Union[ValueCodec, _Mapping]] = ..., bases: _Optional[_Iterable[_Union[LayerBasis, _Mapping]]] = ..., cache_bits_per_element: _Optional[float] = ...) -> None: ...
+    cache_key_shares: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., rope: _Optional[_Union[Rope, _Mapping]] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., values: _Optional[_Union[ValueCodec, _Mapping]] = ..., bases: _Optional[_Iterable[_Union[LayerBasis, _Mapping]]] = ..., cache_bits_per_element: _Optional[float] = ..., cache_key_shares: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RegisterProfileRequest(_message.Message):
     __slots__ = ("profile", "replace")

@@ -482,13 +482,18 @@ def synthetic_layer_values(tokens: int, kv_heads: int = 8, head_dim: int = 128, 
 
 def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int = 5,
                      configs: Sequence[Method] | None = None) -> str:
-    """Markdown table of compress / decompress MB/s (of the fp16 tensor) next to an fp16 copy:
-    keys (``config``) and values (``values``, when they are not 16-bit) of each method."""
+    """Markdown table of compress / decompress MB/s (of the fp16 tensors) next to an fp16 copy:
+    keys (``config``), values (``values``, when they are not 16-bit) or, for whole-cache methods
+    (``budget``), keys and values together through :func:`svdq.kv.compress_kv`."""
     configs = configs or [
         Method("svdq 1.5 bits", svdq.CodecConfig(bits_per_element=1.5)),
         Method("kivi 2-bit g128", svdq.CodecConfig(method="kivi", bits=2, group_size=128)),
         Method("svdq 2.5 bits", svdq.CodecConfig(), values=latent_values(2.5)),
         Method("per-token 2-bit g64", svdq.CodecConfig(), values=ValueConfig(bits=2)),
+        Method("svdq cache 2.0 bits, split measured per upload (5 trials)", svdq.CodecConfig(),
+               budget=CacheBudget(2.0, key_codec=EXACT_KEYS)),
+        Method("svdq cache 2.0 bits, calibrated split (profile cache_key_shares)", svdq.CodecConfig(),
+               budget=CacheBudget(2.0, key_codec=EXACT_KEYS, key_shares=(0.3125,))),
     ]
     lines = [
         "| layer [tokens x 8 x 128] | tensor | method | compress MB/s | decompress MB/s | fp16 copy MB/s | "
@@ -499,10 +504,19 @@ def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int =
         keys = synthetic_layer_keys(tokens)
         values = synthetic_layer_values(tokens)
         positions = torch.arange(tokens)
-        megabytes = keys.numel() * 2 / 1e6
         copy_s = _median_seconds(keys.clone, repeats)
+        key_megabytes = keys.numel() * 2 / 1e6
         for method in configs:
-            if method.values.method == "fp16":
+            megabytes = key_megabytes
+            if method.budget is not None:
+                tensor, megabytes = "keys + values", 2 * megabytes
+                compress_one = functools.partial(compress_kv, keys, values, method.budget, positions=positions,
+                                                 rope=LLAMA3_ROPE, key_space="post_rope")
+                compressed = compress_one()
+
+                def decompress_one(cache=compressed):
+                    return svdq.decompress(cache.keys, "post_rope"), decompress_values(cache.values)
+            elif method.values.method == "fp16":
                 tensor = "keys"
                 compress_one = functools.partial(svdq.compress, keys, method.config, positions=positions,
                                                  rope=LLAMA3_ROPE, key_space="post_rope")
@@ -515,11 +529,13 @@ def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int =
                 decompress_one = functools.partial(decompress_values, compressed)
             compress_s = _median_seconds(compress_one, repeats)
             decompress_s = _median_seconds(decompress_one, repeats)
-            ratio = 2.0 * keys.numel() / compressed.nbytes
+            ratio = 1e6 * megabytes / compressed.nbytes
+            # A copy of the same bytes: whole-cache rows move keys and values.
+            same_copy_s = copy_s * megabytes / key_megabytes
             lines.append(
                 f"| {tokens} | {tensor} | {method.name} | {megabytes / compress_s:.1f} | "
-                f"{megabytes / decompress_s:.1f} | {megabytes / copy_s:.0f} | {compress_s / copy_s:.0f}x | "
-                f"{decompress_s / copy_s:.0f}x | {ratio:.2f}x |"
+                f"{megabytes / decompress_s:.1f} | {key_megabytes / copy_s:.0f} | {compress_s / same_copy_s:.0f}x | "
+                f"{decompress_s / same_copy_s:.0f}x | {ratio:.2f}x |"
             )
     return "\n".join(lines)
 

@@ -58,7 +58,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from svdq.attention import SparsityConfig, attend, merge_attention
 from svdq.codec import Basis, CodecConfig, CompressedKeys, append, compress, fit_layer_basis
 from svdq.errors import InvalidInputError
-from svdq.kv import CacheBudget, measure_key_shares
+from svdq.kv import CacheBudget, compress_kv, measure_key_shares
 from svdq.rope import RopeConfig, layer_ropes
 from svdq.values import CompressedValues, ValueConfig, append_values, compress_values
 
@@ -263,6 +263,12 @@ class LocalOffload:
         backend: ``"torch"`` or ``"triton"`` for :func:`svdq.attention.attend` (default: its own choice).
         bases: shared key bases, one per offloaded layer (:func:`calibrate_bases`; svdq only);
             ``None``: each layer fits its own basis on the offloaded keys and stores it with them.
+        value_bases: shared value bases, one per offloaded layer (:func:`calibrate_cache_bases`),
+            for SVDq latent values (``values=ValueConfig(codec=...)`` or ``cache_budget``).
+        cache_budget: one budget for keys and latent values (:func:`svdq.kv.compress_kv`, as a
+            profile's ``cache_bits_per_element``); ``codec`` and ``values`` then do not apply.
+        cache_key_shares: each layer's split of ``cache_budget`` (:func:`calibrate_key_shares`);
+            ``None`` measures it for every stored row.
 
     ``keys[row][layer]`` / ``values[row][layer]`` hold what each row stored.
     """
@@ -274,9 +280,15 @@ class LocalOffload:
         sparsity: SparsityConfig | None = None,
         backend: str | None = None,
         bases: Sequence[Basis] | None = None,
+        value_bases: Sequence[Basis] | None = None,
+        cache_budget: CacheBudget | None = None,
+        cache_key_shares: Sequence[float] | None = None,
     ) -> None:
         self.codec = codec or CodecConfig()
         self.value_config = values or ValueConfig()
+        self.value_bases = tuple(value_bases) if value_bases is not None else None
+        self.cache_budget = cache_budget
+        self.cache_key_shares = tuple(cache_key_shares) if cache_key_shares is not None else None
         self.sparsity = sparsity
         self.backend = backend
         self.bases = tuple(bases) if bases is not None else None
@@ -286,20 +298,46 @@ class LocalOffload:
         self.values: dict[int, list[CompressedValues]] = {}
 
     def open(self, shape: ModelShape) -> None:
-        _check_bases(self.bases, shape, self.codec)
+        _check_bases(self.bases, shape, self.cache_budget.key_codec if self.cache_budget else self.codec)
+        value_codec = self.cache_budget.value_codec if self.cache_budget else self.value_config.codec
+        if self.value_bases is not None and value_codec is None:
+            raise InvalidInputError("value_bases apply to SVDq latent values (values=ValueConfig(codec=...) or "
+                                    "cache_budget)")
+        if self.value_bases is not None:
+            _check_bases(self.value_bases, shape, value_codec)
+        if self.cache_key_shares is not None and (self.cache_budget is None
+                                                  or len(self.cache_key_shares) != len(shape.offloaded_layers)):
+            raise InvalidInputError(f"cache_key_shares need cache_budget and one share per offloaded layer "
+                                    f"({len(shape.offloaded_layers)})")
         self.shape = shape
+
+    def _layer_basis(self, bases: tuple[Basis, ...] | None, layer: int) -> Basis | None:
+        return bases[layer] if bases is not None else None
 
     def store(self, row: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         started = time.perf_counter()
         shape = _require_open(self.shape)
         layers = range(keys.shape[0])
-        if row not in self.keys:
-            self.keys[row] = [
-                compress(keys[layer], self.codec, positions=positions, rope=shape.rope, key_space="post_rope",
-                         basis=self.bases[layer] if self.bases is not None else None)
+        if row not in self.keys and self.cache_budget is not None:
+            caches = [
+                compress_kv(keys[layer], values[layer],
+                            self.cache_budget.with_share(self.cache_key_shares[layer] if self.cache_key_shares else None),
+                            positions=positions, rope=shape.rope, key_space="post_rope",
+                            key_basis=self._layer_basis(self.bases, layer),
+                            value_basis=self._layer_basis(self.value_bases, layer))
                 for layer in layers
             ]
-            self.values[row] = [compress_values(values[layer], self.value_config) for layer in layers]
+            self.keys[row] = [cache.keys for cache in caches]
+            self.values[row] = [cache.values for cache in caches]
+        elif row not in self.keys:
+            self.keys[row] = [
+                compress(keys[layer], self.codec, positions=positions, rope=shape.rope, key_space="post_rope",
+                         basis=self._layer_basis(self.bases, layer))
+                for layer in layers
+            ]
+            self.values[row] = [compress_values(values[layer], self.value_config,
+                                                basis=self._layer_basis(self.value_bases, layer))
+                                for layer in layers]
         else:
             self.keys[row] = [append(self.keys[row][layer], keys[layer], positions) for layer in layers]
             self.values[row] = [append_values(self.values[row][layer], values[layer]) for layer in layers]

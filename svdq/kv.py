@@ -70,6 +70,10 @@ class CacheBudget:
                     raise InvalidInputError(f"key share {share} gives {part} {bits:.2f} bits per element, above "
                                             f"{MAX_BUDGET}; lower bits_per_element or pick shares nearer 0.5")
 
+    def with_share(self, key_share: float | None) -> CacheBudget:
+        """This budget with one calibrated key share (one compression per layer), or itself for None."""
+        return self if key_share is None else replace(self, key_shares=(key_share,))
+
     @classmethod
     def from_ratio(cls, ratio: float, **kwargs) -> CacheBudget:
         """The budget that makes the cache ``ratio`` times smaller than fp16 (``16 / ratio`` bits)."""

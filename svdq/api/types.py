@@ -8,7 +8,7 @@ rejected the same way whether it came from a config file, a Python caller or the
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -256,7 +256,7 @@ class Profile:
         if budget is None or self.cache_key_shares is None:
             return budget
         try:
-            return replace(budget, key_shares=(self.cache_key_shares[layer],))
+            return budget.with_share(self.cache_key_shares[layer])
         except InvalidInputError as exc:
             raise InvalidInputError(f"profile.cache_key_shares[{layer}]: {exc}") from None
 

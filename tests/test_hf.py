@@ -243,6 +243,44 @@ def test_local_offload_stores_the_whole_cache_under_one_budget_with_calibrated_b
     SvdqOffloadCache(model, latent)  # latent values with shared bases, keys at the default codec
 
 
+@pytest.mark.integration
+def test_remote_whole_cache_with_calibrated_split_answers_as_local_offload(shared_server):
+    from conftest import TENANT_TOKENS
+
+    from svdq.kv import CacheBudget
+    from svdq.values import DEFAULT_VALUE_CODEC
+
+    model = tiny_model("llama")
+    calibration = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 97, (1, 56), generator=torch.Generator().manual_seed(6))
+    key_bases, value_bases = calibrate_cache_bases(model, calibration)
+    budget = CacheBudget(3.0, key_codec=CodecConfig(group_size=8, exact_tokens=2),
+                         value_codec=replace(DEFAULT_VALUE_CODEC, group_size=8))
+    shares = calibrate_key_shares(model, calibration, budget, key_bases, value_bases)
+    logits = {}
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], timeout=RPC_TIMEOUT_S) as client:
+        backends = {
+            "local": LocalOffload(bases=key_bases, value_bases=value_bases, cache_budget=budget,
+                                  cache_key_shares=shares),
+            "remote": RemoteOffload(client, budget.key_codec, bases=key_bases, value_codec=budget.value_codec,
+                                    value_bases=value_bases, cache_bits_per_element=3.0, cache_key_shares=shares),
+        }
+        enable_offload(model)
+        for name, backend in backends.items():
+            cache = SvdqOffloadCache(model, backend, window=4)
+            with torch.no_grad():
+                model(input_ids=tokens[:, :48], cache=cache, use_cache=True)
+                logits[name] = model(input_ids=tokens[:, 48:], cache=cache, use_cache=True).logits
+            if name == "remote":
+                profile = client.get_profile(backend.profile_name)
+                assert profile.cache_key_shares == shares and profile.codec.exact_tokens == 2
+                assert backend.stats.value_bytes_stored == backends["local"].stats.value_bytes_stored
+                assert backend.stats.key_bytes_stored == backends["local"].stats.key_bytes_stored
+            cache.close()
+        disable_offload(model)
+    torch.testing.assert_close(logits["remote"], logits["local"], atol=1e-4, rtol=0)
+
+
 def test_shape_is_read_from_the_config():
     config = LlamaConfig(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, hidden_size=256,
                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})

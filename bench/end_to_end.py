@@ -8,7 +8,11 @@ starts on the CPU (or ``--address``). Rows, side by side in one process on the s
 * ``fp16``: passthrough through the service (should equal the plain model);
 * ``svdq``: SVDq keys at ``--bits`` true bits per element (every serialized byte counted);
 * ``svdq+sparse``: the same keys, attention over ``--keep-fraction`` of the tokens;
-* ``kivi2``: the KIVI-like baseline, 2-bit per-channel keys in groups of 32 tokens.
+* ``kivi2``: the KIVI-like baseline, 2-bit per-channel keys in groups of 32 tokens;
+* ``svdq cache``, one per ``--cache-bits``: keys and SVDq latent values under one budget of
+  that many true bits per KV element, with shared key and value bases and each layer's
+  key/value split calibrated once on text after the dNLL window (not the evaluated text) and
+  sent in the profile; keys keep their 4 worst-reconstructed tokens exact.
 
 Columns:
 
@@ -19,7 +23,8 @@ Columns:
   svdq_client.evaluation): the document is offloaded, the question runs on top of it, the answer is
   generated greedily.
 * ``key bits``: serialized key bytes the server stores over key elements (16 = fp16);
-  ``stored/fp16``: the same as a share of fp16 bytes.
+  ``stored/fp16``: the same as a share of fp16 bytes; ``KV bits``: key and value bytes over
+  key and value elements (the whole cache, every byte).
 * ``read/fp16``: key bytes the server read to answer attention over the prefix, over what
   dense fp16 attention reads (all needle answers).
 * ``KiB read/step``: key bytes read per decode step (all layers, one query token).
@@ -62,7 +67,19 @@ from svdq_client.models import load_smollm2
 from transformers import DynamicCache
 
 from svdq.attention import SparsityConfig
-from svdq.codec import CodecConfig
+from svdq.codec import Basis, CodecConfig
+from svdq.kv import CacheBudget
+from svdq.values import DEFAULT_VALUE_CODEC
+
+
+@dataclass(frozen=True)
+class WholeCache:
+    """Keys and latent values under one budget, with calibrated bases and split."""
+
+    budget: CacheBudget
+    key_bases: tuple[Basis, ...]
+    value_bases: tuple[Basis, ...]
+    key_shares: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,7 @@ class Row:
     name: str
     codec: CodecConfig
     sparsity: SparsityConfig | None = None
+    cache: WholeCache | None = None
 
 
 @dataclass
@@ -82,6 +100,7 @@ class Measure:
     found: int = 0
     cases: int = 0
     key_bytes: int = 0
+    value_bytes: int = 0
     fp16_key_bytes: int = 0
     key_bytes_read: int = 0
     dense_fp16_key_bytes_read: int = 0
@@ -103,9 +122,34 @@ def _rows(args: argparse.Namespace) -> list[Row]:
     ]
 
 
+def _cache_rows(model, tokenizer, args: argparse.Namespace) -> list[Row]:
+    """One whole-cache row per ``--cache-bits``, calibrated on the text after the dNLL window."""
+    if not args.cache_bits:
+        return []
+    from svdq_client.hf import calibrate_cache_bases, calibrate_key_shares
+
+    calibration = harness.text_tokens(tokenizer, 2048, start=args.prefix + args.continuation)
+    key_bases, value_bases = calibrate_cache_bases(model, calibration)
+    rows = []
+    for bits in args.cache_bits:
+        budget = CacheBudget(bits, key_codec=CodecConfig(exact_tokens=4), value_codec=DEFAULT_VALUE_CODEC)
+        shares = calibrate_key_shares(model, calibration, budget, key_bases, value_bases)
+        rows.append(Row(f"svdq cache {bits:g}b", budget.key_codec,
+                        cache=WholeCache(budget, key_bases, value_bases, shares)))
+    return rows
+
+
 def _backend(row: Row, client: KVCacheClient | None):
+    whole = row.cache
     if client is None:
+        if whole is not None:
+            return LocalOffload(bases=whole.key_bases, value_bases=whole.value_bases, cache_budget=whole.budget,
+                                cache_key_shares=whole.key_shares, sparsity=row.sparsity)
         return LocalOffload(row.codec, sparsity=row.sparsity)
+    if whole is not None:
+        return RemoteOffload(client, row.codec, sparsity=row.sparsity, bases=whole.key_bases,
+                             value_codec=whole.budget.value_codec, value_bases=whole.value_bases,
+                             cache_bits_per_element=whole.budget.bits_per_element, cache_key_shares=whole.key_shares)
     return RemoteOffload(client, row.codec, sparsity=row.sparsity)
 
 
@@ -155,6 +199,7 @@ def measure_needles(model, tokenizer, rows, client, args, results) -> tuple[int,
                 stored = backend.stats
                 measure = results[row.name]
                 measure.key_bytes += stored.key_bytes_stored
+                measure.value_bytes += stored.value_bytes_stored
                 measure.fp16_key_bytes += stored.fp16_key_bytes_stored
                 backend_before = stored.backend_seconds
                 started = time.perf_counter()
@@ -258,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="needle cases (default 6; 12 gave the earlier table, in about twice the time)")
     parser.add_argument("--context", type=int, default=4096, help="needle context tokens (default 4096)")
     parser.add_argument("--answer-tokens", type=int, default=12, help="answer length limit (default 12)")
+    parser.add_argument("--cache-bits", type=float, nargs="*", default=[],
+                        help="whole-cache rows at these true bits per KV element (default none)")
     parser.add_argument("--prefill-repeats", type=int, default=3, help="prefill timings of each kind (default 3)")
     parser.add_argument("--batches", default="1,4,8", help="decode batch sizes (default 1,4,8)")
     parser.add_argument("--decode-context", type=int, default=512, help="decode prompt tokens per row (default 512)")
@@ -273,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     model, tokenizer = load_smollm2(torch.float32)
-    rows = _rows(args)
+    rows = _rows(args) + _cache_rows(model, tokenizer, args)
     results = {row.name: Measure() for row in rows}
 
     extra: dict = {}
@@ -312,10 +359,10 @@ def main(argv: list[str] | None = None) -> int:
           f"continuation {args.continuation} (plain NLL {plain_nll:.4f}); needle: {cases} cases x "
           f"{args.context} tokens; {elapsed / 60:.1f} min ("
           + ", ".join(f"{name} {minutes:.1f}" for name, minutes in extra["minutes"].items()) + ")")
-    header = "| keys | dNLL | needle | key bits | stored/fp16 | read/fp16 | KiB read/step | tok/s | RPC % |"
+    header = "| keys | dNLL | needle | key bits | stored/fp16 | KV bits | read/fp16 | KiB read/step | tok/s | RPC % |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
-    print(f"| plain model | 0 | {plain_found}/{cases} | 32 (float32 model) | - | - | - | - | - |")
+    print(f"| plain model | 0 | {plain_found}/{cases} | 32 (float32 model) | - | 32 | - | - | - | - |")
     layers = model.config.num_hidden_layers
     for row in rows:
         m = results[row.name]
@@ -324,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         per_step = m.key_bytes_read / max(1, m.read_entries) * layers / 1024
         rate = m.generated / max(1e-9, m.generate_seconds)
         rpc = 100.0 * m.backend_seconds / max(1e-9, m.generate_seconds)
+        kv_bits = 16.0 * (m.key_bytes + m.value_bytes) / max(1, 2 * m.fp16_key_bytes)
         print(f"| {row.name} | {m.nll - plain_nll:+.4f} | {m.found}/{m.cases} | {bits:.3f} | "
-              f"{m.key_bytes / max(1, m.fp16_key_bytes):.3f} | {read:.3f} | {per_step:.0f} | {rate:.2f} | {rpc:.0f} |")
+              f"{m.key_bytes / max(1, m.fp16_key_bytes):.3f} | {kv_bits:.3f} | {read:.3f} | {per_step:.0f} | "
+              f"{rate:.2f} | {rpc:.0f} |")
     rates = {row.name: results[row.name].generated / max(1e-9, results[row.name].generate_seconds) for row in rows}
     print("\ntok/s relative to the fp16 passthrough row: "
           + ", ".join(f"{row.name} {rates[row.name] / rates[rows[0].name]:.2f}x" for row in rows[1:]))

@@ -81,6 +81,10 @@ def latent_values(bits: float) -> ValueConfig:
     return ValueConfig(codec=replace(DEFAULT_VALUE_CODEC, bits_per_element=bits))
 
 
+#: Whole-cache keys that also keep their 4 worst-reconstructed quantized tokens exact.
+EXACT_KEYS = svdq.CodecConfig(exact_tokens=4)
+
+
 def main_methods() -> list[Method]:
     """The headline table: fp16, keys-only SVDq, KIVI-like baselines, whole-cache SVDq."""
     C = svdq.CodecConfig
@@ -99,6 +103,12 @@ def main_methods() -> list[Method]:
         Method("svdq cache 2.0 bits, own bases", C(), budget=CacheBudget(2.0)),
         Method("svdq cache 2.0 bits, shared", C(), budget=CacheBudget(2.0), shared_basis=True),
         Method("svdq cache 2.5 bits, shared", C(), budget=CacheBudget(2.5), shared_basis=True),
+        Method("svdq cache 1.5 bits, shared, 4 exact keys", C(), budget=CacheBudget(1.5, key_codec=EXACT_KEYS),
+               shared_basis=True),
+        Method("svdq cache 1.75 bits, shared, 4 exact keys", C(), budget=CacheBudget(1.75, key_codec=EXACT_KEYS),
+               shared_basis=True),
+        Method("svdq cache 2.0 bits, shared, 4 exact keys", C(), budget=CacheBudget(2.0, key_codec=EXACT_KEYS),
+               shared_basis=True),
     ]
 
 
@@ -133,13 +143,16 @@ def explore_value_methods() -> list[Method]:
     return methods
 
 
-#: Methods that also answer the needle cases (each case costs one compression per method, a
-#: whole-cache one five; on the shared 2-core machine 36 cases x 3 methods take ~35 min). The
-#: targets compare with the float32 cache's count where the fp16 row has none.
-NEEDLE_METHODS = ("keys svdq 1.5, values fp16", "kivi 2-bit K and V g32", "svdq cache 2.0 bits, shared")
+#: Methods that also answer the needle cases by default (``--needle-methods``; each case costs
+#: one compression per method, a whole-cache one five; on the shared 2-core machine 36 cases x
+#: 3 methods take ~35 min). The targets compare with the fp16 row's count (the float32 cache's
+#: where the fp16 row has none).
+NEEDLE_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "kivi 2-bit K and V g32", "svdq cache 2.0 bits, shared",
+                  "svdq cache 1.75 bits, shared, 4 exact keys", "svdq cache 2.0 bits, shared, 4 exact keys")
 #: Methods scored again at the short prefix (the issue's 1,024-token case).
 SHORT_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "keys svdq 1.5, values fp16, shared",
-                 "svdq cache 2.0 bits, own bases", "svdq cache 2.0 bits, shared", "svdq cache 2.5 bits, shared")
+                 "svdq cache 2.0 bits, own bases", "svdq cache 2.0 bits, shared", "svdq cache 2.5 bits, shared",
+                 "svdq cache 2.0 bits, shared, 4 exact keys")
 
 
 @dataclass
@@ -471,12 +484,22 @@ class ThroughputRow:
     name: str
     compress: Callable[[], object]  # returns the blob (or the copy)
     decompress: Callable[[object], object] | None = None
+    tensors: int = 1  # fp16 tensors of the layer's shape it reads: 2 for keys + values
+
+
+def _blob_bytes(blob: object) -> bytes | None:
+    """The serialized bytes a compress returned (a whole-cache row returns two blobs), or None
+    for the memory copy."""
+    if isinstance(blob, tuple):
+        return b"".join(blob)
+    return blob if isinstance(blob, bytes) else None
 
 
 def _blob_digest(blob: object) -> str:
     import hashlib
 
-    return hashlib.sha256(blob).hexdigest()[:12] if isinstance(blob, bytes) else "-"
+    data = _blob_bytes(blob)
+    return hashlib.sha256(data).hexdigest()[:12] if data is not None else "-"
 
 
 def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
@@ -502,6 +525,18 @@ def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
         return ThroughputRow(name, lambda: values_to_bytes(compress_values(values, config)),
                              lambda blob: decompress_values(values_from_bytes(blob)))
 
+    def cache_row(name: str, budget: CacheBudget) -> ThroughputRow:
+        # Both blobs, every byte: (keys' blob, values' blob).
+        def compress_one() -> tuple[bytes, bytes]:
+            cache = compress_kv(keys, values, budget, positions=positions, rope=LLAMA3_ROPE, key_space="post_rope")
+            return svdq.to_bytes(cache.keys), values_to_bytes(cache.values)
+
+        def decompress_one(blobs: tuple[bytes, bytes]) -> object:
+            return (svdq.decompress(svdq.from_bytes(blobs[0]), "post_rope"),
+                    decompress_values(values_from_bytes(blobs[1])))
+
+        return ThroughputRow(name, compress_one, decompress_one, tensors=2)
+
     return keys, [
         ThroughputRow("memory copy (keys.clone)", keys.clone),
         keys_row("keys fp16 passthrough", svdq.CodecConfig(method="fp16")),
@@ -510,6 +545,9 @@ def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
         keys_row("keys kivi 2-bit g128", svdq.CodecConfig(method="kivi", bits=2, group_size=128)),
         values_row("values svdq 2.5 bits", latent_values(2.5)),
         values_row("values per-token 2-bit g64", ValueConfig(bits=2)),
+        cache_row("cache svdq 2.0 bits, split measured per upload (5 trials)", CacheBudget(2.0, key_codec=EXACT_KEYS)),
+        cache_row("cache svdq 2.0 bits, calibrated split (profile cache_key_shares)",
+                  CacheBudget(2.0, key_codec=EXACT_KEYS, key_shares=(0.3125,))),
     ]
 
 
@@ -526,7 +564,6 @@ def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int =
     ]
     for tokens in token_counts:
         keys, rows = throughput_rows(tokens)
-        megabytes = keys.numel() * 2 / 1e6
         blobs = [row.compress() for row in rows]  # warm-up, and the blob each decompress reads
         compress_times: list[list[float]] = [[] for _ in rows]
         decompress_times: list[list[float]] = [[] for _ in rows]
@@ -541,14 +578,18 @@ def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int =
                     decompress_times[index].append(time.perf_counter() - started)
         copy_s = statistics.median(compress_times[0])
         for row, blob, c_times, d_times in zip(rows, blobs, compress_times, decompress_times, strict=True):
+            elements = keys.numel() * row.tensors
+            megabytes = elements * 2 / 1e6
             compress_s = statistics.median(c_times)
             decompress = f"{megabytes / statistics.median(d_times):.1f}" if d_times else "-"
-            if isinstance(blob, bytes):
-                bits, ratio = f"{8 * len(blob) / keys.numel():.4f}", f"{2 * keys.numel() / len(blob):.2f}x"
+            data = _blob_bytes(blob)
+            if data is not None:
+                bits, ratio = f"{8 * len(data) / elements:.4f}", f"{2 * elements / len(data):.2f}x"
             else:
                 bits, ratio = "16", "1.00x"
+            # compress / copy: against a copy of the same number of bytes
             lines.append(f"| {tokens} | {row.name} | {megabytes / compress_s:.1f} | {decompress} | "
-                         f"{compress_s / copy_s:.0f}x | {bits} | {ratio} | {_blob_digest(blob)} |")
+                         f"{compress_s / (copy_s * row.tensors):.0f}x | {bits} | {ratio} | {_blob_digest(blob)} |")
     return "\n".join(lines)
 
 
@@ -576,6 +617,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="tokens of text after the scored windows that the shared bases are fitted on")
     parser.add_argument("--methods", nargs="*", default=None,
                         help="only these rows of the main table (names as printed); default all")
+    parser.add_argument("--needle-methods", nargs="*", default=list(NEEDLE_METHODS),
+                        help="rows of the main table that also answer the needle cases (names as printed)")
     parser.add_argument("--needle-filler", choices=("noise", "prose"), default="noise",
                         help="haystack: repeated plain sentences (RULER's noise haystack) or the docs prose")
     parser.add_argument("--no-explore", action="store_true", help="skip the group size / sinks / basis sweep")
@@ -609,10 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_explore, args.throughput_tokens, args.repeats = True, [1024], 2
         args.methods = ["fp16 K and V", "keys svdq 1.5, values fp16", "kivi 2-bit K and V g32",
                         "svdq cache 2.0 bits, shared"]
+    unknown = (set(args.methods or ()) | set(args.needle_methods)) - {m.name for m in methods}
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {[m.name for m in methods]}")
     if args.methods is not None:
-        unknown = set(args.methods) - {m.name for m in methods}
-        if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {[m.name for m in methods]}")
         methods = [m for m in methods if m.name in args.methods]
     started = time.perf_counter()
     model, tokenizer = load_smollm2(torch.float32)
@@ -637,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods, args.needle_cases, args.short_prefix_tokens = [], 0, 0
     rows = score_nll(model, setup, methods, bases)
     reference_found: dict[int, list[bool]] = {}
-    needle_rows = [row for row in rows if row.method.name in NEEDLE_METHODS or args.smoke]
+    needle_rows = [row for row in rows if row.method.name in args.needle_methods or args.smoke]
     if args.needle_cases and needle_rows:
         for length in args.needle_tokens:
             reference_found[length] = score_needles(model, tokenizer, needle_rows, count=args.needle_cases,

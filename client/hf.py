@@ -59,6 +59,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from svdq.attention import SparsityConfig, attend, merge_attention
 from svdq.codec import Basis, CodecConfig, CompressedKeys, append, compress, fit_layer_basis
 from svdq.errors import InvalidInputError
+from svdq.kv import CacheBudget, compress_kv, measure_key_shares
 from svdq.rope import RopeConfig, layer_ropes
 from svdq.values import CompressedValues, ValueConfig, append_values, compress_values
 
@@ -257,6 +258,12 @@ class LocalOffload:
         backend: ``"torch"`` or ``"triton"`` for :func:`svdq.attention.attend` (default: its own choice).
         bases: shared key bases, one per offloaded layer (:func:`calibrate_bases`; svdq only);
             ``None``: each layer fits its own basis on the offloaded keys and stores it with them.
+        value_bases: shared value bases, one per offloaded layer (:func:`calibrate_cache_bases`),
+            for SVDq latent values (``values=ValueConfig(codec=...)`` or ``cache_budget``).
+        cache_budget: one budget for keys and latent values (:func:`svdq.kv.compress_kv`, as a
+            profile's ``cache_bits_per_element``); ``codec`` and ``values`` then do not apply.
+        cache_key_shares: each layer's split of ``cache_budget`` (:func:`calibrate_key_shares`);
+            ``None`` measures it for every stored row.
 
     ``keys[row][layer]`` / ``values[row][layer]`` hold what each row stored.
     """
@@ -268,9 +275,15 @@ class LocalOffload:
         sparsity: SparsityConfig | None = None,
         backend: str | None = None,
         bases: Sequence[Basis] | None = None,
+        value_bases: Sequence[Basis] | None = None,
+        cache_budget: CacheBudget | None = None,
+        cache_key_shares: Sequence[float] | None = None,
     ) -> None:
         self.codec = codec or CodecConfig()
         self.value_config = values or ValueConfig()
+        self.value_bases = tuple(value_bases) if value_bases is not None else None
+        self.cache_budget = cache_budget
+        self.cache_key_shares = tuple(cache_key_shares) if cache_key_shares is not None else None
         self.sparsity = sparsity
         self.backend = backend
         self.bases = tuple(bases) if bases is not None else None
@@ -280,20 +293,46 @@ class LocalOffload:
         self.values: dict[int, list[CompressedValues]] = {}
 
     def open(self, shape: ModelShape) -> None:
-        _check_bases(self.bases, shape, self.codec)
+        _check_bases(self.bases, shape, self.cache_budget.key_codec if self.cache_budget else self.codec)
+        value_codec = self.cache_budget.value_codec if self.cache_budget else self.value_config.codec
+        if self.value_bases is not None and value_codec is None:
+            raise InvalidInputError("value_bases apply to SVDq latent values (values=ValueConfig(codec=...) or "
+                                    "cache_budget)")
+        if self.value_bases is not None:
+            _check_bases(self.value_bases, shape, value_codec)
+        if self.cache_key_shares is not None and (self.cache_budget is None
+                                                  or len(self.cache_key_shares) != len(shape.offloaded_layers)):
+            raise InvalidInputError(f"cache_key_shares need cache_budget and one share per offloaded layer "
+                                    f"({len(shape.offloaded_layers)})")
         self.shape = shape
+
+    def _layer_basis(self, bases: tuple[Basis, ...] | None, layer: int) -> Basis | None:
+        return bases[layer] if bases is not None else None
 
     def store(self, row: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         started = time.perf_counter()
         shape = _require_open(self.shape)
         layers = range(keys.shape[0])
-        if row not in self.keys:
-            self.keys[row] = [
-                compress(keys[layer], self.codec, positions=positions, rope=shape.rope, key_space="post_rope",
-                         basis=self.bases[layer] if self.bases is not None else None)
+        if row not in self.keys and self.cache_budget is not None:
+            caches = [
+                compress_kv(keys[layer], values[layer],
+                            self.cache_budget.with_share(self.cache_key_shares[layer] if self.cache_key_shares else None),
+                            positions=positions, rope=shape.rope, key_space="post_rope",
+                            key_basis=self._layer_basis(self.bases, layer),
+                            value_basis=self._layer_basis(self.value_bases, layer))
                 for layer in layers
             ]
-            self.values[row] = [compress_values(values[layer], self.value_config) for layer in layers]
+            self.keys[row] = [cache.keys for cache in caches]
+            self.values[row] = [cache.values for cache in caches]
+        elif row not in self.keys:
+            self.keys[row] = [
+                compress(keys[layer], self.codec, positions=positions, rope=shape.rope, key_space="post_rope",
+                         basis=self._layer_basis(self.bases, layer))
+                for layer in layers
+            ]
+            self.values[row] = [compress_values(values[layer], self.value_config,
+                                                basis=self._layer_basis(self.value_bases, layer))
+                                for layer in layers]
         else:
             self.keys[row] = [append(self.keys[row][layer], keys[layer], positions) for layer in layers]
             self.values[row] = [append_values(self.values[row][layer], values[layer]) for layer in layers]
@@ -348,6 +387,8 @@ class RemoteOffload:
         cache_bits_per_element: one budget in true bits per KV element for keys and latent
             values, split per layer on the server (:func:`svdq.kv.compress_kv`); needs
             ``value_codec``.
+        cache_key_shares: each layer's split of that budget, measured once
+            (:func:`calibrate_key_shares`); ``None``: the server measures it on every upload.
     """
 
     def __init__(
@@ -362,8 +403,10 @@ class RemoteOffload:
         value_codec: CodecConfig | None = None,
         value_bases: Sequence[Basis] | None = None,
         cache_bits_per_element: float | None = None,
+        cache_key_shares: Sequence[float] | None = None,
     ) -> None:
         self.client = client
+        self.cache_key_shares = tuple(cache_key_shares) if cache_key_shares is not None else None
         self.codec = codec or CodecConfig()
         self.value_bits = value_bits
         self.value_codec = value_codec
@@ -387,7 +430,7 @@ class RemoteOffload:
         _check_bases(self.bases, shape, self.codec)
         self.shape = shape
         if self.profile_name is None:
-            value_settings = (self.value_bits, self.value_codec, self.cache_bits_per_element)
+            value_settings = (self.value_bits, self.value_codec, self.cache_bits_per_element, self.cache_key_shares)
             self.profile_name = _profile_name(shape, self.codec, value_settings,
                                               (self.bases or ()) + (self.value_bases or ()) or None)
         profile = Profile(
@@ -402,6 +445,7 @@ class RemoteOffload:
             value_codec=self.value_codec,
             value_bases=self.value_bases,
             cache_bits_per_element=self.cache_bits_per_element,
+            cache_key_shares=self.cache_key_shares,
         )
         started = time.perf_counter()
         # Registering an identical profile again is accepted; a different one under the same
@@ -488,8 +532,6 @@ def calibrate_cache_bases(model: Any, input_ids: torch.Tensor) -> tuple[tuple[Ba
     one run of ``input_ids``: ``(key_bases, value_bases)``. Value bases serve SVDq latent
     values (``ValueConfig(codec=...)``, :func:`svdq.values.compress_values` ``basis=``);
     values carry no RoPE, so they are fitted as they are cached."""
-    from .evaluation import prefill
-
     shape = ModelShape.from_config(model.config)
     channels = shape.kv_heads * shape.head_dim
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < channels:
@@ -497,17 +539,42 @@ def calibrate_cache_bases(model: Any, input_ids: torch.Tensor) -> tuple[tuple[Ba
             f"calibration input_ids must have shape [1, tokens] with tokens >= kv_heads*head_dim = {channels}, "
             f"got {list(input_ids.shape)}"
         )
+    calibration = _calibration_prefill(model, input_ids)
+    key_bases = tuple(fit_layer_basis(calibration.keys[layer].cpu(), positions=calibration.positions, rope=shape.rope)
+                      for layer in shape.offloaded_layers)
+    return key_bases, tuple(fit_layer_basis(calibration.values[layer].cpu()) for layer in shape.offloaded_layers)
+
+
+def _calibration_prefill(model: Any, input_ids: torch.Tensor) -> Any:
+    """The model's plain cache for calibration ``input_ids`` (:func:`svdq_client.evaluation.prefill`)."""
+    from .evaluation import prefill
+
     previous = model.config._attn_implementation
     if previous == ATTENTION_NAME:  # the offload attention needs an SvdqOffloadCache; this is a plain run
         disable_offload(model)
     try:
-        calibration = prefill(model, input_ids.to(model.device))
+        return prefill(model, input_ids.to(model.device))
     finally:
         if previous == ATTENTION_NAME:
             model.set_attn_implementation(previous)
-    key_bases = tuple(fit_layer_basis(calibration.keys[layer].cpu(), positions=calibration.positions, rope=shape.rope)
-                      for layer in shape.offloaded_layers)
-    return key_bases, tuple(fit_layer_basis(calibration.values[layer].cpu()) for layer in shape.offloaded_layers)
+
+
+@torch.no_grad()
+def calibrate_key_shares(model: Any, input_ids: torch.Tensor, budget: CacheBudget,
+                         key_bases: Sequence[Basis] | None = None,
+                         value_bases: Sequence[Basis] | None = None) -> tuple[float, ...]:
+    """Each offloaded layer's split of ``budget`` between keys and values, measured once on the
+    model's cache for ``input_ids`` (text like the traffic, not the served documents) with the
+    shared bases the profile will hold (:func:`svdq.kv.measure_key_shares`). Pass the result
+    as ``cache_key_shares``: uploads then compress each layer once instead of once per
+    candidate share."""
+    shape = ModelShape.from_config(model.config)
+    calibration = _calibration_prefill(model, input_ids)
+    layers = shape.offloaded_layers
+    return measure_key_shares([calibration.keys[layer].cpu() for layer in layers],
+                              [calibration.values[layer].cpu() for layer in layers], budget,
+                              positions=calibration.positions, rope=shape.rope, key_space="post_rope",
+                              key_bases=key_bases, value_bases=value_bases)
 
 
 def _require_open(shape: ModelShape | None) -> ModelShape:
@@ -967,6 +1034,7 @@ __all__ = [
     "SvdqSlidingLayer",
     "calibrate_bases",
     "calibrate_cache_bases",
+    "calibrate_key_shares",
     "disable_offload",
     "enable_offload",
     "svdq_offload_attention",

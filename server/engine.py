@@ -604,10 +604,10 @@ class Engine:
         started = time.perf_counter()
         device_positions = positions.to(self.device)
         keys, values = [], None if value_layers is None else []
-        budget = profile.cache_budget if value_layers is not None else None
         for layer, layer_keys in enumerate(key_layers):
             basis = profile.bases[layer] if profile.bases is not None else None
             value_basis = profile.value_bases[layer] if profile.value_bases is not None else None
+            budget = profile.layer_cache_budget(layer) if value_layers is not None else None
             if budget is not None:
                 cache = compress_kv(layer_keys.to(self.device), value_layers[layer].to(self.device), budget,
                                     positions=device_positions, rope=profile.rope, key_space=header.key_space,

@@ -418,7 +418,8 @@ def key_bytes_read(keys: CompressedKeys, selection: BodySelection) -> int:
     channels = keys.channels
     kept, code_bits = code_widths(keys)
     start, n_body = body_range(keys)
-    full_precision = (keys.num_tokens - n_body) * channels * keys.sinks.element_size()
+    full_precision = (keys.num_tokens - n_body + keys.num_exact) * channels * keys.sinks.element_size()
+    full_precision += 4 * keys.num_exact
     if n_body == 0:
         return full_precision
     basis = 2 * channels * kept + 4 * channels if keys.method == "svdq" else 0
@@ -448,12 +449,32 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     return rows, index
 
 
+def _exact_lookup(keys: CompressedKeys, body_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool mask, int64 row) of the same shape as ``body_index``: whether each body token is
+    one of the keys' exact tokens, and which row of ``exact_rows`` holds it."""
+    exact = keys.exact_index - body_range(keys)[0]
+    row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
+    return exact[row] == body_index, row
+
+
+def _with_exact_rows(keys: CompressedKeys, flat: torch.Tensor, body_index: torch.Tensor | None) -> torch.Tensor:
+    """Pre-RoPE body rows float32 [n, C] with the keys' exact tokens put back."""
+    if not keys.num_exact:
+        return flat
+    if body_index is None:
+        flat[keys.exact_index - body_range(keys)[0]] = keys.exact_rows.float()
+        return flat
+    exact, row = _exact_lookup(keys, body_index)
+    return torch.where(exact[:, None], keys.exact_rows.float()[row], flat)
+
+
 def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.Tensor:
     """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``body_index`` [n]
     (every body token when None), all KV heads of each token at once."""
     start, n_body = body_range(keys)
     positions = keys.token_positions()[start:start + n_body]
-    flat = _dequantized(keys, body_index) @ keys.basis.float().T + keys.mean.float()
+    flat = _with_exact_rows(keys, _dequantized(keys, body_index) @ keys.basis.float().T + keys.mean.float(),
+                            body_index)
     rows = flat.reshape(flat.shape[0], keys.kv_heads, keys.head_dim)
     if rotates(keys):
         rows = apply_rope(rows, positions if body_index is None else positions[body_index], keys.rope)
@@ -561,6 +582,9 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
     mean = keys.mean.float()
     scales, mins = keys.scales.float(), keys.mins.float()
     angles = body_angles(keys) if rotates(keys) else None
+    # Exact tokens (body indices, ascending) replace their reconstruction in the block they fall in.
+    exact = keys.exact_index - start if keys.num_exact else None
+    exact_rows = keys.exact_rows.float() if keys.num_exact else None
     group = keys.group_size
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * group)) * group
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
@@ -573,7 +597,11 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
         by_group = latent_block.view(count // group, group, kept)
         torch.mul(codes[first:stop].view(count // group, group, kept), scales[groups, None], out=by_group)
         by_group.add_(mins[groups, None])
-        rows_block = reconstruct(latent_block, basis, mean).view(count, kv_heads, head_dim)
+        flat_block = reconstruct(latent_block, basis, mean)
+        if exact is not None:
+            inside = (exact >= first) & (exact < stop)
+            flat_block[exact[inside] - first] = exact_rows[inside]
+        rows_block = flat_block.view(count, kv_heads, head_dim)
         if angles is not None:
             rows_block = rotate_with_tables(rows_block, *block_cos_sin(keys, angles, first, stop), keys.rope)
         torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
@@ -600,6 +628,11 @@ def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     latent = _dequantized(keys, index)  # [..., Hkv, n, r]
     basis = keys.basis.float().reshape(kv_heads, head_dim, -1)
     rows = torch.einsum("...hnr,hdr->...hnd", latent, basis) + keys.mean.float().reshape(kv_heads, 1, head_dim)
+    if keys.num_exact:
+        exact, row = _exact_lookup(keys, index)
+        by_head = keys.exact_rows.float().reshape(-1, kv_heads, head_dim).transpose(0, 1)  # [Hkv, k, D]
+        heads = torch.arange(kv_heads, device=index.device)[:, None]
+        rows = torch.where(exact[..., None], by_head[heads, row], rows)
     if rotates(keys):
         flat = rows.reshape(-1, 1, head_dim)
         rows = apply_rope(flat, positions[index].reshape(-1), keys.rope).reshape(rows.shape)
@@ -926,9 +959,11 @@ def attend(
         for b, selection in zip(members, select_body_tokens_many(queries[index].float(), keys[members[0]], sparsity,
                                                                  chosen), strict=True):
             selections[b] = selection
-    # The kernels read 16-bit and per-token values; SVDq latent values take the torch
-    # reference (on the same device) until the kernels sum latent codes too.
-    use_kernel = [chosen == "triton" and value.latent is None and softcap is None for value in values]
+    # The kernels read 16-bit and per-token values and reconstruct every body token from its
+    # codes; SVDq latent values, keys with exact tokens and softcapped requests take the torch
+    # reference (on the same device) until the kernels sum latent codes, read exact rows and cap.
+    use_kernel = [chosen == "triton" and value.latent is None and not key.num_exact and softcap is None
+                  for key, value in zip(keys, values, strict=True)]
     parts = [(rows, kernel) for kernel in (True, False)
              if (rows := [b for b in range(batch) if use_kernel[b] == kernel])]
     output = lse = None

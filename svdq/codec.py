@@ -50,6 +50,7 @@ KEY_SPACES = ("pre_rope", "post_rope")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 MAX_SINKS = 1024
+MAX_EXACT_TOKENS = 1024
 MAX_BUDGET = 16.0
 
 #: Defaults chosen from bench/quality.py on SmolLM2-135M (see README): 1.5 bits per element
@@ -82,6 +83,13 @@ class CodecConfig:
             an output mixes share rather than average out. 1 for keys (a score sees each
             token's error alone); values use :data:`svdq.values.DEFAULT_VALUE_CODEC`'s. Only the
             allocation reads it (nothing is stored).
+        exact_tokens: svdq only: the quantized tokens whose reconstruction error is largest
+            are kept exact as well (16-bit rows and their indices, paid from the budget),
+            0..1024. Rare, high-information tokens (a needle's digits, a name) are the ones a
+            shared or per-sequence basis fits worst; on SmolLM2 four per layer took the whole
+            cache at 2.0 bits from 8/12 to 11/12 needles at 512 tokens and from 10/12 to 11/12
+            at 1,024 (docs/quality.md). Chosen when the keys are compressed; tokens appended
+            later get none.
     """
 
     method: str = "svdq"
@@ -91,6 +99,7 @@ class CodecConfig:
     group_size: int = DEFAULT_GROUP_SIZE
     num_sinks: int = DEFAULT_SINKS
     noise_averaging: float = 1.0
+    exact_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -121,6 +130,10 @@ class CodecConfig:
             raise InvalidInputError(
                 f"noise_averaging must be in [1, {MAX_NOISE_AVERAGING}], got {self.noise_averaging!r}"
             )
+        if not (isinstance(self.exact_tokens, int) and 0 <= self.exact_tokens <= MAX_EXACT_TOKENS):
+            raise InvalidInputError(f"exact_tokens must be an integer in 0..{MAX_EXACT_TOKENS}, got {self.exact_tokens!r}")
+        if self.exact_tokens and self.method != "svdq":
+            raise InvalidInputError(f"exact_tokens applies to method 'svdq' only, not {self.method!r}")
 
 
 #: largest sequence (tokens of one layer) the codec takes by default
@@ -318,6 +331,9 @@ class CompressedKeys:
       (``storage_dtype``), in ``stored_space``.
     * ``codes``: uint8 [n_groups, group_bytes]; ``scales``, ``mins``: float16 [n_groups, r].
     * ``positions``: int64 [S] when positions are not ``position_offset + arange(S)``.
+    * ``exact_index``: int64 [k] ascending sequence indices of quantized body tokens that are
+      also kept exact, ``exact_rows`` [k, C] (``storage_dtype``, ``stored_space``): their keys,
+      which replace the reconstruction of those tokens. Empty when ``exact_tokens`` is 0.
     """
 
     method: str
@@ -341,7 +357,19 @@ class CompressedKeys:
     positions: torch.Tensor | None = None
     shared_basis: int | None = None  # fingerprint when the basis is not stored with the keys
     input_space: str = "pre_rope"
+    exact_index: torch.Tensor | None = None
+    exact_rows: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.exact_index is None:
+            self.exact_index = torch.zeros(0, dtype=torch.int64, device=self.codes.device)
+        if self.exact_rows is None:
+            self.exact_rows = self.sinks.new_zeros(0, self.kv_heads * self.head_dim)
+
+    @property
+    def num_exact(self) -> int:
+        return self.exact_index.numel()
 
     @property
     def channels(self) -> int:
@@ -385,7 +413,8 @@ class CompressedKeys:
     def to(self, device: torch.device | str) -> CompressedKeys:
         moved = {
             name: getattr(self, name).to(device)
-            for name in ("channel_bits", "basis", "mean", "sinks", "codes", "scales", "mins", "tail")
+            for name in ("channel_bits", "basis", "mean", "sinks", "codes", "scales", "mins", "tail", "exact_index",
+                         "exact_rows")
         }
         if self.positions is not None:
             moved["positions"] = self.positions.to(device)
@@ -576,6 +605,8 @@ def compress(
     # Only the kept columns are projected: the exact computation append() repeats (_project).
     latent = (centred @ components[:, kept].float()).reshape(n_groups, group_size, kept.numel())
     codes, scales, mins = quantize_groups(latent, kept_bits)
+    exact_index, exact_rows = _exact_tokens(body, latent, codes, scales, mins, mean, components[:, kept],
+                                            min(config.exact_tokens, n_groups * group_size))
 
     compressed = CompressedKeys(
         method=config.method,
@@ -599,6 +630,8 @@ def compress(
         positions=explicit,
         shared_basis=shared_fp,
         input_space=key_space,
+        exact_index=exact_index + num_sinks,
+        exact_rows=exact_rows.to(storage),
     )
     if config.method == "svdq" and config.schedule is None:
         _warn_if_over_budget(compressed, config.bits_per_element)
@@ -628,13 +661,30 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
     fixed = 8 * fixed_size(method="svdq", channels=compressed.channels, tokens=compressed.num_tokens,
                            num_sinks=compressed.num_sinks, group_size=compressed.group_size,
                            has_rope=compressed.rope is not None, stored_basis=compressed.shared_basis is None,
-                           explicit_positions=compressed.positions is not None)
+                           explicit_positions=compressed.positions is not None, exact_tokens=compressed.num_exact)
     fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
     _warn_once(("budget", target, compressed.channels, compressed.group_size),
                f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} tokens "
-               f"x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision sinks and tail) "
+               f"x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision sinks, tail and "
+               "exact tokens) "
                f"take {fixed_per_element:.3f} and every kept channel pays its scales, minimums and basis column; "
                "longer sequences, smaller token groups or a shared basis come closer to the budget")
+
+
+def _exact_tokens(body: torch.Tensor, latent: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                  mins: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor,
+                  count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(body-relative int64 [count] ascending indices, float32 rows [count, C]) of the body
+    tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C] (pre-RoPE).
+
+    The absolute error, not the error relative to the token's norm: attention scores are dot
+    products, so a large error moves a score as much whatever the key's own length."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64, device=body.device), body.new_zeros(0, body.shape[1])
+    restored = dequantize_groups(codes, scales, mins).reshape(body.shape[0], -1) @ basis_columns.float().T + mean
+    error = (restored - body).pow(2).sum(dim=1)
+    index = torch.sort(torch.topk(error, count).indices).values
+    return index, body[index]
 
 
 def _project(rows: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor) -> torch.Tensor:
@@ -660,6 +710,7 @@ def _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks
     fixed_bits = 8 * fixed_size(
         method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
         has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
+        exact_tokens=min(config.exact_tokens, quantized),
     )
     budget = config.bits_per_element * tokens * channels - fixed_bits
     # Sequences too short to amortise the fixed costs still get half the budget's bits for
@@ -713,6 +764,8 @@ def decompress(
     flat[:sinks] = compressed.sinks
     torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
     flat[sinks:body_end] += compressed.mean
+    if compressed.num_exact:
+        flat[compressed.exact_index] = compressed.exact_rows.float()
     flat[body_end:] = compressed.tail
     keys = flat.reshape(-1, compressed.kv_heads, compressed.head_dim)
     if key_space != compressed.stored_space:

@@ -1,13 +1,13 @@
-"""Serialized format of :class:`~svdq.codec.CompressedKeys` (version 1).
+"""Serialized format of :class:`~svdq.codec.CompressedKeys` (versions 1 and 2).
 
 All integers and floats are little-endian. A blob is::
 
     offset size  field
     0      4     magic b"SVDQ"
-    4      1     format version (1)
+    4      1     format version: 2 when the blob holds exact tokens (flag bit5), else 1
     5      1     method: 0 svdq, 1 kivi, 2 fp16
     6      1     flags: bit0 input was post-RoPE, bit1 stored post-RoPE, bit2 has RoPE,
-                 bit3 shared basis (not stored), bit4 explicit positions
+                 bit3 shared basis (not stored), bit4 explicit positions, bit5 exact tokens
     7      1     dtypes: low nibble input dtype, high nibble full-precision dtype
                  (0 float16, 1 bfloat16, 2 float32)
     8      4     tokens (u32)
@@ -20,6 +20,9 @@ All integers and floats are little-endian. A blob is::
                  factor f32, low_freq_factor f32, high_freq_factor f32, original_max u32
     ..     8     shared basis fingerprint (u64), only if flag bit3
     ..     C/2   channel widths, two 4-bit widths per byte, low nibble first (svdq, kivi)
+    ..     4     exact token count k (u32), only if flag bit5; then
+    ..     4k    their sequence indices u32 [k], ascending, inside the quantized groups
+    ..     2Ck   their rows [k, C] in the full-precision dtype (replace the reconstruction)
     ..     4C    mean float32 [C] (svdq with stored basis)
     ..     2Cr   basis float16 [C, r] row-major (svdq with stored basis)
     ..     8S    positions int64 [S] (only if flag bit4)
@@ -31,7 +34,8 @@ All integers and floats are little-endian. A blob is::
 
 Counts that are not stored (s, G, t) follow from tokens, num_sinks and group_size. A reader
 rejects a wrong magic, a newer version, a size that does not match the header and a
-checksum mismatch, each with a :class:`~svdq.errors.FormatError` that says which.
+checksum mismatch, each with a :class:`~svdq.errors.FormatError` that says which. Version 1
+readers reject a version 2 blob by its version byte.
 """
 
 from __future__ import annotations
@@ -58,20 +62,23 @@ from .quant import group_bytes
 from .rope import ROPE_SCALINGS, ROPE_STYLES, RopeConfig
 
 MAGIC = b"SVDQ"
-VERSION = 1
+VERSION = 2
+#: Blobs without exact tokens are written as version 1, which older readers accept.
+_VERSION_EXACT = 2
 _HEADER = struct.Struct("<4sBBBBIHHHHq")
 _ROPE = struct.Struct("<dHBBfffI")
 _FINGERPRINT = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
+_COUNT = struct.Struct("<I")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_F_POST_IN, _F_POST_STORED, _F_ROPE, _F_SHARED, _F_POSITIONS = 1, 2, 4, 8, 16
+_F_POST_IN, _F_POST_STORED, _F_ROPE, _F_SHARED, _F_POSITIONS, _F_EXACT = 1, 2, 4, 8, 16, 32
 # Positions must leave room for arange(offset, offset + tokens) in int64.
 _MAX_POSITION = 1 << 62
 
 
 def _layout(method: str, channels: int, tokens: int, num_sinks: int, group_size: int, kept_bits: np.ndarray,
-            has_rope: bool, stored_basis: bool, explicit_positions: bool) -> dict[str, int]:
+            has_rope: bool, stored_basis: bool, explicit_positions: bool, exact_tokens: int = 0) -> dict[str, int]:
     """Byte size of every section, from the shapes alone."""
     sinks = 0 if method == "fp16" else min(num_sinks, tokens)
     groups = 0 if method == "fp16" else (tokens - sinks) // group_size
@@ -87,6 +94,7 @@ def _layout(method: str, channels: int, tokens: int, num_sinks: int, group_size:
         "mean": 4 * channels if basis_stored else 0,
         "basis": 2 * channels * kept if basis_stored else 0,
         "positions": 8 * tokens if explicit_positions else 0,
+        "exact": _COUNT.size + (4 + 2 * channels) * exact_tokens if exact_tokens else 0,
         "sinks": 2 * channels * sinks,
         "scales": 2 * groups * kept,
         "mins": 2 * groups * kept,
@@ -101,17 +109,17 @@ def serialized_size(compressed: CompressedKeys) -> int:
     return sum(_layout(
         compressed.method, compressed.channels, compressed.num_tokens, compressed.num_sinks,
         compressed.group_size, compressed.kept_bits.cpu().numpy(), compressed.rope is not None,
-        compressed.shared_basis is None, compressed.positions is not None,
+        compressed.shared_basis is None, compressed.positions is not None, compressed.num_exact,
     ).values())
 
 
 def fixed_size(*, method: str, channels: int, tokens: int, num_sinks: int, group_size: int, has_rope: bool,
-               stored_basis: bool, explicit_positions: bool) -> int:
+               stored_basis: bool, explicit_positions: bool, exact_tokens: int = 0) -> int:
     """Bytes that do not depend on the channel widths (a blob with every channel dropped):
-    header, RoPE, widths map, mean, positions, full-precision sinks and tail, checksum.
-    The bit allocator spends what the budget leaves after these."""
+    header, RoPE, widths map, mean, positions, exact tokens, full-precision sinks and tail,
+    checksum. The bit allocator spends what the budget leaves after these."""
     return sum(_layout(method, channels, tokens, num_sinks, group_size, np.zeros(channels, dtype=np.int64),
-                       has_rope, stored_basis, explicit_positions).values())
+                       has_rope, stored_basis, explicit_positions, exact_tokens).values())
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -129,9 +137,11 @@ def to_bytes(compressed: CompressedKeys) -> bytes:
     flags |= _F_ROPE if compressed.rope is not None else 0
     flags |= _F_SHARED if compressed.shared_basis is not None else 0
     flags |= _F_POSITIONS if compressed.positions is not None else 0
+    flags |= _F_EXACT if compressed.num_exact else 0
     dtypes = _DTYPES.index(compressed.input_dtype) | (_DTYPES.index(compressed.storage_dtype) << 4)
+    version = _VERSION_EXACT if compressed.num_exact else 1
     parts = [_HEADER.pack(
-        MAGIC, VERSION, METHODS.index(compressed.method), flags, dtypes, compressed.num_tokens,
+        MAGIC, version, METHODS.index(compressed.method), flags, dtypes, compressed.num_tokens,
         compressed.kv_heads, compressed.head_dim, compressed.group_size, compressed.num_sinks,
         compressed.position_offset,
     )]
@@ -147,6 +157,9 @@ def to_bytes(compressed: CompressedKeys) -> bytes:
         if widths.size % 2:
             widths = np.append(widths, 0)
         parts.append((widths[0::2] | (widths[1::2] << 4)).astype(np.uint8).tobytes())
+    if compressed.num_exact:
+        parts += [_COUNT.pack(compressed.num_exact), _tensor_bytes(compressed.exact_index.to(torch.int32)),
+                  _tensor_bytes(compressed.exact_rows)]
     if compressed.method == "svdq" and compressed.shared_basis is None:
         parts.append(_tensor_bytes(compressed.mean.float()))
         parts.append(_tensor_bytes(compressed.basis.to(torch.float16)))
@@ -251,13 +264,32 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         channel_bits = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1)[:channels].copy()
         if channel_bits.max(initial=0) > 8:
             raise FormatError("channel widths above 8 bits in blob")
-    # The whole layout follows from the header and widths: compare it with the real length
-    # before reading (and allocating) any section.
+    sinks_n = 0 if method == "fp16" else min(num_sinks, tokens)
+    groups = 0 if method == "fp16" else (tokens - sinks_n) // group_size
+    exact_n = 0
+    if flags & _F_EXACT:
+        if method != "svdq" or version < _VERSION_EXACT:
+            raise FormatError(f"exact tokens (flag bit5) need method svdq and format version {_VERSION_EXACT}, got "
+                              f"{method} version {version}")
+        (exact_n,) = _COUNT.unpack(reader.take(_COUNT.size, "exact token count"))
+        if not 1 <= exact_n <= groups * group_size:
+            raise FormatError(f"blob has {exact_n} exact tokens; allowed 1..{groups * group_size} (its quantized tokens)")
+    # The whole layout follows from the header, widths and exact count: compare it with the
+    # real length before reading (and allocating) any section.
     expected = sum(_layout(method, channels, tokens, num_sinks, group_size, channel_bits, bool(flags & _F_ROPE),
-                           shared is None, bool(flags & _F_POSITIONS)).values())
+                           shared is None, bool(flags & _F_POSITIONS), exact_n).values())
     if expected != len(data):
         raise FormatError(f"blob is {len(data)} bytes but its header and channel widths describe {expected}: "
                           "truncated, padded or a header field is wrong")
+    storage = _DTYPES[dtypes >> 4]
+    exact_index = exact_rows = None
+    if exact_n:
+        exact_index = reader.tensor(torch.int32, (exact_n,), "exact token indices").to(torch.int64)
+        if int(exact_index[0]) < sinks_n or int(exact_index[-1]) >= sinks_n + groups * group_size or (
+                exact_n > 1 and not bool((exact_index[1:] > exact_index[:-1]).all())):
+            raise FormatError(f"exact token indices must ascend strictly inside the quantized tokens "
+                              f"{sinks_n}..{sinks_n + groups * group_size - 1}")
+        exact_rows = reader.tensor(storage, (exact_n, channels), "exact token rows")
     kept_idx = np.nonzero(channel_bits)[0]
     kept = kept_idx.size
     if method == "svdq" and shared is None:
@@ -277,9 +309,6 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
     positions = reader.tensor(torch.int64, (tokens,), "positions") if flags & _F_POSITIONS else None
     if positions is not None and (int(positions.min()) < 0 or int(positions.max()) > _MAX_POSITION):
         raise FormatError(f"blob positions must be in 0..{_MAX_POSITION}")
-    storage = _DTYPES[dtypes >> 4]
-    sinks_n = 0 if method == "fp16" else min(num_sinks, tokens)
-    groups = 0 if method == "fp16" else (tokens - sinks_n) // group_size
     tail_n = tokens - sinks_n - groups * group_size
     kept_bits = torch.from_numpy(channel_bits[kept_idx].astype(np.int64))
     sinks = reader.tensor(storage, (sinks_n, channels), "sinks")
@@ -290,7 +319,9 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
     if reader.at != len(reader.data):
         raise FormatError(f"blob has {len(reader.data) - reader.at} unexpected trailing bytes")
     for name, section in (("mean", mean), ("basis", basis_cols), ("sinks", sinks), ("scales", scales),
-                          ("mins", mins), ("tail", tail)):
+                          ("mins", mins), ("tail", tail), ("exact token rows", exact_rows)):
+        if section is None:
+            continue
         if not bool(torch.isfinite(section).all()):
             raise FormatError(f"blob holds NaN or Inf in its {name}; a blob from to_bytes never does")
     if mean.numel() and float(mean.abs().max()) > MAX_MEAN_MAGNITUDE:
@@ -301,7 +332,7 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         group_size=group_size, num_sinks=num_sinks, position_offset=offset,
         channel_bits=torch.from_numpy(channel_bits), basis=basis_cols, mean=mean, sinks=sinks, codes=codes,
         scales=scales, mins=mins, tail=tail, positions=positions, shared_basis=shared,
-        input_space="post_rope" if flags & _F_POST_IN else "pre_rope",
+        input_space="post_rope" if flags & _F_POST_IN else "pre_rope", exact_index=exact_index, exact_rows=exact_rows,
     )
     check_group_bytes(compressed)
     return compressed.to(device) if str(device) != "cpu" else compressed

@@ -70,6 +70,10 @@ class CacheBudget:
                     raise InvalidInputError(f"key share {share} gives {part} {bits:.2f} bits per element, above "
                                             f"{MAX_BUDGET}; lower bits_per_element or pick shares nearer 0.5")
 
+    def with_share(self, key_share: float | None) -> CacheBudget:
+        """This budget with one calibrated key share (one compression per layer), or itself for None."""
+        return self if key_share is None else replace(self, key_shares=(key_share,))
+
     @classmethod
     def from_ratio(cls, ratio: float, **kwargs) -> CacheBudget:
         """The budget that makes the cache ``ratio`` times smaller than fp16 (``16 / ratio`` bits)."""
@@ -171,4 +175,36 @@ def compress_kv(
     return CompressedCache(best[1], best[2], best[0], errors)
 
 
-__all__ = ["DEFAULT_TOTAL_BITS", "CacheBudget", "CompressedCache", "compress_kv"]
+def measure_key_shares(
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    budget: CacheBudget | None = None,
+    *,
+    positions: torch.Tensor | None = None,
+    rope: RopeConfig | None = None,
+    key_space: str = "pre_rope",
+    key_bases: list[Basis] | tuple[Basis, ...] | None = None,
+    value_bases: list[Basis] | tuple[Basis, ...] | None = None,
+) -> tuple[float, ...]:
+    """Each layer's split of ``budget``, measured once on calibration keys and values.
+
+    ``keys`` / ``values``: one [tokens, kv_heads, head_dim] tensor per layer (text like the
+    served traffic, with the shared bases the profile will use). Returns the key share
+    :func:`compress_kv` picks per layer; a profile that stores them (``cache_key_shares``)
+    compresses every upload once per layer instead of once per candidate share.
+    """
+    budget = budget or CacheBudget()
+    if len(keys) != len(values):
+        raise InvalidInputError(f"got {len(keys)} key layers but {len(values)} value layers")
+    for name, bases in (("key_bases", key_bases), ("value_bases", value_bases)):
+        if bases is not None and len(bases) != len(keys):
+            raise InvalidInputError(f"{name} must hold one basis per layer ({len(keys)}), got {len(bases)}")
+    return tuple(
+        compress_kv(layer_keys, layer_values, budget, positions=positions, rope=rope, key_space=key_space,
+                    key_basis=key_bases[layer] if key_bases is not None else None,
+                    value_basis=value_bases[layer] if value_bases is not None else None).key_share
+        for layer, (layer_keys, layer_values) in enumerate(zip(keys, values, strict=True))
+    )
+
+
+__all__ = ["DEFAULT_TOTAL_BITS", "CacheBudget", "CompressedCache", "compress_kv", "measure_key_shares"]

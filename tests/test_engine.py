@@ -487,3 +487,46 @@ def test_whole_cache_profile_rejects_settings_it_cannot_split():
         make_profile(value_bases=(None, None))
     with pytest.raises(InvalidInputError, match="not both"):
         make_profile(value_codec=DEFAULT_VALUE_CODEC, value_bits=2)
+
+
+def test_calibrated_key_shares_compress_each_layer_once_with_its_share():
+    from svdq.kv import CacheBudget, compress_kv, measure_key_shares
+    from svdq.values import DEFAULT_VALUE_CODEC
+
+    budget = CacheBudget(2.0, key_codec=CODEC, value_codec=DEFAULT_VALUE_CODEC)
+    calibration_keys, calibration_values = cache(600, seed=4)
+    shares = measure_key_shares(list(calibration_keys), list(calibration_values), budget,
+                                positions=torch.arange(600), rope=ROPE, key_space="post_rope")
+    assert shares == tuple(compress_kv(calibration_keys[layer], calibration_values[layer], budget,
+                                       positions=torch.arange(600), rope=ROPE, key_space="post_rope").key_share
+                           for layer in range(LAYERS))
+    # Another share than the measured one, so the test sees the profile's share being used.
+    shares = (budget.key_shares[0],) + shares[1:]
+    profile = make_profile(value_codec=DEFAULT_VALUE_CODEC, cache_bits_per_element=2.0, cache_key_shares=shares)
+    assert Profile.from_pb(profile.to_pb()).cache_key_shares == shares
+    assert Profile.from_pb(profile.to_pb()).same_as(profile)
+    engine = Engine(EngineConfig(device="cpu"), [profile])
+    keys, values = cache(500)
+    engine.upload("t", header(tokens=500), keys, values)
+    state = engine.store.get("t", "s").state
+    for layer in range(LAYERS):
+        one = CacheBudget(2.0, key_shares=(shares[layer],), key_codec=CODEC, value_codec=DEFAULT_VALUE_CODEC)
+        expected = compress_kv(keys[layer], values[layer], one, positions=torch.arange(500), rope=ROPE,
+                               key_space="post_rope")
+        assert to_bytes(state.keys[layer]) == to_bytes(expected.keys)
+        assert values_to_bytes(state.values[layer]) == values_to_bytes(expected.values)
+
+
+def test_bad_calibrated_key_shares_are_refused():
+    from svdq.values import DEFAULT_VALUE_CODEC
+
+    whole = {"value_codec": DEFAULT_VALUE_CODEC, "cache_bits_per_element": 2.0}
+    with pytest.raises(InvalidInputError, match="cache_key_shares need profile.cache_bits_per_element"):
+        make_profile(value_codec=DEFAULT_VALUE_CODEC, cache_key_shares=(0.3,) * LAYERS)
+    with pytest.raises(InvalidInputError, match=f"one share per layer \\({LAYERS}\\), got 1"):
+        make_profile(cache_key_shares=(0.3,), **whole)
+    with pytest.raises(InvalidInputError, match=r"cache_key_shares\[1\]: key_shares must be fractions in \(0, 1\)"):
+        make_profile(cache_key_shares=(0.3, 1.5) + (0.3,) * (LAYERS - 2), **whole)
+    with pytest.raises(InvalidInputError, match=r"cache_key_shares\[0\]: key share 0.9 gives keys 18.00 bits"):
+        make_profile(codec=CODEC, value_codec=DEFAULT_VALUE_CODEC, cache_bits_per_element=10.0,
+                     cache_key_shares=(0.9,) * LAYERS)

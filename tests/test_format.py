@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from svdq import CodecConfig, FormatError, RopeConfig, compress, decompress, from_bytes, to_bytes
-from svdq.format import MAGIC
+from svdq.format import MAGIC, VERSION
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def test_corrupted_byte_fails_the_checksum(blob):
 
 def test_newer_version_is_refused(blob):
     newer = bytearray(blob)
-    newer[4] = 2
-    with pytest.raises(FormatError, match="version 2 is newer"):
+    newer[4] = VERSION + 1
+    with pytest.raises(FormatError, match=f"version {VERSION + 1} is newer"):
         from_bytes(bytes(newer))
 
 

@@ -9,6 +9,8 @@ Misuse must fail with a typed error.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hf_tiny import tiny_model
@@ -19,6 +21,8 @@ from svdq_client.hf import (
     RemoteOffload,
     SvdqOffloadCache,
     calibrate_bases,
+    calibrate_cache_bases,
+    calibrate_key_shares,
     disable_offload,
     enable_offload,
 )
@@ -199,6 +203,82 @@ def test_calibrated_bases_are_the_models_pre_rope_key_bases_and_feed_local_offlo
         SvdqOffloadCache(model, LocalOffload(bases=bases[:1]))
     with pytest.raises(InvalidInputError, match="shared bases apply to codec method 'svdq', not 'fp16'"):
         SvdqOffloadCache(model, LocalOffload(PASSTHROUGH, bases=bases))
+
+
+def test_local_offload_stores_the_whole_cache_under_one_budget_with_calibrated_bases_and_split():
+    from svdq import to_bytes
+    from svdq.kv import CacheBudget, compress_kv
+    from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, values_to_bytes
+
+    model = tiny_model("llama")
+    calibration = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(3))
+    key_bases, value_bases = calibrate_cache_bases(model, calibration)
+    budget = CacheBudget(3.0, key_codec=CodecConfig(group_size=8, exact_tokens=2),
+                         value_codec=replace(DEFAULT_VALUE_CODEC, group_size=8))
+    shares = calibrate_key_shares(model, calibration, budget, key_bases, value_bases)
+    assert len(shares) == 2 and all(share in budget.key_shares for share in shares)
+    backend = LocalOffload(bases=key_bases, value_bases=value_bases, cache_budget=budget, cache_key_shares=shares)
+    enable_offload(model)
+    cache = SvdqOffloadCache(model, backend, window=4)
+    with torch.no_grad():
+        model(input_ids=tokens, cache=cache, use_cache=True)
+    disable_offload(model)
+    stored_keys, stored_values = backend.keys[0][0], backend.values[0][0]
+    assert stored_values.method == "svdq" and stored_keys.num_exact == 2
+    # Layer 0's keys and values come from the embeddings alone: the plain prefill has them exactly.
+    prefix = evaluation.prefill(model, tokens[:, :stored_keys.num_tokens])
+    expected = compress_kv(prefix.keys[0], prefix.values[0], budget.with_share(shares[0]), positions=prefix.positions,
+                           rope=ModelShape.from_config(model.config).rope, key_space="post_rope",
+                           key_basis=key_bases[0], value_basis=value_bases[0])
+    assert to_bytes(stored_keys) == to_bytes(expected.keys)
+    assert values_to_bytes(stored_values) == values_to_bytes(expected.values)
+    assert backend.stats.value_bytes_stored < backend.stats.fp16_key_bytes_stored / 2
+    with pytest.raises(InvalidInputError, match="value_bases apply to SVDq latent values"):
+        SvdqOffloadCache(model, LocalOffload(value_bases=value_bases))
+    with pytest.raises(InvalidInputError, match=r"cache_key_shares need cache_budget and one share per offloaded"):
+        SvdqOffloadCache(model, LocalOffload(cache_budget=budget, cache_key_shares=shares[:1]))
+    latent = LocalOffload(values=ValueConfig(codec=replace(DEFAULT_VALUE_CODEC, group_size=8)),
+                          value_bases=value_bases)
+    SvdqOffloadCache(model, latent)  # latent values with shared bases, keys at the default codec
+
+
+@pytest.mark.integration
+def test_remote_whole_cache_with_calibrated_split_answers_as_local_offload(shared_server):
+    from conftest import TENANT_TOKENS
+
+    from svdq.kv import CacheBudget
+    from svdq.values import DEFAULT_VALUE_CODEC
+
+    model = tiny_model("llama")
+    calibration = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 97, (1, 56), generator=torch.Generator().manual_seed(6))
+    key_bases, value_bases = calibrate_cache_bases(model, calibration)
+    budget = CacheBudget(3.0, key_codec=CodecConfig(group_size=8, exact_tokens=2),
+                         value_codec=replace(DEFAULT_VALUE_CODEC, group_size=8))
+    shares = calibrate_key_shares(model, calibration, budget, key_bases, value_bases)
+    logits = {}
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], timeout=RPC_TIMEOUT_S) as client:
+        backends = {
+            "local": LocalOffload(bases=key_bases, value_bases=value_bases, cache_budget=budget,
+                                  cache_key_shares=shares),
+            "remote": RemoteOffload(client, budget.key_codec, bases=key_bases, value_codec=budget.value_codec,
+                                    value_bases=value_bases, cache_bits_per_element=3.0, cache_key_shares=shares),
+        }
+        enable_offload(model)
+        for name, backend in backends.items():
+            cache = SvdqOffloadCache(model, backend, window=4)
+            with torch.no_grad():
+                model(input_ids=tokens[:, :48], cache=cache, use_cache=True)
+                logits[name] = model(input_ids=tokens[:, 48:], cache=cache, use_cache=True).logits
+            if name == "remote":
+                profile = client.get_profile(backend.profile_name)
+                assert profile.cache_key_shares == shares and profile.codec.exact_tokens == 2
+                assert backend.stats.value_bytes_stored == backends["local"].stats.value_bytes_stored
+                assert backend.stats.key_bytes_stored == backends["local"].stats.key_bytes_stored
+            cache.close()
+        disable_offload(model)
+    torch.testing.assert_close(logits["remote"], logits["local"], atol=1e-4, rtol=0)
 
 
 def test_shape_is_read_from_the_config():

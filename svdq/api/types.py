@@ -102,6 +102,7 @@ def codec_to_pb(config: CodecConfig, out: pb.Codec) -> pb.Codec:
     out.group_size, out.num_sinks = config.group_size, config.num_sinks
     if config.noise_averaging != 1.0:
         out.noise_averaging = config.noise_averaging
+    out.exact_tokens = config.exact_tokens
     return out
 
 
@@ -116,6 +117,7 @@ def codec_from_pb(message: pb.Codec) -> CodecConfig:
         group_size=message.group_size or defaults.group_size,
         num_sinks=message.num_sinks if message.HasField("num_sinks") else defaults.num_sinks,
         noise_averaging=message.noise_averaging if message.HasField("noise_averaging") else 1.0,
+        exact_tokens=message.exact_tokens,
     )
 
 
@@ -164,6 +166,9 @@ class Profile:
         cache_bits_per_element: one budget in true bits per KV element for keys and latent
             values, split per layer by :func:`svdq.kv.compress_kv` (needs ``value_codec``;
             uploads without values then use ``codec``).
+        cache_key_shares: with ``cache_bits_per_element``, one share of the budget spent on
+            keys per layer (each in (0, 1)), measured once on calibration data by
+            :func:`svdq.kv.measure_key_shares`; ``None`` measures the split on every upload.
     """
 
     name: str
@@ -178,6 +183,7 @@ class Profile:
     value_codec: CodecConfig | None = None
     value_bases: tuple[Basis, ...] | None = None
     cache_bits_per_element: float | None = None
+    cache_key_shares: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "profile.name")
@@ -208,6 +214,17 @@ class Profile:
                 raise InvalidInputError("profile.cache_bits_per_element needs an svdq codec with a bit budget and "
                                         "profile.value_codec (the budget splits between them)")
             _ = self.cache_budget  # validates the budget
+        if self.cache_key_shares is not None:
+            shares = tuple(self.cache_key_shares)
+            if self.cache_bits_per_element is None:
+                raise InvalidInputError("profile.cache_key_shares need profile.cache_bits_per_element (the budget "
+                                        "they split)")
+            if len(shares) != self.num_layers:
+                raise InvalidInputError(f"profile.cache_key_shares must hold one share per layer ({self.num_layers}), "
+                                        f"got {len(shares)}")
+            object.__setattr__(self, "cache_key_shares", shares)
+            for layer in range(self.num_layers):
+                self.layer_cache_budget(layer)  # validates each share against the budget
 
     def _check_bases(self, bases: tuple[Basis, ...], name: str) -> tuple[Basis, ...]:
         bases = tuple(bases)
@@ -232,6 +249,17 @@ class Profile:
         except InvalidInputError as exc:
             raise InvalidInputError(f"profile.cache_bits_per_element: {exc}") from None
 
+    def layer_cache_budget(self, layer: int) -> CacheBudget | None:
+        """The whole-cache budget of one layer: its calibrated key share when the profile has
+        them (one compression per upload), else every candidate share (measured per upload)."""
+        budget = self.cache_budget
+        if budget is None or self.cache_key_shares is None:
+            return budget
+        try:
+            return budget.with_share(self.cache_key_shares[layer])
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"profile.cache_key_shares[{layer}]: {exc}") from None
+
     @property
     def channels(self) -> int:
         return self.kv_heads * self.head_dim
@@ -253,6 +281,7 @@ class Profile:
         if self.value_codec is not None:
             codec_to_pb(self.value_codec, message.values.codec)
         message.cache_bits_per_element = self.cache_bits_per_element or 0.0
+        message.cache_key_shares[:] = list(self.cache_key_shares or ())
         for bases, target in ((self.bases, message.bases), (self.value_bases, message.values.bases)):
             for basis in bases or ():
                 layer = target.add()
@@ -286,6 +315,7 @@ class Profile:
             value_codec=codec_from_pb(message.values.codec) if message.values.HasField("codec") else None,
             value_bases=read_bases(message.values.bases, "value_bases"),
             cache_bits_per_element=message.cache_bits_per_element or None,
+            cache_key_shares=tuple(message.cache_key_shares) or None,
         )
 
     def same_as(self, other: Profile) -> bool:
@@ -297,9 +327,10 @@ class Profile:
         """A profile from its plain-dict form (profiles file): ``name``, ``num_layers``,
         ``kv_heads``, ``head_dim``, optional ``rope`` (RopeConfig fields), ``codec``
         (CodecConfig fields), ``value_bits``, ``value_group_size``, ``value_codec`` (CodecConfig
-        fields of SVDq latent values), ``cache_bits_per_element``."""
+        fields of SVDq latent values), ``cache_bits_per_element``, ``cache_key_shares`` (a list,
+        one per layer)."""
         allowed = {"name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "value_bits",
-                   "value_group_size", "basis_file", "value_codec", "cache_bits_per_element"}
+                   "value_group_size", "basis_file", "value_codec", "cache_bits_per_element", "cache_key_shares"}
         unknown = set(fields) - allowed
         if unknown:
             raise InvalidInputError(f"unknown profile fields {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -321,7 +352,8 @@ class Profile:
         return cls(name=fields["name"], num_layers=fields["num_layers"], kv_heads=fields["kv_heads"],
                    head_dim=fields["head_dim"], rope=rope, codec=codec, value_bits=fields.get("value_bits"),
                    value_group_size=fields.get("value_group_size", 64), bases=bases, value_codec=value_codec,
-                   cache_bits_per_element=fields.get("cache_bits_per_element"))
+                   cache_bits_per_element=fields.get("cache_bits_per_element"),
+                   cache_key_shares=tuple(fields["cache_key_shares"]) if fields.get("cache_key_shares") else None)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class Rope(_message.Message):
     def __init__(self, theta: _Optional[float] = ..., rotary_dim: _Optional[int] = ..., style: _Optional[str] = ..., scaling: _Optional[str] = ..., factor: _Optional[float] = ..., low_freq_factor: _Optional[float] = ..., high_freq_factor: _Optional[float] = ..., original_max_position: _Optional[int] = ...) -> None: ...
 
 class Codec(_message.Message):
-    __slots__ = ("method", "bits_per_element", "schedule", "bits", "group_size", "num_sinks", "noise_averaging")
+    __slots__ = ("method", "bits_per_element", "schedule", "bits", "group_size", "num_sinks", "noise_averaging", "exact_tokens")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class Codec(_message.Message):
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_SINKS_FIELD_NUMBER: _ClassVar[int]
     NOISE_AVERAGING_FIELD_NUMBER: _ClassVar[int]
+    EXACT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     method: str
     bits_per_element: float
     schedule: _containers.RepeatedScalarFieldContainer[int]
@@ -76,7 +77,8 @@ class Codec(_message.Message):
     group_size: int
     num_sinks: int
     noise_averaging: float
-    def __init__(self, method: _Optional[str] = ..., bits_per_element: _Optional[float] = ..., schedule: _Optional[_Iterable[int]] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., num_sinks: _Optional[int] = ..., noise_averaging: _Optional[float] = ...) -> None: ...
+    exact_tokens: int
+    def __init__(self, method: _Optional[str] = ..., bits_per_element: _Optional[float] = ..., schedule: _Optional[_Iterable[int]] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., num_sinks: _Optional[int] = ..., noise_averaging: _Optional[float] = ..., exact_tokens: _Optional[int] = ...) -> None: ...
 
 class ValueCodec(_message.Message):
     __slots__ = ("bits", "group_size", "codec", "bases")
@@ -101,7 +103,7 @@ class LayerBasis(_message.Message):
     def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., components: _Optional[_Union[Tensor, _Mapping]] = ..., singular_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Profile(_message.Message):
-    __slots__ = ("name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "values", "bases", "cache_bits_per_element")
+    __slots__ = ("name", "num_layers", "kv_heads", "head_dim", "rope", "codec", "values", "bases", "cache_bits_per_element", "cache_key_shares")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,7 @@ class Profile(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     BASES_FIELD_NUMBER: _ClassVar[int]
     CACHE_BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     kv_heads: int
@@ -120,7 +123,8 @@ class Profile(_message.Message):
     values: ValueCodec
     bases: _containers.RepeatedCompositeFieldContainer[LayerBasis]
     cache_bits_per_element: float
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., rope: _Optional[_Union[Rope, _Mapping]] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., values: _Optional[_Union[ValueCodec, _Mapping]] = ..., bases: _Optional[_Iterable[_Union[LayerBasis, _Mapping]]] = ..., cache_bits_per_element: _Optional[float] = ...) -> None: ...
+    cache_key_shares: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., rope: _Optional[_Union[Rope, _Mapping]] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., values: _Optional[_Union[ValueCodec, _Mapping]] = ..., bases: _Optional[_Iterable[_Union[LayerBasis, _Mapping]]] = ..., cache_bits_per_element: _Optional[float] = ..., cache_key_shares: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RegisterProfileRequest(_message.Message):
     __slots__ = ("profile", "replace")

@@ -1,0 +1,158 @@
+"""Exact tokens of the key codec: the worst-reconstructed quantized tokens kept in 16-bit,
+in the format (version 2), the budget, append, attention and the API conversions."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+from test_attention import naive_attention, structured_keys
+
+from svdq import CodecConfig, FormatError, RopeConfig, append, apply_rope, compress, decompress, from_bytes, to_bytes
+from svdq.api.types import codec_from_pb, codec_to_pb
+from svdq.attention import SparsityConfig, attend, body_range, select_body_tokens
+from svdq.errors import InvalidInputError
+from svdq.values import ValueConfig, compress_values, decompress_values
+
+ROPE = RopeConfig(theta=10000.0)
+SCHEDULE = CodecConfig(schedule=(8, 4, 2, 1, 1, 0, 0, 0), group_size=16, num_sinks=4)
+
+
+def rare_token_keys(tokens=203, outliers=(50, 120, 121, 190)):
+    """Structured keys with a few tokens off the common subspace (what a needle looks like)."""
+    pre = structured_keys(tokens, 3, 64)
+    generator = torch.Generator().manual_seed(7)
+    for index in outliers:
+        pre[index] += 3.0 * torch.randn(3, 64, generator=generator)
+    return apply_rope(pre, torch.arange(tokens), ROPE), pre
+
+
+def test_the_worst_reconstructed_tokens_are_stored_exactly():
+    keys, pre = rare_token_keys()
+    plain = compress(keys, SCHEDULE, rope=ROPE, key_space="post_rope")
+    exact = compress(keys, CodecConfig(schedule=SCHEDULE.schedule, group_size=16, exact_tokens=4), rope=ROPE,
+                     key_space="post_rope")
+    error = (decompress(plain, "pre_rope", torch.float32) - pre).pow(2).sum(dim=(1, 2))
+    start, n_body = body_range(plain)
+    worst = torch.sort(torch.topk(error[start:start + n_body], 4).indices + start).values
+    assert exact.exact_index.tolist() == worst.tolist()
+    restored = decompress(exact, "pre_rope", torch.float32)
+    # The exact rows are the 16-bit keys; every other token reconstructs as without them.
+    assert torch.equal(restored[worst], pre[worst].reshape(4, -1).half().float().reshape(4, 3, 64))
+    others = torch.ones(203, dtype=torch.bool)
+    others[worst] = False
+    assert torch.equal(restored[others], decompress(plain, "pre_rope", torch.float32)[others])
+    assert exact.nbytes == plain.nbytes + 4 + 4 * (4 + 2 * 192)
+
+
+def test_round_trip_through_bytes_and_version_byte():
+    keys, _ = rare_token_keys()
+    compressed = compress(keys, CodecConfig(bits_per_element=3.0, group_size=16, exact_tokens=5), rope=ROPE,
+                          key_space="post_rope")
+    blob = to_bytes(compressed)
+    assert len(blob) == compressed.nbytes and blob[4] == 2
+    loaded = from_bytes(blob)
+    assert torch.equal(loaded.exact_index, compressed.exact_index)
+    assert torch.equal(loaded.exact_rows, compressed.exact_rows)
+    assert torch.equal(decompress(loaded, "post_rope"), decompress(compressed, "post_rope"))
+    # Without exact tokens blobs stay version 1, which older readers accept.
+    assert to_bytes(compress(keys, SCHEDULE, rope=ROPE, key_space="post_rope"))[4] == 1
+
+
+def test_exact_tokens_are_paid_from_the_budget():
+    pre = structured_keys(2048, 3, 64)
+    for exact_tokens in (0, 16):
+        compressed = compress(pre, CodecConfig(bits_per_element=1.5, exact_tokens=exact_tokens))
+        assert compressed.num_exact == exact_tokens
+        assert compressed.bits_per_element <= 1.5
+
+
+def _rewrite(blob: bytes, at: int, fmt: str, value) -> bytes:
+    data = bytearray(blob[:-4])
+    struct.pack_into(fmt, data, at, value)
+    return bytes(data) + struct.pack("<I", zlib.crc32(data))
+
+
+def test_bad_exact_sections_are_refused():
+    keys, _ = rare_token_keys()
+    compressed = compress(keys, CodecConfig(schedule=SCHEDULE.schedule, group_size=16, exact_tokens=2), rope=ROPE,
+                          key_space="post_rope")
+    blob = to_bytes(compressed)
+    # header 28 + rope 28 + widths 96, then the count and the indices
+    count_at = 28 + 28 + 96
+    assert struct.unpack_from("<I", blob, count_at)[0] == 2
+    with pytest.raises(FormatError, match="exact tokens; allowed 1.."):
+        from_bytes(_rewrite(blob, count_at, "<I", 0))
+    with pytest.raises(FormatError, match="describe"):
+        from_bytes(_rewrite(blob, count_at, "<I", 3))
+    first, second = compressed.exact_index.tolist()
+    with pytest.raises(FormatError, match="ascend strictly inside the quantized tokens"):
+        from_bytes(_rewrite(blob, count_at + 4, "<I", second))  # not ascending
+    with pytest.raises(FormatError, match="ascend strictly inside the quantized tokens"):
+        from_bytes(_rewrite(blob, count_at + 4, "<I", 1))  # a sink
+    with pytest.raises(FormatError, match="need method svdq and format version 2"):
+        from_bytes(_rewrite(blob, 4, "<B", 1))
+
+
+def test_append_keeps_the_exact_tokens_and_quantizes_new_groups_without_any():
+    keys, _ = rare_token_keys(tokens=300)
+    config = CodecConfig(schedule=SCHEDULE.schedule, group_size=16, exact_tokens=3)
+    first = compress(keys[:200], config, rope=ROPE, key_space="post_rope")
+    grown = append(first, keys[200:])
+    assert torch.equal(grown.exact_index, first.exact_index)
+    # Tokens already quantized keep their reconstruction; the old tail is quantized now.
+    start, n_body = body_range(first)
+    assert torch.equal(decompress(grown, "post_rope")[:start + n_body], decompress(first, "post_rope")[:start + n_body])
+    assert len(to_bytes(grown)) == grown.nbytes
+
+
+@pytest.mark.parametrize("sparsity", [None, SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=24)])
+@pytest.mark.parametrize("queries_per_call", [1, 5])
+def test_attention_reads_the_exact_rows(sparsity, queries_per_call):
+    keys_post, _ = rare_token_keys(tokens=403, outliers=(40, 200, 201, 333))
+    keys = compress(keys_post, CodecConfig(schedule=SCHEDULE.schedule, group_size=16, exact_tokens=4), rope=ROPE,
+                    key_space="post_rope")
+    values = compress_values(torch.randn(403, 3, 64, generator=torch.Generator().manual_seed(2)).half(),
+                             ValueConfig(bits=4, group_size=32))
+    queries = torch.randn(queries_per_call, 6, 64, generator=torch.Generator().manual_seed(3))
+    result = attend(queries, [keys] * queries_per_call, [values] * queries_per_call, sparsity=sparsity,
+                    backend="torch")
+    post = decompress(keys, "post_rope", torch.float32)
+    dense_values = decompress_values(values, torch.float32)
+    start, n_body = body_range(keys)
+    for b in range(queries_per_call):
+        allowed = None
+        if sparsity is not None:
+            selection = select_body_tokens(queries[b], keys, sparsity)
+            allowed = torch.ones(3, 403, dtype=torch.bool)
+            allowed[:, start:start + n_body] = False
+            for head in range(3):
+                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+        expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8, allowed)
+        assert torch.allclose(result.output[b].double(), expected, atol=2e-5)
+        assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
+    plain = compress(keys_post, SCHEDULE, rope=ROPE, key_space="post_rope")
+    plain_read = attend(queries[:1], [plain], [values]).stats[0].key_bytes_read
+    if sparsity is None:
+        assert result.stats[0].key_bytes_read == plain_read + 4 * (4 + 2 * 192)
+
+
+def test_bad_exact_token_options():
+    with pytest.raises(InvalidInputError, match="exact_tokens must be an integer in 0..1024"):
+        CodecConfig(exact_tokens=-1)
+    with pytest.raises(InvalidInputError, match="exact_tokens must be an integer in 0..1024"):
+        CodecConfig(exact_tokens=2000)
+    with pytest.raises(InvalidInputError, match="applies to method 'svdq' only"):
+        CodecConfig(method="kivi", exact_tokens=4)
+    with pytest.raises(InvalidInputError, match="exact_tokens applies to keys only"):
+        ValueConfig(codec=CodecConfig(exact_tokens=4))
+
+
+def test_codec_message_carries_exact_tokens():
+    config = CodecConfig(bits_per_element=2.0, exact_tokens=4)
+    assert codec_from_pb(codec_to_pb(config, pb.Codec())) == config
+    with pytest.raises(InvalidInputError, match="exact_tokens"):
+        codec_from_pb(pb.Codec(method="svdq", exact_tokens=5000))

@@ -604,7 +604,10 @@ class RedisSequenceStore:
         when the sequence is gone."""
         meta_key, log_key = self._meta(member), self._log(member)
         if entry is not None:
-            base_version, log_len = entry.log_position
+            # State and position as one pair (another thread may install a newer one between
+            # two reads): replaying onto a state newer than its position duplicates tokens.
+            with self._cache_lock:
+                (base_version, log_len), base_state = entry.log_position, entry.state
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hmget(meta_key, *_META_FIELDS)
                 pipe.lrange(log_key, log_len, -1)
@@ -614,7 +617,7 @@ class RedisSequenceStore:
                 self._forget(member)
                 return None
             if int(meta["base_version"]) == base_version and int(meta["log_len"]) == log_len + len(records):
-                state = entry.state
+                state = base_state
                 for record in records:
                     state = self._replay(state, record)
                 return self._adopt(member, entry, state, meta)

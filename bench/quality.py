@@ -457,16 +457,6 @@ def synthetic_layer_keys(tokens: int, kv_heads: int = 8, head_dim: int = 128, se
     return apply_rope(pre_rope, torch.arange(tokens), LLAMA3_ROPE).to(torch.float16)
 
 
-def _median_seconds(action: Callable[[], object], repeats: int) -> float:
-    action()  # warm-up: allocator, lazy imports
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def synthetic_layer_values(tokens: int, kv_heads: int = 8, head_dim: int = 128, seed: int = 1) -> torch.Tensor:
     """float16 [tokens, kv_heads, head_dim] values: a flatter latent spectrum than the keys'
     (as measured on SmolLM2, docs/quality.md), a random rotation and a mean; no RoPE."""

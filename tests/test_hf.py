@@ -205,18 +205,28 @@ def test_calibrated_bases_are_the_models_pre_rope_key_bases_and_feed_local_offlo
         SvdqOffloadCache(model, LocalOffload(PASSTHROUGH, bases=bases))
 
 
-def test_local_offload_stores_the_whole_cache_under_one_budget_with_calibrated_bases_and_split():
-    from svdq import to_bytes
-    from svdq.kv import CacheBudget, compress_kv
-    from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, values_to_bytes
+def whole_cache_setup(model):
+    """Shared key and value bases, a 3-bit whole-cache budget (2 exact key tokens) and its
+    calibrated key/value split, all from one calibration text."""
+    from svdq.kv import CacheBudget
+    from svdq.values import DEFAULT_VALUE_CODEC
 
-    model = tiny_model("llama")
     calibration = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(5))
-    tokens = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(3))
     key_bases, value_bases = calibrate_cache_bases(model, calibration)
     budget = CacheBudget(3.0, key_codec=CodecConfig(group_size=8, exact_tokens=2),
                          value_codec=replace(DEFAULT_VALUE_CODEC, group_size=8))
     shares = calibrate_key_shares(model, calibration, budget, key_bases, value_bases)
+    return key_bases, value_bases, budget, shares
+
+
+def test_local_offload_stores_the_whole_cache_under_one_budget_with_calibrated_bases_and_split():
+    from svdq import to_bytes
+    from svdq.kv import compress_kv
+    from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, values_to_bytes
+
+    model = tiny_model("llama")
+    tokens = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(3))
+    key_bases, value_bases, budget, shares = whole_cache_setup(model)
     assert len(shares) == 2 and all(share in budget.key_shares for share in shares)
     backend = LocalOffload(bases=key_bases, value_bases=value_bases, cache_budget=budget, cache_key_shares=shares)
     enable_offload(model)
@@ -247,16 +257,9 @@ def test_local_offload_stores_the_whole_cache_under_one_budget_with_calibrated_b
 def test_remote_whole_cache_with_calibrated_split_answers_as_local_offload(shared_server):
     from conftest import TENANT_TOKENS
 
-    from svdq.kv import CacheBudget
-    from svdq.values import DEFAULT_VALUE_CODEC
-
     model = tiny_model("llama")
-    calibration = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(5))
     tokens = torch.randint(0, 97, (1, 56), generator=torch.Generator().manual_seed(6))
-    key_bases, value_bases = calibrate_cache_bases(model, calibration)
-    budget = CacheBudget(3.0, key_codec=CodecConfig(group_size=8, exact_tokens=2),
-                         value_codec=replace(DEFAULT_VALUE_CODEC, group_size=8))
-    shares = calibrate_key_shares(model, calibration, budget, key_bases, value_bases)
+    key_bases, value_bases, budget, shares = whole_cache_setup(model)
     logits = {}
     with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], timeout=RPC_TIMEOUT_S) as client:
         backends = {

@@ -146,3 +146,13 @@ def tls_material(tmp_path_factory) -> dict[str, Path]:
         "-subj", "/CN=svdq-rogue-ca", "-keyout", "rogue.key", "-out", "rogue.pem")
     return {name: folder / f"{name}" for name in
             ("ca.pem", "server.pem", "server.key", "client.pem", "client.key", "rogue.pem", "rogue.key")}
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh ``redis-server`` with deploy/redis/redis.conf for one test (tests/redis_process.py)."""
+    from redis_process import RedisProcess  # it imports this module
+
+    server = RedisProcess(tmp_path / "redis").start()
+    yield server
+    server.kill()

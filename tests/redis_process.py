@@ -12,18 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 #: the configuration deploy/ ships: the tests run with its durability settings
 REDIS_CONF = Path(__file__).resolve().parent.parent / "deploy" / "redis" / "redis.conf"
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (scripts/test.sh "
                                  "installs Debian's redis-server as root)")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisProcess:

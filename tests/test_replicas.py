@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2
-from redis_process import RedisProcess, needs_redis
+from redis_process import needs_redis
 from svdq_client import AsyncKVCacheClient, KVCacheClient, Profile
 from svdq_client.client import Replicas, append_request
 from svdq_client.errors import NotFoundError, UnavailableError
@@ -53,13 +53,6 @@ def snapshot(client, name):
 
 def same(first, second):
     return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisProcess(tmp_path / "redis").start()
-    yield server
-    server.kill()
 
 
 def replica(tmp_path, redis_server, *args):

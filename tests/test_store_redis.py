@@ -38,13 +38,6 @@ def entry(tenant, name, tokens=64):
 SIZE = entry("x", "x").state.nbytes
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisProcess(tmp_path / "redis").start()
-    yield server
-    server.kill()
-
-
 def replicas(redis_server, count=2, **policy):
     return [RedisSequenceStore(redis_server.url, StorePolicy(**policy)) for _ in range(count)]
 

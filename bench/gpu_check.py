@@ -31,7 +31,12 @@ from svdq.rope import apply_rope
 from svdq.values import compress_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import HEAD_DIM, KV_HEADS, LLAMA3_ROPE, Q_HEADS, median_seconds, synthetic_keys  # noqa: E402
+from attention import HEAD_DIM, KV_HEADS, LLAMA3_ROPE, Q_HEADS, medians_in_turns, synthetic_keys  # noqa: E402
+
+
+def median_seconds(call, device: torch.device, repeats: int) -> float:
+    """Median seconds of one call, timed as bench/attention.py times its rows."""
+    return medians_in_turns({"call": call}, device, repeats)["call"]
 
 
 def copy_bandwidth(device: torch.device, repeats: int, megabytes: int = 1024) -> float:

@@ -678,21 +678,6 @@ def softmax_from_dots(
     return torch.exp_(scores.sub_(safe[..., None])), lse
 
 
-def partial_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of grouped queries over one token set with float32 values
-    [..., Hkv, n, D]; see :func:`softmax_weights` for the other shapes.
-
-    Returns:
-        ``(output [..., Hkv, ratio, D], lse [..., Hkv, ratio])`` float32; lse is -inf for no tokens.
-    """
-    weights, lse = softmax_weights(query, keys, scale, valid)
-    if weights.shape[-1] == 0:
-        return query.new_zeros(query.shape), lse
-    return torch.einsum("...hgn,...hnd->...hgd", weights, values), lse
-
-
 def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: torch.Tensor | slice) -> torch.Tensor:
     """``sum_n weights[..., h, g, n] * value[seq_index[n], h]``: float32 [..., Hkv, g, D].
 
@@ -741,7 +726,7 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
     return output
 
 
-def _value_block(weights: torch.Tensor, width: int) -> int:
+def _value_block(width: int) -> int:
     """Tokens per block of a blocked weighted sum: ``2^18`` float32 elements of rows."""
     return max(64, RECONSTRUCT_BLOCK_ELEMENTS // max(1, width))
 
@@ -759,7 +744,7 @@ def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: 
     grouped = weights.reshape(-1, heads, weights.shape[-2], weights.shape[-1])
     output = weights.new_zeros(grouped.shape[0], heads, grouped.shape[2], head_dim)
     count = tokens.stop - tokens.start
-    block = _value_block(weights, heads * head_dim)
+    block = _value_block(heads * head_dim)
     buffer = torch.empty(min(block, count), heads, head_dim, device=weights.device) if values.bits is None else None
     for first in range(0, count, block):
         stop = min(count, first + block)
@@ -783,7 +768,7 @@ def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_bod
     flat = weights.reshape(-1, weights.shape[-1])
     summed = weights.new_zeros(flat.shape[0], kept)
     count = flat.shape[1]
-    block = _value_block(weights, kept)
+    block = _value_block(kept)
     for first in range(0, count, block):
         stop = min(count, first + block)
         index = torch.arange(first_body + first, first_body + stop, device=weights.device)

@@ -135,6 +135,8 @@ def compress_kv(
     if not isinstance(values, torch.Tensor) or values.shape != keys.shape:
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise InvalidInputError(f"values must have the keys' shape {tuple(keys.shape)}, got {shape}")
+    if key_space == "post_rope" and rope is None:  # before any candidate is compressed
+        raise InvalidInputError("post-RoPE keys need a rope description")
     candidates = []
     for share in budget.key_shares:
         key_config = replace(budget.key_codec, bits_per_element=2 * budget.bits_per_element * share)
@@ -145,8 +147,6 @@ def compress_kv(
             compress(keys, key_config, positions=positions, rope=rope, key_space=key_space, basis=key_basis),
             compress_values(values, value_config, basis=value_basis),
         ))
-    if key_space == "post_rope" and rope is None:
-        raise InvalidInputError("post-RoPE keys need a rope description")
     if len(candidates) == 1:
         share, compressed_keys, compressed_values = candidates[0]
         return CompressedCache(compressed_keys, compressed_values, share, {share: math.nan})

@@ -899,13 +899,14 @@ def _softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     :func:`_fused_cpu_attention` (output in float32); a query that sees no key gets output 0
     and lse -inf."""
     outputs, lses = [], []
+    key_t, value = key.float().transpose(2, 3), value.float()  # once, not per query block
     for start in range(0, query.shape[2], _QUERY_BLOCK):
-        scores = torch.matmul(query[:, :, start : start + _QUERY_BLOCK].float(), key.float().transpose(2, 3)) * scale
+        scores = torch.matmul(query[:, :, start : start + _QUERY_BLOCK].float(), key_t) * scale
         scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~visible[:, :, start : start + _QUERY_BLOCK], float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-        outputs.append(torch.matmul(weights, value.float()))
+        outputs.append(torch.matmul(weights, value))
         lses.append(lse)
     return torch.cat(outputs, dim=2), torch.cat(lses, dim=-1)
 

@@ -914,7 +914,7 @@ class KVCacheClient:
         one :class:`FetchResult` per content key, in one streamed call (NotFoundError when any
         is not stored)."""
         request = pb.FetchChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys),
-                                        dtype=dtype_to_pb(dtype) if dtype is not None else pb.DTYPE_UNSPECIFIED,
+                                        dtype=as_dtype(dtype),
                                         max_chunk_bytes=self.chunk_bytes)
         return self._streamed("FetchChunks", request, ChunkAssembler(len(content_keys)),
                               lambda assembler: assembler.result(num_layers), timeout)

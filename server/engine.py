@@ -630,12 +630,12 @@ class Engine:
             sampled = next(self._sample_layer) % profile.num_layers
             error = relative_error(key_layers[sampled].float(),
                                    decompress(keys[sampled], dtype=torch.float32).cpu())
-            fp16_bytes = 2.0 * state.num_tokens * profile.num_layers * profile.channels
-            ratio = fp16_bytes / state.key_bytes
+            fp16 = fp16_bytes(profile, state.num_tokens)
+            ratio = fp16 / state.key_bytes
             self.metrics.compressed(profile.name, ratio, 16.0 / ratio, error)
             if state.values is not None:
-                self.metrics.compressed_cache(profile.name, fp16_bytes / state.value_bytes,
-                                              2 * fp16_bytes / (state.key_bytes + state.value_bytes))
+                self.metrics.compressed_cache(profile.name, fp16 / state.value_bytes,
+                                              2 * fp16 / (state.key_bytes + state.value_bytes))
         log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, %.1f ms", header.sequence_id,
                  tenant, state.num_tokens, profile.num_layers, state.key_bytes, 1e3 * (time.perf_counter() - started))
         return self._info(entry)

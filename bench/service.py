@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import psutil
 import torch
 from svdq_client import KVCacheClient, Profile, Sparsity
@@ -330,10 +331,76 @@ def bench_stores(args) -> None:
           f"{', '.join(f'{ratio:.2f}' for ratio in cores)}, median {statistics.median(cores):.2f}x")
 
 
+def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profile) -> dict[str, list[float]]:
+    """Seconds of each server-side stage of one batch-1 Attend, run in this process with the
+    server's own code (engine, store, metrics, conversions, interceptor's tenant lookup), in
+    turns over ``args.iterations`` rounds: what an RPC pays besides the attention itself."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from svdq_client.client import attend_request
+    from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+    from svdq_server import convert
+    from svdq_server.auth import TokenAuthenticator
+    from svdq_server.engine import Engine, EngineConfig, UploadHeader
+    from svdq_server.metrics import Metrics
+
+    from svdq.attention import attend
+
+    metrics = Metrics()
+    engine = Engine(EngineConfig(device="cpu"), [profile], metrics=metrics)
+    metrics.bind_engine(engine, "bench")
+    header = UploadHeader("stages", profile.name, "stages", keys.shape[1], "post_rope", False, True)
+    engine.upload("bench", header, keys, values, torch.arange(keys.shape[1]))
+    authenticator = TokenAuthenticator.from_sources(None, "bench=bench-token-0123456789")
+    queries = torch.randn(1, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2)).half()
+    wire = attend_request(queries, [("stages", 0)], None, None).SerializeToString()
+    request = pb.AttendRequest.FromString(wire)
+    arguments = convert.attend_args_from_pb(request)
+    state = engine.store.get("bench", "stages").state
+    result = engine.attend("bench", **arguments)
+    executor = ThreadPoolExecutor(max_workers=args.workers[0])
+    loop = asyncio.new_event_loop()
+
+    async def hop():
+        await loop.run_in_executor(executor, int)
+
+    stages = {
+        "parse request bytes (AttendRequest.FromString)": lambda: pb.AttendRequest.FromString(wire),
+        "tenant from bearer token (interceptor)": lambda: authenticator.tenant_for("Bearer bench-token-0123456789"),
+        "request -> engine arguments (ids, queries tensor, finite check)": lambda: convert.attend_args_from_pb(request),
+        "store lookup (store.get)": lambda: engine.store.get("bench", "stages"),
+        "attention itself (svdq.attention.attend)": lambda: attend(arguments["queries"], [state.keys[0]],
+                                                                   [state.values[0]]),
+        "engine.attend (checks, lookup, attention, finite output, metrics)": lambda: engine.attend("bench", **arguments),
+        "metrics (attended + rpc_finished)": lambda: (metrics.attended(1, "dense", 1, 1),
+                                                      metrics.rpc_finished("Attend", "OK", 0.001)),
+        "result -> response bytes (attend_result_to_pb, serialize)":
+            lambda: convert.attend_result_to_pb(result).SerializeToString(),
+        "event loop -> worker thread -> event loop (run_in_executor)": lambda: loop.run_until_complete(hop()),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in stages}
+    try:
+        for call in stages.values():
+            call()
+        for _ in range(args.iterations):
+            for name, call in stages.items():
+                began = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - began)
+    finally:
+        loop.close()
+        executor.shutdown()
+    return samples
+
+
 def bench_attend(args) -> None:
     """Attend through the server against the same attention in this process and a bare round
-    trip, measured in turns (every iteration visits each), with batches over different
-    sequences; then p50/p99 of ``--clients`` concurrent clients calling back to back."""
+    trip (the gRPC health check), measured in turns (every iteration visits each), with
+    batches over different sequences; the server-side stages of one Attend; then p50/p99 of
+    ``--clients`` concurrent clients calling back to back, for each ``--workers`` value in turns."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from svdq import compress
     from svdq.attention import attend
     from svdq.values import compress_values
@@ -342,26 +409,33 @@ def bench_attend(args) -> None:
     batches = (1, 2, 8)
     count = max(max(batches), args.clients)
     profile = Profile("bench-attend", 1, KV_HEADS, HEAD_DIM, rope=ROPE, codec=CodecConfig(method="svdq"))
-    process = None
-    address = args.address
-    if address is None:
-        process, address = start_server(args.device, args.torch_threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)  # the in-process rows run as the server does
+    stages = server_stages(args, keys, values, profile)
+    processes = []
+    addresses = [args.address] if args.address else []
+    if not addresses:
+        for workers in args.workers:
+            process, address = start_server(args.device, args.torch_threads, "--workers", str(workers))
+            processes.append(process)
+            addresses.append(address)
+    sequences = [f"attend-bench-{index}-{uuid.uuid4().hex[:6]}" for index in range(count)]
     try:
-        with KVCacheClient(address, timeout=600) as client:
-            client.register_profile(profile, replace=True)
-            sequences = [f"attend-bench-{index}-{uuid.uuid4().hex[:6]}" for index in range(count)]
-            for sequence in sequences:
-                client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
-                              key_space="post_rope")
+        for address in addresses:
+            with KVCacheClient(address, timeout=600) as client:
+                client.register_profile(profile, replace=True)
+                for sequence in sequences:
+                    client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
+                                  key_space="post_rope")
+        with KVCacheClient(addresses[0], timeout=600) as client, grpc.insecure_channel(addresses[0]) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
             # The same compression in this process: one object per sequence, like the server's store.
             local_keys = [compress(keys[0], profile.codec, positions=torch.arange(args.tokens), rope=ROPE,
                                    key_space="post_rope") for _ in range(max(batches))]
             local_values = [compress_values(values[0]) for _ in range(max(batches))]
-            if args.torch_threads:
-                torch.set_num_threads(args.torch_threads)  # the in-process rows run as the server does
             generator = torch.Generator().manual_seed(1)
-            samples: dict[str, list[float]] = {"round trip": []}
-            calls = {"round trip": client.server_info}
+            calls = {"round trip (grpc.health.v1 Check)": lambda: health.Check(health_pb2.HealthCheckRequest()),
+                     "GetServerInfo": client.server_info}
             for batch in batches:
                 queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=generator).half()
                 entries = [(sequence, 0) for sequence in sequences[:batch]]
@@ -369,8 +443,7 @@ def bench_attend(args) -> None:
                                                        client.attend(queries, entries))
                 calls[f"attend in-process, batch {batch}"] = (
                     lambda queries=queries, batch=batch: attend(queries, local_keys[:batch], local_values[:batch]))
-                samples[f"Attend RPC, batch {batch}"] = []
-                samples[f"attend in-process, batch {batch}"] = []
+            samples: dict[str, list[float]] = {name: [] for name in calls}
             for call in calls.values():
                 call()  # warm-up: the server's attention cache, this process's too
             load_before = os.getloadavg()
@@ -379,40 +452,17 @@ def bench_attend(args) -> None:
                     began = time.perf_counter()
                     call()
                     samples[name].append(time.perf_counter() - began)
-        latencies: list[float] = []
-        lock = threading.Lock()
-        start = threading.Barrier(args.clients + 1)
-        stop = threading.Event()
         single = torch.randn(1, Q_HEADS, HEAD_DIM, generator=generator).half()
-
-        def worker(sequence):
-            mine = []
-            with KVCacheClient(address, timeout=600) as own:
-                own.attend(single, [(sequence, 0)])
-                start.wait()
-                while not stop.is_set():
-                    began = time.perf_counter()
-                    own.attend(single, [(sequence, 0)])
-                    mine.append(time.perf_counter() - began)
-            with lock:
-                latencies.extend(mine)
-
-        threads = [threading.Thread(target=worker, args=(sequence,)) for sequence in sequences[:args.clients]]
-        for thread in threads:
-            thread.start()
-        start.wait()
-        began = time.perf_counter()
-        time.sleep(args.seconds)
-        stop.set()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - began
+        # rounds[r][i]: (latencies, seconds) of server i in round r; servers take turns
+        rounds = [[concurrent_clients(address, sequences[:args.clients], single, args.seconds)
+                   for address in addresses] for _ in range(args.rounds)]
     finally:
-        if process is not None:
+        for process in processes:
             process.terminate()
             process.wait(timeout=60)
-    threads_note = f", server --torch-threads {args.torch_threads}" if process is not None else ""
-    print(f"Attend on {address} (device {args.device}{threads_note}), one layer x {args.tokens} tokens x {KV_HEADS} KV "
+    threads_note = f", server --torch-threads {args.torch_threads}" if processes else ""
+    print(f"Attend on {addresses[0]} (device {args.device}{threads_note}, --workers "
+          f"{args.workers[0] if processes else '?'}), one layer x {args.tokens} tokens x {KV_HEADS} KV "
           f"heads x {HEAD_DIM}, {Q_HEADS} query heads, svdq 1.5 b/e keys, 16-bit values, dense; batch entries over "
           f"different sequences; {args.iterations} iterations, rows measured in turns; load average before "
           f"{', '.join(f'{load:.1f}' for load in load_before)}\n")
@@ -421,18 +471,65 @@ def bench_attend(args) -> None:
     p50 = {name: statistics.median(times) for name, times in samples.items()}
     for name, times in samples.items():
         print(f"| {name} | {1e3 * p50[name]:.2f} | {1e3 * percentile(times, 0.99):.2f} |")
-    print("\nservice overhead (RPC p50 - in-process p50 - round trip p50): " + "; ".join(
-        f"batch {b}: {1e3 * (p50[f'Attend RPC, batch {b}'] - p50[f'attend in-process, batch {b}'] - p50['round trip']):+.2f} ms"
+    floor = p50["round trip (grpc.health.v1 Check)"]
+    print("\nservice overhead (RPC p50 - in-process p50 - round trip p50; target <= +0.5 ms at batch 1): " + "; ".join(
+        f"batch {b}: {1e3 * (p50[f'Attend RPC, batch {b}'] - p50[f'attend in-process, batch {b}'] - floor):+.2f} ms"
         for b in batches))
     print("batch b / batch 1 (p50): " + "; ".join(
         f"RPC batch {b}: {p50[f'Attend RPC, batch {b}'] / p50['Attend RPC, batch 1']:.2f}x, in-process "
         f"{p50[f'attend in-process, batch {b}'] / p50['attend in-process, batch 1']:.2f}x" for b in batches[1:]))
-    concurrent_p50 = statistics.median(latencies)
-    print(f"{args.clients} concurrent clients, batch 1 each, {args.seconds:.0f} s: {len(latencies)} calls "
-          f"({len(latencies) / elapsed:.1f}/s), p50 {1e3 * concurrent_p50:.1f} ms, p99 "
-          f"{1e3 * percentile(latencies, 0.99):.1f} ms = {percentile(latencies, 0.99) / concurrent_p50:.2f}x p50 "
-          f"(machine: {os.cpu_count()} cores, shared; load average after "
-          f"{', '.join(f'{load:.1f}' for load in os.getloadavg())})")
+    print(f"\nserver-side stages of one batch-1 Attend, in this process with the server's code (torch threads "
+          f"{torch.get_num_threads()}), {args.iterations} rounds in turns:\n")
+    print("| stage | p50 us | p99 us |")
+    print("| --- | ---: | ---: |")
+    for name, times in stages.items():
+        print(f"| {name} | {1e6 * statistics.median(times):.0f} | {1e6 * percentile(times, 0.99):.0f} |")
+    print(f"\n{args.clients} concurrent clients, batch 1 each, {args.rounds} rounds of {args.seconds:.0f} s, servers "
+          f"in turns (machine: {os.cpu_count()} cores, shared; load average after "
+          f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}; target p99 <= 4x p50):\n")
+    print("| server | calls/s | p50 ms | p99 ms | p99 / p50 | per round p99 / p50 |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for index, address in enumerate(addresses):
+        runs = [measured[index] for measured in rounds]
+        latencies = [latency for run, _ in runs for latency in run]
+        name = f"--workers {args.workers[index]}" if processes else address
+        ratio = percentile(latencies, 0.99) / statistics.median(latencies)
+        print(f"| {name} | {len(latencies) / sum(seconds for _, seconds in runs):.1f} | "
+              f"{1e3 * statistics.median(latencies):.1f} | {1e3 * percentile(latencies, 0.99):.1f} | {ratio:.2f}x | "
+              + ", ".join(f"{percentile(run, 0.99) / statistics.median(run):.2f}x" for run, _ in runs) + " |")
+
+
+def concurrent_clients(address: str, sequences: list[str], queries: torch.Tensor,
+                       seconds: float) -> tuple[list[float], float]:
+    """Latencies of one client per sequence calling Attend back to back for ``seconds``, and
+    the wall seconds they ran."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(sequences) + 1)
+    stop = threading.Event()
+
+    def worker(sequence):
+        mine = []
+        with KVCacheClient(address, timeout=600) as own:
+            own.attend(queries, [(sequence, 0)])
+            start.wait()
+            while not stop.is_set():
+                began = time.perf_counter()
+                own.attend(queries, [(sequence, 0)])
+                mine.append(time.perf_counter() - began)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(sequence,)) for sequence in sequences]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return latencies, time.perf_counter() - began
 
 
 def main(argv=None) -> None:
@@ -451,7 +548,11 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, default=32, help="--part attend: concurrent clients")
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="--part stores: seconds per throughput run; --part attend: of the concurrent clients")
-    parser.add_argument("--rounds", type=int, default=3, help="--part stores: alternating 1-vs-2-replica rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="--part stores: alternating 1-vs-2-replica rounds; "
+                        "--part attend: rounds of the concurrent clients per server")
+    parser.add_argument("--workers", type=lambda text: [int(value) for value in text.split(",")], default=[8],
+                        help="--part attend: --workers of the started server; several (e.g. 8,2) start one server "
+                             "each, the concurrent clients measured against each in turns")
     args = parser.parse_args(argv)
     if args.part == "stores":
         bench_stores(args)

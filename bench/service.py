@@ -31,7 +31,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import psutil
 import torch
 from svdq_client import KVCacheClient, Profile, Sparsity
@@ -427,8 +426,9 @@ def bench_attend(args) -> None:
                 for sequence in sequences:
                     client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
                                   key_space="post_rope")
-        with KVCacheClient(addresses[0], timeout=600) as client, grpc.insecure_channel(addresses[0]) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+        with KVCacheClient(addresses[0], timeout=600) as client:
+            # on the client's own connection: the floor of exactly the path an Attend takes
+            health = health_pb2_grpc.HealthStub(client._channels[0])
             # The same compression in this process: one object per sequence, like the server's store.
             local_keys = [compress(keys[0], profile.codec, positions=torch.arange(args.tokens), rope=ROPE,
                                    key_space="post_rope") for _ in range(max(batches))]
@@ -447,10 +447,14 @@ def bench_attend(args) -> None:
             for call in calls.values():
                 call()  # warm-up: the server's attention cache, this process's too
             load_before = os.getloadavg()
-            for _ in range(args.iterations):
-                for name, call in calls.items():
+            names = list(calls)
+            for iteration in range(args.iterations):
+                # Each row takes every place in the turn equally often: the first call after the
+                # in-process rows' computation pays the client's wake-up, whichever it is.
+                shift = iteration % len(names)
+                for name in names[shift:] + names[:shift]:
                     began = time.perf_counter()
-                    call()
+                    calls[name]()
                     samples[name].append(time.perf_counter() - began)
         single = torch.randn(1, Q_HEADS, HEAD_DIM, generator=generator).half()
         # rounds[r][i]: (latencies, seconds) of server i in round r; servers take turns
@@ -464,7 +468,7 @@ def bench_attend(args) -> None:
     print(f"Attend on {addresses[0]} (device {args.device}{threads_note}, --workers "
           f"{args.workers[0] if processes else '?'}), one layer x {args.tokens} tokens x {KV_HEADS} KV "
           f"heads x {HEAD_DIM}, {Q_HEADS} query heads, svdq 1.5 b/e keys, 16-bit values, dense; batch entries over "
-          f"different sequences; {args.iterations} iterations, rows measured in turns; load average before "
+          f"different sequences; {args.iterations} iterations, rows measured in turns (order rotated); load average before "
           f"{', '.join(f'{load:.1f}' for load in load_before)}\n")
     print("| call | p50 ms | p99 ms |")
     print("| --- | ---: | ---: |")

@@ -10,6 +10,10 @@ calls get ``grace_seconds`` to finish.
 With a shared store (``--store redis://...``) health also follows the store: every
 ``store_check_seconds`` the server pings it, turns NOT_SERVING while it does not answer (calls
 then fail with UNAVAILABLE anyway) and SERVING again when it does.
+
+With ``--ttl-seconds``, one job drops expired sequences every :func:`expiry_interval` (an
+access never serves an expired sequence by itself; the job makes the totals, GetServerInfo and
+the metrics follow the TTL without traffic, and keeps those reads free of expiry work).
 """
 
 from __future__ import annotations
@@ -34,16 +38,24 @@ from svdq.errors import UnavailableError
 
 from .auth import TokenAuthenticator
 from .config import Settings, load_profiles
-from .engine import Engine, UploadHeader, resolve_device
+from .engine import Engine, EngineConfig, UploadHeader, resolve_device
 from .interceptors import ServiceInterceptor
 from .metrics import Metrics
 from .servicer import KVCacheServicer
-from .store import StorePolicy, open_store
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = kvcache_pb2.DESCRIPTOR.services_by_name["KVCache"].full_name
 WARMUP_TENANT = "warmup"
+#: the expiry job runs at least this often, however long the TTL
+MAX_EXPIRY_INTERVAL_SECONDS = 10.0
+
+
+def expiry_interval(ttl_seconds: float) -> float:
+    """Seconds between two runs of the expiry job: a quarter of the TTL, at most
+    :data:`MAX_EXPIRY_INTERVAL_SECONDS`, so the totals lag expiry by a small part of the TTL."""
+    return min(MAX_EXPIRY_INTERVAL_SECONDS, ttl_seconds / 4)
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -111,6 +123,7 @@ class SvdqServer:
         self._stopped: asyncio.Event | None = None
         self._stopping = False
         self._store_watch: asyncio.Task | None = None
+        self._expiry: asyncio.Task | None = None
 
     async def start(self) -> None:
         # grpc.aio objects bind to the running event loop, so they are made here.
@@ -149,6 +162,8 @@ class SvdqServer:
                 log.warning(json.dumps({"event": "store down", "store": store_description(self.settings),
                                         "error": store_up}))
             self._store_watch = asyncio.create_task(self._watch_store(store_up is None))
+        if self.store.policy.ttl_seconds:
+            self._expiry = asyncio.create_task(self._expire_periodically(expiry_interval(self.store.policy.ttl_seconds)))
         log.info(json.dumps({
             "event": "serving", "address": f"{self.settings.host}:{self.port}", "device": str(self.engine.device),
             "store": store_description(self.settings),
@@ -194,6 +209,17 @@ class SvdqServer:
                 log.warning(json.dumps({"event": "store up" if serving else "store down", "store":
                                         store_description(self.settings), **({"error": problem} if problem else {})}))
 
+    async def _expire_periodically(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await loop.run_in_executor(self.executor, self.store.expire)
+            except RuntimeError:  # the executor shut down: the server is stopping
+                return
+            except UnavailableError as exc:  # the store watch reports it; the next run tries again
+                log.debug("expiry skipped: %s", exc)
+
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
@@ -211,8 +237,9 @@ class SvdqServer:
         grace = self.settings.grace_seconds if grace is None else grace
         drain = self.settings.drain_seconds if drain is None else drain
         log.info(json.dumps({"event": "stopping", "drain_seconds": drain, "grace_seconds": grace}))
-        if self._store_watch is not None:
-            self._store_watch.cancel()
+        for task in (self._store_watch, self._expiry):
+            if task is not None:
+                task.cancel()
         await self._set_serving(False)
         if drain > 0:
             await asyncio.sleep(drain)
@@ -228,17 +255,15 @@ class SvdqServer:
             await self._stopped.wait()
 
 
-def open_store_from(settings: Settings, engine_config, metrics: Metrics):
+def open_store_from(settings: Settings, engine_config: EngineConfig, metrics: Metrics):
     """The store backend the settings name, with the engine's limits and device."""
-    policy = StorePolicy(engine_config.store_bytes, engine_config.eviction, engine_config.ttl_seconds,
-                         engine_config.tenant_quotas or {}, engine_config.tenant_quota_bytes or None)
     options = {}
     if settings.store != "memory":
         from .store_redis import read_password
 
         options = {"password": read_password(settings.store_password_file), "tls_ca": settings.store_tls_ca,
                    "cache_bytes": settings.store_cache_bytes, "timeout": settings.store_timeout_seconds}
-    return open_store(settings.store, policy, device=resolve_device(settings.device), on_evict=metrics.evicted,
+    return open_store(settings.store, engine_config.store_policy(), device=resolve_device(settings.device), on_evict=metrics.evicted,
                       observe=metrics.store_operation, **options)
 
 

@@ -31,7 +31,7 @@ from .engine import (
     DEVICES,
     EngineConfig,
 )
-from .store import EVICTION_POLICIES, check_store_url
+from .store import EVICTION_POLICIES
 
 ENV_PREFIX = "SVDQ_"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -241,11 +241,6 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         problems.append("--tls-cert and --tls-key must be given together")
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    if settings.store != "memory":
-        try:
-            check_store_url(settings.store)
-        except InvalidInputError as exc:
-            problems.append(str(exc))
     if settings.store_timeout_seconds <= 0 or settings.store_check_seconds <= 0 or settings.store_cache_bytes < 0:
         problems.append("--store-timeout-seconds and --store-check-seconds must be > 0, --store-cache-bytes >= 0")
     if problems:

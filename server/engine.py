@@ -55,7 +55,7 @@ from svdq.kv import compress_kv
 from svdq.rope import RopeConfig
 from svdq.values import CompressedValues, compress_values, decompress_values
 
-from .store import SequenceState, SequenceStore, StoreBackend, StoredSequence, fp16_bytes
+from .store import SequenceState, SequenceStore, StoreBackend, StoredSequence, StorePolicy, fp16_bytes
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,11 @@ class EngineConfig:
     attention_cache_bytes: int | None = None
     tenant_quota_bytes: int = 0
     tenant_quotas: Mapping[str, int] | None = None
+
+    def store_policy(self) -> StorePolicy:
+        """The store's limits (budget, eviction, TTL, quotas): the one place they are built."""
+        return StorePolicy(self.store_bytes, self.eviction, self.ttl_seconds, self.tenant_quotas or {},
+                           self.tenant_quota_bytes or None)
 
 
 @dataclass(frozen=True)
@@ -238,9 +243,7 @@ class Engine:
         self.metrics = metrics
         # The store backend (server/store.py) also holds the profiles, so a shared one shares them.
         self.store = store if store is not None else SequenceStore(
-            self.config.store_bytes, self.config.eviction, self.config.ttl_seconds,
-            on_evict=metrics.evicted if metrics is not None else None, quotas=self.config.tenant_quotas,
-            default_quota=self.config.tenant_quota_bytes or None,
+            self.config.store_policy(), on_evict=metrics.evicted if metrics is not None else None,
             observe=metrics.store_operation if metrics is not None else None)
         self._profiles = self.store.profiles()
         self._profiles_lock = threading.Lock()
@@ -935,12 +938,13 @@ class Engine:
         ``tenant`` alone: one tenant learns nothing about the others (operators read global
         figures from the metrics)."""
         own = self.store.tenant_totals(tenant)
+        policy = self.store.policy
         return ServerInfo(
-            version=__version__, device=str(self.device), store_budget_bytes=self.store.budget_bytes,
+            version=__version__, device=str(self.device), store_budget_bytes=policy.budget_bytes,
             stored_bytes=own["bytes"], stored_fp16_bytes=own["fp16_bytes"], sequences=own["sequences"],
-            tenant_sequences=own["sequences"], evictions=own["evictions"], eviction=self.store.eviction,
-            ttl_seconds=self.store.ttl_seconds, profiles=tuple(profile.name for profile in self.list_profiles(tenant)),
-            tenant_quota_bytes=self.store.quota_for(tenant) or 0,
+            tenant_sequences=own["sequences"], evictions=own["evictions"], eviction=policy.eviction,
+            ttl_seconds=policy.ttl_seconds, profiles=tuple(profile.name for profile in self.list_profiles(tenant)),
+            tenant_quota_bytes=policy.quota_for(tenant) or 0,
         )
 
     # -- helpers -----------------------------------------------------------------------------

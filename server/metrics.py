@@ -67,7 +67,7 @@ class _StoreCollector:
         fp16.add_metric(["keys"], totals["fp16_keys"])
         fp16.add_metric(["values"], totals["fp16_values"])
         yield fp16
-        yield GaugeMetricFamily("svdq_store_budget_bytes", "Store byte budget (--store-bytes).", value=store.budget_bytes)
+        yield GaugeMetricFamily("svdq_store_budget_bytes", "Store byte budget (--store-bytes).", value=store.policy.budget_bytes)
         yield GaugeMetricFamily("svdq_sequences", "Sequences stored, all tenants.", value=totals["sequences"])
         memory = GaugeMetricFamily("svdq_device_memory_bytes",
                                    "Device memory: CUDA allocated/reserved, or bytes of the store's tensors on the CPU.",

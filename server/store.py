@@ -14,7 +14,9 @@ than their share (their quota, or else an equal part of the budget among the ten
 store something), then the requesting tenant's own; a tenant within its share never loses a
 sequence to another tenant. What cannot be freed that way, and everything under
 ``eviction="none"``, fails with RESOURCE_EXHAUSTED. Sequences idle longer than
-``ttl_seconds`` expire.
+``ttl_seconds`` expire: an access never returns an expired sequence, and :meth:`StoreBackend.expire`
+drops every expired one (the server runs it periodically, so totals and metrics follow the TTL
+without traffic; reading the totals never expires anything).
 
 Two backends keep to this contract (:class:`StoreBackend`): :class:`SequenceStore`, this
 process's memory (the embedded default), and :class:`svdq_server.store_redis.RedisSequenceStore`,
@@ -26,6 +28,7 @@ eviction victims with one function, :func:`plan_eviction`.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -288,10 +291,8 @@ class StoreBackend(Protocol):
     backend: str
     #: one name per store, the same on every replica that shares it (metrics count it once)
     store_id: str
+    #: budget, eviction, TTL and quotas (read them here; the store keeps no copies)
     policy: StorePolicy
-    budget_bytes: int
-    eviction: str
-    ttl_seconds: float
 
     def get(self, tenant: str, sequence_id: str) -> StoredSequence: ...
     def peek(self, tenant: str, sequence_id: str) -> StoredSequence | None: ...
@@ -301,7 +302,6 @@ class StoreBackend(Protocol):
     def expire(self) -> int: ...
     def totals(self) -> dict[str, int]: ...
     def tenant_totals(self, tenant: str) -> dict[str, int]: ...
-    def quota_for(self, tenant: str) -> int | None: ...
     def tensor_bytes(self) -> int: ...
     def count(self, tenant: str | None = None) -> int: ...
     def profiles(self) -> MutableMapping[tuple[str, str], Profile]: ...
@@ -315,7 +315,7 @@ class SequenceStore:
     sizes of keys and values): the embedded backend.
 
     Args:
-        budget_bytes, eviction, ttl_seconds, quotas, default_quota: the :class:`StorePolicy`.
+        policy: budget, eviction, TTL and quotas.
         on_evict: called with the reason (``"lru"`` or ``"ttl"``) for every evicted sequence.
         clock: monotonic time source (tests pass a fake one).
         observe: called with ``(operation, seconds, failed)`` after each store operation.
@@ -323,16 +323,10 @@ class SequenceStore:
 
     backend = "memory"
 
-    def __init__(self, budget_bytes: int, eviction: str = "lru", ttl_seconds: float = 0.0,
-                 on_evict: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic,
-                 quotas: Mapping[str, int] | None = None, default_quota: int | None = None,
+    def __init__(self, policy: StorePolicy, *, on_evict: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
                  observe: Callable[[str, float, bool], None] | None = None) -> None:
-        self.policy = StorePolicy(budget_bytes, eviction, ttl_seconds, quotas or {}, default_quota)
-        self.budget_bytes = budget_bytes
-        self.quotas = self.policy.quotas
-        self.default_quota = default_quota
-        self.eviction = eviction
-        self.ttl_seconds = ttl_seconds
+        self.policy = policy
         self.observe = observe
         # This process's memory: a store of its own (a shared backend names its location).
         self.store_id = f"memory:{socket.gethostname()}:{os.getpid()}"
@@ -343,8 +337,11 @@ class SequenceStore:
         self._stored_bytes = 0
         self._stored_key_bytes = 0
         self._stored_fp16 = {"keys": 0, "values": 0}
-        # Per tenant, kept with the totals: quota checks run on every insert and append.
+        # Per tenant, kept with the totals: quota checks run on every insert and append, and
+        # GetServerInfo reads a tenant's figures without visiting its sequences.
         self._tenant_bytes: defaultdict[str, int] = defaultdict(int)
+        self._tenant_fp16: defaultdict[str, int] = defaultdict(int)
+        self._tenant_sequences: defaultdict[str, int] = defaultdict(int)
         self._tenant_evictions: defaultdict[str, int] = defaultdict(int)
         self._profiles: dict[tuple[str, str], Profile] = {}
         self.evictions = 0
@@ -384,10 +381,9 @@ class SequenceStore:
             return self._sequences.get((tenant, sequence_id))
 
     def totals(self) -> dict[str, int]:
-        """Stored bytes (``keys``, ``values``), their float16 equivalents and the count
-        (expired sequences are dropped first, so scrapes see TTL expiry without traffic)."""
+        """Stored bytes (``keys``, ``values``), their float16 equivalents and the count, as of
+        the last expiry (:meth:`expire`)."""
         with self._lock:
-            self._expire_locked()
             return {
                 "keys": self._stored_key_bytes,
                 "values": self._stored_bytes - self._stored_key_bytes,
@@ -396,18 +392,11 @@ class SequenceStore:
                 "sequences": len(self._sequences),
             }
 
-    def quota_for(self, tenant: str) -> int | None:
-        """The tenant's byte quota; None when it has none."""
-        return self.policy.quota_for(tenant)
-
     def tenant_totals(self, tenant: str) -> dict[str, int]:
         """What :meth:`totals` gives, for one tenant's sequences, plus its ``evictions``."""
         with self._lock:
-            self._expire_locked()
-            entries = [entry for entry in self._sequences.values() if entry.tenant == tenant]
-            fp16 = sum(fp16_bytes(entry.profile, entry.state.num_tokens) * (2 if entry.state.values is not None else 1)
-                       for entry in entries)
-            return {"bytes": self._tenant_bytes.get(tenant, 0), "fp16_bytes": fp16, "sequences": len(entries),
+            return {"bytes": self._tenant_bytes.get(tenant, 0), "fp16_bytes": self._tenant_fp16.get(tenant, 0),
+                    "sequences": self._tenant_sequences.get(tenant, 0),
                     "evictions": self._tenant_evictions.get(tenant, 0)}
 
     def tensor_bytes(self) -> int:
@@ -421,7 +410,7 @@ class SequenceStore:
         with self._lock:
             if tenant is None:
                 return len(self._sequences)
-            return sum(1 for key in self._sequences if key[0] == tenant)
+            return self._tenant_sequences.get(tenant, 0)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -442,6 +431,9 @@ class SequenceStore:
             if old is not None:
                 self._remove_locked(old)
             self._charge_locked(entry, entry.state)
+            self._tenant_sequences[entry.tenant] += 1
+            # Insertion order is recency order: expiry reads the idle ones from the front.
+            entry.last_access = self._clock()
             self._sequences[entry.key] = entry
 
     @timed("update")
@@ -472,7 +464,7 @@ class SequenceStore:
             self._remove_locked(entry)
 
     def expire(self) -> int:
-        """Drop expired sequences now (also done lazily on every access); returns how many."""
+        """Drop every expired sequence now (an access drops the expired ones too); returns how many."""
         with self._lock:
             return self._expire_locked()
 
@@ -489,6 +481,7 @@ class SequenceStore:
         fp16 = fp16_bytes(entry.profile, state.num_tokens)
         self._stored_fp16["keys"] += fp16
         self._stored_fp16["values"] += fp16 if state.values is not None else 0
+        self._tenant_fp16[entry.tenant] += fp16 * (2 if state.values is not None else 1)
 
     def _uncharge_locked(self, entry: StoredSequence) -> None:
         state = entry.state
@@ -500,9 +493,15 @@ class SequenceStore:
         fp16 = fp16_bytes(entry.profile, state.num_tokens)
         self._stored_fp16["keys"] -= fp16
         self._stored_fp16["values"] -= fp16 if state.values is not None else 0
+        self._tenant_fp16[entry.tenant] -= fp16 * (2 if state.values is not None else 1)
+        if not self._tenant_fp16[entry.tenant]:
+            del self._tenant_fp16[entry.tenant]
 
     def _remove_locked(self, entry: StoredSequence) -> None:
         self._uncharge_locked(entry)
+        self._tenant_sequences[entry.tenant] -= 1
+        if not self._tenant_sequences[entry.tenant]:
+            del self._tenant_sequences[entry.tenant]
         entry.deleted = True
         del self._sequences[entry.key]
 
@@ -520,13 +519,15 @@ class SequenceStore:
             self._evicted("lru")
 
     def _expire_locked(self) -> int:
-        if not self.ttl_seconds:
+        ttl = self.policy.ttl_seconds
+        if not ttl:
             return 0
-        deadline = self._clock() - self.ttl_seconds
-        expired = [entry for entry in self._sequences.values() if entry.last_access < deadline]
+        deadline = self._clock() - ttl
+        # The dict is in recency order (every use moves its entry to the end), so the idle
+        # sequences are a prefix: this reads the expired ones and one more, not the store.
+        expired = list(itertools.takewhile(lambda entry: entry.last_access < deadline, self._sequences.values()))
         for entry in expired:
-            log.info("expiring sequence %r of tenant %r (idle > %ss)", entry.sequence_id, entry.tenant,
-                     self.ttl_seconds)
+            log.info("expiring sequence %r of tenant %r (idle > %ss)", entry.sequence_id, entry.tenant, ttl)
             self._remove_locked(entry)
             self._tenant_evictions[entry.tenant] += 1
             self._evicted("ttl")
@@ -572,8 +573,7 @@ def open_store(url: str, policy: StorePolicy, *, device: torch.device | str = "c
     """The backend ``url`` names (``memory`` or a Redis URL; see ``svdq-server --help``);
     ``redis_options`` go to :class:`~svdq_server.store_redis.RedisSequenceStore`."""
     if url == "memory":
-        return SequenceStore(policy.budget_bytes, policy.eviction, policy.ttl_seconds, on_evict=on_evict,
-                             quotas=policy.quotas, default_quota=policy.default_quota, observe=observe)
+        return SequenceStore(policy, on_evict=on_evict, observe=observe)
     check_store_url(url)
     # Imported here: the redis client is an optional dependency (the [redis] extra).
     from .store_redis import RedisSequenceStore

@@ -74,7 +74,6 @@ from .store import (
     SequenceState,
     StoredSequence,
     StorePolicy,
-    check_store_url,
     fp16_bytes,
     plan_eviction,
     states_tensor_bytes,
@@ -319,13 +318,9 @@ class RedisSequenceStore:
                  password: str | None = None, tls_ca: str | None = None, cache_bytes: int = 1 << 30,
                  timeout: float = 10.0, on_evict: Callable[[str], None] | None = None,
                  observe: Callable[[str, float, bool], None] | None = None) -> None:
-        check_store_url(url)
         self.location = redacted(url)
         self.store_id = self.location
         self.policy = policy
-        self.budget_bytes = policy.budget_bytes
-        self.eviction = policy.eviction
-        self.ttl_seconds = policy.ttl_seconds
         self.device = torch.device(device)
         self.observe = observe
         self._on_evict = on_evict
@@ -381,9 +376,6 @@ class RedisSequenceStore:
                 except (*_UNAVAILABLE, ResponseError) as exc:
                     log.warning("could not renew a writer lock (it expires in at most %.0fs): %s", LOCK_SECONDS, exc)
 
-    def quota_for(self, tenant: str) -> int | None:
-        return self.policy.quota_for(tenant)
-
     @timed("get")
     @_guarded
     def get(self, tenant: str, sequence_id: str) -> StoredSequence:
@@ -404,7 +396,7 @@ class RedisSequenceStore:
         """Store a new sequence (superseding the tenant's sequence of that id, whose bytes
         count as freed when ``replace``); committed in one transaction with the evictions it
         needs, or ResourceExhaustedError and nothing changes."""
-        self.expire()
+        self.expire()  # the write path expires, so a full store frees idle sequences before evicting
         member = _member(entry.tenant, entry.sequence_id)
         state = entry.state
         charge = self._charge(entry.tenant, entry.profile, state)
@@ -525,9 +517,9 @@ class RedisSequenceStore:
     @_guarded
     def expire(self) -> int:
         """Drop sequences idle longer than the TTL (any replica may do it); returns how many."""
-        if not self.ttl_seconds:
+        if not self.policy.ttl_seconds:
             return 0
-        deadline = self._now(self._redis) - self.ttl_seconds
+        deadline = self._now(self._redis) - self.policy.ttl_seconds
         expired = 0
         for raw in self._redis.zrangebyscore(f"{PREFIX}:lru", "-inf", deadline, start=0, num=256):
             member = raw.decode()
@@ -536,7 +528,7 @@ class RedisSequenceStore:
 
     @_guarded
     def totals(self) -> dict[str, int]:
-        self.expire()
+        """As of the last expiry: a scrape is a read, not a job (the server expires periodically)."""
         totals = {key.decode(): int(value) for key, value in self._redis.hgetall(f"{PREFIX}:totals").items()}
         return {"keys": totals.get("key_bytes", 0), "values": totals.get("bytes", 0) - totals.get("key_bytes", 0),
                 "fp16_keys": totals.get("fp16_keys", 0), "fp16_values": totals.get("fp16_values", 0),
@@ -544,7 +536,6 @@ class RedisSequenceStore:
 
     @_guarded
     def tenant_totals(self, tenant: str) -> dict[str, int]:
-        self.expire()
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hget(f"{PREFIX}:tenant_bytes", tenant)
             pipe.hgetall(f"{PREFIX}:tenant:{tenant}")
@@ -581,12 +572,12 @@ class RedisSequenceStore:
                     self._touched.clear()
                 self._touched[member] = now
         answer = self._touch(keys=[f"{PREFIX}:lru", self._meta(member)],
-                             args=[member, self.ttl_seconds, 1 if touch else 0])
+                             args=[member, self.policy.ttl_seconds, 1 if touch else 0])
         if answer is None:
             self._forget(member)
             return None
         if answer == [b"expired"]:
-            self._expire_member(member, self._now(self._redis) - self.ttl_seconds)
+            self._expire_member(member, self._now(self._redis) - self.policy.ttl_seconds)
             return None
         version = int(answer)
         with self._cache_lock:

@@ -9,7 +9,7 @@ import torch
 from svdq_client.types import Profile
 from svdq_server.engine import Engine, EngineConfig, UploadChunkData, UploadHeader
 from svdq_server.metrics import Metrics
-from svdq_server.store import SequenceState, SequenceStore, StoredSequence
+from svdq_server.store import SequenceState, SequenceStore, StoredSequence, StorePolicy
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, fit_layer_basis, to_bytes
 from svdq import append as codec_append
@@ -251,7 +251,7 @@ def test_lru_eviction_keeps_the_budget_and_spares_recent_sequences():
     assert engine.store.peek("t", "b") is None
     assert all(engine.store.peek("t", name) is not None for name in ("a", "c", "d"))
     totals = engine.store.totals()
-    assert totals["keys"] + totals["values"] <= engine.store.budget_bytes
+    assert totals["keys"] + totals["values"] <= engine.store.policy.budget_bytes
     assert metrics.registry.get_sample_value("svdq_evictions_total", {"reason": "lru"}) == 1
 
 
@@ -285,7 +285,7 @@ def test_no_eviction_refuses_with_resource_exhausted_and_changes_nothing():
 def test_ttl_expires_idle_sequences():
     now = [0.0]
     reasons = []
-    store = SequenceStore(1 << 20, ttl_seconds=10, on_evict=reasons.append, clock=lambda: now[0])
+    store = SequenceStore(StorePolicy(1 << 20, ttl_seconds=10), on_evict=reasons.append, clock=lambda: now[0])
     keys, _ = cache(tokens=40)
     state = SequenceState(tuple(compress(keys[layer], CODEC) for layer in range(LAYERS)), None)
     for name in ("old", "fresh"):

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from svdq_client import KVCacheClient, NotFoundError, Profile, ResourceExhaustedError
 from svdq_server.auth import TokenAuthenticator
-from svdq_server.store import SequenceState, SequenceStore, StoredSequence
+from svdq_server.store import SequenceState, SequenceStore, StoredSequence, StorePolicy
 
 import svdq
 from svdq import CodecConfig
@@ -49,7 +49,7 @@ def names(store, tenant):
 # -- the store -----------------------------------------------------------------------------
 
 def test_a_tenant_within_its_share_loses_nothing_to_another():
-    store = SequenceStore(10 * SIZE, "lru")
+    store = SequenceStore(StorePolicy(10 * SIZE, "lru"))
     for index in range(3):
         store.insert(entry("b", f"b{index}"), replace=False)
     for index in range(40):
@@ -64,14 +64,14 @@ def test_a_tenant_within_its_share_loses_nothing_to_another():
 
 
 def test_without_room_in_the_other_tenants_shares_the_requester_evicts_its_own():
-    store = SequenceStore(4 * SIZE, "lru")
+    store = SequenceStore(StorePolicy(4 * SIZE, "lru"))
     store.insert(entry("a", "a0"), replace=False)
     store.insert(entry("a", "a1"), replace=False)
     store.insert(entry("b", "b0"), replace=False)
     store.insert(entry("b", "b1"), replace=False)
     store.insert(entry("b", "b2"), replace=False)  # b is at its share: its own oldest goes
     assert names(store, "a") == {"a0", "a1"} and names(store, "b") == {"b1", "b2"}
-    one_over = SequenceStore(2 * SIZE, "none")
+    one_over = SequenceStore(StorePolicy(2 * SIZE, "none"))
     one_over.insert(entry("a", "a0"), replace=False)
     one_over.insert(entry("b", "b0"), replace=False)
     with pytest.raises(svdq.ResourceExhaustedError, match="eviction is 'none'"):
@@ -79,7 +79,7 @@ def test_without_room_in_the_other_tenants_shares_the_requester_evicts_its_own()
 
 
 def test_a_tenant_at_its_quota_is_refused_and_nothing_is_evicted():
-    store = SequenceStore(100 * SIZE, "lru", quotas={"a": 2 * SIZE + 10}, default_quota=5 * SIZE)
+    store = SequenceStore(StorePolicy(100 * SIZE, "lru", quotas={"a": 2 * SIZE + 10}, default_quota=5 * SIZE))
     store.insert(entry("a", "a0"), replace=False)
     store.insert(entry("a", "a1"), replace=False)
     store.insert(entry("b", "b0"), replace=False)
@@ -96,7 +96,7 @@ def test_a_tenant_at_its_quota_is_refused_and_nothing_is_evicted():
         store.insert(entry("b", f"b{index}"), replace=False)
     with pytest.raises(svdq.ResourceExhaustedError, match=rf"of its {5 * SIZE}-byte quota"):
         store.insert(entry("b", "b5"), replace=False)  # the default quota
-    assert store.quota_for("a") == 2 * SIZE + 10 and store.quota_for("zed") == 5 * SIZE
+    assert store.policy.quota_for("a") == 2 * SIZE + 10 and store.policy.quota_for("zed") == 5 * SIZE
 
 
 def test_tokens_file_gives_quotas_and_keeps_the_list_form(tmp_path):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import allowed_mask
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, to_bytes
 from svdq import attention as attention_module
@@ -112,11 +113,7 @@ def test_sparse_reference_is_exact_attention_over_the_selected_tokens():
     sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=24)
     selection = select_body_tokens(queries[0], keys, sparsity)
     assert selection.token_index is not None
-    start, n_body = body_range(keys)
-    allowed = torch.ones(3, 403, dtype=torch.bool)
-    allowed[:, start:start + n_body] = False
-    for head in range(3):
-        allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+    allowed = allowed_mask(selection, keys)
     result = attend(queries, [keys], [values], sparsity=sparsity, backend="torch")
     expected, lse = naive_attention(queries[0], decompress(keys, "post_rope", torch.float32),
                                     decompress_values(values, torch.float32), 1 / 8, allowed)
@@ -147,11 +144,7 @@ def test_many_sparse_queries_over_one_sequence_equal_one_call_each(monkeypatch):
         torch.testing.assert_close(together.output[b], alone.output[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(together.lse[b], alone.lse[0], atol=1e-5, rtol=0)
         assert together.stats[b].key_bytes_read == alone.stats[0].key_bytes_read
-        selection = select_body_tokens(queries[b], keys, sparsity)
-        allowed = torch.ones(3, 403, dtype=torch.bool)
-        allowed[:, start:start + n_body] = False
-        for head in range(3):
-            allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+        allowed = allowed_mask(select_body_tokens(queries[b], keys, sparsity), keys)
         expected, lse = naive_attention(queries[b], decompressed, decompress_values(values, torch.float32), 1 / 8,
                                         allowed)
         assert torch.allclose(together.output[b].double(), expected, atol=2e-5)
@@ -316,12 +309,7 @@ def test_softcap_caps_full_precision_and_latent_scores_before_the_softmax(method
     for b in range(2):
         allowed = None
         if sparse:
-            selection = select_body_tokens(queries[b], keys, sparsity)
-            start, n_body = body_range(keys)
-            allowed = torch.ones(3, 403, dtype=torch.bool)
-            allowed[:, start:start + n_body] = False
-            for head in range(3):
-                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+            allowed = allowed_mask(select_body_tokens(queries[b], keys, sparsity), keys)
         expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8, allowed, softcap=2.0)
         torch.testing.assert_close(capped.output[b].double(), expected, atol=2e-5, rtol=0)
         torch.testing.assert_close(capped.lse[b].double(), lse, atol=2e-5, rtol=0)

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from helpers import allowed_mask
 from test_attention import ROPE, make_case, naive_attention, structured_keys
 from test_latent_values import latent_config, structured_values
 
@@ -82,10 +83,7 @@ def test_attend_equals_naive_float64_attention(ratio, value_kind, sparse):
         if sparse:
             selection = select_body_tokens(queries[b], keys, sparsity)
             assert selection.token_index is not None and selection.per_head_count < n_body
-            allowed = torch.ones(kv_heads, tokens, dtype=torch.bool)
-            allowed[:, start:start + n_body] = False
-            for head in range(kv_heads):
-                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+            allowed = allowed_mask(selection, keys)
         expected, lse = naive_attention(queries[b], post, dense_values, 1 / math.sqrt(head_dim), allowed)
         # float32 rounding of a weighted sum scales with the values (these reach ~50).
         assert torch.allclose(result.output[b].double(), expected, atol=2e-6 * dense_values.abs().max().item())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import ServerProcess, free_port
+from helpers import wait_until
 from svdq_client import KVCacheClient, Profile
 from svdq_client.errors import NotFoundError
 from test_deploy import console_script
@@ -83,15 +83,6 @@ def healthy(admin_port: int) -> dict[str, bool]:
     return flags
 
 
-def wait_for(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {seconds}s")
-
-
 def test_envoy_routes_each_sequence_to_one_replica_and_fails_over(tmp_path):
     servers = [ServerProcess(tmp_path, ["--torch-threads", "1"]).start() for _ in range(2)]
     port, admin_port = free_port(), free_port()
@@ -101,8 +92,8 @@ def test_envoy_routes_each_sequence_to_one_replica_and_fails_over(tmp_path):
     envoy = subprocess.Popen([console_script("envoy"), "-c", str(config), "--disable-hot-restart", "--concurrency",
                               "1", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: _answers(admin_port) and all(healthy(admin_port).values()) and len(healthy(admin_port)) == 2,
-                 60, "Envoy did not see both replicas healthy")
+        wait_until(lambda: _answers(admin_port) and all(healthy(admin_port).values()) and len(healthy(admin_port)) == 2,
+                   60, "Envoy to see both replicas healthy")
         for server in servers:  # memory stores: each replica knows only its own profiles
             with KVCacheClient(server.address, timeout=30) as client:
                 client.register_profile(PROFILE)
@@ -133,8 +124,8 @@ def test_envoy_routes_each_sequence_to_one_replica_and_fails_over(tmp_path):
         # replica 0 dies: its health check fails and its sequences go to replica 1 (which never had
         # them: NOT_FOUND, not UNAVAILABLE; with a shared Redis store it would serve them)
         servers[0].kill()
-        wait_for(lambda: healthy(admin_port).get(servers[0].address) is False, 30,
-                 "Envoy did not mark the killed replica unhealthy")
+        wait_until(lambda: healthy(admin_port).get(servers[0].address) is False, 30,
+                   "Envoy to mark the killed replica unhealthy")
         # One run under load got UNAVAILABLE right after the health flag flipped: most likely the
         # worker thread's ring still had the dead replica (it is rebuilt a moment later). The
         # client's time-bounded retry covers that moment, as it would for any client.

@@ -4,10 +4,10 @@ in the format (version 2), the budget, append, attention and the API conversions
 from __future__ import annotations
 
 import struct
-import zlib
 
 import pytest
 import torch
+from helpers import allowed_mask, seal
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from test_attention import naive_attention, structured_keys
 
@@ -73,7 +73,7 @@ def test_exact_tokens_are_paid_from_the_budget():
 def _rewrite(blob: bytes, at: int, fmt: str, value) -> bytes:
     data = bytearray(blob[:-4])
     struct.pack_into(fmt, data, at, value)
-    return bytes(data) + struct.pack("<I", zlib.crc32(data))
+    return seal(data)
 
 
 def test_bad_exact_sections_are_refused():
@@ -122,15 +122,10 @@ def test_attention_reads_the_exact_rows(sparsity, queries_per_call):
                     backend="torch")
     post = decompress(keys, "post_rope", torch.float32)
     dense_values = decompress_values(values, torch.float32)
-    start, n_body = body_range(keys)
     for b in range(queries_per_call):
         allowed = None
         if sparsity is not None:
-            selection = select_body_tokens(queries[b], keys, sparsity)
-            allowed = torch.ones(3, 403, dtype=torch.bool)
-            allowed[:, start:start + n_body] = False
-            for head in range(3):
-                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+            allowed = allowed_mask(select_body_tokens(queries[b], keys, sparsity), keys)
         expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8, allowed)
         assert torch.allclose(result.output[b].double(), expected, atol=2e-5)
         assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)

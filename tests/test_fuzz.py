@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import random
 import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from conftest import ServerProcess
 from google.protobuf import text_format
 from grpc_health.v1 import health_pb2
+from helpers import seal
 from svdq_client import KVCacheClient, Profile
 from svdq_client.wire import tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
@@ -257,7 +257,7 @@ def craft_blob(rng: random.Random, blob: bytes) -> bytes:
         start = _HEADER.size + (28 if data[6] & 4 else 0) + (8 if data[6] & 8 else 0)
         for index in range(start, min(len(data), start + 32)):
             data[index] = rng.choice([0, 0x11, 0x88, 0xFF, data[index]])
-    return bytes(data) + struct.pack("<I", zlib.crc32(bytes(data)) & 0xFFFFFFFF)
+    return seal(data)
 
 
 # -- classification of a failed case --------------------------------------------------------------
@@ -445,7 +445,7 @@ def test_crafted_blob_header_is_refused_before_allocation(fuzz_server):
     # The 41-byte blob at 2**24 tokens: svdq, 1 head x 2 dims, no sinks, every
     # channel width 0 (so the token groups take no bytes), a float32 mean, a valid CRC.
     header = _HEADER.pack(b"SVDQ", 1, 0, 0, 0, 2**24, 1, 2, 64, 0, 0) + b"\x00" + struct.pack("<2f", 0.0, 0.0)
-    blob = header + struct.pack("<I", zlib.crc32(header) & 0xFFFFFFFF)
+    blob = seal(header)
     assert len(blob) == 41
     _reset_peak(fuzz_server.process.pid)
     before = _rss(fuzz_server.process.pid)["VmRSS"]

@@ -4,7 +4,6 @@ and the client and library used the way a new user first tries them."""
 
 import logging
 import re
-import urllib.request
 import uuid
 
 import grpc
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TENANT_TOKENS
+from helpers import scrape
 from svdq_client import AsyncKVCacheClient, InvalidInputError, KVCacheClient, Profile
 from svdq_client.types import abbreviate, check_name
 from svdq_client.wire import tensor_to_pb
@@ -50,8 +50,7 @@ def raw_call(channel, method, payloads, metadata=AUTH):
 
 
 def rpc_counts(server, code):
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = scrape(server.metrics_port)
     pattern = re.compile(r'^svdq_rpc_total\{code="' + code + r'",method="(\w+)"\} ([0-9.e+]+)$', re.MULTILINE)
     return {method: float(value) for method, value in pattern.findall(text)}
 

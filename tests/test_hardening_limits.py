@@ -10,11 +10,11 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import seal
 from svdq_client.wire import MAX_DIM_SIZE, tensor_from_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from test_attention import naive_attention
@@ -100,7 +100,7 @@ def crafted_blob(tokens, kv_heads=1, head_dim=2, method=0, flags=0, tail=b"", wi
     header = _HEADER.pack(b"SVDQ", 1, method, flags, 0x00, tokens, kv_heads, head_dim, 64, 0, 0)
     body = header + (bytes((channels + 1) // 2) if widths is None else widths)
     body += struct.pack(f"<{channels}f", *([0.0] * channels if mean is None else mean)) + tail
-    return body + struct.pack("<I", zlib.crc32(body))
+    return seal(body)
 
 
 @pytest.mark.parametrize("tokens", [1 << 26, (1 << 32) - 1])
@@ -136,9 +136,8 @@ def test_blob_sections_with_inf_are_refused_and_no_decompress_returns_inf():
     channels, kept = compressed.channels, compressed.kept_bits.numel()
     at = _HEADER.size + (channels + 1) // 2 + 4 * channels + 2 * channels * kept + 2 * channels * 4
     blob[at:at + 2] = struct.pack("<e", math.inf)
-    blob[-4:] = struct.pack("<I", zlib.crc32(bytes(blob[:-4])))
     with pytest.raises(FormatError, match="NaN or Inf in its scales"):
-        from_bytes(bytes(blob))
+        from_bytes(seal(blob[:-4]))
     # Finite float32 keys beyond float16's range cannot be read back as float16.
     big = compress(keys_of(8) * 1e5, CodecConfig(method="fp16"))
     with pytest.raises(InvalidInputError, match="do not fit torch.float16"):

@@ -5,16 +5,15 @@ oversized keys, zero-dimension tensors, large-magnitude keys and non-finite atte
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 import uuid
-import zlib
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from helpers import seal
 from svdq_client import KVCacheClient, Profile
 from svdq_client.wire import tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
@@ -202,7 +201,7 @@ def test_help_documents_the_limits():
 def crafted_blob(tokens):
     header = _HEADER.pack(b"SVDQ", 1, 0, 0, 0x00, tokens, 1, 2, 64, 0, 0)
     body = header + bytes(1) + bytes(8)  # one widths byte (both 0), a zero float32 mean [2]
-    return body + struct.pack("<I", zlib.crc32(body))
+    return seal(body)
 
 
 def test_crafted_blobs_and_oversized_keys_get_invalid_argument_or_resource_exhausted(server, stub):

@@ -4,8 +4,6 @@ tenant chooses, reflection as an option, and a drain period on SIGTERM."""
 
 import re
 import signal
-import time
-import urllib.request
 import uuid
 
 import grpc
@@ -14,6 +12,7 @@ import torch
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import scrape, wait_until
 from svdq_client import KVCacheClient, NotFoundError, Profile, ResourceExhaustedError
 from svdq_server.auth import TokenAuthenticator
 from svdq_server.store import SequenceState, SequenceStore, StoredSequence, StorePolicy
@@ -168,7 +167,7 @@ def test_tenants_through_the_service(tenant_server):
         assert info_a.sequences == len([i for i in range(40) if _exists(a, f"a{i}")]) and info_a.evictions > 0
         assert info_a.store_budget_bytes == 12 * SIZE
     # operators see the whole store in the metrics
-    text = _scrape(tenant_server)
+    text = scrape(tenant_server.metrics_port)
     assert _sample(text, "svdq_sequences") == 3 + 2 + info_a.sequences
 
 
@@ -178,11 +177,6 @@ def _exists(client, sequence):
         return True
     except NotFoundError:
         return False
-
-
-def _scrape(server):
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
 
 
 def _sample(text, name, labels=""):
@@ -203,7 +197,7 @@ def test_tenant_registered_profiles_share_one_label(tenant_server):
             client.compress(keys, profile=name)
         client.compress(keys, codec=CodecConfig(method="fp16"))
         client.upload(f"labelled-{uuid.uuid4().hex[:6]}", name, *cache(8))
-    text = _scrape(tenant_server)
+    text = scrape(tenant_server.metrics_port)
     labels = set(re.findall(r'^svdq_\w+\{.*?profile="([^"]*)"', text, re.MULTILINE))
     assert labels == {"tenant", "none"}, labels  # "small" of the other test is a tenant profile too
     # one series per (profile label, kind): 151 compress/upload calls, two profile labels
@@ -260,10 +254,8 @@ def test_sigterm_answers_not_serving_while_the_port_still_serves(tmp_path):
         with KVCacheClient(server.address, timeout=10, retries=0) as client:
             client.register_profile(PROFILE)
             server.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 3
-            while server.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "health never turned NOT_SERVING after SIGTERM"
-                time.sleep(0.05)
+            wait_until(lambda: server.health() == health_pb2.HealthCheckResponse.NOT_SERVING, 3,
+                       "health to turn NOT_SERVING after SIGTERM", interval=0.05)
             assert client.get_profile("small").same_as(PROFILE)  # draining: calls are still answered
             assert server.process.poll() is None
             assert server.process.wait(timeout=30) == 0

@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from helpers import allowed_mask
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress
 from svdq.attention import (
@@ -69,13 +70,7 @@ def half_precision_error(queries, keys, values, scale, sparsity, reference):
         post = decompress(key, "post_rope", torch.float32).half()
         dense_values = decompress_values(value, torch.float32).half()
         ratio = queries.shape[1] // key.kv_heads
-        allowed = torch.ones(key.kv_heads, key.num_tokens, dtype=torch.bool)
-        selection = select_body_tokens(queries[b].float(), key, sparsity)
-        if selection.token_index is not None:
-            start, n_body = body_range(key)
-            allowed[:, start:start + n_body] = False
-            for head in range(key.kv_heads):
-                allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+        allowed = allowed_mask(select_body_tokens(queries[b].float(), key, sparsity), key)
         scores = torch.einsum("hd,shd->hs", queries[b].half(), post.repeat_interleave(ratio, 1)) * torch.tensor(
             scale, dtype=torch.float16)
         scores = scores.masked_fill(~allowed.repeat_interleave(ratio, 0), -math.inf)

@@ -4,10 +4,10 @@ latent codes instead of rebuilding values."""
 from __future__ import annotations
 
 import struct
-import zlib
 
 import pytest
 import torch
+from helpers import seal
 from test_attention import ROPE, make_case, naive_attention
 
 from svdq import CodecConfig, compress, decompress, fit_basis
@@ -99,24 +99,21 @@ def test_version_1_blobs_still_read_and_version_2_bytes_are_checked():
     latent_blob = bytearray(values_to_bytes(compress_values(structured_values(90), latent_config())))
     assert latent_blob[4] == 2 and latent_blob[5] == 16
 
-    def resealed(data: bytearray) -> bytes:
-        return bytes(data[:-4]) + struct.pack("<I", zlib.crc32(bytes(data[:-4])))
-
     newer = bytearray(latent_blob)
     newer[4] = 3
     with pytest.raises(FormatError, match="version 3 is not supported"):
-        values_from_bytes(resealed(newer))
+        values_from_bytes(seal(newer[:-4]))
     as_v1 = bytearray(latent_blob)
     as_v1[4] = 1
     with pytest.raises(FormatError, match="allowed bits 0, 2, 4$"):
-        values_from_bytes(resealed(as_v1))
+        values_from_bytes(seal(as_v1[:-4]))
     wrong_tokens = bytearray(latent_blob)
     wrong_tokens[8:12] = struct.pack("<I", 91)
     with pytest.raises(FormatError, match="latent holds 90"):
-        values_from_bytes(resealed(wrong_tokens))
+        values_from_bytes(seal(wrong_tokens[:-4]))
     truncated = bytearray(latent_blob[:40] + latent_blob[-4:])
     with pytest.raises(FormatError):
-        values_from_bytes(resealed(truncated))
+        values_from_bytes(seal(truncated[:-4]))
     corrupted = bytearray(latent_blob)
     corrupted[30] ^= 0xFF
     with pytest.raises(FormatError, match="checksum"):

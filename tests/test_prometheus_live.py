@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import scrape, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -71,21 +72,6 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
-
-
-def wait_until(condition, timeout_s: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
-    """Poll `condition` (returns a truthy value when done) every 0.5 s for at most timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            tail = log.read_text()[-3000:] if log else ""
-            pytest.fail(f"{what}: process exited with {process.returncode}:\n{tail}")
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.5)
-    tail = log.read_text()[-3000:] if log else ""
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{tail}")
 
 
 def healthcheck_command(address: str) -> list[str]:
@@ -314,8 +300,7 @@ def test_prometheus_evaluates_every_rule_without_error(traffic, prometheus):
 
 def test_live_metrics_page_has_every_metric_the_dashboards_use(traffic, prometheus):
     address, metrics_port = traffic
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        page = response.read().decode()
+    page = scrape(metrics_port)
     exported = {line.split("{")[0].split(" ")[0] for line in page.splitlines() if line and not line.startswith("#")}
     used = {name for _, expr in deploy_checks.dashboard_queries() for name in deploy_checks.metric_names(expr)}
     used |= {name for rule in deploy_checks.alert_rules() for name in deploy_checks.metric_names(rule["expr"])}

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2
+from helpers import scrape, wait_until
 from redis_process import needs_redis
 from svdq_client import AsyncKVCacheClient, KVCacheClient, Profile
 from svdq_client.client import Replicas, append_request
@@ -204,31 +205,20 @@ def test_redis_restart_and_outage(tmp_path, redis_server):
                          lambda: client.append("kept", *marked(6))):
                 with pytest.raises(UnavailableError, match="the store redis://127.0.0.1"):
                     call()
-            deadline = time.monotonic() + 20
-            while server.health() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING
-            metrics = _metrics(server)
+            wait_until(lambda: server.health() == health_pb2.HealthCheckResponse.NOT_SERVING, 20,
+                       "health to turn NOT_SERVING while Redis is down", interval=0.2)
+            metrics = scrape(server.metrics_port)
             assert 'svdq_store_backend_up{backend="redis"} 0.0' in metrics
             redis_server.start()
-            deadline = time.monotonic() + 20
-            while server.health() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert server.health() == health_pb2.HealthCheckResponse.SERVING
+            wait_until(lambda: server.health() == health_pb2.HealthCheckResponse.SERVING, 20,
+                       "health to turn SERVING once Redis is back", interval=0.2)
             assert same(snapshot(client, "kept"), expected)  # nothing corrupted by the outage
             assert client.append("kept", *marked(6)) == TOKENS + 2
-            metrics = _metrics(server)
+            metrics = scrape(server.metrics_port)
             assert 'svdq_store_backend_up{backend="redis"} 1.0' in metrics
             assert 'svdq_store_errors_total{operation="get"}' in metrics
     finally:
         server.stop()
-
-
-def _metrics(server) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-        return response.read().decode()
 
 
 def test_client_hashing_keeps_sequences_on_replicas_and_fails_over(tmp_path, redis_server):

@@ -5,7 +5,6 @@ isolated, many clients at once, health, reflection, metrics."""
 import subprocess
 import sys
 import threading
-import urllib.request
 import uuid
 
 import grpc
@@ -13,6 +12,7 @@ import pytest
 import torch
 from conftest import TENANT_TOKENS, free_port
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import scrape
 from svdq_client import (
     AuthenticationError,
     ConflictError,
@@ -358,8 +358,7 @@ def test_metrics_endpoint_exports_the_contract(shared_server, client):
     client.attend(torch.randn(1, HEADS, DIM), [(sequence, 0)], sparsity=Sparsity(keep_fraction=0.5))
     with pytest.raises(NotFoundError):
         client.describe("never-stored")
-    with urllib.request.urlopen(f"http://127.0.0.1:{shared_server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = scrape(shared_server.metrics_port)
     names = ["svdq_compression_ratio_bucket", "svdq_bits_per_element_count", "svdq_reconstruction_relative_error_sum",
              'svdq_stored_bytes{kind="keys"}', 'svdq_stored_fp16_bytes{kind="values"}', "svdq_store_budget_bytes",
              "svdq_sequences", 'svdq_evictions_total{reason="ttl"}', 'svdq_rpc_duration_seconds_bucket{le="0.005",'

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from svdq.rope import RopeConfig
 from .client import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    CallAttempts,
+    ChunkAssembler,
     FetchAssembler,
     KnownSequences,
     Replicas,
@@ -28,22 +29,23 @@ from .client import (
     attend_request,
     attend_result,
     attended_sequence,
-    call_metadata,
     channel_settings,
+    chunk_route,
     compress_request,
     decompress_request,
+    fetch_chunks_request,
     fetch_request,
+    lookup_chunks_request,
     profile_name_request,
     profile_request,
     replica_addresses,
     sequence_request,
+    store_chunk_request,
     upload_request,
 )
-from .errors import NotFoundError, UnavailableError, error_from_rpc
+from .errors import NotFoundError
 from .types import AttendResult, BlobStats, CompressResult, FetchResult, Profile, SequenceInfo, ServerInfo
 from .wire import tensor_from_pb
-
-log = logging.getLogger(__name__)
 
 
 class AsyncKVCacheClient:
@@ -84,23 +86,35 @@ class AsyncKVCacheClient:
 
     async def _call(self, method: str, request_factory, timeout: float | None, idempotent: bool = True,
                     sequence_id: str | None = None):
-        delays = self.retry.delays() if idempotent else iter(())
-        metadata = call_metadata(self._metadata, sequence_id)
+        """As :meth:`svdq_client.KVCacheClient._call`: the same :class:`~svdq_client.client.CallAttempts`
+        policy, the delays awaited."""
+        attempts = CallAttempts(self._replicas, self.retry, self._metadata, sequence_id, method, idempotent)
         while True:
-            index, stub = self._replicas.pick(sequence_id)
             try:
-                response = await getattr(stub, method)(request_factory(), timeout=timeout or self.timeout,
-                                                       metadata=metadata)
-                self._replicas.succeeded(index)
-                return response
-            except grpc.aio.AioRpcError as error:
-                typed = error_from_rpc(error)
-                self._replicas.failed(index, typed)
-                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
-                if delay is None:
-                    raise typed from None
-                log.info("retrying after UNAVAILABLE in %.3fs: %s", delay, typed.details)
-                await asyncio.sleep(delay)
+                response = await getattr(attempts.stub(), method)(request_factory(), timeout=timeout or self.timeout,
+                                                                  metadata=attempts.metadata)
+            except grpc.RpcError as error:
+                await asyncio.sleep(attempts.retry_after(error))
+                continue
+            attempts.succeeded()
+            return response
+
+    async def _streamed(self, method: str, request, assembler, finish, timeout: float | None,
+                        sequence_id: str | None = None):
+        """As :meth:`svdq_client.KVCacheClient._streamed`, the delays awaited."""
+        attempts = CallAttempts(self._replicas, self.retry, self._metadata, sequence_id, method,
+                                retryable=assembler.retryable)
+        while True:
+            try:
+                async for message in getattr(attempts.stub(), method)(assembler.resume(request),
+                                                                      timeout=timeout or self.timeout,
+                                                                      metadata=attempts.metadata):
+                    assembler.add(message)
+            except grpc.RpcError as error:
+                await asyncio.sleep(attempts.retry_after(error))
+                continue
+            attempts.succeeded()
+            return finish(assembler)
 
     async def register_profile(self, profile: Profile, replace: bool = False, *,
                                timeout: float | None = None) -> Profile:
@@ -162,24 +176,8 @@ class AsyncKVCacheClient:
                     dtype: torch.dtype | None = None, include_values: bool = True,
                     timeout: float | None = None) -> FetchResult:
         request = fetch_request(sequence_id, layers, key_space, dtype, include_values, self.chunk_bytes)
-        delays = self.retry.delays()
-        metadata = call_metadata(self._metadata, request.sequence_id)
-        assembler = FetchAssembler()  # resumes a stream that was cut where it ended
-        while True:
-            index, stub = self._replicas.pick(request.sequence_id)
-            try:
-                async for chunk in stub.Fetch(assembler.resume(request), timeout=timeout or self.timeout,
-                                              metadata=metadata):
-                    assembler.add(chunk)
-                self._replicas.succeeded(index)
-                return assembler.result()
-            except grpc.aio.AioRpcError as error:
-                typed = error_from_rpc(error)
-                self._replicas.failed(index, typed)
-                delay = next(delays, None) if assembler.retryable(typed) else None
-                if delay is None:
-                    raise typed from None
-                await asyncio.sleep(delay)
+        return await self._streamed("Fetch", request, FetchAssembler(), lambda assembler: assembler.result(),
+                                    timeout, sequence_id=request.sequence_id)
 
     async def delete(self, sequence_id: str, *, timeout: float | None = None) -> None:
         message = sequence_request(pb.DeleteRequest, sequence_id)
@@ -210,3 +208,26 @@ class AsyncKVCacheClient:
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_pb(await self._call("GetServerInfo", pb.ServerInfoRequest, timeout))
+
+    # -- content-addressed chunks (KV connectors): as the synchronous client's ------------------
+
+    async def store_chunk(self, profile: str, content_key: str, keys: torch.Tensor, values: torch.Tensor, *,
+                          positions: torch.Tensor | None = None, cache_salt: str = "", key_space: str = "post_rope",
+                          timeout: float | None = None) -> tuple[SequenceInfo, bool]:
+        request = store_chunk_request(profile, content_key, keys, values, positions, cache_salt, key_space)
+        response = await self._call("StoreChunk", lambda: request, timeout, sequence_id=chunk_route(request))
+        return SequenceInfo.from_pb(response.chunk), response.created
+
+    async def lookup_chunks(self, profile: str, content_keys: Sequence[str], *, cache_salt: str = "",
+                            timeout: float | None = None) -> int:
+        request = lookup_chunks_request(profile, content_keys, cache_salt)
+        return (await self._call("LookupChunks", lambda: request, timeout, sequence_id=chunk_route(request))).leading
+
+    async def fetch_chunks(self, profile: str, content_keys: Sequence[str], num_layers: int, *,
+                           cache_salt: str = "", dtype: torch.dtype | None = None,
+                           timeout: float | None = None) -> list[FetchResult]:
+        request, num_layers = fetch_chunks_request(profile, content_keys, num_layers, cache_salt, dtype,
+                                                   self.chunk_bytes)
+        return await self._streamed("FetchChunks", request, ChunkAssembler(len(request.content_keys)),
+                                    lambda assembler: assembler.result(num_layers), timeout,
+                                    sequence_id=chunk_route(request))

@@ -500,19 +500,64 @@ class FetchAssembler:
         return FetchResult(keys, values, self._positions)
 
 
+def as_cache_salt(cache_salt) -> str:
+    """A chunk's cache salt: any string (its length is the server's to limit)."""
+    if not isinstance(cache_salt, str):
+        raise library.InvalidInputError(f"cache_salt must be a string ('' for none), got {_kind(cache_salt)}")
+    return cache_salt
+
+
+def as_content_keys(content_keys, at_least: int = 0) -> list[str]:
+    """Chunk content keys from a sequence of names (a single str is refused: it would be read
+    as one key per character)."""
+    if isinstance(content_keys, (str, bytes)) or not isinstance(content_keys, Sequence):
+        raise library.InvalidInputError(f"content_keys must be a list of content keys (str), got "
+                                        f"{_kind(content_keys)} {abbreviate(content_keys)}")
+    if len(content_keys) < at_least:
+        raise library.InvalidInputError(f"content_keys must name at least {at_least} chunk, got none")
+    return [check_name(key, f"content_keys[{index}]") for index, key in enumerate(content_keys)]
+
+
 @client_side
-def store_chunk_request(profile: str, content_key: str, keys: torch.Tensor, values: torch.Tensor,
-                        positions: torch.Tensor | None, cache_salt: str, key_space: str) -> pb.StoreChunkRequest:
+def store_chunk_request(profile, content_key, keys, values, positions, cache_salt, key_space: str) -> pb.StoreChunkRequest:
+    profile = profile_name(profile)
+    content_key = check_name(content_key, "content_key")
     keys, values, positions = check_cache_tensors(keys, values, positions, "chunk")
     if values is None:
-        raise InvalidInputError("a chunk stores keys and values: values are required")
-    request = pb.StoreChunkRequest(profile=profile, content_key=content_key, cache_salt=cache_salt,
+        raise library.InvalidInputError("a chunk stores keys and values: values are required")
+    request = pb.StoreChunkRequest(profile=profile, content_key=content_key, cache_salt=as_cache_salt(cache_salt),
                                    key_space=key_space_to_pb(key_space))
     tensor_to_pb(keys, request.keys)
     tensor_to_pb(values, request.values)
     if positions is not None:
         tensor_to_pb(positions, request.positions)
     return request
+
+
+@client_side
+def lookup_chunks_request(profile, content_keys, cache_salt) -> pb.LookupChunksRequest:
+    return pb.LookupChunksRequest(profile=profile_name(profile), cache_salt=as_cache_salt(cache_salt),
+                                  content_keys=as_content_keys(content_keys))
+
+
+@client_side
+def fetch_chunks_request(profile, content_keys, num_layers, cache_salt, dtype,
+                         chunk_bytes: int) -> tuple[pb.FetchChunksRequest, int]:
+    """The request and the checked ``num_layers``."""
+    request = pb.FetchChunksRequest(profile=profile_name(profile), cache_salt=as_cache_salt(cache_salt),
+                                    content_keys=as_content_keys(content_keys, at_least=1), dtype=as_dtype(dtype),
+                                    max_chunk_bytes=chunk_bytes)
+    return request, as_integer(num_layers, "num_layers", minimum=1)
+
+
+def chunk_route(request) -> str | None:
+    """The routing key (the :data:`SEQUENCE_HEADER` value) of a chunk call: the content key of
+    its chunk, or of the first chunk of a chain. A lookup and the fetch that follows it name
+    the same first key, so both reach the one replica whose cache the lookup warmed (None: an
+    empty lookup, which touches no chunk)."""
+    if isinstance(request, pb.StoreChunkRequest):
+        return request.content_key
+    return request.content_keys[0] if request.content_keys else None
 
 
 class ChunkAssembler:
@@ -598,8 +643,9 @@ class KnownSequences:
 RING_POINTS = 128
 #: seconds a replica that answered UNAVAILABLE is passed over before it gets traffic again
 REPLICA_COOLDOWN_SECONDS = 5.0
-#: call metadata naming the sequence a call is about: the key both the client's ring and a
-#: proxy's ring hash route by (deploy/envoy/envoy.yaml), so either keeps a sequence on one replica
+#: call metadata naming the sequence a call is about (a chunk call: its content key,
+#: :func:`chunk_route`): the key both the client's ring and a proxy's ring hash route by
+#: (deploy/envoy/envoy.yaml), so either keeps a sequence on one replica
 SEQUENCE_HEADER = "x-svdq-sequence-id"
 
 
@@ -679,6 +725,47 @@ class Replicas:
         self._failures[index] = 0
 
 
+class CallAttempts:
+    """The retry and failover policy of one call, the same for both clients (the synchronous one
+    sleeps the delays, the asyncio one awaits them): each attempt goes to the replica that
+    :meth:`Replicas.pick` chooses for the routing ``key``; a failed attempt is tried again after
+    the next :class:`RetryPolicy` delay when ``retryable(error)`` says so (default: UNAVAILABLE of
+    an idempotent call; a streamed call's assembler also resumes), else its typed error is raised.
+
+    Use: ``stub = attempts.stub()``, call it with ``attempts.metadata``, then
+    ``attempts.succeeded()``, or on ``grpc.RpcError`` wait ``attempts.retry_after(error)`` seconds
+    (it raises when the call is not tried again) and start over.
+    """
+
+    def __init__(self, replicas: Replicas, retry: RetryPolicy, metadata: tuple, key: str | None, method: str,
+                 idempotent: bool = True, retryable: Callable[[ServiceError], bool] | None = None) -> None:
+        self._replicas = replicas
+        self._delays = retry.delays() if idempotent else iter(())
+        self._retryable = retryable or (lambda error: isinstance(error, UnavailableError))
+        self._key = key
+        self._method = method
+        self._index = 0
+        self.metadata = call_metadata(metadata, key)
+
+    def stub(self):
+        """The stub of the replica this attempt goes to."""
+        self._index, stub = self._replicas.pick(self._key)
+        return stub
+
+    def succeeded(self) -> None:
+        self._replicas.succeeded(self._index)
+
+    def retry_after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt; raises the typed error when there is none."""
+        typed = error_from_rpc(error)
+        self._replicas.failed(self._index, typed)
+        delay = next(self._delays, None) if self._retryable(typed) else None
+        if delay is None:
+            raise typed from None
+        log.info("retrying %s in %.3fs: %s", self._method, delay, typed.details)
+        return delay
+
+
 # -- the synchronous client ---------------------------------------------------------------
 
 class KVCacheClient:
@@ -734,47 +821,38 @@ class KVCacheClient:
 
     def _call(self, method: str, request_factory, timeout: float | None, idempotent: bool = True,
               sequence_id: str | None = None):
-        """Call ``method`` on the replica of ``sequence_id`` with retries on UNAVAILABLE;
-        ``request_factory`` builds a fresh request (or request iterator) per attempt."""
-        delays = self.retry.delays() if idempotent else iter(())
-        metadata = call_metadata(self._metadata, sequence_id)
+        """Call ``method`` on the replica of ``sequence_id`` (the routing key) under the
+        :class:`CallAttempts` policy; ``request_factory`` builds a fresh request (or request
+        iterator) per attempt."""
+        attempts = CallAttempts(self._replicas, self.retry, self._metadata, sequence_id, method, idempotent)
         while True:
-            index, stub = self._replicas.pick(sequence_id)
             try:
-                response = getattr(stub, method)(request_factory(), timeout=timeout or self.timeout, metadata=metadata)
-                self._replicas.succeeded(index)
-                return response
+                response = getattr(attempts.stub(), method)(request_factory(), timeout=timeout or self.timeout,
+                                                            metadata=attempts.metadata)
             except grpc.RpcError as error:
-                typed = error_from_rpc(error)
-                self._replicas.failed(index, typed)
-                delay = next(delays, None) if isinstance(typed, UnavailableError) else None
-                if delay is None:
-                    raise typed from None
-                log.info("retrying after UNAVAILABLE in %.3fs: %s", delay, typed.details)
-                time.sleep(delay)
+                time.sleep(attempts.retry_after(error))
+                continue
+            attempts.succeeded()
+            return response
 
     def _streamed(self, method: str, request, assembler, finish, timeout: float | None,
                   sequence_id: str | None = None):
-        """A server-streaming call collected by ``assembler``; an attempt that failed with
-        UNAVAILABLE is retried from where its stream was cut (``assembler.resume``)."""
-        delays = self.retry.delays()
-        metadata = call_metadata(self._metadata, sequence_id)
+        """A server-streaming call collected by ``assembler``; an attempt that failed in a way
+        ``assembler.retryable`` accepts is retried from where its stream was cut
+        (``assembler.resume``)."""
+        attempts = CallAttempts(self._replicas, self.retry, self._metadata, sequence_id, method,
+                                retryable=assembler.retryable)
         while True:
-            index, stub = self._replicas.pick(sequence_id)
             try:
-                for message in getattr(stub, method)(assembler.resume(request), timeout=timeout or self.timeout,
-                                                     metadata=metadata):
+                for message in getattr(attempts.stub(), method)(assembler.resume(request),
+                                                                timeout=timeout or self.timeout,
+                                                                metadata=attempts.metadata):
                     assembler.add(message)
-                self._replicas.succeeded(index)
-                return finish(assembler)
             except grpc.RpcError as error:
-                typed = error_from_rpc(error)
-                self._replicas.failed(index, typed)
-                delay = next(delays, None) if assembler.retryable(typed) else None
-                if delay is None:
-                    raise typed from None
-                log.info("retrying the %s stream in %.3fs: %s", method, delay, typed.details)
-                time.sleep(delay)
+                time.sleep(attempts.retry_after(error))
+                continue
+            attempts.succeeded()
+            return finish(assembler)
 
     # -- profiles ------------------------------------------------------------------------
 
@@ -899,22 +977,22 @@ class KVCacheClient:
         under a content key (retried safely: a stored key is kept). Returns its info and
         whether this call created it."""
         request = store_chunk_request(profile, content_key, keys, values, positions, cache_salt, key_space)
-        response = self._call("StoreChunk", lambda: request, timeout)
+        response = self._call("StoreChunk", lambda: request, timeout, sequence_id=chunk_route(request))
         return SequenceInfo.from_pb(response.chunk), response.created
 
     def lookup_chunks(self, profile: str, content_keys: Sequence[str], *, cache_salt: str = "",
                       timeout: float | None = None) -> int:
         """How many of ``content_keys`` (a chain in token order), from the first on, are stored."""
-        request = pb.LookupChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys))
-        return self._call("LookupChunks", lambda: request, timeout).leading
+        request = lookup_chunks_request(profile, content_keys, cache_salt)
+        return self._call("LookupChunks", lambda: request, timeout, sequence_id=chunk_route(request)).leading
 
     def fetch_chunks(self, profile: str, content_keys: Sequence[str], num_layers: int, *, cache_salt: str = "",
                      dtype: torch.dtype | None = None, timeout: float | None = None) -> list[FetchResult]:
         """Reconstructed keys and values [num_layers, tokens, kv_heads, head_dim] of stored chunks,
         one :class:`FetchResult` per content key, in one streamed call (NotFoundError when any
         is not stored)."""
-        request = pb.FetchChunksRequest(profile=profile, cache_salt=cache_salt, content_keys=list(content_keys),
-                                        dtype=as_dtype(dtype),
-                                        max_chunk_bytes=self.chunk_bytes)
-        return self._streamed("FetchChunks", request, ChunkAssembler(len(content_keys)),
-                              lambda assembler: assembler.result(num_layers), timeout)
+        request, num_layers = fetch_chunks_request(profile, content_keys, num_layers, cache_salt, dtype,
+                                                   self.chunk_bytes)
+        return self._streamed("FetchChunks", request, ChunkAssembler(len(request.content_keys)),
+                              lambda assembler: assembler.result(num_layers), timeout,
+                              sequence_id=chunk_route(request))

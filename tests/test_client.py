@@ -17,7 +17,7 @@ from svdq_client import (
     UnavailableError,
 )
 from svdq_client.client import SEQUENCE_HEADER, Replicas, RetryPolicy, upload_messages
-from svdq_client.wire import tensor_from_pb
+from svdq_client.wire import tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
@@ -65,6 +65,30 @@ class ScriptedServicer(pb_grpc.KVCacheServicer):
 
     def Append(self, request, context):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "out-of-order append")
+
+    def StoreChunk(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        return pb.StoreChunkResponse(created=True, chunk=pb.SequenceInfo(sequence_id="chunk/x", num_tokens=1))
+
+    def LookupChunks(self, request, context):
+        self.calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.script:
+            context.abort(self.script.pop(0), "scripted")
+        return pb.LookupChunksResponse(leading=len(request.content_keys))
+
+    def FetchChunks(self, request, context):
+        """One piece per chunk (both layers); with a script, the stream breaks after the first."""
+        self.calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
+        for index, _ in enumerate(request.content_keys):
+            if index == 1 and self.script:
+                context.abort(self.script.pop(0), "scripted")
+            piece = pb.ChunkPiece(index=index, layer_start=0)
+            tensor_to_pb(torch.full((2, 3, 1, 4), float(index)), piece.keys)
+            tensor_to_pb(torch.full((2, 3, 1, 4), -float(index)), piece.values)
+            tensor_to_pb(torch.arange(3), piece.positions)
+            yield piece
 
 
 @pytest.fixture
@@ -233,3 +257,70 @@ def test_a_dead_replica_cools_down_longer_each_time_and_a_live_one_is_preferred(
     replicas.failed(0, unavailable)  # its count started again: 5 s
     now[0] = 22.5
     assert replicas.choose(key) == 0
+
+
+def test_chunk_calls_check_their_arguments_before_any_call():
+    keys = torch.zeros(2, 3, 1, 4)
+    with KVCacheClient("127.0.0.1:1", retries=0, timeout=1) as client:
+        for call, match in (
+            (lambda: client.store_chunk(7, "k", keys, keys), "profile must be a profile name"),
+            (lambda: client.store_chunk("p", "bad key!", keys, keys), "content_key"),
+            (lambda: client.store_chunk("p", "k", keys, keys, cache_salt=3), "cache_salt must be a string"),
+            (lambda: client.store_chunk("p", "k", keys, None), "values are required"),
+            (lambda: client.lookup_chunks("p", "chunk-0"), "content_keys must be a list"),
+            (lambda: client.lookup_chunks("p", ["ok", "not ok"]), r"content_keys\[1\]"),
+            (lambda: client.fetch_chunks("p", [], 2), "at least 1 chunk"),
+            (lambda: client.fetch_chunks("p", ["k"], 0), "num_layers must be an integer >= 1"),
+            (lambda: client.fetch_chunks("p", ["k"], 2, dtype=torch.int64), "dtype must be"),
+        ):
+            # refused in the caller's frame: 127.0.0.1:1 would answer UNAVAILABLE
+            with pytest.raises(InvalidInputError, match=match) as raised:
+                call()
+            assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_chunk_calls_route_by_their_content_key_in_both_clients(scripted, monkeypatch):
+    servicer, address = scripted
+    keys = torch.zeros(2, 3, 1, 4)
+    with KVCacheClient(address) as client:
+        client.store_chunk("p", "chunk-a", keys, keys)
+        assert client.lookup_chunks("p", ["chunk-b", "chunk-c"]) == 2
+        assert client.lookup_chunks("p", []) == 0
+        client.fetch_chunks("p", ["chunk-d", "chunk-e"], 2)
+    async with AsyncKVCacheClient(address) as client:
+        await client.store_chunk("p", "chunk-f", keys, keys)
+        assert await client.lookup_chunks("p", ["chunk-g"]) == 1
+        await client.fetch_chunks("p", ["chunk-h"], 2)
+    assert [seen.get(SEQUENCE_HEADER) for seen in servicer.metadata] == [
+        "chunk-a", "chunk-b", None, "chunk-d", "chunk-f", "chunk-g", "chunk-h"]
+
+
+async def test_async_chunk_calls_retry_like_the_sync_ones(scripted, monkeypatch):
+    """One retry policy (CallAttempts) in both clients: an UNAVAILABLE lookup is asked again, a
+    FetchChunks stream cut after its first piece is fetched again and assembled once."""
+    servicer, address = scripted
+    monkeypatch.setattr("svdq_client.client.time.sleep", lambda _: None)
+
+    async def no_sleep(delay):
+        pass
+
+    monkeypatch.setattr("svdq_client.aio.asyncio.sleep", no_sleep)
+    with KVCacheClient(address) as client:
+        servicer.script = [grpc.StatusCode.UNAVAILABLE]
+        assert client.lookup_chunks("p", ["a", "b"]) == 2 and servicer.calls == 2
+        servicer.script, servicer.calls = [grpc.StatusCode.UNAVAILABLE], 0
+        expected = client.fetch_chunks("p", ["a", "b"], 2)
+        assert servicer.calls == 2
+    async with AsyncKVCacheClient(address) as client:
+        servicer.script, servicer.calls = [grpc.StatusCode.UNAVAILABLE], 0
+        assert await client.lookup_chunks("p", ["a", "b"]) == 2 and servicer.calls == 2
+        servicer.script, servicer.calls = [grpc.StatusCode.UNAVAILABLE], 0
+        fetched = await client.fetch_chunks("p", ["a", "b"], 2)
+        assert servicer.calls == 2
+        servicer.script, servicer.calls = [grpc.StatusCode.NOT_FOUND], 0
+        with pytest.raises(NotFoundError):
+            await client.fetch_chunks("p", ["a", "b"], 2)
+        assert servicer.calls == 1
+    for mine, theirs, index in zip(fetched, expected, range(2), strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.keys, torch.full((2, 3, 1, 4), float(index)))
+        assert torch.equal(mine.values, theirs.values) and torch.equal(mine.positions, torch.arange(3))

@@ -9,7 +9,7 @@ import torch
 from svdq_client.types import Profile
 from svdq_server.engine import Engine, EngineConfig, UploadChunkData, UploadHeader
 from svdq_server.metrics import Metrics
-from svdq_server.store import SequenceState, SequenceStore, StoredSequence, StorePolicy
+from svdq_server.store import SequenceState, SequenceStore, StoredSequence, StorePolicy, fp16_bytes
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, fit_layer_basis, to_bytes
 from svdq import append as codec_append
@@ -298,6 +298,48 @@ def test_ttl_expires_idle_sequences():
         store.get("t", "old")
     assert store.get("t", "fresh").sequence_id == "fresh"
     assert reasons == ["ttl"] and store.totals()["sequences"] == 1
+
+
+def test_totals_are_reads_and_tenant_counters_match_a_recount():
+    """Reading totals never expires (the server's periodic job and every access do); the
+    per-tenant figures kept beside the totals equal a recount through inserts, replacements,
+    updates, evictions, deletes and expiry."""
+    now = [0.0]
+    profile = make_profile()
+    states = {tokens: SequenceState(tuple(compress(cache(tokens)[0][layer], CODEC) for layer in range(LAYERS)),
+                                    tuple(compress_values(cache(tokens)[1][layer]) for layer in range(LAYERS)))
+              for tokens in (40, 64)}
+    store = SequenceStore(StorePolicy(10 * states[64].nbytes, ttl_seconds=10), clock=lambda: now[0])
+
+    def recount(tenant):
+        entries = [store.peek(*key) for key in list(store._sequences) if key[0] == tenant]
+        return {"bytes": sum(entry.state.nbytes for entry in entries),
+                "fp16_bytes": sum(2 * fp16_bytes(profile, entry.state.num_tokens) for entry in entries),
+                "sequences": len(entries)}
+
+    def insert(tenant, name, tokens, replace=False):
+        store.insert(StoredSequence(tenant, name, profile, "pre_rope", "u", states[tokens]), replace=replace)
+
+    insert("t", "a", 40)
+    insert("t", "b", 40)
+    insert("u", "c", 64)
+    insert("t", "a", 64, replace=True)
+    entry = store.get("t", "b")
+    with entry.write_lock:
+        store.update(entry, states[64])
+    store.delete("u", "c")
+    for tenant in ("t", "u"):
+        counted = store.tenant_totals(tenant)
+        assert {name: counted[name] for name in ("bytes", "fp16_bytes", "sequences")} == recount(tenant)
+    assert store.count("t") == 2 and store.count("u") == 0
+    now[0] = 5.0
+    store.get("t", "a")
+    now[0] = 12.0  # b idle for 12 s, a for 7 s
+    assert store.totals()["sequences"] == 2 and store.tenant_totals("t")["sequences"] == 2  # reads expire nothing
+    assert store.expire() == 1 and store.count("t") == 1
+    counted = store.tenant_totals("t")
+    assert {name: counted[name] for name in ("bytes", "fp16_bytes", "sequences")} == recount("t")
+    assert counted["evictions"] == 1 and store.totals()["sequences"] == 1
 
 
 def test_compression_off_and_kivi_profiles():

@@ -9,6 +9,7 @@ import uuid
 import grpc
 import pytest
 import torch
+from helpers import scrape, wait_until
 from svdq_client import KVCacheClient, NotFoundError, Profile, ResourceExhaustedError, UnavailableError
 from svdq_client.wire import tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
@@ -71,7 +72,12 @@ def test_ttl_expiry(tmp_path):
             client.register_profile(PROFILE)
             client.upload("short-lived", "small", *cache(16))
             assert client.describe("short-lived").num_tokens == 16
-            time.sleep(1.5)
+            assert "\nsvdq_sequences 1.0\n" in scrape(server.metrics_port)
+            # No call touches the store meanwhile: the server's expiry job drops it, and the
+            # gauges show that (a scrape itself does no expiry work).
+            wait_until(lambda: "\nsvdq_sequences 0.0\n" in scrape(server.metrics_port), 5,
+                       "the expiry job to drop the idle sequence")
+            assert 'svdq_evictions_total{reason="ttl"} 1.0' in scrape(server.metrics_port)
             with pytest.raises(NotFoundError):
                 client.describe("short-lived")
             assert client.server_info().evictions == 1

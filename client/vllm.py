@@ -17,7 +17,10 @@ How it works:
   are named by a hash chain salted by the request's ``cache_salt``
   (:func:`svdq_client.kv_blocks.chunk_keys`); one ``LookupChunks`` call says how many leading
   chunks the server holds (the server salts again by tenant), and those tokens are reported to
-  vLLM as external hits; at least one prompt token is always left to compute.
+  vLLM as external hits; at least one prompt token is always left to compute. vLLM asks again
+  on every step while a request waits for room; the answer is remembered until the request is
+  scheduled (a preempted request, asked again later, looks up again) or finishes, for at most
+  :data:`MAX_REMEMBERED_LOOKUPS` waiting requests.
 * Worker side: before the forward pass, hit chunks are fetched in one ``FetchChunks`` call and
   written into the request's blocks of every layer; after each layer's attention the keys
   (post-RoPE, as the engine holds them; the server undoes RoPE with the profile's RoPE) and
@@ -37,6 +40,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +85,9 @@ DEFAULT_CHUNK_TOKENS = 256
 #: the CPU backend's block interior this connector reads and writes (other ISAs differ)
 CPU_ISA = "vec"
 EXTRA_CONFIG_KEYS = ("address", "token", "profile", "timeout_s", "chunk_tokens")
+#: waiting requests whose lookup answer is remembered (least recently asked out): a bound on
+#: the scheduler's memory however long the waiting queue
+MAX_REMEMBERED_LOOKUPS = 4096
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,7 @@ class SvdqConnector(KVConnectorBase_V1):
         self._ensure_profile(at_start=True)
         # scheduler side
         self._requests: dict[str, _RequestState] = {}
+        self._lookups: OrderedDict[str, int] = OrderedDict()  # request id -> leading chunks stored
         # worker side
         self._layout: BlockLayout | None = None
         self._caches: dict[str, tuple[int, torch.Tensor]] = {}
@@ -263,14 +271,22 @@ class SvdqConnector(KVConnectorBase_V1):
         loadable = (len(state.token_ids) - 1) // chunk
         if loadable == 0:
             return 0, False
-        try:
-            self._ensure_profile()
-            state.stored = self._client.lookup_chunks(self.settings.profile, state.keys[:loadable],
-                                                      cache_salt=state.cache_salt)
-        except (ServiceError, InvalidInputError) as error:
-            self._failed("lookup", error, "treating the prompt as a miss")
-            state.stored = 0
-            return 0, False
+        remembered = self._lookups.get(request.request_id)
+        if remembered is not None:
+            self._lookups.move_to_end(request.request_id)
+            state.stored = remembered
+        else:
+            try:
+                self._ensure_profile()
+                state.stored = self._client.lookup_chunks(self.settings.profile, state.keys[:loadable],
+                                                          cache_salt=state.cache_salt)
+            except (ServiceError, InvalidInputError) as error:
+                self._failed("lookup", error, "treating the prompt as a miss")  # asked again next step
+                state.stored = 0
+                return 0, False
+            self._lookups[request.request_id] = state.stored
+            if len(self._lookups) > MAX_REMEMBERED_LOOKUPS:
+                self._lookups.popitem(last=False)
         hit_tokens = state.stored * chunk
         if hit_tokens <= num_computed_tokens:
             return 0, False
@@ -292,6 +308,7 @@ class SvdqConnector(KVConnectorBase_V1):
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
+            self._lookups.pop(new.req_id, None)  # scheduled: it waits no more
             self._plan(meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         for index, req_id in enumerate(cached.req_ids):
@@ -299,6 +316,7 @@ class SvdqConnector(KVConnectorBase_V1):
             if state is None:
                 continue
             new_blocks = cached.new_block_ids[index]
+            self._lookups.pop(req_id, None)  # a resumed request looked up again before it ran
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_blocks[0]) if new_blocks is not None else state.block_ids
             elif new_blocks is not None:
@@ -325,6 +343,7 @@ class SvdqConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves complete within their step (wait_for_save), so the blocks are free to go.
         self._requests.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)
         return False, None
 
     # -- worker side --------------------------------------------------------------------------

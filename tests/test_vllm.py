@@ -165,3 +165,56 @@ def test_unsupported_layouts_and_settings_are_refused(model):
     wrong = model_profile(config, "p")
     with pytest.raises(InvalidInputError, match="num_layers"):
         check_profile(dataclasses.replace(wrong, num_layers=12), config)
+
+
+def test_a_waiting_request_is_looked_up_once_until_it_is_scheduled(monkeypatch):
+    """vLLM asks get_num_new_matched_tokens on every step while a request waits: one
+    LookupChunks per wait, forgotten when the request is scheduled (a resumed one asks again)
+    or finishes, and at most MAX_REMEMBERED_LOOKUPS answers kept."""
+    from types import SimpleNamespace
+
+    from svdq_client import vllm as connector_module
+
+    class Lookups:
+        def __init__(self):
+            self.calls = []
+
+        def lookup_chunks(self, profile, content_keys, cache_salt=""):
+            self.calls.append(len(content_keys))
+            return 1
+
+    # The scheduler half alone: no engine, no server (the other tests run both for real).
+    connector = connector_module.SvdqConnector.__new__(connector_module.SvdqConnector)
+    connector.settings = ConnectorSettings("unused:1", PROFILE, chunk_tokens=16)
+    connector._client, connector._profile_checked, connector._block_size = Lookups(), True, 16
+    connector._requests, connector._lookups = {}, connector_module.OrderedDict()
+
+    def request(name):
+        return SimpleNamespace(request_id=name, prompt_token_ids=list(range(50)), cache_salt=None)
+
+    def scheduled(new=(), cached=(), resumed=()):
+        return SimpleNamespace(
+            num_scheduled_tokens={name: 1 for name in (*new, *cached)},
+            scheduled_new_reqs=[SimpleNamespace(req_id=name, block_ids=([0, 1, 2, 3],), num_computed_tokens=0)
+                                for name in new],
+            scheduled_cached_reqs=SimpleNamespace(req_ids=list(cached), new_block_ids=[None] * len(cached),
+                                                  resumed_req_ids=set(resumed), num_computed_tokens=[0] * len(cached)))
+
+    for _ in range(5):  # five steps waiting
+        assert connector.get_num_new_matched_tokens(request("a"), 0) == (16, False)
+    assert connector._client.calls == [3]
+    connector.build_connector_meta(scheduled(new=["a"]))
+    assert connector.get_num_new_matched_tokens(request("a"), 0) == (16, False)  # preempted, waiting again
+    assert connector._client.calls == [3, 3]
+    connector.build_connector_meta(scheduled(cached=["a"], resumed=["a"]))
+    assert "a" not in connector._lookups
+    connector.get_num_new_matched_tokens(request("b"), 0)
+    connector.request_finished(request("b"), [])
+    assert not connector._lookups and "b" not in connector._requests
+    monkeypatch.setattr(connector_module, "MAX_REMEMBERED_LOOKUPS", 2)
+    for name in ("c", "d", "e"):
+        connector.get_num_new_matched_tokens(request(name), 0)
+    assert list(connector._lookups) == ["d", "e"]
+    calls = len(connector._client.calls)
+    connector.get_num_new_matched_tokens(request("c"), 0)  # its answer was dropped: asked again
+    assert len(connector._client.calls) == calls + 1

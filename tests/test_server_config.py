@@ -131,3 +131,14 @@ def test_profiles_file_takes_latent_values_and_a_whole_cache_budget(tmp_path):
     path.write_text("profiles:\n  - {name: bad, num_layers: 2, kv_heads: 2, head_dim: 32, cache_bits_per_element: 2.0}\n")
     with pytest.raises(InvalidInputError, match="needs an svdq codec with a bit budget and profile.value_codec"):
         load_profiles(str(path))
+
+
+def test_a_store_url_with_a_password_stops_the_server_at_start(capsys):
+    # One check, where the URL becomes a store (open_store): the CLI reports it and exits 1.
+    from svdq_server.cli import main
+
+    assert main(["--store", "redis://:secret@127.0.0.1:1/0", "--port", "1", "--metrics-port", "0"]) == 1
+    logged = capsys.readouterr().err
+    assert "--store must not contain a password" in logged and "secret" not in logged
+    assert main(["--store", "http://127.0.0.1:1", "--port", "1", "--metrics-port", "0"]) == 1
+    assert "--store must be 'memory' or redis://host:port/db" in capsys.readouterr().err

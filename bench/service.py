@@ -458,8 +458,9 @@ def bench_attend(args) -> None:
                     samples[name].append(time.perf_counter() - began)
         single = torch.randn(1, Q_HEADS, HEAD_DIM, generator=generator).half()
         # rounds[r][i]: (latencies, seconds) of server i in round r; servers take turns
-        rounds = [[concurrent_clients(address, sequences[:args.clients], single, args.seconds)
-                   for address in addresses] for _ in range(args.rounds)]
+        servers = [psutil.Process(process.pid) for process in processes] or [None]
+        rounds = [[concurrent_clients(address, sequences[:args.clients], single, args.seconds, server)
+                   for address, server in zip(addresses, servers, strict=True)] for _ in range(args.rounds)]
     finally:
         for process in processes:
             process.terminate()
@@ -491,22 +492,27 @@ def bench_attend(args) -> None:
     print(f"\n{args.clients} concurrent clients, batch 1 each, {args.rounds} rounds of {args.seconds:.0f} s, servers "
           f"in turns (machine: {os.cpu_count()} cores, shared; load average after "
           f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}; target p99 <= 4x p50):\n")
-    print("| server | calls/s | p50 ms | p99 ms | p99 / p50 | per round p99 / p50 |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    print("| server | calls/s | p50 ms | p99 ms | p99 / p50 | per round p99 / p50 | server CPU ms per call |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for index, address in enumerate(addresses):
         runs = [measured[index] for measured in rounds]
-        latencies = [latency for run, _ in runs for latency in run]
+        latencies = [latency for run, _, _ in runs for latency in run]
         name = f"--workers {args.workers[index]}" if processes else address
         ratio = percentile(latencies, 0.99) / statistics.median(latencies)
-        print(f"| {name} | {len(latencies) / sum(seconds for _, seconds in runs):.1f} | "
+        cpu = (f"{1e3 * sum(seconds for _, _, seconds in runs) / len(latencies):.2f}" if processes else "-")
+        print(f"| {name} | {len(latencies) / sum(seconds for _, seconds, _ in runs):.1f} | "
               f"{1e3 * statistics.median(latencies):.1f} | {1e3 * percentile(latencies, 0.99):.1f} | {ratio:.2f}x | "
-              + ", ".join(f"{percentile(run, 0.99) / statistics.median(run):.2f}x" for run, _ in runs) + " |")
+              + ", ".join(f"{percentile(run, 0.99) / statistics.median(run):.2f}x" for run, _, _ in runs)
+              + f" | {cpu} |")
+    print(f"\n(server CPU: user + system seconds of the server process over its calls; the attention itself "
+          f"takes {1e3 * statistics.median(stages['attention itself (svdq.attention.attend)']):.2f} ms at the "
+          "median in this process)")
 
 
-def concurrent_clients(address: str, sequences: list[str], queries: torch.Tensor,
-                       seconds: float) -> tuple[list[float], float]:
-    """Latencies of one client per sequence calling Attend back to back for ``seconds``, and
-    the wall seconds they ran."""
+def concurrent_clients(address: str, sequences: list[str], queries: torch.Tensor, seconds: float,
+                       server: psutil.Process | None = None) -> tuple[list[float], float, float]:
+    """Latencies of one client per sequence calling Attend back to back for ``seconds``, the
+    wall seconds they ran, and the CPU seconds ``server`` spent meanwhile (0 without one)."""
     latencies: list[float] = []
     lock = threading.Lock()
     start = threading.Barrier(len(sequences) + 1)
@@ -529,11 +535,13 @@ def concurrent_clients(address: str, sequences: list[str], queries: torch.Tensor
         thread.start()
     start.wait()
     began = time.perf_counter()
+    cpu_before = sum(server.cpu_times()[:2]) if server is not None else 0.0
     time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
-    return latencies, time.perf_counter() - began
+    cpu = sum(server.cpu_times()[:2]) - cpu_before if server is not None else 0.0
+    return latencies, time.perf_counter() - began, cpu
 
 
 def main(argv=None) -> None:

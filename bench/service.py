@@ -351,6 +351,13 @@ def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profi
     metrics.bind_engine(engine, "bench")
     header = UploadHeader("stages", profile.name, "stages", keys.shape[1], "post_rope", False, True)
     engine.upload("bench", header, keys, values, torch.arange(keys.shape[1]))
+    # SmolLM2's 30 layers, for the reply of a Describe or Append (the sizes of every layer)
+    deep = Profile("bench-deep", 30, KV_HEADS, HEAD_DIM, rope=ROPE, codec=profile.codec)
+    engine.register_profile(deep)
+    deep_keys, deep_values = synthetic_cache(30, 512)
+    engine.upload("bench", UploadHeader("deep", deep.name, "deep", 512, "post_rope", False, True), deep_keys,
+                  deep_values, torch.arange(512))
+    deep_state = engine.store.get("bench", "deep").state
     authenticator = TokenAuthenticator.from_sources(None, "bench=bench-token-0123456789")
     queries = torch.randn(1, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2)).half()
     wire = attend_request(queries, [("stages", 0)], None, None).SerializeToString()
@@ -377,6 +384,9 @@ def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profi
         "result -> response bytes (attend_result_to_pb, serialize)":
             lambda: convert.attend_result_to_pb(result).SerializeToString(),
         "event loop -> worker thread -> event loop (run_in_executor)": lambda: loop.run_until_complete(hop()),
+        "Describe/Append reply info, 30 layers x 512 tokens (engine.describe)": lambda: engine.describe("bench", "deep"),
+        "  the same sizes recomputed from every layer (before: not kept with the state)": lambda: (
+            sum(layer.nbytes for layer in deep_state.keys), sum(layer.nbytes for layer in deep_state.values)),
     }
     samples: dict[str, list[float]] = {name: [] for name in stages}
     try:

@@ -572,3 +572,18 @@ def test_bad_calibrated_key_shares_are_refused():
     with pytest.raises(InvalidInputError, match=r"cache_key_shares\[0\]: key share 0.9 gives keys 18.00 bits"):
         make_profile(codec=CODEC, value_codec=DEFAULT_VALUE_CODEC, cache_bits_per_element=10.0,
                      cache_key_shares=(0.9,) * LAYERS)
+
+
+def test_state_sizes_are_the_serialized_bytes_computed_once(monkeypatch):
+    import svdq.format
+
+    keys, values = cache(tokens=70)
+    state = SequenceState(tuple(compress(keys[layer], CODEC) for layer in range(LAYERS)),
+                          tuple(compress_values(values[layer]) for layer in range(LAYERS)))
+    calls = []
+    original = svdq.format.serialized_size
+    monkeypatch.setattr(svdq.format, "serialized_size", lambda blob: calls.append(1) or original(blob))
+    assert state.key_bytes == sum(len(to_bytes(layer)) for layer in state.keys)
+    assert state.value_bytes == sum(len(values_to_bytes(layer)) for layer in state.values)
+    counted = len(calls)
+    assert state.nbytes == state.key_bytes + state.value_bytes and len(calls) == counted  # read again: kept

@@ -57,7 +57,8 @@ def synthetic_cache(layers: int, tokens: int, seed: int = 0) -> tuple[torch.Tens
     return keys, values
 
 
-def start_server(device: str, torch_threads: int, *extra_args: str) -> tuple[subprocess.Popen, str]:
+def start_server(device: str, torch_threads: int, *extra_args: str,
+                 packages: Path | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -65,7 +66,9 @@ def start_server(device: str, torch_threads: int, *extra_args: str) -> tuple[sub
         [sys.executable, "-m", "svdq_server.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
          "--device", device, "--store-bytes", "8GiB", "--log-level", "WARNING", "--torch-threads", str(torch_threads),
          "--drain-seconds", "0", "--grace-seconds", "0", *extra_args],
-        env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Started in ``packages`` (the current folder comes first on the path, before the
+        # editable install), the server imports the code there.
+        env={**os.environ}, cwd=packages, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     with KVCacheClient(address, retries=0, timeout=2) as probe_client:
@@ -403,11 +406,30 @@ def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profi
     return samples
 
 
+def baseline_tree(revision: str, root: Path) -> Path:
+    """A folder holding this repository's packages as of git ``revision`` under their import
+    names: a server started in it (:func:`start_server` ``packages``) runs that commit's code,
+    what a before/after comparison starts beside the working tree's server."""
+    repository = Path(__file__).resolve().parents[1]
+    tree = root / "tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repository), "archive", revision], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    packages = root / "packages"
+    packages.mkdir()
+    for name, folder in (("svdq", "svdq"), ("svdq_server", "server"), ("svdq_client", "client"),
+                         ("svdq_proto", "proto")):
+        (packages / name).symlink_to(tree / folder)
+    return packages
+
+
 def bench_attend(args) -> None:
     """Attend through the server against the same attention in this process and a bare round
-    trip (the gRPC health check), measured in turns (every iteration visits each), with
-    batches over different sequences; the server-side stages of one Attend; then p50/p99 of
-    ``--clients`` concurrent clients calling back to back, for each ``--workers`` value in turns."""
+    trip (the gRPC health check), measured in turns (every iteration visits each row, the
+    order rotated), with batches over different sequences, and a 30-layer Describe; the
+    server-side stages of one Attend; then p50/p99 of ``--clients`` concurrent clients calling
+    back to back. Several servers (each ``--workers`` value, and ``--baseline REV``: the same
+    server from an older commit) are measured side by side in the same turns."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from svdq import compress
@@ -415,84 +437,111 @@ def bench_attend(args) -> None:
     from svdq.values import compress_values
 
     keys, values = synthetic_cache(1, args.tokens)
+    deep_keys, deep_values = synthetic_cache(30, 512)
     batches = (1, 2, 8)
     count = max(max(batches), args.clients)
     profile = Profile("bench-attend", 1, KV_HEADS, HEAD_DIM, rope=ROPE, codec=CodecConfig(method="svdq"))
+    deep = Profile("bench-deep", 30, KV_HEADS, HEAD_DIM, rope=ROPE, codec=profile.codec)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)  # the in-process rows run as the server does
     stages = server_stages(args, keys, values, profile)
-    processes = []
-    addresses = [args.address] if args.address else []
-    if not addresses:
+    processes: list[subprocess.Popen] = []
+    servers: list[tuple[str, str]] = []  # (label, address)
+    if args.address:
+        servers.append((args.address, args.address))
+    else:
         for workers in args.workers:
             process, address = start_server(args.device, args.torch_threads, "--workers", str(workers))
             processes.append(process)
-            addresses.append(address)
+            servers.append((f"--workers {workers}", address))
+        if args.baseline:
+            scratch = tempfile.TemporaryDirectory(prefix="svdq-baseline-")
+            process, address = start_server(args.device, args.torch_threads, "--workers", str(args.workers[0]),
+                                            packages=baseline_tree(args.baseline, Path(scratch.name)))
+            processes.append(process)
+            servers.append((f"{args.baseline}, --workers {args.workers[0]}", address))
     sequences = [f"attend-bench-{index}-{uuid.uuid4().hex[:6]}" for index in range(count)]
+    clients = []
     try:
-        for address in addresses:
-            with KVCacheClient(address, timeout=600) as client:
-                client.register_profile(profile, replace=True)
-                for sequence in sequences:
-                    client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
-                                  key_space="post_rope")
-        with KVCacheClient(addresses[0], timeout=600) as client:
+        for _, address in servers:
+            client = KVCacheClient(address, timeout=600)
+            clients.append(client)
+            client.register_profile(profile, replace=True)
+            client.register_profile(deep, replace=True)
+            for sequence in sequences:
+                client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
+                              key_space="post_rope")
+            client.upload("deep", deep.name, deep_keys, deep_values, positions=torch.arange(512),
+                          key_space="post_rope", replace=True)
+        # The same compression in this process: one object per sequence, like the server's store.
+        local_keys = [compress(keys[0], profile.codec, positions=torch.arange(args.tokens), rope=ROPE,
+                               key_space="post_rope") for _ in range(max(batches))]
+        local_values = [compress_values(values[0]) for _ in range(max(batches))]
+        generator = torch.Generator().manual_seed(1)
+        queries = {batch: torch.randn(batch, Q_HEADS, HEAD_DIM, generator=generator).half() for batch in batches}
+        calls = {}
+        for (label, _), client in zip(servers, clients, strict=True):
             # on the client's own connection: the floor of exactly the path an Attend takes
             health = health_pb2_grpc.HealthStub(client._channels[0])
-            # The same compression in this process: one object per sequence, like the server's store.
-            local_keys = [compress(keys[0], profile.codec, positions=torch.arange(args.tokens), rope=ROPE,
-                                   key_space="post_rope") for _ in range(max(batches))]
-            local_values = [compress_values(values[0]) for _ in range(max(batches))]
-            generator = torch.Generator().manual_seed(1)
-            calls = {"round trip (grpc.health.v1 Check)": lambda: health.Check(health_pb2.HealthCheckRequest()),
-                     "GetServerInfo": client.server_info}
+            calls[f"round trip (grpc.health.v1 Check) [{label}]"] = (
+                lambda health=health: health.Check(health_pb2.HealthCheckRequest()))
+            calls[f"GetServerInfo [{label}]"] = client.server_info
+            calls[f"Describe, 30 layers x 512 tokens [{label}]"] = lambda client=client: client.describe("deep")
             for batch in batches:
-                queries = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=generator).half()
                 entries = [(sequence, 0) for sequence in sequences[:batch]]
-                calls[f"Attend RPC, batch {batch}"] = (lambda queries=queries, entries=entries:
-                                                       client.attend(queries, entries))
-                calls[f"attend in-process, batch {batch}"] = (
-                    lambda queries=queries, batch=batch: attend(queries, local_keys[:batch], local_values[:batch]))
-            samples: dict[str, list[float]] = {name: [] for name in calls}
-            for call in calls.values():
-                call()  # warm-up: the server's attention cache, this process's too
-            load_before = os.getloadavg()
-            names = list(calls)
-            for iteration in range(args.iterations):
-                # Each row takes every place in the turn equally often: the first call after the
-                # in-process rows' computation pays the client's wake-up, whichever it is.
-                shift = iteration % len(names)
-                for name in names[shift:] + names[:shift]:
-                    began = time.perf_counter()
-                    calls[name]()
-                    samples[name].append(time.perf_counter() - began)
+                calls[f"Attend RPC, batch {batch} [{label}]"] = (lambda client=client, batch=batch, entries=entries:
+                                                                 client.attend(queries[batch], entries))
+        for batch in batches:
+            calls[f"attend in-process, batch {batch}"] = (
+                lambda batch=batch: attend(queries[batch], local_keys[:batch], local_values[:batch]))
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for call in calls.values():
+            call()  # warm-up: the server's attention cache, this process's too
+        load_before = os.getloadavg()
+        names = list(calls)
+        for iteration in range(args.iterations):
+            # Each row takes every place in the turn equally often: the first call after the
+            # in-process rows' computation pays the client's wake-up, whichever it is.
+            shift = iteration % len(names)
+            for name in names[shift:] + names[:shift]:
+                began = time.perf_counter()
+                calls[name]()
+                samples[name].append(time.perf_counter() - began)
         single = torch.randn(1, Q_HEADS, HEAD_DIM, generator=generator).half()
-        # rounds[r][i]: (latencies, seconds) of server i in round r; servers take turns
-        servers = [psutil.Process(process.pid) for process in processes] or [None]
+        # rounds[r][i]: (latencies, seconds, server CPU seconds) of server i in round r; servers take turns
+        watched = [psutil.Process(process.pid) for process in processes] or [None]
         rounds = [[concurrent_clients(address, sequences[:args.clients], single, args.seconds, server)
-                   for address, server in zip(addresses, servers, strict=True)] for _ in range(args.rounds)]
+                   for (_, address), server in zip(servers, watched, strict=True)] for _ in range(args.rounds)]
     finally:
+        for client in clients:
+            client.close()
         for process in processes:
             process.terminate()
             process.wait(timeout=60)
-    threads_note = f", server --torch-threads {args.torch_threads}" if processes else ""
-    print(f"Attend on {addresses[0]} (device {args.device}{threads_note}, --workers "
-          f"{args.workers[0] if processes else '?'}), one layer x {args.tokens} tokens x {KV_HEADS} KV "
+    threads_note = f", every server --torch-threads {args.torch_threads}" if processes else ""
+    print(f"Attend (device {args.device}{threads_note}), one layer x {args.tokens} tokens x {KV_HEADS} KV "
           f"heads x {HEAD_DIM}, {Q_HEADS} query heads, svdq 1.5 b/e keys, 16-bit values, dense; batch entries over "
-          f"different sequences; {args.iterations} iterations, rows measured in turns (order rotated); load average before "
+          f"different sequences; servers: {', '.join(label for label, _ in servers)}; {args.iterations} iterations, "
+          f"rows measured in turns (order rotated); load average before "
           f"{', '.join(f'{load:.1f}' for load in load_before)}\n")
     print("| call | p50 ms | p99 ms |")
     print("| --- | ---: | ---: |")
     p50 = {name: statistics.median(times) for name, times in samples.items()}
     for name, times in samples.items():
         print(f"| {name} | {1e3 * p50[name]:.2f} | {1e3 * percentile(times, 0.99):.2f} |")
-    floor = p50["round trip (grpc.health.v1 Check)"]
-    print("\nservice overhead (RPC p50 - in-process p50 - round trip p50; target <= +0.5 ms at batch 1): " + "; ".join(
-        f"batch {b}: {1e3 * (p50[f'Attend RPC, batch {b}'] - p50[f'attend in-process, batch {b}'] - floor):+.2f} ms"
-        for b in batches))
-    print("batch b / batch 1 (p50): " + "; ".join(
-        f"RPC batch {b}: {p50[f'Attend RPC, batch {b}'] / p50['Attend RPC, batch 1']:.2f}x, in-process "
-        f"{p50[f'attend in-process, batch {b}'] / p50['attend in-process, batch 1']:.2f}x" for b in batches[1:]))
+    print()
+    for label, _ in servers:
+        floor = p50[f"round trip (grpc.health.v1 Check) [{label}]"]
+        print(f"service overhead [{label}] (RPC p50 - in-process p50 - round trip p50; target <= +0.5 ms at batch 1): "
+              + "; ".join(f"batch {b}: {1e3 * (p50[f'Attend RPC, batch {b} [{label}]'] - p50[f'attend in-process, batch {b}'] - floor):+.2f} ms"
+                          for b in batches))
+    if len(servers) > 1:
+        first = servers[0][0]
+        for label, _ in servers[1:]:
+            print(f"[{label}] / [{first}] (p50): " + "; ".join(
+                f"{row}: {p50[f'{row} [{label}]'] / p50[f'{row} [{first}]']:.2f}x"
+                for row in ["round trip (grpc.health.v1 Check)", "Describe, 30 layers x 512 tokens",
+                            *(f"Attend RPC, batch {b}" for b in batches)]))
     print(f"\nserver-side stages of one batch-1 Attend, in this process with the server's code (torch threads "
           f"{torch.get_num_threads()}), {args.iterations} rounds in turns:\n")
     print("| stage | p50 us | p99 us |")
@@ -504,13 +553,12 @@ def bench_attend(args) -> None:
           f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}; target p99 <= 4x p50):\n")
     print("| server | calls/s | p50 ms | p99 ms | p99 / p50 | per round p99 / p50 | server CPU ms per call |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
-    for index, address in enumerate(addresses):
+    for index, (label, _) in enumerate(servers):
         runs = [measured[index] for measured in rounds]
         latencies = [latency for run, _, _ in runs for latency in run]
-        name = f"--workers {args.workers[index]}" if processes else address
         ratio = percentile(latencies, 0.99) / statistics.median(latencies)
         cpu = (f"{1e3 * sum(seconds for _, _, seconds in runs) / len(latencies):.2f}" if processes else "-")
-        print(f"| {name} | {len(latencies) / sum(seconds for _, seconds, _ in runs):.1f} | "
+        print(f"| {label} | {len(latencies) / sum(seconds for _, seconds, _ in runs):.1f} | "
               f"{1e3 * statistics.median(latencies):.1f} | {1e3 * percentile(latencies, 0.99):.1f} | {ratio:.2f}x | "
               + ", ".join(f"{percentile(run, 0.99) / statistics.median(run):.2f}x" for run, _, _ in runs)
               + f" | {cpu} |")
@@ -575,6 +623,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=lambda text: [int(value) for value in text.split(",")], default=[8],
                         help="--part attend: --workers of the started server; several (e.g. 8,2) start one server "
                              "each, the concurrent clients measured against each in turns")
+    parser.add_argument("--baseline", help="--part attend: also start the server of this git revision (e.g. a "
+                        "commit before a change) and measure it in the same turns")
     args = parser.parse_args(argv)
     if args.part == "stores":
         bench_stores(args)

@@ -215,10 +215,12 @@ class SvdqServer:
             await asyncio.sleep(interval)
             try:
                 await loop.run_in_executor(self.executor, self.store.expire)
-            except RuntimeError:  # the executor shut down: the server is stopping
-                return
             except UnavailableError as exc:  # the store watch reports it; the next run tries again
                 log.debug("expiry skipped: %s", exc)
+            except Exception:  # noqa: BLE001 - the job must outlive one failed run
+                if self._stopping:
+                    return  # the executor shut down under it
+                log.exception("the expiry job failed; it runs again in %.1f s", interval)
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -263,8 +265,8 @@ def open_store_from(settings: Settings, engine_config: EngineConfig, metrics: Me
 
         options = {"password": read_password(settings.store_password_file), "tls_ca": settings.store_tls_ca,
                    "cache_bytes": settings.store_cache_bytes, "timeout": settings.store_timeout_seconds}
-    return open_store(settings.store, engine_config.store_policy(), device=resolve_device(settings.device), on_evict=metrics.evicted,
-                      observe=metrics.store_operation, **options)
+    return open_store(settings.store, engine_config.store_policy(), device=resolve_device(settings.device),
+                      on_evict=metrics.evicted, observe=metrics.store_operation, **options)
 
 
 def store_description(settings: Settings) -> str:

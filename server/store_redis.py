@@ -299,7 +299,8 @@ class RedisSequenceStore:
     """The store in Redis, shared by every replica that points at it (see the module docstring).
 
     Args:
-        url: ``redis://host:port/db`` or ``rediss://host:port/db`` (TLS).
+        url: ``redis://host:port/db`` or ``rediss://host:port/db`` (TLS), as :func:`~svdq_server.store.open_store`
+            checked it (the one check of the URL: no password in it).
         policy: budget, eviction, TTL and quotas; every replica should run the same.
         device: where decoded sequences live (the engine's device).
         password: the Redis password (from --store-password-file), or None.

@@ -279,7 +279,7 @@ def test_chunk_calls_check_their_arguments_before_any_call():
             assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_chunk_calls_route_by_their_content_key_in_both_clients(scripted, monkeypatch):
+async def test_chunk_calls_route_by_their_content_key_in_both_clients(scripted):
     servicer, address = scripted
     keys = torch.zeros(2, 3, 1, 4)
     with KVCacheClient(address) as client:

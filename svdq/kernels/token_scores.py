@@ -90,7 +90,7 @@ def token_scores_triton(queries: torch.Tensor, keys: CompressedKeys, score_chann
     Returns:
         float32 [tokens, n, Hq] scores (unscaled), every element written by the kernel.
     """
-    from ..attention import body_range, rotates, score_latent
+    from ..attention import _score_columns, body_range, rotates, score_latent
 
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
@@ -98,7 +98,7 @@ def token_scores_triton(queries: torch.Tensor, keys: CompressedKeys, score_chann
     device = queries.device
     channels, latent = score_latent(keys, score_channels)
     latent = latent[:tokens].contiguous()
-    columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1).T.contiguous()
+    columns = _score_columns(keys, channels).T.contiguous()  # [m + 1, C]
     queries = queries.float().contiguous()
     inv_freq, partner, sign = rope_query_tables(keys, head_dim, device)
     partners = (queries[..., partner] * sign).contiguous()

@@ -198,9 +198,9 @@ def _decode_attention_kernel(
     body_positions_ptr, selected_ptr, selected_count, full_rows_ptr, full_positions_ptr, full_tokens_ptr,
     exact_map_ptr, exact_rows_ptr, value_meta_ptr,
     values_ptr, value_scales_ptr, value_mins_ptr, scores_ptr, score_slots, out_partial_ptr, lse_partial_ptr,
-    tokens_per_split, n_splits, sm_scale, softcap,
+    tokens_per_split, n_splits, sm_scale, softcap, channel_stride,
     KV_HEADS: tl.constexpr, GQA: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    GROUP_SIZE: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     SPARSE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr, VALUE_LATENT: tl.constexpr,
     HAS_EXACT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
@@ -248,8 +248,8 @@ def _decode_attention_kernel(
             for r0 in range(0, kept, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 channel_mask = offs_r < kept
-                widths = tl.load(channel_bits_ptr + b * R_PAD + offs_r, mask=channel_mask, other=0)
-                offsets = tl.load(channel_offsets_ptr + b * R_PAD + offs_r, mask=channel_mask, other=0)
+                widths = tl.load(channel_bits_ptr + b * channel_stride + offs_r, mask=channel_mask, other=0)
+                offsets = tl.load(channel_offsets_ptr + b * channel_stride + offs_r, mask=channel_mask, other=0)
                 latent = _dequantized_latent(codes_ptr, scales_ptr, mins_ptr, codes_start, row_bytes, meta_start,
                                              kept, group, within, token_mask, offs_r, widths, offsets)
                 basis = tl.load(basis_ptr + basis_start + (h * D + offs_d)[None, :] * kept + offs_r[:, None],
@@ -318,9 +318,9 @@ def _latent_values_kernel(
     meta_ptr, value_meta_ptr, selected_ptr, selected_count, full_tokens_ptr,
     codes_ptr, channel_bits_ptr, channel_offsets_ptr, scales_ptr, mins_ptr,
     scores_ptr, score_slots, lse_partial_ptr, latent_partial_ptr, weight_partial_ptr,
-    tokens_per_split, n_splits,
+    tokens_per_split, n_splits, channel_stride,
     KV_HEADS: tl.constexpr, GQA: tl.constexpr, G_PAD: tl.constexpr, VALUE_GROUP: tl.constexpr,
-    RV_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, SPARSE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, SPARSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -345,8 +345,8 @@ def _latent_values_kernel(
     count = tl.load(value_meta + 6).to(tl.int32)
     offs_r = channel_block * BLOCK_RV + tl.arange(0, BLOCK_RV)
     channel_mask = offs_r < kept
-    widths = tl.load(channel_bits_ptr + b * RV_PAD + offs_r, mask=channel_mask, other=0)
-    offsets = tl.load(channel_offsets_ptr + b * RV_PAD + offs_r, mask=channel_mask, other=0)
+    widths = tl.load(channel_bits_ptr + b * channel_stride + offs_r, mask=channel_mask, other=0)
+    offsets = tl.load(channel_offsets_ptr + b * channel_stride + offs_r, mask=channel_mask, other=0)
     acc = tl.zeros([G_PAD, BLOCK_RV], tl.float32)
     weight = tl.zeros([G_PAD], tl.float32)
     if split < n_splits:
@@ -372,7 +372,7 @@ def _latent_values_kernel(
                                       codes_start, row_bytes, meta_start, kept, first, count, offs_r, widths,
                                       offsets, VALUE_GROUP)
     partial_rows = q_rows * parts + split
-    tl.store(latent_partial_ptr + partial_rows[:, None] * RV_PAD + offs_r[None, :], acc,
+    tl.store(latent_partial_ptr + partial_rows[:, None] * channel_stride + offs_r[None, :], acc,
              mask=head_mask[:, None] & channel_mask[None, :])
     if channel_block == 0:
         tl.store(weight_partial_ptr + partial_rows, weight, mask=head_mask)
@@ -381,9 +381,8 @@ def _latent_values_kernel(
 @triton.jit
 def _reduce_splits_kernel(out_partial_ptr, lse_partial_ptr, out_ptr, lse_ptr, parts,
                           latent_partial_ptr, weight_partial_ptr, value_meta_ptr, value_basis_ptr, value_mean_ptr,
-                          D: tl.constexpr, PARTS_PAD: tl.constexpr, VALUE_LATENT: tl.constexpr,
-                          KV_HEADS: tl.constexpr, GQA: tl.constexpr, RV_PAD: tl.constexpr,
-                          BLOCK_RV: tl.constexpr):
+                          channel_stride, D: tl.constexpr, PARTS_PAD: tl.constexpr, VALUE_LATENT: tl.constexpr,
+                          KV_HEADS: tl.constexpr, GQA: tl.constexpr, BLOCK_RV: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, PARTS_PAD)
     offs_d = tl.arange(0, D)
@@ -410,7 +409,7 @@ def _reduce_splits_kernel(out_partial_ptr, lse_partial_ptr, out_ptr, lse_ptr, pa
         for r0 in range(0, kept, BLOCK_RV):
             offs_r = r0 + tl.arange(0, BLOCK_RV)
             channel_mask = offs_r < kept
-            latent = tl.load(latent_partial_ptr + (row * parts + offs_s)[:, None] * RV_PAD + offs_r[None, :],
+            latent = tl.load(latent_partial_ptr + (row * parts + offs_s)[:, None] * channel_stride + offs_r[None, :],
                              mask=part_mask[:, None] & channel_mask[None, :], other=0.0)
             latent = tl.sum(latent * weights[:, None], 0) / norm
             basis = tl.load(value_basis_ptr + basis_start + (h * D + offs_d)[:, None] * kept + offs_r[None, :],
@@ -523,7 +522,11 @@ def _concat(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
 
 
 def _channel_tables(layouts: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(widths int32 [B, pad], byte offsets int32 [B, pad], pad) of every sequence's kept channels."""
+    """(widths int32 [B, pad], byte offsets int32 [B, pad], pad) of every sequence's kept channels.
+
+    ``pad`` goes to the kernels as a runtime stride: the kept count differs between layers
+    and sequences, and as a constexpr it would compile a kernel for every count seen.
+    """
     if len(layouts) == 1:
         return layouts[0]["widths"], layouts[0]["offsets"], max(1, layouts[0]["kept"])
     pad = max(1, max(layout["kept"] for layout in layouts))
@@ -669,9 +672,9 @@ def decode_attention(
         body_positions, selected, selected_count, full_rows, full_pos, full_tok,
         exact_map, exact_rows, value_meta,
         value_data, value_scales, value_mins, scores, score_slots, out_partial, lse_partial,
-        tokens_per_split, n_splits, scale, 1.0 if softcap is None else float(softcap),
+        tokens_per_split, n_splits, scale, 1.0 if softcap is None else float(softcap), r_pad,
         KV_HEADS=kv_heads, GQA=gqa, G_PAD=g_pad, D=head_dim,
-        GROUP_SIZE=first.group_size, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_R=block_r,
+        GROUP_SIZE=first.group_size, BLOCK_T=block_t, BLOCK_R=block_r,
         SPARSE=sparse, VALUE_BITS=value_bits, VALUE_GROUP=values[0].group_size, VALUE_LATENT=value_latent,
         HAS_EXACT=bool(with_exact), SOFTCAP=softcap is not None,
         num_warps=num_warps,
@@ -683,8 +686,8 @@ def decode_attention(
             sequence_meta, value_meta, selected, selected_count, full_tok,
             value_codes, value_channel_bits, value_channel_offs, value_scales, value_mins,
             scores, score_slots, lse_partial, latent_partial, weight_partial,
-            tokens_per_split, n_splits,
-            KV_HEADS=kv_heads, GQA=gqa, G_PAD=g_pad, VALUE_GROUP=values[0].group_size, RV_PAD=rv_pad,
+            tokens_per_split, n_splits, rv_pad,
+            KV_HEADS=kv_heads, GQA=gqa, G_PAD=g_pad, VALUE_GROUP=values[0].group_size,
             BLOCK_T=block_t, BLOCK_RV=_BLOCK_RV, SPARSE=sparse, num_warps=4,
         )
     else:
@@ -693,9 +696,9 @@ def decode_attention(
     lse = torch.full((batch, q_heads), float("nan"), device=device)
     _reduce_splits_kernel[(batch * q_heads,)](
         out_partial, lse_partial, output, lse, parts,
-        latent_partial, weight_partial, value_meta, value_basis, value_mean,
+        latent_partial, weight_partial, value_meta, value_basis, value_mean, rv_pad,
         D=head_dim, PARTS_PAD=triton.next_power_of_2(parts), VALUE_LATENT=value_latent,
-        KV_HEADS=kv_heads, GQA=gqa, RV_PAD=rv_pad, BLOCK_RV=_BLOCK_RV,
+        KV_HEADS=kv_heads, GQA=gqa, BLOCK_RV=_BLOCK_RV,
     )
     return output, lse
 

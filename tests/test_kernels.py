@@ -13,8 +13,12 @@ element a kernel forgot to write shows up as NaN here.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -35,6 +39,12 @@ from svdq.rope import inverse_frequencies
 from svdq.values import ValueConfig, compress_values, decompress_values
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def bundled_cuda_tools() -> bool:
+    """Whether the installed triton ships ptxas and cuobjdump (found without importing it)."""
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="CPU kernels need TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=[pytest.mark.gpu,
@@ -284,3 +294,19 @@ def test_sparse_selection_with_the_kernel_score_picks_the_reference_chunks(devic
     for expected, got in zip(reference, kernel, strict=True):
         assert got.token_index is not None
         assert torch.equal(got.token_index.cpu(), expected.token_index)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bundled_cuda_tools(), reason="no triton with its CUDA toolchain (ptxas, cuobjdump) installed")
+def test_latent_value_kernels_compile_for_sm_90():
+    """The interpreter never lowers a kernel: compile the latent-value launches (with exact key
+    tokens and softcap, dense and sparse) for sm_90 as a GPU would, without one. About two
+    minutes on a cold Triton cache, seconds when the kernels did not change."""
+    done = subprocess.run([sys.executable, "bench/aot_compile.py", "--quick", "--values", "latent"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=900,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| _")]
+    assert {row.split(" | ")[0][2:] for row in rows} == {
+        "_decode_attention_kernel", "_latent_values_kernel", "_reduce_splits_kernel"}
+    assert all("REG:" in row for row in rows)

@@ -665,7 +665,10 @@ def decode_attention(
         score_slots, scores = 0, q
     out_partial = torch.full((batch, q_heads, parts, head_dim), float("nan"), device=device)
     lse_partial = torch.full((batch, q_heads, parts), float("nan"), device=device)
-    num_warps = 4 if head_dim <= 128 else 8
+    # [BLOCK_T, D] float32 keys and their cos/sin products live in registers: for sm_90 at
+    # head_dim 128, ptxas gives 4 warps ~1.8 KB of spill stack per thread, 8 warps ~0.3 KB
+    # (bench/aot_compile.py).
+    num_warps = 4 if head_dim <= 64 else 8
     _decode_attention_kernel[(batch * kv_heads, parts)](
         q, q_partner, inv_freq,
         sequence_meta, codes, channel_bits, channel_offs, scales, mins, basis, mean,

@@ -15,3 +15,9 @@ def test_gpu_check_dry_run_writes_its_table(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "| check | path | median | result | target | verdict |" in done.stdout
     assert "attend svdq sparse 1/32" in done.stdout and "compress" in done.stdout
+    # issue 14's rows: latent values beside 16-bit ones, and the whole-cache budget
+    assert "keys 1.5 bits, latent V 2.50 bits" in done.stdout and "the 16-bit V row" in done.stdout
+    assert "compress_kv whole cache" in done.stdout and "| compress_kv 512 x 8 x 128 fp16 keys + values |" in done.stdout
+    # the parallel test runs' counts: the dry run's two score tests have CPU cases that pass
+    tests_line = next(line for line in done.stdout.splitlines() if line.startswith("tests: "))
+    assert " passed" in tests_line and "failed" not in tests_line and tests_line.endswith("in 2 parallel pytest runs")

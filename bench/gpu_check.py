@@ -69,11 +69,11 @@ def layer(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def attention_rows(tokens: int, batches: list[int], device: torch.device, repeats: int,
                    cache: CompressedCache) -> list[str]:
     """``cache``: the layer's whole cache from :func:`svdq.kv.compress_kv` (timed in :func:`compress_rows`)."""
-    positions, post, values = layer(tokens)
-    compressed = compress(post.half(), CodecConfig(), rope=LLAMA3_ROPE, key_space="post_rope",
-                          positions=positions).to(device)
-    stored_values = compress_values(values.half()).to(device)
-    latent_values = compress_values(values.half(), ValueConfig(codec=DEFAULT_VALUE_CODEC)).to(device)
+    positions, post, values = (tensor.to(device) for tensor in layer(tokens))
+    # Compressed on the device: at 32k tokens the CPU codec would take seconds of the check.
+    compressed = compress(post.half(), CodecConfig(), rope=LLAMA3_ROPE, key_space="post_rope", positions=positions)
+    stored_values = compress_values(values.half())
+    latent_values = compress_values(values.half(), ValueConfig(codec=DEFAULT_VALUE_CODEC))
     # (label, keys, values, compared with the 16-bit-V row of the same path)
     caches = [
         ("keys 1.5 bits, 16-bit V", compressed, stored_values, False),
@@ -88,8 +88,8 @@ def attention_rows(tokens: int, batches: list[int], device: torch.device, repeat
     rows = []
     for batch in batches:
         queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
-        k = post.to(device, torch.float16).transpose(0, 1)[None].expand(batch, -1, -1, -1)
-        v = values.to(device, torch.float16).transpose(0, 1)[None].expand(batch, -1, -1, -1)
+        k = post.half().transpose(0, 1)[None].expand(batch, -1, -1, -1)
+        v = values.half().transpose(0, 1)[None].expand(batch, -1, -1, -1)
         q = queries.half()[:, :, None, :]
         calls = {"sdpa": lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, enable_gqa=True)}

@@ -195,10 +195,13 @@ def test_latent_values_over_several_splits_and_mixed_value_formats(device):
     check_against_reference(queries, [long[0]], [long[1]], device)
     check_against_reference(queries, [long[0]], [long[1]], device,
                             sparsity=SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32))
-    # One batch, two launches: latent values beside 16-bit values.
+    # One batch, three launches: latent values beside 16-bit values and beside bfloat16 latent
+    # values (16-bit rows in bfloat16) over kivi keys.
     latent, plain = make_sequence(value_codec=LATENT_VALUES), make_sequence(tokens=45, seed=2)
-    queries = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(7))
-    check_against_reference(queries, [latent[0], plain[0]], [latent[1], plain[1]], device)
+    kivi = make_sequence(tokens=51, method="kivi", dtype=torch.bfloat16, seed=4, value_codec=LATENT_VALUES)
+    assert kivi[1].storage_dtype == torch.bfloat16
+    queries = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(7))
+    check_against_reference(queries, [latent[0], plain[0], kivi[0]], [latent[1], plain[1], kivi[1]], device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -703,7 +703,7 @@ class Engine:
 
         Returns output float32 [B, q_heads, head_dim] and lse float32 [B, q_heads] on the CPU.
         ``sparsity`` None is dense attention; ``softcap`` (Gemma 2's attention logit
-        softcapping) is checked by :func:`svdq.attention.attend` and runs its torch path.
+        softcapping) is checked and applied by :func:`svdq.attention.attend` (either backend).
         """
         if not entries:
             raise InvalidInputError("entries must name at least one (sequence_id, layer)")

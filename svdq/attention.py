@@ -34,7 +34,6 @@ is ``2 * S * C``.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -922,8 +921,7 @@ def attend(
         sparsity: attend only to chosen chunks (see the module docstring); None = dense.
         backend: ``"torch"`` or ``"triton"``; default from :func:`select_backend`.
         softcap: attention logit softcapping, scores ``softcap * tanh(scores / softcap)``
-            before the softmax (Gemma 2), in (0, :data:`MAX_SOFTCAP`]; None: none. Softcapped
-            requests take the torch path (the Triton kernels do not softcap).
+            before the softmax (Gemma 2), in (0, :data:`MAX_SOFTCAP`]; None: none.
 
     Returns:
         :class:`AttentionOutput`: ``output`` float32 [B, Hq, D], ``lse`` float32 [B, Hq].
@@ -944,28 +942,15 @@ def attend(
         for b, selection in zip(members, select_body_tokens_many(queries[index].float(), keys[members[0]], sparsity,
                                                                  chosen), strict=True):
             selections[b] = selection
-    # The kernels read 16-bit and per-token values and reconstruct every body token from its
-    # codes; SVDq latent values, keys with exact tokens and softcapped requests take the torch
-    # reference (on the same device) until the kernels sum latent codes, read exact rows and cap.
-    use_kernel = [chosen == "triton" and value.latent is None and not key.num_exact and softcap is None
-                  for key, value in zip(keys, values, strict=True)]
-    parts = [(rows, kernel) for kernel in (True, False)
-             if (rows := [b for b in range(batch) if use_kernel[b] == kernel])]
-    output = lse = None
-    for rows, kernel in parts:
-        if kernel:
-            from .kernels.decode_attention import attend_triton as run_part
-        else:
-            run_part = functools.partial(_attend_torch, softcap=None if softcap is None else float(softcap))
-        if len(parts) == 1:
-            output, lse = run_part(queries, keys, values, softmax_scale, selections)
-            break
-        if output is None:
-            output = torch.empty(queries.shape, dtype=torch.float32, device=queries.device)
-            lse = torch.empty(queries.shape[:2], dtype=torch.float32, device=queries.device)
-        index = torch.tensor(rows, device=queries.device)
-        output[index], lse[index] = run_part(queries[index], [keys[b] for b in rows], [values[b] for b in rows],
-                                             softmax_scale, [selections[b] for b in rows])
+    # Both backends compute every case (key methods, exact key tokens, 16-bit, per-token and
+    # SVDq latent values, softcap), so the choice is the device's alone.
+    cap = None if softcap is None else float(softcap)
+    if chosen == "triton":
+        from .kernels.decode_attention import attend_triton
+
+        output, lse = attend_triton(queries, keys, values, softmax_scale, selections, cap)
+    else:
+        output, lse = _attend_torch(queries, keys, values, softmax_scale, selections, cap)
     stats = []
     for key, selection in zip(keys, selections, strict=True):
         start, n_body = body_range(key)

@@ -2,7 +2,8 @@
 
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (scripts/test.sh sets it when there
 is no GPU); the ``gpu``-marked copies run the same cases on a CUDA device. Shapes are small
-and odd (67 tokens, 3 KV heads, GQA 3). Tolerance is tied to the dtype: the kernel's error
+and odd (67 tokens, 3 KV heads, GQA 3). Every triton call is checked to have run the kernels:
+the torch path is made to fail while it runs. Tolerance is tied to the dtype: the kernel's error
 against the float32 reference may be at most twice the error of plain PyTorch attention
 computed in float16 on the same reconstructed keys, plus a floor for float32 rounding.
 The launcher fills every output and partial buffer with NaN before the kernels run, so an
@@ -11,8 +12,14 @@ element a kernel forgot to write shows up as NaN here.
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -33,6 +40,12 @@ from svdq.rope import inverse_frequencies
 from svdq.values import ValueConfig, compress_values, decompress_values
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def bundled_cuda_tools() -> bool:
+    """Whether the installed triton ships ptxas and cuobjdump (found without importing it)."""
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="CPU kernels need TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=[pytest.mark.gpu,
@@ -51,19 +64,29 @@ def structured_keys(tokens, kv_heads, head_dim, seed):
     return keys.reshape(tokens, kv_heads, head_dim)
 
 
+#: SVDq latent values: sinks, token group and tail differ from the keys' (3 sinks, groups of
+#: 16), so key tokens of the body have 16-bit values and the other way round.
+LATENT_VALUES = CodecConfig(bits_per_element=3.0, group_size=8, num_sinks=2)
+
+
 def make_sequence(tokens=67, kv_heads=3, head_dim=64, method="svdq", schedule=ALL_WIDTHS, value_bits=None,
-                  rope=ROPE, key_space="pre_rope", dtype=torch.float16, seed=0, group_size=16):
+                  rope=ROPE, key_space="pre_rope", dtype=torch.float16, seed=0, group_size=16, value_codec=None,
+                  exact_tokens=0):
     pre = structured_keys(tokens, kv_heads, head_dim, seed)
     keys = apply_rope(pre, torch.arange(tokens), rope) if key_space == "post_rope" else pre
-    extra = {"schedule": schedule} if method == "svdq" else {}
+    extra = {"schedule": schedule, "exact_tokens": exact_tokens} if method == "svdq" else {}
     compressed = compress(keys.to(dtype), CodecConfig(method=method, group_size=group_size, num_sinks=3, **extra),
                           rope=rope, key_space=key_space)
+    if value_codec is not None:
+        # Values with a decaying spectrum, as real ones have: the latent keeps a few channels.
+        values = structured_keys(tokens, kv_heads, head_dim, seed + 11).to(dtype)
+        return compressed, compress_values(values, ValueConfig(codec=value_codec))
     generator = torch.Generator().manual_seed(seed + 11)
     values = torch.randn(tokens, kv_heads, head_dim, generator=generator).to(dtype)
     return compressed, compress_values(values, ValueConfig(bits=value_bits, group_size=32))
 
 
-def half_precision_error(queries, keys, values, scale, sparsity, reference):
+def half_precision_error(queries, keys, values, scale, sparsity, reference, softcap=None):
     """Max error of float16 PyTorch attention (same tokens) against the float32 reference."""
     errors_out, errors_lse = [], []
     for b, (key, value) in enumerate(zip(keys, values, strict=True)):
@@ -73,6 +96,8 @@ def half_precision_error(queries, keys, values, scale, sparsity, reference):
         allowed = allowed_mask(select_body_tokens(queries[b].float(), key, sparsity), key)
         scores = torch.einsum("hd,shd->hs", queries[b].half(), post.repeat_interleave(ratio, 1)) * torch.tensor(
             scale, dtype=torch.float16)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~allowed.repeat_interleave(ratio, 0), -math.inf)
         out = torch.einsum("hs,shd->hd", torch.softmax(scores, -1), dense_values.repeat_interleave(ratio, 1))
         errors_out.append((out.float() - reference.output[b].cpu()).abs().max())
@@ -80,15 +105,17 @@ def half_precision_error(queries, keys, values, scale, sparsity, reference):
     return float(max(errors_out)), float(max(errors_lse))
 
 
-def check_against_reference(queries, keys, values, device, scale=None, sparsity=None):
-    reference = attend(queries, keys, values, scale=scale, sparsity=sparsity, backend="torch")
+def check_against_reference(queries, keys, values, device, scale=None, sparsity=None, softcap=None):
+    reference = attend(queries, keys, values, scale=scale, sparsity=sparsity, backend="torch", softcap=softcap)
     moved_keys = [k.to(device) for k in keys]
     moved_values = [v.to(device) for v in values]
-    result = attend(queries.to(device), moved_keys, moved_values, scale=scale, sparsity=sparsity, backend="triton")
+    with mock.patch("svdq.attention._attend_torch", side_effect=AssertionError("the triton call took the torch path")):
+        result = attend(queries.to(device), moved_keys, moved_values, scale=scale, sparsity=sparsity,
+                        backend="triton", softcap=softcap)
     output, lse = result.output.cpu(), result.lse.cpu()
     assert not output.isnan().any() and not lse.isnan().any(), "kernel left elements unwritten"
     softmax_scale = scale or 1 / math.sqrt(queries.shape[-1])
-    bound_out, bound_lse = half_precision_error(queries, keys, values, softmax_scale, sparsity, reference)
+    bound_out, bound_lse = half_precision_error(queries, keys, values, softmax_scale, sparsity, reference, softcap)
     assert (output - reference.output).abs().max() <= 2 * bound_out + 1e-5
     assert (lse - reference.lse).abs().max() <= 2 * bound_lse + 1e-5
     assert [s.key_bytes_read for s in result.stats] == [s.key_bytes_read for s in reference.stats]
@@ -141,6 +168,63 @@ def test_long_sequence_uses_several_splits_and_sparse_indices(device):
     check_against_reference(queries, [keys], [values], device)
     check_against_reference(queries, [keys], [values], device,
                             sparsity=SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim,kv_heads,ratio", [(64, 3, 3), (128, 2, 2)])
+@pytest.mark.parametrize("sparsity", [None, SPARSE], ids=["dense", "sparse"])
+def test_latent_values_dense_and_sparse(device, head_dim, kv_heads, ratio, sparsity):
+    first = make_sequence(kv_heads=kv_heads, head_dim=head_dim, value_codec=LATENT_VALUES)
+    second = make_sequence(tokens=45, kv_heads=kv_heads, head_dim=head_dim, seed=2,
+                           value_codec=CodecConfig(bits_per_element=2.0, group_size=16, num_sinks=5))
+    assert first[1].latent.kept_bits.numel() != second[1].latent.kept_bits.numel()  # per-sequence widths
+    queries = torch.randn(2, kv_heads * ratio, head_dim, generator=torch.Generator().manual_seed(6))
+    check_against_reference(queries, [first[0], second[0]], [first[1], second[1]], device, sparsity=sparsity)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_latent_values_over_several_splits_and_mixed_value_formats(device):
+    long = make_sequence(tokens=700, kv_heads=1, group_size=32, schedule=(8, 4, 2, 1, 1, 0, 0, 0), seed=9,
+                         value_codec=LATENT_VALUES)
+    queries = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(3))
+    check_against_reference(queries, [long[0]], [long[1]], device)
+    check_against_reference(queries, [long[0]], [long[1]], device,
+                            sparsity=SparsityConfig(keep_fraction=1 / 8, chunk_size=16, num_recent=32))
+    # One batch, three launches: latent values beside 16-bit values and beside bfloat16 latent
+    # values (16-bit rows in bfloat16) over kivi keys.
+    latent, plain = make_sequence(value_codec=LATENT_VALUES), make_sequence(tokens=45, seed=2)
+    kivi = make_sequence(tokens=51, method="kivi", dtype=torch.bfloat16, seed=4, value_codec=LATENT_VALUES)
+    assert kivi[1].storage_dtype == torch.bfloat16
+    queries = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(7))
+    check_against_reference(queries, [latent[0], plain[0], kivi[0]], [latent[1], plain[1], kivi[1]], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparsity", [None, SPARSE], ids=["dense", "sparse"])
+def test_exact_key_tokens_score_with_their_rows(device, sparsity):
+    exact = make_sequence(exact_tokens=6, value_codec=LATENT_VALUES)
+    plain = make_sequence(tokens=45, seed=2, value_codec=LATENT_VALUES)
+    assert exact[0].num_exact == 6 and not plain[0].num_exact
+    queries = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(9))
+    result = check_against_reference(queries, [exact[0], plain[0]], [exact[1], plain[1]], device, sparsity=sparsity)
+    # The exact rows matter here: without them (their tokens' reconstruction instead) the
+    # kernel's answer moves further from the reference than its tolerance.
+    dropped = copy.copy(exact[0])
+    dropped.exact_index, dropped.exact_rows = exact[0].exact_index[:0], exact[0].exact_rows[:0]
+    dropped._cache = {}
+    without = attend(queries[:1], [dropped], [exact[1]], sparsity=sparsity, backend="torch")
+    assert (without.output[0] - result.output[0].cpu()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparsity", [None, SPARSE], ids=["dense", "sparse"])
+def test_softcap(device, sparsity):
+    first, second = make_sequence(value_bits=4), make_sequence(tokens=45, seed=2, value_codec=LATENT_VALUES)
+    queries = 4 * torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(10))
+    capped = check_against_reference(queries, [first[0], second[0]], [first[1], second[1]], device,
+                                     sparsity=sparsity, softcap=2.0)
+    plain = attend(queries, [first[0], second[0]], [first[1], second[1]], sparsity=sparsity, backend="torch")
+    assert (plain.lse - capped.lse.cpu()).abs().max() > 0.1  # the cap binds at these scores
 
 
 def score_oracle(queries, keys, score_channels, tokens):
@@ -208,3 +292,19 @@ def test_sparse_selection_with_the_kernel_score_picks_the_reference_chunks(devic
     for expected, got in zip(reference, kernel, strict=True):
         assert got.token_index is not None
         assert torch.equal(got.token_index.cpu(), expected.token_index)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bundled_cuda_tools(), reason="no triton with its CUDA toolchain (ptxas, cuobjdump) installed")
+def test_latent_value_kernels_compile_for_sm_90():
+    """The interpreter never lowers a kernel: compile the latent-value launches (with exact key
+    tokens and softcap, dense and sparse) for sm_90 as a GPU would, without one. About two
+    minutes on a cold Triton cache, seconds when the kernels did not change."""
+    done = subprocess.run([sys.executable, "bench/aot_compile.py", "--quick", "--values", "latent"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=900,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| _")]
+    assert {row.split(" | ")[0][2:] for row in rows} == {
+        "_decode_attention_kernel", "_latent_values_kernel", "_reduce_splits_kernel"}
+    assert all("REG:" in row for row in rows)

@@ -90,7 +90,7 @@ def token_scores_triton(queries: torch.Tensor, keys: CompressedKeys, score_chann
     Returns:
         float32 [tokens, n, Hq] scores (unscaled), every element written by the kernel.
     """
-    from ..attention import body_range, rotates, score_latent
+    from ..attention import _score_columns, body_range, rotates, score_latent
 
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
@@ -98,7 +98,7 @@ def token_scores_triton(queries: torch.Tensor, keys: CompressedKeys, score_chann
     device = queries.device
     channels, latent = score_latent(keys, score_channels)
     latent = latent[:tokens].contiguous()
-    columns = torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1).T.contiguous()
+    columns = _score_columns(keys, channels).T.contiguous()  # [m + 1, C]
     queries = queries.float().contiguous()
     inv_freq, partner, sign = rope_query_tables(keys, head_dim, device)
     partners = (queries[..., partner] * sign).contiguous()
@@ -117,7 +117,8 @@ def token_scores_triton(queries: torch.Tensor, keys: CompressedKeys, score_chann
         BLOCK_M=max(16, triton.next_power_of_2(latent.shape[1])), BLOCK_T=BLOCK_T, BLOCK_Q=block_q,
         ROTATES=rotates(keys),
         # [BLOCK_T, D] float32 keys, their cos/sin products and the partner queries live in
-        # registers: twice the warps at head_dim 256 keep them from spilling.
-        num_warps=4 if head_dim <= 128 else 8,
+        # registers: for sm_90 at head_dim 128 ptxas spills 3.1 KB of stack per thread with
+        # 4 warps and 1.2 KB with 8 (bench/aot_compile.py).
+        num_warps=4 if head_dim <= 64 else 8,
     )
     return out

@@ -282,6 +282,9 @@ class NeedleCase:
             the assistant's answer; run on top of the (compressed) prefix.
         key: the needle's key; answer: its 7-digit number; depth: relative position of the
             needle in the haystack (0 = start, 1 = end).
+        text_window: ``(start, stop)`` token range of :func:`evaluation_text` the haystack
+            was taken from (the prose filler; ``None`` for the noise filler), so that a bench
+            can tell it apart from calibration text.
     """
 
     prefix_ids: torch.Tensor
@@ -289,6 +292,7 @@ class NeedleCase:
     key: str
     answer: str
     depth: float
+    text_window: tuple[int, int] | None = None
 
 
 #: Repetitive filler in the spirit of RULER's noise haystack (our own wording).
@@ -345,6 +349,7 @@ def needle_cases(tokenizer: Any, context_tokens: int = 4096, depths: Sequence[fl
         cases.append(NeedleCase(
             prefix_ids=torch.tensor([prefix]), question_ids=torch.tensor([question_ids]),
             key=key, answer=answer, depth=float(depth),
+            text_window=(start, start + len(haystack)) if filler == "prose" else None,
         ))
     return cases
 

@@ -92,9 +92,12 @@ def main_methods() -> list[Method]:
         Method("fp16 K and V", C(method="fp16")),
         Method("keys svdq 1.5, values fp16", C(bits_per_element=1.5)),
         Method("keys svdq 1.5, values fp16, shared", C(bits_per_element=1.5), shared_basis=True),
-        # Short prompts (keys-only): the worst-reconstructed keys exact, or a shorter 16-bit tail.
+        # Short prompts (keys-only): the worst-reconstructed keys exact, a shorter 16-bit tail
+        # (smaller groups), more 16-bit sinks.
         Method("keys svdq 1.5, values fp16, shared, 4 exact keys", EXACT_KEYS, shared_basis=True),
         Method("keys svdq 1.5 g32, values fp16, shared", C(bits_per_element=1.5, group_size=32), shared_basis=True),
+        Method("keys svdq 1.5 g16, values fp16, shared", C(bits_per_element=1.5, group_size=16), shared_basis=True),
+        Method("keys svdq 1.5 16 sinks, values fp16, shared", C(bits_per_element=1.5, num_sinks=16), shared_basis=True),
         Method("kivi 2-bit K and V g32", C(method="kivi", bits=2, group_size=32), values=ValueConfig(bits=2, group_size=32)),
         Method("kivi 2-bit K g128, V g64", C(method="kivi", bits=2, group_size=128), values=ValueConfig(bits=2)),
         Method("kivi 4-bit K and V g32", C(method="kivi", bits=4, group_size=32), values=ValueConfig(bits=4, group_size=32)),

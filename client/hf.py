@@ -5,7 +5,7 @@ A worker enables it in a few lines::
     from svdq_client.hf import LocalOffload, RemoteOffload, SvdqOffloadCache, enable_offload
 
     enable_offload(model)                                   # checks the model, switches its attention
-    cache = SvdqOffloadCache(model, RemoteOffload(client))  # or LocalOffload(codec=...)
+    cache = SvdqOffloadCache(model, RemoteOffload(client), tokenizer=tokenizer)  # or LocalOffload(codec=...)
     output_ids = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=32,
                                 do_sample=False, stopping_criteria=[StopFinishedRows(cache, eos_ids)])
     cache.close()                                           # frees the server-side sequences
@@ -26,6 +26,9 @@ How it works, per forward pass of the model:
   the two by log-sum-exp in float32. With attention logit softcapping (Gemma 2), which no
   fused kernel does, the local part is an exact blocked softmax of the capped scores (as the
   model's eager attention computes them) and the backend caps the offloaded part's scores alike.
+* Before the backend opens, svdq keys (and SVDq latent values) without shared bases get them:
+  fitted once per model on shipped calibration text, never the prompt
+  (:func:`default_calibrated_bases`; ``calibration_tokens=0`` keeps a basis per sequence).
 * After the last layer's attention, tokens beyond the local window move to the backend: the
   whole prefill prefix at the first forward pass (one upload of every offloaded layer per
   row), then blocks of ``spill_block`` tokens as decode steps fill the window.
@@ -804,7 +807,6 @@ class SvdqOffloadCache(Cache):
         window: local tokens kept after each forward pass (>= 1).
         spill_block: once the local part exceeds ``window`` by this many tokens, they move to
             the backend in one append (>= 1); a larger block means fewer, larger appends.
-
         tokenizer: the model's tokenizer, for the shipped calibration text (below).
         calibration_tokens: when ``backend`` (:class:`LocalOffload` or :class:`RemoteOffload`)
             stores svdq keys or SVDq latent values without shared bases, fit them first on this

@@ -6,7 +6,9 @@ starts on the CPU (or ``--address``). Rows, side by side in one process on the s
 
 * ``plain model``: the model alone, its exact DynamicCache (the reference, no service);
 * ``fp16``: passthrough through the service (should equal the plain model);
-* ``svdq``: SVDq keys at ``--bits`` true bits per element (every serialized byte counted);
+* ``svdq``: SVDq keys at ``--bits`` true bits per element (every serialized byte counted),
+  with the integration's default shared bases (fitted by ``SvdqOffloadCache`` on the end of
+  the shipped prose, :func:`svdq_client.evaluation.calibration_window`, not the scored text);
 * ``svdq+sparse``: the same keys, attention over ``--keep-fraction`` of the tokens;
 * ``kivi2``: the KIVI-like baseline, 2-bit per-channel keys in groups of 32 tokens;
 * ``svdq cache``, one per ``--cache-bits``: keys and SVDq latent values under one budget of
@@ -169,7 +171,7 @@ def measure_nll(model, tokenizer, rows, client, args, results) -> float:
     plain = harness.continuation_nll(model, prefix, continuation_ids)
     enable_offload(model)
     for row in rows:
-        cache = SvdqOffloadCache(model, _backend(row, client), window=args.window)
+        cache = SvdqOffloadCache(model, _backend(row, client), window=args.window, tokenizer=tokenizer)
         try:
             cache.offload_prefix(prefix.keys, prefix.values)
             positions = torch.arange(args.prefix, ids.shape[1])[None]
@@ -193,7 +195,7 @@ def measure_needles(model, tokenizer, rows, client, args, results) -> tuple[int,
         prompt_ids = torch.cat([case.prefix_ids, case.question_ids], dim=1)
         for row in rows:
             backend = _backend(row, client)
-            cache = SvdqOffloadCache(model, backend, window=args.window)
+            cache = SvdqOffloadCache(model, backend, window=args.window, tokenizer=tokenizer)
             try:
                 cache.offload_prefix(prefix.keys, prefix.values)
                 stored = backend.stats
@@ -238,7 +240,7 @@ def measure_prefill(model, tokenizer, client, args) -> dict[str, list[float]]:
         times["plain"].append(time.perf_counter() - started)
         enable_offload(model)
         backend = _backend(Row("svdq", codec), client)
-        cache = SvdqOffloadCache(model, backend, window=args.window)
+        cache = SvdqOffloadCache(model, backend, window=args.window, tokenizer=tokenizer)
         try:
             started = time.perf_counter()
             model(input_ids=prompt_ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -270,7 +272,7 @@ def measure_decode(model, tokenizer, client, args) -> dict[int, tuple[float, flo
             else:
                 enable_offload(model)
                 backend = _backend(Row("svdq", codec), client)
-                cache = SvdqOffloadCache(model, backend, window=args.window)
+                cache = SvdqOffloadCache(model, backend, window=args.window, tokenizer=tokenizer)
             try:
                 model(input_ids=prompts[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
                 started = time.perf_counter()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from svdq_client import evaluation as harness
-from svdq_client.hf import calibrate_cache_bases
+from svdq_client.hf import calibrate_cache_bases, default_calibrated_bases
 
 import svdq
 from svdq.kv import CacheBudget, compress_kv
@@ -92,6 +92,12 @@ def main_methods() -> list[Method]:
         Method("fp16 K and V", C(method="fp16")),
         Method("keys svdq 1.5, values fp16", C(bits_per_element=1.5)),
         Method("keys svdq 1.5, values fp16, shared", C(bits_per_element=1.5), shared_basis=True),
+        # Short prompts (keys-only): the worst-reconstructed keys exact, a shorter 16-bit tail
+        # (smaller groups), more 16-bit sinks.
+        Method("keys svdq 1.5, values fp16, shared, 4 exact keys", EXACT_KEYS, shared_basis=True),
+        Method("keys svdq 1.5 g32, values fp16, shared", C(bits_per_element=1.5, group_size=32), shared_basis=True),
+        Method("keys svdq 1.5 g16, values fp16, shared", C(bits_per_element=1.5, group_size=16), shared_basis=True),
+        Method("keys svdq 1.5 16 sinks, values fp16, shared", C(bits_per_element=1.5, num_sinks=16), shared_basis=True),
         Method("kivi 2-bit K and V g32", C(method="kivi", bits=2, group_size=32), values=ValueConfig(bits=2, group_size=32)),
         Method("kivi 2-bit K g128, V g64", C(method="kivi", bits=2, group_size=128), values=ValueConfig(bits=2)),
         Method("kivi 4-bit K and V g32", C(method="kivi", bits=4, group_size=32), values=ValueConfig(bits=4, group_size=32)),
@@ -157,11 +163,20 @@ SHORT_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "keys svdq 1.5, v
 
 @dataclass
 class Bases:
-    """Shared per-layer key and value bases and what they were fitted on."""
+    """Shared per-layer key and value bases and what they were fitted on: ``window``, the
+    token range of the evaluation text."""
 
     keys: Sequence[svdq.Basis]
     values: Sequence[svdq.Basis]
     source: str
+    window: tuple[int, int] = (0, 0)
+
+    def refuse_overlap(self, start: int, stop: int, what: str) -> None:
+        """Stop the run when evaluated text tokens ``start..stop`` overlap the calibration text."""
+        if start < self.window[1] and self.window[0] < stop:
+            raise SystemExit(f"{what} (text tokens {start}-{stop}) overlaps the shared bases' calibration text "
+                             f"({self.source}): shared-basis rows must not be fitted on what they evaluate; "
+                             "shorten the windows or use the other --calibration")
 
 
 @dataclass
@@ -350,6 +365,9 @@ def score_needles(model, tokenizer, rows: Sequence[Row], *, count: int = 12, tok
     found = {row.method.name: 0 for row in rows}
     reference_found: list[bool] = []
     for case in harness.needle_cases(tokenizer, tokens, count=count, filler=filler):
+        if bases is not None and case.text_window is not None:
+            bases.refuse_overlap(*case.text_window, f"the haystack of the {tokens}-token needle case at depth "
+                                 f"{case.depth:.2f}")
         case_prefix = harness.prefill(model, case.prefix_ids)
         reference_found.append(harness.needle_found(
             harness.greedy_answer(model, tokenizer, case_prefix, case.question_ids), case))
@@ -604,7 +622,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--short-prefix-tokens", type=int, default=1024,
                         help="prefix of the short-prompt table (0 = skip it)")
     parser.add_argument("--calibration-tokens", type=int, default=2048,
-                        help="tokens of text after the scored windows that the shared bases are fitted on")
+                        help="tokens of text that the shared bases are fitted on")
+    parser.add_argument("--calibration", choices=("after", "default"), default="after",
+                        help="where that text lies: 'after' the scored windows, or 'default': the end of the text, "
+                             "the window the transformers integration and svdq-demo calibrate on by default "
+                             "(svdq_client.hf.default_calibrated_bases); a window that overlaps any evaluated text "
+                             "stops the run")
     parser.add_argument("--methods", nargs="*", default=None,
                         help="only these rows of the main table (names as printed); default all")
     parser.add_argument("--needle-methods", nargs="*", default=list(NEEDLE_METHODS),
@@ -649,14 +672,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = [m for m in methods if m.name in args.methods]
     started = time.perf_counter()
     model, tokenizer = load_smollm2(torch.float32)
+    # Shared bases: fitted on text no scored window holds (checked here, before any prefill,
+    # for the NLL windows, in score_needles for prose haystacks), never on what is evaluated.
+    scored_stop = max(args.prefix_tokens, args.short_prefix_tokens) + args.continuation_tokens
+    if args.calibration == "default":
+        window = harness.calibration_window(tokenizer, args.calibration_tokens)
+        calibration = f"text tokens {window[0]}-{window[1]} (the integration's default)"
+    else:
+        window = (scored_stop, scored_stop + args.calibration_tokens)
+        calibration = f"text tokens {window[0]}-{window[1]}"
+    bases = Bases((), (), calibration, window)
+    bases.refuse_overlap(0, scored_stop, "the scored prefix and continuation")
     setup = prepare_nll(model, tokenizer, args.prefix_tokens, args.continuation_tokens)
-    # Shared bases: fitted on the text after every scored window (the needle haystacks are
-    # the noise filler, not this prose), never on what is evaluated.
-    calibration_start = args.prefix_tokens + args.continuation_tokens
-    key_bases, value_bases = calibrate_cache_bases(
-        model, harness.text_tokens(tokenizer, args.calibration_tokens, start=calibration_start))
-    calibration = f"text tokens {calibration_start}-{calibration_start + args.calibration_tokens}"
-    bases = Bases(key_bases, value_bases, calibration)
+    if args.calibration == "default":
+        bases.keys, bases.values = default_calibrated_bases(model, tokenizer, args.calibration_tokens)
+    else:
+        bases.keys, bases.values = calibrate_cache_bases(
+            model, harness.text_tokens(tokenizer, args.calibration_tokens, start=window[0]))
     print(f"## Cache quality: SmolLM2-135M-Instruct (float32, CPU), text: {harness.TEXT_SOURCE}")
     print(f"prefix {args.prefix_tokens} tokens (text tokens 0-{args.prefix_tokens}), continuation "
           f"{args.continuation_tokens} tokens (dNLL over the last {args.continuation_tokens - 1}), reference NLL "

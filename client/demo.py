@@ -10,8 +10,10 @@ What it does:
    attention while nothing is offloaded; a progress line per decoder layer on stderr); after
    the last layer its K/V cache of every layer goes to the server (SVDq-compressed keys by
    default), only ``--window`` recent tokens stay in the process.
-   With ``--shared-basis-tokens N`` the keys use shared per-layer bases fitted first on N
-   tokens of other text (:func:`svdq_client.hf.calibrate_bases`) and sent in the profile.
+   The keys (and, with ``--cache-bits``, the latent values) use shared per-layer bases fitted
+   first on ``--shared-basis-tokens`` tokens of shipped text, not the prompt
+   (:func:`svdq_client.hf.default_calibrated_bases`, 2048 by default), and sent in the profile;
+   ``--shared-basis-tokens 0`` fits a basis per sequence instead.
 4. Generates the answer to the question greedily: every decode step asks the server for
    attention over the compressed prefix and merges it with local attention.
 5. Prints the answer, whether it holds the needle, the bytes the server stores, the key
@@ -149,6 +151,8 @@ def local_server(device: str = "cpu", extra_args: Sequence[str] = ()) -> Iterato
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from .evaluation import DEFAULT_CALIBRATION_TOKENS, MAX_CALIBRATION_TOKENS
+
     parser = argparse.ArgumentParser(
         prog="svdq-demo",
         description="SmolLM2 answers a needle-in-a-haystack question while its KV prefix lives, compressed, "
@@ -179,10 +183,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="one budget in true bits per KV element for keys and values together (svdq keys, "
                        "SVDq latent values, split per layer on the server), e.g. 2.0 (8x smaller than fp16); "
                        "default: keys at --bits, values as --value-bits")
-    model.add_argument("--shared-basis-tokens", type=int, default=0,
-                       help="fit one shared key basis per layer on this many tokens of calibration text (Python's "
-                       "own docs, not the prompt) and send it in the profile, instead of a basis per sequence "
-                       "(svdq only; e.g. 2048; default 0: per-sequence bases)")
+    model.add_argument("--shared-basis-tokens", type=int, default=None,
+                       help="fit one shared basis per layer (keys, and latent values) on this many tokens of "
+                       "calibration text (the end of Python's own docs, not the prompt) and send it in the "
+                       f"profile (svdq only; default {DEFAULT_CALIBRATION_TOKENS}; 0: a basis per sequence, "
+                       "stored with it)")
     model.add_argument("--keep-fraction", type=float, default=None,
                        help="key sparsity: attend to this share of the prefix tokens, e.g. 0.03125 (default: dense)")
     model.add_argument("--context-tokens", type=int, default=4096, help="prompt length in tokens (default 4096)")
@@ -203,9 +208,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.cache_bits is not None and (args.codec != "svdq" or args.value_bits or not 0 < args.cache_bits <= 16):
         parser.error(f"--cache-bits needs --codec svdq, no --value-bits and a budget in (0, 16], got "
                      f"{args.cache_bits} with --codec {args.codec}, --value-bits {args.value_bits}")
-    if args.shared_basis_tokens and (args.codec != "svdq" or args.shared_basis_tokens < 256):
-        parser.error(f"--shared-basis-tokens needs --codec svdq and at least 256 tokens, got {args.shared_basis_tokens} "
-                     f"with --codec {args.codec}")
+    if args.shared_basis_tokens is None:
+        args.shared_basis_tokens = DEFAULT_CALIBRATION_TOKENS if args.codec == "svdq" else 0
+    if args.shared_basis_tokens and (args.codec != "svdq" or not 256 <= args.shared_basis_tokens <= MAX_CALIBRATION_TOKENS):
+        parser.error(f"--shared-basis-tokens needs --codec svdq and 256..{MAX_CALIBRATION_TOKENS} tokens (0: a basis "
+                     f"per sequence), got {args.shared_basis_tokens} with --codec {args.codec}")
     if args.address is None and (args.tls_ca or args.token):
         parser.error("--token and --tls-* apply to a remote server: give --address HOST:PORT")
     return args
@@ -219,7 +226,6 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         ATTENTION_NAME,
         RemoteOffload,
         SvdqOffloadCache,
-        calibrate_cache_bases,
         disable_offload,
         enable_offload,
     )
@@ -249,23 +255,17 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     if model.config._attn_implementation == ATTENTION_NAME:  # the cached model, left enabled by a caller
         disable_offload(model)
-    bases, value_bases, calibration_seconds = None, None, 0.0
-    if args.shared_basis_tokens:
-        started = time.perf_counter()
-        bases, value_bases = calibrate_cache_bases(model, evaluation.text_tokens(tokenizer, args.shared_basis_tokens))
-        calibration_seconds = time.perf_counter() - started
-
     client = KVCacheClient(address, token=args.token, root_certificates=args.tls_ca,
                            client_certificate=args.tls_cert, client_key=args.tls_key, server_name=args.server_name,
                            timeout=args.timeout)
     with client:
         whole_cache = {}
         if args.cache_bits:
-            whole_cache = {"value_codec": DEFAULT_VALUE_CODEC, "value_bases": value_bases,
-                           "cache_bits_per_element": args.cache_bits}
-        backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity, bases=bases,
-                                **whole_cache)
-        cache = SvdqOffloadCache(model, backend, window=args.window)
+            whole_cache = {"value_codec": DEFAULT_VALUE_CODEC, "cache_bits_per_element": args.cache_bits}
+        backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity, **whole_cache)
+        # Calibrates the shared bases (keys, latent values) before registering the profile.
+        cache = SvdqOffloadCache(model, backend, window=args.window, tokenizer=tokenizer,
+                                 calibration_tokens=args.shared_basis_tokens)
         try:
             with torch.no_grad():
                 # The document alone first, one forward pass through the offload cache: the
@@ -321,7 +321,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         "total_ratio": info.compression_ratio,
         "generated_tokens": generated,
         "load_seconds": load_seconds,
-        "calibration_seconds": calibration_seconds,
+        "calibration_seconds": cache.calibration_seconds,
         "prefill_seconds": prefill_seconds,
         "upload_seconds": upload_seconds,
         "answer_seconds": answer_seconds,
@@ -338,6 +338,8 @@ def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> st
     options = f", sparsity {args.keep_fraction:g}" if args.keep_fraction else ""
     if args.shared_basis_tokens:
         options += f", shared bases fitted on {args.shared_basis_tokens} calibration tokens"
+    elif args.codec == "svdq":
+        options += ", a basis per sequence"
     read_ratio = result["dense_fp16_key_bytes_read"] / max(1, result["key_bytes_read"])
     lines = [
         f"server            {address}",

@@ -48,6 +48,13 @@ ValueTransform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 #: (possibly transformed) prefix followed by the new tokens.
 AttentionFunction = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
+#: Tokens of the shipped calibration text (:func:`calibration_window`) that the transformers
+#: integration (``svdq_client.hf.SvdqOffloadCache``) and ``svdq-demo`` fit shared bases on by
+#: default (README, "Short prompts", has what they change on SmolLM2).
+DEFAULT_CALIBRATION_TOKENS = 2048
+#: Most calibration tokens accepted: the calibration prefill holds the model's whole cache for them.
+MAX_CALIBRATION_TOKENS = 16384
+
 TEXT_SOURCE = "Python stdlib docs prose (pydoc_data.topics, sorted topics, code/grammar dropped)"
 
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
@@ -78,10 +85,31 @@ def evaluation_text() -> str:
 
 def text_tokens(tokenizer: Any, count: int, start: int = 0) -> torch.Tensor:
     """int64 [1, count] token ids of :func:`evaluation_text` from token ``start`` on."""
-    ids = tokenizer(evaluation_text(), return_tensors="pt", add_special_tokens=False).input_ids
+    ids = _text_ids(tokenizer)
     if ids.shape[1] < start + count:
         raise ValueError(f"evaluation text has {ids.shape[1]} tokens, {start + count} requested")
     return ids[:, start : start + count]
+
+
+def _text_ids(tokenizer: Any) -> torch.Tensor:
+    return tokenizer(evaluation_text(), return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def calibration_window(tokenizer: Any, count: int) -> tuple[int, int]:
+    """``(start, stop)``: the token range of :func:`evaluation_text` that the shipped default
+    calibration fits shared bases on: its last ``count`` tokens. The benchmarks score windows
+    from the start of the text, so the default bases are never fitted on what they evaluate
+    (``bench/quality.py`` refuses an overlap)."""
+    total = _text_ids(tokenizer).shape[1]
+    if not 0 < count <= total:
+        raise ValueError(f"calibration needs 1..{total} tokens of the evaluation text, got {count}")
+    return total - count, total
+
+
+def calibration_tokens(tokenizer: Any, count: int) -> torch.Tensor:
+    """int64 [1, count] token ids of the default calibration window (:func:`calibration_window`)."""
+    start, _ = calibration_window(tokenizer, count)
+    return text_tokens(tokenizer, count, start=start)
 
 
 @dataclass
@@ -254,6 +282,9 @@ class NeedleCase:
             the assistant's answer; run on top of the (compressed) prefix.
         key: the needle's key; answer: its 7-digit number; depth: relative position of the
             needle in the haystack (0 = start, 1 = end).
+        text_window: ``(start, stop)`` token range of :func:`evaluation_text` the haystack
+            was taken from (the prose filler; ``None`` for the noise filler), so that a bench
+            can tell it apart from calibration text.
     """
 
     prefix_ids: torch.Tensor
@@ -261,6 +292,7 @@ class NeedleCase:
     key: str
     answer: str
     depth: float
+    text_window: tuple[int, int] | None = None
 
 
 #: Repetitive filler in the spirit of RULER's noise haystack (our own wording).
@@ -317,6 +349,7 @@ def needle_cases(tokenizer: Any, context_tokens: int = 4096, depths: Sequence[fl
         cases.append(NeedleCase(
             prefix_ids=torch.tensor([prefix]), question_ids=torch.tensor([question_ids]),
             key=key, answer=answer, depth=float(depth),
+            text_window=(start, start + len(haystack)) if filler == "prose" else None,
         ))
     return cases
 

@@ -5,7 +5,7 @@ A worker enables it in a few lines::
     from svdq_client.hf import LocalOffload, RemoteOffload, SvdqOffloadCache, enable_offload
 
     enable_offload(model)                                   # checks the model, switches its attention
-    cache = SvdqOffloadCache(model, RemoteOffload(client))  # or LocalOffload(codec=...)
+    cache = SvdqOffloadCache(model, RemoteOffload(client), tokenizer=tokenizer)  # or LocalOffload(codec=...)
     output_ids = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=32,
                                 do_sample=False, stopping_criteria=[StopFinishedRows(cache, eos_ids)])
     cache.close()                                           # frees the server-side sequences
@@ -26,6 +26,9 @@ How it works, per forward pass of the model:
   the two by log-sum-exp in float32. With attention logit softcapping (Gemma 2), which no
   fused kernel does, the local part is an exact blocked softmax of the capped scores (as the
   model's eager attention computes them) and the backend caps the offloaded part's scores alike.
+* Before the backend opens, svdq keys (and SVDq latent values) without shared bases get them:
+  fitted once per model on shipped calibration text, never the prompt
+  (:func:`default_calibrated_bases`; ``calibration_tokens=0`` keeps a basis per sequence).
 * After the last layer's attention, tokens beyond the local window move to the backend: the
   whole prefill prefix at the first forward pass (one upload of every offloaded layer per
   row), then blocks of ``spill_block`` tokens as decode steps fill the window.
@@ -44,8 +47,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -62,6 +67,8 @@ from svdq.errors import InvalidInputError
 from svdq.kv import CacheBudget, compress_kv, measure_key_shares
 from svdq.rope import RopeConfig, layer_ropes
 from svdq.values import CompressedValues, ValueConfig, append_values, compress_values
+
+from .evaluation import DEFAULT_CALIBRATION_TOKENS, MAX_CALIBRATION_TOKENS, calibration_tokens, prefill
 
 LOGGER = logging.getLogger(__name__)
 
@@ -239,6 +246,36 @@ class OffloadBackend(Protocol):
         """Release the stored sequences; idempotent."""
 
 
+class _SharedBasesMixin:
+    """What :class:`SvdqOffloadCache` asks a backend before opening it: which shared bases it
+    lacks (svdq keys, SVDq latent values), and then hands them over."""
+
+    bases: tuple[Basis, ...] | None
+    value_bases: tuple[Basis, ...] | None
+
+    def _key_codec(self) -> CodecConfig:
+        raise NotImplementedError
+
+    def _latent_value_codec(self) -> CodecConfig | None:
+        raise NotImplementedError
+
+    def check(self, shape: ModelShape) -> None:
+        """Refuse settings that do not fit a model of this shape, before anything runs."""
+        raise NotImplementedError
+
+    def missing_bases(self) -> tuple[bool, bool]:
+        """``(keys, values)``: whether svdq keys have no shared bases, and latent values none."""
+        return (self.bases is None and self._key_codec().method == "svdq",
+                self.value_bases is None and self._latent_value_codec() is not None)
+
+    def use_bases(self, key_bases: Sequence[Basis] | None, value_bases: Sequence[Basis] | None) -> None:
+        """Take calibrated bases for what :meth:`missing_bases` named (``None`` leaves a kind as it is)."""
+        if key_bases is not None:
+            self.bases = tuple(key_bases)
+        if value_bases is not None:
+            self.value_bases = tuple(value_bases)
+
+
 def _count_attend_stats(stats: OffloadStats, attend_stats: Sequence[Any]) -> None:
     stats.attend_calls += 1
     stats.attend_entries += len(attend_stats)
@@ -247,7 +284,7 @@ def _count_attend_stats(stats: OffloadStats, attend_stats: Sequence[Any]) -> Non
         stats.dense_fp16_key_bytes_read += int(entry.dense_fp16_key_bytes)
 
 
-class LocalOffload:
+class LocalOffload(_SharedBasesMixin):
     """In-process backend: the svdq library directly (codec, values, attention), no gRPC.
 
     Args:
@@ -257,9 +294,12 @@ class LocalOffload:
         sparsity: key sparsity of the attention over the prefix (``None``: dense).
         backend: ``"torch"`` or ``"triton"`` for :func:`svdq.attention.attend` (default: its own choice).
         bases: shared key bases, one per offloaded layer (:func:`calibrate_bases`; svdq only);
-            ``None``: each layer fits its own basis on the offloaded keys and stores it with them.
+            ``None``: :class:`SvdqOffloadCache` fits them on shipped calibration text (its
+            ``calibration_tokens``); with ``calibration_tokens=0`` each layer fits its own
+            basis on the offloaded keys and stores it with them.
         value_bases: shared value bases, one per offloaded layer (:func:`calibrate_cache_bases`),
-            for SVDq latent values (``values=ValueConfig(codec=...)`` or ``cache_budget``).
+            for SVDq latent values (``values=ValueConfig(codec=...)`` or ``cache_budget``);
+            ``None``: calibrated by the cache like ``bases``.
         cache_budget: one budget for keys and latent values (:func:`svdq.kv.compress_kv`, as a
             profile's ``cache_bits_per_element``); ``codec`` and ``values`` then do not apply.
         cache_key_shares: each layer's split of ``cache_budget`` (:func:`calibrate_key_shares`);
@@ -293,8 +333,12 @@ class LocalOffload:
         self.values: dict[int, list[CompressedValues]] = {}
 
     def open(self, shape: ModelShape) -> None:
-        _check_bases(self.bases, shape, self.cache_budget.key_codec if self.cache_budget else self.codec)
-        value_codec = self.cache_budget.value_codec if self.cache_budget else self.value_config.codec
+        self.check(shape)
+        self.shape = shape
+
+    def check(self, shape: ModelShape) -> None:
+        _check_bases(self.bases, shape, self._key_codec())
+        value_codec = self._latent_value_codec()
         if self.value_bases is not None and value_codec is None:
             raise InvalidInputError("value_bases apply to SVDq latent values (values=ValueConfig(codec=...) or "
                                     "cache_budget)")
@@ -304,7 +348,12 @@ class LocalOffload:
                                                   or len(self.cache_key_shares) != len(shape.offloaded_layers)):
             raise InvalidInputError(f"cache_key_shares need cache_budget and one share per offloaded layer "
                                     f"({len(shape.offloaded_layers)})")
-        self.shape = shape
+
+    def _key_codec(self) -> CodecConfig:
+        return self.cache_budget.key_codec if self.cache_budget else self.codec
+
+    def _latent_value_codec(self) -> CodecConfig | None:
+        return self.cache_budget.value_codec if self.cache_budget else self.value_config.codec
 
     def _layer_basis(self, bases: tuple[Basis, ...] | None, layer: int) -> Basis | None:
         return bases[layer] if bases is not None else None
@@ -367,7 +416,7 @@ class LocalOffload:
         self.keys, self.values = {}, {}
 
 
-class RemoteOffload:
+class RemoteOffload(_SharedBasesMixin):
     """Backend on an svdq server, through :class:`svdq_client.KVCacheClient`.
 
     Args:
@@ -381,9 +430,12 @@ class RemoteOffload:
             ``r`` > 0 uses ``f"{sequence_id}-{r}"`` (:meth:`sequence_id_of`).
         bases: shared key bases, one per offloaded layer (:func:`calibrate_bases`; svdq only),
             sent once with the profile; the stored blobs then carry only their fingerprints.
+            ``None``: :class:`SvdqOffloadCache` fits them on shipped calibration text (its
+            ``calibration_tokens``; 0: a basis per sequence, stored with it).
         value_codec: store values as an SVDq latent with this codec (e.g.
             :data:`svdq.values.DEFAULT_VALUE_CODEC`); ``value_bits`` must then be None.
-        value_bases: shared value bases, one per offloaded layer (:func:`calibrate_cache_bases`).
+        value_bases: shared value bases, one per offloaded layer (:func:`calibrate_cache_bases`);
+            ``None``: calibrated by the cache like ``bases``.
         cache_bits_per_element: one budget in true bits per KV element for keys and latent
             values, split per layer on the server (:func:`svdq.kv.compress_kv`); needs
             ``value_codec``.
@@ -420,6 +472,15 @@ class RemoteOffload:
         self.shape: ModelShape | None = None
         self._stored: dict[int, tuple[int, int, int, int]] = {}
 
+    def _key_codec(self) -> CodecConfig:
+        return self.codec
+
+    def _latent_value_codec(self) -> CodecConfig | None:
+        return self.value_codec
+
+    def check(self, shape: ModelShape) -> None:
+        _check_bases(self.bases, shape, self.codec)
+
     def sequence_id_of(self, row: int) -> str:
         """Server-side sequence id of batch row ``row``."""
         return self.sequence_id if row == 0 else f"{self.sequence_id}-{row}"
@@ -427,7 +488,7 @@ class RemoteOffload:
     def open(self, shape: ModelShape) -> None:
         from svdq_client import Profile
 
-        _check_bases(self.bases, shape, self.codec)
+        self.check(shape)
         self.shape = shape
         if self.profile_name is None:
             value_settings = (self.value_bits, self.value_codec, self.cache_bits_per_element, self.cache_key_shares)
@@ -545,10 +606,58 @@ def calibrate_cache_bases(model: Any, input_ids: torch.Tensor) -> tuple[tuple[Ba
     return key_bases, tuple(fit_layer_basis(calibration.values[layer].cpu()) for layer in shape.offloaded_layers)
 
 
+# model -> {(tokens, sha256 of the calibration ids): (key_bases, value_bases)}; weak, so the bases
+# go with the model.
+_CALIBRATED: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], tuple[tuple[Basis, ...], tuple[Basis, ...]]]] = (
+    weakref.WeakKeyDictionary())
+# One calibration at a time: two caches opened at once on one model would otherwise both run it.
+_CALIBRATION_LOCK = threading.Lock()
+
+
+def default_calibrated_bases(model: Any, tokenizer: Any, tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                             ) -> tuple[tuple[Basis, ...], tuple[Basis, ...]]:
+    """Shared key and value bases of ``model`` (:func:`calibrate_cache_bases`) fitted on the shipped
+    calibration text: the last ``tokens`` tokens of the Python documentation's prose
+    (:func:`svdq_client.evaluation.calibration_tokens`, tokenized with ``tokenizer``), never a
+    served prompt. What :class:`SvdqOffloadCache`, ``svdq-demo`` and the vLLM connector's
+    ``register-profile`` calibrate on by default.
+
+    Computed once per model object and calibration token ids in this process (one prefill of
+    ``tokens`` tokens; README "Short prompts" has its time on SmolLM2); later calls return the
+    same tuples. The model's weights must not change while it is in use.
+
+    Raises:
+        InvalidInputError: ``tokens`` not an integer in ``kv_heads * head_dim`` ..
+            :data:`MAX_CALIBRATION_TOKENS` or above the text's length, or a tokenizer whose ids
+            do not fit the model's vocabulary.
+    """
+    shape = ModelShape.from_config(model.config)
+    channels = shape.kv_heads * shape.head_dim
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not channels <= tokens <= MAX_CALIBRATION_TOKENS:
+        raise InvalidInputError(f"calibration_tokens must be an integer in {channels}..{MAX_CALIBRATION_TOKENS} "
+                                f"(at least kv_heads*head_dim of this model; 0 at the cache for per-sequence "
+                                f"bases), got {tokens!r}")
+    try:
+        input_ids = calibration_tokens(tokenizer, tokens)
+    except ValueError as error:
+        raise InvalidInputError(f"calibration_tokens {tokens}: {error}") from None
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and int(input_ids.max()) >= vocab:
+        raise InvalidInputError(f"the tokenizer gives token id {int(input_ids.max())}, beyond this model's "
+                                f"vocabulary of {vocab}: pass the model's own tokenizer")
+    key = (tokens, hashlib.sha256(input_ids.numpy().tobytes()).hexdigest())
+    with _CALIBRATION_LOCK:
+        per_model = _CALIBRATED.setdefault(model, {})
+        if key not in per_model:
+            started = time.perf_counter()
+            per_model[key] = calibrate_cache_bases(model, input_ids)
+            LOGGER.info("calibrated shared bases of %d layers on %d tokens of shipped text in %.1f s",
+                        len(per_model[key][0]), tokens, time.perf_counter() - started)
+        return per_model[key]
+
+
 def _calibration_prefill(model: Any, input_ids: torch.Tensor) -> Any:
     """The model's plain cache for calibration ``input_ids`` (:func:`svdq_client.evaluation.prefill`)."""
-    from .evaluation import prefill
-
     previous = model.config._attn_implementation
     if previous == ATTENTION_NAME:  # the offload attention needs an SvdqOffloadCache; this is a plain run
         disable_offload(model)
@@ -698,6 +807,14 @@ class SvdqOffloadCache(Cache):
         window: local tokens kept after each forward pass (>= 1).
         spill_block: once the local part exceeds ``window`` by this many tokens, they move to
             the backend in one append (>= 1); a larger block means fewer, larger appends.
+        tokenizer: the model's tokenizer, for the shipped calibration text (below).
+        calibration_tokens: when ``backend`` (:class:`LocalOffload` or :class:`RemoteOffload`)
+            stores svdq keys or SVDq latent values without shared bases, fit them first on this
+            many tokens of shipped text (:func:`default_calibrated_bases`, once per model in the
+            process; ``calibration_seconds`` says how long this cache waited for it). Short
+            sequences keep their answers with shared bases (README, "Short prompts"). ``0``: a
+            basis per sequence, stored with it (the fixed cost of the basis and mean then
+            weighs on short sequences).
 
     Sliding-window layers (:attr:`ModelShape.layer_types`) keep their window locally and never
     reach the backend; a model with only sliding layers offloads nothing.
@@ -709,11 +826,17 @@ class SvdqOffloadCache(Cache):
         backend: OffloadBackend,
         window: int = DEFAULT_WINDOW,
         spill_block: int = DEFAULT_SPILL_BLOCK,
+        *,
+        tokenizer: Any = None,
+        calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise InvalidInputError(f"window must be an integer >= 1, got {window!r}")
         if not isinstance(spill_block, int) or spill_block < 1:
             raise InvalidInputError(f"spill_block must be an integer >= 1, got {spill_block!r}")
+        if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 0:
+            raise InvalidInputError(f"calibration_tokens must be an integer >= 0 (0: per-sequence bases), "
+                                    f"got {calibration_tokens!r}")
         if not isinstance(backend, OffloadBackend):
             raise InvalidInputError(
                 f"backend must implement OffloadBackend (LocalOffload or RemoteOffload), got {type(backend).__name__}"
@@ -736,8 +859,30 @@ class SvdqOffloadCache(Cache):
         ]
         super().__init__(layers=layers)
         self.offload_layers = [layer for layer in layers if isinstance(layer, SvdqOffloadLayer)]
+        self.calibration_seconds = 0.0
         if self.offload_layers:
+            self._calibrate(model, tokenizer, calibration_tokens)
             backend.open(self.shape)
+
+    def _calibrate(self, model: Any, tokenizer: Any, tokens: int) -> None:
+        """Give the backend the default calibrated bases it lacks (see ``calibration_tokens``)."""
+        backend = self.backend
+        if not isinstance(backend, _SharedBasesMixin):
+            return  # another OffloadBackend: its bases are its own business
+        backend.check(self.shape)  # wrong settings fail before a calibration run
+        keys, values = backend.missing_bases()
+        if not tokens or not (keys or values):
+            return
+        if tokenizer is None or not hasattr(model, "config"):
+            raise InvalidInputError(
+                "the svdq offload cache fits shared bases on shipped calibration text by default "
+                f"(calibration_tokens={tokens}) and needs the model itself and its tokenizer for it: pass "
+                "SvdqOffloadCache(model, backend, tokenizer=tokenizer), give the backend bases= (calibrate_bases), "
+                "or calibration_tokens=0 for a basis per sequence")
+        started = time.perf_counter()
+        key_bases, value_bases = default_calibrated_bases(model, tokenizer, tokens)
+        self.calibration_seconds = time.perf_counter() - started
+        backend.use_bases(key_bases if keys else None, value_bases if values else None)
 
     @property
     def stats(self) -> OffloadStats:
@@ -1036,6 +1181,7 @@ __all__ = [
     "calibrate_bases",
     "calibrate_cache_bases",
     "calibrate_key_shares",
+    "default_calibrated_bases",
     "disable_offload",
     "enable_offload",
     "svdq_offload_attention",

@@ -480,17 +480,17 @@ class SvdqConnector(KVConnectorBase_V1):
 
 def calibrated_bases(model_dir: str, tokens: int = 4096) -> tuple[Basis, ...]:
     """Shared key bases of a model (a local transformers folder), fitted by
-    :func:`svdq_client.hf.calibrate_bases` on ``tokens`` tokens of the Python documentation's prose
-    (:func:`svdq_client.evaluation.text_tokens`), not on the traffic it will serve."""
+    :func:`svdq_client.hf.default_calibrated_bases` (what the transformers integration uses by
+    default) on ``tokens`` tokens of the shipped calibration text, the end of the Python
+    documentation's prose, not on the traffic it will serve."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import text_tokens
-    from .hf import calibrate_bases
+    from .hf import default_calibrated_bases
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     model.eval()
-    return calibrate_bases(model, text_tokens(tokenizer, tokens))
+    return default_calibrated_bases(model, tokenizer, tokens)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

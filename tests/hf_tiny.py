@@ -63,3 +63,18 @@ def tiny_model(name: str, **extra):
             if parameter.dim() == 2:
                 parameter.normal_(0.0, 0.1)
     return model.eval()
+
+
+class ByteTokenizer:
+    """Tokenizer of the tiny models for the shipped calibration text: one token per UTF-8 byte,
+    folded into ids 3..VOCAB-1 (0-2 are the special tokens), with transformers' call signature
+    (``tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids``)."""
+
+    def __init__(self, vocab: int = VOCAB) -> None:
+        self.vocab = vocab
+
+    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True):
+        from types import SimpleNamespace
+
+        ids = torch.tensor(list(text.encode()), dtype=torch.int64) % (self.vocab - 3) + 3
+        return SimpleNamespace(input_ids=ids[None] if return_tensors == "pt" else [ids.tolist()])

@@ -133,7 +133,8 @@ def test_remote_svdq_with_sparsity_stores_fewer_bytes_and_reads_fewer(smollm2, s
     with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20,
                       timeout=RPC_TIMEOUT_S) as client:
         backend = RemoteOffload(client, CodecConfig(method="svdq", bits_per_element=1.5), sparsity=sparsity)
-        cache = SvdqOffloadCache(model, backend, window=32, spill_block=16)
+        cache = SvdqOffloadCache(model, backend, window=32, spill_block=16, tokenizer=tokenizer)  # default bases
+        assert backend.bases is not None
         produced = _offloaded_greedy(model, input_ids, cache, new_tokens=4)
         stats = backend.stats
         assert produced.shape[1] > input_ids.shape[1]
@@ -164,7 +165,7 @@ def test_remote_shared_bases_travel_with_the_profile_and_beat_per_sequence_bases
     with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], chunk_bytes=1 << 20,
                        timeout=RPC_TIMEOUT_S) as client:
         for name, backend in (("own", RemoteOffload(client, codec)), ("shared", RemoteOffload(client, codec, bases=bases))):
-            cache = SvdqOffloadCache(model, backend, window=32)
+            cache = SvdqOffloadCache(model, backend, window=32, calibration_tokens=0)  # "own": per-sequence
             enable_offload(model)
             with torch.no_grad():
                 model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -250,7 +251,7 @@ def test_local_offload_stores_the_whole_cache_under_one_budget_with_calibrated_b
         SvdqOffloadCache(model, LocalOffload(cache_budget=budget, cache_key_shares=shares[:1]))
     latent = LocalOffload(values=ValueConfig(codec=replace(DEFAULT_VALUE_CODEC, group_size=8)),
                           value_bases=value_bases)
-    SvdqOffloadCache(model, latent)  # latent values with shared bases, keys at the default codec
+    SvdqOffloadCache(model, latent, calibration_tokens=0)  # latent values with shared bases, keys their own
 
 
 @pytest.mark.integration
@@ -338,6 +339,7 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     upload = next(line for line in captured.err.splitlines() if line.startswith("upload "))
     assert " tokens x 30 layers to 127.0.0.1:" in upload
     assert "server            127.0.0.1:" in report
+    assert "keys              svdq 1.5 bits, shared bases fitted on 2048 calibration tokens; values 16-bit" in report
     stored = next(line for line in report.splitlines() if line.startswith("stored keys"))
     ratio = float(stored.split("= ratio ")[1].split("x")[0])
     bits = float(stored.split(", ")[-1].split(" bits")[0])
@@ -373,10 +375,20 @@ def test_demo_with_shared_bases_reports_them(smollm2, capsys):
     assert total_bits == pytest.approx(16.0 / total_ratio, rel=1e-2) and value_ratio > 2.0
 
 
+def test_demo_calibrates_shared_bases_by_default_for_svdq_only():
+    from svdq_client.demo import parse_args
+
+    assert parse_args([]).shared_basis_tokens == 2048
+    assert parse_args(["--shared-basis-tokens", "0"]).shared_basis_tokens == 0  # a basis per sequence
+    assert parse_args(["--codec", "kivi"]).shared_basis_tokens == 0  # kivi and fp16 have no basis
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--shared-basis-tokens", "64"], "--shared-basis-tokens needs --codec svdq and at least 256 tokens"),
+        (["--shared-basis-tokens", "64"], "--shared-basis-tokens needs --codec svdq and 256..16384 tokens (0: a basis "
+                                          "per sequence), got 64"),
+        (["--shared-basis-tokens", "20000"], "--shared-basis-tokens needs --codec svdq and 256..16384 tokens"),
         (["--shared-basis-tokens", "512", "--codec", "fp16"], "--shared-basis-tokens needs --codec svdq"),
         (["--depth", "1.5"], "--depth must be in 0..1"),
         (["--context-tokens", "100"], "--context-tokens must be >= 256"),

@@ -175,3 +175,22 @@ def test_needle_cases_hide_the_number_at_the_requested_depth(smollm2):
     wrong = str(int(cases[0].answer) % 9_000_000 + 1_000_001)
     assert not harness.needle_found(f" {wrong}.", cases[0])
     assert not harness.needle_found(" I do not know.", cases[0])
+
+
+def test_shared_bases_fitted_on_evaluated_text_stop_the_run(smollm2):
+    """The default calibration window is the end of the text: a prefix reaching into it is
+    refused before anything is prefilled; a prose haystack from the same tokens is refused too."""
+    _, tokenizer = smollm2
+    stop = harness.calibration_window(tokenizer, 2048)[1]
+    with pytest.raises(SystemExit, match=r"the scored prefix and continuation \(text tokens 0-\d+\) overlaps the "
+                                         r"shared bases' calibration text \(text tokens \d+-\d+ \(the integration's"):
+        quality.main(["--calibration", "default", "--prefix-tokens", str(stop - 1024), "--continuation-tokens", "512",
+                      "--threads", "1"])
+    case = harness.needle_cases(tokenizer, 512, depths=[0.0], count=1, filler="prose")[0]
+    start, end = case.text_window
+    # The haystack is that window of the text (the needle at depth 0 leaves its end as it was).
+    assert torch.equal(case.prefix_ids[0, -32:], harness.text_tokens(tokenizer, 32, start=end - 32)[0])
+    bases = quality.Bases((), (), f"text tokens {start + 10}-{start + 20}", (start + 10, start + 20))
+    with pytest.raises(SystemExit, match="overlaps the shared bases' calibration text"):
+        bases.refuse_overlap(start, end, "the haystack")
+    bases.refuse_overlap(0, start + 10, "text before the window")  # touching is not overlapping

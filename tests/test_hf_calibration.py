@@ -1,0 +1,170 @@
+"""Shared bases by default in the transformers integration: SvdqOffloadCache fits key (and
+latent value) bases on the shipped calibration text once per model, unless told not to.
+
+Small random models (tests/hf_tiny.py) and a byte tokenizer: the calibration is a prefill of
+a few dozen tokens, so these run in seconds. SmolLM2 through the demo is in tests/test_hf.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_tiny import VOCAB, ByteTokenizer, tiny_config, tiny_model
+from svdq_client import KVCacheClient, evaluation, hf
+from svdq_client.hf import (
+    LocalOffload,
+    RemoteOffload,
+    SvdqOffloadCache,
+    calibrate_cache_bases,
+    default_calibrated_bases,
+)
+
+from svdq import from_bytes, to_bytes
+from svdq.codec import CodecConfig
+from svdq.errors import FormatError, InvalidInputError
+from svdq.kv import CacheBudget
+from svdq.values import values_from_bytes, values_to_bytes
+
+# >= kv_heads * head_dim = 32 of the tiny llama; small enough to keep the calibration prefill cheap
+TOKENS = 64
+
+
+@pytest.fixture
+def calibration_runs(monkeypatch):
+    """How many calibration prefills ran (each a call of hf.calibrate_cache_bases)."""
+    runs = []
+
+    def counted(model, input_ids):
+        runs.append(input_ids.shape[1])
+        return calibrate_cache_bases(model, input_ids)
+
+    monkeypatch.setattr(hf, "calibrate_cache_bases", counted)
+    return runs
+
+
+def _offload(model, backend, tokens=80, **options):
+    """Run ``tokens`` through a cache of window 4: 4 sinks, a group of 64 and a tail are offloaded."""
+    cache = SvdqOffloadCache(model, backend, window=4, **options)
+    ids = torch.randint(3, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(1))
+    hf.enable_offload(model)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, cache=cache, use_cache=True)
+    finally:
+        hf.disable_offload(model)
+    return cache
+
+
+def test_default_cache_fits_shared_bases_on_the_shipped_text_once_per_model(calibration_runs):
+    model, tokenizer = tiny_model("llama"), ByteTokenizer()
+    backend = LocalOffload()  # the default codec: svdq 1.5 bits, no bases given
+    cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS)
+    assert calibration_runs == [TOKENS] and cache.calibration_seconds > 0
+    # Fitted on the end of the shipped prose, never on what was offloaded.
+    expected = calibrate_cache_bases(model, evaluation.calibration_tokens(tokenizer, TOKENS))[0]
+    assert [b.fingerprint for b in backend.bases] == [b.fingerprint for b in expected]
+    for layer, keys in enumerate(backend.keys[0]):
+        assert keys.shared_basis == expected[layer].fingerprint
+        # The blob references the basis by fingerprint: it cannot be read without it.
+        blob = to_bytes(keys)
+        with pytest.raises(FormatError, match="basis"):
+            from_bytes(blob)
+        assert from_bytes(blob, basis=backend.bases[layer]).shared_basis == keys.shared_basis
+    # A second cache on the same model reuses the bases: no second calibration run.
+    again = LocalOffload()
+    _offload(model, again, tokenizer=tokenizer, calibration_tokens=TOKENS)
+    assert calibration_runs == [TOKENS] and again.bases is backend.bases
+    assert [keys.shared_basis for keys in again.keys[0]] == [keys.shared_basis for keys in backend.keys[0]]
+    # Another token count is another calibration; another model object too.
+    _offload(model, LocalOffload(), tokenizer=tokenizer, calibration_tokens=TOKENS + 16)
+    _offload(tiny_model("llama"), LocalOffload(), tokenizer=tokenizer, calibration_tokens=TOKENS)
+    assert calibration_runs == [TOKENS, TOKENS + 16, TOKENS]
+
+
+def test_calibration_tokens_0_keeps_a_basis_per_sequence(calibration_runs):
+    model = tiny_model("llama")
+    backend = LocalOffload()
+    _offload(model, backend, tokenizer=ByteTokenizer(), calibration_tokens=0)
+    assert calibration_runs == [] and backend.bases is None
+    for keys in backend.keys[0]:
+        assert keys.shared_basis is None and keys.basis.numel() > 0
+        from_bytes(to_bytes(keys))  # self-contained
+
+
+def test_given_bases_and_codecs_without_bases_need_no_calibration(calibration_runs):
+    model = tiny_model("llama")
+    bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)[0]
+    assert calibration_runs == [TOKENS]
+    calibration_runs.clear()
+    for backend in (LocalOffload(bases=bases), LocalOffload(CodecConfig(method="fp16")),
+                    LocalOffload(CodecConfig(method="kivi", bits=2))):
+        _offload(model, backend)  # no tokenizer needed
+    assert calibration_runs == []
+
+
+def test_whole_cache_default_calibrates_the_value_bases_too(calibration_runs):
+    model = tiny_model("llama")
+    backend = LocalOffload(cache_budget=CacheBudget(3.0, key_codec=CodecConfig(group_size=8)))
+    _offload(model, backend, tokens=56, tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
+    key_bases, value_bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)
+    assert calibration_runs == [TOKENS]  # keys and values from one prefill
+    assert backend.bases == key_bases and backend.value_bases == value_bases
+    for layer, values in enumerate(backend.values[0]):
+        assert values.method == "svdq" and values.latent.shared_basis == value_bases[layer].fingerprint
+        with pytest.raises(FormatError, match="basis"):
+            values_from_bytes(values_to_bytes(values))
+
+
+@pytest.mark.integration
+def test_remote_default_sends_the_calibrated_bases_in_the_profile(shared_server):
+    from conftest import TENANT_TOKENS
+
+    model, tokenizer = tiny_model("llama"), ByteTokenizer()
+    with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], timeout=120.0) as client:
+        backend = RemoteOffload(client)
+        cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS)
+        try:
+            profile = client.get_profile(backend.profile_name)
+            expected = default_calibrated_bases(model, tokenizer, TOKENS)[0]
+            assert [b.fingerprint for b in profile.bases] == [b.fingerprint for b in expected]
+            assert client.describe(backend.sequence_id).num_tokens == cache.offloaded_tokens > 0
+        finally:
+            cache.close()
+
+
+class _ShortTokenizer(ByteTokenizer):
+    """Gives only the first 100 tokens of any text."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        return super().__call__(text[:100], return_tensors, add_special_tokens)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(calibration_tokens=-1), r"calibration_tokens must be an integer >= 0 \(0: per-sequence bases\), got -1"),
+    (dict(calibration_tokens=1.5), "calibration_tokens must be an integer >= 0"),
+    (dict(calibration_tokens=True), "calibration_tokens must be an integer >= 0"),
+    (dict(calibration_tokens=16, tokenizer=ByteTokenizer()), r"must be an integer in 32\.\.16384 .*got 16"),
+    (dict(calibration_tokens=20000, tokenizer=ByteTokenizer()), r"must be an integer in 32\.\.16384 .*got 20000"),
+    (dict(), r"needs the model itself and its tokenizer for it: pass SvdqOffloadCache\(model, backend, "
+             r"tokenizer=tokenizer\).*calibration_tokens=0"),
+    (dict(tokenizer=ByteTokenizer(vocab=200), calibration_tokens=TOKENS), "beyond this model's vocabulary of 97"),
+    (dict(tokenizer=_ShortTokenizer(), calibration_tokens=TOKENS * 2), r"calibration needs 1\.\.100 tokens of the evaluation text, got 128"),
+])
+def test_bad_calibration_options_are_refused_before_anything_is_stored(options, message, calibration_runs):
+    model = tiny_model("llama")
+    backend = LocalOffload()
+    with pytest.raises(InvalidInputError, match=message):
+        SvdqOffloadCache(model, backend, **options)
+    assert backend.bases is None and backend.shape is None and calibration_runs == []
+
+
+def test_a_config_cannot_be_calibrated_and_settings_errors_come_before_calibration(calibration_runs):
+    with pytest.raises(InvalidInputError, match="needs the model itself and its tokenizer"):
+        SvdqOffloadCache(tiny_config("llama"), LocalOffload(), tokenizer=ByteTokenizer())
+    SvdqOffloadCache(tiny_config("llama"), LocalOffload(), calibration_tokens=0)  # per-sequence: a config suffices
+    model = tiny_model("llama")
+    bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)[1]
+    calibration_runs.clear()
+    with pytest.raises(InvalidInputError, match="value_bases apply to SVDq latent values"):
+        SvdqOffloadCache(model, LocalOffload(value_bases=bases), tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
+    assert calibration_runs == []

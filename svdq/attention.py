@@ -46,7 +46,7 @@ from .codec import CompressedKeys
 from .derived import DERIVED
 from .errors import InvalidInputError
 from .quant import unpack_codes
-from .rope import apply_rope, rope_cos_sin, rotate_with_tables
+from .rope import apply_rope, rope_cos_sin
 from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
@@ -287,8 +287,8 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
 
     The low-rank keys of all KV heads are built in one ``[tokens, m + 1] @ [m + 1, C]`` matmul,
     rotated to their positions with the block's cos/sin (for pre-RoPE keys: with ``x1, x2``
-    the two channels of RoPE pair ``p``, ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``), and
-    dotted with every query head. That is ``tokens * (C * (m + 1) + n * Hq * D)`` multiply-adds:
+    the two channels of RoPE pair ``p``, ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``, built in
+    pair order and rotated in place, :func:`_rotate_pairs`), and dotted with every query head. That is ``tokens * (C * (m + 1) + n * Hq * D)`` multiply-adds:
     the low-rank keys do not depend on the queries, so a chunk of ``n`` queries (a scored
     continuation, a prompt over an offloaded prefix) builds them once. The reads are the same
     as for any evaluation of the score: ``m`` channels' codes per token, basis columns, mean.
@@ -306,10 +306,15 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     # [C, m + 1]: the score channels' basis columns, then the mean (the latent's column of ones).
     columns = _score_columns(keys, channels)
     zero = torch.zeros(keys.channels, device=latent.device)
+    queries = queries.float()
+    angles = None
+    if rotates(keys):
+        angles = _rotation_table(keys)
+        columns = _in_pair_order(keys, columns).contiguous()
+        queries = queries[..., _pair_order(keys)]
     # [Hkv, D, n * g]: each KV head's query rows, for one matmul per head and block.
-    grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim).permute(1, 3, 0, 2)
+    grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).permute(1, 3, 0, 2)
     grouped = grouped.reshape(kv_heads, head_dim, -1)
-    angles = body_angles(keys) if rotates(keys) else None
     scores = torch.empty(tokens, count, q_heads, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
@@ -318,7 +323,7 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
         stop = min(tokens, start + block)
         low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
         if angles is not None:
-            low_rank = rotate_with_tables(low_rank, *block_cos_sin(keys, angles, start, stop), keys.rope)
+            _rotate_pairs(low_rank, _block_rotation(keys, angles, start, stop))
         dots = torch.bmm(low_rank.transpose(0, 1), grouped)  # [Hkv, tokens, n * g]
         scores[start:stop] = dots.view(kv_heads, stop - start, count, -1).permute(1, 2, 0, 3).reshape(
             stop - start, count, q_heads)
@@ -449,23 +454,35 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     return rows, index
 
 
-def _exact_lookup(keys: CompressedKeys, body_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bool mask, int64 row) of the same shape as ``body_index``: whether each body token is
-    one of the keys' exact tokens, and which row of ``exact_rows`` holds it."""
-    exact = keys.exact_index - body_range(keys)[0]
-    row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
-    return exact[row] == body_index, row
+def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor | range,
+                    order: torch.Tensor | None = None) -> None:
+    """Put the keys' exact tokens back in place of their reconstruction, in place.
 
+    The one place where exact rows replace reconstructed ones, for every torch path.
 
-def _with_exact_rows(keys: CompressedKeys, flat: torch.Tensor, body_index: torch.Tensor | None) -> torch.Tensor:
-    """Pre-RoPE body rows float32 [n, C] with the keys' exact tokens put back."""
+    Args:
+        rows: float32 pre-RoPE reconstructed keys [..., Hkv, n, D] (a view is written through).
+        body_index: the body tokens of ``rows``: a ``range`` or int64 [n] (the same tokens for
+            every head), or int64 [..., Hkv, n] (each head its own).
+        order: the head channels' order of ``rows`` (:func:`_pair_order`), None as stored.
+    """
     if not keys.num_exact:
-        return flat
-    if body_index is None:
-        flat[keys.exact_index - body_range(keys)[0]] = keys.exact_rows.float()
-        return flat
-    exact, row = _exact_lookup(keys, body_index)
-    return torch.where(exact[:, None], keys.exact_rows.float()[row], flat)
+        return
+    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
+    by_head = keys.exact_rows.float().view(-1, keys.kv_heads, keys.head_dim).transpose(0, 1)  # [Hkv, k, D]
+    if order is not None:
+        by_head = by_head[..., order]
+    if isinstance(body_index, range):
+        inside = (exact >= body_index.start) & (exact < body_index.stop)
+        rows[..., exact[inside] - body_index.start, :] = by_head[:, inside]
+        return
+    row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
+    is_exact = exact[row] == body_index
+    if body_index.dim() == 1:
+        rows[..., is_exact, :] = by_head[:, row[is_exact]]
+        return
+    heads = torch.arange(keys.kv_heads, device=rows.device)[:, None].expand(body_index.shape)
+    rows[is_exact] = by_head[heads[is_exact], row[is_exact]]
 
 
 def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.Tensor:
@@ -473,9 +490,9 @@ def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.T
     (every body token when None), all KV heads of each token at once."""
     start, n_body = body_range(keys)
     positions = keys.token_positions()[start:start + n_body]
-    flat = _with_exact_rows(keys, _dequantized(keys, body_index) @ keys.basis.float().T + keys.mean.float(),
-                            body_index)
+    flat = _dequantized(keys, body_index) @ keys.basis.float().T + keys.mean.float()
     rows = flat.reshape(flat.shape[0], keys.kv_heads, keys.head_dim)
+    _put_exact_rows(keys, rows.transpose(0, 1), range(n_body) if body_index is None else body_index)
     if rotates(keys):
         rows = apply_rope(rows, positions if body_index is None else positions[body_index], keys.rope)
     return rows
@@ -524,37 +541,125 @@ def body_angles(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor
     """``(cos_table, sin_table, positions)`` for rotating the body tokens of ``keys``.
 
     The cos/sin of a position depend only on the RoPE and head_dim, so one table over
-    positions ``0..n`` (float32 [n, P] each, :func:`svdq.rope.rope_cos_sin` of ``arange(n)``,
-    so the values are identical) serves every sequence and layer, under the attention-cache
-    budget, instead of recomputing ``2 * P`` sines and cosines per token per call (about 5%
-    of a dense call). Callers index the tables with blocks of ``positions`` (the body's,
-    int64 [n_body]). Positions outside ``0..MAX_TABLE_POSITIONS`` give ``None`` tables: then
-    the caller computes the angles itself.
+    positions ``0..n`` (:func:`svdq.rope.rope_cos_sin` of ``arange(n)``, so the values are
+    identical) serves every sequence and layer, under the attention-cache budget, instead of
+    recomputing ``2 * P`` sines and cosines per token per call (about 5% of a dense call). It
+    is kept as one complex64 table ``cos + i sin`` [n, P] (the rotation of a pair is one complex
+    product, :func:`_rotate_pairs`); ``cos_table`` and ``sin_table`` are its real and imaginary
+    views. Callers index them with blocks of ``positions`` (the body's, int64 [n_body]).
+    Positions outside ``0..MAX_TABLE_POSITIONS`` give ``None`` tables: then the caller
+    computes the angles itself.
     """
+    table, positions, _ = _rotation_table(keys)
+    if table is None:
+        return None, None, positions
+    return table.real, table.imag, positions
+
+
+def _rotation_table(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor, int | None]:
+    """``(table complex64 [n, P] or None, body positions int64 [n_body], first)``: ``first`` is
+    the body's first position when its positions are consecutive (blocks then slice the
+    table instead of gathering from it), else None."""
     start, n_body = body_range(keys)
     positions = keys.token_positions()[start:start + n_body]
     if keys.positions is None:
         low, high = keys.position_offset + start, keys.position_offset + start + n_body - 1
+        first = low
     else:
+        first = keys._cache.get("consecutive_body_from", ())
+        if first == ():
+            # Cached: checking on a CUDA tensor would synchronise the device on every call.
+            steps = positions[1:] - positions[:-1]
+            first = int(positions[0]) if n_body and bool((steps == 1).all()) else None
+            keys._cache["consecutive_body_from"] = first
         low, high = (int(positions.min()), int(positions.max())) if n_body else (0, 0)
     if low < 0 or high >= MAX_TABLE_POSITIONS:
-        return None, None, positions
+        return None, positions, None
     owner = _ANGLE_TABLES.setdefault((keys.rope, keys.head_dim, positions.device), _AngleTable())
-    table = DERIVED.get(owner, "cos_sin")
-    if table is None or table[0].shape[0] <= high:
+    table = DERIVED.get(owner, "rotation")
+    if table is None or table.shape[0] <= high:
         size = min(MAX_TABLE_POSITIONS, max(1024, 1 << high.bit_length()))
-        table = DERIVED.put(owner, "cos_sin", rope_cos_sin(keys.rope, torch.arange(size, device=positions.device),
-                                                           keys.head_dim))
-    return table[0], table[1], positions
+        cos, sin = rope_cos_sin(keys.rope, torch.arange(size, device=positions.device), keys.head_dim)
+        table = DERIVED.put(owner, "rotation", torch.complex(cos, sin))
+    return table, positions, first
 
 
-def block_cos_sin(keys: CompressedKeys, angles: tuple, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [stop - first, P] of body tokens ``first..stop`` from :func:`body_angles`."""
-    cos_table, sin_table, positions = angles
-    block = positions[first:stop]
-    if cos_table is None:
-        return rope_cos_sin(keys.rope, block, keys.head_dim)
-    return cos_table[block], sin_table[block]
+def _block_rotation(keys: CompressedKeys, angles: tuple, first: int, stop: int) -> torch.Tensor:
+    """complex64 [stop - first, P]: ``cos + i sin`` of body tokens ``first..stop`` from
+    :func:`_rotation_table`."""
+    table, positions, consecutive_from = angles
+    if table is None:
+        cos, sin = rope_cos_sin(keys.rope, positions[first:stop], keys.head_dim)
+        return torch.complex(cos, sin)
+    if consecutive_from is not None:
+        return table[consecutive_from + first:consecutive_from + stop]
+    return table[positions[first:stop]]
+
+
+def _pair_order(keys: CompressedKeys) -> torch.Tensor:
+    """int64 [D]: a head's channels reordered so that the two channels of each RoPE pair are
+    neighbours (``x1, x2``), the channels RoPE leaves alone after them. In that order a block
+    of keys rotates as one in-place complex product (:func:`_rotate_pairs`), about 3x faster
+    than the four strided multiply-adds of the stored order; dot products do not change when
+    keys and queries are reordered alike."""
+    cached = keys._cache.get("pair_order")
+    if cached is None:
+        head_dim = keys.head_dim
+        rotary = keys.rope.dims(head_dim)
+        half = torch.arange(rotary // 2)
+        if keys.rope.style == "half":
+            pairs = torch.stack([half, half + rotary // 2], dim=1).reshape(-1)
+        else:
+            pairs = torch.arange(rotary)
+        cached = torch.cat([pairs, torch.arange(rotary, head_dim)]).to(keys.codes.device)
+        keys._cache["pair_order"] = cached
+    return cached
+
+
+def _rotate_pairs(rows: torch.Tensor, rotation: torch.Tensor) -> None:
+    """Rotate keys in pair order (:func:`_pair_order`), float32 [n, Hkv, D], in place by
+    ``rotation`` complex64 [n, P]: ``(x1 + i x2)(cos + i sin)`` is RoPE's ``x1 cos - x2 sin,
+    x2 cos + x1 sin``."""
+    pairs = rotation.shape[-1]
+    torch.view_as_complex(rows[..., :2 * pairs].unflatten(-1, (pairs, 2))).mul_(rotation[:, None, :])
+
+
+def _in_pair_order(keys: CompressedKeys, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` [C, k] (one row per key channel, KV heads outer) with each head's channels in
+    pair order."""
+    return rows.view(keys.kv_heads, keys.head_dim, -1)[:, _pair_order(keys)].reshape(keys.channels, -1)
+
+
+def _dense_basis(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 basis [C, r] and mean [C] of the dense reconstruction, in pair order for keys
+    that rotate. Kept under the attention-cache budget (``4 (r + 1) C`` bytes, about the
+    unpacked codes of a 4k-token layer): reordering and converting on every call cost 1-2%
+    of a 4k-token call."""
+    cached = DERIVED.get(keys, "dense_basis")
+    if cached is None:
+        basis, mean = keys.basis.float(), keys.mean.float()
+        if rotates(keys):
+            basis, mean = _in_pair_order(keys, basis).contiguous(), _in_pair_order(keys, mean[:, None])[:, 0].contiguous()
+        cached = DERIVED.put(keys, "dense_basis", (basis, mean))
+    return cached
+
+
+def _dequantize_range(keys: CompressedKeys, scales: torch.Tensor, mins: torch.Tensor, first: int, stop: int,
+                      buffer: torch.Tensor) -> torch.Tensor:
+    """float32 latent [stop - first, r] of body tokens ``first..stop`` (``code * scale + min``),
+    written into ``buffer`` (float32, at least the range's whole groups plus one group of rows).
+
+    Whole token groups are dequantized with the group's scale and minimum broadcast (no
+    gathers); the range's own rows are returned as a view.
+    """
+    codes = latent_codes(keys)
+    kept, group = codes.shape[1], keys.group_size
+    low, high = first // group, -(-stop // group)
+    # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
+    by_group = buffer[:(high - low) * group].view(high - low, group, kept)
+    torch.addcmul(mins[low:high, None], codes[low * group:high * group].view(high - low, group, kept),
+                  scales[low:high, None], out=by_group)
+    return buffer[first - low * group:stop - low * group]
 
 
 def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor:
@@ -564,7 +669,8 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
     ``latent @ basis.T + mean``, RoPE at the token's position), computed in blocks of whole
     token groups whose reconstructed keys stay in cache while they are rotated and dotted,
     instead of building all ``n_body * C`` float32 keys (128 MiB at 32k tokens of an 8 x 128
-    layer) and passing over them several times.
+    layer) and passing over them several times. Keys that rotate are reconstructed in pair
+    order (:func:`_pair_order`, the queries reordered alike) and rotated in place.
 
     Args:
         grouped: float32 [Hkv, R, D] post-RoPE queries, the R rows of each KV head.
@@ -574,36 +680,27 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
     """
     kv_heads, rows, head_dim = grouped.shape
     start, n_body = body_range(keys)
-    codes = latent_codes(keys)
-    kept = codes.shape[1]
-    # Converted per call (r * C elements, well under 1% of the call) rather than cached: kept,
-    # the float32 basis would weigh as much as the unpacked codes of a 4k-token layer.
-    basis = keys.basis.float()
-    mean = keys.mean.float()
+    kept = code_widths(keys)[0]
+    basis, mean = _dense_basis(keys)
     scales, mins = keys.scales.float(), keys.mins.float()
-    angles = body_angles(keys) if rotates(keys) else None
-    # Exact tokens (body indices, ascending) replace their reconstruction in the block they fall in.
-    exact = keys.exact_index - start if keys.num_exact else None
-    exact_rows = keys.exact_rows.float() if keys.num_exact else None
+    order = None
+    angles = None
+    if rotates(keys):
+        order = _pair_order(keys)
+        angles = _rotation_table(keys)
+        grouped = grouped[..., order]
     group = keys.group_size
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * group)) * group
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
     latent = torch.empty(block, kept, device=grouped.device)
     for first in range(0, n_body, block):
         stop = min(n_body, first + block)
-        count, groups = stop - first, slice(first // group, stop // group)
-        latent_block = latent[:count]
-        # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
-        by_group = latent_block.view(count // group, group, kept)
-        torch.mul(codes[first:stop].view(count // group, group, kept), scales[groups, None], out=by_group)
-        by_group.add_(mins[groups, None])
-        flat_block = reconstruct(latent_block, basis, mean)
-        if exact is not None:
-            inside = (exact >= first) & (exact < stop)
-            flat_block[exact[inside] - first] = exact_rows[inside]
-        rows_block = flat_block.view(count, kv_heads, head_dim)
+        count = stop - first
+        rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent), basis, mean)
+        rows_block = rows_block.view(count, kv_heads, head_dim)
+        _put_exact_rows(keys, rows_block.transpose(0, 1), range(first, stop), order)
         if angles is not None:
-            rows_block = rotate_with_tables(rows_block, *block_cos_sin(keys, angles, first, stop), keys.rope)
+            _rotate_pairs(rows_block, _block_rotation(keys, angles, first, stop))
         torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
     return dots
 
@@ -628,11 +725,7 @@ def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     latent = _dequantized(keys, index)  # [..., Hkv, n, r]
     basis = keys.basis.float().reshape(kv_heads, head_dim, -1)
     rows = torch.einsum("...hnr,hdr->...hnd", latent, basis) + keys.mean.float().reshape(kv_heads, 1, head_dim)
-    if keys.num_exact:
-        exact, row = _exact_lookup(keys, index)
-        by_head = keys.exact_rows.float().reshape(-1, kv_heads, head_dim).transpose(0, 1)  # [Hkv, k, D]
-        heads = torch.arange(kv_heads, device=index.device)[:, None]
-        rows = torch.where(exact[..., None], by_head[heads, row], rows)
+    _put_exact_rows(keys, rows, index)
     if rotates(keys):
         flat = rows.reshape(-1, 1, head_dim)
         rows = apply_rope(flat, positions[index].reshape(-1), keys.rope).reshape(rows.shape)
@@ -761,18 +854,20 @@ def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: 
 
 def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
     """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
-    body, float32 [..., r]: in blocks dequantized into a reused buffer (the whole latent in
-    float32 would take ``4 r`` bytes per token on every call)."""
-    codes = latent_codes(latent)
-    kept = codes.shape[1]
+    body, float32 [..., r]: in blocks of whole token groups dequantized into a reused buffer
+    (:func:`_dequantize_range`; the whole latent in float32 would take ``4 r`` bytes per token
+    on every call, and gathering each token's scale and minimum cost 5x the sum itself)."""
+    kept = code_widths(latent)[0]
     flat = weights.reshape(-1, weights.shape[-1])
     summed = weights.new_zeros(flat.shape[0], kept)
-    count = flat.shape[1]
-    block = _value_block(kept)
+    count, group = flat.shape[1], latent.group_size
+    block = -(-_value_block(kept) // group) * group
+    scales, mins = latent.scales.float(), latent.mins.float()
+    buffer = torch.empty(block + group, kept, device=weights.device)
     for first in range(0, count, block):
         stop = min(count, first + block)
-        index = torch.arange(first_body + first, first_body + stop, device=weights.device)
-        summed.addmm_(flat[:, first:stop], _dequantized(latent, index))
+        rows = _dequantize_range(latent, scales, mins, first_body + first, first_body + stop, buffer)
+        summed.addmm_(flat[:, first:stop], rows)
     return summed.reshape(*weights.shape[:-1], kept)
 
 

@@ -230,16 +230,22 @@ def latent_codes(keys: CompressedKeys) -> torch.Tensor:
 
 def _dequantized(keys: CompressedKeys, body_index: torch.Tensor | None, channels: torch.Tensor | None = None) -> torch.Tensor:
     """float32 latent [..., r'] of body tokens ``body_index`` [...] (all when None), for the
-    kept channels ``channels`` (all when None)."""
+    kept channels ``channels`` (all when None).
+
+    Rows are taken with ``index_select`` from float32 scales and minimums: gathering the
+    float16 ones elementwise and converting the gathered copies was 8x slower.
+    """
     codes = latent_codes(keys)
-    scales, mins = keys.scales, keys.mins
+    scales, mins = keys.scales.float(), keys.mins.float()
     if channels is not None:
         codes, scales, mins = codes[:, channels], scales[:, channels], mins[:, channels]
     if body_index is None:
-        group = torch.arange(codes.shape[0], device=codes.device) // keys.group_size
-        return codes.float() * scales.float()[group] + mins.float()[group]
-    group = body_index // keys.group_size
-    return codes[body_index].float() * scales[group].float() + mins[group].float()
+        body_index = torch.arange(codes.shape[0], device=codes.device)
+    flat = body_index.reshape(-1)
+    group = flat // keys.group_size
+    latent = codes.index_select(0, flat).float().mul_(scales.index_select(0, group)).add_(mins.index_select(0, group))
+    # Explicit width: with every channel dropped (r = 0) a -1 would be ambiguous.
+    return latent.view(*body_index.shape, codes.shape[1])
 
 
 def _score_channels(keys: CompressedKeys, count: int) -> torch.Tensor:
@@ -312,10 +318,10 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
         angles = _rotation_table(keys)
         columns = _in_pair_order(keys, columns).contiguous()
         queries = queries[..., _pair_order(keys)]
-    # [Hkv, D, n * g]: each KV head's query rows, for one matmul per head and block.
-    grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).permute(1, 3, 0, 2)
-    grouped = grouped.reshape(kv_heads, head_dim, -1)
-    scores = torch.empty(tokens, count, q_heads, device=latent.device)
+    # [Hkv, n * g, D]: each KV head's query rows, for one matmul per head and block.
+    grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
+        kv_heads, -1, head_dim)
+    dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
     block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
@@ -323,10 +329,12 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
         stop = min(tokens, start + block)
         low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
         if angles is not None:
-            _rotate_pairs(low_rank, _block_rotation(keys, angles, start, stop))
-        dots = torch.bmm(low_rank.transpose(0, 1), grouped)  # [Hkv, tokens, n * g]
-        scores[start:stop] = dots.view(kv_heads, stop - start, count, -1).permute(1, 2, 0, 3).reshape(
-            stop - start, count, q_heads)
+            _rotate_pairs(low_rank, _block_rotation(keys, angles, start, stop)[:, None, :])
+        # Queries as the left operand, tokens as the columns: with the few query rows on the
+        # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
+        torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
+    scores = dots.view(kv_heads, count, q_heads // kv_heads, tokens).permute(3, 1, 0, 2)
+    return scores.reshape(tokens, count, q_heads)
     return scores
 
 
@@ -485,19 +493,6 @@ def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.
     rows[is_exact] = by_head[heads[is_exact], row[is_exact]]
 
 
-def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.Tensor:
-    """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``body_index`` [n]
-    (every body token when None), all KV heads of each token at once."""
-    start, n_body = body_range(keys)
-    positions = keys.token_positions()[start:start + n_body]
-    flat = _dequantized(keys, body_index) @ keys.basis.float().T + keys.mean.float()
-    rows = flat.reshape(flat.shape[0], keys.kv_heads, keys.head_dim)
-    _put_exact_rows(keys, rows.transpose(0, 1), range(n_body) if body_index is None else body_index)
-    if rotates(keys):
-        rows = apply_rope(rows, positions if body_index is None else positions[body_index], keys.rope)
-    return rows
-
-
 def _onednn_linear():
     """oneDNN's float32 ``input @ weight.T + bias`` on dense CPU tensors, or None.
 
@@ -617,11 +612,11 @@ def _pair_order(keys: CompressedKeys) -> torch.Tensor:
 
 
 def _rotate_pairs(rows: torch.Tensor, rotation: torch.Tensor) -> None:
-    """Rotate keys in pair order (:func:`_pair_order`), float32 [n, Hkv, D], in place by
-    ``rotation`` complex64 [n, P]: ``(x1 + i x2)(cos + i sin)`` is RoPE's ``x1 cos - x2 sin,
-    x2 cos + x1 sin``."""
+    """Rotate keys in pair order (:func:`_pair_order`), float32 [..., D], in place by
+    ``rotation`` complex64 [..., P] (broadcast to the rows): ``(x1 + i x2)(cos + i sin)`` is
+    RoPE's ``x1 cos - x2 sin, x2 cos + x1 sin``."""
     pairs = rotation.shape[-1]
-    torch.view_as_complex(rows[..., :2 * pairs].unflatten(-1, (pairs, 2))).mul_(rotation[:, None, :])
+    torch.view_as_complex(rows[..., :2 * pairs].unflatten(-1, (pairs, 2))).mul_(rotation)
 
 
 def _in_pair_order(keys: CompressedKeys, rows: torch.Tensor) -> torch.Tensor:
@@ -640,6 +635,9 @@ def _dense_basis(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor]:
         basis, mean = keys.basis.float(), keys.mean.float()
         if rotates(keys):
             basis, mean = _in_pair_order(keys, basis).contiguous(), _in_pair_order(keys, mean[:, None])[:, 0].contiguous()
+        if keys.method != "svdq":
+            # The baselines' identity basis [C, C] would weigh more than their keys: not kept.
+            return basis, mean
         cached = DERIVED.put(keys, "dense_basis", (basis, mean))
     return cached
 
@@ -700,18 +698,28 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
         rows_block = rows_block.view(count, kv_heads, head_dim)
         _put_exact_rows(keys, rows_block.transpose(0, 1), range(first, stop), order)
         if angles is not None:
-            _rotate_pairs(rows_block, _block_rotation(keys, angles, first, stop))
+            _rotate_pairs(rows_block, _block_rotation(keys, angles, first, stop)[:, None, :])
         torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
     return dots
 
 
 def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
-    (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None)."""
-    if selection.token_index is None:
-        return _body_rows(keys, None).transpose(0, 1)
-    index = selection.token_index
+    (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None),
+    head channels as stored."""
+    rows = _selected_keys(keys, selection.token_index)
+    if rotates(keys):
+        rows = rows[..., torch.argsort(_pair_order(keys))]
+    return rows
+
+
+def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Tensor:
+    """:func:`body_keys` with each head's channels in pair order (:func:`_pair_order`) for keys
+    that rotate: rotated as one complex product with the shared angle table, which the
+    attention over them dots with queries reordered alike."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
+    if index is None:
+        return _body_rows(keys, torch.arange(body_range(keys)[1], device=keys.codes.device)).transpose(0, 1)
     if index.dim() == 3 and index.shape[0] > 1:
         union = torch.unique(index)
         if union.numel() * kv_heads < index.numel():
@@ -720,16 +728,41 @@ def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
             rows = _body_rows(keys, union)  # [U, Hkv, D]
             heads = torch.arange(kv_heads, device=index.device)[:, None]
             return rows[torch.searchsorted(union, index), heads]
-    start, n_body = body_range(keys)
-    positions = keys.token_positions()[start:start + n_body]
-    latent = _dequantized(keys, index)  # [..., Hkv, n, r]
-    basis = keys.basis.float().reshape(kv_heads, head_dim, -1)
-    rows = torch.einsum("...hnr,hdr->...hnd", latent, basis) + keys.mean.float().reshape(kv_heads, 1, head_dim)
-    _put_exact_rows(keys, rows, index)
-    if rotates(keys):
-        flat = rows.reshape(-1, 1, head_dim)
-        rows = apply_rope(flat, positions[index].reshape(-1), keys.rope).reshape(rows.shape)
+    order = _pair_order(keys) if rotates(keys) else None
+    basis, mean = _dense_basis(keys)
+    # Each head its own tokens: reconstruct only that head's channels, one matmul per head
+    # (oneDNN's, :func:`reconstruct`; a batched matmul over the heads' strided basis rows ran 2x slower).
+    latent = _dequantized(keys, index.transpose(0, -2))  # [Hkv, ..., n, r]
+    by_head = basis.view(kv_heads, head_dim, -1)
+    mean_by_head = mean.view(kv_heads, head_dim)
+    rows = torch.stack([reconstruct(latent[h].reshape(-1, latent.shape[-1]), by_head[h], mean_by_head[h])
+                        for h in range(kv_heads)]).view(*latent.shape[:-1], head_dim).transpose(0, -3)
+    _put_exact_rows(keys, rows, index, order)
+    if order is not None:
+        _rotate_pairs(rows, _token_rotation(keys, index))
     return rows
+
+
+def _body_rows(keys: CompressedKeys, tokens: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``tokens`` [n], all KV
+    heads of each token in one matmul; in pair order for keys that rotate (as
+    :func:`_selected_keys`)."""
+    basis, mean = _dense_basis(keys)
+    rows = reconstruct(_dequantized(keys, tokens), basis, mean).view(-1, keys.kv_heads, keys.head_dim)
+    order = _pair_order(keys) if rotates(keys) else None
+    _put_exact_rows(keys, rows.transpose(0, 1), tokens, order)
+    if order is not None:
+        _rotate_pairs(rows, _token_rotation(keys, tokens)[:, None, :])
+    return rows
+
+
+def _token_rotation(keys: CompressedKeys, body_index: torch.Tensor) -> torch.Tensor:
+    """complex64 [..., P]: ``cos + i sin`` of body tokens ``body_index`` [...]."""
+    table, positions, _ = _rotation_table(keys)
+    if table is None:
+        cos, sin = rope_cos_sin(keys.rope, positions[body_index].reshape(-1), keys.head_dim)
+        return torch.complex(cos, sin).view(*body_index.shape, -1)
+    return table[positions[body_index]]
 
 
 def softmax_weights(
@@ -917,7 +950,10 @@ def _attend_torch_group(
     output = weighted_values(values, weights, fp_index)
     stacked = BodySelection(torch.stack([s.token_index for s in selections]), torch.stack([s.valid for s in selections]),
                             0, 0, 0, 0)
-    body_weights, lse_body = softmax_weights(grouped, body_keys(keys, stacked), scale, stacked.valid, softcap)
+    # The selected keys come in pair order (rotated as one complex product): so do the queries.
+    paired = grouped[..., _pair_order(keys)] if rotates(keys) else grouped
+    body_weights, lse_body = softmax_weights(paired, _selected_keys(keys, stacked.token_index), scale,
+                                             stacked.valid, softcap)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)

@@ -306,6 +306,12 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     Returns:
         float32 [tokens, n, Hq] approximate scores (unscaled).
     """
+    dots = _head_score_dots(queries, keys, score_channels, tokens)  # [Hkv, n, g, tokens]
+    return dots.permute(3, 1, 0, 2).reshape(tokens, queries.shape[0], queries.shape[1])
+
+
+def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels: int, tokens: int) -> torch.Tensor:
+    """:func:`token_scores` as float32 [Hkv, n, g, tokens] (g query heads per KV head)."""
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
     channels, latent = score_latent(keys, score_channels)
@@ -333,9 +339,7 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
         # Queries as the left operand, tokens as the columns: with the few query rows on the
         # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
         torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
-    scores = dots.view(kv_heads, count, q_heads // kv_heads, tokens).permute(3, 1, 0, 2)
-    return scores.reshape(tokens, count, q_heads)
-    return scores
+    return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
 
 
 def _score_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
@@ -403,15 +407,20 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     forced = torch.arange(first_forced * chunk, n_body, device=device)
     candidate_tokens = min(candidates * chunk, n_body)
     channels = _score_channels(keys, sparsity.score_channels)
-    score = token_scores
     if backend == "triton":
-        from .kernels.token_scores import token_scores_triton as score
-    scores = score(queries, keys, sparsity.score_channels, candidate_tokens)
-    scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1)
-    padded = scores.new_full((candidates * chunk, count, kv_heads), -math.inf)
-    padded[:candidate_tokens] = scores
-    chunk_scores = padded.reshape(candidates, chunk, count, kv_heads).amax(dim=1)
-    best = chunk_scores.permute(1, 2, 0).topk(picks, dim=-1).indices.sort(dim=-1).values
+        from .kernels.token_scores import token_scores_triton
+
+        scores = token_scores_triton(queries, keys, sparsity.score_channels, candidate_tokens)
+        head_scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1).permute(2, 1, 0)
+    else:
+        # The torch score's own layout: the maximum over a KV head's query heads is then a
+        # contiguous reduction, not one over a strided copy of every score.
+        head_scores = _head_score_dots(queries, keys, sparsity.score_channels, candidate_tokens).amax(dim=2)
+    # [Hkv, n, candidate tokens] -> chunk scores [n, Hkv, candidates]
+    padded = head_scores.new_full((kv_heads, count, candidates * chunk), -math.inf)
+    padded[..., :candidate_tokens] = head_scores
+    chunk_scores = padded.view(kv_heads, count, candidates, chunk).amax(dim=-1).transpose(0, 1)
+    best = chunk_scores.topk(picks, dim=-1).indices.sort(dim=-1).values
     chosen = (best[..., None] * chunk + torch.arange(chunk, device=device)).reshape(count, kv_heads, -1)
     token_index = torch.cat([chosen, forced.expand(count, kv_heads, -1)], dim=-1)
     valid = token_index < n_body
@@ -720,8 +729,12 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Te
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
     if index is None:
         return _body_rows(keys, torch.arange(body_range(keys)[1], device=keys.codes.device)).transpose(0, 1)
+    start, n_body = body_range(keys)
     if index.dim() == 3 and index.shape[0] > 1:
-        union = torch.unique(index)
+        # The distinct tokens, sorted, by marking them (a sort of every index took longer).
+        seen = torch.zeros(n_body, dtype=torch.bool, device=index.device)
+        seen[index.reshape(-1)] = True
+        union = seen.nonzero().squeeze(1)
         if union.numel() * kv_heads < index.numel():
             # Several queries (a chunk of a continuation) whose selections overlap: reconstruct
             # each token they select once, every KV head together, and gather per query and head.
@@ -730,13 +743,24 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Te
             return rows[torch.searchsorted(union, index), heads]
     order = _pair_order(keys) if rotates(keys) else None
     basis, mean = _dense_basis(keys)
-    # Each head its own tokens: reconstruct only that head's channels, one matmul per head
-    # (oneDNN's, :func:`reconstruct`; a batched matmul over the heads' strided basis rows ran 2x slower).
-    latent = _dequantized(keys, index.transpose(0, -2))  # [Hkv, ..., n, r]
+    kept = code_widths(keys)[0]
     by_head = basis.view(kv_heads, head_dim, -1)
     mean_by_head = mean.view(kv_heads, head_dim)
-    rows = torch.stack([reconstruct(latent[h].reshape(-1, latent.shape[-1]), by_head[h], mean_by_head[h])
-                        for h in range(kv_heads)]).view(*latent.shape[:-1], head_dim).transpose(0, -3)
+    per_head = index.transpose(0, -2)  # [Hkv, ..., n]
+    whole = None
+    if index.numel() > n_body:
+        # More selected (token, head) pairs than body tokens: dequantize the body once, whole
+        # groups without gathers, and take each head's rows from it.
+        whole = _dequantize_range(keys, keys.scales.float(), keys.mins.float(), 0, n_body,
+                                  torch.empty(n_body, kept, device=index.device))
+    # Each head its own tokens: reconstruct only that head's channels, one matmul per head
+    # (oneDNN's, :func:`reconstruct`; a batched matmul over the heads' strided basis rows ran 2x
+    # slower), written into one contiguous [..., Hkv, n, D] that the dots read without a copy.
+    rows = torch.empty(*index.shape, head_dim, device=index.device)
+    for head in range(kv_heads):
+        tokens = per_head[head].reshape(-1)
+        latent = _dequantized(keys, tokens) if whole is None else whole.index_select(0, tokens)
+        rows[..., head, :, :] = reconstruct(latent, by_head[head], mean_by_head[head]).view(*per_head.shape[1:], head_dim)
     _put_exact_rows(keys, rows, index, order)
     if order is not None:
         _rotate_pairs(rows, _token_rotation(keys, index))

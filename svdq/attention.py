@@ -853,6 +853,13 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
     if values.latent is None:
         if isinstance(seq_index, slice):
             return _summed_value_rows(values, weights, seq_index)
+        if values.bits is None and seq_index.dim() > 1:
+            # Each head its own tokens: whole rows of one [S * H, D] table with index_select
+            # (indexing [S, H, D] with a token and a head index tensor was several times slower).
+            heads = torch.arange(values.heads, device=seq_index.device)[:, None]
+            flat = (seq_index * values.heads + heads).reshape(-1)
+            rows = values.data.view(-1, values.head_dim).index_select(0, flat).float()
+            return torch.matmul(weights, rows.view(*seq_index.shape, values.head_dim))
         return torch.einsum("...hgn,...hnd->...hgd", weights, gather_values(values, seq_index))
     latent = values.latent
     kv_heads, head_dim = latent.kv_heads, latent.head_dim

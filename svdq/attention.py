@@ -243,9 +243,10 @@ def _dequantized(keys: CompressedKeys, body_index: torch.Tensor | None, channels
     if body_index is None or (channels is None and body_index.numel() > n_body):
         # Every body token, or more rows than the body has (the selections of many queries):
         # dequantize the body once, whole groups without gathers, and take the rows from it.
+        # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
+        shape = (keys.num_groups, keys.group_size, codes.shape[1])
         whole = torch.empty(n_body, codes.shape[1], device=codes.device)
-        torch.addcmul(mins.view(-1, 1, codes.shape[1]), codes.view(-1, keys.group_size, codes.shape[1]),
-                      scales.view(-1, 1, codes.shape[1]), out=whole.view(-1, keys.group_size, codes.shape[1]))
+        torch.addcmul(mins[:, None], codes.view(shape), scales[:, None], out=whole.view(shape))
         if body_index is None:
             return whole
         return whole.index_select(0, body_index.reshape(-1)).view(*body_index.shape, codes.shape[1])
@@ -639,7 +640,8 @@ def _rotate_pairs(rows: torch.Tensor, rotation: torch.Tensor) -> None:
 def _in_pair_order(keys: CompressedKeys, rows: torch.Tensor) -> torch.Tensor:
     """``rows`` [C, k] (one row per key channel, KV heads outer) with each head's channels in
     pair order."""
-    return rows.view(keys.kv_heads, keys.head_dim, -1)[:, _pair_order(keys)].reshape(keys.channels, -1)
+    width = rows.shape[1]  # explicit: with every channel dropped (r = 0) a -1 would be ambiguous
+    return rows.view(keys.kv_heads, keys.head_dim, width)[:, _pair_order(keys)].reshape(keys.channels, width)
 
 
 def _dense_basis(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor]:
@@ -756,10 +758,11 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Te
     order = _pair_order(keys) if rotates(keys) else None
     basis, mean = _dense_basis(keys)
     kept = code_widths(keys)[0]
-    by_head = basis.view(kv_heads, head_dim, -1)
+    # Explicit sizes: with every channel dropped (r = 0) a -1 would be ambiguous.
+    by_head = basis.view(kv_heads, head_dim, kept)
     mean_by_head = mean.view(kv_heads, head_dim)
     per_head = index.transpose(0, -2)  # [Hkv, ..., n]
-    latent = _dequantized(keys, per_head).view(kv_heads, -1, kept)
+    latent = _dequantized(keys, per_head).view(kv_heads, index.numel() // kv_heads, kept)
     # Each head its own tokens: reconstruct only that head's channels, one matmul per head
     # (oneDNN's, :func:`reconstruct`; a batched matmul over the heads' strided basis rows ran 2x
     # slower), written into one contiguous [..., Hkv, n, D] that the dots read without a copy.
@@ -778,7 +781,7 @@ def _body_rows(keys: CompressedKeys, tokens: torch.Tensor) -> torch.Tensor:
     heads of each token in one matmul; in pair order for keys that rotate (as
     :func:`_selected_keys`)."""
     basis, mean = _dense_basis(keys)
-    rows = reconstruct(_dequantized(keys, tokens), basis, mean).view(-1, keys.kv_heads, keys.head_dim)
+    rows = reconstruct(_dequantized(keys, tokens), basis, mean).view(tokens.numel(), keys.kv_heads, keys.head_dim)
     order = _pair_order(keys) if rotates(keys) else None
     _put_exact_rows(keys, rows.transpose(0, 1), tokens, order)
     if order is not None:
@@ -791,7 +794,7 @@ def _token_rotation(keys: CompressedKeys, body_index: torch.Tensor) -> torch.Ten
     table, positions, _ = _rotation_table(keys)
     if table is None:
         cos, sin = rope_cos_sin(keys.rope, positions[body_index].reshape(-1), keys.head_dim)
-        return torch.complex(cos, sin).view(*body_index.shape, -1)
+        return torch.complex(cos, sin).view(*body_index.shape, cos.shape[-1])
     return table[positions[body_index]]
 
 
@@ -858,7 +861,7 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
             # (indexing [S, H, D] with a token and a head index tensor was several times slower).
             heads = torch.arange(values.heads, device=seq_index.device)[:, None]
             flat = (seq_index * values.heads + heads).reshape(-1)
-            rows = values.data.view(-1, values.head_dim).index_select(0, flat).float()
+            rows = values.data.reshape(values.num_tokens * values.heads, values.head_dim).index_select(0, flat).float()
             return torch.matmul(weights, rows.view(*seq_index.shape, values.head_dim))
         return torch.einsum("...hgn,...hnd->...hgd", weights, gather_values(values, seq_index))
     latent = values.latent

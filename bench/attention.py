@@ -55,20 +55,23 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of each call, timed in turns (every repeat visits every call once, after
     one warm-up call each), so that load from other work on a shared machine falls on all
-    rows alike and their ratios stay meaningful."""
+    rows alike and their ratios stay meaningful. ``clock``: wall time, or on the CPU
+    ``time.thread_time`` (the calling thread's CPU time: on a machine shared with more
+    runnable jobs than cores, the time spent waiting for a core is left out)."""
     for call in calls.values():
         call()
     _synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             call()
             _synchronize(device)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -115,7 +118,7 @@ def load_tree(folder: Path):
 
 
 def speed_table(token_counts: list[int], device: torch.device, repeats: int, batches: list[int],
-                thread_counts: list[int], same_sequence: bool, baseline_tree=None) -> list[str]:
+                thread_counts: list[int], same_sequence: bool, baseline_tree=None, clock: str = "wall") -> list[str]:
     from svdq.rope import apply_rope
 
     backend = select_backend(device)
@@ -128,7 +131,8 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
     rows = [
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"attend backend: {backend}, shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, batch entries over "
-        f"{'one sequence' if same_sequence else 'different sequences'}; median of {repeats}, rows of one "
+        f"{'one sequence' if same_sequence else 'different sequences'}; median of {repeats} "
+        f"({'wall time' if clock == 'wall' else 'CPU time of the timing thread'}), rows of one "
         f"(tokens, batch, threads) timed in turns; load average before: "
         f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}",
         "",
@@ -190,7 +194,8 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                         read[old_name] = read[name]
             for threads in thread_counts:
                 torch.set_num_threads(threads or default_threads)
-                medians = medians_in_turns(calls, device, repeats)
+                medians = medians_in_turns(calls, device, repeats,
+                                           time.perf_counter if clock == "wall" else time.thread_time)
                 baseline = medians[f"{baseline_name} keys/values"]
                 for name, seconds in medians.items():
                     rows.append(f"| {tokens} | {batch} | {threads or default_threads} | {name} | {seconds * 1e3:.3f} | "
@@ -330,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-tree", type=Path,
                         help="speed part: the svdq/ folder of another source tree (an earlier commit); its attend "
                              "runs the same blobs in the same turns, rows marked [baseline tree]")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="speed part: wall time, or (CPU only) the timing thread's CPU time, steadier on a "
+                             "machine shared with more runnable jobs than cores")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--context", type=int, default=4096, help="prefix tokens for the accuracy part")
     parser.add_argument("--continuation", type=int, default=256, help="scored continuation tokens")
@@ -341,12 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.clock == "cpu" and (device.type != "cpu" or args.threads != [1]):
+        # thread_time counts the calling thread only: other intra-op threads and a GPU would be missed.
+        parser.error("--clock cpu needs --device cpu and --threads 1; use --clock wall otherwise")
     torch.manual_seed(0)
     lines: list[str] = []
     if args.part in ("speed", "all"):
         lines += ["## Speed", ""] + speed_table(args.tokens, device, args.repeats, args.batch, args.threads,
                                                     args.same_sequence,
-                                                    load_tree(args.baseline_tree) if args.baseline_tree else None) + [""]
+                                                    load_tree(args.baseline_tree) if args.baseline_tree else None,
+                                                    args.clock) + [""]
     if args.part in ("accuracy", "all"):
         lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
         lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits),

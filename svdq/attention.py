@@ -45,7 +45,7 @@ from .codec import CompressedKeys
 from .derived import DERIVED
 from .errors import InvalidInputError
 from .quant import unpack_codes
-from .rope import apply_rope, rope_cos_sin, rotate_with_tables
+from .rope import apply_rope, rope_cos_sin
 from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
@@ -229,16 +229,31 @@ def latent_codes(keys: CompressedKeys) -> torch.Tensor:
 
 def _dequantized(keys: CompressedKeys, body_index: torch.Tensor | None, channels: torch.Tensor | None = None) -> torch.Tensor:
     """float32 latent [..., r'] of body tokens ``body_index`` [...] (all when None), for the
-    kept channels ``channels`` (all when None)."""
+    kept channels ``channels`` (all when None).
+
+    Rows are taken with ``index_select`` from float32 scales and minimums: gathering the
+    float16 ones elementwise and converting the gathered copies was 8x slower.
+    """
     codes = latent_codes(keys)
-    scales, mins = keys.scales, keys.mins
+    scales, mins = keys.scales.float(), keys.mins.float()
     if channels is not None:
         codes, scales, mins = codes[:, channels], scales[:, channels], mins[:, channels]
-    if body_index is None:
-        group = torch.arange(codes.shape[0], device=codes.device) // keys.group_size
-        return codes.float() * scales.float()[group] + mins.float()[group]
-    group = body_index // keys.group_size
-    return codes[body_index].float() * scales[group].float() + mins[group].float()
+    n_body = codes.shape[0]
+    if body_index is None or (channels is None and body_index.numel() > n_body):
+        # Every body token, or more rows than the body has (the selections of many queries):
+        # dequantize the body once, whole groups without gathers, and take the rows from it.
+        # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
+        shape = (keys.num_groups, keys.group_size, codes.shape[1])
+        whole = torch.empty(n_body, codes.shape[1], device=codes.device)
+        torch.addcmul(mins[:, None], codes.view(shape), scales[:, None], out=whole.view(shape))
+        if body_index is None:
+            return whole
+        return whole.index_select(0, body_index.reshape(-1)).view(*body_index.shape, codes.shape[1])
+    flat = body_index.reshape(-1)
+    group = flat // keys.group_size
+    latent = codes.index_select(0, flat).float().mul_(scales.index_select(0, group)).add_(mins.index_select(0, group))
+    # Explicit width: with every channel dropped (r = 0) a -1 would be ambiguous.
+    return latent.view(*body_index.shape, codes.shape[1])
 
 
 def _score_channels(keys: CompressedKeys, count: int) -> torch.Tensor:
@@ -286,8 +301,8 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
 
     The low-rank keys of all KV heads are built in one ``[tokens, m + 1] @ [m + 1, C]`` matmul,
     rotated to their positions with the block's cos/sin (for pre-RoPE keys: with ``x1, x2``
-    the two channels of RoPE pair ``p``, ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``), and
-    dotted with every query head. That is ``tokens * (C * (m + 1) + n * Hq * D)`` multiply-adds:
+    the two channels of RoPE pair ``p``, ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``, built in
+    pair order and rotated in place, :func:`_rotate_pairs`), and dotted with every query head. That is ``tokens * (C * (m + 1) + n * Hq * D)`` multiply-adds:
     the low-rank keys do not depend on the queries, so a chunk of ``n`` queries (a scored
     continuation, a prompt over an offloaded prefix) builds them once. The reads are the same
     as for any evaluation of the score: ``m`` channels' codes per token, basis columns, mean.
@@ -299,17 +314,28 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     Returns:
         float32 [tokens, n, Hq] approximate scores (unscaled).
     """
+    dots = _head_score_dots(queries, keys, score_channels, tokens)  # [Hkv, n, g, tokens]
+    return dots.permute(3, 1, 0, 2).reshape(tokens, queries.shape[0], queries.shape[1])
+
+
+def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels: int, tokens: int) -> torch.Tensor:
+    """:func:`token_scores` as float32 [Hkv, n, g, tokens] (g query heads per KV head)."""
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
     channels, latent = score_latent(keys, score_channels)
     # [C, m + 1]: the score channels' basis columns, then the mean (the latent's column of ones).
     columns = _score_columns(keys, channels)
     zero = torch.zeros(keys.channels, device=latent.device)
-    # [Hkv, D, n * g]: each KV head's query rows, for one matmul per head and block.
-    grouped = queries.float().reshape(count, kv_heads, q_heads // kv_heads, head_dim).permute(1, 3, 0, 2)
-    grouped = grouped.reshape(kv_heads, head_dim, -1)
-    angles = body_angles(keys) if rotates(keys) else None
-    scores = torch.empty(tokens, count, q_heads, device=latent.device)
+    queries = queries.float()
+    angles = None
+    if rotates(keys):
+        angles = _rotation_table(keys)
+        columns = _in_pair_order(keys, columns).contiguous()
+        queries = queries[..., _pair_order(keys)]
+    # [Hkv, n * g, D]: each KV head's query rows, for one matmul per head and block.
+    grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
+        kv_heads, -1, head_dim)
+    dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
     block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
@@ -317,11 +343,11 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
         stop = min(tokens, start + block)
         low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
         if angles is not None:
-            low_rank = rotate_with_tables(low_rank, *block_cos_sin(keys, angles, start, stop), keys.rope)
-        dots = torch.bmm(low_rank.transpose(0, 1), grouped)  # [Hkv, tokens, n * g]
-        scores[start:stop] = dots.view(kv_heads, stop - start, count, -1).permute(1, 2, 0, 3).reshape(
-            stop - start, count, q_heads)
-    return scores
+            _rotate_pairs(low_rank, _block_rotation(keys, angles, start, stop)[:, None, :])
+        # Queries as the left operand, tokens as the columns: with the few query rows on the
+        # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
+        torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
+    return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
 
 
 def _score_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
@@ -389,15 +415,20 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     forced = torch.arange(first_forced * chunk, n_body, device=device)
     candidate_tokens = min(candidates * chunk, n_body)
     channels = _score_channels(keys, sparsity.score_channels)
-    score = token_scores
     if backend == "triton":
-        from .kernels.token_scores import token_scores_triton as score
-    scores = score(queries, keys, sparsity.score_channels, candidate_tokens)
-    scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1)
-    padded = scores.new_full((candidates * chunk, count, kv_heads), -math.inf)
-    padded[:candidate_tokens] = scores
-    chunk_scores = padded.reshape(candidates, chunk, count, kv_heads).amax(dim=1)
-    best = chunk_scores.permute(1, 2, 0).topk(picks, dim=-1).indices.sort(dim=-1).values
+        from .kernels.token_scores import token_scores_triton
+
+        scores = token_scores_triton(queries, keys, sparsity.score_channels, candidate_tokens)
+        head_scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1).permute(2, 1, 0)
+    else:
+        # The torch score's own layout: the maximum over a KV head's query heads is then a
+        # contiguous reduction, not one over a strided copy of every score.
+        head_scores = _head_score_dots(queries, keys, sparsity.score_channels, candidate_tokens).amax(dim=2)
+    # [Hkv, n, candidate tokens] -> chunk scores [n, Hkv, candidates]
+    padded = head_scores.new_full((kv_heads, count, candidates * chunk), -math.inf)
+    padded[..., :candidate_tokens] = head_scores
+    chunk_scores = padded.view(kv_heads, count, candidates, chunk).amax(dim=-1).transpose(0, 1)
+    best = chunk_scores.topk(picks, dim=-1).indices.sort(dim=-1).values
     chosen = (best[..., None] * chunk + torch.arange(chunk, device=device)).reshape(count, kv_heads, -1)
     token_index = torch.cat([chosen, forced.expand(count, kv_heads, -1)], dim=-1)
     valid = token_index < n_body
@@ -448,36 +479,35 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     return rows, index
 
 
-def _exact_lookup(keys: CompressedKeys, body_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bool mask, int64 row) of the same shape as ``body_index``: whether each body token is
-    one of the keys' exact tokens, and which row of ``exact_rows`` holds it."""
-    exact = keys.exact_index - body_range(keys)[0]
-    row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
-    return exact[row] == body_index, row
+def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor | range,
+                    order: torch.Tensor | None = None) -> None:
+    """Put the keys' exact tokens back in place of their reconstruction, in place.
 
+    The one place where exact rows replace reconstructed ones, for every torch path.
 
-def _with_exact_rows(keys: CompressedKeys, flat: torch.Tensor, body_index: torch.Tensor | None) -> torch.Tensor:
-    """Pre-RoPE body rows float32 [n, C] with the keys' exact tokens put back."""
+    Args:
+        rows: float32 pre-RoPE reconstructed keys [..., Hkv, n, D] (a view is written through).
+        body_index: the body tokens of ``rows``: a ``range`` or int64 [n] (the same tokens for
+            every head), or int64 [..., Hkv, n] (each head its own).
+        order: the head channels' order of ``rows`` (:func:`_pair_order`), None as stored.
+    """
     if not keys.num_exact:
-        return flat
-    if body_index is None:
-        flat[keys.exact_index - body_range(keys)[0]] = keys.exact_rows.float()
-        return flat
-    exact, row = _exact_lookup(keys, body_index)
-    return torch.where(exact[:, None], keys.exact_rows.float()[row], flat)
-
-
-def _body_rows(keys: CompressedKeys, body_index: torch.Tensor | None) -> torch.Tensor:
-    """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``body_index`` [n]
-    (every body token when None), all KV heads of each token at once."""
-    start, n_body = body_range(keys)
-    positions = keys.token_positions()[start:start + n_body]
-    flat = _with_exact_rows(keys, _dequantized(keys, body_index) @ keys.basis.float().T + keys.mean.float(),
-                            body_index)
-    rows = flat.reshape(flat.shape[0], keys.kv_heads, keys.head_dim)
-    if rotates(keys):
-        rows = apply_rope(rows, positions if body_index is None else positions[body_index], keys.rope)
-    return rows
+        return
+    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
+    by_head = keys.exact_rows.float().view(-1, keys.kv_heads, keys.head_dim).transpose(0, 1)  # [Hkv, k, D]
+    if order is not None:
+        by_head = by_head[..., order]
+    if isinstance(body_index, range):
+        inside = (exact >= body_index.start) & (exact < body_index.stop)
+        rows[..., exact[inside] - body_index.start, :] = by_head[:, inside]
+        return
+    row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
+    is_exact = exact[row] == body_index
+    if body_index.dim() == 1:
+        rows[..., is_exact, :] = by_head[:, row[is_exact]]
+        return
+    heads = torch.arange(keys.kv_heads, device=rows.device)[:, None].expand(body_index.shape)
+    rows[is_exact] = by_head[heads[is_exact], row[is_exact]]
 
 
 def _onednn_linear():
@@ -523,37 +553,129 @@ def body_angles(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor
     """``(cos_table, sin_table, positions)`` for rotating the body tokens of ``keys``.
 
     The cos/sin of a position depend only on the RoPE and head_dim, so one table over
-    positions ``0..n`` (float32 [n, P] each, :func:`svdq.rope.rope_cos_sin` of ``arange(n)``,
-    so the values are identical) serves every sequence and layer, under the attention-cache
-    budget, instead of recomputing ``2 * P`` sines and cosines per token per call (about 5%
-    of a dense call). Callers index the tables with blocks of ``positions`` (the body's,
-    int64 [n_body]). Positions outside ``0..MAX_TABLE_POSITIONS`` give ``None`` tables: then
-    the caller computes the angles itself.
+    positions ``0..n`` (:func:`svdq.rope.rope_cos_sin` of ``arange(n)``, so the values are
+    identical) serves every sequence and layer, under the attention-cache budget, instead of
+    recomputing ``2 * P`` sines and cosines per token per call (about 5% of a dense call). It
+    is kept as one complex64 table ``cos + i sin`` [n, P] (the rotation of a pair is one complex
+    product, :func:`_rotate_pairs`); ``cos_table`` and ``sin_table`` are its real and imaginary
+    views. Callers index them with blocks of ``positions`` (the body's, int64 [n_body]).
+    Positions outside ``0..MAX_TABLE_POSITIONS`` give ``None`` tables: then the caller
+    computes the angles itself.
     """
+    table, positions, _ = _rotation_table(keys)
+    if table is None:
+        return None, None, positions
+    return table.real, table.imag, positions
+
+
+def _rotation_table(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor, int | None]:
+    """``(table complex64 [n, P] or None, body positions int64 [n_body], first)``: ``first`` is
+    the body's first position when its positions are consecutive (blocks then slice the
+    table instead of gathering from it), else None."""
     start, n_body = body_range(keys)
     positions = keys.token_positions()[start:start + n_body]
     if keys.positions is None:
         low, high = keys.position_offset + start, keys.position_offset + start + n_body - 1
+        first = low
     else:
+        first = keys._cache.get("consecutive_body_from", ())
+        if first == ():
+            # Cached: checking on a CUDA tensor would synchronise the device on every call.
+            steps = positions[1:] - positions[:-1]
+            first = int(positions[0]) if n_body and bool((steps == 1).all()) else None
+            keys._cache["consecutive_body_from"] = first
         low, high = (int(positions.min()), int(positions.max())) if n_body else (0, 0)
     if low < 0 or high >= MAX_TABLE_POSITIONS:
-        return None, None, positions
+        return None, positions, None
     owner = _ANGLE_TABLES.setdefault((keys.rope, keys.head_dim, positions.device), _AngleTable())
-    table = DERIVED.get(owner, "cos_sin")
-    if table is None or table[0].shape[0] <= high:
+    table = DERIVED.get(owner, "rotation")
+    if table is None or table.shape[0] <= high:
         size = min(MAX_TABLE_POSITIONS, max(1024, 1 << high.bit_length()))
-        table = DERIVED.put(owner, "cos_sin", rope_cos_sin(keys.rope, torch.arange(size, device=positions.device),
-                                                           keys.head_dim))
-    return table[0], table[1], positions
+        cos, sin = rope_cos_sin(keys.rope, torch.arange(size, device=positions.device), keys.head_dim)
+        table = DERIVED.put(owner, "rotation", torch.complex(cos, sin))
+    return table, positions, first
 
 
-def block_cos_sin(keys: CompressedKeys, angles: tuple, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [stop - first, P] of body tokens ``first..stop`` from :func:`body_angles`."""
-    cos_table, sin_table, positions = angles
-    block = positions[first:stop]
-    if cos_table is None:
-        return rope_cos_sin(keys.rope, block, keys.head_dim)
-    return cos_table[block], sin_table[block]
+def _block_rotation(keys: CompressedKeys, angles: tuple, first: int, stop: int) -> torch.Tensor:
+    """complex64 [stop - first, P]: ``cos + i sin`` of body tokens ``first..stop`` from
+    :func:`_rotation_table`."""
+    table, positions, consecutive_from = angles
+    if table is None:
+        cos, sin = rope_cos_sin(keys.rope, positions[first:stop], keys.head_dim)
+        return torch.complex(cos, sin)
+    if consecutive_from is not None:
+        return table[consecutive_from + first:consecutive_from + stop]
+    return table[positions[first:stop]]
+
+
+def _pair_order(keys: CompressedKeys) -> torch.Tensor:
+    """int64 [D]: a head's channels reordered so that the two channels of each RoPE pair are
+    neighbours (``x1, x2``), the channels RoPE leaves alone after them. In that order a block
+    of keys rotates as one in-place complex product (:func:`_rotate_pairs`), about 3x faster
+    than the four strided multiply-adds of the stored order; dot products do not change when
+    keys and queries are reordered alike."""
+    cached = keys._cache.get("pair_order")
+    if cached is None:
+        head_dim = keys.head_dim
+        rotary = keys.rope.dims(head_dim)
+        half = torch.arange(rotary // 2)
+        if keys.rope.style == "half":
+            pairs = torch.stack([half, half + rotary // 2], dim=1).reshape(-1)
+        else:
+            pairs = torch.arange(rotary)
+        cached = torch.cat([pairs, torch.arange(rotary, head_dim)]).to(keys.codes.device)
+        keys._cache["pair_order"] = cached
+    return cached
+
+
+def _rotate_pairs(rows: torch.Tensor, rotation: torch.Tensor) -> None:
+    """Rotate keys in pair order (:func:`_pair_order`), float32 [..., D], in place by
+    ``rotation`` complex64 [..., P] (broadcast to the rows): ``(x1 + i x2)(cos + i sin)`` is
+    RoPE's ``x1 cos - x2 sin, x2 cos + x1 sin``."""
+    pairs = rotation.shape[-1]
+    torch.view_as_complex(rows[..., :2 * pairs].unflatten(-1, (pairs, 2))).mul_(rotation)
+
+
+def _in_pair_order(keys: CompressedKeys, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` [C, k] (one row per key channel, KV heads outer) with each head's channels in
+    pair order."""
+    width = rows.shape[1]  # explicit: with every channel dropped (r = 0) a -1 would be ambiguous
+    return rows.view(keys.kv_heads, keys.head_dim, width)[:, _pair_order(keys)].reshape(keys.channels, width)
+
+
+def _dense_basis(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 basis [C, r] and mean [C] of the dense reconstruction, in pair order for keys
+    that rotate. Kept under the attention-cache budget (``4 (r + 1) C`` bytes, about the
+    unpacked codes of a 4k-token layer): reordering and converting on every call cost 1-2%
+    of a 4k-token call."""
+    cached = DERIVED.get(keys, "dense_basis")
+    if cached is None:
+        basis, mean = keys.basis.float(), keys.mean.float()
+        if rotates(keys):
+            basis, mean = _in_pair_order(keys, basis).contiguous(), _in_pair_order(keys, mean[:, None])[:, 0].contiguous()
+        if keys.method != "svdq":
+            # The baselines' identity basis [C, C] would weigh more than their keys: not kept.
+            return basis, mean
+        cached = DERIVED.put(keys, "dense_basis", (basis, mean))
+    return cached
+
+
+def _dequantize_range(keys: CompressedKeys, scales: torch.Tensor, mins: torch.Tensor, first: int, stop: int,
+                      buffer: torch.Tensor) -> torch.Tensor:
+    """float32 latent [stop - first, r] of body tokens ``first..stop`` (``code * scale + min``),
+    written into ``buffer`` (float32, at least the range's whole groups plus one group of rows).
+
+    Whole token groups are dequantized with the group's scale and minimum broadcast (no
+    gathers); the range's own rows are returned as a view.
+    """
+    codes = latent_codes(keys)
+    kept, group = codes.shape[1], keys.group_size
+    low, high = first // group, -(-stop // group)
+    # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
+    by_group = buffer[:(high - low) * group].view(high - low, group, kept)
+    torch.addcmul(mins[low:high, None], codes[low * group:high * group].view(high - low, group, kept),
+                  scales[low:high, None], out=by_group)
+    return buffer[first - low * group:stop - low * group]
 
 
 def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor:
@@ -563,7 +685,8 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
     ``latent @ basis.T + mean``, RoPE at the token's position), computed in blocks of whole
     token groups whose reconstructed keys stay in cache while they are rotated and dotted,
     instead of building all ``n_body * C`` float32 keys (128 MiB at 32k tokens of an 8 x 128
-    layer) and passing over them several times.
+    layer) and passing over them several times. Keys that rotate are reconstructed in pair
+    order (:func:`_pair_order`, the queries reordered alike) and rotated in place.
 
     Args:
         grouped: float32 [Hkv, R, D] post-RoPE queries, the R rows of each KV head.
@@ -573,69 +696,105 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor
     """
     kv_heads, rows, head_dim = grouped.shape
     start, n_body = body_range(keys)
-    codes = latent_codes(keys)
-    kept = codes.shape[1]
-    # Converted per call (r * C elements, well under 1% of the call) rather than cached: kept,
-    # the float32 basis would weigh as much as the unpacked codes of a 4k-token layer.
-    basis = keys.basis.float()
-    mean = keys.mean.float()
+    kept = code_widths(keys)[0]
+    basis, mean = _dense_basis(keys)
     scales, mins = keys.scales.float(), keys.mins.float()
-    angles = body_angles(keys) if rotates(keys) else None
-    # Exact tokens (body indices, ascending) replace their reconstruction in the block they fall in.
-    exact = keys.exact_index - start if keys.num_exact else None
-    exact_rows = keys.exact_rows.float() if keys.num_exact else None
+    order = None
+    angles = None
+    if rotates(keys):
+        order = _pair_order(keys)
+        angles = _rotation_table(keys)
+        grouped = grouped[..., order]
     group = keys.group_size
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * group)) * group
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
     latent = torch.empty(block, kept, device=grouped.device)
     for first in range(0, n_body, block):
         stop = min(n_body, first + block)
-        count, groups = stop - first, slice(first // group, stop // group)
-        latent_block = latent[:count]
-        # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
-        by_group = latent_block.view(count // group, group, kept)
-        torch.mul(codes[first:stop].view(count // group, group, kept), scales[groups, None], out=by_group)
-        by_group.add_(mins[groups, None])
-        flat_block = reconstruct(latent_block, basis, mean)
-        if exact is not None:
-            inside = (exact >= first) & (exact < stop)
-            flat_block[exact[inside] - first] = exact_rows[inside]
-        rows_block = flat_block.view(count, kv_heads, head_dim)
+        count = stop - first
+        rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent), basis, mean)
+        rows_block = rows_block.view(count, kv_heads, head_dim)
+        _put_exact_rows(keys, rows_block.transpose(0, 1), range(first, stop), order)
         if angles is not None:
-            rows_block = rotate_with_tables(rows_block, *block_cos_sin(keys, angles, first, stop), keys.rope)
+            _rotate_pairs(rows_block, _block_rotation(keys, angles, first, stop)[:, None, :])
         torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
     return dots
 
 
 def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
     """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
-    (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None)."""
-    if selection.token_index is None:
-        return _body_rows(keys, None).transpose(0, 1)
-    index = selection.token_index
+    (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None),
+    head channels as stored."""
+    rows = _selected_keys(keys, selection.token_index)
+    if rotates(keys):
+        rows = rows[..., torch.argsort(_pair_order(keys))]
+    return rows
+
+
+def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Tensor:
+    """:func:`body_keys` with each head's channels in pair order (:func:`_pair_order`) for keys
+    that rotate: rotated as one complex product with the shared angle table, which the
+    attention over them dots with queries reordered alike."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
+    if index is None:
+        return _body_rows(keys, torch.arange(body_range(keys)[1], device=keys.codes.device)).transpose(0, 1)
+    start, n_body = body_range(keys)
     if index.dim() == 3 and index.shape[0] > 1:
-        union = torch.unique(index)
+        # The distinct tokens, sorted, by marking them (a sort of every index took longer).
+        seen = torch.zeros(n_body, dtype=torch.bool, device=index.device)
+        seen[index.reshape(-1)] = True
+        union = seen.nonzero().squeeze(1)
         if union.numel() * kv_heads < index.numel():
             # Several queries (a chunk of a continuation) whose selections overlap: reconstruct
             # each token they select once, every KV head together, and gather per query and head.
             rows = _body_rows(keys, union)  # [U, Hkv, D]
-            heads = torch.arange(kv_heads, device=index.device)[:, None]
-            return rows[torch.searchsorted(union, index), heads]
-    start, n_body = body_range(keys)
-    positions = keys.token_positions()[start:start + n_body]
-    latent = _dequantized(keys, index)  # [..., Hkv, n, r]
-    basis = keys.basis.float().reshape(kv_heads, head_dim, -1)
-    rows = torch.einsum("...hnr,hdr->...hnd", latent, basis) + keys.mean.float().reshape(kv_heads, 1, head_dim)
-    if keys.num_exact:
-        exact, row = _exact_lookup(keys, index)
-        by_head = keys.exact_rows.float().reshape(-1, kv_heads, head_dim).transpose(0, 1)  # [Hkv, k, D]
-        heads = torch.arange(kv_heads, device=index.device)[:, None]
-        rows = torch.where(exact[..., None], by_head[heads, row], rows)
-    if rotates(keys):
-        flat = rows.reshape(-1, 1, head_dim)
-        rows = apply_rope(flat, positions[index].reshape(-1), keys.rope).reshape(rows.shape)
+            # Whole rows of one [Hkv * U, D] table with index_select: indexing [U, Hkv, D] with a
+            # token and a head index tensor was 4x slower.
+            by_head = rows.transpose(0, 1).reshape(-1, head_dim)
+            heads = torch.arange(kv_heads, device=index.device)[:, None] * union.numel()
+            flat = (torch.searchsorted(union, index) + heads).reshape(-1)
+            return by_head.index_select(0, flat).view(*index.shape, head_dim)
+    order = _pair_order(keys) if rotates(keys) else None
+    basis, mean = _dense_basis(keys)
+    kept = code_widths(keys)[0]
+    # Explicit sizes: with every channel dropped (r = 0) a -1 would be ambiguous.
+    by_head = basis.view(kv_heads, head_dim, kept)
+    mean_by_head = mean.view(kv_heads, head_dim)
+    per_head = index.transpose(0, -2)  # [Hkv, ..., n]
+    latent = _dequantized(keys, per_head).view(kv_heads, index.numel() // kv_heads, kept)
+    # Each head its own tokens: reconstruct only that head's channels, one matmul per head
+    # (oneDNN's, :func:`reconstruct`; a batched matmul over the heads' strided basis rows ran 2x
+    # slower), written into one contiguous [..., Hkv, n, D] that the dots read without a copy.
+    rows = torch.empty(*index.shape, head_dim, device=index.device)
+    for head in range(kv_heads):
+        rows[..., head, :, :] = reconstruct(latent[head], by_head[head], mean_by_head[head]).view(
+            *per_head.shape[1:], head_dim)
+    _put_exact_rows(keys, rows, index, order)
+    if order is not None:
+        _rotate_pairs(rows, _token_rotation(keys, index))
     return rows
+
+
+def _body_rows(keys: CompressedKeys, tokens: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``tokens`` [n], all KV
+    heads of each token in one matmul; in pair order for keys that rotate (as
+    :func:`_selected_keys`)."""
+    basis, mean = _dense_basis(keys)
+    rows = reconstruct(_dequantized(keys, tokens), basis, mean).view(tokens.numel(), keys.kv_heads, keys.head_dim)
+    order = _pair_order(keys) if rotates(keys) else None
+    _put_exact_rows(keys, rows.transpose(0, 1), tokens, order)
+    if order is not None:
+        _rotate_pairs(rows, _token_rotation(keys, tokens)[:, None, :])
+    return rows
+
+
+def _token_rotation(keys: CompressedKeys, body_index: torch.Tensor) -> torch.Tensor:
+    """complex64 [..., P]: ``cos + i sin`` of body tokens ``body_index`` [...]."""
+    table, positions, _ = _rotation_table(keys)
+    if table is None:
+        cos, sin = rope_cos_sin(keys.rope, positions[body_index].reshape(-1), keys.head_dim)
+        return torch.complex(cos, sin).view(*body_index.shape, cos.shape[-1])
+    return table[positions[body_index]]
 
 
 def softmax_weights(
@@ -696,6 +855,13 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
     if values.latent is None:
         if isinstance(seq_index, slice):
             return _summed_value_rows(values, weights, seq_index)
+        if values.bits is None and seq_index.dim() > 1:
+            # Each head its own tokens: whole rows of one [S * H, D] table with index_select
+            # (indexing [S, H, D] with a token and a head index tensor was several times slower).
+            heads = torch.arange(values.heads, device=seq_index.device)[:, None]
+            flat = (seq_index * values.heads + heads).reshape(-1)
+            rows = values.data.reshape(values.num_tokens * values.heads, values.head_dim).index_select(0, flat).float()
+            return torch.matmul(weights, rows.view(*seq_index.shape, values.head_dim))
         return torch.einsum("...hgn,...hnd->...hgd", weights, gather_values(values, seq_index))
     latent = values.latent
     kv_heads, head_dim = latent.kv_heads, latent.head_dim
@@ -760,18 +926,20 @@ def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: 
 
 def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
     """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
-    body, float32 [..., r]: in blocks dequantized into a reused buffer (the whole latent in
-    float32 would take ``4 r`` bytes per token on every call)."""
-    codes = latent_codes(latent)
-    kept = codes.shape[1]
+    body, float32 [..., r]: in blocks of whole token groups dequantized into a reused buffer
+    (:func:`_dequantize_range`; the whole latent in float32 would take ``4 r`` bytes per token
+    on every call, and gathering each token's scale and minimum cost 5x the sum itself)."""
+    kept = code_widths(latent)[0]
     flat = weights.reshape(-1, weights.shape[-1])
     summed = weights.new_zeros(flat.shape[0], kept)
-    count = flat.shape[1]
-    block = _value_block(kept)
+    count, group = flat.shape[1], latent.group_size
+    block = -(-_value_block(kept) // group) * group
+    scales, mins = latent.scales.float(), latent.mins.float()
+    buffer = torch.empty(block + group, kept, device=weights.device)
     for first in range(0, count, block):
         stop = min(count, first + block)
-        index = torch.arange(first_body + first, first_body + stop, device=weights.device)
-        summed.addmm_(flat[:, first:stop], _dequantized(latent, index))
+        rows = _dequantize_range(latent, scales, mins, first_body + first, first_body + stop, buffer)
+        summed.addmm_(flat[:, first:stop], rows)
     return summed.reshape(*weights.shape[:-1], kept)
 
 
@@ -821,7 +989,10 @@ def _attend_torch_group(
     output = weighted_values(values, weights, fp_index)
     stacked = BodySelection(torch.stack([s.token_index for s in selections]), torch.stack([s.valid for s in selections]),
                             0, 0, 0, 0)
-    body_weights, lse_body = softmax_weights(grouped, body_keys(keys, stacked), scale, stacked.valid, softcap)
+    # The selected keys come in pair order (rotated as one complex product): so do the queries.
+    paired = grouped[..., _pair_order(keys)] if rotates(keys) else grouped
+    body_weights, lse_body = softmax_weights(paired, _selected_keys(keys, stacked.token_index), scale,
+                                             stacked.valid, softcap)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)

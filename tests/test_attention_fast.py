@@ -143,7 +143,8 @@ def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
     cos, sin = rope_cos_sin(ROPE, positions, keys.head_dim)
     assert torch.equal(cos_table[positions], cos) and torch.equal(sin_table[positions], sin)
     again = body_angles(other)
-    assert again[0] is cos_table  # one table per RoPE and head_dim, shared by sequences
+    # One table per RoPE and head_dim, shared by sequences (cos/sin are views of one complex table).
+    assert again[0].data_ptr() == cos_table.data_ptr()
     # The budget may drop it; it is rebuilt with the same values.
     limit = DERIVED.limit_bytes
     try:
@@ -151,7 +152,7 @@ def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
         body_angles(keys)
         dense_body_dots(other, grouped_queries(2, 3, 64))
         rebuilt = body_angles(keys)[0]
-        assert rebuilt is not cos_table and torch.equal(rebuilt[positions], cos)
+        assert rebuilt.data_ptr() != cos_table.data_ptr() and torch.equal(rebuilt[positions], cos)
     finally:
         DERIVED.limit_bytes = limit
     monkeypatch.setattr(attention_module, "MAX_TABLE_POSITIONS", 100)
@@ -159,3 +160,38 @@ def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
     queries = torch.randn(1, 6, 64)
     result = attend(queries, [keys], [compress_values(torch.randn(203, 3, 64).half())], backend="torch")
     assert torch.isfinite(result.output).all()
+
+
+@pytest.mark.parametrize("rope", [RopeConfig(theta=10000.0), RopeConfig(theta=10000.0, style="interleaved"),
+                                  RopeConfig(theta=10000.0, rotary_dim=32),
+                                  RopeConfig(theta=10000.0, style="interleaved", rotary_dim=16)],
+                         ids=["half", "interleaved", "half-partial", "interleaved-partial"])
+@pytest.mark.parametrize("count", [1, 6])
+def test_pair_order_paths_equal_naive_attention_for_every_rope_layout(rope, count):
+    """Dense and sparse calls rotate keys in pair order (each RoPE pair's two channels side by
+    side, the queries reordered alike): for both pair layouts and partial rotary, one query and
+    several over one sequence (whose selections outnumber the body, so their latent comes from
+    one dequantized body), 16-bit and latent values, the result is float64 attention's."""
+    keys, _ = make_case(tokens=203, rope=rope)
+    start, n_body = body_range(keys)
+    queries = torch.randn(count, 6, 64, generator=torch.Generator().manual_seed(7))
+    post = decompress(keys, key_space="post_rope", dtype=torch.float32)
+    sparsity = SparsityConfig(keep_fraction=0.5, chunk_size=4, num_recent=8)
+    for values in [compress_values(torch.randn(203, 3, 64, generator=torch.Generator().manual_seed(8)).half()),
+                   compress_values(structured_values(203, 3, 64, seed=2).half(), latent_config())]:
+        dense_values = decompress_values(values, torch.float32)
+        for chosen in (None, sparsity):
+            result = attend(queries, [keys] * count, [values] * count, sparsity=chosen, backend="torch")
+            for b in range(count):
+                allowed = None
+                if chosen is not None:
+                    selection = select_body_tokens(queries[b], keys, chosen)
+                    assert selection.token_index is not None  # really sparse
+                    allowed = torch.ones(3, 203, dtype=torch.bool)
+                    allowed[:, start:start + n_body] = False
+                    for head in range(3):
+                        allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+                expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8, allowed)
+                scale = max(1.0, dense_values.abs().max().item())
+                assert torch.allclose(result.output[b].double(), expected, atol=2e-5 * scale)
+                assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)

@@ -69,13 +69,11 @@ def _group_range(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _quantize_in_range(
     latent: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float,
-    shifted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (float32, whole numbers 0..levels), float16 scales and minimums of ``latent``
     [groups, group_size, r] with the group range ``low``/``high`` [groups, r] and ``levels``
     (a scalar or one per channel). Shared by :func:`quantize_groups` and the error table, so
-    the allocation measures exactly the quantization the encoder then performs. ``shifted``
-    is ``latent`` minus the float16 minimums when the caller has it (the same at every width)."""
+    the allocation measures exactly the quantization the encoder then performs."""
     mins = low.to(torch.float16)
     scales = ((high - mins.float()) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
@@ -87,15 +85,17 @@ def _quantize_in_range(
     if scales.numel() and not bool(torch.isfinite(scales).all()):  # the nudge may step past 65504
         check_metadata_range(float(low.abs().max()), float("inf"))
     step = scales.float()
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    if shifted is None:
-        shifted = latent - mins.float()[:, None, :]
-    codes = torch.div(shifted, safe[:, None, :]).round_()
+    # code = floor((latent - min) / step + 1/2), as latent * (1 / step) + (1/2 - min / step):
+    # one pass over the latent instead of a subtraction, a division and a rounding. A zero
+    # step (a constant channel) gives code 0.
+    inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    offset = 0.5 - mins.float() * inverse
+    codes = torch.addcmul(offset[:, None, :], latent, inverse[:, None, :])
     if isinstance(levels, torch.Tensor):
-        codes = torch.minimum(codes.clamp_(min=0), levels)
+        codes = codes.clamp_(torch.zeros((), device=codes.device), levels)
     else:
         codes = codes.clamp_(0, levels)
-    return codes, scales, mins
+    return codes.floor_(), scales, mins
 
 
 def check_metadata_range(largest_minimum: float, largest_range: float) -> None:
@@ -185,10 +185,9 @@ def distortion_table(latent: torch.Tensor) -> torch.Tensor:
     table = torch.empty(latent.shape[-1], MAX_BITS + 1, dtype=torch.float64)
     table[:, 0] = latent.pow(2).sum(dim=(0, 1)).double().cpu()
     low, high = _group_range(latent)
-    shifted = latent - low.to(torch.float16).float()[:, None, :]
     for width in range(1, MAX_BITS + 1):
-        codes, scales, mins = _quantize_in_range(latent, low, high, float(2**width - 1), shifted)
+        codes, scales, mins = _quantize_in_range(latent, low, high, float(2**width - 1))
         # codes * step + minimum: what dequantize_groups computes from the stored values
-        error = codes.mul_(scales.float()[:, None, :]).add_(mins.float()[:, None, :]).sub_(latent)
+        error = torch.addcmul(mins.float()[:, None, :], codes, scales.float()[:, None, :]).sub_(latent)
         table[:, width] = error.pow_(2).sum(dim=(0, 1)).double().cpu()
     return table

@@ -251,8 +251,10 @@ def _fit_centred(keys: torch.Tensor) -> tuple[Basis, torch.Tensor]:
     """:func:`fit_basis` and the float32 centred keys ``keys - basis.mean`` it computed on the
     way, which compress projects rather than centring the same tokens again."""
     work = keys.to(torch.float32)
-    mean = work.to(torch.float64).mean(dim=0)
-    centred = work - mean.float()
+    # torch's float32 reduction sums in cascades: within an ulp of a float64 mean of these
+    # keys, without the float64 copy of every key that took longer than the sum.
+    mean = work.mean(dim=0)
+    centred = work - mean
     # The eigenvectors that the covariance's rounding (see gram) cannot resolve belong to the
     # smallest singular values, whose channels the allocation drops anyway.
     covariance = gram(centred)

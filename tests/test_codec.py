@@ -20,7 +20,7 @@ from svdq import (
     relative_error,
     to_bytes,
 )
-from svdq.codec import gram
+from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _project, gram
 from svdq.quant import pack_codes, quantize_groups
 
 ROPE = RopeConfig(theta=10000.0)
@@ -190,12 +190,18 @@ def test_bad_input_raises_a_typed_error_that_says_what_is_allowed(make, message)
         make()
 
 
-@pytest.mark.parametrize("channels", [48, 256, 600, 1024])
-def test_gram_from_the_upper_blocks_is_the_full_product(channels):
-    rows = torch.randn(70, channels, generator=torch.Generator().manual_seed(channels))
+@pytest.mark.parametrize("tokens, channels", [(70, 48), (3000, 256), (2100, 600)])
+def test_gram_is_the_covariance_to_bfloat16_rounding(tokens, channels):
+    rows = torch.randn(tokens, channels, generator=torch.Generator().manual_seed(channels)) + 0.5
     product = gram(rows)
-    assert torch.equal(product, product.T)  # mirrored, not recomputed below the diagonal
-    torch.testing.assert_close(product, rows.T @ rows, rtol=1e-5, atol=1e-4)
+    exact = rows.double().T @ rows.double()
+    assert product.dtype == torch.float32 and torch.equal(product, product.T)
+    error = float((product.double() - exact).norm() / exact.norm())
+    assert error < 2.0**-8  # bfloat16 epsilon: the inputs and every entry rounded once
+    if tokens > GRAM_CHUNK:
+        # the chunks' roundings are independent: their sum errs less than one bfloat16 product
+        single = (rows.bfloat16().T @ rows.bfloat16()).double()
+        assert error < 0.8 * float((single - exact).norm() / exact.norm())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -227,7 +233,24 @@ def test_compress_stores_the_quantized_projection_of_every_group(shared):
     compressed = compress(keys, CodecConfig(group_size=8), basis=basis)
     assert compressed.num_groups > 2048 // 8
     body = keys.float().reshape(2300, -1)[compressed.num_sinks:compressed.num_sinks + 8 * compressed.num_groups]
-    latent = (body - compressed.mean) @ compressed.basis.float()
+    latent = _project(body - compressed.mean, compressed.basis, compressed.kept_bits, True)
     codes, scales, mins = quantize_groups(latent.reshape(compressed.num_groups, 8, -1), compressed.kept_bits)
     assert torch.equal(compressed.scales, scales) and torch.equal(compressed.mins, mins)
     assert torch.equal(compressed.codes, pack_codes(codes, compressed.kept_bits))
+
+
+def test_projection_is_float32_for_wide_channels_and_bfloat16_close_for_narrow_ones():
+    generator = torch.Generator().manual_seed(3)
+    centred = torch.randn(300, 48, generator=generator)
+    basis = torch.linalg.qr(torch.randn(48, 48, generator=generator))[0][:, :10].to(torch.float16)
+    widths = torch.tensor([8, 6, 5, 4, 4, 3, 2, 1, 1, 1])
+    wide = widths > LOW_PRECISION_MAX_WIDTH
+    exact = centred @ basis.float()
+    latent = _project(centred, basis, widths, True)
+    assert torch.equal(latent[:, wide], centred @ basis[:, wide].float())
+    assert not torch.equal(latent[:, ~wide], exact[:, ~wide])  # the bfloat16 products did run
+    # Each narrow value within bfloat16 rounding (inputs and result) of the float32 product,
+    # far below the 1/15-of-the-range step of a 4-bit channel.
+    scale = (centred.abs() @ basis.float().abs())[:, ~wide]
+    assert ((latent[:, ~wide] - exact[:, ~wide]).abs() <= 2.0**-7 * scale).all()
+    assert torch.equal(_project(centred, basis, widths, False), exact)  # kivi: float32 throughout

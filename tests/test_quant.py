@@ -38,6 +38,20 @@ def test_mixed_widths_layout_is_lsb_first_channel_after_channel():
     assert rows[1, 4:12].tolist() == codes[1, :, 2].tolist()
 
 
+def test_interleaved_widths_pack_as_one_lsb_first_bit_stream_per_channel():
+    # Widths out of order (an allocation need not be monotone), every width 1..8, two groups.
+    generator = torch.Generator().manual_seed(5)
+    kept_bits = torch.tensor([2, 7, 1, 8, 1, 3, 6, 4, 5, 1, 2, 8, 3], dtype=torch.int64)
+    codes = (torch.randint(0, 256, (2, 16, 13), generator=generator) % (2**kept_bits)).to(torch.uint8)
+    rows = pack_codes(codes, kept_bits)
+    for group in range(2):
+        expected = bytearray()
+        for channel, width in enumerate(kept_bits.tolist()):
+            stream = sum(int(code) << (width * token) for token, code in enumerate(codes[group, :, channel]))
+            expected += stream.to_bytes(16 * width // 8, "little")
+        assert bytes(rows[group].tolist()) == bytes(expected)
+
+
 @pytest.mark.parametrize("width", range(1, 9))
 def test_quantization_error_is_bounded_by_half_a_step(width):
     latent = torch.randn(4, 32, 6) * torch.tensor([0.01, 1, 10, 100, 1000, 3])

@@ -156,6 +156,10 @@ def test_codec_message_carries_exact_tokens():
     assert codec_from_pb(codec_to_pb(config, pb.Codec())) == config
     with pytest.raises(InvalidInputError, match="exact_tokens"):
         codec_from_pb(pb.Codec(method="svdq", exact_tokens=5000))
+    corrected = CodecConfig(bits_per_element=2.0, exact_tokens=4, exact_share=0.125, exact_bits=4)
+    assert codec_from_pb(codec_to_pb(corrected, pb.Codec())) == corrected
+    with pytest.raises(InvalidInputError, match="exact_bits must be one of"):
+        codec_from_pb(pb.Codec(method="svdq", exact_tokens=4, exact_bits=5))
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

@@ -85,6 +85,12 @@ def latent_values(bits: float) -> ValueConfig:
 EXACT_KEYS = svdq.CodecConfig(exact_tokens=4)
 
 
+def exact_share_keys(bits: int, share: float = 0.125) -> svdq.CodecConfig:
+    """Whole-cache keys that keep ``share`` of their quantized tokens (at least 4), the worst
+    reconstructed, as ``bits``-bit corrections of their reconstruction."""
+    return svdq.CodecConfig(exact_tokens=4, exact_share=share, exact_bits=bits)
+
+
 def main_methods() -> list[Method]:
     """The headline table: fp16, keys-only SVDq, KIVI-like baselines, whole-cache SVDq."""
     C = svdq.CodecConfig
@@ -115,6 +121,10 @@ def main_methods() -> list[Method]:
                shared_basis=True),
         Method("svdq cache 2.0 bits, shared, 4 exact keys", C(), budget=CacheBudget(2.0, key_codec=EXACT_KEYS),
                shared_basis=True),
+    ] + [
+        Method(f"svdq cache {total} bits, shared, 1/8 exact keys {bits}-bit", C(),
+               budget=CacheBudget(total, key_codec=exact_share_keys(bits)), shared_basis=True)
+        for total in (1.5, 1.75, 2.0) for bits in (4, 2)
     ]
 
 
@@ -154,11 +164,14 @@ def explore_value_methods() -> list[Method]:
 #: 3 methods take ~35 min). The targets compare with the fp16 row's count (the float32 cache's
 #: where the fp16 row has none).
 NEEDLE_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "kivi 2-bit K and V g32", "svdq cache 2.0 bits, shared",
-                  "svdq cache 1.75 bits, shared, 4 exact keys", "svdq cache 2.0 bits, shared, 4 exact keys")
+                  "svdq cache 2.0 bits, shared, 4 exact keys", "svdq cache 2.0 bits, shared, 1/8 exact keys 4-bit",
+                  "svdq cache 2.0 bits, shared, 1/8 exact keys 2-bit", "svdq cache 1.75 bits, shared, 1/8 exact keys 2-bit",
+                  "svdq cache 1.5 bits, shared, 1/8 exact keys 2-bit")
 #: Methods scored again at the short prefix (the issue's 1,024-token case).
 SHORT_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "keys svdq 1.5, values fp16, shared",
                  "svdq cache 2.0 bits, own bases", "svdq cache 2.0 bits, shared", "svdq cache 2.5 bits, shared",
-                 "svdq cache 2.0 bits, shared, 4 exact keys")
+                 "svdq cache 2.0 bits, shared, 4 exact keys", "svdq cache 2.0 bits, shared, 1/8 exact keys 4-bit",
+                 "svdq cache 2.0 bits, shared, 1/8 exact keys 2-bit")
 
 
 @dataclass
@@ -292,6 +305,8 @@ class Row:
     dnll: float
     #: needle length -> (found, cases)
     needles: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: needle length -> bytes and elements of every case's key and value blobs
+    needle_stats: dict[int, KeyStats] = field(default_factory=dict)
 
 
 @dataclass
@@ -372,7 +387,8 @@ def score_needles(model, tokenizer, rows: Sequence[Row], *, count: int = 12, tok
         reference_found.append(harness.needle_found(
             harness.greedy_answer(model, tokenizer, case_prefix, case.question_ids), case))
         for row in rows:
-            keys, values = cache_transforms(row.method, rope, KeyStats(), case_prefix, bases)
+            stats = row.needle_stats.setdefault(tokens, KeyStats())
+            keys, values = cache_transforms(row.method, rope, stats, case_prefix, bases)
             answer = harness.greedy_answer(model, tokenizer, case_prefix, case.question_ids, keys,
                                            value_transform=values)
             found[row.method.name] += harness.needle_found(answer, case)
@@ -715,6 +731,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         for line in target_checks(rows, reference_found):
             print(line)
+    for row in rows:
+        if row.needle_stats:
+            print(f"{row.method.name}: stored bits per KV element of the needle prompts (all cases, every byte) "
+                  + ", ".join(f"{length}: {stats.total_bits_per_element:.3f} ({stats.bits_per_element:.3f} K + "
+                              f"{stats.value_bits_per_element:.3f} V)" for length, stats in sorted(row.needle_stats.items())))
     for row in rows:
         if row.stats.key_shares:
             shares = row.stats.key_shares

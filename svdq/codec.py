@@ -38,8 +38,10 @@ from .quant import (
     distortion_table,
     group_bytes,
     pack_codes,
+    pack_rows,
     quantize_groups,
     unpack_codes,
+    unpack_rows,
 )
 from .rope import RopeConfig, apply_rope, undo_rope
 
@@ -51,6 +53,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 MAX_SINKS = 1024
 MAX_EXACT_TOKENS = 1024
+MAX_EXACT_SHARE = 0.5
+#: widths of exact tokens: 16-bit rows, or a per-token correction of their reconstruction
+EXACT_BITS = (16, 8, 4, 2)
 MAX_BUDGET = 16.0
 
 #: Defaults chosen from bench/quality.py on SmolLM2-135M (see README): 1.5 bits per element
@@ -89,7 +94,14 @@ class CodecConfig:
             shared or per-sequence basis fits worst; on SmolLM2 four per layer took the whole
             cache at 2.0 bits from 8/12 to 11/12 needles at 512 tokens and from 10/12 to 11/12
             at 1,024 (docs/quality.md). Chosen when the keys are compressed; tokens appended
-            later get none.
+            later get none. With ``exact_share`` this is the floor of the count.
+        exact_share: svdq only: keep ``max(exact_tokens, round(exact_share * n))`` of the
+            ``n`` quantized tokens exact, in [0, 0.5], so that the count grows with the
+            sequence (default 0: ``exact_tokens`` alone).
+        exact_bits: how the exact tokens are stored: 16 keeps their 16-bit rows; 8, 4 or 2
+            stores instead a per-token, per-head ``exact_bits``-bit correction of the
+            reconstruction (the error that remains is that of the correction's rounding), so
+            that 2x, 4x or 8x as many tokens fit in the same bytes. Only with exact tokens.
     """
 
     method: str = "svdq"
@@ -100,6 +112,8 @@ class CodecConfig:
     num_sinks: int = DEFAULT_SINKS
     noise_averaging: float = 1.0
     exact_tokens: int = 0
+    exact_share: float = 0.0
+    exact_bits: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -132,8 +146,20 @@ class CodecConfig:
             )
         if not (isinstance(self.exact_tokens, int) and 0 <= self.exact_tokens <= MAX_EXACT_TOKENS):
             raise InvalidInputError(f"exact_tokens must be an integer in 0..{MAX_EXACT_TOKENS}, got {self.exact_tokens!r}")
-        if self.exact_tokens and self.method != "svdq":
-            raise InvalidInputError(f"exact_tokens applies to method 'svdq' only, not {self.method!r}")
+        if not (isinstance(self.exact_share, (int, float)) and 0 <= self.exact_share <= MAX_EXACT_SHARE):
+            raise InvalidInputError(f"exact_share must be a fraction in [0, {MAX_EXACT_SHARE}], got {self.exact_share!r}")
+        if (self.exact_tokens or self.exact_share) and self.method != "svdq":
+            raise InvalidInputError(f"exact tokens (exact_tokens={self.exact_tokens}, exact_share={self.exact_share}) "
+                                    f"apply to method 'svdq' only, not {self.method!r}")
+        if self.exact_bits not in EXACT_BITS:
+            raise InvalidInputError(f"exact_bits must be one of {EXACT_BITS}, got {self.exact_bits!r}")
+        if self.exact_bits != 16 and not (self.exact_tokens or self.exact_share):
+            raise InvalidInputError(f"exact_bits={self.exact_bits} needs exact tokens (exact_tokens or exact_share > 0): "
+                                    "without them nothing is stored at that width")
+
+    def exact_count(self, quantized: int) -> int:
+        """How many of ``quantized`` tokens are kept exact."""
+        return min(quantized, max(self.exact_tokens, round(self.exact_share * quantized)))
 
 
 #: largest sequence (tokens of one layer) the codec takes by default
@@ -333,6 +359,11 @@ class CompressedKeys:
     * ``exact_index``: int64 [k] ascending sequence indices of quantized body tokens that are
       also kept exact, ``exact_rows`` [k, C] (``storage_dtype``, ``stored_space``): their keys,
       which replace the reconstruction of those tokens. Empty when ``exact_tokens`` is 0.
+    * ``exact_bits`` 16: ``exact_rows`` is what the blob stores. 8, 4 or 2: the blob stores
+      ``exact_codes`` uint8 [k, kv_heads, head_dim * b / 8] (:func:`svdq.quant.pack_rows`),
+      ``exact_scales`` and ``exact_mins`` float16 [k, kv_heads]: a correction of the tokens'
+      reconstruction per head, and ``exact_rows`` is the corrected reconstruction
+      (:func:`exact_corrected_rows`), the same whether computed by compress or by the loader.
     """
 
     method: str
@@ -358,13 +389,24 @@ class CompressedKeys:
     input_space: str = "pre_rope"
     exact_index: torch.Tensor | None = None
     exact_rows: torch.Tensor | None = None
+    exact_bits: int = 16
+    exact_codes: torch.Tensor | None = None
+    exact_scales: torch.Tensor | None = None
+    exact_mins: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        device = self.codes.device
         if self.exact_index is None:
-            self.exact_index = torch.zeros(0, dtype=torch.int64, device=self.codes.device)
+            self.exact_index = torch.zeros(0, dtype=torch.int64, device=device)
         if self.exact_rows is None:
             self.exact_rows = self.sinks.new_zeros(0, self.kv_heads * self.head_dim)
+        if self.exact_codes is None:
+            self.exact_codes = torch.zeros(0, self.kv_heads, 0, dtype=torch.uint8, device=device)
+        if self.exact_scales is None:
+            self.exact_scales = torch.zeros(0, self.kv_heads, dtype=torch.float16, device=device)
+        if self.exact_mins is None:
+            self.exact_mins = torch.zeros(0, self.kv_heads, dtype=torch.float16, device=device)
 
     @property
     def num_exact(self) -> int:
@@ -413,7 +455,7 @@ class CompressedKeys:
         moved = {
             name: getattr(self, name).to(device)
             for name in ("channel_bits", "basis", "mean", "sinks", "codes", "scales", "mins", "tail", "exact_index",
-                         "exact_rows")
+                         "exact_rows", "exact_codes", "exact_scales", "exact_mins")
         }
         if self.positions is not None:
             moved["positions"] = self.positions.to(device)
@@ -605,8 +647,17 @@ def compress(
     latent = _project(centred, components[:, kept], kept_bits, config.method == "svdq")
     latent = latent.reshape(n_groups, group_size, kept.numel())
     codes, scales, mins = quantize_groups(latent, kept_bits)
-    exact_index, exact_rows = _exact_tokens(body, latent, codes, scales, mins, mean, components[:, kept],
-                                            min(config.exact_tokens, n_groups * group_size))
+    packed = pack_codes(codes, kept_bits)
+    exact_index, exact_rows = _exact_tokens(body, codes, scales, mins, mean, components[:, kept],
+                                            config.exact_count(n_groups * group_size))
+    exact = {}
+    if config.exact_bits != 16 and exact_index.numel():
+        restored = reconstruct_tokens(packed, scales, mins, kept_bits, group_size, components[:, kept], mean,
+                                       exact_index)
+        exact_codes, exact_scales, exact_mins = _encode_correction(exact_rows - restored, kv_heads, config.exact_bits)
+        exact = {"exact_bits": config.exact_bits, "exact_codes": exact_codes, "exact_scales": exact_scales,
+                 "exact_mins": exact_mins}
+        exact_rows = exact_corrected_rows(restored, exact_codes, exact_scales, exact_mins, config.exact_bits)
 
     compressed = CompressedKeys(
         method=config.method,
@@ -623,7 +674,7 @@ def compress(
         basis=components if config.method == "kivi" else components[:, kept].contiguous(),
         mean=mean,
         sinks=flat[:num_sinks].to(storage),
-        codes=pack_codes(codes, kept_bits),
+        codes=packed,
         scales=scales,
         mins=mins,
         tail=flat[body_end:].to(storage),
@@ -632,6 +683,7 @@ def compress(
         input_space=key_space,
         exact_index=exact_index + num_sinks,
         exact_rows=exact_rows.to(storage),
+        **exact,
     )
     if config.method == "svdq" and config.schedule is None:
         _warn_if_over_budget(compressed, config.bits_per_element)
@@ -661,7 +713,8 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
     fixed = 8 * fixed_size(method="svdq", channels=compressed.channels, tokens=compressed.num_tokens,
                            num_sinks=compressed.num_sinks, group_size=compressed.group_size,
                            has_rope=compressed.rope is not None, stored_basis=compressed.shared_basis is None,
-                           explicit_positions=compressed.positions is not None, exact_tokens=compressed.num_exact)
+                           explicit_positions=compressed.positions is not None, exact_tokens=compressed.num_exact,
+                           exact_bits=compressed.exact_bits, kv_heads=compressed.kv_heads)
     fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
     _warn_once(("budget", target, compressed.channels, compressed.group_size),
                f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} tokens "
@@ -671,9 +724,8 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
                "longer sequences, smaller token groups or a shared basis come closer to the budget")
 
 
-def _exact_tokens(body: torch.Tensor, latent: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                  mins: torch.Tensor, mean: torch.Tensor, basis_columns: torch.Tensor,
-                  count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  mean: torch.Tensor, basis_columns: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(body-relative int64 [count] ascending indices, float32 rows [count, C]) of the body
     tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C] (pre-RoPE).
 
@@ -721,6 +773,38 @@ def _project(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torc
     return latent
 
 
+def reconstruct_tokens(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, kept_bits: torch.Tensor,
+                        group_size: int, basis_columns: torch.Tensor, mean: torch.Tensor,
+                        index: torch.Tensor) -> torch.Tensor:
+    """float32 [k, C] pre-RoPE reconstruction of the body tokens ``index`` (body-relative) from
+    the packed ``codes`` of their groups only. Compress and the loader both call it, so an
+    exact token's corrected row is the same bytes on both sides."""
+    groups, inside = index // group_size, index % group_size
+    unique, which = torch.unique(groups, return_inverse=True)
+    latent = dequantize_groups(unpack_codes(codes[unique], kept_bits, group_size), scales[unique], mins[unique])
+    return latent[which, inside] @ basis_columns.float().T + mean
+
+
+def _encode_correction(residual: torch.Tensor, kv_heads: int, bits: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """``bits``-bit codes (packed, [k, kv_heads, head_dim * bits / 8]), float16 scales and
+    minimums [k, kv_heads] of ``residual`` [k, C], one range per token and head: the error
+    of a badly reconstructed key sits in a few dropped latent channels, so its range per head
+    is small next to the key's own."""
+    tokens = residual.shape[0]
+    runs = residual.reshape(tokens * kv_heads, -1, 1)
+    codes, scales, mins = quantize_groups(runs, torch.tensor([bits]))
+    return (pack_rows(codes.reshape(tokens, kv_heads, -1), bits), scales.reshape(tokens, kv_heads),
+            mins.reshape(tokens, kv_heads))
+
+
+def exact_corrected_rows(restored: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                         bits: int) -> torch.Tensor:
+    """float32 [k, C]: the reconstruction ``restored`` [k, C] plus its stored correction."""
+    correction = unpack_rows(codes, bits).float() * scales.float()[..., None] + mins.float()[..., None]
+    return restored + correction.reshape(restored.shape)
+
+
 def _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks, *,
               stored_basis, rope, explicit_positions, sample_tokens: int = 2048) -> torch.Tensor:
     """Budget allocation: spend what the fixed costs leave of ``bits_per_element``.
@@ -739,7 +823,7 @@ def _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks
     fixed_bits = 8 * fixed_size(
         method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
         has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
-        exact_tokens=min(config.exact_tokens, quantized),
+        exact_tokens=config.exact_count(quantized), exact_bits=config.exact_bits, kv_heads=kv_heads,
     )
     budget = config.bits_per_element * tokens * channels - fixed_bits
     # Sequences too short to amortise the fixed costs still get half the budget's bits for

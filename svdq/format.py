@@ -1,13 +1,15 @@
-"""Serialized format of :class:`~svdq.codec.CompressedKeys` (versions 1 and 2).
+"""Serialized format of :class:`~svdq.codec.CompressedKeys` (versions 1, 2 and 3).
 
 All integers and floats are little-endian. A blob is::
 
     offset size  field
     0      4     magic b"SVDQ"
-    4      1     format version: 2 when the blob holds exact tokens (flag bit5), else 1
+    4      1     format version: 3 when the exact tokens are stored as corrections (flag
+                 bit6), 2 when they are 16-bit rows (flag bit5 alone), else 1
     5      1     method: 0 svdq, 1 kivi, 2 fp16
     6      1     flags: bit0 input was post-RoPE, bit1 stored post-RoPE, bit2 has RoPE,
-                 bit3 shared basis (not stored), bit4 explicit positions, bit5 exact tokens
+                 bit3 shared basis (not stored), bit4 explicit positions, bit5 exact tokens,
+                 bit6 exact tokens as corrections (with bit5)
     7      1     dtypes: low nibble input dtype, high nibble full-precision dtype
                  (0 float16, 1 bfloat16, 2 float32)
     8      4     tokens (u32)
@@ -21,8 +23,12 @@ All integers and floats are little-endian. A blob is::
     ..     8     shared basis fingerprint (u64), only if flag bit3
     ..     C/2   channel widths, two 4-bit widths per byte, low nibble first (svdq, kivi)
     ..     4     exact token count k (u32), only if flag bit5; then
+    ..     1     correction width b (u8: 8, 4 or 2), only if flag bit6
     ..     4k    their sequence indices u32 [k], ascending, inside the quantized groups
-    ..     2Ck   their rows [k, C] in the full-precision dtype (replace the reconstruction)
+    ..     2Ck   without bit6: their rows [k, C] in the full-precision dtype (replace the
+                 reconstruction); with bit6 instead: scales float16 [k, H], mins float16
+                 [k, H] and codes [k, H, D*b/8] (svdq.quant.pack_rows) of a correction per
+                 token and head added to the token's reconstruction (8Hk + CkB/8 bytes)
     ..     4C    mean float32 [C] (svdq with stored basis)
     ..     2Cr   basis float16 [C, r] row-major (svdq with stored basis)
     ..     8S    positions int64 [S] (only if flag bit4)
@@ -35,18 +41,20 @@ All integers and floats are little-endian. A blob is::
 Counts that are not stored (s, G, t) follow from tokens, num_sinks and group_size. A reader
 rejects a wrong magic, a newer version, a size that does not match the header and a
 checksum mismatch, each with a :class:`~svdq.errors.FormatError` that says which. Version 1
-readers reject a version 2 blob by its version byte.
+readers reject a version 2 blob by its version byte, version 2 readers a version 3 one.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from .codec import (
+    EXACT_BITS,
     GROUP_SIZES,
     MAX_SINKS,
     METHODS,
@@ -55,16 +63,20 @@ from .codec import (
     CostLimits,
     check_cost,
     check_group_bytes,
+    exact_corrected_rows,
     identity_basis,
+    reconstruct_tokens,
 )
 from .errors import FormatError, InvalidInputError, ResourceExhaustedError
 from .quant import group_bytes
 from .rope import ROPE_SCALINGS, ROPE_STYLES, RopeConfig
 
 MAGIC = b"SVDQ"
-VERSION = 2
-#: Blobs without exact tokens are written as version 1, which older readers accept.
+VERSION = 3
+#: Blobs without exact tokens are written as version 1, which older readers accept; 16-bit
+#: exact rows as version 2; exact corrections as version 3.
 _VERSION_EXACT = 2
+_VERSION_CORRECTION = 3
 _HEADER = struct.Struct("<4sBBBBIHHHHq")
 _ROPE = struct.Struct("<dHBBfffI")
 _FINGERPRINT = struct.Struct("<Q")
@@ -72,13 +84,15 @@ _CRC = struct.Struct("<I")
 _COUNT = struct.Struct("<I")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_F_POST_IN, _F_POST_STORED, _F_ROPE, _F_SHARED, _F_POSITIONS, _F_EXACT = 1, 2, 4, 8, 16, 32
+_F_POST_IN, _F_POST_STORED, _F_ROPE, _F_SHARED, _F_POSITIONS, _F_EXACT, _F_CORRECTION = 1, 2, 4, 8, 16, 32, 64
+_WIDTH = struct.Struct("<B")
 # Positions must leave room for arange(offset, offset + tokens) in int64.
 _MAX_POSITION = 1 << 62
 
 
 def _layout(method: str, channels: int, tokens: int, num_sinks: int, group_size: int, kept_bits: np.ndarray,
-            has_rope: bool, stored_basis: bool, explicit_positions: bool, exact_tokens: int = 0) -> dict[str, int]:
+            has_rope: bool, stored_basis: bool, explicit_positions: bool, exact_tokens: int = 0,
+            exact_bits: int = 16, kv_heads: int = 1) -> dict[str, int]:
     """Byte size of every section, from the shapes alone."""
     sinks = 0 if method == "fp16" else min(num_sinks, tokens)
     groups = 0 if method == "fp16" else (tokens - sinks) // group_size
@@ -94,7 +108,7 @@ def _layout(method: str, channels: int, tokens: int, num_sinks: int, group_size:
         "mean": 4 * channels if basis_stored else 0,
         "basis": 2 * channels * kept if basis_stored else 0,
         "positions": 8 * tokens if explicit_positions else 0,
-        "exact": _COUNT.size + (4 + 2 * channels) * exact_tokens if exact_tokens else 0,
+        "exact": _exact_size(channels, exact_tokens, exact_bits, kv_heads),
         "sinks": 2 * channels * sinks,
         "scales": 2 * groups * kept,
         "mins": 2 * groups * kept,
@@ -104,22 +118,34 @@ def _layout(method: str, channels: int, tokens: int, num_sinks: int, group_size:
     }
 
 
+def _exact_size(channels: int, exact_tokens: int, exact_bits: int, kv_heads: int) -> int:
+    """Bytes of the exact-token section: count, indices and 16-bit rows, or the correction's
+    width, scales, minimums and codes."""
+    if not exact_tokens:
+        return 0
+    if exact_bits == 16:
+        return _COUNT.size + (4 + 2 * channels) * exact_tokens
+    return _COUNT.size + _WIDTH.size + (4 + 4 * kv_heads + channels * exact_bits // 8) * exact_tokens
+
+
 def serialized_size(compressed: CompressedKeys) -> int:
     """Exact length of :func:`to_bytes` of ``compressed`` without building it."""
     return sum(_layout(
         compressed.method, compressed.channels, compressed.num_tokens, compressed.num_sinks,
         compressed.group_size, compressed.kept_bits.cpu().numpy(), compressed.rope is not None,
         compressed.shared_basis is None, compressed.positions is not None, compressed.num_exact,
+        compressed.exact_bits, compressed.kv_heads,
     ).values())
 
 
 def fixed_size(*, method: str, channels: int, tokens: int, num_sinks: int, group_size: int, has_rope: bool,
-               stored_basis: bool, explicit_positions: bool, exact_tokens: int = 0) -> int:
+               stored_basis: bool, explicit_positions: bool, exact_tokens: int = 0, exact_bits: int = 16,
+               kv_heads: int = 1) -> int:
     """Bytes that do not depend on the channel widths (a blob with every channel dropped):
     header, RoPE, widths map, mean, positions, exact tokens, full-precision sinks and tail,
     checksum. The bit allocator spends what the budget leaves after these."""
     return sum(_layout(method, channels, tokens, num_sinks, group_size, np.zeros(channels, dtype=np.int64),
-                       has_rope, stored_basis, explicit_positions, exact_tokens).values())
+                       has_rope, stored_basis, explicit_positions, exact_tokens, exact_bits, kv_heads).values())
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -138,8 +164,10 @@ def to_bytes(compressed: CompressedKeys) -> bytes:
     flags |= _F_SHARED if compressed.shared_basis is not None else 0
     flags |= _F_POSITIONS if compressed.positions is not None else 0
     flags |= _F_EXACT if compressed.num_exact else 0
+    correction = bool(compressed.num_exact) and compressed.exact_bits != 16
+    flags |= _F_CORRECTION if correction else 0
     dtypes = _DTYPES.index(compressed.input_dtype) | (_DTYPES.index(compressed.storage_dtype) << 4)
-    version = _VERSION_EXACT if compressed.num_exact else 1
+    version = _VERSION_CORRECTION if correction else _VERSION_EXACT if compressed.num_exact else 1
     parts = [_HEADER.pack(
         MAGIC, version, METHODS.index(compressed.method), flags, dtypes, compressed.num_tokens,
         compressed.kv_heads, compressed.head_dim, compressed.group_size, compressed.num_sinks,
@@ -157,7 +185,11 @@ def to_bytes(compressed: CompressedKeys) -> bytes:
         if widths.size % 2:
             widths = np.append(widths, 0)
         parts.append((widths[0::2] | (widths[1::2] << 4)).astype(np.uint8).tobytes())
-    if compressed.num_exact:
+    if correction:
+        parts += [_COUNT.pack(compressed.num_exact), _WIDTH.pack(compressed.exact_bits),
+                  _tensor_bytes(compressed.exact_index.to(torch.int32)), _tensor_bytes(compressed.exact_scales),
+                  _tensor_bytes(compressed.exact_mins), _tensor_bytes(compressed.exact_codes)]
+    elif compressed.num_exact:
         parts += [_COUNT.pack(compressed.num_exact), _tensor_bytes(compressed.exact_index.to(torch.int32)),
                   _tensor_bytes(compressed.exact_rows)]
     if compressed.method == "svdq" and compressed.shared_basis is None:
@@ -266,7 +298,10 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
             raise FormatError("channel widths above 8 bits in blob")
     sinks_n = 0 if method == "fp16" else min(num_sinks, tokens)
     groups = 0 if method == "fp16" else (tokens - sinks_n) // group_size
-    exact_n = 0
+    exact_n, exact_bits = 0, 16
+    if flags & _F_CORRECTION and (not flags & _F_EXACT or version < _VERSION_CORRECTION):
+        raise FormatError(f"exact corrections (flag bit6) need exact tokens (bit5) and format version "
+                          f"{_VERSION_CORRECTION}, got flags {flags:#x} version {version}")
     if flags & _F_EXACT:
         if method != "svdq" or version < _VERSION_EXACT:
             raise FormatError(f"exact tokens (flag bit5) need method svdq and format version {_VERSION_EXACT}, got "
@@ -274,10 +309,15 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         (exact_n,) = _COUNT.unpack(reader.take(_COUNT.size, "exact token count"))
         if not 1 <= exact_n <= groups * group_size:
             raise FormatError(f"blob has {exact_n} exact tokens; allowed 1..{groups * group_size} (its quantized tokens)")
+        if flags & _F_CORRECTION:
+            (exact_bits,) = _WIDTH.unpack(reader.take(_WIDTH.size, "exact correction width"))
+            if exact_bits not in EXACT_BITS or exact_bits == 16:
+                raise FormatError(f"exact correction width {exact_bits} in blob; allowed "
+                                  f"{', '.join(str(b) for b in EXACT_BITS if b != 16)}")
     # The whole layout follows from the header, widths and exact count: compare it with the
     # real length before reading (and allocating) any section.
     expected = sum(_layout(method, channels, tokens, num_sinks, group_size, channel_bits, bool(flags & _F_ROPE),
-                           shared is None, bool(flags & _F_POSITIONS), exact_n).values())
+                           shared is None, bool(flags & _F_POSITIONS), exact_n, exact_bits, kv_heads).values())
     if expected != len(data):
         raise FormatError(f"blob is {len(data)} bytes but its header and channel widths describe {expected}: "
                           "truncated, padded or a header field is wrong")
@@ -289,7 +329,14 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
                 exact_n > 1 and not bool((exact_index[1:] > exact_index[:-1]).all())):
             raise FormatError(f"exact token indices must ascend strictly inside the quantized tokens "
                               f"{sinks_n}..{sinks_n + groups * group_size - 1}")
-        exact_rows = reader.tensor(storage, (exact_n, channels), "exact token rows")
+        if exact_bits == 16:
+            exact_rows = reader.tensor(storage, (exact_n, channels), "exact token rows")
+        else:
+            correction_sections = (
+                reader.tensor(torch.float16, (exact_n, kv_heads), "exact correction scales"),
+                reader.tensor(torch.float16, (exact_n, kv_heads), "exact correction mins"),
+                reader.tensor(torch.uint8, (exact_n, kv_heads, head_dim * exact_bits // 8), "exact correction codes"),
+            )
     kept_idx = np.nonzero(channel_bits)[0]
     kept = kept_idx.size
     if method == "svdq" and shared is None:
@@ -318,8 +365,10 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
     tail = reader.tensor(storage, (tail_n, channels), "tail")
     if reader.at != len(reader.data):
         raise FormatError(f"blob has {len(reader.data) - reader.at} unexpected trailing bytes")
+    corrections = correction_sections[:2] if exact_n and exact_bits != 16 else (None, None)
     for name, section in (("mean", mean), ("basis", basis_cols), ("sinks", sinks), ("scales", scales),
-                          ("mins", mins), ("tail", tail), ("exact token rows", exact_rows)):
+                          ("mins", mins), ("tail", tail), ("exact token rows", exact_rows),
+                          ("exact correction scales", corrections[0]), ("exact correction mins", corrections[1])):
         if section is None:
             continue
         if not bool(torch.isfinite(section).all()):
@@ -335,4 +384,20 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         input_space="post_rope" if flags & _F_POST_IN else "pre_rope", exact_index=exact_index, exact_rows=exact_rows,
     )
     check_group_bytes(compressed)
+    if exact_n and exact_bits != 16:
+        compressed = _with_corrections(compressed, exact_bits, *correction_sections)
     return compressed.to(device) if str(device) != "cpu" else compressed
+
+
+def _with_corrections(compressed: CompressedKeys, bits: int, scales: torch.Tensor, mins: torch.Tensor,
+                      codes: torch.Tensor) -> CompressedKeys:
+    """``compressed`` with its exact rows rebuilt from the stored corrections as compress built them."""
+    restored = reconstruct_tokens(compressed.codes, compressed.scales, compressed.mins, compressed.kept_bits,
+                                  compressed.group_size, compressed.basis, compressed.mean,
+                                  compressed.exact_index - compressed.sinks.shape[0])
+    rows = exact_corrected_rows(restored, codes, scales, mins, bits)
+    if not bool(torch.isfinite(rows).all()) or float(rows.abs().max()) > torch.finfo(compressed.storage_dtype).max:
+        raise FormatError(f"blob's exact corrections give rows beyond {compressed.storage_dtype}; a blob from "
+                          "to_bytes never does")
+    return replace(compressed, exact_rows=rows.to(compressed.storage_dtype), exact_bits=bits, exact_codes=codes,
+                   exact_scales=scales, exact_mins=mins)

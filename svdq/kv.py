@@ -2,8 +2,9 @@
 
 A user states true bits per KV element (or a ratio vs fp16); :func:`compress_kv` compresses
 the layer's keys and values at every candidate split of those bits between them (each
-codec's ``bits_per_element`` counts every byte of its blob, so any split costs the same
-total) and keeps the split whose attention output is closest to the uncompressed one.
+codec's ``bits_per_element`` counts every byte of its blob; the values get what the keys'
+blob leaves of the total, so any split costs the same) and keeps the split whose attention
+output is closest to the uncompressed one.
 
 The attention output is measured with probe queries: without the model's queries (a
 storage service sees only keys and values), the layer's own post-RoPE keys at evenly spaced
@@ -27,8 +28,11 @@ from .values import DEFAULT_VALUE_CODEC, CompressedValues, ValueConfig, compress
 
 #: Default whole-cache budget: 2 true bits per KV element, 8x smaller than fp16.
 DEFAULT_TOTAL_BITS = 2.0
-#: Candidate shares of the budget spent on keys (the rest goes to values).
+#: Candidate shares of the budget spent on keys (values get what the keys' blob leaves).
 DEFAULT_KEY_SHARES = (0.25, 0.3125, 0.375, 0.4375, 0.5)
+#: Value budget when the keys alone reach the whole one (the cache then stores more, and the
+#: value codec says so).
+MIN_VALUE_BITS = 0.5
 
 
 @dataclass(frozen=True)
@@ -140,13 +144,14 @@ def compress_kv(
     candidates = []
     for share in budget.key_shares:
         key_config = replace(budget.key_codec, bits_per_element=2 * budget.bits_per_element * share)
-        value_config = ValueConfig(codec=replace(budget.value_codec,
-                                                 bits_per_element=2 * budget.bits_per_element * (1 - share)))
-        candidates.append((
-            share,
-            compress(keys, key_config, positions=positions, rope=rope, key_space=key_space, basis=key_basis),
-            compress_values(values, value_config, basis=value_basis),
-        ))
+        compressed_keys = compress(keys, key_config, positions=positions, rope=rope, key_space=key_space,
+                                   basis=key_basis)
+        # Values get what the keys' blob left of the whole budget: keys store more than their
+        # share when their fixed costs (16-bit tail, exact tokens) exceed it, and the cache as
+        # a whole must still weigh the bits asked for.
+        value_bits = max(2 * budget.bits_per_element - compressed_keys.bits_per_element, MIN_VALUE_BITS)
+        value_config = ValueConfig(codec=replace(budget.value_codec, bits_per_element=value_bits))
+        candidates.append((share, compressed_keys, compress_values(values, value_config, basis=value_basis)))
     if len(candidates) == 1:
         share, compressed_keys, compressed_values = candidates[0]
         return CompressedCache(compressed_keys, compressed_values, share, {share: math.nan})

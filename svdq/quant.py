@@ -114,6 +114,25 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     return codes.float() * scales.float()[:, None, :] + mins.float()[:, None, :]
 
 
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., D] (each < 2**bits, ``bits`` 1, 2, 4 or 8) -> uint8 [..., D*bits/8]:
+    code ``d`` of a row occupies bits ``[d * bits, (d + 1) * bits)`` LSB-first across the row's
+    bytes, never straddling two bytes. The per-token layout of quantized values and of exact
+    key residuals."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: uint8 [..., B] -> uint8 codes [..., B*8/bits]."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
+
+
 def code_bit_positions(kept_bits: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where every code of a group row starts: int64 ``byte`` and ``shift`` [group_size, r].
 

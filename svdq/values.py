@@ -54,7 +54,7 @@ import torch
 
 from .codec import Basis, CodecConfig, CompressedKeys, append, compress, decompress
 from .errors import FormatError, InvalidInputError
-from .quant import quantize_groups
+from .quant import pack_rows, quantize_groups, unpack_rows
 
 VALUE_BITS = (None, 2, 4)
 VALUE_GROUP_SIZES = (8, 16, 32, 64, 128, 256)
@@ -211,22 +211,6 @@ def _check_values(values: torch.Tensor, name: str) -> None:
         raise InvalidInputError(f"{name} contain NaN or Inf; only finite values can be stored")
 
 
-def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., D] (each < 2**bits) -> uint8 [..., D*bits/8], LSB-first."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
-    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
-    return (grouped << shifts).sum(-1).to(torch.uint8)
-
-
-def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`_pack`: uint8 [..., B] -> uint8 codes [..., B*8/bits]."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
-
-
 def compress_values(values: torch.Tensor, config: ValueConfig | None = None,
                     basis: Basis | None = None) -> CompressedValues:
     """Store ``values`` [S, H, D] (float16/bfloat16/float32, finite) as ``config`` says.
@@ -263,7 +247,7 @@ def compress_values(values: torch.Tensor, config: ValueConfig | None = None,
     codes = codes.reshape(tokens, heads, head_dim)
     empty_data = torch.empty(tokens, heads, 0, dtype=torch.float16, device=values.device)
     return CompressedValues(
-        config.bits, config.group_size, heads, head_dim, empty_data, _pack(codes, config.bits),
+        config.bits, config.group_size, heads, head_dim, empty_data, pack_rows(codes, config.bits),
         scales.reshape(tokens, heads, groups), mins.reshape(tokens, heads, groups),
     )
 
@@ -337,7 +321,7 @@ def gather_values(compressed: CompressedValues, token_index: torch.Tensor | None
 
 def _dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, compressed: CompressedValues) -> torch.Tensor:
     """[..., D*b/8] codes and [..., D/G] scales/mins -> float32 [..., D]."""
-    unpacked = _unpack(codes, compressed.bits).float()
+    unpacked = unpack_rows(codes, compressed.bits).float()
     shape = unpacked.shape
     grouped = unpacked.reshape(*shape[:-1], -1, compressed.group_size)
     return (grouped * scales.float()[..., None] + mins.float()[..., None]).reshape(shape)

@@ -140,7 +140,7 @@ def test_bad_exact_token_options():
         CodecConfig(exact_tokens=-1)
     with pytest.raises(InvalidInputError, match="exact_tokens must be an integer in 0..1024"):
         CodecConfig(exact_tokens=2000)
-    with pytest.raises(InvalidInputError, match="applies to method 'svdq' only"):
+    with pytest.raises(InvalidInputError, match="apply to method 'svdq' only"):
         CodecConfig(method="kivi", exact_tokens=4)
     with pytest.raises(InvalidInputError, match="exact_tokens applies to keys only"):
         ValueConfig(codec=CodecConfig(exact_tokens=4))
@@ -151,3 +151,90 @@ def test_codec_message_carries_exact_tokens():
     assert codec_from_pb(codec_to_pb(config, pb.Codec())) == config
     with pytest.raises(InvalidInputError, match="exact_tokens"):
         codec_from_pb(pb.Codec(method="svdq", exact_tokens=5000))
+    corrected = CodecConfig(bits_per_element=2.0, exact_tokens=4, exact_share=0.125, exact_bits=4)
+    assert codec_from_pb(codec_to_pb(corrected, pb.Codec())) == corrected
+    with pytest.raises(InvalidInputError, match="exact_bits must be one of"):
+        codec_from_pb(pb.Codec(method="svdq", exact_tokens=4, exact_bits=5))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_corrections_round_trip_as_version_3_and_count_every_byte(bits):
+    keys, pre = rare_token_keys()
+    config = CodecConfig(schedule=SCHEDULE.schedule, group_size=16, exact_tokens=4, exact_bits=bits)
+    compressed = compress(keys, config, rope=ROPE, key_space="post_rope")
+    plain = compress(keys, SCHEDULE, rope=ROPE, key_space="post_rope")
+    blob = to_bytes(compressed)
+    assert blob[4] == 3 and len(blob) == compressed.nbytes
+    # count, width, then per token: index, a float16 scale and minimum per head, 3 * 64 codes
+    assert compressed.nbytes == plain.nbytes + 4 + 1 + 4 * (4 + 3 * 4 + 192 * bits // 8)
+    loaded = from_bytes(blob)
+    assert torch.equal(loaded.exact_rows, compressed.exact_rows) and to_bytes(loaded) == blob
+    assert torch.equal(decompress(loaded, "post_rope"), decompress(compressed, "post_rope"))
+    # The same worst tokens as 16-bit rows, reconstructed to within the correction's rounding
+    # (each head's error shrinks by about the number of levels) and the rows' 16-bit rounding.
+    index = compressed.exact_index
+    assert index.tolist() == compress(keys, replace_bits(config, 16), rope=ROPE,
+                                      key_space="post_rope").exact_index.tolist()
+    before = (decompress(plain, "pre_rope", torch.float32)[index] - pre[index]).abs().amax(dim=2)
+    after = (decompress(compressed, "pre_rope", torch.float32)[index] - pre[index]).abs().amax(dim=2)
+    rounding = pre[index].abs().amax(dim=2) * 2.0 ** -10
+    assert bool((after <= before / (2 ** bits - 1) + rounding).all())
+
+
+def replace_bits(config: CodecConfig, bits: int) -> CodecConfig:
+    from dataclasses import replace
+
+    return replace(config, exact_bits=bits)
+
+
+def test_exact_share_scales_the_count_with_the_sequence_and_stays_in_the_budget():
+    config = CodecConfig(bits_per_element=2.0, group_size=16, exact_tokens=3, exact_share=0.05, exact_bits=4)
+    assert config.exact_count(1000) == 50 and config.exact_count(20) == 3 and config.exact_count(2) == 2
+    for tokens in (404, 2052):
+        compressed = compress(structured_keys(tokens, 3, 64), config)
+        assert compressed.num_exact == config.exact_count(tokens - 4)
+        assert compressed.bits_per_element <= 2.0
+
+
+def test_a_version_2_reader_refuses_corrections_by_the_version_byte():
+    import svdq.format as fmt
+
+    keys, _ = rare_token_keys()
+    blob = to_bytes(compress(keys, CodecConfig(schedule=SCHEDULE.schedule, group_size=16, exact_tokens=2,
+                                               exact_bits=4), rope=ROPE, key_space="post_rope"))
+    old = fmt.VERSION
+    try:
+        fmt.VERSION = 2
+        with pytest.raises(FormatError, match="version 3 is newer than this reader"):
+            from_bytes(blob)
+    finally:
+        fmt.VERSION = old
+
+
+def test_bad_correction_sections_are_refused():
+    keys, _ = rare_token_keys()
+    blob = to_bytes(compress(keys, CodecConfig(schedule=SCHEDULE.schedule, group_size=16, exact_tokens=2,
+                                               exact_bits=4), rope=ROPE, key_space="post_rope"))
+    width_at = 28 + 28 + 96 + 4
+    assert blob[width_at] == 4
+    with pytest.raises(FormatError, match="exact correction width 3 in blob; allowed 8, 4, 2"):
+        from_bytes(_rewrite(blob, width_at, "<B", 3))
+    with pytest.raises(FormatError, match="exact corrections .flag bit6. need exact tokens .bit5. and format version 3"):
+        from_bytes(_rewrite(blob, 4, "<B", 2))
+    with pytest.raises(FormatError, match="describe"):
+        from_bytes(_rewrite(blob, width_at, "<B", 8))
+    # a scale of the correction that is not finite
+    scales_at = width_at + 1 + 4 * 2
+    with pytest.raises(FormatError, match="NaN or Inf in its exact correction scales"):
+        from_bytes(_rewrite(blob, scales_at, "<H", 0x7C00))
+
+
+def test_bad_exact_share_and_width_options():
+    with pytest.raises(InvalidInputError, match=r"exact_share must be a fraction in \[0, 0.5\]"):
+        CodecConfig(exact_share=0.6)
+    with pytest.raises(InvalidInputError, match="exact_bits must be one of"):
+        CodecConfig(exact_tokens=4, exact_bits=3)
+    with pytest.raises(InvalidInputError, match="exact_bits=4 needs exact tokens"):
+        CodecConfig(exact_bits=4)
+    with pytest.raises(InvalidInputError, match="apply to method 'svdq' only"):
+        CodecConfig(method="kivi", exact_share=0.1)

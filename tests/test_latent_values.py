@@ -223,6 +223,18 @@ def test_cache_budget_spends_the_total_bits_on_the_measured_best_split():
                        key_space="post_rope").key_share == 0.5
 
 
+def test_keys_over_their_share_leave_the_values_less_and_the_whole_cache_on_the_budget():
+    keys, values = _layer(2052)
+    corrected = CodecConfig(exact_tokens=4, exact_share=0.5, exact_bits=4)
+    budget = CacheBudget(bits_per_element=2.0, key_shares=(0.25,), key_codec=corrected)
+    cache = compress_kv(keys, values, budget, positions=torch.arange(2052), rope=ROPE, key_space="post_rope")
+    assert cache.keys.num_exact == 1024 and cache.keys.exact_bits == 4
+    # 1024 corrections cost the keys more than their quarter of the budget; the values pay.
+    assert cache.keys.bits_per_element > 2.0
+    assert cache.values.bits_per_element == pytest.approx(4.0 - cache.keys.bits_per_element, abs=0.05)
+    assert cache.bits_per_element <= 2.0 + 1e-3
+
+
 def test_cache_budget_from_a_ratio_and_its_bad_inputs():
     assert CacheBudget.from_ratio(8).bits_per_element == 2.0
     with pytest.raises(InvalidInputError, match=">= 1"):

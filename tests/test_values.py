@@ -7,6 +7,8 @@ import torch
 
 from svdq.errors import FormatError, InvalidInputError
 from svdq.quant import pack_codes
+from svdq.quant import pack_rows as pack_value_codes
+from svdq.quant import unpack_rows as unpack_value_codes
 from svdq.values import (
     ValueConfig,
     append_values,
@@ -16,8 +18,6 @@ from svdq.values import (
     values_from_bytes,
     values_to_bytes,
 )
-from svdq.values import _pack as pack_value_codes
-from svdq.values import _unpack as unpack_value_codes
 
 
 def _values(tokens=37, heads=3, head_dim=64, dtype=torch.float16, seed=0):

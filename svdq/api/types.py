@@ -102,7 +102,8 @@ def codec_to_pb(config: CodecConfig, out: pb.Codec) -> pb.Codec:
     out.group_size, out.num_sinks = config.group_size, config.num_sinks
     if config.noise_averaging != 1.0:
         out.noise_averaging = config.noise_averaging
-    out.exact_tokens = config.exact_tokens
+    out.exact_tokens, out.exact_share = config.exact_tokens, config.exact_share
+    out.exact_bits = config.exact_bits if config.exact_bits != 16 else 0
     return out
 
 
@@ -118,6 +119,8 @@ def codec_from_pb(message: pb.Codec) -> CodecConfig:
         num_sinks=message.num_sinks if message.HasField("num_sinks") else defaults.num_sinks,
         noise_averaging=message.noise_averaging if message.HasField("noise_averaging") else 1.0,
         exact_tokens=message.exact_tokens,
+        exact_share=message.exact_share,
+        exact_bits=message.exact_bits or defaults.exact_bits,
     )
 
 

@@ -61,7 +61,7 @@ class Rope(_message.Message):
     def __init__(self, theta: _Optional[float] = ..., rotary_dim: _Optional[int] = ..., style: _Optional[str] = ..., scaling: _Optional[str] = ..., factor: _Optional[float] = ..., low_freq_factor: _Optional[float] = ..., high_freq_factor: _Optional[float] = ..., original_max_position: _Optional[int] = ...) -> None: ...
 
 class Codec(_message.Message):
-    __slots__ = ("method", "bits_per_element", "schedule", "bits", "group_size", "num_sinks", "noise_averaging", "exact_tokens")
+    __slots__ = ("method", "bits_per_element", "schedule", "bits", "group_size", "num_sinks", "noise_averaging", "exact_tokens", "exact_share", "exact_bits")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class Codec(_message.Message):
     NUM_SINKS_FIELD_NUMBER: _ClassVar[int]
     NOISE_AVERAGING_FIELD_NUMBER: _ClassVar[int]
     EXACT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    EXACT_BITS_FIELD_NUMBER: _ClassVar[int]
     method: str
     bits_per_element: float
     schedule: _containers.RepeatedScalarFieldContainer[int]
@@ -78,7 +80,9 @@ class Codec(_message.Message):
     num_sinks: int
     noise_averaging: float
     exact_tokens: int
-    def __init__(self, method: _Optional[str] = ..., bits_per_element: _Optional[float] = ..., schedule: _Optional[_Iterable[int]] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., num_sinks: _Optional[int] = ..., noise_averaging: _Optional[float] = ..., exact_tokens: _Optional[int] = ...) -> None: ...
+    exact_share: float
+    exact_bits: int
+    def __init__(self, method: _Optional[str] = ..., bits_per_element: _Optional[float] = ..., schedule: _Optional[_Iterable[int]] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., num_sinks: _Optional[int] = ..., noise_averaging: _Optional[float] = ..., exact_tokens: _Optional[int] = ..., exact_share: _Optional[float] = ..., exact_bits: _Optional[int] = ...) -> None: ...
 
 class ValueCodec(_message.Message):
     __slots__ = ("bits", "group_size", "codec", "bases")

@@ -866,6 +866,8 @@ class KVCacheClient:
         return Profile.from_pb(self._call("GetProfile", lambda: request, timeout))
 
     def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
+        """The profiles this caller can use, by name, without their shared bases (a listing of
+        several would pass the message limit): :meth:`get_profile` returns one whole."""
         response = self._call("ListProfiles", pb.ListProfilesRequest, timeout)
         return [Profile.from_pb(message) for message in response.profiles]
 

@@ -8,6 +8,7 @@ handled here: the engine raises typed errors and the interceptor turns them into
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,7 +54,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     async def ListProfiles(self, request, context):
         profiles = self.engine.list_profiles(current_tenant.get())
-        return pb.ListProfilesResponse(profiles=[profile.to_pb() for profile in profiles])
+        return pb.ListProfilesResponse(
+            profiles=[dataclasses.replace(profile, bases=None, value_bases=None).to_pb() for profile in profiles],
+            names_with_bases=[profile.name for profile in profiles if profile.bases or profile.value_bases])
 
     async def Compress(self, request, context):
         tenant = current_tenant.get()

@@ -127,6 +127,21 @@ def test_profiles_register_by_rpc(client):
     assert name in {p.name for p in client.list_profiles()}
 
 
+def test_listing_profiles_leaves_their_bases_out_so_it_fits_the_message_limit(client):
+    """Three profiles whose bases (2 MiB each) together pass the shared server's 3 MiB message
+    limit: the listing still answers, without their bases, and get_profile has them."""
+    from svdq import fit_basis
+
+    basis = fit_basis(torch.randn(1100, 8 * 128, generator=torch.Generator().manual_seed(5)))
+    names = [new_id("based") for _ in range(3)]
+    for name in names:
+        client.register_profile(Profile(name, 1, 8, 128, bases=(basis,)))
+    listed = {p.name: p for p in client.list_profiles()}
+    assert set(names) <= set(listed) and all(listed[name].bases is None for name in names)
+    whole = client.get_profile(names[0])
+    assert whole.bases is not None and whole.bases[0].fingerprint == basis.fingerprint
+
+
 def test_profiles_are_private_to_their_tenant(shared_server, client):
     name = new_id("profile")
     mine = Profile(name, 1, 1, 16, codec=CodecConfig(method="fp16"))

@@ -149,10 +149,12 @@ class ListProfilesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListProfilesResponse(_message.Message):
-    __slots__ = ("profiles",)
+    __slots__ = ("profiles", "names_with_bases")
     PROFILES_FIELD_NUMBER: _ClassVar[int]
+    NAMES_WITH_BASES_FIELD_NUMBER: _ClassVar[int]
     profiles: _containers.RepeatedCompositeFieldContainer[Profile]
-    def __init__(self, profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ...) -> None: ...
+    names_with_bases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., names_with_bases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BlobStats(_message.Message):
     __slots__ = ("num_tokens", "nbytes", "fp16_bytes", "bits_per_element", "compression_ratio", "relative_error")

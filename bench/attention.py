@@ -321,6 +321,14 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
     return rows
 
 
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print the table's ``lines`` and write them to ``out`` too when given (``--out``)."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["speed", "accuracy", "all"], default="all")
@@ -363,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
         lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits),
                                 args.check_path) + [""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
     return 0
 
 

@@ -44,7 +44,7 @@ from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, value
 CACHE_BITS = 2.0
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import HEAD_DIM, KV_HEADS, LLAMA3_ROPE, Q_HEADS, medians_in_turns, synthetic_keys  # noqa: E402
+from attention import HEAD_DIM, KV_HEADS, LLAMA3_ROPE, Q_HEADS, emit, medians_in_turns, synthetic_keys  # noqa: E402
 
 
 def median_seconds(call, device: torch.device, repeats: int) -> float:
@@ -181,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += attention_rows(args.tokens, args.batches, device, args.repeats, cache)
     lines += compressing
     lines.append(f"\n(measured in {time.perf_counter() - started:.0f} s)")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
     return 0
 
 

@@ -26,6 +26,7 @@ Two plug points let another bench compute attention over the prefix its own way:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,7 @@ TEXT_SOURCE = "Python stdlib docs prose (pydoc_data.topics, sorted topics, code/
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
 
 
+@functools.cache
 def evaluation_text() -> str:
     """English prose from the standard library's documentation topics, deterministic.
 
@@ -100,16 +102,21 @@ def calibration_window(tokenizer: Any, count: int) -> tuple[int, int]:
     calibration fits shared bases on: its last ``count`` tokens. The benchmarks score windows
     from the start of the text, so the default bases are never fitted on what they evaluate
     (``bench/quality.py`` refuses an overlap)."""
-    total = _text_ids(tokenizer).shape[1]
+    return _calibration_range(_text_ids(tokenizer).shape[1], count)
+
+
+def _calibration_range(total: int, count: int) -> tuple[int, int]:
     if not 0 < count <= total:
         raise ValueError(f"calibration needs 1..{total} tokens of the evaluation text, got {count}")
     return total - count, total
 
 
 def calibration_tokens(tokenizer: Any, count: int) -> torch.Tensor:
-    """int64 [1, count] token ids of the default calibration window (:func:`calibration_window`)."""
-    start, _ = calibration_window(tokenizer, count)
-    return text_tokens(tokenizer, count, start=start)
+    """int64 [1, count] token ids of the default calibration window (:func:`calibration_window`),
+    from one tokenization of the text."""
+    ids = _text_ids(tokenizer)
+    start, stop = _calibration_range(ids.shape[1], count)
+    return ids[:, start:stop]
 
 
 @dataclass

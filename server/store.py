@@ -312,6 +312,12 @@ class StoreBackend(Protocol):
     def close(self) -> None: ...
 
 
+
+def _fp16_of(entry: StoredSequence) -> tuple[int, int]:
+    """``(keys, values)``: float16 bytes of a stored sequence's keys and of its values (0 without)."""
+    keys = fp16_bytes(entry.profile, entry.state.num_tokens)
+    return keys, keys if entry.state.values is not None else 0
+
 class SequenceStore:
     """Tenant-scoped sequences in this process's memory under ``budget_bytes`` (serialized
     sizes of keys and values): the embedded backend.
@@ -480,22 +486,21 @@ class SequenceStore:
         self._stored_bytes += entry.charged_bytes
         self._stored_key_bytes += entry.charged_key_bytes
         self._tenant_bytes[entry.tenant] += entry.charged_bytes
-        fp16 = fp16_bytes(entry.profile, state.num_tokens)
-        self._stored_fp16["keys"] += fp16
-        self._stored_fp16["values"] += fp16 if state.values is not None else 0
-        self._tenant_fp16[entry.tenant] += fp16 * (2 if state.values is not None else 1)
+        keys_fp16, values_fp16 = _fp16_of(entry)
+        self._stored_fp16["keys"] += keys_fp16
+        self._stored_fp16["values"] += values_fp16
+        self._tenant_fp16[entry.tenant] += keys_fp16 + values_fp16
 
     def _uncharge_locked(self, entry: StoredSequence) -> None:
-        state = entry.state
         self._stored_bytes -= entry.charged_bytes
         self._stored_key_bytes -= entry.charged_key_bytes
         self._tenant_bytes[entry.tenant] -= entry.charged_bytes
         if not self._tenant_bytes[entry.tenant]:
             del self._tenant_bytes[entry.tenant]  # the share count is over tenants that store something
-        fp16 = fp16_bytes(entry.profile, state.num_tokens)
-        self._stored_fp16["keys"] -= fp16
-        self._stored_fp16["values"] -= fp16 if state.values is not None else 0
-        self._tenant_fp16[entry.tenant] -= fp16 * (2 if state.values is not None else 1)
+        keys_fp16, values_fp16 = _fp16_of(entry)
+        self._stored_fp16["keys"] -= keys_fp16
+        self._stored_fp16["values"] -= values_fp16
+        self._tenant_fp16[entry.tenant] -= keys_fp16 + values_fp16
         if not self._tenant_fp16[entry.tenant]:
             del self._tenant_fp16[entry.tenant]
 

@@ -100,11 +100,12 @@ class ValueConfig:
             if self.bits is not None:
                 raise InvalidInputError(f"values are either quantized per token (bits={self.bits}) or stored as an "
                                         "SVDq latent (codec), not both")
-            if self.codec.exact_tokens:
+            if self.codec.exact_tokens or self.codec.exact_share:
                 # Attention sums latent value codes without reconstructing tokens, and exact
                 # values did not bring needles back where exact keys did (docs/quality.md).
-                raise InvalidInputError(f"exact_tokens applies to keys only; the value codec has "
-                                        f"exact_tokens={self.codec.exact_tokens}, allowed 0")
+                raise InvalidInputError(f"exact_tokens and exact_share apply to keys only; the value codec has "
+                                        f"exact_tokens={self.codec.exact_tokens}, "
+                                        f"exact_share={self.codec.exact_share}, allowed 0")
 
     @property
     def method(self) -> str:

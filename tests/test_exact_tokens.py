@@ -142,8 +142,10 @@ def test_bad_exact_token_options():
         CodecConfig(exact_tokens=2000)
     with pytest.raises(InvalidInputError, match="apply to method 'svdq' only"):
         CodecConfig(method="kivi", exact_tokens=4)
-    with pytest.raises(InvalidInputError, match="exact_tokens applies to keys only"):
+    with pytest.raises(InvalidInputError, match="exact_tokens and exact_share apply to keys only"):
         ValueConfig(codec=CodecConfig(exact_tokens=4))
+    with pytest.raises(InvalidInputError, match="exact_share=0.125, allowed 0"):
+        ValueConfig(codec=CodecConfig(exact_share=0.125))
 
 
 def test_codec_message_carries_exact_tokens():

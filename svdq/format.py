@@ -72,11 +72,11 @@ from .quant import group_bytes
 from .rope import ROPE_SCALINGS, ROPE_STYLES, RopeConfig
 
 MAGIC = b"SVDQ"
-VERSION = 3
 #: Blobs without exact tokens are written as version 1, which older readers accept; 16-bit
-#: exact rows as version 2; exact corrections as version 3.
+#: exact rows as version 2; exact corrections as version 3, the newest.
 _VERSION_EXACT = 2
 _VERSION_CORRECTION = 3
+VERSION = _VERSION_CORRECTION
 _HEADER = struct.Struct("<4sBBBBIHHHHq")
 _ROPE = struct.Struct("<dHBBfffI")
 _FINGERPRINT = struct.Struct("<Q")

@@ -578,13 +578,14 @@ def _rotation_table(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Te
         low, high = keys.position_offset + start, keys.position_offset + start + n_body - 1
         first = low
     else:
-        first = keys._cache.get("consecutive_body_from", ())
-        if first == ():
-            # Cached: checking on a CUDA tensor would synchronise the device on every call.
+        span = keys._cache.get("body_position_span")
+        if span is None:
+            # Cached: reading a CUDA tensor's values would synchronise the device on every call.
             steps = positions[1:] - positions[:-1]
             first = int(positions[0]) if n_body and bool((steps == 1).all()) else None
-            keys._cache["consecutive_body_from"] = first
-        low, high = (int(positions.min()), int(positions.max())) if n_body else (0, 0)
+            low, high = (int(positions.min()), int(positions.max())) if n_body else (0, 0)
+            span = keys._cache["body_position_span"] = (first, low, high)
+        first, low, high = span
     if low < 0 or high >= MAX_TABLE_POSITIONS:
         return None, positions, None
     owner = _ANGLE_TABLES.setdefault((keys.rope, keys.head_dim, positions.device), _AngleTable())
@@ -826,7 +827,7 @@ def softmax_from_dots(
     """
     scores = dots.mul_(scale)
     if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if valid is not None:
         scores = scores.masked_fill(~valid[..., None, :], -math.inf)
     if scores.shape[-1] == 0:

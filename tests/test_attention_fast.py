@@ -77,7 +77,7 @@ def test_attend_equals_naive_float64_attention(ratio, value_kind, sparse):
     result = attend(queries, [keys, keys], [values, values], sparsity=sparsity, backend="torch")
     post = decompress(keys, "post_rope", torch.float32)
     dense_values = decompress_values(values, torch.float32)
-    start, n_body = body_range(keys)
+    _, n_body = body_range(keys)
     for b in range(2):
         allowed = None
         if sparse:
@@ -173,7 +173,6 @@ def test_pair_order_paths_equal_naive_attention_for_every_rope_layout(rope, coun
     several over one sequence (whose selections outnumber the body, so their latent comes from
     one dequantized body), 16-bit and latent values, the result is float64 attention's."""
     keys, _ = make_case(tokens=203, rope=rope)
-    start, n_body = body_range(keys)
     queries = torch.randn(count, 6, 64, generator=torch.Generator().manual_seed(7))
     post = decompress(keys, key_space="post_rope", dtype=torch.float32)
     sparsity = SparsityConfig(keep_fraction=0.5, chunk_size=4, num_recent=8)
@@ -187,10 +186,7 @@ def test_pair_order_paths_equal_naive_attention_for_every_rope_layout(rope, coun
                 if chosen is not None:
                     selection = select_body_tokens(queries[b], keys, chosen)
                     assert selection.token_index is not None  # really sparse
-                    allowed = torch.ones(3, 203, dtype=torch.bool)
-                    allowed[:, start:start + n_body] = False
-                    for head in range(3):
-                        allowed[head, selection.token_index[head][selection.valid[head]] + start] = True
+                    allowed = allowed_mask(selection, keys)
                 expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8, allowed)
                 scale = max(1.0, dense_values.abs().max().item())
                 assert torch.allclose(result.output[b].double(), expected, atol=2e-5 * scale)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port
 from helpers import scrape, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -51,12 +51,6 @@ OVERSIZE_TOKENS = 1024
 KEY_RANK = 8
 START_TIMEOUT_S = 90
 SCRAPE_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_json(url: str, timeout: float = 5.0) -> dict:

@@ -109,6 +109,8 @@ def load_tree(folder: Path):
     an earlier commit), imported under another name so both run in this process."""
     spec = importlib.util.spec_from_file_location("svdq_baseline", folder / "__init__.py",
                                                   submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no svdq package at {folder}")
     module = importlib.util.module_from_spec(spec)
     sys.modules["svdq_baseline"] = module
     spec.loader.exec_module(module)

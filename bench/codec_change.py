@@ -22,10 +22,7 @@ The baseline is an export of an older commit::
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -35,32 +32,8 @@ import torch
 import svdq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import LLAMA3_ROPE, synthetic_layer_keys  # noqa: E402  (bench/ is not a package)
-
-
-def load_baseline(package_dir: Path) -> ModuleType:
-    """The package at ``package_dir`` (an ``svdq`` folder with relative imports only) as
-    ``svdq_baseline``."""
-    spec = importlib.util.spec_from_file_location("svdq_baseline", package_dir / "__init__.py",
-                                                  submodule_search_locations=[str(package_dir)])
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"no package at {package_dir}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["svdq_baseline"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def medians_in_turns(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of every call, the calls run one after the other in each round so that
-    the machine's load falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+from attention import load_tree, medians_in_turns  # noqa: E402  (bench/ is not a package)
+from quality import LLAMA3_ROPE, synthetic_layer_keys  # noqa: E402
 
 
 def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int) -> str:
@@ -77,7 +50,7 @@ def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int) -> s
                                                      key_space="post_rope", basis=basis))
             calls[f"{label} {basis_name} basis"] = compress_one
     blobs = {name: call() for name, call in calls.items()}  # warm-up
-    seconds = medians_in_turns(calls, repeats)
+    seconds = medians_in_turns(calls, torch.device("cpu"), repeats)
     megabytes = keys.numel() * 2 / 1e6
     lines = [f"### Compress, {tokens} tokens x 8 x 128 (synthetic post-RoPE Llama-3 layer), "
              f"{torch.get_num_threads()} torch thread(s), medians of {repeats} in turns",
@@ -164,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     versions: dict[str, ModuleType] = {}
     if args.baseline is not None:
-        versions["baseline"] = load_baseline(args.baseline.resolve())
+        versions["baseline"] = load_tree(args.baseline.resolve())
     versions["current"] = svdq
     if not args.no_speed:
         print(speed_table(versions, args.tokens, args.repeats))

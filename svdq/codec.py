@@ -273,14 +273,15 @@ def fit_basis(keys: torch.Tensor) -> Basis:
     return _fit_centred(keys)[0]
 
 
-def _fit_centred(keys: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+def _fit_centred(keys: torch.Tensor, scratch: bool = False) -> tuple[Basis, torch.Tensor]:
     """:func:`fit_basis` and the float32 centred keys ``keys - basis.mean`` it computed on the
-    way, which compress projects rather than centring the same tokens again."""
+    way, which compress projects rather than centring the same tokens again. ``scratch``:
+    float32 ``keys`` are the caller's own buffer, centred in place."""
     work = keys.to(torch.float32)
     # torch's float32 reduction sums in cascades: within an ulp of a float64 mean of these
     # keys, without the float64 copy of every key that took longer than the sum.
     mean = work.mean(dim=0)
-    centred = work - mean
+    centred = work.sub_(mean) if scratch and work is keys else work - mean
     # The eigenvectors that the covariance's rounding (see gram) cannot resolve belong to the
     # smallest singular values, whose channels the allocation drops anyway.
     covariance = gram(centred)
@@ -582,16 +583,22 @@ def compress(
 
     # svdq works on pre-RoPE keys; the baselines keep the space they were given.
     stored_space = key_space
-    work = keys.float()
     if config.method == "svdq" and key_space == "post_rope":
         work = undo_rope(keys, token_pos, _require_rope(rope))
         stored_space = "pre_rope"
+    else:
+        # A copy even of float32 keys (not .float(), which returns them): it is rounded and
+        # centred in place below.
+        work = keys.to(torch.float32, copy=True)
     storage = _storage_dtype(keys)
     if _peak(work) > torch.finfo(torch.float16).max and storage == torch.float16:
         storage = torch.bfloat16  # float16 would overflow; bfloat16 keeps the range
     # Every token is rounded to the 16-bit storage dtype first, so a token quantized now and a
     # token that waited in the full-precision tail before its group filled are quantized alike.
-    flat = work.reshape(tokens, channels).to(storage).float()
+    # ``rounded`` is what the full-precision tokens store; the float32 buffer takes its values
+    # back in place: each fresh float32 copy of every key costs ~20 ms of page faults alone.
+    rounded = work.reshape(tokens, channels).to(storage)
+    flat = work.reshape(tokens, channels).copy_(rounded)
 
     if config.method == "fp16":
         num_sinks, group_size = 0, config.group_size
@@ -618,7 +625,7 @@ def compress(
             fitted = Basis(flat.to(torch.float64).mean(dim=0).float(), flat.new_zeros(channels, 0),
                            flat.new_zeros(0))
         elif n_groups:
-            fitted, centred = _fit_centred(body)
+            fitted, centred = _fit_centred(body, scratch=True)
         else:
             fitted = fit_basis(flat)
         components = fitted.components.to(device).to(torch.float16)
@@ -628,7 +635,7 @@ def compress(
         mean = torch.zeros(channels, device=device)
 
     if centred is None:
-        centred = body - mean
+        centred = body.sub_(mean)  # the body's float32 rows are not read again
     if config.method == "fp16":
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     elif config.method == "kivi":
@@ -648,7 +655,7 @@ def compress(
     latent = latent.reshape(n_groups, group_size, kept.numel())
     codes, scales, mins = quantize_groups(latent, kept_bits)
     packed = pack_codes(codes, kept_bits)
-    exact_index, exact_rows = _exact_tokens(body, codes, scales, mins, mean, components[:, kept],
+    exact_index, exact_rows = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean, components[:, kept],
                                             config.exact_count(n_groups * group_size))
     exact = {}
     if config.exact_bits != 16 and exact_index.numel():
@@ -673,11 +680,11 @@ def compress(
         channel_bits=channel_bits.to(torch.uint8),
         basis=components if config.method == "kivi" else components[:, kept].contiguous(),
         mean=mean,
-        sinks=flat[:num_sinks].to(storage),
+        sinks=rounded[:num_sinks].clone(),  # clones: a view would keep every rounded key alive
         codes=packed,
         scales=scales,
         mins=mins,
-        tail=flat[body_end:].to(storage),
+        tail=rounded[body_end:].clone(),
         positions=explicit,
         shared_basis=shared_fp,
         input_space=key_space,
@@ -726,8 +733,9 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
 
 def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                   mean: torch.Tensor, basis_columns: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(body-relative int64 [count] ascending indices, float32 rows [count, C]) of the body
-    tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C] (pre-RoPE).
+    """(body-relative int64 [count] ascending indices, rows [count, C] in ``body``'s dtype) of
+    the body tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C]
+    (pre-RoPE; compress passes the 16-bit rounded keys it stores).
 
     The absolute error, not the error relative to the token's norm: attention scores are dot
     products, so a large error moves a score as much whatever the key's own length."""

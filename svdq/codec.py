@@ -25,7 +25,7 @@ import functools
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -295,7 +295,7 @@ def _fit_centred(keys: torch.Tensor, scratch: bool = False) -> tuple[Basis, torc
     return Basis(mean.float(), components.float(), singular.float()), centred
 
 
-#: tokens per bfloat16 product of :func:`gram`
+#: tokens per bfloat16 product of :func:`gram` and per projected chunk (a multiple of every group size)
 GRAM_CHUNK = 1024
 
 
@@ -650,10 +650,8 @@ def compress(
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
-    # Only the kept columns are projected: the exact computation append() repeats (_project).
-    latent = _project(centred, components[:, kept], kept_bits, config.method == "svdq")
-    latent = latent.reshape(n_groups, group_size, kept.numel())
-    codes, scales, mins = quantize_groups(latent, kept_bits)
+    # Only the kept columns are projected: the exact computation append() repeats (_encode).
+    codes, scales, mins = _encode(centred, components[:, kept], kept_bits, group_size, config.method == "svdq")
     packed = pack_codes(codes, kept_bits)
     exact_index, exact_rows = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean, components[:, kept],
                                             config.exact_count(n_groups * group_size))
@@ -753,32 +751,67 @@ def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
 LOW_PRECISION_MAX_WIDTH = 4
 
 
+def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor,
+                      low_precision: bool) -> Iterator[torch.Tensor]:
+    """Latent channels float32 [<= GRAM_CHUNK, r] of centred pre-RoPE keys float32 [tokens, C]
+    on the kept ``basis_columns`` [C, r] of widths ``kept_bits`` [r], :data:`GRAM_CHUNK` tokens
+    at a time, in order. ``low_precision`` (svdq) projects the channels of at most
+    :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products (~4-6x the float32 rate on this
+    CPU); the kivi baseline keeps float32 throughout.
+
+    Chunks of tokens: no bfloat16 copy of every key at once, and what a chunk's latent feeds
+    stays in cache. Each row of a product depends on that row alone (checked on this oneDNN
+    and MKL for 64 to 8192 rows), so the chunking does not change the result, and an append's
+    groups project as they would in one compress."""
+    narrow = (kept_bits <= LOW_PRECISION_MAX_WIDTH) if low_precision else torch.zeros_like(kept_bits, dtype=torch.bool)
+    wide = ~narrow
+    any_narrow, any_wide = bool(narrow.any()), bool(wide.any())
+    # Whole columns are not gathered: a product's last bits depend on its operand's layout.
+    low_basis = wide_basis = None
+    if any_narrow:
+        low_basis = (basis_columns[:, narrow] if any_wide else basis_columns).to(torch.bfloat16)
+    if any_wide:
+        wide_basis = (basis_columns[:, wide] if any_narrow else basis_columns).float()
+    for start in range(0, centred.shape[0], GRAM_CHUNK):
+        rows = centred[start:start + GRAM_CHUNK]
+        if not any_narrow:
+            yield rows @ wide_basis
+        elif not any_wide:
+            yield (rows.to(torch.bfloat16) @ low_basis).float()
+        else:
+            latent = rows.new_empty(rows.shape[0], basis_columns.shape[1])
+            latent[:, narrow] = (rows.to(torch.bfloat16) @ low_basis).float()
+            latent[:, wide] = rows @ wide_basis
+            yield latent
+
+
 def _project(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor,
              low_precision: bool) -> torch.Tensor:
-    """Latent channels float32 [tokens, r] of centred pre-RoPE keys float32 [tokens, C] on the
-    kept ``basis_columns`` [C, r] of widths ``kept_bits`` [r]; compress and append share it, so
-    an appended group quantizes as it would have in one compress. ``low_precision`` (svdq)
-    projects the channels of at most :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products
-    (~4-6x the float32 rate on this CPU); the kivi baseline keeps float32 throughout."""
-    narrow = (kept_bits <= LOW_PRECISION_MAX_WIDTH) if low_precision else torch.zeros_like(kept_bits, dtype=torch.bool)
-    if not bool(narrow.any()):
-        return centred @ basis_columns.float()
-    latent = centred.new_empty(centred.shape[0], basis_columns.shape[1])
-    everything = bool(narrow.all())
-    low_basis = basis_columns.to(torch.bfloat16) if everything else basis_columns[:, narrow].to(torch.bfloat16)
-    # Chunks of tokens: no bfloat16 copy of every key at once. Each row of a product depends
-    # on that row alone (checked on this oneDNN for 64 to 8192 rows), so the chunking does not
-    # change the result, and an append's groups project as they would in one compress.
-    for start in range(0, centred.shape[0], GRAM_CHUNK):
-        rows = slice(start, start + GRAM_CHUNK)
-        product = centred[rows].to(torch.bfloat16) @ low_basis
-        if everything:
-            latent[rows] = product
-        else:
-            latent[rows, narrow] = product.float()
-    if not everything:
-        latent[:, ~narrow] = centred @ basis_columns[:, ~narrow].float()
-    return latent
+    """float32 [tokens, r]: every chunk of :func:`_projected_chunks` at once."""
+    chunks = list(_projected_chunks(centred, basis_columns, kept_bits, low_precision))
+    return torch.cat(chunks) if chunks else centred.new_empty(0, basis_columns.shape[1])
+
+
+def _encode(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor, group_size: int,
+            low_precision: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes uint8 [groups, group_size, r], float16 scales and minimums [groups, r] of the
+    centred keys float32 [groups * group_size, C] (:func:`_projected_chunks`, then
+    :func:`svdq.quant.quantize_groups`); compress and append share it, so an appended group
+    quantizes as it would have in one compress. Each chunk of whole groups is quantized as it
+    is projected: the float32 latent of every key never exists at once (~25 MB of fresh pages
+    and a pass through memory at 8k tokens x 800 channels)."""
+    kept = basis_columns.shape[1]
+    groups = centred.shape[0] // group_size
+    device = centred.device
+    codes = torch.empty(groups, group_size, kept, dtype=torch.uint8, device=device)
+    scales = torch.empty(groups, kept, dtype=torch.float16, device=device)
+    mins = torch.empty(groups, kept, dtype=torch.float16, device=device)
+    first = 0
+    for latent in _projected_chunks(centred, basis_columns, kept_bits, low_precision):
+        rows = slice(first, first + latent.shape[0] // group_size)  # GRAM_CHUNK is whole groups
+        codes[rows], scales[rows], mins[rows] = quantize_groups(latent.reshape(-1, group_size, kept), kept_bits)
+        first = rows.stop
+    return codes, scales, mins
 
 
 def reconstruct_tokens(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, kept_bits: torch.Tensor,
@@ -961,10 +994,8 @@ def append(
         full = pending.shape[0] // compressed.group_size
         if full:
             block = pending[: full * compressed.group_size]
-            latent = _project(block - compressed.mean, compressed.basis, compressed.kept_bits,
-                              compressed.method == "svdq")
-            latent = latent.reshape(full, compressed.group_size, compressed.basis.shape[1])
-            new_codes, new_scales, new_mins = quantize_groups(latent, compressed.kept_bits)
+            new_codes, new_scales, new_mins = _encode(block - compressed.mean, compressed.basis, compressed.kept_bits,
+                                                      compressed.group_size, compressed.method == "svdq")
             codes = torch.cat([codes, pack_codes(new_codes, compressed.kept_bits)])
             scales = torch.cat([scales, new_scales])
             mins = torch.cat([mins, new_mins])

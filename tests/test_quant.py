@@ -7,6 +7,7 @@ import torch
 from svdq.allocation import allocate_budget
 from svdq.errors import InvalidInputError
 from svdq.quant import (
+    TABLE_CHANNELS,
     dequantize_groups,
     distortion_table,
     group_bytes,
@@ -83,6 +84,23 @@ def test_distortion_table_is_the_error_of_quantize_groups_at_every_width():
         codes, scales, mins = quantize_groups(latent, torch.full((7,), width))
         error = (dequantize_groups(codes, scales, mins) - latent).pow(2).sum(dim=(0, 1)).double()
         assert torch.equal(table[:, width], error), width
+
+
+def test_distortion_table_measures_many_channels_a_chunk_at_a_time():
+    # Past TABLE_CHANNELS the table is measured chunk by chunk: every channel's error is still
+    # that of quantize_groups (to float32 summation order), and a chunk's rows are what the
+    # chunk alone gives.
+    generator = torch.Generator().manual_seed(4)
+    channels = TABLE_CHANNELS + 37
+    latent = torch.randn(6, 16, channels, generator=generator) * torch.exp(-torch.arange(channels) / 90.0)
+    table = distortion_table(latent)
+    assert table.shape == (channels, 9)
+    assert torch.equal(table[TABLE_CHANNELS:], distortion_table(latent[:, :, TABLE_CHANNELS:].contiguous()))
+    torch.testing.assert_close(table[:, 0], latent.double().pow(2).sum(dim=(0, 1)), rtol=1e-6, atol=0)
+    for width in range(1, 9):
+        codes, scales, mins = quantize_groups(latent, torch.full((channels,), width))
+        error = (dequantize_groups(codes, scales, mins).double() - latent.double()).pow(2).sum(dim=(0, 1))
+        torch.testing.assert_close(table[:, width], error, rtol=1e-5, atol=0)
 
 
 def test_distortion_table_refuses_latent_beyond_the_float16_metadata_range():

@@ -395,6 +395,8 @@ class CompressedKeys:
     exact_scales: torch.Tensor | None = None
     exact_mins: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # (what the size depends on, the size): see nbytes; not an init field, so replace() drops it
+    _size: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         device = self.codes.device
@@ -432,10 +434,20 @@ class CompressedKeys:
 
     @property
     def nbytes(self) -> int:
-        """Serialized size in bytes, everything included."""
-        from .format import serialized_size
+        """Serialized size in bytes, everything included.
 
-        return serialized_size(self)
+        Computed once (walking the format costs ~60 us, and stores, metrics and replies read it
+        often). The dataclass is not frozen, though the codec never changes one in place
+        (append, to() and the loader return new objects), so the size is kept together with
+        the identity of every field it depends on and recomputed if one was assigned anew."""
+        key = (self.method, self.kv_heads, self.head_dim, self.group_size, self.num_sinks, self.exact_bits,
+               self.rope is None, self.shared_basis is None, id(self.channel_bits), id(self.sinks), id(self.codes),
+               id(self.tail), id(self.positions), id(self.exact_index))
+        if self._size is None or self._size[0] != key:
+            from .format import serialized_size
+
+            self._size = (key, serialized_size(self))
+        return self._size[1]
 
     @property
     def bits_per_element(self) -> float:

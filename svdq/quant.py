@@ -145,6 +145,10 @@ def code_bit_positions(kept_bits: torch.Tensor, group_size: int) -> tuple[torch.
     return offsets[None, :] + bit_in_channel // 8, bit_in_channel % 8
 
 
+#: tokens of the groups :func:`pack_codes` packs at a time
+PACK_TOKENS = 512
+
+
 def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
     """Pack codes [groups, group_size, r] into rows uint8 [groups, group_bytes].
 
@@ -165,16 +169,23 @@ def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("pack_codes needs a little-endian host")
     bits = kept_bits.to(codes.device, torch.int64)
     words_per_channel = group_size // 8
-    tokens = codes.reshape(groups, words_per_channel, 8, kept)
-    words = tokens[:, :, 0].to(torch.int64)  # [groups, words, channels]
-    for token in range(1, 8):
-        words |= tokens[:, :, token].to(torch.int64) << (token * bits)
     # Row byte -> (channel, word, byte of the word) -> its place in the words' bytes.
     channel = torch.repeat_interleave(torch.arange(kept, device=codes.device), bits * words_per_channel)
     within = torch.arange(row_bytes, device=codes.device) - channel_offsets(bits, group_size)[channel]
     width = bits[channel]
     source = ((within // width) * kept + channel) * 8 + within % width
-    return words.view(torch.uint8).reshape(groups, -1).index_select(1, source)
+    shifts = [token * bits for token in range(8)]
+    rows = torch.empty(groups, row_bytes, dtype=torch.uint8, device=codes.device)
+    # On the CPU a few groups at a time, so that their 64-bit words stay in cache through the
+    # eight shift-and-or passes (2x faster than all groups at once at 8k tokens).
+    step = max(1, PACK_TOKENS // group_size) if codes.device.type == "cpu" else groups
+    for first in range(0, groups, step):
+        tokens = codes[first:first + step].reshape(-1, words_per_channel, 8, kept)
+        words = tokens[:, :, 0].to(torch.int64)  # [groups, words, channels]
+        for token in range(1, 8):
+            words |= tokens[:, :, token].to(torch.int64) << shifts[token]
+        rows[first:first + step] = words.view(torch.uint8).reshape(tokens.shape[0], -1)[:, source]
+    return rows
 
 
 def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:

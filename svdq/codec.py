@@ -783,8 +783,10 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
     low_basis = wide_basis = None
     if any_narrow:
         low_basis = (basis_columns[:, narrow] if any_wide else basis_columns).to(torch.bfloat16)
-    if any_wide:
-        wide_basis = (basis_columns[:, wide] if any_narrow else basis_columns).float()
+    if not any_narrow:  # also no kept channel at all: an empty [tokens, 0] product
+        wide_basis = basis_columns.float()
+    elif any_wide:
+        wide_basis = basis_columns[:, wide].float()
     for start in range(0, centred.shape[0], GRAM_CHUNK):
         rows = centred[start:start + GRAM_CHUNK]
         if not any_narrow:
@@ -821,8 +823,9 @@ def _encode(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch
     mins = torch.empty(groups, kept, dtype=torch.float16, device=device)
     first = 0
     for latent in _projected_chunks(centred, basis_columns, kept_bits, low_precision):
-        rows = slice(first, first + latent.shape[0] // group_size)  # GRAM_CHUNK is whole groups
-        codes[rows], scales[rows], mins[rows] = quantize_groups(latent.reshape(-1, group_size, kept), kept_bits)
+        count = latent.shape[0] // group_size  # GRAM_CHUNK is whole groups
+        rows = slice(first, first + count)
+        codes[rows], scales[rows], mins[rows] = quantize_groups(latent.reshape(count, group_size, kept), kept_bits)
         first = rows.stop
     return codes, scales, mins
 

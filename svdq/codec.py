@@ -25,7 +25,7 @@ import functools
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -273,14 +273,15 @@ def fit_basis(keys: torch.Tensor) -> Basis:
     return _fit_centred(keys)[0]
 
 
-def _fit_centred(keys: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+def _fit_centred(keys: torch.Tensor, scratch: bool = False) -> tuple[Basis, torch.Tensor]:
     """:func:`fit_basis` and the float32 centred keys ``keys - basis.mean`` it computed on the
-    way, which compress projects rather than centring the same tokens again."""
+    way, which compress projects rather than centring the same tokens again. ``scratch``:
+    float32 ``keys`` are the caller's own buffer, centred in place."""
     work = keys.to(torch.float32)
     # torch's float32 reduction sums in cascades: within an ulp of a float64 mean of these
     # keys, without the float64 copy of every key that took longer than the sum.
     mean = work.mean(dim=0)
-    centred = work - mean
+    centred = work.sub_(mean) if scratch and work is keys else work - mean
     # The eigenvectors that the covariance's rounding (see gram) cannot resolve belong to the
     # smallest singular values, whose channels the allocation drops anyway.
     covariance = gram(centred)
@@ -294,7 +295,7 @@ def _fit_centred(keys: torch.Tensor) -> tuple[Basis, torch.Tensor]:
     return Basis(mean.float(), components.float(), singular.float()), centred
 
 
-#: tokens per bfloat16 product of :func:`gram`
+#: tokens per bfloat16 product of :func:`gram` and per projected chunk (a multiple of every group size)
 GRAM_CHUNK = 1024
 
 
@@ -394,6 +395,8 @@ class CompressedKeys:
     exact_scales: torch.Tensor | None = None
     exact_mins: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # (what the size depends on, the size): see nbytes; not an init field, so replace() drops it
+    _size: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         device = self.codes.device
@@ -431,10 +434,20 @@ class CompressedKeys:
 
     @property
     def nbytes(self) -> int:
-        """Serialized size in bytes, everything included."""
-        from .format import serialized_size
+        """Serialized size in bytes, everything included.
 
-        return serialized_size(self)
+        Computed once (walking the format costs ~60 us, and stores, metrics and replies read it
+        often). The dataclass is not frozen, though the codec never changes one in place
+        (append, to() and the loader return new objects), so the size is kept together with
+        the identity of every field it depends on and recomputed if one was assigned anew."""
+        key = (self.method, self.kv_heads, self.head_dim, self.group_size, self.num_sinks, self.exact_bits,
+               self.rope is None, self.shared_basis is None, id(self.channel_bits), id(self.sinks), id(self.codes),
+               id(self.tail), id(self.positions), id(self.exact_index))
+        if self._size is None or self._size[0] != key:
+            from .format import serialized_size
+
+            self._size = (key, serialized_size(self))
+        return self._size[1]
 
     @property
     def bits_per_element(self) -> float:
@@ -582,16 +595,22 @@ def compress(
 
     # svdq works on pre-RoPE keys; the baselines keep the space they were given.
     stored_space = key_space
-    work = keys.float()
     if config.method == "svdq" and key_space == "post_rope":
         work = undo_rope(keys, token_pos, _require_rope(rope))
         stored_space = "pre_rope"
+    else:
+        # A copy even of float32 keys (not .float(), which returns them): it is rounded and
+        # centred in place below.
+        work = keys.to(torch.float32, copy=True)
     storage = _storage_dtype(keys)
     if _peak(work) > torch.finfo(torch.float16).max and storage == torch.float16:
         storage = torch.bfloat16  # float16 would overflow; bfloat16 keeps the range
     # Every token is rounded to the 16-bit storage dtype first, so a token quantized now and a
     # token that waited in the full-precision tail before its group filled are quantized alike.
-    flat = work.reshape(tokens, channels).to(storage).float()
+    # ``rounded`` is what the full-precision tokens store; the float32 buffer takes its values
+    # back in place: each fresh float32 copy of every key costs ~20 ms of page faults alone.
+    rounded = work.reshape(tokens, channels).to(storage)
+    flat = work.reshape(tokens, channels).copy_(rounded)
 
     if config.method == "fp16":
         num_sinks, group_size = 0, config.group_size
@@ -618,7 +637,7 @@ def compress(
             fitted = Basis(flat.to(torch.float64).mean(dim=0).float(), flat.new_zeros(channels, 0),
                            flat.new_zeros(0))
         elif n_groups:
-            fitted, centred = _fit_centred(body)
+            fitted, centred = _fit_centred(body, scratch=True)
         else:
             fitted = fit_basis(flat)
         components = fitted.components.to(device).to(torch.float16)
@@ -628,7 +647,7 @@ def compress(
         mean = torch.zeros(channels, device=device)
 
     if centred is None:
-        centred = body - mean
+        centred = body.sub_(mean)  # the body's float32 rows are not read again
     if config.method == "fp16":
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     elif config.method == "kivi":
@@ -643,16 +662,15 @@ def compress(
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
-    # Only the kept columns are projected: the exact computation append() repeats (_project).
-    latent = _project(centred, components[:, kept], kept_bits, config.method == "svdq")
-    latent = latent.reshape(n_groups, group_size, kept.numel())
-    codes, scales, mins = quantize_groups(latent, kept_bits)
+    basis_columns = components[:, kept]  # one gather of [C, r] (~2 ms at C = 1024), not one per use
+    # Only the kept columns are projected: the exact computation append() repeats (_encode).
+    codes, scales, mins = _encode(centred, basis_columns, kept_bits, group_size, config.method == "svdq")
     packed = pack_codes(codes, kept_bits)
-    exact_index, exact_rows = _exact_tokens(body, codes, scales, mins, mean, components[:, kept],
+    exact_index, exact_rows = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean, basis_columns,
                                             config.exact_count(n_groups * group_size))
     exact = {}
     if config.exact_bits != 16 and exact_index.numel():
-        restored = reconstruct_tokens(packed, scales, mins, kept_bits, group_size, components[:, kept], mean,
+        restored = reconstruct_tokens(packed, scales, mins, kept_bits, group_size, basis_columns, mean,
                                        exact_index)
         exact_codes, exact_scales, exact_mins = _encode_correction(exact_rows - restored, kv_heads, config.exact_bits)
         exact = {"exact_bits": config.exact_bits, "exact_codes": exact_codes, "exact_scales": exact_scales,
@@ -671,13 +689,13 @@ def compress(
         num_sinks=config.num_sinks if config.method != "fp16" else 0,
         position_offset=offset,
         channel_bits=channel_bits.to(torch.uint8),
-        basis=components if config.method == "kivi" else components[:, kept].contiguous(),
+        basis=components if config.method == "kivi" else basis_columns,
         mean=mean,
-        sinks=flat[:num_sinks].to(storage),
+        sinks=rounded[:num_sinks].clone(),  # clones: a view would keep every rounded key alive
         codes=packed,
         scales=scales,
         mins=mins,
-        tail=flat[body_end:].to(storage),
+        tail=rounded[body_end:].clone(),
         positions=explicit,
         shared_basis=shared_fp,
         input_space=key_space,
@@ -726,8 +744,9 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
 
 def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                   mean: torch.Tensor, basis_columns: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(body-relative int64 [count] ascending indices, float32 rows [count, C]) of the body
-    tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C] (pre-RoPE).
+    """(body-relative int64 [count] ascending indices, rows [count, C] in ``body``'s dtype) of
+    the body tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C]
+    (pre-RoPE; compress passes the 16-bit rounded keys it stores).
 
     The absolute error, not the error relative to the token's norm: attention scores are dot
     products, so a large error moves a score as much whatever the key's own length."""
@@ -745,32 +764,70 @@ def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
 LOW_PRECISION_MAX_WIDTH = 4
 
 
+def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor,
+                      low_precision: bool) -> Iterator[torch.Tensor]:
+    """Latent channels float32 [<= GRAM_CHUNK, r] of centred pre-RoPE keys float32 [tokens, C]
+    on the kept ``basis_columns`` [C, r] of widths ``kept_bits`` [r], :data:`GRAM_CHUNK` tokens
+    at a time, in order. ``low_precision`` (svdq) projects the channels of at most
+    :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products (~4-6x the float32 rate on this
+    CPU); the kivi baseline keeps float32 throughout.
+
+    Chunks of tokens: no bfloat16 copy of every key at once, and what a chunk's latent feeds
+    stays in cache. Each row of a product depends on that row alone (checked on this oneDNN
+    and MKL for 64 to 8192 rows), so the chunking does not change the result, and an append's
+    groups project as they would in one compress."""
+    narrow = (kept_bits <= LOW_PRECISION_MAX_WIDTH) if low_precision else torch.zeros_like(kept_bits, dtype=torch.bool)
+    wide = ~narrow
+    any_narrow, any_wide = bool(narrow.any()), bool(wide.any())
+    # Whole columns are not gathered: a product's last bits depend on its operand's layout.
+    low_basis = wide_basis = None
+    if any_narrow:
+        low_basis = (basis_columns[:, narrow] if any_wide else basis_columns).to(torch.bfloat16)
+    if not any_narrow:  # also no kept channel at all: an empty [tokens, 0] product
+        wide_basis = basis_columns.float()
+    elif any_wide:
+        wide_basis = basis_columns[:, wide].float()
+    for start in range(0, centred.shape[0], GRAM_CHUNK):
+        rows = centred[start:start + GRAM_CHUNK]
+        if not any_narrow:
+            yield rows @ wide_basis
+        elif not any_wide:
+            yield (rows.to(torch.bfloat16) @ low_basis).float()
+        else:
+            latent = rows.new_empty(rows.shape[0], basis_columns.shape[1])
+            latent[:, narrow] = (rows.to(torch.bfloat16) @ low_basis).float()
+            latent[:, wide] = rows @ wide_basis
+            yield latent
+
+
 def _project(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor,
              low_precision: bool) -> torch.Tensor:
-    """Latent channels float32 [tokens, r] of centred pre-RoPE keys float32 [tokens, C] on the
-    kept ``basis_columns`` [C, r] of widths ``kept_bits`` [r]; compress and append share it, so
-    an appended group quantizes as it would have in one compress. ``low_precision`` (svdq)
-    projects the channels of at most :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products
-    (~4-6x the float32 rate on this CPU); the kivi baseline keeps float32 throughout."""
-    narrow = (kept_bits <= LOW_PRECISION_MAX_WIDTH) if low_precision else torch.zeros_like(kept_bits, dtype=torch.bool)
-    if not bool(narrow.any()):
-        return centred @ basis_columns.float()
-    latent = centred.new_empty(centred.shape[0], basis_columns.shape[1])
-    everything = bool(narrow.all())
-    low_basis = basis_columns.to(torch.bfloat16) if everything else basis_columns[:, narrow].to(torch.bfloat16)
-    # Chunks of tokens: no bfloat16 copy of every key at once. Each row of a product depends
-    # on that row alone (checked on this oneDNN for 64 to 8192 rows), so the chunking does not
-    # change the result, and an append's groups project as they would in one compress.
-    for start in range(0, centred.shape[0], GRAM_CHUNK):
-        rows = slice(start, start + GRAM_CHUNK)
-        product = centred[rows].to(torch.bfloat16) @ low_basis
-        if everything:
-            latent[rows] = product
-        else:
-            latent[rows, narrow] = product.float()
-    if not everything:
-        latent[:, ~narrow] = centred @ basis_columns[:, ~narrow].float()
-    return latent
+    """float32 [tokens, r]: every chunk of :func:`_projected_chunks` at once."""
+    chunks = list(_projected_chunks(centred, basis_columns, kept_bits, low_precision))
+    return torch.cat(chunks) if chunks else centred.new_empty(0, basis_columns.shape[1])
+
+
+def _encode(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor, group_size: int,
+            low_precision: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes uint8 [groups, group_size, r], float16 scales and minimums [groups, r] of the
+    centred keys float32 [groups * group_size, C] (:func:`_projected_chunks`, then
+    :func:`svdq.quant.quantize_groups`); compress and append share it, so an appended group
+    quantizes as it would have in one compress. Each chunk of whole groups is quantized as it
+    is projected: the float32 latent of every key never exists at once (~25 MB of fresh pages
+    and a pass through memory at 8k tokens x 800 channels)."""
+    kept = basis_columns.shape[1]
+    groups = centred.shape[0] // group_size
+    device = centred.device
+    codes = torch.empty(groups, group_size, kept, dtype=torch.uint8, device=device)
+    scales = torch.empty(groups, kept, dtype=torch.float16, device=device)
+    mins = torch.empty(groups, kept, dtype=torch.float16, device=device)
+    first = 0
+    for latent in _projected_chunks(centred, basis_columns, kept_bits, low_precision):
+        count = latent.shape[0] // group_size  # GRAM_CHUNK is whole groups
+        rows = slice(first, first + count)
+        codes[rows], scales[rows], mins[rows] = quantize_groups(latent.reshape(count, group_size, kept), kept_bits)
+        first = rows.stop
+    return codes, scales, mins
 
 
 def reconstruct_tokens(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, kept_bits: torch.Tensor,
@@ -953,10 +1010,8 @@ def append(
         full = pending.shape[0] // compressed.group_size
         if full:
             block = pending[: full * compressed.group_size]
-            latent = _project(block - compressed.mean, compressed.basis, compressed.kept_bits,
-                              compressed.method == "svdq")
-            latent = latent.reshape(full, compressed.group_size, compressed.basis.shape[1])
-            new_codes, new_scales, new_mins = quantize_groups(latent, compressed.kept_bits)
+            new_codes, new_scales, new_mins = _encode(block - compressed.mean, compressed.basis, compressed.kept_bits,
+                                                      compressed.group_size, compressed.method == "svdq")
             codes = torch.cat([codes, pack_codes(new_codes, compressed.kept_bits)])
             scales = torch.cat([scales, new_scales])
             mins = torch.cat([mins, new_mins])

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -375,6 +374,12 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
             raise FormatError(f"blob holds NaN or Inf in its {name}; a blob from to_bytes never does")
     if mean.numel() and float(mean.abs().max()) > MAX_MEAN_MAGNITUDE:
         raise FormatError(f"blob mean reaches {float(mean.abs().max()):.3g}, beyond {MAX_MEAN_MAGNITUDE:g}")
+    exact = {}
+    if exact_n and exact_bits != 16:
+        exact_rows = _corrected_rows(codes, scales, mins, kept_bits, group_size, basis_cols, mean,
+                                     exact_index - sinks_n, storage, exact_bits, *correction_sections)
+        exact = {"exact_bits": exact_bits, "exact_scales": correction_sections[0],
+                 "exact_mins": correction_sections[1], "exact_codes": correction_sections[2]}
     compressed = CompressedKeys(
         method=method, kv_heads=kv_heads, head_dim=head_dim, input_dtype=_DTYPES[dtypes & 15],
         storage_dtype=storage, stored_space="post_rope" if flags & _F_POST_STORED else "pre_rope", rope=rope,
@@ -382,22 +387,20 @@ def from_bytes(blob: bytes | bytearray | memoryview, basis: Basis | None = None,
         channel_bits=torch.from_numpy(channel_bits), basis=basis_cols, mean=mean, sinks=sinks, codes=codes,
         scales=scales, mins=mins, tail=tail, positions=positions, shared_basis=shared,
         input_space="post_rope" if flags & _F_POST_IN else "pre_rope", exact_index=exact_index, exact_rows=exact_rows,
+        **exact,
     )
     check_group_bytes(compressed)
-    if exact_n and exact_bits != 16:
-        compressed = _with_corrections(compressed, exact_bits, *correction_sections)
     return compressed.to(device) if str(device) != "cpu" else compressed
 
 
-def _with_corrections(compressed: CompressedKeys, bits: int, scales: torch.Tensor, mins: torch.Tensor,
-                      codes: torch.Tensor) -> CompressedKeys:
-    """``compressed`` with its exact rows rebuilt from the stored corrections as compress built them."""
-    restored = reconstruct_tokens(compressed.codes, compressed.scales, compressed.mins, compressed.kept_bits,
-                                  compressed.group_size, compressed.basis, compressed.mean,
-                                  compressed.exact_index - compressed.sinks.shape[0])
-    rows = exact_corrected_rows(restored, codes, scales, mins, bits)
-    if not bool(torch.isfinite(rows).all()) or float(rows.abs().max()) > torch.finfo(compressed.storage_dtype).max:
-        raise FormatError(f"blob's exact corrections give rows beyond {compressed.storage_dtype}; a blob from "
-                          "to_bytes never does")
-    return replace(compressed, exact_rows=rows.to(compressed.storage_dtype), exact_bits=bits, exact_codes=codes,
-                   exact_scales=scales, exact_mins=mins)
+def _corrected_rows(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, kept_bits: torch.Tensor,
+                    group_size: int, basis_cols: torch.Tensor, mean: torch.Tensor, body_index: torch.Tensor,
+                    storage: torch.dtype, bits: int, correction_scales: torch.Tensor, correction_mins: torch.Tensor,
+                    correction_codes: torch.Tensor) -> torch.Tensor:
+    """The exact rows (``storage`` dtype) of the body tokens ``body_index`` rebuilt from the
+    blob's corrections as compress built them, before the one CompressedKeys is made."""
+    restored = reconstruct_tokens(codes, scales, mins, kept_bits, group_size, basis_cols, mean, body_index)
+    rows = exact_corrected_rows(restored, correction_codes, correction_scales, correction_mins, bits)
+    if not bool(torch.isfinite(rows).all()) or float(rows.abs().max()) > torch.finfo(storage).max:
+        raise FormatError(f"blob's exact corrections give rows beyond {storage}; a blob from to_bytes never does")
+    return rows.to(storage)

@@ -204,24 +204,34 @@ def _rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig, sign:
     return rotate_with_tables(keys, cos, sign * sin, rope)
 
 
+#: tokens rotated at a time on the CPU: one chunk's temporaries stay in the core's cache
+ROPE_CHUNK = 512
+
+
 def rotate_with_tables(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     """Rotate ``keys`` [tokens, heads, head_dim] by precomputed angles: ``cos``, ``sin``
     [tokens, rotary / 2] as :func:`rope_cos_sin` gives them (negated ``sin`` undoes the
     rotation); float32 out. For callers that compute the angles themselves (e.g. per block)."""
     rotary = rope.dims(keys.shape[-1])
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    # 16-bit keys are read as they are: float32 cos/sin promote them exactly inside each
-    # product, which saves writing and rereading a float32 copy of every key.
-    work = keys if keys.dtype in (torch.float16, torch.bfloat16, torch.float32) else keys.to(torch.float32)
-    out = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
-    out[..., rotary:] = work[..., rotary:]
+    # Every rotating channel is x * cos + partner * (-sin or +sin), its pair's other channel
+    # being the partner: tables at the full rotary width make it one multiply and one
+    # multiply-add over contiguous rows, where four passes over strided halves ran ~2x slower.
     if rope.style == "half":
-        pair = slice(0, rotary // 2), slice(rotary // 2, rotary)
+        cos_full, sin_full = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
     else:
-        pair = slice(0, rotary, 2), slice(1, rotary, 2)
-    first, second = work[..., pair[0]], work[..., pair[1]]
-    torch.mul(first, cos, out=out[..., pair[0]]).addcmul_(second, sin, value=-1.0)
-    torch.mul(second, cos, out=out[..., pair[1]]).addcmul_(first, sin)
+        cos_full, sin_full = cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
+    out = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
+    out[..., rotary:] = keys[..., rotary:]
+    step = ROPE_CHUNK if keys.device.type == "cpu" else max(1, keys.shape[0])
+    for start in range(0, keys.shape[0], step):
+        rows = slice(start, start + step)
+        # exact float32 copy of 16-bit keys, one chunk at a time
+        work = keys[rows, :, :rotary].to(torch.float32)
+        if rope.style == "half":
+            partner = torch.cat([work[..., rotary // 2:], work[..., :rotary // 2]], -1)
+        else:
+            partner = torch.stack([work[..., 1::2], work[..., 0::2]], -1).flatten(-2)
+        torch.mul(work, cos_full[rows, None, :], out=out[rows, :, :rotary]).addcmul_(partner, sin_full[rows, None, :])
     return out
 
 

@@ -254,3 +254,14 @@ def test_projection_is_float32_for_wide_channels_and_bfloat16_close_for_narrow_o
     scale = (centred.abs() @ basis.float().abs())[:, ~wide]
     assert ((latent[:, ~wide] - exact[:, ~wide]).abs() <= 2.0**-7 * scale).all()
     assert torch.equal(_project(centred, basis, widths, False), exact)  # kivi: float32 throughout
+
+
+def test_append_fills_a_group_of_a_sequence_that_kept_no_channel():
+    # 32 tokens in groups of 32 leave no quantized group after the sinks, so compress keeps no
+    # latent channel; the group an append fills is then projected on an empty basis.
+    keys = layer_keys(tokens=40, dtype=torch.float16)
+    compressed = compress(keys[:32], CodecConfig(bits_per_element=2.0, group_size=32))
+    assert compressed.kept_bits.numel() == 0 and compressed.num_groups == 0
+    longer = append(compressed, keys[32:])
+    assert longer.num_tokens == 40 and longer.num_groups == 1 and longer.codes.shape == (1, 0)
+    assert longer.nbytes == len(to_bytes(longer))

@@ -62,3 +62,24 @@ def test_every_method_round_trips_through_bytes(config):
     loaded = from_bytes(to_bytes(compressed))
     assert loaded.method == config.method
     assert torch.equal(decompress(loaded), decompress(compressed))
+
+
+def test_nbytes_is_kept_once_and_follows_a_field_assigned_anew():
+    import dataclasses
+
+    from svdq import append
+
+    generator = torch.Generator().manual_seed(8)
+    keys = torch.randn(150, 2, 16, generator=generator)
+    compressed = compress(keys, CodecConfig(group_size=16))
+    assert compressed.nbytes == len(to_bytes(compressed))
+    assert compressed._size is not None  # kept after the first read
+    longer = append(compressed, torch.randn(40, 2, 16, generator=generator))
+    assert longer.nbytes == len(to_bytes(longer)) > compressed.nbytes
+    # replace() starts without the kept size; an assigned field makes it recount.
+    explicit = dataclasses.replace(compressed, positions=torch.arange(150) * 2)
+    assert explicit.nbytes == len(to_bytes(explicit)) == compressed.nbytes + 8 * 150
+    before = compressed.nbytes
+    assert compressed.tail.shape[0] == 2
+    compressed.tail = compressed.tail[:1]
+    assert compressed.nbytes == len(to_bytes(compressed)) == before - 2 * 2 * 16

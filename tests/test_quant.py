@@ -7,6 +7,7 @@ import torch
 from svdq.allocation import allocate_budget
 from svdq.errors import InvalidInputError
 from svdq.quant import (
+    TABLE_CHANNELS,
     dequantize_groups,
     distortion_table,
     group_bytes,
@@ -85,6 +86,23 @@ def test_distortion_table_is_the_error_of_quantize_groups_at_every_width():
         assert torch.equal(table[:, width], error), width
 
 
+def test_distortion_table_measures_many_channels_a_chunk_at_a_time():
+    # Past TABLE_CHANNELS the table is measured chunk by chunk: every channel's error is still
+    # that of quantize_groups (to float32 summation order), and a chunk's rows are what the
+    # chunk alone gives.
+    generator = torch.Generator().manual_seed(4)
+    channels = TABLE_CHANNELS + 37
+    latent = torch.randn(6, 16, channels, generator=generator) * torch.exp(-torch.arange(channels) / 90.0)
+    table = distortion_table(latent)
+    assert table.shape == (channels, 9)
+    assert torch.equal(table[TABLE_CHANNELS:], distortion_table(latent[:, :, TABLE_CHANNELS:].contiguous()))
+    torch.testing.assert_close(table[:, 0], latent.double().pow(2).sum(dim=(0, 1)), rtol=1e-6, atol=0)
+    for width in range(1, 9):
+        codes, scales, mins = quantize_groups(latent, torch.full((channels,), width))
+        error = (dequantize_groups(codes, scales, mins).double() - latent.double()).pow(2).sum(dim=(0, 1))
+        torch.testing.assert_close(table[:, width], error, rtol=1e-5, atol=0)
+
+
 def test_distortion_table_refuses_latent_beyond_the_float16_metadata_range():
     with pytest.raises(InvalidInputError, match="float16"):
         distortion_table(torch.tensor([0.0, 1e6]).reshape(1, 2, 1))
@@ -134,3 +152,72 @@ def test_allocate_budget_with_no_budget_keeps_nothing():
     table = torch.tensor([[4.0, 1.0] + [0.5] * 7])
     assert allocate_budget(table, -5.0, 8, 0).tolist() == [0]
     assert allocate_budget(table, 0.0, 8, 0).tolist() == [0]
+
+
+def _greedy_reference_vectorised(table, budget_bits, bits_per_width, channel_metadata_bits):
+    """The same plain rule as _greedy_reference, every option of every channel re-derived at
+    each step, in numpy so that tables of hundreds of channels stay quick."""
+    table = table.numpy()
+    widths = np.arange(9)
+    cost = (widths * bits_per_width + np.where(widths > 0, channel_metadata_bits, 0)).astype(np.float64)
+    chosen = np.zeros(table.shape[0], dtype=np.int64)
+    rows = np.arange(table.shape[0])
+    spent = 0.0
+    while True:
+        extra = cost[None, :] - cost[chosen][:, None]
+        gain = table[rows, chosen][:, None] - table
+        usable = (widths[None, :] > chosen[:, None]) & (gain > 0) & (extra <= budget_bits - spent)
+        ratio = np.where(usable, gain / np.maximum(extra, 1e-9), -np.inf)
+        row, width = divmod(int(np.argmax(ratio)), 9)
+        if ratio[row, width] == -np.inf:
+            return torch.from_numpy(chosen)
+        spent += float(extra[row, width])
+        chosen[row] = width
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_allocate_budget_matches_the_plain_greedy_rule_on_large_and_nonconvex_tables(seed):
+    # The allocator orders every channel's steps once instead of stepping; on measured
+    # quantization errors (spectra that decay, heavy-tailed ones) and on error curves that
+    # are not convex in the width (the greedy then jumps widths), and over budgets from
+    # nothing to everything, it must still choose what the step-by-step rule chooses.
+    generator = torch.Generator().manual_seed(seed)
+    channels = int(torch.randint(100, 400, (1,), generator=generator))
+    kind = seed % 4
+    if kind == 0:
+        latent = torch.randn(8, 32, channels, generator=generator) * torch.exp(-torch.arange(channels) / 40.0)
+        table = distortion_table(latent)
+    elif kind == 1:
+        latent = torch.rand(4, 64, channels, generator=generator) ** 3 * 10 ** (3 * torch.rand(channels, generator=generator))
+        table = distortion_table(latent)
+    elif kind == 2:  # decreasing but not convex
+        scale = 10 ** (3 * torch.rand(channels, 1, generator=generator).double())
+        table = torch.rand(channels, 9, generator=generator).double().sort(dim=1, descending=True).values * scale
+    else:  # not even decreasing, with ties
+        table = (5 * torch.rand(channels, 9, generator=generator).double()).round()
+    bits_per_width = int(torch.randint(1, 512, (1,), generator=generator))
+    metadata = int(torch.randint(0, 3000, (1,), generator=generator))
+    for share in (0.0, 0.05, 0.3, 1.0, 10.0):
+        budget = share * channels * (4 * bits_per_width + metadata)
+        expected = _greedy_reference_vectorised(table, budget, bits_per_width, metadata)
+        assert torch.equal(allocate_budget(table, budget, bits_per_width, metadata), expected), share
+
+
+def test_the_vectorised_reference_is_the_plain_rule():
+    generator = torch.Generator().manual_seed(5)
+    table = (10 * torch.rand(20, 9, generator=generator).double()).round()
+    for budget in (0.0, 50.0, 400.0, 5000.0):
+        assert torch.equal(_greedy_reference_vectorised(table, budget, 7, 30), _greedy_reference(table, budget, 7, 30))
+
+
+def test_allocate_budget_takes_a_step_that_rounds_above_the_one_before_it_right_after_it():
+    # Channel 1's errors fall by the same amount at widths 1 and 2, but in float64 its second
+    # step's ratio comes out one ulp above its first. The greedy takes the first step only
+    # after channel 0 (whose one step has that higher ratio), so with two steps' worth of
+    # budget channel 1 ends at width 1; ordering its second step by its own ratio would
+    # spend the budget on it (width 2) instead.
+    d0, d1, d2 = 1.0655445815182092, 0.7751835746703206, 0.484822567822432
+    assert (d0 - d1) / 3 < (d1 - d2) / 3 and (d0 - d1) / 3 >= (d0 - d2) / 6
+    table = torch.tensor([[d1] + [d2] * 8, [d0, d1] + [d2] * 7], dtype=torch.float64)
+    assert _greedy_reference(table, 6.0, 3, 0).tolist() == [1, 1]
+    assert allocate_budget(table, 6.0, 3, 0).tolist() == [1, 1]

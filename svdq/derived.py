@@ -67,6 +67,13 @@ class DerivedCache:
             self._limit = limit
             self._trim_locked()
 
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit under a set limit without clearing anything: for
+        optional tensors that are worth keeping only while the budget has room (``False``
+        without a limit, so that library use without a budget never keeps them)."""
+        with self._lock:
+            return self._limit is not None and self._bytes + nbytes <= self._limit
+
     def get(self, owner: Any, name: Any) -> Any:
         """``owner``'s cached ``name`` or None; marks the owner recently used (and, past the
         limit, clears the least recently used others)."""

@@ -296,7 +296,7 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
     return rows
 
 
-def _offloaded_prefix_attention(compressed_layers, sparsity, totals):
+def _offloaded_prefix_attention(compressed_layers, sparsity, totals, precision=None):
     """A harness AttentionFunction: attention over the compressed prefix by ``attend``,
     merged by log-sum-exp with exact causal attention over the tokens after the prefix."""
     from svdq.attention import merge_attention
@@ -316,7 +316,8 @@ def _offloaded_prefix_attention(compressed_layers, sparsity, totals):
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         local_lse = torch.logsumexp(scores, dim=-1)
         local_out = torch.einsum("qhl,hld->qhd", torch.softmax(scores, -1), local_values.repeat_interleave(ratio, 0))
-        remote = attend(queries, [keys_c] * count, [values_c] * count, scale=scale, sparsity=sparsity)
+        remote = attend(queries, [keys_c] * count, [values_c] * count, scale=scale, sparsity=sparsity,
+                        precision=precision)
         for stats in remote.stats:
             totals["read"] += stats.key_bytes_read
             totals["fp16"] += stats.dense_fp16_key_bytes
@@ -340,7 +341,8 @@ def _compress_prefix(prefix, codec: CodecConfig, rope: RopeConfig):
 
 
 def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: CodecConfig,
-                   check_path: bool = False) -> list[str]:
+                   check_path: bool = False, precisions: tuple[str | None, ...] = (None,),
+                   sparse_fractions: tuple[int, ...] = (8, 16, 32)) -> list[str]:
     """Continuation dNLL and needle accuracy of SmolLM2 with prefix attention done by attend()."""
     from svdq_client import evaluation as harness  # text, prefill, NLL, needle cases
     from svdq_client.models import load_smollm2
@@ -349,12 +351,12 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
     model.eval()
     rope = RopeConfig.from_hf_config(model.config)
     configs = [("fp16 passthrough via attend (checks the path)", CodecConfig(method="fp16"), None)] if check_path else []
-    configs += [
-        (f"svdq {codec.bits_per_element} bits, dense", codec, None),
-        (f"svdq {codec.bits_per_element} bits, sparse 1/8", codec, SparsityConfig(keep_fraction=1 / 8)),
-        (f"svdq {codec.bits_per_element} bits, sparse 1/16", codec, SparsityConfig(keep_fraction=1 / 16)),
-        (f"svdq {codec.bits_per_element} bits, sparse 1/32", codec, SparsityConfig(keep_fraction=1 / 32)),
-    ]
+    configs += [(f"svdq {codec.bits_per_element} bits, dense", codec, None)] + [
+        (f"svdq {codec.bits_per_element} bits, sparse 1/{fraction}", codec, SparsityConfig(keep_fraction=1 / fraction))
+        for fraction in sparse_fractions]
+    # Each configuration with each of attend's precisions (None: its default on this device).
+    configs = [(label if precision is None else f"{label}, {precision}", config, sparsity, precision)
+               for label, config, sparsity in configs for precision in precisions]
     rows = [
         f"SmolLM2-135M-Instruct, float32, CPU; prefix {context_tokens} tokens of {harness.TEXT_SOURCE}; "
         f"NLL of the next {continuation} tokens (mean over tokens 2..{continuation}); "
@@ -381,7 +383,7 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
             _progress(f"uncompressed needle case at depth {case.depth:.2f}")
         rows.append(f"| uncompressed (model's own attention) | {base_nll:.4f} | 0 | {base_found}/{len(cases)} | 1x | all |")
         compressed_cache: dict[str, list] = {}
-        for label, config, sparsity in configs:
+        for label, config, sparsity, precision in configs:
             totals = {"read": 0, "fp16": 0, "attended": 0, "total": 0}
             key = repr(config)
             if key not in compressed_cache:
@@ -390,12 +392,14 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
                 _progress(f"compressed prefixes for {label}")
             layers = compressed_cache[key]
             nll = harness.continuation_nll(model, prefix, continuation_ids,
-                                           attention=_offloaded_prefix_attention(layers[0], sparsity, totals))
+                                           attention=_offloaded_prefix_attention(layers[0], sparsity, totals,
+                                                                                 precision))
             _progress(f"{label}: NLL {nll:.4f}")
             found = 0
             for case, case_prefix, case_layers in zip(cases, case_prefixes, layers[1:], strict=True):
                 answer = harness.greedy_answer(model, tokenizer, case_prefix, case.question_ids,
-                                               attention=_offloaded_prefix_attention(case_layers, sparsity, totals))
+                                               attention=_offloaded_prefix_attention(case_layers, sparsity, totals,
+                                                                                     precision))
                 found += harness.needle_found(answer, case)
                 _progress(f"{label}: needle at depth {case.depth:.2f} answered {answer!r}")
             bits = sum(item[0].nbytes for item in layers[0]) * 8 / sum(
@@ -441,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=32, help="peaked queries per row of the precision part")
     parser.add_argument("--precisions", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
                         help="speed part: attend's precision= for the svdq rows")
+    parser.add_argument("--accuracy-precisions", action="store_true",
+                        help="accuracy part: every row once per --precisions (default: attend's default only)")
+    parser.add_argument("--sparse-fractions", type=int, nargs="*", default=[8, 16, 32],
+                        help="accuracy part: sparse rows at keep_fraction 1/N")
     parser.add_argument("--attention-cache-bytes", type=int, default=1 << 30,
                         help="limit of the attention cache (svdq.derived.DERIVED) for the speed and precision parts, "
                              "as the server sets it (svdq-server --attention-cache-bytes, default 1 GiB); -1: no limit "
@@ -468,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("accuracy", "all"):
         lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
         lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits),
-                                args.check_path) + [""]
+                                args.check_path, tuple(args.precisions) if args.accuracy_precisions else (None,),
+                                tuple(args.sparse_fractions)) + [""]
     emit(lines, args.out)
     return 0
 

@@ -716,7 +716,8 @@ def _dense_basis(keys: CompressedKeys, precision: str = "float32") -> tuple[torc
         if rotates(keys):
             basis, mean = _in_pair_order(keys, basis), _in_pair_order(keys, mean[:, None])[:, 0]
         rest = None
-        if precision == "bfloat16":
+        # The baselines' identity "basis" copies raw key channels: rounding them would only add error.
+        if precision == "bfloat16" and keys.method == "svdq":
             basis, rest = basis[:, :FLOAT32_LEAD_CHANNELS], basis[:, FLOAT32_LEAD_CHANNELS:].to(torch.bfloat16).contiguous()
         cached = (basis.contiguous(), mean.contiguous(), rest)
         if keys.method != "svdq":
@@ -768,50 +769,53 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
         grouped = grouped[..., _pair_order(keys)]
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * keys.group_size)) * keys.group_size
-    kept_keys = DERIVED.get(keys, KEPT_KEYS) if precision == "bfloat16" else None
-    if kept_keys is not None:
-        # Cache-sized blocks widened to float32 for the dots (bfloat16 dots would round the scores).
-        buffer = torch.empty(kv_heads, min(block, n_body), head_dim, device=grouped.device)
-        for first in range(0, n_body, block):
-            stop = min(n_body, first + block)
-            rows_block = buffer[:, :stop - first]
-            rows_block.copy_(kept_keys[:, first:stop])
-            torch.bmm(grouped, rows_block.transpose(1, 2), out=dots[:, :, first:stop])
-        return dots
-    kept = code_widths(keys)[0]
-    basis, mean, rest = _dense_basis(keys, precision)
-    scales, mins = keys.scales.float(), keys.mins.float()
-    angles = _rotation_table(keys) if rotates(keys) else None
-    keep = None
-    if precision == "bfloat16" and keys.method == "svdq" and DERIVED.has_room(2 * n_body * keys.channels):
-        keep = torch.empty(kv_heads, n_body, head_dim, dtype=torch.float16, device=grouped.device)
-    latent = torch.empty(block, kept, device=grouped.device)
+    rounded = precision == "bfloat16" and keys.method == "svdq"
+    kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
+    # float32 blocks [Hkv, n, D] of float16-rounded keys, the one layout both bfloat16 ways dot
+    # (kept keys or reconstructed now), so that a call gives the same bits whether the budget
+    # kept the keys or dropped them.
+    widened = torch.empty(kv_heads, min(block, n_body), head_dim, device=grouped.device) if rounded else None
+    if kept_keys is None:
+        kept = code_widths(keys)[0]
+        basis, mean, rest = _dense_basis(keys, precision)
+        scales, mins = keys.scales.float(), keys.mins.float()
+        angles = _rotation_table(keys) if rotates(keys) else None
+        keep = rounded and DERIVED.has_room(2 * n_body * keys.channels)
+        halves = torch.empty(kv_heads, n_body if keep else min(block, n_body), head_dim, dtype=torch.float16,
+                             device=grouped.device) if rounded else None
+        latent = torch.empty(block, kept, device=grouped.device)
     for first in range(0, n_body, block):
         stop = min(n_body, first + block)
         count = stop - first
+        if kept_keys is not None:
+            torch.bmm(grouped, widened[:, :count].copy_(kept_keys[:, first:stop]).transpose(1, 2),
+                      out=dots[:, :, first:stop])
+            continue
         rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent), basis, mean, rest)
         rows_block = rows_block.view(count, kv_heads, head_dim)
         if angles is not None:
             _rotate_pairs(rows_block, _rotation(keys, range(first, stop), angles)[:, None, :])
-        torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
-        if keep is not None:
-            keep[:, first:stop] = rows_block.transpose(0, 1)
+        if halves is None:
+            torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
+            continue
+        half = halves[:, first:stop] if keep else halves[:, :count]
+        half.copy_(rows_block.transpose(0, 1))
+        torch.bmm(grouped, widened[:, :count].copy_(half).transpose(1, 2), out=dots[:, :, first:stop])
     if keys.num_exact:
-        # The exact tokens' dots from their own rows, once per call (not looked up per block).
+        # The exact tokens' dots from their own float32 rows, once per call (not looked up per
+        # block), whichever way the others were made.
         exact = keys.exact_index - start
         exact_rows = _full_rows_in_pair_order(keys, keys.exact_rows, exact)
         dots[:, :, exact] = torch.bmm(grouped, exact_rows.permute(1, 2, 0))
-        if keep is not None:
-            keep[:, exact] = exact_rows.transpose(0, 1).to(keep.dtype)
-    if keep is not None:
-        DERIVED.put(keys, KEPT_KEYS, keep)
+    if kept_keys is None and keep:
+        DERIVED.put(keys, KEPT_KEYS, halves)
     return dots
 
 
-#: Name of the float16 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate,
-#: exact tokens' own rows in place) that a dense call in precision "bfloat16" keeps while the
-#: budget has room: float16's rounding (2^-11) is a quarter of bfloat16's, and converting either
-#: to float32 costs the same.
+#: Name of the float16 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate)
+#: that a dense call in precision "bfloat16" keeps while the budget has room, for later dense
+#: calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
+#: at the same cost. Exact tokens' dots come from their own rows, not from these.
 KEPT_KEYS = "kept_keys"
 
 
@@ -833,12 +837,6 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "
     reconstruction matmul (:func:`select_precision`)."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
     start, n_body = body_range(keys)
-    kept_keys = DERIVED.get(keys, KEPT_KEYS) if precision == "bfloat16" else None
-    if kept_keys is not None:
-        # A dense call kept the keys (:func:`dense_body_dots`): whole rows of one [Hkv * n_body, D] table.
-        heads = torch.arange(kv_heads, device=index.device)[:, None] * n_body
-        flat = (index + heads).reshape(-1)
-        return kept_keys.view(-1, head_dim).index_select(0, flat).float().view(*index.shape, head_dim)
     if index.dim() == 3 and index.shape[0] > 1:
         # The distinct tokens, sorted, by marking them (a sort of every index took longer).
         seen = torch.zeros(n_body, dtype=torch.bool, device=index.device)

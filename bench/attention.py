@@ -242,7 +242,7 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
         f"{queries_per_case} peaked queries per row; attention cache budget {cache_bytes:,} bytes"
         if cache_bytes is not None else "no attention cache budget",
         "",
-        "| tokens | attention | precision | kept bfloat16 keys | error vs float32 path (median / max) | "
+        "| tokens | attention | precision | kept float16 keys | error vs float32 path (median / max) | "
         "error vs uncompressed keys (median / max) | bf16 extra / compression error (median / max) | "
         "max abs lse diff vs float32 path |",
         "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |",

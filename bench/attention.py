@@ -12,6 +12,10 @@ and sparse (1/32 of the tokens) over SVDq keys compressed with the default codec
 text. Ratios are against SDPA fp16 of the same length. Key bytes are what each call needs
 (``AttentionStats``); the SDPA rows read the fp16/fp32 keys.
 
+Precision (``--part precision``, CPU): the attention-output error of ``precision="bfloat16"``
+against the float32 path and both against the uncompressed keys, with and without the kept
+float16 keys (:func:`precision_table`).
+
 Accuracy (``--part accuracy``): SmolLM2-135M-Instruct's own decode, where attention over the
 prefix goes through :func:`svdq.attention.attend` (client ``LocalOffload``) and is merged by
 log-sum-exp with exact attention over the continuation tokens; continuation dNLL against the
@@ -22,6 +26,7 @@ Usage::
     python bench/attention.py --part speed --tokens 4096 8192 --repeats 5
     git worktree add /tmp/old HEAD~3 && python bench/attention.py --part speed --baseline-tree /tmp/old/svdq
     python bench/attention.py --part accuracy --needles 6
+    python bench/attention.py --part precision --tokens 4096 --queries 16   # bfloat16 vs float32 error
     python bench/attention.py --part speed --device cuda --out /tmp/attention_gpu.md
 """
 

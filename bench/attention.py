@@ -12,6 +12,10 @@ and sparse (1/32 of the tokens) over SVDq keys compressed with the default codec
 text. Ratios are against SDPA fp16 of the same length. Key bytes are what each call needs
 (``AttentionStats``); the SDPA rows read the fp16/fp32 keys.
 
+Precision (``--part precision``, CPU): the attention-output error of ``precision="bfloat16"``
+against the float32 path and both against the uncompressed keys, with and without the kept
+float16 keys (:func:`precision_table`).
+
 Accuracy (``--part accuracy``): SmolLM2-135M-Instruct's own decode, where attention over the
 prefix goes through :func:`svdq.attention.attend` (client ``LocalOffload``) and is merged by
 log-sum-exp with exact attention over the continuation tokens; continuation dNLL against the
@@ -22,6 +26,7 @@ Usage::
     python bench/attention.py --part speed --tokens 4096 8192 --repeats 5
     git worktree add /tmp/old HEAD~3 && python bench/attention.py --part speed --baseline-tree /tmp/old/svdq
     python bench/attention.py --part accuracy --needles 6
+    python bench/attention.py --part precision --tokens 4096 --queries 16   # bfloat16 vs float32 error
     python bench/attention.py --part speed --device cuda --out /tmp/attention_gpu.md
 """
 
@@ -120,8 +125,12 @@ def load_tree(folder: Path):
 
 
 def speed_table(token_counts: list[int], device: torch.device, repeats: int, batches: list[int],
-                thread_counts: list[int], same_sequence: bool, baseline_tree=None, clock: str = "wall") -> list[str]:
+                thread_counts: list[int], same_sequence: bool, baseline_tree=None, clock: str = "wall",
+                precisions: tuple[str, ...] = ("bfloat16", "float32"), cache_bytes: int | None = 1 << 30) -> list[str]:
+    from svdq.derived import DERIVED
     from svdq.rope import apply_rope
+
+    DERIVED.limit_bytes = cache_bytes
 
     backend = select_backend(device)
     sparse = SparsityConfig(keep_fraction=1 / 32)  # the library defaults: what the service serves
@@ -135,7 +144,8 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         f"attend backend: {backend}, shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, batch entries over "
         f"{'one sequence' if same_sequence else 'different sequences'}; median of {repeats} "
         f"({'wall time' if clock == 'wall' else 'CPU time of the timing thread'}), rows of one "
-        f"(tokens, batch, threads) timed in turns; load average before: "
+        f"(tokens, batch, threads) timed in turns; attention cache budget "
+        f"{'none (library use)' if cache_bytes is None else f'{cache_bytes:,} bytes'}; load average before: "
         f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}",
         "",
         f"| tokens | batch | threads | method | median ms | vs {baseline_name} | key bytes read | "
@@ -173,11 +183,13 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                 read[name] = fp16_bytes * (2 if dtype == torch.float32 else 1)
             for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
                 for value_label, values_list in value_kinds:
-                    stats = attend(queries, keys_list, values_list, sparsity=sparsity).stats[0]
-                    name = f"{label}, {value_label} ({stats.tokens_attended} tok)"
-                    calls[name] = lambda sparsity=sparsity, values_list=values_list, queries=queries, \
-                        keys_list=keys_list: attend(queries, keys_list, values_list, sparsity=sparsity)
-                    read[name] = stats.key_bytes_read
+                    for precision in precisions:
+                        stats = attend(queries, keys_list, values_list, sparsity=sparsity, precision=precision).stats[0]
+                        name = f"{label}, {value_label}, {precision} ({stats.tokens_attended} tok)"
+                        calls[name] = lambda sparsity=sparsity, values_list=values_list, queries=queries, \
+                            keys_list=keys_list, precision=precision: attend(queries, keys_list, values_list,
+                                                                               sparsity=sparsity, precision=precision)
+                        read[name] = stats.key_bytes_read
                     if baseline_tree is not None:
                         # The same blobs read by the other tree, attended by its own code.
                         old_keys = baseline_tree.from_bytes(to_bytes(compressed)).to(device)
@@ -189,7 +201,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                         old_values = old_values * batch if same_sequence else old_values
                         old_sparsity = None if sparsity is None else baseline_tree.attention.SparsityConfig(
                             **dataclasses.asdict(sparsity))
-                        old_name = f"{name} [baseline tree]"
+                        old_name = f"{label}, {value_label} ({stats.tokens_attended} tok) [baseline tree]"
                         calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, queries=queries, \
                             old_keys_list=old_keys_list: baseline_tree.attention.attend(
                                 queries, old_keys_list, old_values, sparsity=old_sparsity)
@@ -205,15 +217,91 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
             torch.set_num_threads(default_threads)
         # What attention keeps between calls for this layer (svdq.derived), against the layer's size.
         cached = tensor_bytes(keys_list[0]._cache)
+        distinct = list({id(item): item for item in keys_list}.values())
+        held = sum("kept_keys" in item._cache for item in distinct)
         rows.append(f"| {tokens} | | | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
                     f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept; attention cache "
-                    f"{cached:,} bytes per sequence = {cached / compressed.nbytes:.2f}x the compressed keys) | | | | |")
+                    f"{cached:,} bytes for the first sequence = {cached / compressed.nbytes:.2f}x the compressed keys; "
+                    f"{held} of {len(distinct)} sequences hold float16 keys) | | | | |")
     rows.append("")
     rows.append(f"load average after: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
     return rows
 
 
-def _offloaded_prefix_attention(compressed_layers, sparsity, totals):
+def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes: int | None) -> list[str]:
+    """Attention-output error of the bfloat16 products against the exact float32 path and
+    both against attention over the uncompressed keys, on the speed part's Llama-3-8B-like
+    layer (CPU, one layer, 16-bit values).
+
+    Queries are peaked like a model's: each points at one key (its post-RoPE direction at a
+    random sharpness) plus noise, so that the softmax concentrates on few tokens, where key
+    errors show (uniform random queries average them away). Errors are relative L2 norms over
+    each query's [Hq, D] output; the table gives median and maximum over the queries.
+    """
+    from svdq.attention import PRECISIONS
+    from svdq.derived import DERIVED
+    from svdq.rope import apply_rope
+
+    rows = [
+        f"shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, svdq keys at the default 1.5 bits, 16-bit values; "
+        f"{queries_per_case} peaked queries per row; attention cache budget {cache_bytes:,} bytes"
+        if cache_bytes is not None else "no attention cache budget",
+        "",
+        "| tokens | attention | precision | kept float16 keys | error vs float32 path (median / max) | "
+        "error vs uncompressed keys (median / max) | bf16 extra / compression error (median / max) | "
+        "max abs lse diff vs float32 path |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    limit = DERIVED.limit_bytes
+    for tokens in token_counts:
+        generator = torch.Generator().manual_seed(tokens)
+        pre = synthetic_keys(tokens)
+        positions = torch.arange(tokens)
+        post = apply_rope(pre, positions, LLAMA3_ROPE)
+        values = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=generator).half()
+        compressed = compress(post.half(), CodecConfig(), rope=LLAMA3_ROPE, key_space="post_rope", positions=positions)
+        stored_values = compress_values(values)
+        targets = torch.randint(0, tokens, (queries_per_case, Q_HEADS), generator=generator)
+        heads = torch.arange(Q_HEADS) // (Q_HEADS // KV_HEADS)
+        direction = post[targets, heads[None, :]]
+        direction = direction / direction.norm(dim=-1, keepdim=True)
+        sharpness = torch.empty(queries_per_case, Q_HEADS, 1).uniform_(0.5, 4.0, generator=generator)
+        queries = sharpness * direction * HEAD_DIM**0.5 + torch.randn(queries_per_case, Q_HEADS, HEAD_DIM,
+                                                                        generator=generator)
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            queries[:, :, None].double(), post.double().transpose(0, 1)[None].expand(queries_per_case, -1, -1, -1),
+            values.double().transpose(0, 1)[None].expand(queries_per_case, -1, -1, -1), enable_gqa=True)[:, :, 0]
+        for label, sparsity in [("dense", None), ("sparse 1/32", SparsityConfig(keep_fraction=1 / 32))]:
+            results = {}
+            for precision in PRECISIONS:
+                for kept in ([False, True] if precision == "bfloat16" and sparsity is None else [False]):
+                    DERIVED.clear()
+                    DERIVED.limit_bytes = cache_bytes if kept else None
+                    keys = dataclasses.replace(compressed, _cache={})
+                    if kept:
+                        attend(queries[:1], [keys], [stored_values], precision=precision)  # a dense call keeps them
+                    # One query per call: decode, and each query selects its own tokens.
+                    answers = [attend(queries[b:b + 1], [keys], [stored_values], sparsity=sparsity,
+                                      precision=precision) for b in range(queries_per_case)]
+                    results[(precision, kept)] = (torch.cat([answer.output for answer in answers]).double(),
+                                                  torch.cat([answer.lse for answer in answers]).double(),
+                                                  "kept_keys" in keys._cache)
+            reference, reference_lse, _ = results[("float32", False)]
+            compression = ((reference - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1))
+            for (precision, _), (out, lse, held) in results.items():
+                extra = (out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+                total = (out - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
+                share = extra / compression
+                rows.append(
+                    f"| {tokens} | {label} | {precision} | {'yes' if held else 'no'} | "
+                    f"{extra.median():.2e} / {extra.max():.2e} | {total.median():.4f} / {total.max():.4f} | "
+                    f"{share.median():.2%} / {share.max():.2%} | {(lse - reference_lse).abs().max():.2e} |")
+    DERIVED.clear()
+    DERIVED.limit_bytes = limit
+    return rows
+
+
+def _offloaded_prefix_attention(compressed_layers, sparsity, totals, precision=None):
     """A harness AttentionFunction: attention over the compressed prefix by ``attend``,
     merged by log-sum-exp with exact causal attention over the tokens after the prefix."""
     from svdq.attention import merge_attention
@@ -233,7 +321,8 @@ def _offloaded_prefix_attention(compressed_layers, sparsity, totals):
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         local_lse = torch.logsumexp(scores, dim=-1)
         local_out = torch.einsum("qhl,hld->qhd", torch.softmax(scores, -1), local_values.repeat_interleave(ratio, 0))
-        remote = attend(queries, [keys_c] * count, [values_c] * count, scale=scale, sparsity=sparsity)
+        remote = attend(queries, [keys_c] * count, [values_c] * count, scale=scale, sparsity=sparsity,
+                        precision=precision)
         for stats in remote.stats:
             totals["read"] += stats.key_bytes_read
             totals["fp16"] += stats.dense_fp16_key_bytes
@@ -257,7 +346,8 @@ def _compress_prefix(prefix, codec: CodecConfig, rope: RopeConfig):
 
 
 def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: CodecConfig,
-                   check_path: bool = False) -> list[str]:
+                   check_path: bool = False, precisions: tuple[str | None, ...] = (None,),
+                   sparse_fractions: tuple[int, ...] = (8, 16, 32)) -> list[str]:
     """Continuation dNLL and needle accuracy of SmolLM2 with prefix attention done by attend()."""
     from svdq_client import evaluation as harness  # text, prefill, NLL, needle cases
     from svdq_client.models import load_smollm2
@@ -266,12 +356,12 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
     model.eval()
     rope = RopeConfig.from_hf_config(model.config)
     configs = [("fp16 passthrough via attend (checks the path)", CodecConfig(method="fp16"), None)] if check_path else []
-    configs += [
-        (f"svdq {codec.bits_per_element} bits, dense", codec, None),
-        (f"svdq {codec.bits_per_element} bits, sparse 1/8", codec, SparsityConfig(keep_fraction=1 / 8)),
-        (f"svdq {codec.bits_per_element} bits, sparse 1/16", codec, SparsityConfig(keep_fraction=1 / 16)),
-        (f"svdq {codec.bits_per_element} bits, sparse 1/32", codec, SparsityConfig(keep_fraction=1 / 32)),
-    ]
+    configs += [(f"svdq {codec.bits_per_element} bits, dense", codec, None)] + [
+        (f"svdq {codec.bits_per_element} bits, sparse 1/{fraction}", codec, SparsityConfig(keep_fraction=1 / fraction))
+        for fraction in sparse_fractions]
+    # Each configuration with each of attend's precisions (None: its default on this device).
+    configs = [(label if precision is None else f"{label}, {precision}", config, sparsity, precision)
+               for label, config, sparsity in configs for precision in precisions]
     rows = [
         f"SmolLM2-135M-Instruct, float32, CPU; prefix {context_tokens} tokens of {harness.TEXT_SOURCE}; "
         f"NLL of the next {continuation} tokens (mean over tokens 2..{continuation}); "
@@ -298,7 +388,7 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
             _progress(f"uncompressed needle case at depth {case.depth:.2f}")
         rows.append(f"| uncompressed (model's own attention) | {base_nll:.4f} | 0 | {base_found}/{len(cases)} | 1x | all |")
         compressed_cache: dict[str, list] = {}
-        for label, config, sparsity in configs:
+        for label, config, sparsity, precision in configs:
             totals = {"read": 0, "fp16": 0, "attended": 0, "total": 0}
             key = repr(config)
             if key not in compressed_cache:
@@ -307,12 +397,14 @@ def accuracy_table(context_tokens: int, continuation: int, needles: int, codec: 
                 _progress(f"compressed prefixes for {label}")
             layers = compressed_cache[key]
             nll = harness.continuation_nll(model, prefix, continuation_ids,
-                                           attention=_offloaded_prefix_attention(layers[0], sparsity, totals))
+                                           attention=_offloaded_prefix_attention(layers[0], sparsity, totals,
+                                                                                 precision))
             _progress(f"{label}: NLL {nll:.4f}")
             found = 0
             for case, case_prefix, case_layers in zip(cases, case_prefixes, layers[1:], strict=True):
                 answer = harness.greedy_answer(model, tokenizer, case_prefix, case.question_ids,
-                                               attention=_offloaded_prefix_attention(case_layers, sparsity, totals))
+                                               attention=_offloaded_prefix_attention(case_layers, sparsity, totals,
+                                                                                     precision))
                 found += harness.needle_found(answer, case)
                 _progress(f"{label}: needle at depth {case.depth:.2f} answered {answer!r}")
             bits = sum(item[0].nbytes for item in layers[0]) * 8 / sum(
@@ -333,7 +425,7 @@ def emit(lines: list[str], out: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["speed", "accuracy", "all"], default="all")
+    parser.add_argument("--part", choices=["speed", "accuracy", "precision", "all"], default="all")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="entries per attend call (speed part)")
@@ -355,6 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--needles", type=int, default=6, help="needle cases")
     parser.add_argument("--check-path", action="store_true",
                         help="accuracy part: add an fp16-passthrough row (should match the uncompressed model)")
+    parser.add_argument("--queries", type=int, default=32, help="peaked queries per row of the precision part")
+    parser.add_argument("--precisions", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
+                        help="speed part: attend's precision= for the svdq rows")
+    parser.add_argument("--accuracy-precisions", action="store_true",
+                        help="accuracy part: every row once per --precisions (default: attend's default only)")
+    parser.add_argument("--sparse-fractions", type=int, nargs="*", default=[8, 16, 32],
+                        help="accuracy part: sparse rows at keep_fraction 1/N")
+    parser.add_argument("--attention-cache-bytes", type=int, default=1 << 30,
+                        help="limit of the attention cache (svdq.derived.DERIVED) for the speed and precision parts, "
+                             "as the server sets it (svdq-server --attention-cache-bytes, default 1 GiB); -1: no limit "
+                             "(library use), which keeps no bfloat16 keys")
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -368,11 +471,18 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["## Speed", ""] + speed_table(args.tokens, device, args.repeats, args.batch, args.threads,
                                                     args.same_sequence,
                                                     load_tree(args.baseline_tree) if args.baseline_tree else None,
-                                                    args.clock) + [""]
+                                                    args.clock, tuple(args.precisions),
+                                                    None if args.attention_cache_bytes < 0 else args.attention_cache_bytes
+                                                    ) + [""]
+    if args.part in ("precision", "all"):
+        lines += ["## Precision of the bfloat16 products (CPU)", ""]
+        lines += precision_table(args.tokens, args.queries,
+                                 None if args.attention_cache_bytes < 0 else args.attention_cache_bytes) + [""]
     if args.part in ("accuracy", "all"):
         lines += ["## Accuracy (SmolLM2-135M-Instruct)", ""]
         lines += accuracy_table(args.context, args.continuation, args.needles, CodecConfig(bits_per_element=args.bits),
-                                args.check_path) + [""]
+                                args.check_path, tuple(args.precisions) if args.accuracy_precisions else (None,),
+                                tuple(args.sparse_fractions)) + [""]
     emit(lines, args.out)
     return 0
 

@@ -50,10 +50,15 @@ from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
 BACKEND_ENV = "SVDQ_BACKEND"
+#: Operand precision of the torch path's key products (reconstruction and selection score).
+PRECISIONS = ("float32", "bfloat16")
+PRECISION_ENV = "SVDQ_ATTENTION_PRECISION"
 # Low-rank keys (float32 elements) the selection score builds and rotates at a time.
 SCORE_BLOCK_ELEMENTS = 1 << 18
 # Reconstructed keys (float32 elements, whole token groups) the dense path builds at a time.
 RECONSTRUCT_BLOCK_ELEMENTS = 1 << 18
+#: Leading latent channels that precision "bfloat16" still multiplies in float32 (reconstruct).
+FLOAT32_LEAD_CHANNELS = 32
 #: largest attention logit softcap: models cap at tens (Gemma 2: 50); far above the scores a
 #: cap changes nothing, so a larger one is taken for a mistake
 MAX_SOFTCAP = 1e4
@@ -155,6 +160,36 @@ def select_backend(device: torch.device | str, override: str | None = None) -> s
         raise InvalidInputError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU"
         )
+    return choice
+
+
+def _bfloat16_products_are_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's check for AVX512-BF16 or AMX):
+    elsewhere bfloat16 matmuls are emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def select_precision(device: torch.device | str, override: str | None = None) -> str:
+    """Operand precision of the torch path's key products: ``override``, else
+    ``$SVDQ_ATTENTION_PRECISION``, else ``bfloat16`` on CPUs that multiply it natively and
+    ``float32`` elsewhere.
+
+    ``bfloat16`` rounds the operands of the two big products, the reconstruction
+    ``latent @ basis.T + mean`` and the selection score's low-rank keys, to bfloat16 (8 bits
+    of mantissa) and accumulates in float32; rotation, dot products with the queries, softmax
+    and value sums stay float32. Its extra error in the attention output is a small fraction
+    of what the compression itself costs (``docs/attention.md``, Precision). ``float32`` is
+    the exact path the reference tests compare with float64. The triton kernels ignore it
+    (they use float16 operands with float32 accumulation).
+    """
+    choice = override or os.environ.get(PRECISION_ENV) or (
+        "bfloat16" if torch.device(device).type == "cpu" and _BF16_FAST else "float32")
+    if choice not in PRECISIONS:
+        source = "precision" if override else PRECISION_ENV
+        raise InvalidInputError(f"{source} must be one of {PRECISIONS}, got {choice!r}")
     return choice
 
 
@@ -295,6 +330,25 @@ def score_latent(keys: CompressedKeys, score_channels: int) -> tuple[torch.Tenso
     return cached
 
 
+def _score_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
+    """float32 [C, m + 1]: the basis columns of the score channels and the mean."""
+    return torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1)
+
+
+def _score_product_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
+    """:func:`_score_columns`, each head's channels in pair order for keys that rotate
+    (:func:`_pair_order`), kept under the budget (``4 (m + 1) C`` bytes: rebuilding them on
+    every call cost a few percent of a 4k-token sparse call)."""
+    key = ("score_columns", channels.numel())
+    cached = DERIVED.get(keys, key)
+    if cached is None:
+        columns = _score_columns(keys, channels)
+        if rotates(keys):
+            columns = _in_pair_order(keys, columns)
+        cached = DERIVED.put(keys, key, columns.contiguous())
+    return cached
+
+
 def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: int, tokens: int) -> torch.Tensor:
     """Approximate ``q . RoPE_t(k_t)`` of the first ``tokens`` body tokens, from the low-rank
     keys ``k_t ~= mean + sum_j l_tj b_j`` over the score channels.
@@ -324,13 +378,12 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     kv_heads = keys.kv_heads
     channels, latent = score_latent(keys, score_channels)
     # [C, m + 1]: the score channels' basis columns, then the mean (the latent's column of ones).
-    columns = _score_columns(keys, channels)
+    columns = _score_product_columns(keys, channels)
     zero = torch.zeros(keys.channels, device=latent.device)
     queries = queries.float()
     angles = None
     if rotates(keys):
         angles = _rotation_table(keys)
-        columns = _in_pair_order(keys, columns).contiguous()
         queries = queries[..., _pair_order(keys)]
     # [Hkv, n * g, D]: each KV head's query rows, for one matmul per head and block.
     grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
@@ -343,16 +396,11 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
         stop = min(tokens, start + block)
         low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
         if angles is not None:
-            _rotate_pairs(low_rank, _block_rotation(keys, angles, start, stop)[:, None, :])
+            _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
         # Queries as the left operand, tokens as the columns: with the few query rows on the
         # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
         torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
     return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
-
-
-def _score_columns(keys: CompressedKeys, channels: torch.Tensor) -> torch.Tensor:
-    """float32 [C, m + 1]: the basis columns of the score channels and the mean."""
-    return torch.cat([keys.basis.float()[:, channels], keys.mean.float()[:, None]], dim=1)
 
 
 def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:
@@ -479,16 +527,16 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     return rows, index
 
 
-def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor | range,
+def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor,
                     order: torch.Tensor | None = None) -> None:
-    """Put the keys' exact tokens back in place of their reconstruction, in place.
-
-    The one place where exact rows replace reconstructed ones, for every torch path.
+    """Put the keys' exact tokens back in place of their reconstruction, in place, for the
+    reconstructions of selected tokens (the dense dots take the exact rows' own dots,
+    :func:`dense_body_dots`).
 
     Args:
         rows: float32 pre-RoPE reconstructed keys [..., Hkv, n, D] (a view is written through).
-        body_index: the body tokens of ``rows``: a ``range`` or int64 [n] (the same tokens for
-            every head), or int64 [..., Hkv, n] (each head its own).
+        body_index: the body tokens of ``rows``: int64 [n] (the same tokens for every head),
+            or int64 [..., Hkv, n] (each head its own).
         order: the head channels' order of ``rows`` (:func:`_pair_order`), None as stored.
     """
     if not keys.num_exact:
@@ -497,10 +545,6 @@ def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.
     by_head = keys.exact_rows.float().view(-1, keys.kv_heads, keys.head_dim).transpose(0, 1)  # [Hkv, k, D]
     if order is not None:
         by_head = by_head[..., order]
-    if isinstance(body_index, range):
-        inside = (exact >= body_index.start) & (exact < body_index.stop)
-        rows[..., exact[inside] - body_index.start, :] = by_head[:, inside]
-        return
     row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
     is_exact = exact[row] == body_index
     if body_index.dim() == 1:
@@ -527,13 +571,36 @@ def _onednn_linear():
 
 
 _CPU_LINEAR = _onednn_linear()
+_BF16_FAST = _bfloat16_products_are_fast()
 
 
-def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """``latent @ basis.T + mean``: float32 latent [n, r], basis [C, r], mean [C] -> [n, C]."""
+def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
+                rest: torch.Tensor | None = None) -> torch.Tensor:
+    """``latent @ basis.T + mean``: float32 latent [n, r], basis [C, r], mean [C] -> float32 [n, C].
+
+    With ``rest`` (precision ``"bfloat16"``, :func:`select_precision`), ``basis`` [C, k] holds
+    the first ``k`` latent channels' columns in float32 and ``rest`` [C, r - k] the others' in
+    bfloat16: the leading channels, which carry most of the key energy, are multiplied in
+    float32 and the others with bfloat16 operands (float32 accumulation, result rounded to
+    bfloat16 and widened as it is added), about 2x faster than float32 on CPUs with native
+    bfloat16 and, the error being relative to the small tail, 5-10x more accurate than
+    bfloat16 for all channels (``docs/attention.md``, Precision).
+    """
+    lead = basis.shape[1]
+    rows = _linear(latent[:, :lead] if rest is not None else latent, basis, mean)
+    if rest is not None and rest.shape[1]:
+        rows.add_(_linear(latent[:, lead:].to(rest.dtype), rest, None))
+    return rows
+
+
+def _linear(latent: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``latent @ basis.T (+ bias)`` with oneDNN on the CPU (:func:`_onednn_linear`), else addmm."""
     if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
-        return _CPU_LINEAR(latent.contiguous(), basis.contiguous(), mean.contiguous(), "none", [], "")
-    return torch.addmm(mean, latent, basis.T)
+        return _CPU_LINEAR(latent.contiguous(), basis.contiguous(), None if bias is None else bias.contiguous(),
+                           "none", [], "")
+    if bias is None:
+        return latent @ basis.T
+    return torch.addmm(bias, latent, basis.T)
 
 
 class _AngleTable:
@@ -549,29 +616,17 @@ _ANGLE_TABLES: dict[tuple, _AngleTable] = {}
 MAX_TABLE_POSITIONS = 1 << 17
 
 
-def body_angles(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """``(cos_table, sin_table, positions)`` for rotating the body tokens of ``keys``.
-
-    The cos/sin of a position depend only on the RoPE and head_dim, so one table over
-    positions ``0..n`` (:func:`svdq.rope.rope_cos_sin` of ``arange(n)``, so the values are
-    identical) serves every sequence and layer, under the attention-cache budget, instead of
-    recomputing ``2 * P`` sines and cosines per token per call (about 5% of a dense call). It
-    is kept as one complex64 table ``cos + i sin`` [n, P] (the rotation of a pair is one complex
-    product, :func:`_rotate_pairs`); ``cos_table`` and ``sin_table`` are its real and imaginary
-    views. Callers index them with blocks of ``positions`` (the body's, int64 [n_body]).
-    Positions outside ``0..MAX_TABLE_POSITIONS`` give ``None`` tables: then the caller
-    computes the angles itself.
-    """
-    table, positions, _ = _rotation_table(keys)
-    if table is None:
-        return None, None, positions
-    return table.real, table.imag, positions
-
-
 def _rotation_table(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Tensor, int | None]:
-    """``(table complex64 [n, P] or None, body positions int64 [n_body], first)``: ``first`` is
-    the body's first position when its positions are consecutive (blocks then slice the
-    table instead of gathering from it), else None."""
+    """``(table complex64 [n, P] or None, body positions int64 [n_body], first)`` for rotating
+    the body tokens of ``keys`` (:func:`_rotation`).
+
+    The cos/sin of a position depend only on the RoPE and head_dim, so one table ``cos + i
+    sin`` over positions ``0..n`` (:func:`svdq.rope.rope_cos_sin` of ``arange(n)``, so the
+    values are identical) serves every sequence and layer, under the attention-cache budget,
+    instead of recomputing ``2 * P`` sines and cosines per token per call (about 5% of a
+    dense call). Positions outside ``0..MAX_TABLE_POSITIONS`` give no table: the caller then
+    computes the angles itself. ``first`` is the body's first position when its positions
+    are consecutive (blocks then slice the table instead of gathering from it), else None."""
     start, n_body = body_range(keys)
     positions = keys.token_positions()[start:start + n_body]
     if keys.positions is None:
@@ -597,16 +652,20 @@ def _rotation_table(keys: CompressedKeys) -> tuple[torch.Tensor | None, torch.Te
     return table, positions, first
 
 
-def _block_rotation(keys: CompressedKeys, angles: tuple, first: int, stop: int) -> torch.Tensor:
-    """complex64 [stop - first, P]: ``cos + i sin`` of body tokens ``first..stop`` from
-    :func:`_rotation_table`."""
-    table, positions, consecutive_from = angles
+def _rotation(keys: CompressedKeys, body: range | torch.Tensor, angles: tuple | None = None) -> torch.Tensor:
+    """complex64 [..., P]: ``cos + i sin`` of body tokens ``body`` (a ``range``, or int64
+    [...]), from ``angles`` (:func:`_rotation_table`, looked up when None)."""
+    table, positions, consecutive_from = angles or _rotation_table(keys)
+    if isinstance(body, range):
+        if table is not None and consecutive_from is not None:
+            return table[consecutive_from + body.start:consecutive_from + body.stop]
+        body_positions = positions[body.start:body.stop]
+    else:
+        body_positions = positions[body]
     if table is None:
-        cos, sin = rope_cos_sin(keys.rope, positions[first:stop], keys.head_dim)
-        return torch.complex(cos, sin)
-    if consecutive_from is not None:
-        return table[consecutive_from + first:consecutive_from + stop]
-    return table[positions[first:stop]]
+        cos, sin = rope_cos_sin(keys.rope, body_positions.reshape(-1), keys.head_dim)
+        return torch.complex(cos, sin).view(*body_positions.shape, cos.shape[-1])
+    return table[body_positions]
 
 
 def _pair_order(keys: CompressedKeys) -> torch.Tensor:
@@ -644,20 +703,27 @@ def _in_pair_order(keys: CompressedKeys, rows: torch.Tensor) -> torch.Tensor:
     return rows.view(keys.kv_heads, keys.head_dim, width)[:, _pair_order(keys)].reshape(keys.channels, width)
 
 
-def _dense_basis(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 basis [C, r] and mean [C] of the dense reconstruction, in pair order for keys
-    that rotate. Kept under the attention-cache budget (``4 (r + 1) C`` bytes, about the
-    unpacked codes of a 4k-token layer): reordering and converting on every call cost 1-2%
-    of a 4k-token call."""
-    cached = DERIVED.get(keys, "dense_basis")
+def _dense_basis(keys: CompressedKeys, precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(basis, mean, rest)`` of :func:`reconstruct` for ``precision``, in pair order for keys
+    that rotate: float32 basis [C, r], mean [C] and no rest; in bfloat16 the basis holds the
+    first :data:`FLOAT32_LEAD_CHANNELS` columns and ``rest`` the others in bfloat16. Kept under
+    the attention-cache budget (``4 (r + 1) C`` bytes in float32, about the unpacked codes of
+    a 4k-token layer): reordering and converting on every call cost 1-2% of a 4k-token call."""
+    key = ("dense_basis", precision)
+    cached = DERIVED.get(keys, key)
     if cached is None:
         basis, mean = keys.basis.float(), keys.mean.float()
         if rotates(keys):
-            basis, mean = _in_pair_order(keys, basis).contiguous(), _in_pair_order(keys, mean[:, None])[:, 0].contiguous()
+            basis, mean = _in_pair_order(keys, basis), _in_pair_order(keys, mean[:, None])[:, 0]
+        rest = None
+        # The baselines' identity "basis" copies raw key channels: rounding them would only add error.
+        if precision == "bfloat16" and keys.method == "svdq":
+            basis, rest = basis[:, :FLOAT32_LEAD_CHANNELS], basis[:, FLOAT32_LEAD_CHANNELS:].to(torch.bfloat16).contiguous()
+        cached = (basis.contiguous(), mean.contiguous(), rest)
         if keys.method != "svdq":
             # The baselines' identity basis [C, C] would weigh more than their keys: not kept.
-            return basis, mean
-        cached = DERIVED.put(keys, "dense_basis", (basis, mean))
+            return cached
+        DERIVED.put(keys, key, cached)
     return cached
 
 
@@ -679,66 +745,97 @@ def _dequantize_range(keys: CompressedKeys, scales: torch.Tensor, mins: torch.Te
     return buffer[first - low * group:stop - low * group]
 
 
-def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor) -> torch.Tensor:
+def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str = "float32") -> torch.Tensor:
     """``q . RoPE_t(k^_t)`` of grouped queries over every quantized body token.
 
-    The same function as dotting with :func:`body_keys` (dequantize ``code * scale + min``,
-    ``latent @ basis.T + mean``, RoPE at the token's position), computed in blocks of whole
-    token groups whose reconstructed keys stay in cache while they are rotated and dotted,
-    instead of building all ``n_body * C`` float32 keys (128 MiB at 32k tokens of an 8 x 128
-    layer) and passing over them several times. Keys that rotate are reconstructed in pair
-    order (:func:`_pair_order`, the queries reordered alike) and rotated in place.
+    The same function as dotting with the reconstructed post-RoPE keys (dequantize ``code *
+    scale + min``, ``latent @ basis.T + mean``, exact tokens' own rows, RoPE at the token's
+    position), computed in blocks of whole token groups whose reconstructed keys stay in cache
+    while they are rotated and dotted, instead of building all ``n_body * C`` float32 keys
+    (128 MiB at 32k tokens of an 8 x 128 layer) and passing over them several times. Keys that
+    rotate are reconstructed in pair order (:func:`_pair_order`, the queries reordered alike)
+    and rotated in place.
 
     Args:
         grouped: float32 [Hkv, R, D] post-RoPE queries, the R rows of each KV head.
+        precision: operands of the reconstruction matmul (:func:`select_precision`).
 
     Returns:
         float32 [Hkv, R, n_body] unscaled dot products.
     """
     kv_heads, rows, head_dim = grouped.shape
     start, n_body = body_range(keys)
-    kept = code_widths(keys)[0]
-    basis, mean = _dense_basis(keys)
-    scales, mins = keys.scales.float(), keys.mins.float()
-    order = None
-    angles = None
     if rotates(keys):
-        order = _pair_order(keys)
-        angles = _rotation_table(keys)
-        grouped = grouped[..., order]
-    group = keys.group_size
-    block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * group)) * group
+        grouped = grouped[..., _pair_order(keys)]
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
-    latent = torch.empty(block, kept, device=grouped.device)
+    block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * keys.group_size)) * keys.group_size
+    rounded = precision == "bfloat16" and keys.method == "svdq"
+    kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
+    # float32 blocks [Hkv, n, D] of float16-rounded keys, the one layout both bfloat16 ways dot
+    # (kept keys or reconstructed now), so that a call gives the same bits whether the budget
+    # kept the keys or dropped them.
+    widened = torch.empty(kv_heads, min(block, n_body), head_dim, device=grouped.device) if rounded else None
+    if kept_keys is None:
+        kept = code_widths(keys)[0]
+        basis, mean, rest = _dense_basis(keys, precision)
+        scales, mins = keys.scales.float(), keys.mins.float()
+        angles = _rotation_table(keys) if rotates(keys) else None
+        keep = rounded and DERIVED.has_room(2 * n_body * keys.channels)
+        halves = torch.empty(kv_heads, n_body if keep else min(block, n_body), head_dim, dtype=torch.float16,
+                             device=grouped.device) if rounded else None
+        latent = torch.empty(block, kept, device=grouped.device)
     for first in range(0, n_body, block):
         stop = min(n_body, first + block)
         count = stop - first
-        rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent), basis, mean)
+        if kept_keys is not None:
+            torch.bmm(grouped, widened[:, :count].copy_(kept_keys[:, first:stop]).transpose(1, 2),
+                      out=dots[:, :, first:stop])
+            continue
+        rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent), basis, mean, rest)
         rows_block = rows_block.view(count, kv_heads, head_dim)
-        _put_exact_rows(keys, rows_block.transpose(0, 1), range(first, stop), order)
         if angles is not None:
-            _rotate_pairs(rows_block, _block_rotation(keys, angles, first, stop)[:, None, :])
-        torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
+            _rotate_pairs(rows_block, _rotation(keys, range(first, stop), angles)[:, None, :])
+        if halves is None:
+            torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
+            continue
+        half = halves[:, first:stop] if keep else halves[:, :count]
+        half.copy_(rows_block.transpose(0, 1))
+        torch.bmm(grouped, widened[:, :count].copy_(half).transpose(1, 2), out=dots[:, :, first:stop])
+    if keys.num_exact:
+        # The exact tokens' dots from their own float32 rows, once per call (not looked up per
+        # block), whichever way the others were made.
+        exact = keys.exact_index - start
+        exact_rows = _full_rows_in_pair_order(keys, keys.exact_rows, exact)
+        dots[:, :, exact] = torch.bmm(grouped, exact_rows.permute(1, 2, 0))
+    if kept_keys is None and keep:
+        DERIVED.put(keys, KEPT_KEYS, halves)
     return dots
 
 
-def body_keys(keys: CompressedKeys, selection: BodySelection) -> torch.Tensor:
-    """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
-    (``selection.token_index`` [..., Hkv, n]; every body token, [Hkv, n_body, D], when None),
-    head channels as stored."""
-    rows = _selected_keys(keys, selection.token_index)
+#: Name of the float16 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate)
+#: that a dense call in precision "bfloat16" keeps while the budget has room, for later dense
+#: calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
+#: at the same cost. Exact tokens' dots come from their own rows, not from these.
+KEPT_KEYS = "kept_keys"
+
+
+def _full_rows_in_pair_order(keys: CompressedKeys, stored: torch.Tensor, body_index: torch.Tensor) -> torch.Tensor:
+    """16-bit pre-RoPE rows ``stored`` [k, C] of body tokens ``body_index`` [k] as float32
+    [k, Hkv, D] post-RoPE keys, in pair order for keys that rotate."""
+    rows = stored.float().view(-1, keys.kv_heads, keys.head_dim)
     if rotates(keys):
-        rows = rows[..., torch.argsort(_pair_order(keys))]
+        rows = rows[..., _pair_order(keys)]
+        _rotate_pairs(rows, _rotation(keys, body_index)[:, None, :])
     return rows
 
 
-def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Tensor:
-    """:func:`body_keys` with each head's channels in pair order (:func:`_pair_order`) for keys
+def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+    """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
+    ``index`` [..., Hkv, n], each head's channels in pair order (:func:`_pair_order`) for keys
     that rotate: rotated as one complex product with the shared angle table, which the
-    attention over them dots with queries reordered alike."""
+    attention over them dots with queries reordered alike. ``precision``: operands of the
+    reconstruction matmul (:func:`select_precision`)."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
-    if index is None:
-        return _body_rows(keys, torch.arange(body_range(keys)[1], device=keys.codes.device)).transpose(0, 1)
     start, n_body = body_range(keys)
     if index.dim() == 3 and index.shape[0] > 1:
         # The distinct tokens, sorted, by marking them (a sort of every index took longer).
@@ -748,7 +845,7 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Te
         if union.numel() * kv_heads < index.numel():
             # Several queries (a chunk of a continuation) whose selections overlap: reconstruct
             # each token they select once, every KV head together, and gather per query and head.
-            rows = _body_rows(keys, union)  # [U, Hkv, D]
+            rows = _body_rows(keys, union, precision)  # [U, Hkv, D]
             # Whole rows of one [Hkv * U, D] table with index_select: indexing [U, Hkv, D] with a
             # token and a head index tensor was 4x slower.
             by_head = rows.transpose(0, 1).reshape(-1, head_dim)
@@ -756,11 +853,12 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Te
             flat = (torch.searchsorted(union, index) + heads).reshape(-1)
             return by_head.index_select(0, flat).view(*index.shape, head_dim)
     order = _pair_order(keys) if rotates(keys) else None
-    basis, mean = _dense_basis(keys)
-    kept = code_widths(keys)[0]
+    basis, mean, rest = _dense_basis(keys, precision)
     # Explicit sizes: with every channel dropped (r = 0) a -1 would be ambiguous.
-    by_head = basis.view(kv_heads, head_dim, kept)
+    by_head = basis.view(kv_heads, head_dim, basis.shape[1])
+    rest_by_head = [None] * kv_heads if rest is None else rest.view(kv_heads, head_dim, rest.shape[1])
     mean_by_head = mean.view(kv_heads, head_dim)
+    kept = code_widths(keys)[0]
     per_head = index.transpose(0, -2)  # [Hkv, ..., n]
     latent = _dequantized(keys, per_head).view(kv_heads, index.numel() // kv_heads, kept)
     # Each head its own tokens: reconstruct only that head's channels, one matmul per head
@@ -768,34 +866,26 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor | None) -> torch.Te
     # slower), written into one contiguous [..., Hkv, n, D] that the dots read without a copy.
     rows = torch.empty(*index.shape, head_dim, device=index.device)
     for head in range(kv_heads):
-        rows[..., head, :, :] = reconstruct(latent[head], by_head[head], mean_by_head[head]).view(
+        rows[..., head, :, :] = reconstruct(latent[head], by_head[head], mean_by_head[head], rest_by_head[head]).view(
             *per_head.shape[1:], head_dim)
     _put_exact_rows(keys, rows, index, order)
     if order is not None:
-        _rotate_pairs(rows, _token_rotation(keys, index))
+        _rotate_pairs(rows, _rotation(keys, index))
     return rows
 
 
-def _body_rows(keys: CompressedKeys, tokens: torch.Tensor) -> torch.Tensor:
+def _body_rows(keys: CompressedKeys, tokens: torch.Tensor, precision: str = "float32") -> torch.Tensor:
     """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``tokens`` [n], all KV
     heads of each token in one matmul; in pair order for keys that rotate (as
     :func:`_selected_keys`)."""
-    basis, mean = _dense_basis(keys)
-    rows = reconstruct(_dequantized(keys, tokens), basis, mean).view(tokens.numel(), keys.kv_heads, keys.head_dim)
+    basis, mean, rest = _dense_basis(keys, precision)
+    rows = reconstruct(_dequantized(keys, tokens), basis, mean, rest).view(tokens.numel(), keys.kv_heads,
+                                                                          keys.head_dim)
     order = _pair_order(keys) if rotates(keys) else None
     _put_exact_rows(keys, rows.transpose(0, 1), tokens, order)
     if order is not None:
-        _rotate_pairs(rows, _token_rotation(keys, tokens)[:, None, :])
+        _rotate_pairs(rows, _rotation(keys, tokens)[:, None, :])
     return rows
-
-
-def _token_rotation(keys: CompressedKeys, body_index: torch.Tensor) -> torch.Tensor:
-    """complex64 [..., P]: ``cos + i sin`` of body tokens ``body_index`` [...]."""
-    table, positions, _ = _rotation_table(keys)
-    if table is None:
-        cos, sin = rope_cos_sin(keys.rope, positions[body_index].reshape(-1), keys.head_dim)
-        return torch.complex(cos, sin).view(*body_index.shape, cos.shape[-1])
-    return table[positions[body_index]]
 
 
 def softmax_weights(
@@ -962,7 +1052,7 @@ def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: to
 
 def _attend_torch_group(
     queries: torch.Tensor, keys: CompressedKeys, values: CompressedValues, scale: float,
-    selections: Sequence[BodySelection], softcap: float | None = None,
+    selections: Sequence[BodySelection], softcap: float | None = None, precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries [n, Hq, D] over one sequence -> (output [n, Hq, D], lse [n, Hq]).
 
@@ -980,7 +1070,8 @@ def _attend_torch_group(
         weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale, softcap=softcap)
         output = weighted_values(values, weights, fp_index)
         if n_body:
-            body_weights, lse_body = softmax_from_dots(dense_body_dots(keys, grouped), scale, softcap=softcap)
+            body_weights, lse_body = softmax_from_dots(dense_body_dots(keys, grouped, precision), scale,
+                                                       softcap=softcap)
             out_body = weighted_values(values, body_weights, slice(start, start + n_body))
             output, lse = merge_attention(output, lse, out_body, lse_body)
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)
@@ -992,7 +1083,7 @@ def _attend_torch_group(
                             0, 0, 0, 0)
     # The selected keys come in pair order (rotated as one complex product): so do the queries.
     paired = grouped[..., _pair_order(keys)] if rotates(keys) else grouped
-    body_weights, lse_body = softmax_weights(paired, _selected_keys(keys, stacked.token_index), scale,
+    body_weights, lse_body = softmax_weights(paired, _selected_keys(keys, stacked.token_index, precision), scale,
                                              stacked.valid, softcap)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
@@ -1000,8 +1091,8 @@ def _attend_torch_group(
 
 
 def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values: Sequence[CompressedValues],
-                  scale: float, selections: Sequence[BodySelection],
-                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, selections: Sequence[BodySelection], softcap: float | None = None,
+                  precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference over a batch: entries over the same sequence run together."""
     output = torch.empty(queries.shape, dtype=torch.float32, device=queries.device)
     lse = torch.empty(queries.shape[:2], dtype=torch.float32, device=queries.device)
@@ -1009,7 +1100,7 @@ def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values:
         index = torch.tensor(members, device=queries.device)
         first = members[0]
         out, lse_group = _attend_torch_group(queries[index], keys[first], values[first], scale,
-                                             [selections[b] for b in members], softcap)
+                                             [selections[b] for b in members], softcap, precision)
         output[index], lse[index] = out, lse_group
     return output, lse
 
@@ -1079,6 +1170,7 @@ def attend(
     sparsity: SparsityConfig | None = None,
     backend: str | None = None,
     softcap: float | None = None,
+    precision: str | None = None,
 ) -> AttentionOutput:
     """Decode attention over compressed keys and values.
 
@@ -1094,6 +1186,8 @@ def attend(
         backend: ``"torch"`` or ``"triton"``; default from :func:`select_backend`.
         softcap: attention logit softcapping, scores ``softcap * tanh(scores / softcap)``
             before the softmax (Gemma 2), in (0, :data:`MAX_SOFTCAP`]; None: none.
+        precision: ``"float32"`` or ``"bfloat16"`` operands of the torch path's key products;
+            default from :func:`select_precision` (bfloat16 on CPUs that multiply it natively).
 
     Returns:
         :class:`AttentionOutput`: ``output`` float32 [B, Hq, D], ``lse`` float32 [B, Hq].
@@ -1107,6 +1201,7 @@ def attend(
         raise InvalidInputError(f"softcap must be a number in (0, {MAX_SOFTCAP:g}] or None (no softcapping), "
                                 f"got {softcap!r}")
     chosen = select_backend(queries.device, backend)
+    products = select_precision(queries.device, precision)
     batch, q_heads, head_dim = queries.shape
     selections: list[BodySelection] = [None] * batch  # type: ignore[list-item]
     for members in _same_sequence_groups(keys, values):
@@ -1122,7 +1217,7 @@ def attend(
 
         output, lse = attend_triton(queries, keys, values, softmax_scale, selections, cap)
     else:
-        output, lse = _attend_torch(queries, keys, values, softmax_scale, selections, cap)
+        output, lse = _attend_torch(queries, keys, values, softmax_scale, selections, cap, products)
     stats = []
     for key, selection in zip(keys, selections, strict=True):
         start, n_body = body_range(key)
@@ -1142,4 +1237,5 @@ __all__ = [
     "attend",
     "merge_attention",
     "select_backend",
+    "select_precision",
 ]

@@ -3,7 +3,8 @@
 Attention over a stored sequence is much faster when some derived tensors survive from one
 call to the next: the unpacked codes (``r`` bytes per body token), the dequantized score
 channels of the sparse selection (``4 * (m + 1)`` bytes per token), the kernels' launch
-layout. Together they can outweigh the compressed keys themselves (1.5-bit keys of an
+layout, and, only while the budget has room (:meth:`DerivedCache.has_room`), the float16
+keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
 8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
 
 :data:`DERIVED` is the process's cache. The tensors live on each
@@ -66,6 +67,13 @@ class DerivedCache:
         with self._lock:
             self._limit = limit
             self._trim_locked()
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit under a set limit without clearing anything: for
+        optional tensors that are worth keeping only while the budget has room (``False``
+        without a limit, so that library use without a budget never keeps them)."""
+        with self._lock:
+            return self._limit is not None and self._bytes + nbytes <= self._limit
 
     def get(self, owner: Any, name: Any) -> Any:
         """``owner``'s cached ``name`` or None; marks the owner recently used (and, past the

@@ -18,6 +18,15 @@ START_TIMEOUT_S = 90.0
 TENANT_TOKENS = {"team-a": "token-team-a-0123456789", "team-b": "token-team-b-0123456789"}
 
 
+@pytest.fixture
+def exact_attention(monkeypatch):
+    """The torch attention path in float32 (``SVDQ_ATTENTION_PRECISION``): for the tests that
+    compare it with float64 attention at float32 tolerances. Its bfloat16 products, the
+    default on CPUs that multiply bfloat16 natively, have their own tests with a tolerance
+    measured against the compression error (``tests/test_attention_precision.py``)."""
+    monkeypatch.setenv("SVDQ_ATTENTION_PRECISION", "float32")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -24,6 +24,9 @@ from svdq.attention import (
 from svdq.errors import InvalidInputError
 from svdq.values import ValueConfig, compress_values, decompress_values, values_to_bytes
 
+# Oracles at float32 tolerances: the float32 products (conftest.exact_attention).
+pytestmark = pytest.mark.usefixtures("exact_attention")
+
 
 def structured_keys(tokens, kv_heads, head_dim, seed=0, rank=6):
     """Pre-RoPE keys with a decaying spectrum (like real keys; random ones have none)."""
@@ -134,7 +137,7 @@ def test_many_sparse_queries_over_one_sequence_equal_one_call_each(monkeypatch):
     unions = []
     original = attention_module._body_rows
     monkeypatch.setattr(attention_module, "_body_rows",
-                        lambda k, index: unions.append(index) or original(k, index))
+                        lambda k, index, *rest: unions.append(index) or original(k, index, *rest))
     together = attend(queries, [keys] * 12, [values] * 12, sparsity=sparsity, backend="torch")
     start, n_body = body_range(keys)
     assert len(unions) == 1 and unions[0] is not None and unions[0].numel() <= n_body  # one shared reconstruction

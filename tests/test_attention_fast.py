@@ -2,7 +2,7 @@
 
 The fast paths (dense dots in cache-sized blocks, values summed in blocks, the shared RoPE
 angle table, oneDNN's float32 matmul) must compute the same function as the plain ones
-(reconstruct every key with ``body_keys``, dot, sum every value at once) and as naive float64
+(dot with every key of ``decompress``, sum every value at once) and as naive float64
 attention over ``decompress``: dense and sparse, 16-bit, per-token and latent values, GQA
 ratios 1..8, sinks and tail. The block sizes are shrunk so that every call spans many blocks
 and ends in a partial one.
@@ -21,11 +21,9 @@ from test_latent_values import latent_config, structured_values
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress
 from svdq import attention as attention_module
 from svdq.attention import (
-    BodySelection,
     SparsityConfig,
+    _rotation_table,
     attend,
-    body_angles,
-    body_keys,
     body_range,
     dense_body_dots,
     reconstruct,
@@ -35,6 +33,9 @@ from svdq.attention import (
 from svdq.derived import DERIVED
 from svdq.rope import rope_cos_sin
 from svdq.values import ValueConfig, compress_values, decompress_values, gather_values
+
+# Oracles at float32 tolerances: the float32 products (conftest.exact_attention).
+pytestmark = pytest.mark.usefixtures("exact_attention")
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +56,8 @@ def test_blocked_dense_dots_equal_dots_with_every_reconstructed_key(method, key_
     keys, _ = make_case(method, tokens=203, key_space=key_space)
     start, n_body = body_range(keys)
     grouped = grouped_queries(rows, keys.kv_heads, keys.head_dim)
-    reference = torch.einsum("hgd,hnd->hgn", grouped.double(),
-                             body_keys(keys, BodySelection(None, None, n_body, n_body, 0, 0)).double())
+    body = decompress(keys, "post_rope", torch.float32)[start:start + n_body].transpose(0, 1)
+    reference = torch.einsum("hgd,hnd->hgn", grouped.double(), body.double())
     fast = dense_body_dots(keys, grouped)
     assert fast.shape == (keys.kv_heads, rows, n_body)
     assert torch.allclose(fast.double(), reference, rtol=1e-5, atol=1e-4)
@@ -139,24 +140,24 @@ def test_onednn_reconstruction_is_float32_accurate():
 def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
     keys, _ = make_case(tokens=203)
     other, _ = make_case(tokens=150, seed=3)
-    cos_table, sin_table, positions = body_angles(keys)
+    table, positions, _ = _rotation_table(keys)
     cos, sin = rope_cos_sin(ROPE, positions, keys.head_dim)
-    assert torch.equal(cos_table[positions], cos) and torch.equal(sin_table[positions], sin)
-    again = body_angles(other)
-    # One table per RoPE and head_dim, shared by sequences (cos/sin are views of one complex table).
-    assert again[0].data_ptr() == cos_table.data_ptr()
+    assert torch.equal(table[positions].real, cos) and torch.equal(table[positions].imag, sin)
+    again = _rotation_table(other)[0]
+    # One table per RoPE and head_dim, shared by sequences.
+    assert again.data_ptr() == table.data_ptr()
     # The budget may drop it; it is rebuilt with the same values.
     limit = DERIVED.limit_bytes
     try:
         DERIVED.limit_bytes = 1
-        body_angles(keys)
+        _rotation_table(keys)
         dense_body_dots(other, grouped_queries(2, 3, 64))
-        rebuilt = body_angles(keys)[0]
-        assert rebuilt.data_ptr() != cos_table.data_ptr() and torch.equal(rebuilt[positions], cos)
+        rebuilt = _rotation_table(keys)[0]
+        assert rebuilt.data_ptr() != table.data_ptr() and torch.equal(rebuilt[positions].real, cos)
     finally:
         DERIVED.limit_bytes = limit
     monkeypatch.setattr(attention_module, "MAX_TABLE_POSITIONS", 100)
-    assert body_angles(keys)[0] is None  # beyond the table: computed per block instead
+    assert _rotation_table(keys)[0] is None  # beyond the table: computed per block instead
     queries = torch.randn(1, 6, 64)
     result = attend(queries, [keys], [compress_values(torch.randn(203, 3, 64).half())], backend="torch")
     assert torch.isfinite(result.output).all()

@@ -11,6 +11,9 @@ from svdq.attention import SparsityConfig, attend
 from svdq.derived import DERIVED, DerivedCache, tensor_bytes
 from svdq.values import compress_values
 
+# Oracles at float32 tolerances: the float32 products (conftest.exact_attention).
+pytestmark = pytest.mark.usefixtures("exact_attention")
+
 
 class Holder:
     def __init__(self):

@@ -17,6 +17,9 @@ from svdq.attention import SparsityConfig, attend, body_range, select_body_token
 from svdq.errors import InvalidInputError
 from svdq.values import ValueConfig, compress_values, decompress_values
 
+# Oracles at float32 tolerances: the float32 products (conftest.exact_attention).
+pytestmark = pytest.mark.usefixtures("exact_attention")
+
 ROPE = RopeConfig(theta=10000.0)
 SCHEDULE = CodecConfig(schedule=(8, 4, 2, 1, 1, 0, 0, 0), group_size=16, num_sinks=4)
 

@@ -39,6 +39,9 @@ from svdq.attention import (
 from svdq.rope import inverse_frequencies
 from svdq.values import ValueConfig, compress_values, decompress_values
 
+# Oracles at float32 tolerances: the float32 products (conftest.exact_attention).
+pytestmark = pytest.mark.usefixtures("exact_attention")
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 

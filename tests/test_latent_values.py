@@ -25,6 +25,9 @@ from svdq.values import (
     values_to_bytes,
 )
 
+# Oracles at float32 tolerances: the float32 products (conftest.exact_attention).
+pytestmark = pytest.mark.usefixtures("exact_attention")
+
 
 def structured_values(tokens, heads=3, head_dim=64, seed=0, rank=24):
     """Values with a slowly decaying spectrum (flatter than keys, as measured on SmolLM2)."""

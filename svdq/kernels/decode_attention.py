@@ -192,6 +192,26 @@ def _accumulate(q, q_partner, inv_freq, keys, positions, seq_tokens, token_mask,
 
 
 @triton.jit
+def _program_rows(KV_HEADS: tl.constexpr, GQA: tl.constexpr, G_PAD: tl.constexpr):
+    """The program's sequence ``b``, KV head ``h``, query-head mask [G_PAD] and query rows
+    (int64 [G_PAD], row ``b * Hq + h * GQA + g``): grid axis 0 is ``batch * KV_HEADS``."""
+    pid = tl.program_id(0)
+    b = pid // KV_HEADS
+    h = pid % KV_HEADS
+    offs_g = tl.arange(0, G_PAD)
+    return pid, b, h, offs_g < GQA, (b * KV_HEADS * GQA + h * GQA + offs_g).to(tl.int64)
+
+
+@triton.jit
+def _full_range(meta_ptr, b, n_splits, tokens_per_split):
+    """Sequence ``b``'s full-precision tokens: first row in the packed tables, count, and the
+    first score slot (after every body split's slots)."""
+    full_start = tl.load(meta_ptr + b * META_FIELDS + 8)
+    full_count = tl.load(meta_ptr + b * META_FIELDS + 9).to(tl.int32)
+    return full_start, full_count, n_splits * tokens_per_split
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, q_partner_ptr, inv_freq_ptr,
     meta_ptr, codes_ptr, channel_bits_ptr, channel_offsets_ptr, scales_ptr, mins_ptr, basis_ptr, mean_ptr,
@@ -204,16 +224,11 @@ def _decode_attention_kernel(
     SPARSE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr, VALUE_LATENT: tl.constexpr,
     HAS_EXACT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid, b, h, head_mask, q_rows = _program_rows(KV_HEADS, GQA, G_PAD)
     split = tl.program_id(1)
-    b = pid // KV_HEADS
-    h = pid % KV_HEADS
     channels: tl.constexpr = KV_HEADS * D
-    offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     offs_t = tl.arange(0, BLOCK_T)
-    head_mask = offs_g < GQA
-    q_rows = (b * KV_HEADS * GQA + h * GQA + offs_g).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=head_mask[:, None], other=0.0)
     q_partner = tl.load(q_partner_ptr + q_rows[:, None] * D + offs_d[None, :], mask=head_mask[:, None], other=0.0)
     inv_freq = tl.load(inv_freq_ptr + offs_d)
@@ -271,10 +286,7 @@ def _decode_attention_kernel(
                 value_first, value_count, scores_ptr, score_rows, head_mask, h, sm_scale, softcap,
                 KV_HEADS, D, VALUE_BITS, VALUE_GROUP, VALUE_LATENT, SOFTCAP)
     else:
-        full_start = tl.load(meta_ptr + b * META_FIELDS + 8)
-        full_count = tl.load(meta_ptr + b * META_FIELDS + 9).to(tl.int32)
-        # The full-precision tokens' scores sit after every body split's slots.
-        first_slot = n_splits * tokens_per_split
+        full_start, full_count, first_slot = _full_range(meta_ptr, b, n_splits, tokens_per_split)
         for tile in range(0, full_count, BLOCK_T):
             rows = tile + offs_t
             token_mask = rows < full_count
@@ -322,16 +334,11 @@ def _latent_values_kernel(
     KV_HEADS: tl.constexpr, GQA: tl.constexpr, G_PAD: tl.constexpr, VALUE_GROUP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, SPARSE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid, b, h, head_mask, q_rows = _program_rows(KV_HEADS, GQA, G_PAD)
     split = tl.program_id(1)
     channel_block = tl.program_id(2)
-    b = pid // KV_HEADS
-    h = pid % KV_HEADS
     parts = n_splits + 1
-    offs_g = tl.arange(0, G_PAD)
     offs_t = tl.arange(0, BLOCK_T)
-    head_mask = offs_g < GQA
-    q_rows = (b * KV_HEADS * GQA + h * GQA + offs_g).to(tl.int64)
     score_rows = q_rows * score_slots
     lse = tl.load(lse_partial_ptr + q_rows * parts + split, mask=head_mask, other=float("-inf"))
     empty = lse == float("-inf")
@@ -360,9 +367,7 @@ def _latent_values_kernel(
                                       codes_start, row_bytes, meta_start, kept, first, count, offs_r, widths,
                                       offsets, VALUE_GROUP)
     else:
-        full_start = tl.load(meta_ptr + b * META_FIELDS + 8)
-        full_count = tl.load(meta_ptr + b * META_FIELDS + 9).to(tl.int32)
-        first_slot = n_splits * tokens_per_split
+        full_start, full_count, first_slot = _full_range(meta_ptr, b, n_splits, tokens_per_split)
         for tile in range(0, full_count, BLOCK_T):
             rows = tile + offs_t
             token_mask = rows < full_count

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import _reduced_cos_sin, rope_query_tables
+from .decode_attention import _reduced_cos_sin, _sequence_layout
 
 if TYPE_CHECKING:
     from ..codec import CompressedKeys
@@ -100,7 +100,8 @@ def token_scores_triton(queries: torch.Tensor, keys: CompressedKeys, score_chann
     latent = latent[:tokens].contiguous()
     columns = _score_columns(keys, channels).T.contiguous()  # [m + 1, C]
     queries = queries.float().contiguous()
-    inv_freq, partner, sign = rope_query_tables(keys, head_dim, device)
+    # The layout the decode kernel keeps under the budget: not re-derived per call.
+    inv_freq, partner, sign = _sequence_layout(keys)["rope_tables"]
     partners = (queries[..., partner] * sign).contiguous()
     body_start, _ = body_range(keys)
     positions = keys.token_positions()[body_start:body_start + tokens].contiguous()

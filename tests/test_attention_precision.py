@@ -1,0 +1,174 @@
+"""The bfloat16 products of the torch attention path (``precision="bfloat16"``, the CPU default).
+
+Their error is judged against what the compression itself costs: ``bench/attention.py --part
+precision`` measured the extra error of the bfloat16 path at 0.8% / 1.7% (median / max over
+16 peaked queries, 4k tokens, Llama-3-8B shapes, dense; sparse 0.02% / 0.05%) of the
+compression error of the attention output. These tests allow 3x the largest measured share,
+5%, on a smaller layer whose energy spreads past the float32 lead channels,
+for every case the path serves: dense and sparse, 16-bit and latent values, exact key tokens,
+softcap, and keys kept by an earlier dense call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_attention import structured_keys
+from test_latent_values import latent_config, structured_values
+
+from svdq import CodecConfig, InvalidInputError, RopeConfig, apply_rope, compress
+from svdq import attention as attention_module
+from svdq.attention import KEPT_KEYS, SparsityConfig, attend, select_precision
+from svdq.derived import DERIVED
+from svdq.values import ValueConfig, compress_values
+
+ROPE = RopeConfig(theta=500000.0)
+TOKENS, KV_HEADS, HEAD_DIM, Q_HEADS = 600, 2, 128, 8
+#: 3x the largest share of the compression error measured by bench/attention.py --part precision.
+ALLOWED_SHARE = 0.05
+
+
+@pytest.fixture
+def budget():
+    """A set attention-cache budget (as a server sets it), restored afterwards."""
+    limit = DERIVED.limit_bytes
+    DERIVED.clear()
+    DERIVED.limit_bytes = 1 << 30
+    yield DERIVED
+    DERIVED.clear()
+    DERIVED.limit_bytes = limit
+
+
+def layer(exact_tokens=0, seed=0):
+    """Post-RoPE keys whose energy spreads over ~48 latent channels (past the 32 kept in float32)."""
+    pre = structured_keys(TOKENS, KV_HEADS, HEAD_DIM, seed=seed, rank=48)
+    positions = torch.arange(TOKENS)
+    post = apply_rope(pre, positions, ROPE)
+    # 3 bits keep 48 latent channels at this length: 16 past the float32 lead, with energy.
+    keys = compress(post.half(), CodecConfig(bits_per_element=3.0, group_size=32, exact_tokens=exact_tokens),
+                    rope=ROPE, key_space="post_rope", positions=positions)
+    assert keys.kept_bits.numel() > attention_module.FLOAT32_LEAD_CHANNELS
+    return post, keys
+
+
+def peaked_queries(post, count=6, seed=1):
+    """Queries that point at one body key each (post-RoPE direction, varied sharpness) plus
+    noise: aimed at a 16-bit sink or tail token they would measure no compression at all."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.randint(8, TOKENS - 64, (count, Q_HEADS), generator=generator)
+    heads = torch.arange(Q_HEADS) // (Q_HEADS // KV_HEADS)
+    target = post[targets, heads[None, :]]
+    norm = target.norm(dim=-1, keepdim=True)
+    # The target's logit from 4 to 24 (a model's range), the noise's logits about +-2.
+    peak = torch.linspace(4.0, 24.0, count)[:, None, None]
+    noise = 2 * torch.randn(count, Q_HEADS, HEAD_DIM, generator=generator) / HEAD_DIM**0.5
+    return (peak * target / norm + noise) * HEAD_DIM**0.5 / norm
+
+
+def uncompressed_attention(queries, post, values, softcap=None):
+    """float64 attention over the uncompressed keys and the values as stored (decompressed)."""
+    from svdq.values import decompress_values
+
+    dense = decompress_values(values, torch.float64)
+    ratio = Q_HEADS // KV_HEADS
+    scores = torch.einsum("bhd,shd->bhs", queries.double(), post.double().repeat_interleave(ratio, 1)) / math.sqrt(HEAD_DIM)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    return torch.einsum("bhs,shd->bhd", torch.softmax(scores, -1), dense.repeat_interleave(ratio, 1))
+
+
+def shares(result, reference, exact):
+    """Per query: |bfloat16 - float32| / |float32 - uncompressed| (relative L2 over [Hq, D])."""
+    extra = (result.double() - reference.double()).flatten(1).norm(dim=1)
+    compression = (reference.double() - exact).flatten(1).norm(dim=1)
+    return extra / compression
+
+
+@pytest.mark.parametrize("sparse,value_kind,exact_tokens,softcap", [
+    (False, "fp16", 0, None), (False, "latent", 0, None), (False, "fp16", 8, None), (False, "fp16", 0, 30.0),
+    (True, "fp16", 0, None), (True, "latent", 8, 30.0),
+])
+def test_bfloat16_error_is_a_small_share_of_the_compression_error(budget, sparse, value_kind, exact_tokens, softcap):
+    post, keys = layer(exact_tokens)
+    assert keys.num_exact == exact_tokens
+    raw_values = structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half()
+    values = compress_values(raw_values, latent_config() if value_kind == "latent" else ValueConfig())
+    queries = peaked_queries(post)
+    sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=8, num_recent=32) if sparse else None
+    exact = uncompressed_attention(queries, post, values, softcap)
+    call = dict(sparsity=sparsity, softcap=softcap)
+    reference = attend(queries, [keys] * 6, [values] * 6, precision="float32", **call)
+    budget.limit_bytes = None  # no budget: nothing is kept, every call reconstructs
+    cold = attend(queries, [keys] * 6, [values] * 6, precision="bfloat16", **call)
+    assert KEPT_KEYS not in keys._cache
+    budget.limit_bytes = 1 << 30
+    attend(queries[:1], [keys], [values], precision="bfloat16")  # a dense call keeps the keys
+    assert KEPT_KEYS in keys._cache
+    kept = attend(queries, [keys] * 6, [values] * 6, precision="bfloat16", **call)
+    for result in (cold, kept):
+        share = shares(result.output, reference.output, exact)
+        assert (share <= ALLOWED_SHARE).all(), share
+        # The bfloat16 products change the output: the path under test really ran.
+        assert (share > 0).all()
+        # The log-sum-exp moves by the same small amount as the scores (|score| <= ~40 here).
+        assert (result.lse - reference.lse).abs().max() < 0.02
+        for ours, theirs in zip(result.stats, reference.stats, strict=True):
+            assert ours == theirs  # same tokens attended, same bytes read
+
+
+def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget):
+    post, keys = layer()
+    values = compress_values(structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half())
+    queries = peaked_queries(post, count=1)
+    attend(queries, [keys], [values], precision="float32")
+    assert KEPT_KEYS not in keys._cache  # float32 reconstructs exactly every call
+    before = budget.nbytes
+    first = attend(queries, [keys], [values], precision="bfloat16")
+    kept = keys._cache[KEPT_KEYS]
+    _, n_body = attention_module.body_range(keys)
+    assert kept.dtype == torch.float16 and kept.shape == (KV_HEADS, n_body, HEAD_DIM)
+    assert budget.nbytes - before >= kept.numel() * 2
+    again = attend(queries, [keys], [values], precision="bfloat16")
+    # The same bits whether the keys were kept or reconstructed (cold and kept dot the same
+    # float16-rounded keys): a result never depends on what the budget holds.
+    assert torch.equal(again.output, first.output) and torch.equal(again.lse, first.lse)
+    sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=8, num_recent=32)
+    sparse_kept = attend(queries, [keys], [values], sparsity=sparsity, precision="bfloat16")
+    budget.clear()
+    assert torch.equal(attend(queries, [keys], [values], sparsity=sparsity, precision="bfloat16").output,
+                       sparse_kept.output)
+    assert KEPT_KEYS not in keys._cache
+    cold = attend(queries, [keys], [values], precision="bfloat16")
+    assert torch.equal(cold.output, first.output) and torch.equal(cold.lse, first.lse)
+    # A budget without room for them keeps none.
+    other_post, other = layer(seed=5)
+    budget.limit_bytes = 100_000  # less than the 295 kB they would take
+    attend(peaked_queries(other_post, count=1), [other], [values], precision="bfloat16")
+    assert KEPT_KEYS not in other._cache
+    # Library use (no limit) keeps none either.
+    budget.limit_bytes = None
+    third_post, third = layer(seed=6)
+    attend(peaked_queries(third_post, count=1), [third], [values], precision="bfloat16")
+    assert KEPT_KEYS not in third._cache
+
+
+def test_precision_default_override_and_bad_values(monkeypatch):
+    monkeypatch.delenv("SVDQ_ATTENTION_PRECISION", raising=False)
+    monkeypatch.setattr(attention_module, "_BF16_FAST", True)
+    assert select_precision("cpu") == "bfloat16"
+    assert select_precision("cuda") == "float32"
+    monkeypatch.setattr(attention_module, "_BF16_FAST", False)
+    assert select_precision("cpu") == "float32"  # emulated bfloat16 would be slower
+    monkeypatch.setenv("SVDQ_ATTENTION_PRECISION", "bfloat16")
+    assert select_precision("cpu") == "bfloat16"
+    assert select_precision("cpu", "float32") == "float32"
+    monkeypatch.setenv("SVDQ_ATTENTION_PRECISION", "fp8")
+    with pytest.raises(InvalidInputError, match="SVDQ_ATTENTION_PRECISION must be one of"):
+        select_precision("cpu")
+    monkeypatch.delenv("SVDQ_ATTENTION_PRECISION")
+    post, keys = layer()
+    values = compress_values(structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half())
+    with pytest.raises(InvalidInputError, match=r"precision must be one of \('float32', 'bfloat16'\), got 'float16'"):
+        attend(peaked_queries(post, count=1), [keys], [values], precision="float16")

@@ -125,7 +125,8 @@ def main_methods() -> list[Method]:
         Method(f"svdq cache {total} bits, shared, 1/8 exact keys {bits}-bit", C(),
                budget=CacheBudget(total, key_codec=exact_share_keys(bits)), shared_basis=True)
         for total in (1.5, 1.75, 2.0) for bits in (4, 2)
-    ]
+    ] + [Method("svdq cache 2.5 bits, shared, 1/8 exact keys 2-bit", C(),
+                budget=CacheBudget(2.5, key_codec=exact_share_keys(2)), shared_basis=True)]
 
 
 def explore_methods() -> list[Method]:

@@ -664,7 +664,7 @@ def compress(
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
     # Only the kept columns are projected: the exact computation append() repeats (_project).
-    latent = _project(centred, components[:, kept], kept_bits, config.method == "svdq")
+    latent = _latent(centred, components[:, kept], kept_bits, config.method)
     latent = latent.reshape(n_groups, group_size, kept.numel())
     codes, scales, mins = quantize_groups(latent, kept_bits)
     packed = pack_codes(codes, kept_bits)
@@ -793,6 +793,15 @@ def _project(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torc
     return latent
 
 
+def _latent(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor, method: str) -> torch.Tensor:
+    """The latent channels compress and append quantize: :func:`_project` for svdq; the kivi
+    baseline quantizes the keys' own channels (its basis is the identity and keeps every
+    channel), so a product with the identity would only cost ``tokens * C * C`` operations."""
+    if method == "kivi":
+        return centred
+    return _project(centred, basis_columns, kept_bits, method == "svdq")
+
+
 def reconstruct_tokens(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, kept_bits: torch.Tensor,
                         group_size: int, basis_columns: torch.Tensor, mean: torch.Tensor,
                         index: torch.Tensor) -> torch.Tensor:
@@ -896,8 +905,11 @@ def decompress(
     body_end = compressed.num_tokens - tail
     flat = torch.empty(compressed.num_tokens, compressed.channels, device=compressed.codes.device)
     flat[:sinks] = compressed.sinks
-    torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
-    flat[sinks:body_end] += compressed.mean
+    if compressed.method == "kivi":  # identity basis, zero mean: the latent rows are the keys
+        flat[sinks:body_end] = _latent_rows(compressed)
+    else:
+        torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
+        flat[sinks:body_end] += compressed.mean
     if compressed.num_exact:
         flat[compressed.exact_index] = compressed.exact_rows.float()
     flat[body_end:] = compressed.tail
@@ -972,8 +984,7 @@ def append(
         full = pending.shape[0] // compressed.group_size
         if full:
             block = pending[: full * compressed.group_size]
-            latent = _project(block - compressed.mean, compressed.basis, compressed.kept_bits,
-                              compressed.method == "svdq")
+            latent = _latent(block - compressed.mean, compressed.basis, compressed.kept_bits, compressed.method)
             latent = latent.reshape(full, compressed.group_size, compressed.basis.shape[1])
             new_codes, new_scales, new_mins = quantize_groups(latent, compressed.kept_bits)
             codes = torch.cat([codes, pack_codes(new_codes, compressed.kept_bits)])

@@ -92,7 +92,10 @@ def exact_share_keys(bits: int, share: float = 0.125) -> svdq.CodecConfig:
 
 
 def main_methods() -> list[Method]:
-    """The headline table: fp16, keys-only SVDq, KIVI-like baselines, whole-cache SVDq."""
+    """The headline table: fp16, keys-only SVDq, KIVI-like baselines, whole-cache SVDq.
+
+    Whole-cache rows name their keys: ``key_codec=C()`` keeps none exact (the budget's own
+    default, :data:`svdq.kv.DEFAULT_CACHE_KEY_CODEC`, is the "1/8 exact keys 2-bit" rows')."""
     C = svdq.CodecConfig
     return [
         Method("fp16 K and V", C(method="fp16")),
@@ -110,11 +113,11 @@ def main_methods() -> list[Method]:
         Method("keys svdq 1.5, values 4-bit per token", C(bits_per_element=1.5), values=ValueConfig(bits=4)),
         Method("svdq K 1.5 + V 2.5, own bases", C(bits_per_element=1.5), values=latent_values(2.5)),
         Method("svdq K 1.5 + V 2.5, shared", C(bits_per_element=1.5), values=latent_values(2.5), shared_basis=True),
-        Method("svdq cache 1.5 bits, shared", C(), budget=CacheBudget(1.5), shared_basis=True),
-        Method("svdq cache 1.75 bits, shared", C(), budget=CacheBudget(1.75), shared_basis=True),
-        Method("svdq cache 2.0 bits, own bases", C(), budget=CacheBudget(2.0)),
-        Method("svdq cache 2.0 bits, shared", C(), budget=CacheBudget(2.0), shared_basis=True),
-        Method("svdq cache 2.5 bits, shared", C(), budget=CacheBudget(2.5), shared_basis=True),
+        Method("svdq cache 1.5 bits, shared", C(), budget=CacheBudget(1.5, key_codec=C()), shared_basis=True),
+        Method("svdq cache 1.75 bits, shared", C(), budget=CacheBudget(1.75, key_codec=C()), shared_basis=True),
+        Method("svdq cache 2.0 bits, own bases", C(), budget=CacheBudget(2.0, key_codec=C())),
+        Method("svdq cache 2.0 bits, shared", C(), budget=CacheBudget(2.0, key_codec=C()), shared_basis=True),
+        Method("svdq cache 2.5 bits, shared", C(), budget=CacheBudget(2.5, key_codec=C()), shared_basis=True),
         Method("svdq cache 1.5 bits, shared, 4 exact keys", C(), budget=CacheBudget(1.5, key_codec=EXACT_KEYS),
                shared_basis=True),
         Method("svdq cache 1.75 bits, shared, 4 exact keys", C(), budget=CacheBudget(1.75, key_codec=EXACT_KEYS),
@@ -125,7 +128,8 @@ def main_methods() -> list[Method]:
         Method(f"svdq cache {total} bits, shared, 1/8 exact keys {bits}-bit", C(),
                budget=CacheBudget(total, key_codec=exact_share_keys(bits)), shared_basis=True)
         for total in (1.5, 1.75, 2.0) for bits in (4, 2)
-    ]
+    ] + [Method("svdq cache 2.5 bits, shared, 1/8 exact keys 2-bit", C(),
+                budget=CacheBudget(2.5, key_codec=exact_share_keys(2)), shared_basis=True)]
 
 
 def explore_methods() -> list[Method]:

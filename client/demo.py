@@ -8,9 +8,11 @@ What it does:
    RULER-style needle prompt of about ``--context-tokens`` tokens (:mod:`svdq_client.evaluation`).
 3. Runs the document part of the prompt once through the offload cache (the model's own SDPA
    attention while nothing is offloaded; a progress line per decoder layer on stderr); after
-   the last layer its K/V cache of every layer goes to the server (SVDq-compressed keys by
-   default), only ``--window`` recent tokens stay in the process.
-   The keys (and, with ``--cache-bits``, the latent values) use shared per-layer bases fitted
+   the last layer its K/V cache of every layer goes to the server (by default keys and values
+   under one budget of ``--cache-bits`` 2.0 true bits per KV element: SVDq keys and SVDq
+   latent values, 8x smaller than fp16; ``--cache-bits 0`` stores SVDq keys at ``--bits``
+   with 16-bit values), only ``--window`` recent tokens stay in the process.
+   The keys (and latent values) use shared per-layer bases fitted
    first on ``--shared-basis-tokens`` tokens of shipped text, not the prompt
    (:func:`svdq_client.hf.default_calibrated_bases`, 2048 by default), and sent in the profile;
    ``--shared-basis-tokens 0`` fits a basis per sequence instead.
@@ -151,6 +153,8 @@ def local_server(device: str = "cpu", extra_args: Sequence[str] = ()) -> Iterato
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from svdq.kv import DEFAULT_TOTAL_BITS
+
     from .evaluation import DEFAULT_CALIBRATION_TOKENS, MAX_CALIBRATION_TOKENS
 
     parser = argparse.ArgumentParser(
@@ -174,15 +178,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     model = parser.add_argument_group("compression and generation")
     model.add_argument("--codec", default="svdq", choices=("svdq", "kivi", "fp16"),
                        help="key codec: svdq (default), kivi (per-channel baseline) or fp16 (passthrough)")
-    model.add_argument("--bits", type=float, default=1.5,
-                       help="svdq budget in true bits per key element, all metadata counted (default 1.5)")
+    model.add_argument("--bits", type=float, default=None,
+                       help="keys-only svdq budget in true bits per key element, all metadata counted (default "
+                       "1.5); giving it, like --value-bits or --cache-bits 0, stores keys only")
     model.add_argument("--kivi-bits", type=int, default=2, help="width of the kivi baseline (default 2)")
     model.add_argument("--value-bits", type=int, choices=(2, 4), default=None,
                        help="quantize values to 2 or 4 bits (default: values stay 16-bit)")
     model.add_argument("--cache-bits", type=float, default=None,
-                       help="one budget in true bits per KV element for keys and values together (svdq keys, "
-                       "SVDq latent values, split per layer on the server), e.g. 2.0 (8x smaller than fp16); "
-                       "default: keys at --bits, values as --value-bits")
+                       help="one budget in true bits per KV element for keys and values together (svdq keys with "
+                       "1/8 of them as 2-bit corrections, SVDq latent values, split per layer on the server); "
+                       f"default {DEFAULT_TOTAL_BITS} (8x smaller than fp16) with --codec svdq and no --value-bits; "
+                       "0: keys only, at --bits, values 16-bit or as --value-bits")
     model.add_argument("--shared-basis-tokens", type=int, default=None,
                        help="fit one shared basis per layer (keys, and latent values) on this many tokens of "
                        "calibration text (the end of Python's own docs, not the prompt) and send it in the "
@@ -205,9 +211,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--window and --max-new-tokens must be >= 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together (mutual TLS)")
-    if args.cache_bits is not None and (args.codec != "svdq" or args.value_bits or not 0 < args.cache_bits <= 16):
-        parser.error(f"--cache-bits needs --codec svdq, no --value-bits and a budget in (0, 16], got "
-                     f"{args.cache_bits} with --codec {args.codec}, --value-bits {args.value_bits}")
+    if args.cache_bits is None:
+        args.cache_bits = DEFAULT_TOTAL_BITS if args.codec == "svdq" and not args.value_bits and args.bits is None else 0
+    if args.cache_bits and (args.codec != "svdq" or args.value_bits or args.bits is not None
+                            or not 0 < args.cache_bits <= 16):
+        parser.error(f"--cache-bits needs --codec svdq, no --value-bits, no --bits (keys-only) and a budget in (0, 16], "
+                     f"got {args.cache_bits} with --codec {args.codec}, --value-bits {args.value_bits}, --bits "
+                     f"{args.bits}; --cache-bits 0 stores keys only")
+    if args.bits is None:
+        args.bits = 1.5
     if args.shared_basis_tokens is None:
         args.shared_basis_tokens = DEFAULT_CALIBRATION_TOKENS if args.codec == "svdq" else 0
     if args.shared_basis_tokens and (args.codec != "svdq" or not 256 <= args.shared_basis_tokens <= MAX_CALIBRATION_TOKENS):
@@ -234,12 +246,15 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
 
     from svdq.attention import SparsityConfig
     from svdq.codec import CodecConfig
+    from svdq.kv import DEFAULT_CACHE_KEY_CODEC
     from svdq.values import DEFAULT_VALUE_CODEC
 
     from . import evaluation
 
     transformers_logging.disable_progress_bar()  # the demo's output is its report
-    if args.codec == "svdq":
+    if args.cache_bits:
+        codec = DEFAULT_CACHE_KEY_CODEC
+    elif args.codec == "svdq":
         codec = CodecConfig(method="svdq", bits_per_element=args.bits)
     elif args.codec == "kivi":
         codec = CodecConfig(method="kivi", bits=args.kivi_bits)
@@ -335,6 +350,8 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
 def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> str:
     """The demo's printed summary."""
     codec = {"svdq": f"svdq {args.bits} bits", "kivi": f"kivi {args.kivi_bits} bits", "fp16": "fp16 passthrough"}
+    if args.cache_bits:
+        codec["svdq"] = "svdq, 1/8 as 2-bit corrections"
     options = f", sparsity {args.keep_fraction:g}" if args.keep_fraction else ""
     if args.shared_basis_tokens:
         options += f", shared bases fitted on {args.shared_basis_tokens} calibration tokens"

@@ -64,9 +64,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from svdq.attention import SparsityConfig, attend, merge_attention
 from svdq.codec import Basis, CodecConfig, CompressedKeys, append, compress, fit_layer_basis
 from svdq.errors import InvalidInputError
-from svdq.kv import CacheBudget, compress_kv, measure_key_shares
+from svdq.kv import DEFAULT_CACHE_KEY_CODEC, DEFAULT_TOTAL_BITS, CacheBudget, compress_kv, measure_key_shares
 from svdq.rope import RopeConfig, layer_ropes
-from svdq.values import CompressedValues, ValueConfig, append_values, compress_values
+from svdq.values import DEFAULT_VALUE_CODEC, CompressedValues, ValueConfig, append_values, compress_values
 
 from .evaluation import DEFAULT_CALIBRATION_TOKENS, MAX_CALIBRATION_TOKENS, calibration_tokens, prefill
 
@@ -305,6 +305,11 @@ class LocalOffload(_SharedBasesMixin):
         cache_key_shares: each layer's split of ``cache_budget`` (:func:`calibrate_key_shares`);
             ``None`` measures it for every stored row.
 
+    With none of ``codec``, ``values`` and ``cache_budget`` given, the whole cache is stored
+    under ``CacheBudget()``: 2.0 true bits per KV element, 8x smaller than fp16
+    (:data:`svdq.kv.DEFAULT_CACHE_KEY_CODEC` keys, :data:`svdq.values.DEFAULT_VALUE_CODEC`
+    latent values). Keys only, values 16-bit: ``LocalOffload(codec=CodecConfig())``.
+
     ``keys[row][layer]`` / ``values[row][layer]`` hold what each row stored.
     """
 
@@ -319,6 +324,8 @@ class LocalOffload(_SharedBasesMixin):
         cache_budget: CacheBudget | None = None,
         cache_key_shares: Sequence[float] | None = None,
     ) -> None:
+        if codec is None and values is None and cache_budget is None:
+            cache_budget = CacheBudget()
         self.codec = codec or CodecConfig()
         self.value_config = values or ValueConfig()
         self.value_bases = tuple(value_bases) if value_bases is not None else None
@@ -441,6 +448,11 @@ class RemoteOffload(_SharedBasesMixin):
             ``value_codec``.
         cache_key_shares: each layer's split of that budget, measured once
             (:func:`calibrate_key_shares`); ``None``: the server measures it on every upload.
+
+    With none of ``codec``, ``value_bits``, ``value_codec`` and ``cache_bits_per_element``
+    given, the profile stores the whole cache at 2.0 true bits per KV element (keys
+    :data:`svdq.kv.DEFAULT_CACHE_KEY_CODEC`, values :data:`svdq.values.DEFAULT_VALUE_CODEC`),
+    8x smaller than fp16. Keys only, values 16-bit: ``RemoteOffload(client, CodecConfig())``.
     """
 
     def __init__(
@@ -458,6 +470,8 @@ class RemoteOffload(_SharedBasesMixin):
         cache_key_shares: Sequence[float] | None = None,
     ) -> None:
         self.client = client
+        if codec is None and value_bits is None and value_codec is None and cache_bits_per_element is None:
+            codec, value_codec, cache_bits_per_element = DEFAULT_CACHE_KEY_CODEC, DEFAULT_VALUE_CODEC, DEFAULT_TOTAL_BITS
         self.cache_key_shares = tuple(cache_key_shares) if cache_key_shares is not None else None
         self.codec = codec or CodecConfig()
         self.value_bits = value_bits

@@ -59,9 +59,18 @@ EXACT_BITS = (16, 8, 4, 2)
 MAX_BUDGET = 16.0
 
 #: Defaults chosen from bench/quality.py on SmolLM2-135M (see README): 1.5 bits per element
-#: all metadata included, token groups of 64, 4 full-precision sink tokens.
+#: all metadata included, token groups chosen by the sequence's length (below), 4
+#: full-precision sink tokens.
 DEFAULT_BITS_PER_ELEMENT = 1.5
 DEFAULT_GROUP_SIZE = 64
+#: The default token group by sequence length: (below this many tokens, group size), else
+#: DEFAULT_GROUP_SIZE. Short sequences pay for long groups in a 16-bit tail of up to
+#: group_size - 1 tokens (at 473 tokens, 21 of them cost 0.71 bits per element with groups
+#: of 64), long ones pay for short groups in scales and minimums (32 / group_size bits per
+#: kept element). On SmolLM2 (docs/quality.md, issue 14 round 5) groups of 16 found every
+#: needle at 512 and 1,024 tokens where groups of 64 lost some, and cost less NLL at a
+#: 1,024-token prefix; at 3,072 tokens they cost more, so long sequences keep groups of 64.
+LENGTH_GROUP_SIZES = ((2048, 16),)
 DEFAULT_SINKS = 4
 MAX_NOISE_AVERAGING = 1024
 
@@ -80,7 +89,10 @@ class CodecConfig:
         schedule: explicit svdq widths for equal groups of latent channels, e.g.
             ``(8, 4, 2, 1, 1, 0, 0, 0)``, instead of a ``bits_per_element`` budget.
         bits: width of every channel for ``kivi`` (1..8).
-        group_size: tokens per quantization group, one of 8, 16, 32, 64, 128, 256.
+        group_size: tokens per quantization group, one of 8, 16, 32, 64, 128, 256; ``None``
+            (the default) chooses it from the sequence's length when it is compressed
+            (:meth:`group_size_for`, :data:`LENGTH_GROUP_SIZES`) and the blob records it, so
+            appends keep it.
         num_sinks: leading tokens kept in full precision (attention sinks), 0..1024.
         noise_averaging: how many tokens' quantization noise an attention output averages,
             1..1024. The allocator weighs a kept channel's quantization error by
@@ -108,7 +120,7 @@ class CodecConfig:
     bits_per_element: float | None = None
     schedule: tuple[int, ...] | None = None
     bits: int = 2
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
     num_sinks: int = DEFAULT_SINKS
     noise_averaging: float = 1.0
     exact_tokens: int = 0
@@ -136,8 +148,9 @@ class CodecConfig:
                 raise InvalidInputError(f"schedule widths must be integers 0..{MAX_BITS}, got {self.schedule}")
         if not 1 <= self.bits <= MAX_BITS:
             raise InvalidInputError(f"bits must be in 1..{MAX_BITS}, got {self.bits}")
-        if self.group_size not in GROUP_SIZES:
-            raise InvalidInputError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise InvalidInputError(f"group_size must be one of {GROUP_SIZES} or None (chosen by length), "
+                                    f"got {self.group_size!r}")
         if not 0 <= self.num_sinks <= MAX_SINKS:
             raise InvalidInputError(f"num_sinks must be in 0..{MAX_SINKS}, got {self.num_sinks}")
         if not (isinstance(self.noise_averaging, (int, float)) and 1 <= self.noise_averaging <= MAX_NOISE_AVERAGING):
@@ -156,6 +169,13 @@ class CodecConfig:
         if self.exact_bits != 16 and not (self.exact_tokens or self.exact_share):
             raise InvalidInputError(f"exact_bits={self.exact_bits} needs exact tokens (exact_tokens or exact_share > 0): "
                                     "without them nothing is stored at that width")
+
+    def group_size_for(self, tokens: int) -> int:
+        """The token group of a sequence of ``tokens``: ``group_size``, or when it is None the
+        first :data:`LENGTH_GROUP_SIZES` entry the length is below, else DEFAULT_GROUP_SIZE."""
+        if self.group_size is not None:
+            return self.group_size
+        return next((size for below, size in LENGTH_GROUP_SIZES if tokens < below), DEFAULT_GROUP_SIZE)
 
     def exact_count(self, quantized: int) -> int:
         """How many of ``quantized`` tokens are kept exact."""
@@ -613,10 +633,10 @@ def compress(
     flat = work.reshape(tokens, channels).copy_(rounded)
 
     if config.method == "fp16":
-        num_sinks, group_size = 0, config.group_size
+        num_sinks, group_size = 0, config.group_size_for(tokens)
         n_groups = 0
     else:
-        num_sinks, group_size = min(config.num_sinks, tokens), config.group_size
+        num_sinks, group_size = min(config.num_sinks, tokens), config.group_size_for(tokens)
         n_groups = (tokens - num_sinks) // group_size
     body_end = num_sinks + n_groups * group_size
     body = flat[num_sinks:body_end]
@@ -657,14 +677,14 @@ def compress(
     elif n_groups == 0:
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     else:
-        channel_bits = _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks,
+        channel_bits = _allocate(centred, components, config, group_size, tokens, kv_heads, head_dim, num_sinks,
                                  stored_basis=basis is None, rope=rope, explicit_positions=explicit is not None)
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
     basis_columns = components[:, kept]  # one gather of [C, r] (~2 ms at C = 1024), not one per use
     # Only the kept columns are projected: the exact computation append() repeats (_encode).
-    codes, scales, mins = _encode(centred, basis_columns, kept_bits, group_size, config.method == "svdq")
+    codes, scales, mins = _encode(centred, basis_columns, kept_bits, group_size, config.method)
     packed = pack_codes(codes, kept_bits)
     exact_index, exact_rows = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean, basis_columns,
                                             config.exact_count(n_groups * group_size))
@@ -770,7 +790,7 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
     on the kept ``basis_columns`` [C, r] of widths ``kept_bits`` [r], :data:`GRAM_CHUNK` tokens
     at a time, in order. ``low_precision`` (svdq) projects the channels of at most
     :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products (~4-6x the float32 rate on this
-    CPU); the kivi baseline keeps float32 throughout.
+    CPU); without it every product is float32.
 
     Chunks of tokens: no bfloat16 copy of every key at once, and what a chunk's latent feeds
     stays in cache. Each row of a product depends on that row alone (checked on this oneDNN
@@ -808,13 +828,15 @@ def _project(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torc
 
 
 def _encode(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor, group_size: int,
-            low_precision: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes uint8 [groups, group_size, r], float16 scales and minimums [groups, r] of the
     centred keys float32 [groups * group_size, C] (:func:`_projected_chunks`, then
     :func:`svdq.quant.quantize_groups`); compress and append share it, so an appended group
     quantizes as it would have in one compress. Each chunk of whole groups is quantized as it
     is projected: the float32 latent of every key never exists at once (~25 MB of fresh pages
-    and a pass through memory at 8k tokens x 800 channels)."""
+    and a pass through memory at 8k tokens x 800 channels). The kivi baseline quantizes the
+    keys' own channels: its basis is the identity and keeps every channel, so a product with
+    it would only cost ``tokens * C * C`` operations."""
     kept = basis_columns.shape[1]
     groups = centred.shape[0] // group_size
     device = centred.device
@@ -822,7 +844,11 @@ def _encode(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch
     scales = torch.empty(groups, kept, dtype=torch.float16, device=device)
     mins = torch.empty(groups, kept, dtype=torch.float16, device=device)
     first = 0
-    for latent in _projected_chunks(centred, basis_columns, kept_bits, low_precision):
+    if method == "kivi":
+        chunks = (centred[start:start + GRAM_CHUNK] for start in range(0, centred.shape[0], GRAM_CHUNK))
+    else:
+        chunks = _projected_chunks(centred, basis_columns, kept_bits, method == "svdq")
+    for latent in chunks:
         count = latent.shape[0] // group_size  # GRAM_CHUNK is whole groups
         rows = slice(first, first + count)
         codes[rows], scales[rows], mins[rows] = quantize_groups(latent.reshape(count, group_size, kept), kept_bits)
@@ -862,7 +888,7 @@ def exact_corrected_rows(restored: torch.Tensor, codes: torch.Tensor, scales: to
     return restored + correction.reshape(restored.shape)
 
 
-def _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks, *,
+def _allocate(centred, components, config, group_size, tokens, kv_heads, head_dim, num_sinks, *,
               stored_basis, rope, explicit_positions, sample_tokens: int = 2048) -> torch.Tensor:
     """Budget allocation: spend what the fixed costs leave of ``bits_per_element``.
 
@@ -874,7 +900,6 @@ def _allocate(centred, components, config, tokens, kv_heads, head_dim, num_sinks
     from .format import fixed_size
 
     channels = kv_heads * head_dim
-    group_size = config.group_size
     n_groups = centred.shape[0] // group_size
     quantized = n_groups * group_size
     fixed_bits = 8 * fixed_size(
@@ -934,8 +959,11 @@ def decompress(
     body_end = compressed.num_tokens - tail
     flat = torch.empty(compressed.num_tokens, compressed.channels, device=compressed.codes.device)
     flat[:sinks] = compressed.sinks
-    torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
-    flat[sinks:body_end] += compressed.mean
+    if compressed.method == "kivi":  # identity basis, zero mean: the latent rows are the keys
+        flat[sinks:body_end] = _latent_rows(compressed)
+    else:
+        torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
+        flat[sinks:body_end] += compressed.mean
     if compressed.num_exact:
         flat[compressed.exact_index] = compressed.exact_rows.float()
     flat[body_end:] = compressed.tail
@@ -1011,7 +1039,7 @@ def append(
         if full:
             block = pending[: full * compressed.group_size]
             new_codes, new_scales, new_mins = _encode(block - compressed.mean, compressed.basis, compressed.kept_bits,
-                                                      compressed.group_size, compressed.method == "svdq")
+                                                      compressed.group_size, compressed.method)
             codes = torch.cat([codes, pack_codes(new_codes, compressed.kept_bits)])
             scales = torch.cat([scales, new_scales])
             mins = torch.cat([mins, new_mins])

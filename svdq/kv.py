@@ -17,7 +17,7 @@ K_hat^T / sqrt(D)) V_hat||^2`` over probes and KV heads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +28,11 @@ from .values import DEFAULT_VALUE_CODEC, CompressedValues, ValueConfig, compress
 
 #: Default whole-cache budget: 2 true bits per KV element, 8x smaller than fp16.
 DEFAULT_TOTAL_BITS = 2.0
+#: Keys of a whole-cache budget: an eighth of the quantized keys (at least 4), the worst
+#: reconstructed, also stored as 2-bit corrections, paid from the same budget. Rare tokens
+#: such as a needle's digits are the keys a basis fits worst; at 2.0 bits this found every
+#: needle at 1,024 and 4,096 tokens where 4 exact keys lost one (docs/quality.md, round 4).
+DEFAULT_CACHE_KEY_CODEC = CodecConfig(exact_tokens=4, exact_share=0.125, exact_bits=2)
 #: Candidate shares of the budget spent on keys (values get what the keys' blob leaves).
 DEFAULT_KEY_SHARES = (0.25, 0.3125, 0.375, 0.4375, 0.5)
 #: Value budget when the keys alone reach the whole one (the cache then stores more, and the
@@ -43,14 +48,15 @@ class CacheBudget:
         bits_per_element: true bits per KV element, keys' and values' serialized bytes over
             ``2 * tokens * kv_heads * head_dim`` elements; (0, 16].
         key_shares: candidate fractions of the budget spent on keys, each in (0, 1).
-        key_codec: key settings (its ``bits_per_element`` is replaced by the split's).
+        key_codec: key settings (its ``bits_per_element`` is replaced by the split's); default
+            :data:`DEFAULT_CACHE_KEY_CODEC`.
         value_codec: value settings (likewise).
         probe_queries: probe positions the split is measured with, 1..4096.
     """
 
     bits_per_element: float = DEFAULT_TOTAL_BITS
     key_shares: tuple[float, ...] = DEFAULT_KEY_SHARES
-    key_codec: CodecConfig = field(default_factory=CodecConfig)
+    key_codec: CodecConfig = DEFAULT_CACHE_KEY_CODEC
     value_codec: CodecConfig = DEFAULT_VALUE_CODEC
     probe_queries: int = 64
 
@@ -212,4 +218,4 @@ def measure_key_shares(
     )
 
 
-__all__ = ["DEFAULT_TOTAL_BITS", "CacheBudget", "CompressedCache", "compress_kv", "measure_key_shares"]
+__all__ = ["DEFAULT_CACHE_KEY_CODEC", "DEFAULT_TOTAL_BITS", "CacheBudget", "CompressedCache", "compress_kv", "measure_key_shares"]

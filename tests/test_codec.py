@@ -253,7 +253,7 @@ def test_projection_is_float32_for_wide_channels_and_bfloat16_close_for_narrow_o
     # far below the 1/15-of-the-range step of a 4-bit channel.
     scale = (centred.abs() @ basis.float().abs())[:, ~wide]
     assert ((latent[:, ~wide] - exact[:, ~wide]).abs() <= 2.0**-7 * scale).all()
-    assert torch.equal(_project(centred, basis, widths, False), exact)  # kivi: float32 throughout
+    assert torch.equal(_project(centred, basis, widths, False), exact)  # without low precision: float32 throughout
 
 
 def test_append_fills_a_group_of_a_sequence_that_kept_no_channel():
@@ -265,3 +265,20 @@ def test_append_fills_a_group_of_a_sequence_that_kept_no_channel():
     longer = append(compressed, keys[32:])
     assert longer.num_tokens == 40 and longer.num_groups == 1 and longer.codes.shape == (1, 0)
     assert longer.nbytes == len(to_bytes(longer))
+
+
+def test_kivi_quantizes_the_keys_own_channels_and_decompresses_without_a_basis_product():
+    from svdq.quant import dequantize_groups, unpack_codes
+
+    keys = layer_keys(tokens=4 + 3 * 32 + 5, heads=2, head_dim=16)
+    compressed = compress(keys, CodecConfig(method="kivi", bits=2, group_size=32))
+    body = keys.reshape(keys.shape[0], -1)[4:100].to(torch.float16).float().reshape(3, 32, -1)
+    codes, scales, mins = quantize_groups(body, compressed.kept_bits)
+    assert torch.equal(compressed.codes, pack_codes(codes, compressed.kept_bits))
+    assert torch.equal(compressed.scales, scales) and torch.equal(compressed.mins, mins)
+    restored = decompress(from_bytes(to_bytes(compressed)))
+    expected = dequantize_groups(unpack_codes(compressed.codes, compressed.kept_bits, 32), scales, mins)
+    assert torch.equal(restored[4:100].reshape(3, 32, -1), expected)
+    assert torch.equal(restored[100:], keys[100:].to(torch.float16).float())
+    grown = append(compress(keys[:40], CodecConfig(method="kivi", bits=2, group_size=32)), keys[40:])
+    assert to_bytes(grown) == to_bytes(compressed)  # appended groups quantize the same channels

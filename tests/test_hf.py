@@ -246,7 +246,7 @@ def test_local_offload_stores_the_whole_cache_under_one_budget_with_calibrated_b
     assert values_to_bytes(stored_values) == values_to_bytes(expected.values)
     assert backend.stats.value_bytes_stored < backend.stats.fp16_key_bytes_stored / 2
     with pytest.raises(InvalidInputError, match="value_bases apply to SVDq latent values"):
-        SvdqOffloadCache(model, LocalOffload(value_bases=value_bases))
+        SvdqOffloadCache(model, LocalOffload(CodecConfig(), value_bases=value_bases))
     with pytest.raises(InvalidInputError, match=r"cache_key_shares need cache_budget and one share per offloaded"):
         SvdqOffloadCache(model, LocalOffload(cache_budget=budget, cache_key_shares=shares[:1]))
     latent = LocalOffload(values=ValueConfig(codec=replace(DEFAULT_VALUE_CODEC, group_size=8)),
@@ -339,12 +339,16 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     upload = next(line for line in captured.err.splitlines() if line.startswith("upload "))
     assert " tokens x 30 layers to 127.0.0.1:" in upload
     assert "server            127.0.0.1:" in report
-    assert "keys              svdq 1.5 bits, shared bases fitted on 2048 calibration tokens; values 16-bit" in report
+    # The default: keys and values under one 2.0-bit budget.
+    assert ("keys              svdq, 1/8 as 2-bit corrections, shared bases fitted on 2048 calibration tokens; "
+            "values svdq latent, whole cache 2.0 bits per KV element") in report
     stored = next(line for line in report.splitlines() if line.startswith("stored keys"))
     ratio = float(stored.split("= ratio ")[1].split("x")[0])
     bits = float(stored.split(", ")[-1].split(" bits")[0])
-    # 16 / bits is the ratio by definition; short prompts pay more for the basis than 1.5 bits.
-    assert ratio == pytest.approx(16.0 / bits, rel=1e-2) and 1.0 < bits < 8.0
+    assert ratio == pytest.approx(16.0 / bits, rel=1e-2) and 0.5 < bits < 4.0
+    total = next(line for line in report.splitlines() if line.startswith("stored total"))
+    # every byte of both blobs; a 240-token prefix stays within 5% of the budget
+    assert float(total.split(", ")[1].split(" bits")[0]) <= 2.1
     assert "needle            " in report
     timing = next(line for line in report.splitlines() if line.startswith("time "))
     assert all(part in timing for part in ("model load", "document prefill", "upload", "answer tokens", "server calls"))
@@ -383,6 +387,21 @@ def test_demo_calibrates_shared_bases_by_default_for_svdq_only():
     assert parse_args(["--codec", "kivi"]).shared_basis_tokens == 0  # kivi and fp16 have no basis
 
 
+@pytest.mark.parametrize("argv, cache_bits, bits", [
+    ([], 2.0, 1.5),                        # the default: the whole cache at 2.0 bits
+    (["--cache-bits", "1.75"], 1.75, 1.5),
+    (["--cache-bits", "0"], 0, 1.5),       # the way back: keys only, values 16-bit
+    (["--bits", "1.25"], 0, 1.25),         # a keys-only budget means keys only
+    (["--value-bits", "4"], 0, 1.5),
+    (["--codec", "kivi"], 0, 1.5),
+])
+def test_demo_stores_the_whole_cache_by_default(argv, cache_bits, bits):
+    from svdq_client.demo import parse_args
+
+    args = parse_args(argv)
+    assert (args.cache_bits, args.bits) == (cache_bits, bits)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -396,7 +415,9 @@ def test_demo_calibrates_shared_bases_by_default_for_svdq_only():
         (["--address", "127.0.0.1:1", "--tls-cert", "client.pem"], "--tls-cert and --tls-key go together"),
         (["--codec", "zip"], "invalid choice"),
         (["--cache-bits", "2", "--value-bits", "4"], "--cache-bits needs --codec svdq, no --value-bits"),
-        (["--cache-bits", "0"], "a budget in (0, 16]"),
+        (["--cache-bits", "-1"], "a budget in (0, 16]"),
+        (["--cache-bits", "2", "--bits", "1.2"], "no --bits (keys-only)"),
+        (["--cache-bits", "2", "--codec", "fp16"], "--cache-bits needs --codec svdq"),
     ],
 )
 def test_demo_rejects_bad_options(argv, message, capsys):

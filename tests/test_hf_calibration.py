@@ -57,7 +57,7 @@ def _offload(model, backend, tokens=80, **options):
 
 def test_default_cache_fits_shared_bases_on_the_shipped_text_once_per_model(calibration_runs):
     model, tokenizer = tiny_model("llama"), ByteTokenizer()
-    backend = LocalOffload()  # the default codec: svdq 1.5 bits, no bases given
+    backend = LocalOffload()  # the default: the whole cache at 2.0 bits, no bases given
     cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS)
     assert calibration_runs == [TOKENS] and cache.calibration_seconds > 0
     # Fitted on the end of the shipped prose, never on what was offloaded.
@@ -93,10 +93,11 @@ def test_calibration_tokens_0_keeps_a_basis_per_sequence(calibration_runs):
 
 def test_given_bases_and_codecs_without_bases_need_no_calibration(calibration_runs):
     model = tiny_model("llama")
-    bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)[0]
+    bases, value_bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)
     assert calibration_runs == [TOKENS]
     calibration_runs.clear()
-    for backend in (LocalOffload(bases=bases), LocalOffload(CodecConfig(method="fp16")),
+    for backend in (LocalOffload(bases=bases, value_bases=value_bases), LocalOffload(CodecConfig(), bases=bases),
+                    LocalOffload(CodecConfig(method="fp16")),
                     LocalOffload(CodecConfig(method="kivi", bits=2))):
         _offload(model, backend)  # no tokenizer needed
     assert calibration_runs == []
@@ -166,5 +167,6 @@ def test_a_config_cannot_be_calibrated_and_settings_errors_come_before_calibrati
     bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)[1]
     calibration_runs.clear()
     with pytest.raises(InvalidInputError, match="value_bases apply to SVDq latent values"):
-        SvdqOffloadCache(model, LocalOffload(value_bases=bases), tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
+        SvdqOffloadCache(model, LocalOffload(CodecConfig(), value_bases=bases), tokenizer=ByteTokenizer(),
+                         calibration_tokens=TOKENS)
     assert calibration_runs == []

@@ -99,7 +99,7 @@ def codec_to_pb(config: CodecConfig, out: pb.Codec) -> pb.Codec:
     """Write a :class:`CodecConfig` into a ``Codec`` message."""
     out.method, out.bits_per_element, out.bits = config.method, config.bits_per_element or 0.0, config.bits
     out.schedule[:] = list(config.schedule or ())
-    out.group_size, out.num_sinks = config.group_size, config.num_sinks
+    out.group_size, out.num_sinks = config.group_size or 0, config.num_sinks  # 0: by length
     if config.noise_averaging != 1.0:
         out.noise_averaging = config.noise_averaging
     out.exact_tokens, out.exact_share = config.exact_tokens, config.exact_share

@@ -101,26 +101,38 @@ def codec_seconds(profile: Profile, keys: torch.Tensor, values: torch.Tensor) ->
     return time.perf_counter() - started
 
 
-def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches, iterations, sparsity, repeats):
-    """Upload timing and the codec's own time for the same data (medians of ``repeats``, in
-    turns), stored bytes, then Attend latencies per batch size (none when ``batches`` is empty)."""
-    upload_seconds, codec_times = [], []
-    sequence = None
+def bench_profile(clients: dict[str, KVCacheClient], profile: Profile, keys, values, batches, iterations, sparsity,
+                  repeats):
+    """Upload timing through each server of ``clients`` (label -> client: the working tree's
+    first, then e.g. ``--baseline``) and the codec's own time for the same data, all in turns
+    (every repeat times the codec and one upload per server), medians of ``repeats``; stored
+    bytes; then Attend latencies per batch size through the first server (none when
+    ``batches`` is empty). Returns one row per server."""
+    upload_seconds: dict[str, list[float]] = {label: [] for label in clients}
+    codec_times = []
+    sequences, infos = {}, {}
     for repeat in range(repeats):
         codec_times.append(codec_seconds(profile, keys, values))
-        sequence = f"bench-{profile.name}-{repeat}-{uuid.uuid4().hex[:6]}"
-        started = time.perf_counter()
-        info = client.upload(sequence, profile.name, keys, values, positions=torch.arange(keys.shape[1]),
-                             key_space="post_rope")
-        upload_seconds.append(time.perf_counter() - started)
-        print(f"# {profile.name} upload {repeat}: {upload_seconds[-1]:.2f} s", file=sys.stderr, flush=True)
-        if repeat < repeats - 1:
-            client.delete(sequence)
+        for label, client in clients.items():
+            sequences[label] = f"bench-{profile.name}-{repeat}-{uuid.uuid4().hex[:6]}"
+            started = time.perf_counter()
+            infos[label] = client.upload(sequences[label], profile.name, keys, values,
+                                         positions=torch.arange(keys.shape[1]), key_space="post_rope")
+            upload_seconds[label].append(time.perf_counter() - started)
+            print(f"# {profile.name} upload {repeat} [{label}]: {upload_seconds[label][-1]:.2f} s, codec alone "
+                  f"{codec_times[-1]:.2f} s", file=sys.stderr, flush=True)
+            if repeat < repeats - 1:
+                client.delete(sequences[label])
     key_mb = keys.numel() * 2 / 1e6
-    rows = {"upload_mb_s": key_mb / statistics.median(upload_seconds), "key_bytes": info.key_bytes,
-            "codec_mb_s": key_mb / statistics.median(codec_times),
-            "upload_over_codec": statistics.median(upload_seconds) / statistics.median(codec_times),
-            "value_bytes": info.value_bytes, "fp16_key_bytes": info.fp16_key_bytes, "attend": {}}
+    codec = statistics.median(codec_times)
+    rows = {}
+    for label, seconds in upload_seconds.items():
+        info = infos[label]
+        rows[label] = {"upload_mb_s": key_mb / statistics.median(seconds), "key_bytes": info.key_bytes,
+                       "codec_mb_s": key_mb / codec, "upload_over_codec": statistics.median(seconds) / codec,
+                       "value_bytes": info.value_bytes, "fp16_key_bytes": info.fp16_key_bytes, "attend": {}}
+    first = next(iter(clients))
+    client, sequence, attend = clients[first], sequences[first], rows[first]["attend"]
     generator = torch.Generator().manual_seed(1)
     layers = keys.shape[0]
     for batch in batches:
@@ -133,8 +145,9 @@ def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches
             client.attend(queries, entries, sparsity=sparsity)
             samples.append(time.perf_counter() - started)
         p50 = statistics.median(samples)
-        rows["attend"][batch] = (p50, percentile(samples, 0.99), batch / p50)
-    client.delete(sequence)
+        attend[batch] = (p50, percentile(samples, 0.99), batch / p50)
+    for label, client in clients.items():
+        client.delete(sequences[label])
     return rows
 
 
@@ -623,8 +636,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=lambda text: [int(value) for value in text.split(",")], default=[8],
                         help="--part attend: --workers of the started server; several (e.g. 8,2) start one server "
                              "each, the concurrent clients measured against each in turns")
-    parser.add_argument("--baseline", help="--part attend: also start the server of this git revision (e.g. a "
-                        "commit before a change) and measure it in the same turns")
+    parser.add_argument("--baseline", help="--part attend, codecs, uploads: also start the server of this git "
+                        "revision (e.g. a commit before a change) and measure it in the same turns")
     args = parser.parse_args(argv)
     if args.part == "stores":
         bench_stores(args)
@@ -635,10 +648,22 @@ def main(argv=None) -> None:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)  # the codec-alone column runs like the server
-    process = None
-    address = args.address
-    if address is None:
+    processes: list[subprocess.Popen] = []
+    servers: dict[str, str] = {}  # label -> address
+    scratch = None
+    if args.address:
+        servers[args.address] = args.address
+    else:
         process, address = start_server(args.device, args.torch_threads)
+        processes.append(process)
+        servers["working tree"] = address
+        if args.baseline:
+            scratch = tempfile.TemporaryDirectory(prefix="svdq-baseline-")
+            process, address = start_server(args.device, args.torch_threads,
+                                            packages=baseline_tree(args.baseline, Path(scratch.name)))
+            processes.append(process)
+            servers[args.baseline] = address
+    clients: dict[str, KVCacheClient] = {}
     try:
         keys, values = synthetic_cache(args.layers, args.tokens)
         batches = (1, 8, 64) if args.part == "codecs" else ()
@@ -651,23 +676,32 @@ def main(argv=None) -> None:
         if not batches:  # the sparse row uploads exactly like the dense one
             configs = [config for config in configs if config[2] is None]
         results = {}
-        with KVCacheClient(address, timeout=600, chunk_bytes=4 << 20) as client:
-            server = client.server_info()
-            floor = []
-            for _ in range(args.iterations):
-                started = time.perf_counter()
-                client.server_info()
-                floor.append(time.perf_counter() - started)
-            for name, codec, sparsity in configs:
-                profile = Profile(f"bench-{codec.method}", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=codec)
+        first_rows = {}  # the first server's rows, what the ratios vs fp16 compare
+        # the client's default chunk size: what an upload through the library sends
+        clients = {label: KVCacheClient(address, timeout=600) for label, address in servers.items()}
+        first = next(iter(clients.values()))
+        server = first.server_info()
+        floor = []
+        for _ in range(args.iterations):
+            started = time.perf_counter()
+            first.server_info()
+            floor.append(time.perf_counter() - started)
+        for name, codec, sparsity in configs:
+            profile = Profile(f"bench-{codec.method}", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=codec)
+            for client in clients.values():
                 client.register_profile(profile, replace=True)
-                results[name] = bench_profile(client, profile, keys, values, batches, iterations, sparsity,
-                                              args.repeats)
-        baseline = results["fp16 passthrough (off)"]
-        threads = f", server --torch-threads {args.torch_threads}" if process is not None else ""
-        print(f"svdq service on {address} (device {server.device}{threads}), {args.layers} layers x {args.tokens} tokens x "
+            rows = bench_profile(clients, profile, keys, values, batches, iterations, sparsity, args.repeats)
+            first_rows[name] = next(iter(rows.values()))
+            for label, row in rows.items():
+                results[name if len(clients) == 1 else f"{name} [{label}]"] = row
+        baseline = first_rows["fp16 passthrough (off)"]
+        threads = f", server --torch-threads {args.torch_threads}" if processes else ""
+        print(f"svdq service on {', '.join(f'{label} {address}' for label, address in servers.items())} (device "
+              f"{server.device}{threads}), {args.layers} layers x {args.tokens} tokens x "
               f"{KV_HEADS} KV heads x {HEAD_DIM}, queries {Q_HEADS} heads; keys in: "
-              f"{keys.numel() * 2 / 1e6:.1f} MB fp16; medians over {args.repeats} uploads, "
+              f"{keys.numel() * 2 / 1e6:.1f} MB fp16 (and as many 16-bit values); codec alone: every layer's keys and "
+              f"values compressed in this process as the server's engine does; medians over {args.repeats} uploads, "
+              "servers and the codec in turns, "
               + (f"{iterations} Attend calls per batch size" if batches else "no Attend calls (--part uploads)") + "\n")
         header = ["config", "upload MB/s", "codec alone MB/s", "upload / codec time", "key bytes stored", "key ratio",
                   "value bytes"] + [f"B={b} {cell}" for b in batches for cell in ("p50 ms", "p99 ms", "q/s")]
@@ -684,17 +718,24 @@ def main(argv=None) -> None:
         print(f"\ngRPC round-trip floor (GetServerInfo, no compute): p50 {1e3 * statistics.median(floor):.2f} ms, "
               f"p99 {1e3 * percentile(floor, 0.99):.2f} ms")
         print("ratios vs fp16 passthrough (median latency of the compressed config / fp16; <1 is faster):")
-        for name, row in results.items():
+        for name, row in first_rows.items():
             if row is baseline:
                 continue
             ratios = ", ".join(f"B={b}: {row['attend'][b][0] / baseline['attend'][b][0]:.2f}" for b in batches)
             print(f"  {name}: upload time {baseline['upload_mb_s'] / row['upload_mb_s']:.2f}x"
                   + (f"; attend {ratios}" if batches else ""))
+        if args.baseline and not args.address:
+            print(f"upload time, working tree / {args.baseline} (medians): " + "; ".join(
+                f"{name}: {results[f'{name} [{args.baseline}]']['upload_mb_s'] / results[f'{name} [working tree]']['upload_mb_s']:.2f}x"
+                for name, _, _ in configs))
     finally:
-        if process is not None:
+        for client in clients.values():
+            client.close()
+        for process in processes:
             process.terminate()
             process.wait(timeout=60)
-
+        if scratch is not None:
+            scratch.cleanup()
 
 if __name__ == "__main__":
     main()

@@ -287,19 +287,22 @@ def upload_messages(sequence_id: str, profile: str, keys: torch.Tensor, values: 
     """The chunks of one upload, each at most about ``chunk_bytes`` of tensor data (arguments
     already checked by :func:`upload_request`).
 
-    Chunks walk the tokens in order and, within a token range, the layers; a token range of
-    every layer fits one chunk unless a single token of all layers is already too big.
+    Chunks walk the layers in order and, within a layer, its tokens: the server compresses a
+    layer as soon as its last chunk arrives, while the next layer is still on the wire. A
+    chunk holds several whole layers when they fit, else a token range of one layer (at
+    least one token).
     """
     layers, tokens = keys.shape[0], keys.shape[1]
     token_layer_bytes = keys[0, 0].numel() * keys.element_size() * (2 if values is not None else 1)
-    layers_per_chunk = layers if layers * token_layer_bytes <= chunk_bytes else max(1, chunk_bytes // token_layer_bytes)
-    tokens_per_chunk = max(1, chunk_bytes // (layers_per_chunk * token_layer_bytes))
+    layer_bytes = tokens * token_layer_bytes
+    layers_per_chunk = max(1, chunk_bytes // layer_bytes)
+    tokens_per_chunk = tokens if layers_per_chunk > 1 else max(1, chunk_bytes // token_layer_bytes)
     header = {"sequence_id": sequence_id, "profile": profile, "upload_id": upload_id, "total_tokens": tokens,
               "key_space": key_space_to_pb(key_space), "replace": replace, "has_values": values is not None}
-    for token_start in range(0, tokens, tokens_per_chunk):
-        token_stop = min(tokens, token_start + tokens_per_chunk)
-        for layer_start in range(0, layers, layers_per_chunk):
-            layer_stop = min(layers, layer_start + layers_per_chunk)
+    for layer_start in range(0, layers, layers_per_chunk):
+        layer_stop = min(layers, layer_start + layers_per_chunk)
+        for token_start in range(0, tokens, tokens_per_chunk):
+            token_stop = min(tokens, token_start + tokens_per_chunk)
             chunk = pb.UploadChunk(layer_start=layer_start, token_start=token_start, **header)
             tensor_to_pb(keys[layer_start:layer_stop, token_start:token_stop], chunk.keys)
             if values is not None:

@@ -201,6 +201,11 @@ class ChunkPiece:
 class _Staging:
     """Chunks of an upload in progress, per layer, in token order.
 
+    A layer is compressed as soon as its last chunk arrives (``compressed``), and its raw
+    chunks are let go: a client that sends layer after layer has the server compress one
+    layer while the next is on the wire. ``sampled_layer`` is the layer whose reconstruction
+    error the metrics sample, measured when that layer is compressed (``sampled_error``).
+
     ``charged`` bytes of the staging budget are held for it: the declared size in 16-bit at
     the start, more when chunks arrive in float32 (``received_bytes``, their real size).
     ``owner`` is the stream writing it (a retried stream takes over); ``closed`` is set when
@@ -217,10 +222,20 @@ class _Staging:
     positions: torch.Tensor  # int64 [total_tokens], -1 where no chunk has arrived yet
     charged: int
     owner: object = None
+    sampled_layer: int = 0
+    #: (keys, values or None) of each compressed layer, None until its last chunk arrived
+    compressed: list[tuple[CompressedKeys, CompressedValues | None] | None] = field(default_factory=list)
+    sampled_error: float | None = None
+    compress_seconds: float = 0.0
     received_bytes: int = 0
     closed: bool = False
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """One layer's staged chunks as one tensor (no copy when a single chunk carried it)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 class Engine:
@@ -394,7 +409,9 @@ class Engine:
             layers = profile.num_layers
             self._uploads[key] = _Staging(header, tenant, profile, [[] for _ in range(layers)],
                                           [[] for _ in range(layers)], [0] * layers,
-                                          torch.full((header.total_tokens,), -1, dtype=torch.int64), reserve, owner)
+                                          torch.full((header.total_tokens,), -1, dtype=torch.int64), reserve, owner,
+                                          sampled_layer=next(self._sample_layer) % layers,
+                                          compressed=[None] * layers)
         return None
 
     def abort_upload(self, tenant: str, header: UploadHeader, owner: object = None) -> None:
@@ -486,9 +503,9 @@ class Engine:
             staging.received_bytes += size
 
     def add_chunk(self, tenant: str, header: UploadHeader, chunk: UploadChunkData) -> None:
-        """Stage one chunk. A resent chunk (its tokens were already received for every layer
-        it covers) is skipped; a gap or a partial overlap is a ConflictError. Nothing is
-        staged when the chunk is invalid."""
+        """Stage one chunk, and compress every layer it completes. A resent chunk (its tokens
+        were already received for every layer it covers) is skipped; a gap or a partial
+        overlap is a ConflictError. Nothing is staged when the chunk is invalid."""
         staging = self._staging(tenant, header)
         profile = staging.profile
         layers, tokens = self._check_chunk(profile, header, chunk)
@@ -520,9 +537,42 @@ class Engine:
                     staging.values[layer].append(chunk.values[offset])
                 staging.received[layer] = end
             staging.positions[chunk.token_start:end] = positions
+            for layer in span:
+                if end == header.total_tokens:
+                    self._compress_layer(staging, layer)
+
+    def _compress_layer(self, staging: _Staging, layer: int) -> None:
+        """Compress one layer whose tokens have all arrived and let go of its raw chunks
+        (under ``staging.lock``)."""
+        started = time.perf_counter()
+        profile, header = staging.profile, staging.header
+        layer_keys = _joined(staging.keys[layer])
+        layer_values = _joined(staging.values[layer]) if header.has_values else None
+        staging.keys[layer], staging.values[layer] = [], []
+        # every token has arrived for this layer, so every position is known; later chunks of
+        # other layers only rewrite the same values
+        positions = staging.positions.to(self.device, copy=True)
+        basis = profile.bases[layer] if profile.bases is not None else None
+        value_basis = profile.value_bases[layer] if profile.value_bases is not None else None
+        budget = profile.layer_cache_budget(layer) if layer_values is not None else None
+        values = None
+        if budget is not None:
+            cache = compress_kv(layer_keys.to(self.device), layer_values.to(self.device), budget, positions=positions,
+                                rope=profile.rope, key_space=header.key_space, key_basis=basis,
+                                value_basis=value_basis)
+            keys, values = cache.keys, cache.values
+        else:
+            keys = compress(layer_keys.to(self.device), profile.codec, positions=positions, rope=profile.rope,
+                            key_space=header.key_space, basis=basis, limits=self.limits)
+            if layer_values is not None:
+                values = compress_values(layer_values.to(self.device), profile.value_config, basis=value_basis)
+        staging.compressed[layer] = (keys, values)
+        if layer == staging.sampled_layer and self.metrics is not None:
+            staging.sampled_error = relative_error(layer_keys.float(), decompress(keys, dtype=torch.float32).cpu())
+        staging.compress_seconds += time.perf_counter() - started
 
     def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:
-        """Compress the staged upload and store it atomically. Missing tokens are a
+        """Store the upload's compressed layers atomically. Missing tokens are a
         ConflictError (the stream that ends here then drops the upload: send it again)."""
         staging = self._staging(tenant, header)
         profile = staging.profile
@@ -534,16 +584,14 @@ class Engine:
                     f"upload incomplete: layer {layer} has {got} of {header.total_tokens} tokens "
                     f"({len(missing)} layers incomplete); send the whole upload again with the same upload_id"
                 )
-            positions = staging.positions.clone()
-            key_layers = [torch.cat(chunks) for chunks in staging.keys]
-            value_layers = [torch.cat(chunks) for chunks in staging.values] if header.has_values else None
+            compressed = list(staging.compressed)
         with self._uploads_lock:
             # The upload is consumed whatever happens next: a failure below is about the data.
             # Its staging bytes stay charged until compression has let go of the raw tensors.
             if self._uploads.get((tenant, header.sequence_id)) is staging:
                 del self._uploads[(tenant, header.sequence_id)]
         try:
-            return self._store_new(tenant, header, profile, key_layers, value_layers, positions)
+            return self._store_new(tenant, header, profile, compressed, staging)
         finally:
             with self._uploads_lock:
                 self._close_staging_locked((tenant, header.sequence_id), staging)
@@ -602,27 +650,10 @@ class Engine:
             self._check_positions(chunk.positions, tokens)
         return layers, tokens
 
-    def _store_new(self, tenant: str, header: UploadHeader, profile: Profile, key_layers: list[torch.Tensor],
-                   value_layers: list[torch.Tensor] | None, positions: torch.Tensor) -> SequenceInfo:
-        started = time.perf_counter()
-        device_positions = positions.to(self.device)
-        keys, values = [], None if value_layers is None else []
-        for layer, layer_keys in enumerate(key_layers):
-            basis = profile.bases[layer] if profile.bases is not None else None
-            value_basis = profile.value_bases[layer] if profile.value_bases is not None else None
-            budget = profile.layer_cache_budget(layer) if value_layers is not None else None
-            if budget is not None:
-                cache = compress_kv(layer_keys.to(self.device), value_layers[layer].to(self.device), budget,
-                                    positions=device_positions, rope=profile.rope, key_space=header.key_space,
-                                    key_basis=basis, value_basis=value_basis)
-                keys.append(cache.keys)
-                values.append(cache.values)
-                continue
-            keys.append(compress(layer_keys.to(self.device), profile.codec, positions=device_positions,
-                                 rope=profile.rope, key_space=header.key_space, basis=basis, limits=self.limits))
-            if value_layers is not None:
-                values.append(compress_values(value_layers[layer].to(self.device), profile.value_config,
-                                              basis=value_basis))
+    def _store_new(self, tenant: str, header: UploadHeader, profile: Profile,
+                   compressed: list[tuple[CompressedKeys, CompressedValues | None]], staging: _Staging) -> SequenceInfo:
+        keys = [layer_keys for layer_keys, _ in compressed]
+        values = [layer_values for _, layer_values in compressed] if header.has_values else None
         state = SequenceState(tuple(keys), None if values is None else tuple(values))
         entry = StoredSequence(tenant, header.sequence_id, profile, header.key_space, header.upload_id, state)
         existing = self.store.peek(tenant, header.sequence_id)
@@ -630,17 +661,15 @@ class Engine:
             raise ConflictError(f"sequence {header.sequence_id!r} was created meanwhile by another upload")
         self.store.insert(entry, replace=True)
         if self.metrics is not None:
-            sampled = next(self._sample_layer) % profile.num_layers
-            error = relative_error(key_layers[sampled].float(),
-                                   decompress(keys[sampled], dtype=torch.float32).cpu())
             fp16 = fp16_bytes(profile, state.num_tokens)
             ratio = fp16 / state.key_bytes
-            self.metrics.compressed(profile.name, ratio, 16.0 / ratio, error)
+            self.metrics.compressed(profile.name, ratio, 16.0 / ratio, staging.sampled_error)
             if state.values is not None:
                 self.metrics.compressed_cache(profile.name, fp16 / state.value_bytes,
                                               2 * fp16 / (state.key_bytes + state.value_bytes))
-        log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, %.1f ms", header.sequence_id,
-                 tenant, state.num_tokens, profile.num_layers, state.key_bytes, 1e3 * (time.perf_counter() - started))
+        log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, compressed in %.1f ms",
+                 header.sequence_id, tenant, state.num_tokens, profile.num_layers, state.key_bytes,
+                 1e3 * staging.compress_seconds)
         return self._info(entry)
 
     # -- appends -----------------------------------------------------------------------------

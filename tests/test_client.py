@@ -168,11 +168,16 @@ def test_upload_is_chunked_under_the_byte_limit_and_covers_every_token_once(scri
     assert torch.equal(covered, torch.ones(3, 50, dtype=torch.int64))
 
 
-def test_one_token_of_all_layers_larger_than_a_chunk_splits_layers():
-    keys = torch.zeros(4, 3, 2, 8, dtype=torch.float32)  # 64 bytes per token per layer
+def test_chunks_walk_the_layers_in_order_and_split_a_layer_that_does_not_fit():
+    # the server compresses a layer when its last chunk arrives: layer after layer, a layer's
+    # tokens in order, several whole layers in one chunk when they fit
+    keys = torch.zeros(4, 3, 2, 8, dtype=torch.float32)  # 64 bytes per token per layer, 192 per layer
     chunks = list(upload_messages("s", "p", keys, None, None, "pre_rope", False, "u", chunk_bytes=130))
     assert [(c.layer_start, c.token_start, tuple(c.keys.shape)) for c in chunks] == [
-        (layer, token, (2, 1, 2, 8)) for token in range(3) for layer in (0, 2)]
+        (layer, token, (1, size, 2, 8)) for layer in range(4) for token, size in ((0, 2), (2, 1))]
+    chunks = list(upload_messages("s", "p", keys, None, None, "pre_rope", False, "u", chunk_bytes=400))
+    assert [(c.layer_start, c.token_start, tuple(c.keys.shape)) for c in chunks] == [(0, 0, (2, 3, 2, 8)),
+                                                                                     (2, 0, (2, 3, 2, 8))]
 
 
 def test_client_side_checks_and_policy():

@@ -40,12 +40,14 @@ from .types import (
     CompressResult,
     FetchResult,
     Profile,
+    ProfileAssembler,
     SequenceInfo,
     ServerInfo,
     abbreviate,
     check_name,
     codec_to_pb,
     key_space_to_pb,
+    profile_pieces,
     rope_to_pb,
     sparsity_to_pb,
 )
@@ -600,10 +602,33 @@ class ChunkAssembler:
 
 
 @client_side
-def profile_request(profile: Profile, replace: bool) -> pb.RegisterProfileRequest:
+def profile_stream(profile: Profile, replace: bool) -> Callable[[], Iterator[pb.ProfilePiece]]:
+    """Check a profile; returns a factory of its RegisterProfileStream messages (one stream per
+    attempt): one layer's basis per message, so a profile of any size passes the message limit."""
     if not isinstance(profile, Profile):
         raise library.InvalidInputError(f"profile must be an svdq_client.Profile, got {type(profile).__name__}")
-    return pb.RegisterProfileRequest(profile=profile.to_pb(), replace=replace)
+    replace = bool(replace)
+    return lambda: profile_pieces(profile, replace)
+
+
+class ProfileCollector:
+    """Collects a GetProfileStream into a :class:`Profile` (a retried stream starts over)."""
+
+    def __init__(self) -> None:
+        self._assembler: ProfileAssembler | None = None
+
+    def resume(self, request: pb.GetProfileRequest) -> pb.GetProfileRequest:
+        self._assembler = ProfileAssembler()
+        return request
+
+    def retryable(self, error: ServiceError) -> bool:
+        return isinstance(error, UnavailableError)
+
+    def add(self, piece: pb.ProfilePiece) -> None:
+        self._assembler.add(piece)
+
+    def result(self) -> Profile:
+        return self._assembler.result()
 
 
 class KnownSequences:
@@ -860,13 +885,15 @@ class KVCacheClient:
     # -- profiles ------------------------------------------------------------------------
 
     def register_profile(self, profile: Profile, replace: bool = False, *, timeout: float | None = None) -> Profile:
-        """Register a model profile (identical re-registration is a no-op)."""
-        request = profile_request(profile, replace)
-        return Profile.from_pb(self._call("RegisterProfile", lambda: request, timeout))
+        """Register a model profile (identical re-registration is a no-op); its shared bases
+        travel one layer per message, up to the server's --max-profile-bytes. Returns it."""
+        self._call("RegisterProfileStream", profile_stream(profile, replace), timeout)
+        return profile
 
     def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
-        request = profile_name_request(name)
-        return Profile.from_pb(self._call("GetProfile", lambda: request, timeout))
+        """A profile whole, its shared bases streamed one layer per message."""
+        return self._streamed("GetProfileStream", profile_name_request(name), ProfileCollector(),
+                              ProfileCollector.result, timeout)
 
     def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
         """The profiles this caller can use, by name, without their shared bases (a listing of

@@ -31,6 +31,7 @@ from svdq.api.types import (
     SequenceInfo,
     ServerInfo,
     abbreviate,
+    check_bases_bytes,
     check_name,
 )
 from svdq.api.wire import all_finite
@@ -68,6 +69,9 @@ DEFAULT_MAX_OPEN_UPLOADS = 64
 DEFAULT_UPLOAD_IDLE_SECONDS = 30.0
 #: share of the staging budget (bytes and open uploads) one tenant may hold
 DEFAULT_STAGING_TENANT_SHARE = 0.5
+#: shared bases of one tenant profile, held in float32: a Llama-3-8B-sized profile's key and
+#: value bases (2 x 32 layers x 1024^2 channels) take 268 MB
+DEFAULT_MAX_PROFILE_BYTES = 512 << 20
 #: largest attention scale: models use 1/sqrt(head_dim) or less; larger ones only overflow
 MAX_ATTEND_SCALE = 16.0
 #: owner of the profiles loaded at start (--profiles-file): every tenant sees them
@@ -101,6 +105,7 @@ class EngineConfig:
         max_channels: ``kv_heads * head_dim`` of any keys the engine compresses or loads.
         max_work_bytes: estimated working memory of one layer's compression or
             reconstruction (:func:`svdq.codec.work_bytes`).
+        max_profile_bytes: shared bases (held in float32) of one profile a tenant registers.
         staging_bytes: raw data of every upload in progress together; ``None``: twice
             ``store_bytes`` (raw 16-bit keys are ~10x their compressed size).
         staging_tenant_share: fraction of ``staging_bytes`` and of ``max_open_uploads`` that
@@ -122,6 +127,7 @@ class EngineConfig:
     max_batch: int = DEFAULT_MAX_BATCH
     max_channels: int = DEFAULT_MAX_CHANNELS
     max_work_bytes: int = DEFAULT_MAX_WORK_BYTES
+    max_profile_bytes: int = DEFAULT_MAX_PROFILE_BYTES
     staging_bytes: int | None = None
     staging_tenant_share: float = DEFAULT_STAGING_TENANT_SHARE
     max_open_uploads: int = DEFAULT_MAX_OPEN_UPLOADS
@@ -286,8 +292,12 @@ class Engine:
     def register_profile(self, profile: Profile, replace: bool = False, tenant: str = OPERATOR) -> Profile:
         """Add a profile for ``tenant`` (OPERATOR: visible to all tenants); re-registering an
         identical one is a no-op, a different one with the same name needs ``replace``
-        (ConflictError otherwise). Its geometry must be within the cost limits."""
+        (ConflictError otherwise). Its geometry must be within the cost limits, and a tenant's
+        shared bases within ``max_profile_bytes`` (the operator's own profiles are not bounded)."""
         check_cost(1, profile.kv_heads, profile.head_dim, self.limits, what=f"profile {profile.name!r}")
+        if tenant != OPERATOR:
+            check_bases_bytes(profile.name, len(profile.bases or ()) + len(profile.value_bases or ()),
+                              profile.channels, self.config.max_profile_bytes)
         with self._profiles_lock:
             if tenant != OPERATOR:
                 operator = self._profiles.get((OPERATOR, profile.name))

@@ -16,7 +16,7 @@ import grpc
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
-from svdq.api.types import Profile
+from svdq.api.types import Profile, ProfileAssembler, profile_pieces
 from svdq.api.wire import tensor_to_pb
 from svdq.errors import InvalidInputError
 
@@ -51,6 +51,24 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     async def GetProfile(self, request, context):
         return self.engine.get_profile(convert.check_name(request.name, "name"), current_tenant.get()).to_pb()
+
+    async def RegisterProfileStream(self, request_iterator, context):
+        tenant = current_tenant.get()
+        assembler = ProfileAssembler(self.engine.config.max_profile_bytes)
+        async for piece in request_iterator:
+            await self._run(assembler.add, piece)  # converts and checks one layer's basis
+        profile = await self._run(self.engine.register_profile, assembler.result(), assembler.replace, tenant)
+        return dataclasses.replace(profile, bases=None, value_bases=None).to_pb()
+
+    async def GetProfileStream(self, request, context):
+        profile = self.engine.get_profile(convert.check_name(request.name, "name"), current_tenant.get())
+        pieces = profile_pieces(profile)
+        done = object()
+        while True:
+            piece = await self._run(next, pieces, done)  # builds one layer's basis message
+            if piece is done:
+                return
+            yield piece
 
     async def ListProfiles(self, request, context):
         profiles = self.engine.list_profiles(current_tenant.get())

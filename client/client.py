@@ -472,7 +472,8 @@ class FetchAssembler:
         server that names no version cannot resume: the fetch starts over)."""
         self._resuming = bool(self._reached and self._version)
         if not self._resuming:
-            self._start_over()
+            if self._reached is not None:  # the first attempt finds it fresh from __init__
+                self._start_over()
             return request
         resumed = pb.FetchRequest()
         resumed.CopyFrom(request)
@@ -637,18 +638,20 @@ class KnownSequences:
     replies of Upload, Append and Describe)."""
 
     def __init__(self) -> None:
-        self._tokens: dict[str, int] = {}
-        self._infos: dict[str, SequenceInfo] = {}
+        # one entry per sequence: (token count, info); the count is the info's when there is
+        # one, kept alone only after an Append reply without info
+        self._seen: dict[str, tuple[int, SequenceInfo | None]] = {}
 
     def tokens(self, sequence_id: str) -> int | None:
-        return self._tokens.get(sequence_id)
+        seen = self._seen.get(sequence_id)
+        return None if seen is None else seen[0]
 
     def info(self, sequence_id: str) -> SequenceInfo | None:
-        return self._infos.get(sequence_id)
+        seen = self._seen.get(sequence_id)
+        return None if seen is None else seen[1]
 
     def saw(self, sequence_id: str, info: SequenceInfo) -> None:
-        self._tokens[sequence_id] = info.num_tokens
-        self._infos[sequence_id] = info
+        self._seen[sequence_id] = (info.num_tokens, info)
 
     def appended(self, sequence_id: str, response: pb.AppendResponse) -> int:
         """Note an Append's reply; returns the new token count. A server older than the
@@ -656,13 +659,11 @@ class KnownSequences:
         if response.HasField("sequence"):
             self.saw(sequence_id, SequenceInfo.from_pb(response.sequence))
         else:
-            self._tokens[sequence_id] = response.num_tokens
-            self._infos.pop(sequence_id, None)
+            self._seen[sequence_id] = (response.num_tokens, None)
         return response.num_tokens
 
     def forget(self, sequence_id: str) -> None:
-        self._tokens.pop(sequence_id, None)
-        self._infos.pop(sequence_id, None)
+        self._seen.pop(sequence_id, None)
 
 
 # -- several replicas: consistent hashing with failover --------------------------------------

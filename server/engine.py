@@ -578,7 +578,8 @@ class Engine:
                 values = compress_values(layer_values.to(self.device), profile.value_config, basis=value_basis)
         staging.compressed[layer] = (keys, values)
         if layer == staging.sampled_layer and self.metrics is not None:
-            staging.sampled_error = relative_error(layer_keys.float(), decompress(keys, dtype=torch.float32).cpu())
+            # reconstructed in the keys' own dtype, what a fetch returns (relative_error works in float64)
+            staging.sampled_error = relative_error(layer_keys, decompress(keys).cpu())
         staging.compress_seconds += time.perf_counter() - started
 
     def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:

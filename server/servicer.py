@@ -98,6 +98,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         header = None
         completed = None
         stream = object()  # owns the staged upload until it completes
+        # The chunk being staged (and the layer it completes compressed) in a worker thread
+        # while the loop reads the next one: one at a time, so chunks stay in order and at
+        # most one more chunk than is being worked on is held.
+        adding: asyncio.Future | None = None
         try:
             async for chunk in self._chunks_until_idle(request_iterator, context):
                 if header is None:
@@ -106,11 +110,21 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 else:
                     convert.check_same_header(chunk, header)
                 if completed is None and chunk.HasField("keys"):
-                    await self._run(self._add_chunk, tenant, header, chunk)
+                    if adding is not None:
+                        await adding
+                    adding = asyncio.ensure_future(self._run(self._add_chunk, tenant, header, chunk))
+            if adding is not None:
+                await adding
             if header is None:
                 raise InvalidInputError("an Upload stream must carry at least one chunk")
             info = completed or await self._run(self.engine.finish_upload, tenant, header)
         finally:
+            if adding is not None:
+                # the worker finishes with the staged data before it is dropped; its error, if
+                # the stream failed for another reason first, is not the one to report
+                await asyncio.wait({adding})
+                if not adding.cancelled():
+                    adding.exception()
             # Failed, cancelled, timed out or disconnected: the staged data goes now, not at
             # some idle deadline (after success there is nothing left to drop).
             if header is not None:

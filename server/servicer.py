@@ -102,8 +102,12 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         # while the loop reads the next one: one at a time, so chunks stay in order and at
         # most one more chunk than is being worked on is held.
         adding: asyncio.Future | None = None
+        chunks = self._chunks_until_idle(request_iterator, context).__aiter__()
         try:
-            async for chunk in self._chunks_until_idle(request_iterator, context):
+            while True:
+                chunk = await self._next_chunk(chunks, adding)
+                if chunk is None:
+                    break
                 if header is None:
                     header = convert.upload_header_from_pb(chunk)
                     completed = await self._run(self.engine.begin_upload, tenant, header, stream)
@@ -119,17 +123,37 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 raise InvalidInputError("an Upload stream must carry at least one chunk")
             info = completed or await self._run(self.engine.finish_upload, tenant, header)
         finally:
-            if adding is not None:
-                # the worker finishes with the staged data before it is dropped; its error, if
-                # the stream failed for another reason first, is not the one to report
-                await asyncio.wait({adding})
-                if not adding.cancelled():
-                    adding.exception()
-            # Failed, cancelled, timed out or disconnected: the staged data goes now, not at
-            # some idle deadline (after success there is nothing left to drop).
-            if header is not None:
-                self.engine.abort_upload(tenant, header, stream)
+            try:
+                if adding is not None:
+                    # the worker finishes with the staged data before it is dropped; its error,
+                    # if the stream failed for another reason first, is not the one to report
+                    await asyncio.wait({adding})
+                    if not adding.cancelled():
+                        adding.exception()
+            finally:
+                # Failed, cancelled (even again while waiting above), timed out or disconnected:
+                # the staged data goes now, not at some idle deadline (after success there is
+                # nothing left to drop). A worker still staging finds the upload closed.
+                if header is not None:
+                    self.engine.abort_upload(tenant, header, stream)
         return pb.UploadResponse(sequence=info.to_pb())
+
+    @staticmethod
+    async def _next_chunk(chunks, adding: asyncio.Future | None):
+        """The stream's next chunk (None at its end); raises the error of the chunk still
+        being staged as soon as it fails, not when (if ever) the client sends another."""
+        reading = asyncio.ensure_future(chunks.__anext__())
+        try:
+            if adding is not None:
+                await asyncio.wait({reading, adding}, return_when=asyncio.FIRST_COMPLETED)
+                if adding.done() and not adding.cancelled() and adding.exception() is not None:
+                    await adding  # raises it
+            return await reading
+        except StopAsyncIteration:
+            return None
+        finally:
+            if not reading.done():
+                reading.cancel()
 
     async def _chunks_until_idle(self, request_iterator, context):
         """The stream's chunks; a stream silent for --upload-idle-seconds is closed."""

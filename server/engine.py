@@ -562,25 +562,36 @@ class Engine:
         # every token has arrived for this layer, so every position is known; later chunks of
         # other layers only rewrite the same values
         positions = staging.positions.to(self.device, copy=True)
+        staging.compressed[layer] = self._compress_one(profile, header.key_space, layer, layer_keys, layer_values,
+                                                       positions)
+        if layer == staging.sampled_layer:
+            staging.sampled_error = self._error_sample(layer_keys, staging.compressed[layer][0])
+        staging.compress_seconds += time.perf_counter() - started
+
+    def _compress_one(self, profile: Profile, key_space: str, layer: int, layer_keys: torch.Tensor,
+                      layer_values: torch.Tensor | None,
+                      positions: torch.Tensor) -> tuple[CompressedKeys, CompressedValues | None]:
+        """One layer's keys (and values) as ``profile`` stores them (``positions`` on the device)."""
         basis = profile.bases[layer] if profile.bases is not None else None
         value_basis = profile.value_bases[layer] if profile.value_bases is not None else None
         budget = profile.layer_cache_budget(layer) if layer_values is not None else None
-        values = None
         if budget is not None:
             cache = compress_kv(layer_keys.to(self.device), layer_values.to(self.device), budget, positions=positions,
-                                rope=profile.rope, key_space=header.key_space, key_basis=basis,
-                                value_basis=value_basis)
-            keys, values = cache.keys, cache.values
-        else:
-            keys = compress(layer_keys.to(self.device), profile.codec, positions=positions, rope=profile.rope,
-                            key_space=header.key_space, basis=basis, limits=self.limits)
-            if layer_values is not None:
-                values = compress_values(layer_values.to(self.device), profile.value_config, basis=value_basis)
-        staging.compressed[layer] = (keys, values)
-        if layer == staging.sampled_layer and self.metrics is not None:
-            # reconstructed in the keys' own dtype, what a fetch returns (relative_error works in float64)
-            staging.sampled_error = relative_error(layer_keys, decompress(keys).cpu())
-        staging.compress_seconds += time.perf_counter() - started
+                                rope=profile.rope, key_space=key_space, key_basis=basis, value_basis=value_basis)
+            return cache.keys, cache.values
+        keys = compress(layer_keys.to(self.device), profile.codec, positions=positions, rope=profile.rope,
+                        key_space=key_space, basis=basis, limits=self.limits)
+        values = None
+        if layer_values is not None:
+            values = compress_values(layer_values.to(self.device), profile.value_config, basis=value_basis)
+        return keys, values
+
+    def _error_sample(self, layer_keys: torch.Tensor, compressed: CompressedKeys) -> float | None:
+        """The metrics' relative reconstruction error of one layer (None without metrics),
+        reconstructed in the keys' own dtype, what a fetch returns."""
+        if self.metrics is None:
+            return None
+        return relative_error(layer_keys, decompress(compressed).cpu())
 
     def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:
         """Store the upload's compressed layers atomically. Missing tokens are a
@@ -602,7 +613,8 @@ class Engine:
             if self._uploads.get((tenant, header.sequence_id)) is staging:
                 del self._uploads[(tenant, header.sequence_id)]
         try:
-            return self._store_new(tenant, header, profile, compressed, staging)
+            return self._store_new(tenant, header, profile, compressed, staging.sampled_error,
+                                   staging.compress_seconds)
         finally:
             with self._uploads_lock:
                 self._close_staging_locked((tenant, header.sequence_id), staging)
@@ -662,7 +674,9 @@ class Engine:
         return layers, tokens
 
     def _store_new(self, tenant: str, header: UploadHeader, profile: Profile,
-                   compressed: list[tuple[CompressedKeys, CompressedValues | None]], staging: _Staging) -> SequenceInfo:
+                   compressed: list[tuple[CompressedKeys, CompressedValues | None]], sampled_error: float | None,
+                   compress_seconds: float) -> SequenceInfo:
+        """Store compressed layers as a new sequence (atomically) and record its metrics."""
         keys = [layer_keys for layer_keys, _ in compressed]
         values = [layer_values for _, layer_values in compressed] if header.has_values else None
         state = SequenceState(tuple(keys), None if values is None else tuple(values))
@@ -674,13 +688,13 @@ class Engine:
         if self.metrics is not None:
             fp16 = fp16_bytes(profile, state.num_tokens)
             ratio = fp16 / state.key_bytes
-            self.metrics.compressed(profile.name, ratio, 16.0 / ratio, staging.sampled_error)
+            self.metrics.compressed(profile.name, ratio, 16.0 / ratio, sampled_error)
             if state.values is not None:
                 self.metrics.compressed_cache(profile.name, fp16 / state.value_bytes,
                                               2 * fp16 / (state.key_bytes + state.value_bytes))
         log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, compressed in %.1f ms",
                  header.sequence_id, tenant, state.num_tokens, profile.num_layers, state.key_bytes,
-                 1e3 * staging.compress_seconds)
+                 1e3 * compress_seconds)
         return self._info(entry)
 
     # -- appends -----------------------------------------------------------------------------
@@ -904,7 +918,13 @@ class Engine:
             chunk_profile = dataclasses.replace(profile, codec=dataclasses.replace(profile.codec, num_sinks=0))
         header = UploadHeader(sequence_id, profile.name, sequence_id.replace("/", "-"), tokens, key_space,
                               replace=False, has_values=True)
-        info = self._store_new(tenant, header, chunk_profile, list(keys), list(values), positions)
+        started = time.perf_counter()
+        device_positions = positions.to(self.device)
+        compressed = [self._compress_one(chunk_profile, key_space, layer, keys[layer], values[layer], device_positions)
+                      for layer in range(profile.num_layers)]
+        sampled = next(self._sample_layer) % profile.num_layers
+        error = self._error_sample(keys[sampled], compressed[sampled][0])
+        info = self._store_new(tenant, header, chunk_profile, compressed, error, time.perf_counter() - started)
         return info, True
 
     def lookup_chunks(self, tenant: str, profile_name: str, cache_salt: str, content_keys: Sequence[str]) -> int:

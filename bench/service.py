@@ -84,6 +84,17 @@ def start_server(device: str, torch_threads: int, *extra_args: str,
     raise SystemExit("server did not start within 120 s")
 
 
+def register_unary(client: KVCacheClient, profile: Profile) -> None:
+    """Register a small profile (replacing one of that name) with the unary RegisterProfile,
+    which every server version has: a ``--baseline`` server from before the profile stream
+    answers the clients' RegisterProfileStream with UNIMPLEMENTED."""
+    from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+    from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
+
+    pb_grpc.KVCacheStub(client._channels[0]).RegisterProfile(
+        pb.RegisterProfileRequest(profile=profile.to_pb(), replace=True), timeout=60)
+
+
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -101,26 +112,41 @@ def codec_seconds(profile: Profile, keys: torch.Tensor, values: torch.Tensor) ->
     return time.perf_counter() - started
 
 
-def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches, iterations, sparsity, repeats):
-    """Upload timing and the codec's own time for the same data (medians of ``repeats``, in
-    turns), stored bytes, then Attend latencies per batch size (none when ``batches`` is empty)."""
-    upload_seconds, codec_times = [], []
-    sequence = None
+def bench_profile(clients: dict[str, KVCacheClient], profile: Profile, keys, values, batches, iterations, sparsity,
+                  repeats):
+    """Upload timing through each server of ``clients`` (label -> client: the working tree's
+    first, then e.g. ``--baseline``) and the codec's own time for the same data, all in turns
+    (every repeat times the codec and one upload per server), medians of ``repeats``; stored
+    bytes; then Attend latencies per batch size through the first server (none when
+    ``batches`` is empty). Returns one row per server."""
+    upload_seconds: dict[str, list[float]] = {label: [] for label in clients}
+    codec_times = []
+    sequences, infos = {}, {}
     for repeat in range(repeats):
         codec_times.append(codec_seconds(profile, keys, values))
-        sequence = f"bench-{profile.name}-{repeat}-{uuid.uuid4().hex[:6]}"
-        started = time.perf_counter()
-        info = client.upload(sequence, profile.name, keys, values, positions=torch.arange(keys.shape[1]),
-                             key_space="post_rope")
-        upload_seconds.append(time.perf_counter() - started)
-        print(f"# {profile.name} upload {repeat}: {upload_seconds[-1]:.2f} s", file=sys.stderr, flush=True)
-        if repeat < repeats - 1:
-            client.delete(sequence)
+        for label, client in clients.items():
+            sequences[label] = f"bench-{profile.name}-{repeat}-{uuid.uuid4().hex[:6]}"
+            started = time.perf_counter()
+            infos[label] = client.upload(sequences[label], profile.name, keys, values,
+                                         positions=torch.arange(keys.shape[1]), key_space="post_rope")
+            upload_seconds[label].append(time.perf_counter() - started)
+            print(f"# {profile.name} upload {repeat} [{label}]: {upload_seconds[label][-1]:.2f} s, codec alone "
+                  f"{codec_times[-1]:.2f} s", file=sys.stderr, flush=True)
+            if repeat < repeats - 1:
+                client.delete(sequences[label])
     key_mb = keys.numel() * 2 / 1e6
-    rows = {"upload_mb_s": key_mb / statistics.median(upload_seconds), "key_bytes": info.key_bytes,
-            "codec_mb_s": key_mb / statistics.median(codec_times),
-            "upload_over_codec": statistics.median(upload_seconds) / statistics.median(codec_times),
-            "value_bytes": info.value_bytes, "fp16_key_bytes": info.fp16_key_bytes, "attend": {}}
+    codec = statistics.median(codec_times)
+    rows = {}
+    for label, seconds in upload_seconds.items():
+        info = infos[label]
+        # each round's upload over the codec time taken just before it: load that comes and goes
+        # (the machine is shared) hits both sides of one ratio alike
+        ratios = [upload / alone for upload, alone in zip(seconds, codec_times, strict=True)]
+        rows[label] = {"upload_mb_s": key_mb / statistics.median(seconds), "key_bytes": info.key_bytes,
+                       "codec_mb_s": key_mb / codec, "upload_over_codec": statistics.median(ratios),
+                       "value_bytes": info.value_bytes, "fp16_key_bytes": info.fp16_key_bytes, "attend": {}}
+    first = next(iter(clients))
+    client, sequence, attend = clients[first], sequences[first], rows[first]["attend"]
     generator = torch.Generator().manual_seed(1)
     layers = keys.shape[0]
     for batch in batches:
@@ -133,8 +159,9 @@ def bench_profile(client: KVCacheClient, profile: Profile, keys, values, batches
             client.attend(queries, entries, sparsity=sparsity)
             samples.append(time.perf_counter() - started)
         p50 = statistics.median(samples)
-        rows["attend"][batch] = (p50, percentile(samples, 0.99), batch / p50)
-    client.delete(sequence)
+        attend[batch] = (p50, percentile(samples, 0.99), batch / p50)
+    for label, client in clients.items():
+        client.delete(sequences[label])
     return rows
 
 
@@ -333,6 +360,64 @@ def bench_stores(args) -> None:
           f"{', '.join(f'{ratio:.2f}' for ratio in cores)}, median {statistics.median(cores):.2f}x")
 
 
+def upload_stages(keys: torch.Tensor, values: torch.Tensor, profile: Profile, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each stage of one upload of ``keys``/``values`` under ``profile``, run in
+    this process with the client's and the server's own code, in turns over ``repeats``
+    rounds: what an upload pays besides the codec (which the last row times alone)."""
+    from svdq_client.client import DEFAULT_CHUNK_BYTES, upload_messages
+    from svdq_proto.svdq.v1 import kvcache_pb2 as pb
+    from svdq_server import convert
+    from svdq_server.engine import Engine, EngineConfig, UploadHeader
+    from svdq_server.metrics import Metrics
+
+    from svdq import decompress
+    from svdq.codec import relative_error
+
+    metrics = Metrics()
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 34), [profile], metrics=metrics)
+    metrics.bind_engine(engine, "bench")
+    positions = torch.arange(keys.shape[1])
+
+    def chunks():
+        return list(upload_messages("stages", profile.name, keys, values, positions, "post_rope", False, "u",
+                                    DEFAULT_CHUNK_BYTES))
+
+    wires = [chunk.SerializeToString() for chunk in chunks()]
+    parsed = [pb.UploadChunk.FromString(wire) for wire in wires]
+    count = iter(range(1 << 30))
+
+    def whole_upload():
+        header = UploadHeader(f"stages-{next(count)}", profile.name, "u", keys.shape[1], "post_rope", False, True)
+        engine.begin_upload("bench", header)
+        for chunk in parsed:
+            engine.add_chunk("bench", header, convert.upload_chunk_from_pb(chunk))
+        return engine.finish_upload("bench", header)
+
+    info = whole_upload()
+    layer_keys = compress(keys[0], profile.codec, positions=positions, rope=profile.rope, key_space="post_rope")
+    stages = {
+        f"client: {len(wires)} chunks built and serialized (upload_messages, SerializeToString)":
+            lambda: [chunk.SerializeToString() for chunk in chunks()],
+        "server: chunk bytes parsed (UploadChunk.FromString)": lambda: [pb.UploadChunk.FromString(w) for w in wires],
+        "server: chunk tensors decoded and checked finite (upload_chunk_from_pb)":
+            lambda: [convert.upload_chunk_from_pb(chunk) for chunk in parsed],
+        "engine: the upload (chunks decoded, staged, each layer compressed, stored, metrics)": whole_upload,
+        "  of it: the metrics' error sample of one layer (decompress, relative_error)":
+            lambda: relative_error(keys[0], decompress(layer_keys)),
+        "server: the reply (UploadResponse serialized)":
+            lambda: pb.UploadResponse(sequence=info.to_pb()).SerializeToString(),
+        "codec alone: every layer's keys and values (as the engine calls it)":
+            lambda: codec_seconds(profile, keys, values),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(repeats):
+        for name, call in stages.items():
+            began = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - began)
+    return samples
+
+
 def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profile) -> dict[str, list[float]]:
     """Seconds of each server-side stage of one batch-1 Attend, run in this process with the
     server's own code (engine, store, metrics, conversions, interceptor's tenant lookup), in
@@ -466,8 +551,8 @@ def bench_attend(args) -> None:
         for _, address in servers:
             client = KVCacheClient(address, timeout=600)
             clients.append(client)
-            client.register_profile(profile, replace=True)
-            client.register_profile(deep, replace=True)
+            register_unary(client, profile)
+            register_unary(client, deep)
             for sequence in sequences:
                 client.upload(sequence, profile.name, keys, values, positions=torch.arange(args.tokens),
                               key_space="post_rope")
@@ -623,8 +708,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=lambda text: [int(value) for value in text.split(",")], default=[8],
                         help="--part attend: --workers of the started server; several (e.g. 8,2) start one server "
                              "each, the concurrent clients measured against each in turns")
-    parser.add_argument("--baseline", help="--part attend: also start the server of this git revision (e.g. a "
-                        "commit before a change) and measure it in the same turns")
+    parser.add_argument("--baseline", help="--part attend, codecs, uploads: also start the server of this git "
+                        "revision (e.g. a commit before a change) and measure it in the same turns")
     args = parser.parse_args(argv)
     if args.part == "stores":
         bench_stores(args)
@@ -635,10 +720,22 @@ def main(argv=None) -> None:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)  # the codec-alone column runs like the server
-    process = None
-    address = args.address
-    if address is None:
+    processes: list[subprocess.Popen] = []
+    servers: dict[str, str] = {}  # label -> address
+    scratch = None
+    if args.address:
+        servers[args.address] = args.address
+    else:
         process, address = start_server(args.device, args.torch_threads)
+        processes.append(process)
+        servers["working tree"] = address
+        if args.baseline:
+            scratch = tempfile.TemporaryDirectory(prefix="svdq-baseline-")
+            process, address = start_server(args.device, args.torch_threads,
+                                            packages=baseline_tree(args.baseline, Path(scratch.name)))
+            processes.append(process)
+            servers[args.baseline] = address
+    clients: dict[str, KVCacheClient] = {}
     try:
         keys, values = synthetic_cache(args.layers, args.tokens)
         batches = (1, 8, 64) if args.part == "codecs" else ()
@@ -651,25 +748,35 @@ def main(argv=None) -> None:
         if not batches:  # the sparse row uploads exactly like the dense one
             configs = [config for config in configs if config[2] is None]
         results = {}
-        with KVCacheClient(address, timeout=600, chunk_bytes=4 << 20) as client:
-            server = client.server_info()
-            floor = []
-            for _ in range(args.iterations):
-                started = time.perf_counter()
-                client.server_info()
-                floor.append(time.perf_counter() - started)
-            for name, codec, sparsity in configs:
-                profile = Profile(f"bench-{codec.method}", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=codec)
-                client.register_profile(profile, replace=True)
-                results[name] = bench_profile(client, profile, keys, values, batches, iterations, sparsity,
-                                              args.repeats)
-        baseline = results["fp16 passthrough (off)"]
-        threads = f", server --torch-threads {args.torch_threads}" if process is not None else ""
-        print(f"svdq service on {address} (device {server.device}{threads}), {args.layers} layers x {args.tokens} tokens x "
+        first_rows = {}  # the first server's rows, what the ratios vs fp16 compare
+        # the client's default chunk size: what an upload through the library sends
+        clients = {label: KVCacheClient(address, timeout=600) for label, address in servers.items()}
+        first = next(iter(clients.values()))
+        server = first.server_info()
+        floor = []
+        for _ in range(args.iterations):
+            started = time.perf_counter()
+            first.server_info()
+            floor.append(time.perf_counter() - started)
+        for name, codec, sparsity in configs:
+            profile = Profile(f"bench-{codec.method}", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=codec)
+            for client in clients.values():
+                register_unary(client, profile)
+            rows = bench_profile(clients, profile, keys, values, batches, iterations, sparsity, args.repeats)
+            first_rows[name] = next(iter(rows.values()))
+            for label, row in rows.items():
+                results[name if len(clients) == 1 else f"{name} [{label}]"] = row
+        baseline = first_rows["fp16 passthrough (off)"]
+        threads = f", server --torch-threads {args.torch_threads}" if processes else ""
+        print(f"svdq service on {', '.join(f'{label} {address}' for label, address in servers.items())} (device "
+              f"{server.device}{threads}), {args.layers} layers x {args.tokens} tokens x "
               f"{KV_HEADS} KV heads x {HEAD_DIM}, queries {Q_HEADS} heads; keys in: "
-              f"{keys.numel() * 2 / 1e6:.1f} MB fp16; medians over {args.repeats} uploads, "
+              f"{keys.numel() * 2 / 1e6:.1f} MB fp16 (and as many 16-bit values); codec alone: every layer's keys and "
+              f"values compressed in this process as the server's engine does; medians over {args.repeats} uploads, "
+              "servers and the codec in turns, "
               + (f"{iterations} Attend calls per batch size" if batches else "no Attend calls (--part uploads)") + "\n")
-        header = ["config", "upload MB/s", "codec alone MB/s", "upload / codec time", "key bytes stored", "key ratio",
+        header = ["config", "upload MB/s", "codec alone MB/s", "upload / codec time (median of rounds)",
+                  "key bytes stored", "key ratio",
                   "value bytes"] + [f"B={b} {cell}" for b in batches for cell in ("p50 ms", "p99 ms", "q/s")]
         print("| " + " | ".join(header) + " |")
         print("| --- " * (7 + 3 * len(batches)) + "|")
@@ -684,17 +791,35 @@ def main(argv=None) -> None:
         print(f"\ngRPC round-trip floor (GetServerInfo, no compute): p50 {1e3 * statistics.median(floor):.2f} ms, "
               f"p99 {1e3 * percentile(floor, 0.99):.2f} ms")
         print("ratios vs fp16 passthrough (median latency of the compressed config / fp16; <1 is faster):")
-        for name, row in results.items():
+        for name, row in first_rows.items():
             if row is baseline:
                 continue
             ratios = ", ".join(f"B={b}: {row['attend'][b][0] / baseline['attend'][b][0]:.2f}" for b in batches)
             print(f"  {name}: upload time {baseline['upload_mb_s'] / row['upload_mb_s']:.2f}x"
                   + (f"; attend {ratios}" if batches else ""))
+        if args.baseline and not args.address:
+            print(f"upload time, working tree / {args.baseline} (medians): " + "; ".join(
+                f"{name}: {results[f'{name} [{args.baseline}]']['upload_mb_s'] / results[f'{name} [working tree]']['upload_mb_s']:.2f}x"
+                for name, _, _ in configs))
+        profile = Profile("bench-stages", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=CodecConfig(method="svdq"))
+        stages = upload_stages(keys, values, profile, args.repeats)
+        codec = statistics.median(stages[next(name for name in stages if name.startswith("codec alone"))])
+        print(f"\nstages of one svdq 1.5 b/e upload (keys and 16-bit values), in this process with the client's and the "
+              f"server's code (torch threads {torch.get_num_threads()}), {args.repeats} rounds in turns; the engine row "
+              "includes the decode and the error sample; over the network the client's and the transfer's share "
+              "overlaps the server compressing the previous layer:\n")
+        print("| stage | p50 ms | share of the codec alone |")
+        print("| --- | ---: | ---: |")
+        for name, times in stages.items():
+            print(f"| {name} | {1e3 * statistics.median(times):.1f} | {statistics.median(times) / codec:.2f} |")
     finally:
-        if process is not None:
+        for client in clients.values():
+            client.close()
+        for process in processes:
             process.terminate()
             process.wait(timeout=60)
-
+        if scratch is not None:
+            scratch.cleanup()
 
 if __name__ == "__main__":
     main()

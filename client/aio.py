@@ -23,6 +23,7 @@ from .client import (
     ChunkAssembler,
     FetchAssembler,
     KnownSequences,
+    ProfileCollector,
     Replicas,
     RetryPolicy,
     append_request,
@@ -37,7 +38,7 @@ from .client import (
     fetch_request,
     lookup_chunks_request,
     profile_name_request,
-    profile_request,
+    profile_stream,
     replica_addresses,
     sequence_request,
     store_chunk_request,
@@ -118,12 +119,12 @@ class AsyncKVCacheClient:
 
     async def register_profile(self, profile: Profile, replace: bool = False, *,
                                timeout: float | None = None) -> Profile:
-        request = profile_request(profile, replace)
-        return Profile.from_pb(await self._call("RegisterProfile", lambda: request, timeout))
+        await self._call("RegisterProfileStream", profile_stream(profile, replace), timeout)
+        return profile
 
     async def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
-        request = profile_name_request(name)
-        return Profile.from_pb(await self._call("GetProfile", lambda: request, timeout))
+        return await self._streamed("GetProfileStream", profile_name_request(name), ProfileCollector(),
+                                    ProfileCollector.result, timeout)
 
     async def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
         """The profiles this caller can use, by name, without their shared bases (a listing of

@@ -40,12 +40,14 @@ from .types import (
     CompressResult,
     FetchResult,
     Profile,
+    ProfileAssembler,
     SequenceInfo,
     ServerInfo,
     abbreviate,
     check_name,
     codec_to_pb,
     key_space_to_pb,
+    profile_pieces,
     rope_to_pb,
     sparsity_to_pb,
 )
@@ -287,19 +289,22 @@ def upload_messages(sequence_id: str, profile: str, keys: torch.Tensor, values: 
     """The chunks of one upload, each at most about ``chunk_bytes`` of tensor data (arguments
     already checked by :func:`upload_request`).
 
-    Chunks walk the tokens in order and, within a token range, the layers; a token range of
-    every layer fits one chunk unless a single token of all layers is already too big.
+    Chunks walk the layers in order and, within a layer, its tokens: the server compresses a
+    layer as soon as its last chunk arrives, while the next layer is still on the wire. A
+    chunk holds several whole layers when they fit, else a token range of one layer (at
+    least one token).
     """
     layers, tokens = keys.shape[0], keys.shape[1]
     token_layer_bytes = keys[0, 0].numel() * keys.element_size() * (2 if values is not None else 1)
-    layers_per_chunk = layers if layers * token_layer_bytes <= chunk_bytes else max(1, chunk_bytes // token_layer_bytes)
-    tokens_per_chunk = max(1, chunk_bytes // (layers_per_chunk * token_layer_bytes))
+    layer_bytes = tokens * token_layer_bytes
+    layers_per_chunk = max(1, chunk_bytes // layer_bytes)
+    tokens_per_chunk = tokens if layers_per_chunk > 1 else max(1, chunk_bytes // token_layer_bytes)
     header = {"sequence_id": sequence_id, "profile": profile, "upload_id": upload_id, "total_tokens": tokens,
               "key_space": key_space_to_pb(key_space), "replace": replace, "has_values": values is not None}
-    for token_start in range(0, tokens, tokens_per_chunk):
-        token_stop = min(tokens, token_start + tokens_per_chunk)
-        for layer_start in range(0, layers, layers_per_chunk):
-            layer_stop = min(layers, layer_start + layers_per_chunk)
+    for layer_start in range(0, layers, layers_per_chunk):
+        layer_stop = min(layers, layer_start + layers_per_chunk)
+        for token_start in range(0, tokens, tokens_per_chunk):
+            token_stop = min(tokens, token_start + tokens_per_chunk)
             chunk = pb.UploadChunk(layer_start=layer_start, token_start=token_start, **header)
             tensor_to_pb(keys[layer_start:layer_stop, token_start:token_stop], chunk.keys)
             if values is not None:
@@ -467,7 +472,8 @@ class FetchAssembler:
         server that names no version cannot resume: the fetch starts over)."""
         self._resuming = bool(self._reached and self._version)
         if not self._resuming:
-            self._start_over()
+            if self._reached is not None:  # the first attempt finds it fresh from __init__
+                self._start_over()
             return request
         resumed = pb.FetchRequest()
         resumed.CopyFrom(request)
@@ -597,10 +603,33 @@ class ChunkAssembler:
 
 
 @client_side
-def profile_request(profile: Profile, replace: bool) -> pb.RegisterProfileRequest:
+def profile_stream(profile: Profile, replace: bool) -> Callable[[], Iterator[pb.ProfilePiece]]:
+    """Check a profile; returns a factory of its RegisterProfileStream messages (one stream per
+    attempt): one layer's basis per message, so a profile of any size passes the message limit."""
     if not isinstance(profile, Profile):
         raise library.InvalidInputError(f"profile must be an svdq_client.Profile, got {type(profile).__name__}")
-    return pb.RegisterProfileRequest(profile=profile.to_pb(), replace=replace)
+    replace = bool(replace)
+    return lambda: profile_pieces(profile, replace)
+
+
+class ProfileCollector:
+    """Collects a GetProfileStream into a :class:`Profile` (a retried stream starts over)."""
+
+    def __init__(self) -> None:
+        self._assembler: ProfileAssembler | None = None
+
+    def resume(self, request: pb.GetProfileRequest) -> pb.GetProfileRequest:
+        self._assembler = ProfileAssembler()
+        return request
+
+    def retryable(self, error: ServiceError) -> bool:
+        return isinstance(error, UnavailableError)
+
+    def add(self, piece: pb.ProfilePiece) -> None:
+        self._assembler.add(piece)
+
+    def result(self) -> Profile:
+        return self._assembler.result()
 
 
 class KnownSequences:
@@ -609,18 +638,20 @@ class KnownSequences:
     replies of Upload, Append and Describe)."""
 
     def __init__(self) -> None:
-        self._tokens: dict[str, int] = {}
-        self._infos: dict[str, SequenceInfo] = {}
+        # one entry per sequence: (token count, info); the count is the info's when there is
+        # one, kept alone only after an Append reply without info
+        self._seen: dict[str, tuple[int, SequenceInfo | None]] = {}
 
     def tokens(self, sequence_id: str) -> int | None:
-        return self._tokens.get(sequence_id)
+        seen = self._seen.get(sequence_id)
+        return None if seen is None else seen[0]
 
     def info(self, sequence_id: str) -> SequenceInfo | None:
-        return self._infos.get(sequence_id)
+        seen = self._seen.get(sequence_id)
+        return None if seen is None else seen[1]
 
     def saw(self, sequence_id: str, info: SequenceInfo) -> None:
-        self._tokens[sequence_id] = info.num_tokens
-        self._infos[sequence_id] = info
+        self._seen[sequence_id] = (info.num_tokens, info)
 
     def appended(self, sequence_id: str, response: pb.AppendResponse) -> int:
         """Note an Append's reply; returns the new token count. A server older than the
@@ -628,13 +659,11 @@ class KnownSequences:
         if response.HasField("sequence"):
             self.saw(sequence_id, SequenceInfo.from_pb(response.sequence))
         else:
-            self._tokens[sequence_id] = response.num_tokens
-            self._infos.pop(sequence_id, None)
+            self._seen[sequence_id] = (response.num_tokens, None)
         return response.num_tokens
 
     def forget(self, sequence_id: str) -> None:
-        self._tokens.pop(sequence_id, None)
-        self._infos.pop(sequence_id, None)
+        self._seen.pop(sequence_id, None)
 
 
 # -- several replicas: consistent hashing with failover --------------------------------------
@@ -857,13 +886,15 @@ class KVCacheClient:
     # -- profiles ------------------------------------------------------------------------
 
     def register_profile(self, profile: Profile, replace: bool = False, *, timeout: float | None = None) -> Profile:
-        """Register a model profile (identical re-registration is a no-op)."""
-        request = profile_request(profile, replace)
-        return Profile.from_pb(self._call("RegisterProfile", lambda: request, timeout))
+        """Register a model profile (identical re-registration is a no-op); its shared bases
+        travel one layer per message, up to the server's --max-profile-bytes. Returns it."""
+        self._call("RegisterProfileStream", profile_stream(profile, replace), timeout)
+        return profile
 
     def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
-        request = profile_name_request(name)
-        return Profile.from_pb(self._call("GetProfile", lambda: request, timeout))
+        """A profile whole, its shared bases streamed one layer per message."""
+        return self._streamed("GetProfileStream", profile_name_request(name), ProfileCollector(),
+                              ProfileCollector.result, timeout)
 
     def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
         """The profiles this caller can use, by name, without their shared bases (a listing of

@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     bases = calibrated_bases(args.model, args.calibration_tokens) if args.codec == "svdq" and args.calibration_tokens \
         else None
     profile = model_profile(config, args.name, codec, args.value_bits, bases)
-    with KVCacheClient(args.address, token=args.token, max_message_bytes=256 << 20) as client:
+    with KVCacheClient(args.address, token=args.token) as client:  # bases stream one layer per message
         client.register_profile(profile, replace=True)
     print(f"registered profile {args.name!r}: {profile.num_layers} layers x {profile.kv_heads} x {profile.head_dim}, "
           f"codec {codec.method}, {'shared' if bases else 'no shared'} bases")

@@ -26,6 +26,7 @@ from svdq.errors import InvalidInputError
 from .engine import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_OPEN_UPLOADS,
+    DEFAULT_MAX_PROFILE_BYTES,
     DEFAULT_STAGING_TENANT_SHARE,
     DEFAULT_UPLOAD_IDLE_SECONDS,
     DEVICES,
@@ -82,6 +83,7 @@ class Settings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_channels: int = DEFAULT_MAX_CHANNELS
     max_work_bytes: int = DEFAULT_MAX_WORK_BYTES
+    max_profile_bytes: int = DEFAULT_MAX_PROFILE_BYTES
     staging_bytes: int = 0
     staging_tenant_share: float = DEFAULT_STAGING_TENANT_SHARE
     max_open_uploads: int = DEFAULT_MAX_OPEN_UPLOADS
@@ -107,6 +109,7 @@ class Settings:
         return EngineConfig(device=self.device, store_bytes=self.store_bytes, eviction=self.eviction,
                             ttl_seconds=self.ttl_seconds, max_tokens=self.max_tokens, max_batch=self.max_batch,
                             max_channels=self.max_channels, max_work_bytes=self.max_work_bytes,
+                            max_profile_bytes=self.max_profile_bytes,
                             staging_bytes=self.staging_bytes or None, staging_tenant_share=self.staging_tenant_share,
                             max_open_uploads=self.max_open_uploads, upload_idle_seconds=self.upload_idle_seconds,
                             attention_cache_bytes=self.attention_cache_bytes,
@@ -140,6 +143,9 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
      "(fitting a basis costs O(channels^3) whatever the token count)", {}),
     ("max-work-bytes", parse_bytes, "most estimated working memory of compressing or reconstructing one layer; "
      "larger requests get RESOURCE_EXHAUSTED before any work", {}),
+    ("max-profile-bytes", parse_bytes, "most bytes of shared bases one profile registered over RPC may hold in "
+     "memory (float32; a Llama-3-8B-sized profile's key bases take ~134 MB); larger ones get RESOURCE_EXHAUSTED. "
+     "Profiles travel one layer's basis per message, so this, not --max-message-bytes, bounds them", {}),
     ("staging-bytes", parse_bytes, "raw data all uploads in progress may stage together (16-bit size reserved "
      "at the start, float32 chunks charged at their real size); 0 = twice --store-bytes", {}),
     ("staging-tenant-share", float, "fraction of --staging-bytes and of --max-open-uploads one tenant may hold", {}),

@@ -31,6 +31,7 @@ from svdq.api.types import (
     SequenceInfo,
     ServerInfo,
     abbreviate,
+    check_bases_bytes,
     check_name,
 )
 from svdq.api.wire import all_finite
@@ -68,6 +69,9 @@ DEFAULT_MAX_OPEN_UPLOADS = 64
 DEFAULT_UPLOAD_IDLE_SECONDS = 30.0
 #: share of the staging budget (bytes and open uploads) one tenant may hold
 DEFAULT_STAGING_TENANT_SHARE = 0.5
+#: shared bases of one tenant profile, held in float32: a Llama-3-8B-sized profile's key and
+#: value bases (2 x 32 layers x 1024^2 channels) take 268 MB
+DEFAULT_MAX_PROFILE_BYTES = 512 << 20
 #: largest attention scale: models use 1/sqrt(head_dim) or less; larger ones only overflow
 MAX_ATTEND_SCALE = 16.0
 #: owner of the profiles loaded at start (--profiles-file): every tenant sees them
@@ -101,6 +105,7 @@ class EngineConfig:
         max_channels: ``kv_heads * head_dim`` of any keys the engine compresses or loads.
         max_work_bytes: estimated working memory of one layer's compression or
             reconstruction (:func:`svdq.codec.work_bytes`).
+        max_profile_bytes: shared bases (held in float32) of one profile a tenant registers.
         staging_bytes: raw data of every upload in progress together; ``None``: twice
             ``store_bytes`` (raw 16-bit keys are ~10x their compressed size).
         staging_tenant_share: fraction of ``staging_bytes`` and of ``max_open_uploads`` that
@@ -122,6 +127,7 @@ class EngineConfig:
     max_batch: int = DEFAULT_MAX_BATCH
     max_channels: int = DEFAULT_MAX_CHANNELS
     max_work_bytes: int = DEFAULT_MAX_WORK_BYTES
+    max_profile_bytes: int = DEFAULT_MAX_PROFILE_BYTES
     staging_bytes: int | None = None
     staging_tenant_share: float = DEFAULT_STAGING_TENANT_SHARE
     max_open_uploads: int = DEFAULT_MAX_OPEN_UPLOADS
@@ -201,6 +207,11 @@ class ChunkPiece:
 class _Staging:
     """Chunks of an upload in progress, per layer, in token order.
 
+    A layer is compressed as soon as its last chunk arrives (``compressed``), and its raw
+    chunks are let go: a client that sends layer after layer has the server compress one
+    layer while the next is on the wire. ``sampled_layer`` is the layer whose reconstruction
+    error the metrics sample, measured when that layer is compressed (``sampled_error``).
+
     ``charged`` bytes of the staging budget are held for it: the declared size in 16-bit at
     the start, more when chunks arrive in float32 (``received_bytes``, their real size).
     ``owner`` is the stream writing it (a retried stream takes over); ``closed`` is set when
@@ -217,10 +228,20 @@ class _Staging:
     positions: torch.Tensor  # int64 [total_tokens], -1 where no chunk has arrived yet
     charged: int
     owner: object = None
+    sampled_layer: int = 0
+    #: (keys, values or None) of each compressed layer, None until its last chunk arrived
+    compressed: list[tuple[CompressedKeys, CompressedValues | None] | None] = field(default_factory=list)
+    sampled_error: float | None = None
+    compress_seconds: float = 0.0
     received_bytes: int = 0
     closed: bool = False
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """One layer's staged chunks as one tensor (no copy when a single chunk carried it)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 class Engine:
@@ -271,8 +292,12 @@ class Engine:
     def register_profile(self, profile: Profile, replace: bool = False, tenant: str = OPERATOR) -> Profile:
         """Add a profile for ``tenant`` (OPERATOR: visible to all tenants); re-registering an
         identical one is a no-op, a different one with the same name needs ``replace``
-        (ConflictError otherwise). Its geometry must be within the cost limits."""
+        (ConflictError otherwise). Its geometry must be within the cost limits, and a tenant's
+        shared bases within ``max_profile_bytes`` (the operator's own profiles are not bounded)."""
         check_cost(1, profile.kv_heads, profile.head_dim, self.limits, what=f"profile {profile.name!r}")
+        if tenant != OPERATOR:
+            check_bases_bytes(profile.name, len(profile.bases or ()) + len(profile.value_bases or ()),
+                              profile.channels, self.config.max_profile_bytes)
         with self._profiles_lock:
             if tenant != OPERATOR:
                 operator = self._profiles.get((OPERATOR, profile.name))
@@ -394,7 +419,9 @@ class Engine:
             layers = profile.num_layers
             self._uploads[key] = _Staging(header, tenant, profile, [[] for _ in range(layers)],
                                           [[] for _ in range(layers)], [0] * layers,
-                                          torch.full((header.total_tokens,), -1, dtype=torch.int64), reserve, owner)
+                                          torch.full((header.total_tokens,), -1, dtype=torch.int64), reserve, owner,
+                                          sampled_layer=next(self._sample_layer) % layers,
+                                          compressed=[None] * layers)
         return None
 
     def abort_upload(self, tenant: str, header: UploadHeader, owner: object = None) -> None:
@@ -486,9 +513,9 @@ class Engine:
             staging.received_bytes += size
 
     def add_chunk(self, tenant: str, header: UploadHeader, chunk: UploadChunkData) -> None:
-        """Stage one chunk. A resent chunk (its tokens were already received for every layer
-        it covers) is skipped; a gap or a partial overlap is a ConflictError. Nothing is
-        staged when the chunk is invalid."""
+        """Stage one chunk, and compress every layer it completes. A resent chunk (its tokens
+        were already received for every layer it covers) is skipped; a gap or a partial
+        overlap is a ConflictError. Nothing is staged when the chunk is invalid."""
         staging = self._staging(tenant, header)
         profile = staging.profile
         layers, tokens = self._check_chunk(profile, header, chunk)
@@ -520,9 +547,54 @@ class Engine:
                     staging.values[layer].append(chunk.values[offset])
                 staging.received[layer] = end
             staging.positions[chunk.token_start:end] = positions
+            for layer in span:
+                if end == header.total_tokens:
+                    self._compress_layer(staging, layer)
+
+    def _compress_layer(self, staging: _Staging, layer: int) -> None:
+        """Compress one layer whose tokens have all arrived and let go of its raw chunks
+        (under ``staging.lock``)."""
+        started = time.perf_counter()
+        profile, header = staging.profile, staging.header
+        layer_keys = _joined(staging.keys[layer])
+        layer_values = _joined(staging.values[layer]) if header.has_values else None
+        staging.keys[layer], staging.values[layer] = [], []
+        # every token has arrived for this layer, so every position is known; later chunks of
+        # other layers only rewrite the same values
+        positions = staging.positions.to(self.device, copy=True)
+        staging.compressed[layer] = self._compress_one(profile, header.key_space, layer, layer_keys, layer_values,
+                                                       positions)
+        if layer == staging.sampled_layer:
+            staging.sampled_error = self._error_sample(layer_keys, staging.compressed[layer][0])
+        staging.compress_seconds += time.perf_counter() - started
+
+    def _compress_one(self, profile: Profile, key_space: str, layer: int, layer_keys: torch.Tensor,
+                      layer_values: torch.Tensor | None,
+                      positions: torch.Tensor) -> tuple[CompressedKeys, CompressedValues | None]:
+        """One layer's keys (and values) as ``profile`` stores them (``positions`` on the device)."""
+        basis = profile.bases[layer] if profile.bases is not None else None
+        value_basis = profile.value_bases[layer] if profile.value_bases is not None else None
+        budget = profile.layer_cache_budget(layer) if layer_values is not None else None
+        if budget is not None:
+            cache = compress_kv(layer_keys.to(self.device), layer_values.to(self.device), budget, positions=positions,
+                                rope=profile.rope, key_space=key_space, key_basis=basis, value_basis=value_basis)
+            return cache.keys, cache.values
+        keys = compress(layer_keys.to(self.device), profile.codec, positions=positions, rope=profile.rope,
+                        key_space=key_space, basis=basis, limits=self.limits)
+        values = None
+        if layer_values is not None:
+            values = compress_values(layer_values.to(self.device), profile.value_config, basis=value_basis)
+        return keys, values
+
+    def _error_sample(self, layer_keys: torch.Tensor, compressed: CompressedKeys) -> float | None:
+        """The metrics' relative reconstruction error of one layer (None without metrics),
+        reconstructed in the keys' own dtype, what a fetch returns."""
+        if self.metrics is None:
+            return None
+        return relative_error(layer_keys, decompress(compressed).cpu())
 
     def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:
-        """Compress the staged upload and store it atomically. Missing tokens are a
+        """Store the upload's compressed layers atomically. Missing tokens are a
         ConflictError (the stream that ends here then drops the upload: send it again)."""
         staging = self._staging(tenant, header)
         profile = staging.profile
@@ -534,16 +606,15 @@ class Engine:
                     f"upload incomplete: layer {layer} has {got} of {header.total_tokens} tokens "
                     f"({len(missing)} layers incomplete); send the whole upload again with the same upload_id"
                 )
-            positions = staging.positions.clone()
-            key_layers = [torch.cat(chunks) for chunks in staging.keys]
-            value_layers = [torch.cat(chunks) for chunks in staging.values] if header.has_values else None
+            compressed = list(staging.compressed)
         with self._uploads_lock:
             # The upload is consumed whatever happens next: a failure below is about the data.
             # Its staging bytes stay charged until compression has let go of the raw tensors.
             if self._uploads.get((tenant, header.sequence_id)) is staging:
                 del self._uploads[(tenant, header.sequence_id)]
         try:
-            return self._store_new(tenant, header, profile, key_layers, value_layers, positions)
+            return self._store_new(tenant, header, profile, compressed, staging.sampled_error,
+                                   staging.compress_seconds)
         finally:
             with self._uploads_lock:
                 self._close_staging_locked((tenant, header.sequence_id), staging)
@@ -602,27 +673,12 @@ class Engine:
             self._check_positions(chunk.positions, tokens)
         return layers, tokens
 
-    def _store_new(self, tenant: str, header: UploadHeader, profile: Profile, key_layers: list[torch.Tensor],
-                   value_layers: list[torch.Tensor] | None, positions: torch.Tensor) -> SequenceInfo:
-        started = time.perf_counter()
-        device_positions = positions.to(self.device)
-        keys, values = [], None if value_layers is None else []
-        for layer, layer_keys in enumerate(key_layers):
-            basis = profile.bases[layer] if profile.bases is not None else None
-            value_basis = profile.value_bases[layer] if profile.value_bases is not None else None
-            budget = profile.layer_cache_budget(layer) if value_layers is not None else None
-            if budget is not None:
-                cache = compress_kv(layer_keys.to(self.device), value_layers[layer].to(self.device), budget,
-                                    positions=device_positions, rope=profile.rope, key_space=header.key_space,
-                                    key_basis=basis, value_basis=value_basis)
-                keys.append(cache.keys)
-                values.append(cache.values)
-                continue
-            keys.append(compress(layer_keys.to(self.device), profile.codec, positions=device_positions,
-                                 rope=profile.rope, key_space=header.key_space, basis=basis, limits=self.limits))
-            if value_layers is not None:
-                values.append(compress_values(value_layers[layer].to(self.device), profile.value_config,
-                                              basis=value_basis))
+    def _store_new(self, tenant: str, header: UploadHeader, profile: Profile,
+                   compressed: list[tuple[CompressedKeys, CompressedValues | None]], sampled_error: float | None,
+                   compress_seconds: float) -> SequenceInfo:
+        """Store compressed layers as a new sequence (atomically) and record its metrics."""
+        keys = [layer_keys for layer_keys, _ in compressed]
+        values = [layer_values for _, layer_values in compressed] if header.has_values else None
         state = SequenceState(tuple(keys), None if values is None else tuple(values))
         entry = StoredSequence(tenant, header.sequence_id, profile, header.key_space, header.upload_id, state)
         existing = self.store.peek(tenant, header.sequence_id)
@@ -630,17 +686,15 @@ class Engine:
             raise ConflictError(f"sequence {header.sequence_id!r} was created meanwhile by another upload")
         self.store.insert(entry, replace=True)
         if self.metrics is not None:
-            sampled = next(self._sample_layer) % profile.num_layers
-            error = relative_error(key_layers[sampled].float(),
-                                   decompress(keys[sampled], dtype=torch.float32).cpu())
             fp16 = fp16_bytes(profile, state.num_tokens)
             ratio = fp16 / state.key_bytes
-            self.metrics.compressed(profile.name, ratio, 16.0 / ratio, error)
+            self.metrics.compressed(profile.name, ratio, 16.0 / ratio, sampled_error)
             if state.values is not None:
                 self.metrics.compressed_cache(profile.name, fp16 / state.value_bytes,
                                               2 * fp16 / (state.key_bytes + state.value_bytes))
-        log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, %.1f ms", header.sequence_id,
-                 tenant, state.num_tokens, profile.num_layers, state.key_bytes, 1e3 * (time.perf_counter() - started))
+        log.info("stored sequence %r (tenant %r): %d tokens x %d layers, %d key bytes, compressed in %.1f ms",
+                 header.sequence_id, tenant, state.num_tokens, profile.num_layers, state.key_bytes,
+                 1e3 * compress_seconds)
         return self._info(entry)
 
     # -- appends -----------------------------------------------------------------------------
@@ -864,7 +918,13 @@ class Engine:
             chunk_profile = dataclasses.replace(profile, codec=dataclasses.replace(profile.codec, num_sinks=0))
         header = UploadHeader(sequence_id, profile.name, sequence_id.replace("/", "-"), tokens, key_space,
                               replace=False, has_values=True)
-        info = self._store_new(tenant, header, chunk_profile, list(keys), list(values), positions)
+        started = time.perf_counter()
+        device_positions = positions.to(self.device)
+        compressed = [self._compress_one(chunk_profile, key_space, layer, keys[layer], values[layer], device_positions)
+                      for layer in range(profile.num_layers)]
+        sampled = next(self._sample_layer) % profile.num_layers
+        error = self._error_sample(keys[sampled], compressed[sampled][0])
+        info = self._store_new(tenant, header, chunk_profile, compressed, error, time.perf_counter() - started)
         return info, True
 
     def lookup_chunks(self, tenant: str, profile_name: str, cache_salt: str, content_keys: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ import grpc
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
-from svdq.api.types import Profile
+from svdq.api.types import Profile, ProfileAssembler, profile_pieces
 from svdq.api.wire import tensor_to_pb
 from svdq.errors import InvalidInputError
 
@@ -52,6 +52,24 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     async def GetProfile(self, request, context):
         return self.engine.get_profile(convert.check_name(request.name, "name"), current_tenant.get()).to_pb()
 
+    async def RegisterProfileStream(self, request_iterator, context):
+        tenant = current_tenant.get()
+        assembler = ProfileAssembler(self.engine.config.max_profile_bytes)
+        async for piece in request_iterator:
+            await self._run(assembler.add, piece)  # converts and checks one layer's basis
+        profile = await self._run(self.engine.register_profile, assembler.result(), assembler.replace, tenant)
+        return dataclasses.replace(profile, bases=None, value_bases=None).to_pb()
+
+    async def GetProfileStream(self, request, context):
+        profile = self.engine.get_profile(convert.check_name(request.name, "name"), current_tenant.get())
+        pieces = profile_pieces(profile)
+        done = object()
+        while True:
+            piece = await self._run(next, pieces, done)  # builds one layer's basis message
+            if piece is done:
+                return
+            yield piece
+
     async def ListProfiles(self, request, context):
         profiles = self.engine.list_profiles(current_tenant.get())
         return pb.ListProfilesResponse(
@@ -80,24 +98,62 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         header = None
         completed = None
         stream = object()  # owns the staged upload until it completes
+        # The chunk being staged (and the layer it completes compressed) in a worker thread
+        # while the loop reads the next one: one at a time, so chunks stay in order and at
+        # most one more chunk than is being worked on is held.
+        adding: asyncio.Future | None = None
+        chunks = self._chunks_until_idle(request_iterator, context).__aiter__()
         try:
-            async for chunk in self._chunks_until_idle(request_iterator, context):
+            while True:
+                chunk = await self._next_chunk(chunks, adding)
+                if chunk is None:
+                    break
                 if header is None:
                     header = convert.upload_header_from_pb(chunk)
                     completed = await self._run(self.engine.begin_upload, tenant, header, stream)
                 else:
                     convert.check_same_header(chunk, header)
                 if completed is None and chunk.HasField("keys"):
-                    await self._run(self._add_chunk, tenant, header, chunk)
+                    if adding is not None:
+                        await adding
+                    adding = asyncio.ensure_future(self._run(self._add_chunk, tenant, header, chunk))
+            if adding is not None:
+                await adding
             if header is None:
                 raise InvalidInputError("an Upload stream must carry at least one chunk")
             info = completed or await self._run(self.engine.finish_upload, tenant, header)
         finally:
-            # Failed, cancelled, timed out or disconnected: the staged data goes now, not at
-            # some idle deadline (after success there is nothing left to drop).
-            if header is not None:
-                self.engine.abort_upload(tenant, header, stream)
+            try:
+                if adding is not None:
+                    # the worker finishes with the staged data before it is dropped; its error,
+                    # if the stream failed for another reason first, is not the one to report
+                    await asyncio.wait({adding})
+                    if not adding.cancelled():
+                        adding.exception()
+            finally:
+                # Failed, cancelled (even again while waiting above), timed out or disconnected:
+                # the staged data goes now, not at some idle deadline (after success there is
+                # nothing left to drop). A worker still staging finds the upload closed.
+                if header is not None:
+                    self.engine.abort_upload(tenant, header, stream)
         return pb.UploadResponse(sequence=info.to_pb())
+
+    @staticmethod
+    async def _next_chunk(chunks, adding: asyncio.Future | None):
+        """The stream's next chunk (None at its end); raises the error of the chunk still
+        being staged as soon as it fails, not when (if ever) the client sends another."""
+        reading = asyncio.ensure_future(chunks.__anext__())
+        try:
+            if adding is not None:
+                await asyncio.wait({reading, adding}, return_when=asyncio.FIRST_COMPLETED)
+                if adding.done() and not adding.cancelled() and adding.exception() is not None:
+                    await adding  # raises it
+            return await reading
+        except StopAsyncIteration:
+            return None
+        finally:
+            if not reading.done():
+                reading.cancel()
 
     async def _chunks_until_idle(self, request_iterator, context):
         """The stream's chunks; a stream silent for --upload-idle-seconds is closed."""

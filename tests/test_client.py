@@ -2,6 +2,7 @@
 UNAVAILABLE only, deadlines, typed errors with the server's message, token metadata,
 upload chunking."""
 
+import dataclasses
 from concurrent import futures
 
 import grpc
@@ -16,7 +17,16 @@ from svdq_client import (
     NotFoundError,
     UnavailableError,
 )
-from svdq_client.client import SEQUENCE_HEADER, Replicas, RetryPolicy, upload_messages
+from svdq_client.client import (
+    SEQUENCE_HEADER,
+    FetchAssembler,
+    KnownSequences,
+    Replicas,
+    RetryPolicy,
+    upload_messages,
+)
+from svdq_client.errors import ServiceError
+from svdq_client.types import SequenceInfo
 from svdq_client.wire import tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
@@ -168,11 +178,52 @@ def test_upload_is_chunked_under_the_byte_limit_and_covers_every_token_once(scri
     assert torch.equal(covered, torch.ones(3, 50, dtype=torch.int64))
 
 
-def test_one_token_of_all_layers_larger_than_a_chunk_splits_layers():
-    keys = torch.zeros(4, 3, 2, 8, dtype=torch.float32)  # 64 bytes per token per layer
+def test_chunks_walk_the_layers_in_order_and_split_a_layer_that_does_not_fit():
+    # the server compresses a layer when its last chunk arrives: layer after layer, a layer's
+    # tokens in order, several whole layers in one chunk when they fit
+    keys = torch.zeros(4, 3, 2, 8, dtype=torch.float32)  # 64 bytes per token per layer, 192 per layer
     chunks = list(upload_messages("s", "p", keys, None, None, "pre_rope", False, "u", chunk_bytes=130))
     assert [(c.layer_start, c.token_start, tuple(c.keys.shape)) for c in chunks] == [
-        (layer, token, (2, 1, 2, 8)) for token in range(3) for layer in (0, 2)]
+        (layer, token, (1, size, 2, 8)) for layer in range(4) for token, size in ((0, 2), (2, 1))]
+    chunks = list(upload_messages("s", "p", keys, None, None, "pre_rope", False, "u", chunk_bytes=400))
+    assert [(c.layer_start, c.token_start, tuple(c.keys.shape)) for c in chunks] == [(0, 0, (2, 3, 2, 8)),
+                                                                                     (2, 0, (2, 3, 2, 8))]
+
+
+def test_a_fetch_assembler_starts_over_only_when_a_retry_cannot_resume_what_it_holds(monkeypatch):
+    starts = []
+    start_over = FetchAssembler._start_over
+    monkeypatch.setattr(FetchAssembler, "_start_over", lambda self: (starts.append(1), start_over(self)))
+    assembler = FetchAssembler()
+    request = pb.FetchRequest(sequence_id="s")
+    assert assembler.resume(request) is request and len(starts) == 1  # the first attempt: fresh from __init__
+    chunk = pb.FetchChunk(layer=0, token_start=0, total_tokens=4)
+    tensor_to_pb(torch.ones(2, 1, 2), chunk.keys)
+    tensor_to_pb(torch.arange(2), chunk.positions)
+    assembler.add(chunk)  # no version named: a retry cannot resume, the two tokens held are dropped
+    assert assembler.resume(request) is request and len(starts) == 2
+    with pytest.raises(ServiceError, match="Fetch stream ended without data"):
+        assembler.result()
+    chunk.version = "v1"
+    assembler.add(chunk)
+    resumed = assembler.resume(request)
+    assert (resumed.resume_version, resumed.resume_layer, resumed.resume_token) == ("v1", 0, 2) and len(starts) == 2
+
+
+def test_known_sequences_keep_one_count_per_sequence():
+    known = KnownSequences()
+    assert known.tokens("s") is None and known.info("s") is None
+    info = SequenceInfo("s", "p", 7, 1, 10, 0, 28, 0, 2.8, 5.7, 2.8, "pre_rope", False)
+    known.saw("s", info)
+    assert known.tokens("s") == 7 and known.info("s") is info
+    # an Append reply without the sequence (an older server): the count alone is known
+    assert known.appended("s", pb.AppendResponse(num_tokens=9)) == 9
+    assert known.tokens("s") == 9 and known.info("s") is None
+    appended = dataclasses.replace(info, num_tokens=10)
+    assert known.appended("s", pb.AppendResponse(num_tokens=10, sequence=appended.to_pb())) == 10
+    assert known.tokens("s") == 10 and known.info("s") == appended
+    known.forget("s")
+    assert known.tokens("s") is None and known.info("s") is None
 
 
 def test_client_side_checks_and_policy():

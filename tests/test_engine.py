@@ -94,6 +94,30 @@ def test_chunked_upload_with_resent_chunks_equals_one_chunk(engine):
     assert snapshot(engine, "t", "chunked") == snapshot(engine, "t", "whole")
 
 
+def test_a_layer_is_compressed_when_its_last_chunk_arrives_and_its_raw_chunks_go():
+    metrics = Metrics()
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 22), [make_profile()], metrics=metrics)
+    metrics.bind_engine(engine, "test")
+    keys, values = cache()
+    positions = torch.arange(TOKENS) + 2
+    engine.upload("t", header("whole"), keys, values, positions)
+    upload = header("layerwise")
+    engine.begin_upload("t", upload)
+    staging = engine._uploads[("t", "layerwise")]
+    engine.add_chunk("t", upload, UploadChunkData(0, 0, keys[:1, :60], values[:1, :60], positions[:60]))
+    assert staging.compressed == [None, None] and len(staging.keys[0]) == 1
+    engine.add_chunk("t", upload, UploadChunkData(0, 60, keys[:1, 60:], values[:1, 60:], positions[60:]))
+    # layer 0 is done while layer 1 has not started: compressed, its raw chunks released
+    assert staging.compressed[0] is not None and staging.compressed[1] is None
+    assert staging.keys[0] == [] and staging.values[0] == []
+    engine.add_chunk("t", upload, UploadChunkData(1, 0, keys[1:], values[1:], positions))
+    engine.finish_upload("t", upload)
+    assert snapshot(engine, "t", "layerwise") == snapshot(engine, "t", "whole")
+    # one error sample per upload, measured when the sampled layer was compressed
+    assert metrics.registry.get_sample_value("svdq_reconstruction_relative_error_count", {"profile": "tiny"}) == 2
+    assert engine.staging_totals() == (0, 0)
+
+
 def test_out_of_order_and_incomplete_uploads_are_refused_and_resumable(engine):
     keys, values = cache()
     upload = header()

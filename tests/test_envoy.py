@@ -92,8 +92,8 @@ def test_envoy_routes_each_sequence_to_one_replica_and_fails_over(tmp_path):
     envoy = subprocess.Popen([console_script("envoy"), "-c", str(config), "--disable-hot-restart", "--concurrency",
                               "1", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: _answers(admin_port) and all(healthy(admin_port).values()) and len(healthy(admin_port)) == 2,
-                   60, "Envoy to see both replicas healthy")
+        wait_until(lambda: _answers(admin_port) and _all_healthy(healthy(admin_port), 2), 60,
+                   "Envoy to see both replicas healthy")
         for server in servers:  # memory stores: each replica knows only its own profiles
             with KVCacheClient(server.address, timeout=30) as client:
                 client.register_profile(PROFILE)
@@ -142,6 +142,11 @@ def test_envoy_routes_each_sequence_to_one_replica_and_fails_over(tmp_path):
         log.close()
         for server in servers:
             server.kill()
+
+
+def _all_healthy(flags: dict[str, bool], replicas: int) -> bool:
+    """Whether one read of the admin page shows ``replicas`` replicas, all healthy."""
+    return len(flags) == replicas and all(flags.values())
 
 
 def _answers(admin_port: int) -> bool:

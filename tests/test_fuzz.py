@@ -31,10 +31,11 @@ from google.protobuf import text_format
 from grpc_health.v1 import health_pb2
 from helpers import seal
 from svdq_client import KVCacheClient, Profile
+from svdq_client.types import profile_pieces
 from svdq_client.wire import tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
-from svdq import CodecConfig, RopeConfig, apply_rope, compress, to_bytes
+from svdq import CodecConfig, RopeConfig, apply_rope, compress, fit_basis, to_bytes
 from svdq.format import _HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -84,11 +85,17 @@ def seed_requests() -> dict[str, list[list[pb.Message]]]:
         return chunks
 
     profile = Profile("fzp", 1, 1, 16, codec=CodecConfig(method="kivi", bits=4, group_size=16)).to_pb()
+    generator = torch.Generator().manual_seed(3)
+    with_bases = Profile("fzb", 2, 1, 16, bases=tuple(fit_basis(torch.randn(40, 16, generator=generator))
+                                                      for _ in range(2)))
     queries = torch.randn(2, 2 * HEADS, DIM, generator=torch.Generator().manual_seed(2))
     return {
         "RegisterProfile": [[pb.RegisterProfileRequest(profile=profile, replace=True)],
                             [pb.RegisterProfileRequest(profile=Profile("fz", LAYERS, HEADS, DIM).to_pb())]],
         "GetProfile": [[pb.GetProfileRequest(name="fz")]],
+        "RegisterProfileStream": [list(profile_pieces(with_bases, True)),
+                                  list(profile_pieces(Profile("fz", LAYERS, HEADS, DIM)))],
+        "GetProfileStream": [[pb.GetProfileRequest(name="fz")], [pb.GetProfileRequest(name="fzb")]],
         "ListProfiles": [[pb.ListProfilesRequest()]],
         "Compress": [[pb.CompressRequest(profile="fz", keys=tensor(keys[0, :40]), key_space=pb.POST_ROPE,
                                          positions=tensor(torch.arange(40)))],

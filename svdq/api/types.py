@@ -8,7 +8,8 @@ rejected the same way whether it came from a config file, a Python caller or the
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
 from svdq.attention import SparsityConfig
 from svdq.codec import Basis, CodecConfig
-from svdq.errors import InvalidInputError
+from svdq.errors import InvalidInputError, ResourceExhaustedError
 from svdq.kv import CacheBudget
 from svdq.rope import RopeConfig
 from svdq.values import ValueConfig
@@ -147,6 +148,46 @@ def codec_to_dict(config: CodecConfig) -> dict[str, Any]:
     return {"method": config.method, "bits_per_element": config.bits_per_element,
             "schedule": list(config.schedule) if config.schedule else None, "bits": config.bits,
             "group_size": config.group_size, "num_sinks": config.num_sinks, "noise_averaging": config.noise_averaging}
+
+
+def basis_bytes(channels: int) -> int:
+    """Bytes one layer's shared basis of ``channels`` channels takes held in memory: float32
+    mean [C], components [C, C] and singular values [C]."""
+    return 4 * channels * (channels + 2)
+
+
+def check_bases_bytes(profile: str, count: int, channels: int, limit: int | None) -> None:
+    """ResourceExhaustedError when ``count`` bases of ``channels`` channels pass ``limit`` bytes."""
+    needed = count * basis_bytes(channels)
+    if limit is not None and needed > limit:
+        raise ResourceExhaustedError(
+            f"profile {profile!r} has {count} shared bases of {channels} channels, {needed} bytes held in memory; the "
+            f"server holds at most {limit} bytes of bases per profile (--max-profile-bytes): register fewer bases "
+            "(keys only, or no value bases) or ask the operator for a larger limit"
+        )
+
+
+def basis_to_pb(basis: Basis, out: pb.LayerBasis | None = None) -> pb.LayerBasis:
+    """One layer's shared basis on the wire (written into ``out`` when given)."""
+    message = out if out is not None else pb.LayerBasis()
+    tensor_to_pb(basis.mean.float(), message.mean)
+    # float16: all the codec ever uses of a basis (and what its fingerprint hashes), half the bytes
+    tensor_to_pb(basis.components.to(torch.float16), message.components)
+    tensor_to_pb(basis.singular_values.float(), message.singular_values)
+    return message
+
+
+def basis_from_pb(message: pb.LayerBasis, field: str, channels: int | None = None) -> Basis:
+    """A layer's shared basis from the wire, strictly checked (``field`` names it in errors;
+    with ``channels``, so is every tensor's shape)."""
+    vector, square = ((channels,), (channels, channels)) if channels is not None else (None, None)
+    return Basis(
+        mean=tensor_from_pb(message.mean, f"{field}.mean", dtypes=(torch.float32,), finite=True, shape=vector),
+        components=tensor_from_pb(message.components, f"{field}.components", dtypes=(torch.float16, torch.float32),
+                                  finite=True, shape=square).float(),
+        singular_values=tensor_from_pb(message.singular_values, f"{field}.singular_values", dtypes=(torch.float32,),
+                                       finite=True, shape=vector),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -287,28 +328,20 @@ class Profile:
         message.cache_key_shares[:] = list(self.cache_key_shares or ())
         for bases, target in ((self.bases, message.bases), (self.value_bases, message.values.bases)):
             for basis in bases or ():
-                layer = target.add()
-                tensor_to_pb(basis.mean.float(), layer.mean)
-                # float16: all the codec ever uses of a basis (and what its fingerprint hashes), half the bytes
-                tensor_to_pb(basis.components.to(torch.float16), layer.components)
-                tensor_to_pb(basis.singular_values.float(), layer.singular_values)
+                basis_to_pb(basis, target.add())
         return message
+
+    @property
+    def bases_bytes(self) -> int:
+        """Bytes the shared key and value bases take held in memory (what --max-profile-bytes bounds)."""
+        return (len(self.bases or ()) + len(self.value_bases or ())) * basis_bytes(self.channels)
 
     @classmethod
     def from_pb(cls, message: pb.Profile) -> Profile:
         def read_bases(layers, name: str) -> tuple[Basis, ...] | None:
             if not layers:
                 return None
-            return tuple(
-                Basis(
-                    mean=tensor_from_pb(layer.mean, f"profile.{name}[{i}].mean", dtypes=(torch.float32,), finite=True),
-                    components=tensor_from_pb(layer.components, f"profile.{name}[{i}].components",
-                                              dtypes=(torch.float16, torch.float32), finite=True).float(),
-                    singular_values=tensor_from_pb(layer.singular_values, f"profile.{name}[{i}].singular_values",
-                                                   dtypes=(torch.float32,), finite=True),
-                )
-                for i, layer in enumerate(layers)
-            )
+            return tuple(basis_from_pb(layer, f"profile.{name}[{i}]") for i, layer in enumerate(layers))
 
         return cls(
             name=message.name, num_layers=message.num_layers, kv_heads=message.kv_heads, head_dim=message.head_dim,
@@ -357,6 +390,70 @@ class Profile:
                    value_group_size=fields.get("value_group_size", 64), bases=bases, value_codec=value_codec,
                    cache_bits_per_element=fields.get("cache_bits_per_element"),
                    cache_key_shares=tuple(fields["cache_key_shares"]) if fields.get("cache_key_shares") else None)
+
+
+def profile_pieces(profile: Profile, replace_existing: bool = False) -> Iterator[pb.ProfilePiece]:
+    """A profile as a ``ProfilePiece`` stream: the profile without bases first, then one
+    layer's basis per message, key bases before value bases; each is built when the stream
+    reaches it, so no message (nor the sender) holds more than one layer's basis at a time."""
+    bare = replace(profile, bases=None, value_bases=None)
+    yield pb.ProfilePiece(profile=bare.to_pb(), replace=replace_existing, key_bases=len(profile.bases or ()),
+                          value_bases=len(profile.value_bases or ()))
+    for basis in (*(profile.bases or ()), *(profile.value_bases or ())):
+        yield pb.ProfilePiece(basis=basis_to_pb(basis))
+
+
+class ProfileAssembler:
+    """Collects a ``ProfilePiece`` stream (:func:`profile_pieces`) into a :class:`Profile`,
+    checking each message as it comes: the declared bases against ``max_bases_bytes`` before
+    any arrives, and each basis converted (and its message let go) on arrival."""
+
+    def __init__(self, max_bases_bytes: int | None = None) -> None:
+        self.max_bases_bytes = max_bases_bytes
+        self.profile: Profile | None = None  # the first message's, without bases
+        self.replace = False
+        self._declared = (0, 0)
+        self._bases: list[Basis] = []
+
+    def add(self, piece: pb.ProfilePiece) -> None:
+        if self.profile is None:
+            if not piece.HasField("profile") or piece.HasField("basis"):
+                raise InvalidInputError("the first message of a profile stream must carry the profile (without "
+                                        "bases) and no basis")
+            if piece.profile.bases or piece.profile.values.bases:
+                raise InvalidInputError("the first message of a profile stream carries the profile without bases: "
+                                        "send each layer's basis in a message of its own after it")
+            profile = Profile.from_pb(piece.profile)
+            for name, count in (("key_bases", piece.key_bases), ("value_bases", piece.value_bases)):
+                if count not in (0, profile.num_layers):
+                    raise InvalidInputError(f"{name} must be 0 or the profile's num_layers {profile.num_layers}, "
+                                            f"got {count}")
+            check_bases_bytes(profile.name, piece.key_bases + piece.value_bases, profile.channels,
+                              self.max_bases_bytes)
+            self.profile, self.replace, self._declared = profile, piece.replace, (piece.key_bases, piece.value_bases)
+            return
+        if piece.HasField("profile") or not piece.HasField("basis"):
+            raise InvalidInputError("after the first message of a profile stream, each message carries one "
+                                    "layer's basis and nothing else")
+        keys, values = self._declared
+        index = len(self._bases)
+        if index >= keys + values:
+            raise InvalidInputError(f"profile stream sent more bases than the {keys} key and {values} value bases "
+                                    "its first message declared")
+        field = f"profile.bases[{index}]" if index < keys else f"profile.value_bases[{index - keys}]"
+        # shapes checked before conversion: a basis larger than the declared geometry is refused unread
+        self._bases.append(basis_from_pb(piece.basis, field, self.profile.channels))
+
+    def result(self) -> Profile:
+        """The whole profile, checked as :class:`Profile` checks one (every basis's shape)."""
+        keys, values = self._declared
+        if self.profile is None:
+            raise InvalidInputError("a profile stream must carry at least its first message (the profile)")
+        if len(self._bases) != keys + values:
+            raise InvalidInputError(f"profile stream ended after {len(self._bases)} of the {keys + values} bases its "
+                                    "first message declared; send them all")
+        return replace(self.profile, bases=tuple(self._bases[:keys]) or None,
+                       value_bases=tuple(self._bases[keys:]) or None)
 
 
 @dataclass(frozen=True)
@@ -494,15 +591,21 @@ __all__ = [
     "CompressResult",
     "FetchResult",
     "Profile",
+    "ProfileAssembler",
     "SequenceInfo",
     "ServerInfo",
     "abbreviate",
+    "basis_bytes",
+    "basis_from_pb",
+    "basis_to_pb",
+    "check_bases_bytes",
     "check_name",
     "codec_from_pb",
     "codec_to_dict",
     "codec_to_pb",
     "key_space_from_pb",
     "key_space_to_pb",
+    "profile_pieces",
     "rope_from_pb",
     "rope_to_pb",
     "sparsity_from_pb",

@@ -144,6 +144,20 @@ class GetProfileRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class ProfilePiece(_message.Message):
+    __slots__ = ("profile", "replace", "key_bases", "value_bases", "basis")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    KEY_BASES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BASES_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    profile: Profile
+    replace: bool
+    key_bases: int
+    value_bases: int
+    basis: LayerBasis
+    def __init__(self, profile: _Optional[_Union[Profile, _Mapping]] = ..., replace: _Optional[bool] = ..., key_bases: _Optional[int] = ..., value_bases: _Optional[int] = ..., basis: _Optional[_Union[LayerBasis, _Mapping]] = ...) -> None: ...
+
 class ListProfilesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

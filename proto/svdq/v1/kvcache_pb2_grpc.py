@@ -45,6 +45,16 @@ class KVCacheStub:
                 request_serializer=svdq_dot_v1_dot_kvcache__pb2.GetProfileRequest.SerializeToString,
                 response_deserializer=svdq_dot_v1_dot_kvcache__pb2.Profile.FromString,
                 _registered_method=True)
+        self.RegisterProfileStream = channel.stream_unary(
+                '/svdq.v1.KVCache/RegisterProfileStream',
+                request_serializer=svdq_dot_v1_dot_kvcache__pb2.ProfilePiece.SerializeToString,
+                response_deserializer=svdq_dot_v1_dot_kvcache__pb2.Profile.FromString,
+                _registered_method=True)
+        self.GetProfileStream = channel.unary_stream(
+                '/svdq.v1.KVCache/GetProfileStream',
+                request_serializer=svdq_dot_v1_dot_kvcache__pb2.GetProfileRequest.SerializeToString,
+                response_deserializer=svdq_dot_v1_dot_kvcache__pb2.ProfilePiece.FromString,
+                _registered_method=True)
         self.ListProfiles = channel.unary_unary(
                 '/svdq.v1.KVCache/ListProfiles',
                 request_serializer=svdq_dot_v1_dot_kvcache__pb2.ListProfilesRequest.SerializeToString,
@@ -122,6 +132,20 @@ class KVCacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterProfileStream(self, request_iterator, context):
+        """The same two for profiles of any size up to --max-profile-bytes (what the clients use):
+        the reply of a registration is the profile without its bases (the caller has them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProfileStream(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,6 +241,16 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.GetProfile,
                     request_deserializer=svdq_dot_v1_dot_kvcache__pb2.GetProfileRequest.FromString,
                     response_serializer=svdq_dot_v1_dot_kvcache__pb2.Profile.SerializeToString,
+            ),
+            'RegisterProfileStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.RegisterProfileStream,
+                    request_deserializer=svdq_dot_v1_dot_kvcache__pb2.ProfilePiece.FromString,
+                    response_serializer=svdq_dot_v1_dot_kvcache__pb2.Profile.SerializeToString,
+            ),
+            'GetProfileStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetProfileStream,
+                    request_deserializer=svdq_dot_v1_dot_kvcache__pb2.GetProfileRequest.FromString,
+                    response_serializer=svdq_dot_v1_dot_kvcache__pb2.ProfilePiece.SerializeToString,
             ),
             'ListProfiles': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProfiles,
@@ -338,6 +372,60 @@ class KVCache:
             '/svdq.v1.KVCache/GetProfile',
             svdq_dot_v1_dot_kvcache__pb2.GetProfileRequest.SerializeToString,
             svdq_dot_v1_dot_kvcache__pb2.Profile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterProfileStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/svdq.v1.KVCache/RegisterProfileStream',
+            svdq_dot_v1_dot_kvcache__pb2.ProfilePiece.SerializeToString,
+            svdq_dot_v1_dot_kvcache__pb2.Profile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProfileStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/svdq.v1.KVCache/GetProfileStream',
+            svdq_dot_v1_dot_kvcache__pb2.GetProfileRequest.SerializeToString,
+            svdq_dot_v1_dot_kvcache__pb2.ProfilePiece.FromString,
             options,
             channel_credentials,
             insecure,

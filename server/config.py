@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from svdq.api.types import Profile
+from svdq.attention import PRECISIONS
 from svdq.codec import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORK_BYTES, Basis
 from svdq.errors import InvalidInputError
 
@@ -95,6 +96,7 @@ class Settings:
     grace_seconds: float = 30.0
     torch_threads: int = 0
     attention_cache_bytes: int = 1 << 30
+    attention_precision: str = "auto"
     tenant_quota_bytes: int = 0
     reflection: bool = True
     drain_seconds: float = 5.0
@@ -113,6 +115,7 @@ class Settings:
                             staging_bytes=self.staging_bytes or None, staging_tenant_share=self.staging_tenant_share,
                             max_open_uploads=self.max_open_uploads, upload_idle_seconds=self.upload_idle_seconds,
                             attention_cache_bytes=self.attention_cache_bytes,
+                            attention_precision=None if self.attention_precision == "auto" else self.attention_precision,
                             tenant_quota_bytes=self.tenant_quota_bytes)
 
 
@@ -165,6 +168,10 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("attention-cache-bytes", parse_bytes, "memory for tensors attention derives from stored keys and keeps between "
      "calls (unpacked codes, score latents, kernel layouts), least recently used first out; on top of --store-bytes. "
      "0 keeps only the layer last served", {}),
+    ("attention-precision", str, "operands of the torch (CPU) attention path's key products: bfloat16 (float32 "
+     "accumulation; about 2x faster, adds ~1-2%% of the compression's own error), float32 (exact), or auto = "
+     "bfloat16 where the CPU multiplies it natively; the Triton (GPU) kernels do not use it",
+     {"choices": ("auto",) + PRECISIONS}),
     ("tenant-quota-bytes", parse_bytes, "stored bytes (serialized keys and values) each tenant may hold unless the "
      "tokens file gives it its own quota_bytes; at its quota a tenant gets RESOURCE_EXHAUSTED. 0 = no quota: the "
      "store budget bounds it, and LRU eviction takes only from tenants over an equal share of the budget", {}),

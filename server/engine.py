@@ -35,7 +35,7 @@ from svdq.api.types import (
     check_name,
 )
 from svdq.api.wire import all_finite
-from svdq.attention import SparsityConfig
+from svdq.attention import SparsityConfig, select_precision
 from svdq.attention import attend as attend_compressed
 from svdq.codec import (
     DEFAULT_MAX_CHANNELS,
@@ -114,6 +114,9 @@ class EngineConfig:
         upload_idle_seconds: an upload without a chunk for this long is dropped.
         attention_cache_bytes: limit of :data:`svdq.derived.DERIVED`, the process-wide memory
             for tensors attention derives from stored keys; ``None`` leaves it as it is.
+        attention_precision: operands of the torch attention path's key products,
+            ``"float32"`` or ``"bfloat16"`` (:func:`svdq.attention.select_precision`); ``None``:
+            ``$SVDQ_ATTENTION_PRECISION``, else bfloat16 where the CPU multiplies it natively.
         tenant_quota_bytes: stored bytes a tenant may hold unless ``tenant_quotas`` names it;
             0 = no quota (see :class:`~svdq_server.store.SequenceStore` for shares and eviction).
         tenant_quotas: tenant -> its own quota (the tokens file's ``quota_bytes``).
@@ -133,6 +136,7 @@ class EngineConfig:
     max_open_uploads: int = DEFAULT_MAX_OPEN_UPLOADS
     upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS
     attention_cache_bytes: int | None = None
+    attention_precision: str | None = None
     tenant_quota_bytes: int = 0
     tenant_quotas: Mapping[str, int] | None = None
 
@@ -261,6 +265,7 @@ class Engine:
             if self.config.attention_cache_bytes < 0:
                 raise InvalidInputError(f"attention_cache_bytes must be >= 0, got {self.config.attention_cache_bytes}")
             DERIVED.limit_bytes = self.config.attention_cache_bytes
+        select_precision(self.device, self.config.attention_precision)  # a bad choice fails at start, not per call
         self.metrics = metrics
         # The store backend (server/store.py) also holds the profiles, so a shared one shares them.
         self.store = store if store is not None else SequenceStore(
@@ -789,7 +794,7 @@ class Engine:
             keys.append(state.keys[layer])
             values.append(state.values[layer])
         result = attend_compressed(queries.to(self.device), keys, values, scale=scale, sparsity=sparsity,
-                                   softcap=softcap)
+                                   softcap=softcap, precision=self.config.attention_precision)
         if not (all_finite(result.output) and all_finite(result.lse)):
             # Finite keys, queries and scale can still overflow float32 scores (|q.k| ~ 1e38).
             raise InvalidInputError("attention overflowed: the scores scale * q.k of these queries exceed float32's "

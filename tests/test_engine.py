@@ -611,3 +611,29 @@ def test_state_sizes_are_the_serialized_bytes_computed_once(monkeypatch):
     assert state.value_bytes == sum(len(values_to_bytes(layer)) for layer in state.values)
     counted = len(calls)
     assert state.nbytes == state.key_bytes + state.value_bytes and len(calls) == counted  # read again: kept
+
+
+@pytest.mark.parametrize("precision", [None, "float32", "bfloat16"])
+def test_attend_uses_the_configured_attention_precision(precision, monkeypatch):
+    import svdq_server.engine as engine_module
+
+    chosen = []
+
+    def recorded(*args, **kwargs):
+        chosen.append(kwargs["precision"])
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "attend_compressed", recorded)
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 22, attention_precision=precision), [make_profile()])
+    keys, values = cache(seed=1)
+    engine.upload("t", header("a"), keys, values)
+    queries = torch.randn(2, 2 * HEADS, DIM, generator=torch.Generator().manual_seed(3))
+    result = engine.attend("t", [("a", 0), ("a", 1)], queries, scale=0.2)
+    state = engine.store.get("t", "a").state
+    expected = attend(queries, state.keys[:2], state.values[:2], scale=0.2, precision=precision)
+    assert chosen == [precision] and torch.equal(result.output, expected.output)
+
+
+def test_an_unknown_attention_precision_is_refused_when_the_engine_starts():
+    with pytest.raises(InvalidInputError, match=r"precision must be one of \('float32', 'bfloat16'\), got 'fp8'"):
+        Engine(EngineConfig(device="cpu", attention_precision="fp8"))

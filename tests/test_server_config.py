@@ -142,3 +142,13 @@ def test_a_store_url_with_a_password_stops_the_server_at_start(capsys):
     assert "--store must not contain a password" in logged and "secret" not in logged
     assert main(["--store", "http://127.0.0.1:1", "--port", "1", "--metrics-port", "0"]) == 1
     assert "--store must be 'memory' or redis://host:port/db" in capsys.readouterr().err
+
+
+def test_attention_precision_option_reaches_the_engine_config(capsys):
+    assert parse_settings([], {}).engine_config().attention_precision is None  # auto: svdq.attention decides
+    environ = {"SVDQ_ATTENTION_PRECISION": "float32"}
+    assert parse_settings([], environ).engine_config().attention_precision == "float32"
+    assert parse_settings(["--attention-precision", "bfloat16"], environ).engine_config().attention_precision == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse_settings(["--attention-precision", "fp8"], {})
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

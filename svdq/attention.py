@@ -50,7 +50,7 @@ from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
 BACKEND_ENV = "SVDQ_BACKEND"
-#: Operand precision of the torch path's key products (reconstruction and selection score).
+#: Operand precision of the torch path's key reconstruction product (the selection score stays float32).
 PRECISIONS = ("float32", "bfloat16")
 PRECISION_ENV = "SVDQ_ATTENTION_PRECISION"
 # Low-rank keys (float32 elements) the selection score builds and rotates at a time.
@@ -177,10 +177,10 @@ def select_precision(device: torch.device | str, override: str | None = None) ->
     ``$SVDQ_ATTENTION_PRECISION``, else ``bfloat16`` on CPUs that multiply it natively and
     ``float32`` elsewhere.
 
-    ``bfloat16`` rounds the operands of the two big products, the reconstruction
-    ``latent @ basis.T + mean`` and the selection score's low-rank keys, to bfloat16 (8 bits
-    of mantissa) and accumulates in float32; rotation, dot products with the queries, softmax
-    and value sums stay float32. Its extra error in the attention output is a small fraction
+    ``bfloat16`` rounds the operands of the big product, the reconstruction ``latent @
+    basis.T + mean`` past the leading latent channels, to bfloat16 (8 bits of mantissa) and
+    accumulates in float32; the selection score, rotation, dot products with the queries,
+    softmax and value sums stay float32. Its extra error in the attention output is a small fraction
     of what the compression itself costs (``docs/attention.md``, Precision). ``float32`` is
     the exact path the reference tests compare with float64. The triton kernels ignore it
     (they use float16 operands with float32 accumulation).
@@ -716,8 +716,7 @@ def _dense_basis(keys: CompressedKeys, precision: str = "float32") -> tuple[torc
         if rotates(keys):
             basis, mean = _in_pair_order(keys, basis), _in_pair_order(keys, mean[:, None])[:, 0]
         rest = None
-        # The baselines' identity "basis" copies raw key channels: rounding them would only add error.
-        if precision == "bfloat16" and keys.method == "svdq":
+        if _rounds(keys, precision):
             basis, rest = basis[:, :FLOAT32_LEAD_CHANNELS], basis[:, FLOAT32_LEAD_CHANNELS:].to(torch.bfloat16).contiguous()
         cached = (basis.contiguous(), mean.contiguous(), rest)
         if keys.method != "svdq":
@@ -725,6 +724,12 @@ def _dense_basis(keys: CompressedKeys, precision: str = "float32") -> tuple[torc
             return cached
         DERIVED.put(keys, key, cached)
     return cached
+
+
+def _rounds(keys: CompressedKeys, precision: str) -> bool:
+    """Whether a call reconstructs ``keys`` with bfloat16 operands (and may keep float16 keys):
+    the baselines' identity "basis" copies raw key channels, where rounding would only add error."""
+    return precision == "bfloat16" and keys.method == "svdq"
 
 
 def _dequantize_range(keys: CompressedKeys, scales: torch.Tensor, mins: torch.Tensor, first: int, stop: int,
@@ -769,7 +774,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
         grouped = grouped[..., _pair_order(keys)]
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * keys.group_size)) * keys.group_size
-    rounded = precision == "bfloat16" and keys.method == "svdq"
+    rounded = _rounds(keys, precision)
     kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
     # float32 blocks [Hkv, n, D] of float16-rounded keys, the one layout both bfloat16 ways dot
     # (kept keys or reconstructed now), so that a call gives the same bits whether the budget

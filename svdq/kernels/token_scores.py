@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..derived import DERIVED
 from .decode_attention import _reduced_cos_sin, _sequence_layout
 
 if TYPE_CHECKING:
@@ -98,7 +99,13 @@ def token_scores_triton(queries: torch.Tensor, keys: CompressedKeys, score_chann
     device = queries.device
     channels, latent = score_latent(keys, score_channels)
     latent = latent[:tokens].contiguous()
-    columns = _score_columns(keys, channels).T.contiguous()  # [m + 1, C]
+    # [m + 1, C], kept under the budget like the torch path's columns (a gather, a concatenation
+    # and a transposed copy per layer per decode step otherwise).
+    column_key = ("score_columns_t", channels.numel())
+    columns = DERIVED.get(keys, column_key)
+    if columns is None:
+        columns = _score_columns(keys, channels).T.contiguous()
+        DERIVED.put(keys, column_key, columns)
     queries = queries.float().contiguous()
     # The layout the decode kernel keeps under the budget: not re-derived per call.
     inv_freq, partner, sign = _sequence_layout(keys)["rope_tables"]

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from svdq import CodecConfig, RopeConfig, compress, to_bytes
-from svdq.attention import SparsityConfig, attend, select_backend
+from svdq.attention import KEPT_KEYS, SparsityConfig, attend, select_backend
 from svdq.derived import tensor_bytes
 from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, values_to_bytes
 
@@ -218,7 +218,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         # What attention keeps between calls for this layer (svdq.derived), against the layer's size.
         cached = tensor_bytes(keys_list[0]._cache)
         distinct = list({id(item): item for item in keys_list}.values())
-        held = sum("kept_keys" in item._cache for item in distinct)
+        held = sum(KEPT_KEYS in item._cache for item in distinct)
         rows.append(f"| {tokens} | | | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
                     f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept; attention cache "
                     f"{cached:,} bytes for the first sequence = {cached / compressed.nbytes:.2f}x the compressed keys; "
@@ -242,10 +242,10 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
     from svdq.derived import DERIVED
     from svdq.rope import apply_rope
 
+    budget = f"{cache_bytes:,} bytes" if cache_bytes is not None else "none (no float16 keys kept)"
     rows = [
         f"shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, svdq keys at the default 1.5 bits, 16-bit values; "
-        f"{queries_per_case} peaked queries per row; attention cache budget {cache_bytes:,} bytes"
-        if cache_bytes is not None else "no attention cache budget",
+        f"{queries_per_case} peaked queries per row; attention cache budget {budget}",
         "",
         "| tokens | attention | precision | kept float16 keys | error vs float32 path (median / max) | "
         "error vs uncompressed keys (median / max) | bf16 extra / compression error (median / max) | "
@@ -274,7 +274,9 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
         for label, sparsity in [("dense", None), ("sparse 1/32", SparsityConfig(keep_fraction=1 / 32))]:
             results = {}
             for precision in PRECISIONS:
-                for kept in ([False, True] if precision == "bfloat16" and sparsity is None else [False]):
+                # Without a budget nothing is kept: a "kept" row would repeat the cold one.
+                keeps = precision == "bfloat16" and sparsity is None and cache_bytes is not None
+                for kept in ([False, True] if keeps else [False]):
                     DERIVED.clear()
                     DERIVED.limit_bytes = cache_bytes if kept else None
                     keys = dataclasses.replace(compressed, _cache={})
@@ -285,7 +287,7 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
                                       precision=precision) for b in range(queries_per_case)]
                     results[(precision, kept)] = (torch.cat([answer.output for answer in answers]).double(),
                                                   torch.cat([answer.lse for answer in answers]).double(),
-                                                  "kept_keys" in keys._cache)
+                                                  KEPT_KEYS in keys._cache)
             reference, reference_lse, _ = results[("float32", False)]
             compression = ((reference - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1))
             for (precision, _), (out, lse, held) in results.items():

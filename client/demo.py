@@ -246,14 +246,13 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
 
     from svdq.attention import SparsityConfig
     from svdq.codec import CodecConfig
-    from svdq.kv import DEFAULT_CACHE_KEY_CODEC
     from svdq.values import DEFAULT_VALUE_CODEC
 
     from . import evaluation
 
     transformers_logging.disable_progress_bar()  # the demo's output is its report
     if args.cache_bits:
-        codec = DEFAULT_CACHE_KEY_CODEC
+        codec = None  # RemoteOffload's key default under a budget (svdq.kv.DEFAULT_CACHE_KEY_CODEC)
     elif args.codec == "svdq":
         codec = CodecConfig(method="svdq", bits_per_element=args.bits)
     elif args.codec == "kivi":

@@ -288,8 +288,9 @@ class LocalOffload(_SharedBasesMixin):
     """In-process backend: the svdq library directly (codec, values, attention), no gRPC.
 
     Args:
-        codec: how keys are compressed (default: svdq at 1.5 true bits per element);
-            ``CodecConfig(method="fp16")`` is the passthrough.
+        codec: how keys are compressed (default: the whole cache, see below; ``CodecConfig()``
+            is svdq at 1.5 true bits per element, values 16-bit); ``CodecConfig(method="fp16")``
+            is the passthrough.
         values: how values are stored (default: their 16-bit dtype).
         sparsity: key sparsity of the attention over the prefix (``None``: dense).
         backend: ``"torch"`` or ``"triton"`` for :func:`svdq.attention.attend` (default: its own choice).
@@ -428,7 +429,9 @@ class RemoteOffload(_SharedBasesMixin):
 
     Args:
         client: a connected ``KVCacheClient`` (the caller owns and closes it).
-        codec: key codec of the sequences' profile (default: svdq at 1.5 true bits).
+        codec: key codec of the sequences' profile (default: the whole cache, see below; with
+            ``cache_bits_per_element`` :data:`svdq.kv.DEFAULT_CACHE_KEY_CODEC`; ``CodecConfig()``
+            is svdq at 1.5 true bits).
         value_bits: ``None`` keeps values 16-bit on the server; 2 or 4 quantizes them.
         sparsity: key sparsity of the server's attention (``None``: dense).
         profile_name: name of the profile registered for the model (default: derived from
@@ -471,7 +474,9 @@ class RemoteOffload(_SharedBasesMixin):
     ) -> None:
         self.client = client
         if codec is None and value_bits is None and value_codec is None and cache_bits_per_element is None:
-            codec, value_codec, cache_bits_per_element = DEFAULT_CACHE_KEY_CODEC, DEFAULT_VALUE_CODEC, DEFAULT_TOTAL_BITS
+            value_codec, cache_bits_per_element = DEFAULT_VALUE_CODEC, DEFAULT_TOTAL_BITS
+        if codec is None and cache_bits_per_element is not None:
+            codec = DEFAULT_CACHE_KEY_CODEC  # a budget's own key default (svdq.kv.CacheBudget), as LocalOffload's
         self.cache_key_shares = tuple(cache_key_shares) if cache_key_shares is not None else None
         self.codec = codec or CodecConfig()
         self.value_bits = value_bits

@@ -22,8 +22,8 @@ from svdq_client.hf import (
 from svdq import from_bytes, to_bytes
 from svdq.codec import CodecConfig
 from svdq.errors import FormatError, InvalidInputError
-from svdq.kv import CacheBudget
-from svdq.values import values_from_bytes, values_to_bytes
+from svdq.kv import DEFAULT_CACHE_KEY_CODEC, DEFAULT_TOTAL_BITS, CacheBudget
+from svdq.values import DEFAULT_VALUE_CODEC, values_from_bytes, values_to_bytes
 
 # >= kv_heads * head_dim = 32 of the tiny llama; small enough to keep the calibration prefill cheap
 TOKENS = 64
@@ -60,6 +60,7 @@ def test_default_cache_fits_shared_bases_on_the_shipped_text_once_per_model(cali
     backend = LocalOffload()  # the default: the whole cache at 2.0 bits, no bases given
     cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS)
     assert calibration_runs == [TOKENS] and cache.calibration_seconds > 0
+    assert backend.cache_budget == CacheBudget() and backend.value_bases is not None
     # Fitted on the end of the shipped prose, never on what was offloaded.
     expected = calibrate_cache_bases(model, evaluation.calibration_tokens(tokenizer, TOKENS))[0]
     assert [b.fingerprint for b in backend.bases] == [b.fingerprint for b in expected]
@@ -128,6 +129,8 @@ def test_remote_default_sends_the_calibrated_bases_in_the_profile(shared_server)
             profile = client.get_profile(backend.profile_name)
             expected = default_calibrated_bases(model, tokenizer, TOKENS)[0]
             assert [b.fingerprint for b in profile.bases] == [b.fingerprint for b in expected]
+            assert profile.cache_bits_per_element == DEFAULT_TOTAL_BITS and profile.codec == DEFAULT_CACHE_KEY_CODEC
+            assert profile.value_codec == DEFAULT_VALUE_CODEC
             assert client.describe(backend.sequence_id).num_tokens == cache.offloaded_tokens > 0
         finally:
             cache.close()
@@ -170,3 +173,12 @@ def test_a_config_cannot_be_calibrated_and_settings_errors_come_before_calibrati
         SvdqOffloadCache(model, LocalOffload(CodecConfig(), value_bases=bases), tokenizer=ByteTokenizer(),
                          calibration_tokens=TOKENS)
     assert calibration_runs == []
+
+
+def test_a_remote_budget_without_a_key_codec_takes_the_budgets_own_key_default():
+    # As LocalOffload(cache_budget=CacheBudget(bits)): CacheBudget's key_codec default.
+    backend = RemoteOffload(None, value_codec=DEFAULT_VALUE_CODEC, cache_bits_per_element=1.75)
+    assert backend.codec == CacheBudget(1.75).key_codec == DEFAULT_CACHE_KEY_CODEC
+    keys_only = RemoteOffload(None, CodecConfig())
+    assert keys_only.codec == CodecConfig() and keys_only.cache_bits_per_element is None
+    assert keys_only.value_codec is None

@@ -49,7 +49,7 @@ def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int) -> s
                 return codec.to_bytes(codec.compress(keys, config, positions=positions, rope=LLAMA3_ROPE,
                                                      key_space="post_rope", basis=basis))
             calls[f"{label} {basis_name} basis"] = compress_one
-    blobs = {name: call() for name, call in calls.items()}  # warm-up
+    blobs = {name: call() for name, call in calls.items()}  # their sizes (medians_in_turns warms each call up itself)
     seconds = medians_in_turns(calls, torch.device("cpu"), repeats)
     megabytes = keys.numel() * 2 / 1e6
     lines = [f"### Compress, {tokens} tokens x 8 x 128 (synthetic post-RoPE Llama-3 layer), "

@@ -15,8 +15,8 @@ starts on the CPU (or ``--address``). Rows, side by side in one process on the s
   that many true bits per KV element, with shared key and value bases and each layer's
   key/value split calibrated once on text after the dNLL window (not the evaluated text) and
   sent in the profile; keys keep 1/8 of their quantized tokens (at least 4), the worst
-  reconstructed, as 2-bit corrections (``bench/quality.py``'s ``exact_share_keys(2)``, the best
-  whole-cache setting its table measured at 2.0 bits).
+  reconstructed, as 2-bit corrections (:data:`svdq.kv.DEFAULT_CACHE_KEY_CODEC`, the budget's
+  default, the best whole-cache setting ``bench/quality.py`` measured at 2.0 bits).
 
 Columns:
 
@@ -61,7 +61,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from svdq_client import KVCacheClient
@@ -75,12 +74,6 @@ from svdq.attention import SparsityConfig
 from svdq.codec import Basis, CodecConfig
 from svdq.kv import CacheBudget
 from svdq.values import DEFAULT_VALUE_CODEC
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import exact_share_keys  # noqa: E402  (bench/ is not a package; one definition of the setting)
-
-#: Bits of the key corrections in the whole-cache rows.
-CACHE_EXACT_BITS = 2
 
 
 @dataclass(frozen=True)
@@ -143,7 +136,7 @@ def _cache_rows(model, tokenizer, args: argparse.Namespace) -> list[Row]:
     key_bases, value_bases = calibrate_cache_bases(model, calibration)
     rows = []
     for bits in args.cache_bits:
-        budget = CacheBudget(bits, key_codec=exact_share_keys(CACHE_EXACT_BITS), value_codec=DEFAULT_VALUE_CODEC)
+        budget = CacheBudget(bits, value_codec=DEFAULT_VALUE_CODEC)  # keys: DEFAULT_CACHE_KEY_CODEC
         shares = calibrate_key_shares(model, calibration, budget, key_bases, value_bases)
         rows.append(Row(f"svdq cache {bits:g}b", budget.key_codec,
                         cache=WholeCache(budget, key_bases, value_bases, shares)))

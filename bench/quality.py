@@ -40,7 +40,7 @@ from svdq_client import evaluation as harness
 from svdq_client.hf import calibrate_cache_bases, default_calibrated_bases
 
 import svdq
-from svdq.kv import CacheBudget, compress_kv
+from svdq.kv import DEFAULT_CACHE_KEY_CODEC, CacheBudget, compress_kv
 from svdq.rope import apply_rope
 from svdq.values import (
     DEFAULT_VALUE_CODEC,
@@ -87,8 +87,9 @@ EXACT_KEYS = svdq.CodecConfig(exact_tokens=4)
 
 def exact_share_keys(bits: int, share: float = 0.125) -> svdq.CodecConfig:
     """Whole-cache keys that keep ``share`` of their quantized tokens (at least 4), the worst
-    reconstructed, as ``bits``-bit corrections of their reconstruction."""
-    return svdq.CodecConfig(exact_tokens=4, exact_share=share, exact_bits=bits)
+    reconstructed, as ``bits``-bit corrections of their reconstruction: the budget's default
+    :data:`svdq.kv.DEFAULT_CACHE_KEY_CODEC` at 2 bits and 1/8."""
+    return replace(DEFAULT_CACHE_KEY_CODEC, exact_share=share, exact_bits=bits)
 
 
 def main_methods() -> list[Method]:

@@ -459,15 +459,18 @@ class CompressedKeys:
         Computed once (walking the format costs ~60 us, and stores, metrics and replies read it
         often). The dataclass is not frozen, though the codec never changes one in place
         (append, to() and the loader return new objects), so the size is kept together with
-        the identity of every field it depends on and recomputed if one was assigned anew."""
-        key = (self.method, self.kv_heads, self.head_dim, self.group_size, self.num_sinks, self.exact_bits,
-               self.rope is None, self.shared_basis is None, id(self.channel_bits), id(self.sinks), id(self.codes),
-               id(self.tail), id(self.positions), id(self.exact_index))
-        if self._size is None or self._size[0] != key:
+        the fields it depends on and recomputed if one was assigned anew. The tensors themselves
+        are kept and compared by identity: an ``id()`` alone can be reused by a new tensor once
+        the old one is freed."""
+        scalars = (self.method, self.kv_heads, self.head_dim, self.group_size, self.num_sinks, self.exact_bits,
+                   self.rope is None, self.shared_basis is None)
+        tensors = (self.channel_bits, self.sinks, self.codes, self.tail, self.positions, self.exact_index)
+        kept = self._size
+        if kept is None or kept[0] != scalars or any(old is not new for old, new in zip(kept[1], tensors, strict=True)):
             from .format import serialized_size
 
-            self._size = (key, serialized_size(self))
-        return self._size[1]
+            self._size = kept = (scalars, tensors, serialized_size(self))
+        return kept[2]
 
     @property
     def bits_per_element(self) -> float:
@@ -615,7 +618,8 @@ def compress(
 
     # svdq works on pre-RoPE keys; the baselines keep the space they were given.
     stored_space = key_space
-    if config.method == "svdq" and key_space == "post_rope":
+    unrotated = config.method == "svdq" and key_space == "post_rope"
+    if unrotated:
         work = undo_rope(keys, token_pos, _require_rope(rope))
         stored_space = "pre_rope"
     else:
@@ -629,8 +633,12 @@ def compress(
     # token that waited in the full-precision tail before its group filled are quantized alike.
     # ``rounded`` is what the full-precision tokens store; the float32 buffer takes its values
     # back in place: each fresh float32 copy of every key costs ~20 ms of page faults alone.
-    rounded = work.reshape(tokens, channels).to(storage)
-    flat = work.reshape(tokens, channels).copy_(rounded)
+    if not unrotated and keys.dtype == storage:
+        # 16-bit keys as given are their own rounding, and the float32 buffer already holds them.
+        rounded, flat = keys.reshape(tokens, channels), work.reshape(tokens, channels)
+    else:
+        rounded = work.reshape(tokens, channels).to(storage)
+        flat = work.reshape(tokens, channels).copy_(rounded)
 
     if config.method == "fp16":
         num_sinks, group_size = 0, config.group_size_for(tokens)
@@ -818,13 +826,6 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
             latent[:, narrow] = (rows.to(torch.bfloat16) @ low_basis).float()
             latent[:, wide] = rows @ wide_basis
             yield latent
-
-
-def _project(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor,
-             low_precision: bool) -> torch.Tensor:
-    """float32 [tokens, r]: every chunk of :func:`_projected_chunks` at once."""
-    chunks = list(_projected_chunks(centred, basis_columns, kept_bits, low_precision))
-    return torch.cat(chunks) if chunks else centred.new_empty(0, basis_columns.shape[1])
 
 
 def _encode(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch.Tensor, group_size: int,

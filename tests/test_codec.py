@@ -20,11 +20,15 @@ from svdq import (
     relative_error,
     to_bytes,
 )
-from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _project, gram
+from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _projected_chunks, gram
 from svdq.quant import pack_codes, quantize_groups
 
 ROPE = RopeConfig(theta=10000.0)
 
+
+def _project(centred, basis_columns, kept_bits, low_precision):
+    """float32 [tokens, r]: every chunk of the codec's projection at once."""
+    return torch.cat(list(_projected_chunks(centred, basis_columns, kept_bits, low_precision)))
 
 def layer_keys(tokens=300, heads=3, head_dim=16, seed=0, dtype=torch.float32):
     """Pre-RoPE keys with a fast-decaying spectrum and a large mean, like real key caches."""

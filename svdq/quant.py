@@ -222,8 +222,11 @@ def distortion_table(latent: torch.Tensor) -> torch.Tensor:
     chunk is narrower than its vector width (not at 64 or 128 channels per head).
     """
     table = torch.empty(latent.shape[-1], MAX_BITS + 1, dtype=torch.float64)
-    for first in range(0, latent.shape[-1], TABLE_CHANNELS):
-        part = latent[:, :, first:first + TABLE_CHANNELS].contiguous()
+    # A CPU cache measure, like pack_codes' and the rotation's blocks: on a GPU more chunks only
+    # add launches and device-to-host copies.
+    step = TABLE_CHANNELS if latent.device.type == "cpu" else max(1, latent.shape[-1])
+    for first in range(0, latent.shape[-1], step):
+        part = latent[:, :, first:first + step].contiguous()
         rows = table[first:first + part.shape[-1]]
         rows[:, 0] = part.pow(2).sum(dim=(0, 1)).double().cpu()
         low, high = _group_range(part)

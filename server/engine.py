@@ -552,23 +552,24 @@ class Engine:
                     staging.values[layer].append(chunk.values[offset])
                 staging.received[layer] = end
             staging.positions[chunk.token_start:end] = positions
-            for layer in span:
-                if end == header.total_tokens:
-                    self._compress_layer(staging, layer)
+            if end == header.total_tokens:
+                # every token of these layers has arrived, so every position is known; later
+                # chunks of other layers only rewrite the same values
+                device_positions = staging.positions.to(self.device, copy=True)
+                for layer in span:
+                    self._compress_layer(staging, layer, device_positions)
 
-    def _compress_layer(self, staging: _Staging, layer: int) -> None:
-        """Compress one layer whose tokens have all arrived and let go of its raw chunks
-        (under ``staging.lock``)."""
+    def _compress_layer(self, staging: _Staging, layer: int, positions: torch.Tensor) -> None:
+        """Compress one layer whose tokens have all arrived (``positions`` on the device) and let
+        go of its raw chunks once that succeeded (under ``staging.lock``): a layer whose
+        compression failed keeps them, and :meth:`finish_upload` compresses it again."""
         started = time.perf_counter()
         profile, header = staging.profile, staging.header
         layer_keys = _joined(staging.keys[layer])
         layer_values = _joined(staging.values[layer]) if header.has_values else None
-        staging.keys[layer], staging.values[layer] = [], []
-        # every token has arrived for this layer, so every position is known; later chunks of
-        # other layers only rewrite the same values
-        positions = staging.positions.to(self.device, copy=True)
         staging.compressed[layer] = self._compress_one(profile, header.key_space, layer, layer_keys, layer_values,
                                                        positions)
+        staging.keys[layer], staging.values[layer] = [], []
         if layer == staging.sampled_layer:
             staging.sampled_error = self._error_sample(layer_keys, staging.compressed[layer][0])
         staging.compress_seconds += time.perf_counter() - started
@@ -611,6 +612,11 @@ class Engine:
                     f"upload incomplete: layer {layer} has {got} of {header.total_tokens} tokens "
                     f"({len(missing)} layers incomplete); send the whole upload again with the same upload_id"
                 )
+            failed = [layer for layer, done in enumerate(staging.compressed) if done is None]
+            if failed:  # their compression raised when their last chunk came (and that chunk's call failed)
+                positions = staging.positions.to(self.device, copy=True)
+                for layer in failed:
+                    self._compress_layer(staging, layer, positions)
             compressed = list(staging.compressed)
         with self._uploads_lock:
             # The upload is consumed whatever happens next: a failure below is about the data.

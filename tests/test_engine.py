@@ -637,3 +637,26 @@ def test_attend_uses_the_configured_attention_precision(precision, monkeypatch):
 def test_an_unknown_attention_precision_is_refused_when_the_engine_starts():
     with pytest.raises(InvalidInputError, match=r"precision must be one of \('float32', 'bfloat16'\), got 'fp8'"):
         Engine(EngineConfig(device="cpu", attention_precision="fp8"))
+
+
+def test_a_layer_whose_compression_failed_is_compressed_again_when_the_upload_finishes(monkeypatch):
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 22), [make_profile()])
+    keys, values = cache()
+    engine.upload("t", header("whole"), keys, values)
+    upload = header("retried")
+    engine.begin_upload("t", upload)
+    real, failures = engine._compress_one, []
+
+    def fails_once(*args):
+        if not failures:
+            failures.append(args[2])
+            raise ResourceExhaustedError("out of memory (injected)")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_compress_one", fails_once)
+    with pytest.raises(ResourceExhaustedError, match="injected"):
+        engine.add_chunk("t", upload, UploadChunkData(0, 0, keys, values, None))  # both layers in one chunk
+    # The chunk counts as arrived (a resent one is skipped), so finishing compresses both layers now.
+    engine.add_chunk("t", upload, UploadChunkData(0, 0, keys, values, None))
+    engine.finish_upload("t", upload)
+    assert failures == [0] and snapshot(engine, "t", "retried") == snapshot(engine, "t", "whole")

@@ -56,7 +56,7 @@ from svdq.kv import compress_kv
 from svdq.rope import RopeConfig
 from svdq.values import CompressedValues, compress_values, decompress_values
 
-from .store import SequenceState, SequenceStore, StoreBackend, StoredSequence, StorePolicy, fp16_bytes
+from .store import SequenceState, SequenceStore, StoreBackend, StoredSequence, StorePolicy, fp16_bytes, fp16_sizes
 
 log = logging.getLogger(__name__)
 
@@ -1022,8 +1022,7 @@ class Engine:
 
     def _info(self, entry: StoredSequence) -> SequenceInfo:
         state, profile = entry.state, entry.profile
-        fp16_keys = fp16_bytes(profile, state.num_tokens)
-        fp16_values = fp16_keys if state.values is not None else 0
+        fp16_keys, fp16_values = fp16_sizes(profile, state)
         key_bytes, value_bytes = state.key_bytes, state.value_bytes
         return SequenceInfo(
             sequence_id=entry.sequence_id, profile=profile.name, num_tokens=state.num_tokens,

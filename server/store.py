@@ -313,11 +313,6 @@ class StoreBackend(Protocol):
 
 
 
-def _fp16_of(entry: StoredSequence) -> tuple[int, int]:
-    """``(keys, values)``: float16 bytes of a stored sequence's keys and of its values (0 without)."""
-    keys = fp16_bytes(entry.profile, entry.state.num_tokens)
-    return keys, keys if entry.state.values is not None else 0
-
 class SequenceStore:
     """Tenant-scoped sequences in this process's memory under ``budget_bytes`` (serialized
     sizes of keys and values): the embedded backend.
@@ -486,7 +481,7 @@ class SequenceStore:
         self._stored_bytes += entry.charged_bytes
         self._stored_key_bytes += entry.charged_key_bytes
         self._tenant_bytes[entry.tenant] += entry.charged_bytes
-        keys_fp16, values_fp16 = _fp16_of(entry)
+        keys_fp16, values_fp16 = fp16_sizes(entry.profile, entry.state)
         self._stored_fp16["keys"] += keys_fp16
         self._stored_fp16["values"] += values_fp16
         self._tenant_fp16[entry.tenant] += keys_fp16 + values_fp16
@@ -497,7 +492,7 @@ class SequenceStore:
         self._tenant_bytes[entry.tenant] -= entry.charged_bytes
         if not self._tenant_bytes[entry.tenant]:
             del self._tenant_bytes[entry.tenant]  # the share count is over tenants that store something
-        keys_fp16, values_fp16 = _fp16_of(entry)
+        keys_fp16, values_fp16 = fp16_sizes(entry.profile, entry.state)
         self._stored_fp16["keys"] -= keys_fp16
         self._stored_fp16["values"] -= values_fp16
         self._tenant_fp16[entry.tenant] -= keys_fp16 + values_fp16
@@ -559,6 +554,12 @@ def states_tensor_bytes(states: Iterable[SequenceState]) -> int:
 def fp16_bytes(profile: Profile, tokens: int) -> int:
     """Bytes of ``tokens`` tokens of one tensor kind (keys or values) of every layer in float16."""
     return 2 * tokens * profile.num_layers * profile.channels
+
+
+def fp16_sizes(profile: Profile, state: SequenceState) -> tuple[int, int]:
+    """``(keys, values)``: float16 bytes of a sequence's keys and of its values (0 without)."""
+    keys = fp16_bytes(profile, state.num_tokens)
+    return keys, keys if state.values is not None else 0
 
 
 def check_store_url(url: str) -> str:

@@ -74,7 +74,7 @@ from .store import (
     SequenceState,
     StoredSequence,
     StorePolicy,
-    fp16_bytes,
+    fp16_sizes,
     plan_eviction,
     states_tensor_bytes,
     timed,
@@ -820,9 +820,9 @@ class RedisSequenceStore:
 
     @staticmethod
     def _charge(tenant: str, profile: Profile, state: SequenceState) -> dict:
-        fp16 = fp16_bytes(profile, state.num_tokens)
-        return {"tenant": tenant, "nbytes": state.nbytes, "key_bytes": state.key_bytes, "fp16_keys": fp16,
-                "fp16_values": fp16 if state.values is not None else 0}
+        fp16_keys, fp16_values = fp16_sizes(profile, state)
+        return {"tenant": tenant, "nbytes": state.nbytes, "key_bytes": state.key_bytes, "fp16_keys": fp16_keys,
+                "fp16_values": fp16_values}
 
     @staticmethod
     def _parse_charge(values) -> dict | None:

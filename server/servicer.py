@@ -8,7 +8,6 @@ handled here: the engine raises typed errors and the interceptor turns them into
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,7 +57,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         async for piece in request_iterator:
             await self._run(assembler.add, piece)  # converts and checks one layer's basis
         profile = await self._run(self.engine.register_profile, assembler.result(), assembler.replace, tenant)
-        return dataclasses.replace(profile, bases=None, value_bases=None).to_pb()
+        return profile.without_bases().to_pb()
 
     async def GetProfileStream(self, request, context):
         profile = self.engine.get_profile(convert.check_name(request.name, "name"), current_tenant.get())
@@ -73,7 +72,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     async def ListProfiles(self, request, context):
         profiles = self.engine.list_profiles(current_tenant.get())
         return pb.ListProfilesResponse(
-            profiles=[dataclasses.replace(profile, bases=None, value_bases=None).to_pb() for profile in profiles],
+            profiles=[profile.without_bases().to_pb() for profile in profiles],
             names_with_bases=[profile.name for profile in profiles if profile.bases or profile.value_bases])
 
     async def Compress(self, request, context):

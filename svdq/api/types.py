@@ -331,6 +331,11 @@ class Profile:
                 basis_to_pb(basis, target.add())
         return message
 
+    def without_bases(self) -> Profile:
+        """The same profile without its shared bases: what listings and the head of a profile
+        stream carry (the bases go one layer per message, or not at all)."""
+        return replace(self, bases=None, value_bases=None)
+
     @property
     def bases_bytes(self) -> int:
         """Bytes the shared key and value bases take held in memory (what --max-profile-bytes bounds)."""
@@ -396,7 +401,7 @@ def profile_pieces(profile: Profile, replace_existing: bool = False) -> Iterator
     """A profile as a ``ProfilePiece`` stream: the profile without bases first, then one
     layer's basis per message, key bases before value bases; each is built when the stream
     reaches it, so no message (nor the sender) holds more than one layer's basis at a time."""
-    bare = replace(profile, bases=None, value_bases=None)
+    bare = profile.without_bases()
     yield pb.ProfilePiece(profile=bare.to_pb(), replace=replace_existing, key_bases=len(profile.bases or ()),
                           value_bases=len(profile.value_bases or ()))
     for basis in (*(profile.bases or ()), *(profile.value_bases or ())):

@@ -146,9 +146,10 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
      "(fitting a basis costs O(channels^3) whatever the token count)", {}),
     ("max-work-bytes", parse_bytes, "most estimated working memory of compressing or reconstructing one layer; "
      "larger requests get RESOURCE_EXHAUSTED before any work", {}),
-    ("max-profile-bytes", parse_bytes, "most bytes of shared bases one profile registered over RPC may hold in "
-     "memory (float32; a Llama-3-8B-sized profile's key bases take ~134 MB); larger ones get RESOURCE_EXHAUSTED. "
-     "Profiles travel one layer's basis per message, so this, not --max-message-bytes, bounds them", {}),
+    ("max-profile-bytes", parse_bytes, "most bytes of shared bases the profiles one tenant registers over RPC may "
+     "hold in memory together, counting profile streams in progress (float32; a Llama-3-8B-sized profile's key "
+     "bases take ~134 MB); a profile past it gets RESOURCE_EXHAUSTED before its bases arrive. Profiles travel one "
+     "layer's basis per message, so this, not --max-message-bytes, bounds them", {}),
     ("staging-bytes", parse_bytes, "raw data all uploads in progress may stage together (16-bit size reserved "
      "at the start, float32 chunks charged at their real size); 0 = twice --store-bytes", {}),
     ("staging-tenant-share", float, "fraction of --staging-bytes and of --max-open-uploads one tenant may hold", {}),

@@ -11,6 +11,7 @@ compression, budget check) before it replaces the old one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -28,10 +29,10 @@ from svdq.api.types import (
     AttendStats,
     BlobStats,
     Profile,
+    ProfileAssembler,
     SequenceInfo,
     ServerInfo,
     abbreviate,
-    check_bases_bytes,
     check_name,
 )
 from svdq.api.wire import all_finite
@@ -71,7 +72,7 @@ DEFAULT_UPLOAD_IDLE_SECONDS = 30.0
 DEFAULT_STAGING_TENANT_SHARE = 0.5
 #: shared bases of one tenant profile, held in float32: a Llama-3-8B-sized profile's key and
 #: value bases (2 x 32 layers x 1024^2 channels) take 268 MB
-DEFAULT_MAX_PROFILE_BYTES = 512 << 20
+DEFAULT_MAX_PROFILE_BYTES = 1 << 30
 #: largest attention scale: models use 1/sqrt(head_dim) or less; larger ones only overflow
 MAX_ATTEND_SCALE = 16.0
 #: owner of the profiles loaded at start (--profiles-file): every tenant sees them
@@ -105,7 +106,8 @@ class EngineConfig:
         max_channels: ``kv_heads * head_dim`` of any keys the engine compresses or loads.
         max_work_bytes: estimated working memory of one layer's compression or
             reconstruction (:func:`svdq.codec.work_bytes`).
-        max_profile_bytes: shared bases (held in float32) of one profile a tenant registers.
+        max_profile_bytes: shared bases (held in float32) of all the profiles a tenant holds,
+            registered and arriving on profile streams in progress.
         staging_bytes: raw data of every upload in progress together; ``None``: twice
             ``store_bytes`` (raw 16-bit keys are ~10x their compressed size).
         staging_tenant_share: fraction of ``staging_bytes`` and of ``max_open_uploads`` that
@@ -273,6 +275,7 @@ class Engine:
             observe=metrics.store_operation if metrics is not None else None)
         self._profiles = self.store.profiles()
         self._profiles_lock = threading.Lock()
+        self._streamed_bases: dict[str, int] = {}  # tenant -> bases its profile streams declared, under _profiles_lock
         self.limits = CostLimits(self.config.max_tokens, self.config.max_channels, self.config.max_work_bytes)
         self.staging_bytes = self.config.staging_bytes if self.config.staging_bytes is not None \
             else 2 * self.config.store_bytes
@@ -294,17 +297,18 @@ class Engine:
     # it, so one tenant can neither see nor change another tenant's profiles. A tenant's own
     # profile may not take an operator profile's name (lookups would become ambiguous).
 
-    def register_profile(self, profile: Profile, replace: bool = False, tenant: str = OPERATOR) -> Profile:
+    def register_profile(self, profile: Profile, replace: bool = False, tenant: str = OPERATOR,
+                         streamed_bytes: int = 0) -> Profile:
         """Add a profile for ``tenant`` (OPERATOR: visible to all tenants); re-registering an
         identical one is a no-op, a different one with the same name needs ``replace``
         (ConflictError otherwise). Its geometry must be within the cost limits, and a tenant's
-        shared bases within ``max_profile_bytes`` (the operator's own profiles are not bounded)."""
+        shared bases, all its profiles together, within ``max_profile_bytes`` (the operator's
+        own profiles are not bounded). ``streamed_bytes``: the part of the tenant's profile
+        streams in progress that is this profile's own (:meth:`profile_stream`)."""
         check_cost(1, profile.kv_heads, profile.head_dim, self.limits, what=f"profile {profile.name!r}")
-        if tenant != OPERATOR:
-            check_bases_bytes(profile.name, len(profile.bases or ()) + len(profile.value_bases or ()),
-                              profile.channels, self.config.max_profile_bytes)
         with self._profiles_lock:
             if tenant != OPERATOR:
+                self._check_tenant_bases(tenant, profile.name, profile.bases_bytes, streamed_bytes)
                 operator = self._profiles.get((OPERATOR, profile.name))
                 if operator is not None:
                     if operator.same_as(profile):
@@ -320,6 +324,48 @@ class Engine:
                 )
             self._profiles[(tenant, profile.name)] = profile
         return profile
+
+    def _check_tenant_bases(self, tenant: str, name: str, nbytes: int, streamed_bytes: int = 0) -> None:
+        """ResourceExhaustedError unless ``nbytes`` more bytes of bases for profile ``name`` fit
+        ``tenant``'s ``max_profile_bytes`` beside its other profiles (one of the same name is
+        replaced, so it does not count) and its profile streams in progress. Under _profiles_lock."""
+        held = sum(other.bases_bytes for (owner, other_name), other in self._profiles.items()
+                   if owner == tenant and other_name != name)
+        arriving = self._streamed_bases.get(tenant, 0) - streamed_bytes
+        limit = self.config.max_profile_bytes
+        if held + arriving + nbytes > limit:
+            raise ResourceExhaustedError(
+                f"profile {name!r} has {nbytes} bytes of shared bases held in memory (float32); this tenant's other "
+                f"profiles hold {held} and its profile streams in progress {arriving}, and the server holds at most "
+                f"{limit} bytes of bases per tenant (--max-profile-bytes): register fewer bases (keys only, or no "
+                "value bases), replace a profile instead of adding one, or ask the operator for a larger limit"
+            )
+
+    @contextlib.contextmanager
+    def profile_stream(self, tenant: str = OPERATOR) -> Iterator[ProfileAssembler]:
+        """A :class:`ProfileAssembler` for one profile stream of ``tenant``. The bases its first
+        message declares are checked against ``max_profile_bytes`` before any arrives and count
+        against it until the stream ends, so streams in parallel cannot pass the limit together;
+        register the result with ``streamed_bytes=assembler.declared_bytes`` inside the block."""
+        reserved = 0
+
+        def reserve(profile: Profile, nbytes: int) -> None:
+            nonlocal reserved
+            if tenant == OPERATOR:
+                return
+            with self._profiles_lock:
+                self._check_tenant_bases(tenant, profile.name, nbytes)
+                self._streamed_bases[tenant] = self._streamed_bases.get(tenant, 0) + nbytes
+            reserved = nbytes
+
+        try:
+            yield ProfileAssembler(reserve)
+        finally:
+            if reserved:
+                with self._profiles_lock:
+                    left = self._streamed_bases.pop(tenant) - reserved
+                    if left:
+                        self._streamed_bases[tenant] = left
 
     def get_profile(self, name: str, tenant: str = OPERATOR) -> Profile:
         """The profile ``name`` as ``tenant`` sees it: its own, else the operator's."""

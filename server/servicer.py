@@ -15,7 +15,7 @@ import grpc
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
-from svdq.api.types import Profile, ProfileAssembler, profile_pieces
+from svdq.api.types import Profile, profile_pieces
 from svdq.api.wire import tensor_to_pb
 from svdq.errors import InvalidInputError
 
@@ -53,10 +53,11 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     async def RegisterProfileStream(self, request_iterator, context):
         tenant = current_tenant.get()
-        assembler = ProfileAssembler(self.engine.config.max_profile_bytes)
-        async for piece in request_iterator:
-            await self._run(assembler.add, piece)  # converts and checks one layer's basis
-        profile = await self._run(self.engine.register_profile, assembler.result(), assembler.replace, tenant)
+        with self.engine.profile_stream(tenant) as assembler:
+            async for piece in request_iterator:
+                await self._run(assembler.add, piece)  # converts and checks one layer's basis
+            profile = await self._run(self.engine.register_profile, assembler.result(), assembler.replace, tenant,
+                                      assembler.declared_bytes)
         return profile.without_bases().to_pb()
 
     async def GetProfileStream(self, request, context):

@@ -1,5 +1,5 @@
 """Profiles whose shared bases pass one gRPC message travel as a stream (one layer's basis per
-message) through both clients; --max-profile-bytes still bounds them, and malformed streams
+message) through both clients; --max-profile-bytes still bounds a tenant's bases, and malformed streams
 get INVALID_ARGUMENT without registering anything."""
 
 import asyncio
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 HEADS, DIM = 2, 128  # 256 channels: one layer's key basis is ~134 kB on the wire (float16 components)
 MESSAGE_LIMIT = 1 << 20
-PROFILE_LIMIT = 8 << 20
+PROFILE_LIMIT = 16 << 20  # per tenant: "big" and "big-async" (6.3 MB each) and "keys-only" fit together
 
 
 def bases(layers: int, seed: int) -> tuple:
@@ -79,17 +79,19 @@ def test_the_async_client_streams_profiles_the_same_way(server):
 
 
 def test_a_profile_over_the_profile_limit_is_refused_before_its_bases_arrive(server):
-    profile = big_profile("too-big", 16)
-    assert profile.bases_bytes == 32 * basis_bytes(HEADS * DIM) > PROFILE_LIMIT
+    profile = big_profile("too-big", 40)
+    assert profile.bases_bytes == 80 * basis_bytes(HEADS * DIM) > PROFILE_LIMIT
     with KVCacheClient(server.address, timeout=60) as client:
-        with pytest.raises(ResourceExhaustedError, match=rf"profile 'too-big' has 32 shared bases of 256 channels, "
-                           rf"{profile.bases_bytes} bytes held in memory; the server holds at most {PROFILE_LIMIT} "
-                           r"bytes of bases per profile \(--max-profile-bytes\)"):
+        with pytest.raises(ResourceExhaustedError, match=rf"profile 'too-big' has {profile.bases_bytes} bytes of shared "
+                           r"bases held in memory \(float32\); this tenant's other profiles hold \d+ and its profile "
+                           rf"streams in progress 0, and the server holds at most {PROFILE_LIMIT} bytes of bases per "
+                           r"tenant \(--max-profile-bytes\)"):
             client.register_profile(profile)
         with pytest.raises(NotFoundError):
             client.get_profile("too-big")
         # keys only fits
-        keys_only = Profile("keys-only", 16, HEADS, DIM, codec=CodecConfig(bits_per_element=2.0), bases=profile.bases)
+        keys_only = Profile("keys-only", 12, HEADS, DIM, codec=CodecConfig(bits_per_element=2.0),
+                            bases=profile.bases[:12])
         client.register_profile(keys_only)
         assert client.get_profile("keys-only").same_as(keys_only)  # what the server stored
 

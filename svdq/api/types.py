@@ -8,7 +8,7 @@ rejected the same way whether it came from a config file, a Python caller or the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,7 +17,7 @@ from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
 from svdq.attention import SparsityConfig
 from svdq.codec import Basis, CodecConfig
-from svdq.errors import InvalidInputError, ResourceExhaustedError
+from svdq.errors import InvalidInputError
 from svdq.kv import CacheBudget
 from svdq.rope import RopeConfig
 from svdq.values import ValueConfig
@@ -154,17 +154,6 @@ def basis_bytes(channels: int) -> int:
     """Bytes one layer's shared basis of ``channels`` channels takes held in memory: float32
     mean [C], components [C, C] and singular values [C]."""
     return 4 * channels * (channels + 2)
-
-
-def check_bases_bytes(profile: str, count: int, channels: int, limit: int | None) -> None:
-    """ResourceExhaustedError when ``count`` bases of ``channels`` channels pass ``limit`` bytes."""
-    needed = count * basis_bytes(channels)
-    if limit is not None and needed > limit:
-        raise ResourceExhaustedError(
-            f"profile {profile!r} has {count} shared bases of {channels} channels, {needed} bytes held in memory; the "
-            f"server holds at most {limit} bytes of bases per profile (--max-profile-bytes): register fewer bases "
-            "(keys only, or no value bases) or ask the operator for a larger limit"
-        )
 
 
 def basis_to_pb(basis: Basis, out: pb.LayerBasis | None = None) -> pb.LayerBasis:
@@ -410,11 +399,13 @@ def profile_pieces(profile: Profile, replace_existing: bool = False) -> Iterator
 
 class ProfileAssembler:
     """Collects a ``ProfilePiece`` stream (:func:`profile_pieces`) into a :class:`Profile`,
-    checking each message as it comes: the declared bases against ``max_bases_bytes`` before
-    any arrives, and each basis converted (and its message let go) on arrival."""
+    checking each message as it comes: ``reserve(profile, nbytes)`` gets the bases the first
+    message declares (``nbytes`` held in float32) before any arrives and may refuse them by
+    raising, and each basis is converted (and its message let go) on arrival."""
 
-    def __init__(self, max_bases_bytes: int | None = None) -> None:
-        self.max_bases_bytes = max_bases_bytes
+    def __init__(self, reserve: Callable[[Profile, int], None] | None = None) -> None:
+        self.reserve = reserve
+        self.declared_bytes = 0
         self.profile: Profile | None = None  # the first message's, without bases
         self.replace = False
         self._declared = (0, 0)
@@ -433,8 +424,10 @@ class ProfileAssembler:
                 if count not in (0, profile.num_layers):
                     raise InvalidInputError(f"{name} must be 0 or the profile's num_layers {profile.num_layers}, "
                                             f"got {count}")
-            check_bases_bytes(profile.name, piece.key_bases + piece.value_bases, profile.channels,
-                              self.max_bases_bytes)
+            declared_bytes = (piece.key_bases + piece.value_bases) * basis_bytes(profile.channels)
+            if self.reserve is not None:
+                self.reserve(profile, declared_bytes)
+            self.declared_bytes = declared_bytes
             self.profile, self.replace, self._declared = profile, piece.replace, (piece.key_bases, piece.value_bases)
             return
         if piece.HasField("profile") or not piece.HasField("basis"):
@@ -603,7 +596,6 @@ __all__ = [
     "basis_bytes",
     "basis_from_pb",
     "basis_to_pb",
-    "check_bases_bytes",
     "check_name",
     "codec_from_pb",
     "codec_to_dict",

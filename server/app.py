@@ -71,8 +71,9 @@ def tune_malloc(arenas: int, trim_bytes: int) -> dict[str, int]:
     an arena (or allocated as its own mapping, as most tensors of a layer are) goes back to
     the system, so the worker that compresses a layer faults in fresh zeroed pages for every
     tensor although another worker has just freed as much. Both settings keep that memory in
-    use: they took the page faults of a 4-layer, 4,096-token upload from ~10,000 to ~0, and
-    the upload from ~1.7x to ~1.3x the compression alone (``bench/service.py --part uploads``)."""
+    use: they took the page faults of a 4-layer, 4,096-token upload from ~10,000 to ~0, and the
+    server's CPU for it from ~1.5x to ~1.25x the compression alone (``bench/service.py --part
+    uploads``; ``perf`` had ``clear_page_erms`` at 20% of the server's CPU before)."""
     if platform.libc_ver()[0] != "glibc":
         return {}
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)

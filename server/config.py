@@ -172,7 +172,8 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("malloc-trim-bytes", parse_bytes, "freed memory glibc malloc keeps for reuse before returning it to the system "
      "(M_TRIM_THRESHOLD; allocations up to 32 MiB then come from the heap, not their own mapping); 0 keeps glibc's "
      "adaptive default. Returned memory is faulted in again, zeroed page by page, by the next compression: with "
-     "glibc's defaults ~10,000 page faults per 4-layer, 4,096-token upload, 0.4x the compression's own time on CPU",
+     "glibc's defaults ~10,000 page faults per 4-layer, 4,096-token upload, a quarter of the compression's own CPU "
+     "time",
      {}),
     ("attention-cache-bytes", parse_bytes, "memory for tensors attention derives from stored keys and keeps between "
      "calls (unpacked codes, score latents, kernel layouts), least recently used first out; on top of --store-bytes. "

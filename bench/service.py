@@ -112,24 +112,47 @@ def codec_seconds(profile: Profile, keys: torch.Tensor, values: torch.Tensor) ->
     return time.perf_counter() - started
 
 
+def minor_faults(pid: int | None) -> int | None:
+    """Minor page faults of process ``pid`` so far (Linux ``/proc``; None elsewhere or without a pid)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7]) if pid else None
+    except OSError:
+        return None
+
+
 def bench_profile(clients: dict[str, KVCacheClient], profile: Profile, keys, values, batches, iterations, sparsity,
-                  repeats):
+                  repeats, pids: dict[str, int] | None = None):
     """Upload timing through each server of ``clients`` (label -> client: the working tree's
     first, then e.g. ``--baseline``) and the codec's own time for the same data, all in turns
-    (every repeat times the codec and one upload per server), medians of ``repeats``; stored
-    bytes; then Attend latencies per batch size through the first server (none when
+    (every repeat times the codec and one upload per server), medians of ``repeats``; the
+    server's minor page faults per upload and CPU seconds (all its threads) over all uploads
+    against the codec's (``pids``: label -> server process, where this bench started it);
+    stored bytes; then Attend latencies per batch size through the first server (none when
     ``batches`` is empty). Returns one row per server."""
+    pids = pids or {}
+    watched = {label: psutil.Process(pid) for label, pid in pids.items()}
     upload_seconds: dict[str, list[float]] = {label: [] for label in clients}
+    upload_faults: dict[str, list[int]] = {label: [] for label in clients}
+    server_cpu = dict.fromkeys(clients, 0.0)
     codec_times = []
+    codec_cpu = 0.0
     sequences, infos = {}, {}
     for repeat in range(repeats):
+        started = time.process_time()
         codec_times.append(codec_seconds(profile, keys, values))
+        codec_cpu += time.process_time() - started
         for label, client in clients.items():
             sequences[label] = f"bench-{profile.name}-{repeat}-{uuid.uuid4().hex[:6]}"
+            faults = minor_faults(pids.get(label))
+            cpu = sum(watched[label].cpu_times()[:2]) if label in watched else 0.0
             started = time.perf_counter()
             infos[label] = client.upload(sequences[label], profile.name, keys, values,
                                          positions=torch.arange(keys.shape[1]), key_space="post_rope")
             upload_seconds[label].append(time.perf_counter() - started)
+            if faults is not None:
+                upload_faults[label].append(minor_faults(pids[label]) - faults)
+            if label in watched:
+                server_cpu[label] += sum(watched[label].cpu_times()[:2]) - cpu
             print(f"# {profile.name} upload {repeat} [{label}]: {upload_seconds[label][-1]:.2f} s, codec alone "
                   f"{codec_times[-1]:.2f} s", file=sys.stderr, flush=True)
             if repeat < repeats - 1:
@@ -144,6 +167,8 @@ def bench_profile(clients: dict[str, KVCacheClient], profile: Profile, keys, val
         ratios = [upload / alone for upload, alone in zip(seconds, codec_times, strict=True)]
         rows[label] = {"upload_mb_s": key_mb / statistics.median(seconds), "key_bytes": info.key_bytes,
                        "codec_mb_s": key_mb / codec, "upload_over_codec": statistics.median(ratios),
+                       "faults": statistics.median(upload_faults[label]) if upload_faults[label] else None,
+                       "cpu_over_codec": server_cpu[label] / codec_cpu if label in watched else None,
                        "value_bytes": info.value_bytes, "fp16_key_bytes": info.fp16_key_bytes, "attend": {}}
     first = next(iter(clients))
     client, sequence, attend = clients[first], sequences[first], rows[first]["attend"]
@@ -722,6 +747,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.torch_threads)  # the codec-alone column runs like the server
     processes: list[subprocess.Popen] = []
     servers: dict[str, str] = {}  # label -> address
+    pids: dict[str, int] = {}  # label -> process, of the servers started here
     scratch = None
     if args.address:
         servers[args.address] = args.address
@@ -729,12 +755,14 @@ def main(argv=None) -> None:
         process, address = start_server(args.device, args.torch_threads)
         processes.append(process)
         servers["working tree"] = address
+        pids["working tree"] = process.pid
         if args.baseline:
             scratch = tempfile.TemporaryDirectory(prefix="svdq-baseline-")
             process, address = start_server(args.device, args.torch_threads,
                                             packages=baseline_tree(args.baseline, Path(scratch.name)))
             processes.append(process)
             servers[args.baseline] = address
+            pids[args.baseline] = process.pid
     clients: dict[str, KVCacheClient] = {}
     try:
         keys, values = synthetic_cache(args.layers, args.tokens)
@@ -762,7 +790,7 @@ def main(argv=None) -> None:
             profile = Profile(f"bench-{codec.method}", args.layers, KV_HEADS, HEAD_DIM, rope=ROPE, codec=codec)
             for client in clients.values():
                 register_unary(client, profile)
-            rows = bench_profile(clients, profile, keys, values, batches, iterations, sparsity, args.repeats)
+            rows = bench_profile(clients, profile, keys, values, batches, iterations, sparsity, args.repeats, pids)
             first_rows[name] = next(iter(rows.values()))
             for label, row in rows.items():
                 results[name if len(clients) == 1 else f"{name} [{label}]"] = row
@@ -773,16 +801,19 @@ def main(argv=None) -> None:
               f"{KV_HEADS} KV heads x {HEAD_DIM}, queries {Q_HEADS} heads; keys in: "
               f"{keys.numel() * 2 / 1e6:.1f} MB fp16 (and as many 16-bit values); codec alone: every layer's keys and "
               f"values compressed in this process as the server's engine does; medians over {args.repeats} uploads, "
-              "servers and the codec in turns, "
+              "servers and the codec in turns, page faults: the server process's minor faults during an upload "
+              "(median), server CPU: user + system seconds of the server process (every thread) over all uploads, "
+              "over the codec's over all rounds, "
               + (f"{iterations} Attend calls per batch size" if batches else "no Attend calls (--part uploads)") + "\n")
         header = ["config", "upload MB/s", "codec alone MB/s", "upload / codec time (median of rounds)",
-                  "key bytes stored", "key ratio",
+                  "server page faults per upload", "server CPU / codec CPU (sums)", "key bytes stored", "key ratio",
                   "value bytes"] + [f"B={b} {cell}" for b in batches for cell in ("p50 ms", "p99 ms", "q/s")]
         print("| " + " | ".join(header) + " |")
-        print("| --- " * (7 + 3 * len(batches)) + "|")
+        print("| --- " * (9 + 3 * len(batches)) + "|")
         for name, row in results.items():
             cells = [name, f"{row['upload_mb_s']:.1f}", f"{row['codec_mb_s']:.1f}", f"{row['upload_over_codec']:.2f}x",
-                     f"{row['key_bytes']:,}",
+                     "-" if row["faults"] is None else f"{row['faults']:,.0f}",
+                     "-" if row["cpu_over_codec"] is None else f"{row['cpu_over_codec']:.2f}x", f"{row['key_bytes']:,}",
                      f"{row['fp16_key_bytes'] / row['key_bytes']:.2f}x", f"{row['value_bytes']:,}"]
             for batch in batches:
                 p50, p99, qps = row["attend"][batch]
@@ -807,7 +838,8 @@ def main(argv=None) -> None:
         print(f"\nstages of one svdq 1.5 b/e upload (keys and 16-bit values), in this process with the client's and the "
               f"server's code (torch threads {torch.get_num_threads()}), {args.repeats} rounds in turns; the engine row "
               "includes the decode and the error sample; over the network the client's and the transfer's share "
-              "overlaps the server compressing the previous layer:\n")
+              "overlaps the server compressing the previous layer; one thread of this process, so the server's page "
+              "faults (its worker threads' memory, the table's column above) are not in it:\n")
         print("| stage | p50 ms | share of the codec alone |")
         print("| --- | ---: | ---: |")
         for name, times in stages.items():

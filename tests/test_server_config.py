@@ -1,6 +1,7 @@
 """Settings, profiles file, tokens, and the interceptor's status mapping, in process."""
 
 import logging
+import platform
 
 import grpc
 import pytest
@@ -8,6 +9,7 @@ import torch
 from svdq_client import Profile
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
+from svdq_server.app import SvdqServer, tune_malloc
 from svdq_server.auth import AuthenticationError, TokenAuthenticator
 from svdq_server.config import build_parser, load_profiles, parse_settings
 from svdq_server.engine import Engine, EngineConfig
@@ -44,11 +46,28 @@ def test_command_line_beats_environment_beats_defaults():
     (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
     (["--port", "70000"], "--port must be in 1..65535"),
     (["--torch-threads", "-1"], "--torch-threads must be >= 0"),
+    (["--malloc-arenas", "-1"], "--malloc-arenas must be >= 0"),
+    (["--malloc-trim-bytes", "2GiB"], "--malloc-trim-bytes must be in 0..2GiB-1"),
 ])
 def test_bad_settings_exit_with_a_message_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_settings(argv, {})
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_tuning_sets_what_it_is_given_and_nothing_at_zero():
+    assert tune_malloc(0, 0) == {}
+    assert tune_malloc(1, 0) == {"arenas": 1}
+    # the mapping threshold follows the trim threshold up to glibc's 32 MiB maximum
+    assert tune_malloc(0, 1 << 30) == {"trim_bytes": 1 << 30, "mmap_bytes": 32 << 20}
+    assert tune_malloc(1, 256 << 20) == {"arenas": 1, "trim_bytes": 256 << 20, "mmap_bytes": 32 << 20}
+    assert parse_settings([], {}).malloc_arenas == 1 and parse_settings([], {}).malloc_trim_bytes == 256 << 20
+    # the server applies its settings when it is built, before any of its threads runs
+    assert SvdqServer(parse_settings(["--device", "cpu"], {})).malloc == {"arenas": 1, "trim_bytes": 256 << 20,
+                                                                          "mmap_bytes": 32 << 20}
+    off = {"SVDQ_MALLOC_ARENAS": "0", "SVDQ_MALLOC_TRIM_BYTES": "0"}
+    assert SvdqServer(parse_settings(["--device", "cpu"], off)).malloc == {}
 
 
 def test_profiles_file_with_a_shared_basis(tmp_path):

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from svdq import CodecConfig, RopeConfig, compress, to_bytes
-from svdq.attention import KEPT_KEYS, SparsityConfig, attend, select_backend
+from svdq.attention import KEPT_KEYS, KEPT_LATENT, SparsityConfig, attend, select_backend
 from svdq.derived import tensor_bytes
 from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, values_to_bytes
 
@@ -121,6 +121,7 @@ def load_tree(folder: Path):
     spec.loader.exec_module(module)
     importlib.import_module("svdq_baseline.attention")
     importlib.import_module("svdq_baseline.values")
+    importlib.import_module("svdq_baseline.derived")
     return module
 
 
@@ -131,6 +132,9 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
     from svdq.rope import apply_rope
 
     DERIVED.limit_bytes = cache_bytes
+    if baseline_tree is not None:
+        # The other tree has its own attention cache: the same budget, or its rows would keep nothing.
+        baseline_tree.derived.DERIVED.limit_bytes = cache_bytes
 
     backend = select_backend(device)
     sparse = SparsityConfig(keep_fraction=1 / 32)  # the library defaults: what the service serves
@@ -219,10 +223,16 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         cached = tensor_bytes(keys_list[0]._cache)
         distinct = list({id(item): item for item in keys_list}.values())
         held = sum(KEPT_KEYS in item._cache for item in distinct)
+        latent_list = value_kinds[1][1]
+        latent_cached = tensor_bytes(latent_list[0].latent._cache)
+        latent_held = sum(KEPT_LATENT in item.latent._cache for item in {id(v): v for v in latent_list}.values())
         rows.append(f"| {tokens} | | | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
                     f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept; attention cache "
                     f"{cached:,} bytes for the first sequence = {cached / compressed.nbytes:.2f}x the compressed keys; "
-                    f"{held} of {len(distinct)} sequences hold float16 keys) | | | | |")
+                    f"{held} of {len(distinct)} sequences hold float16 keys; svdq V: "
+                    f"{latent_values.latent.kept_bits.numel()} latent channels, attention cache {latent_cached:,} bytes "
+                    f"for the first sequence = {latent_cached / latent_values.nbytes:.2f}x the compressed values, "
+                    f"{latent_held} of {len(latent_list)} hold the float32 latent) | | | | |")
     rows.append("")
     rows.append(f"load average after: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
     return rows

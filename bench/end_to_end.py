@@ -45,8 +45,13 @@ Two more tables, same process, baselines side by side:
   ``enable_offload`` + ``SvdqOffloadCache`` (SVDq at ``--bits``), alternately
   ``--prefill-repeats`` times; medians of the forward pass alone and of forward + upload.
 * decode: ``--decode-tokens`` greedy tokens per row at batch 1, 4 and 8 (``--batches``) of
-  ``--decode-context``-token prompts, through the service (SVDq at ``--bits``) and with the
-  plain model at the same batch; tokens/s counts every row's tokens.
+  ``--decode-context``-token prompts, through the service (SVDq keys at ``--bits`` with 16-bit
+  values, and each ``--cache-bits`` whole-cache row) and with the plain model at the same
+  batch; tokens/s counts every row's tokens.
+
+``--parts`` runs some of the parts (prefill, decode, dnll, needles) and ``--rows`` some of the
+rows, e.g. ``--parts decode --cache-bits 2.0 --batches 1`` or ``--parts needles --rows fp16 "svdq 1.5b"
+"svdq cache 2b" --cache-bits 2.0`` to compare the keys-only and whole-cache tok/s alone.
 
 Run: ``python bench/end_to_end.py`` (defaults sized to finish within 25 minutes on this
 project's shared 2-core machine: 6 needle cases, 512-token decode prompts; the headline
@@ -74,6 +79,9 @@ from svdq.attention import SparsityConfig
 from svdq.codec import Basis, CodecConfig
 from svdq.kv import CacheBudget
 from svdq.values import DEFAULT_VALUE_CODEC
+
+#: The bench's parts (``--parts``), in the order they run.
+PARTS = ("prefill", "decode", "dnll", "needles")
 
 
 @dataclass(frozen=True)
@@ -258,22 +266,26 @@ def measure_prefill(model, tokenizer, client, args) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def measure_decode(model, tokenizer, client, args) -> dict[int, tuple[float, float]]:
-    """Tokens/s of greedy decoding at each batch size: (plain model, through the service)."""
-    codec = CodecConfig(method="svdq", bits_per_element=args.bits)
+def measure_decode(model, tokenizer, client, args, cache_rows=()) -> dict[int, dict[str, float]]:
+    """Tokens/s of greedy decoding at each batch size: the plain model, the service with SVDq
+    keys at ``--bits`` (16-bit values), and the service with each whole-cache row, each batch's
+    rows run in turns (``--decode-repeats``) on the same prompts; the median run counts."""
+    service_rows = [Row(f"svdq {args.bits:g}b", CodecConfig(method="svdq", bits_per_element=args.bits)),
+                    *cache_rows]
     rates = {}
     for batch in args.batches:
         # Rows: windows of the evaluation text at different offsets, all of the same length (no padding).
         prompts = torch.cat([harness.text_tokens(tokenizer, args.decode_context, start=row * 997)
                              for row in range(batch)])
-        seconds = {}
-        for name in ("plain", "service"):
-            if name == "plain":
+        seconds: dict[str, list[float]] = {}
+        # In turns: every repeat runs every row once, so load from other work falls on all alike.
+        for row in [None, *service_rows] * args.decode_repeats:
+            if row is None:
                 disable_offload(model)
                 cache, backend = DynamicCache(config=model.config), None
             else:
                 enable_offload(model)
-                backend = _backend(Row("svdq", codec), client)
+                backend = _backend(row, client)
                 cache = SvdqOffloadCache(model, backend, window=args.window, tokenizer=tokenizer)
             try:
                 model(input_ids=prompts[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
@@ -282,16 +294,42 @@ def measure_decode(model, tokenizer, client, args) -> dict[int, tuple[float, flo
                                         max_new_tokens=args.decode_tokens,
                                         min_new_tokens=args.decode_tokens, do_sample=False,
                                         pad_token_id=tokenizer.eos_token_id)
-                seconds[name] = time.perf_counter() - started
+                seconds.setdefault("plain" if row is None else row.name, []).append(time.perf_counter() - started)
             finally:
                 if backend is not None:
                     cache.close()
             assert output.shape[1] == prompts.shape[1] + args.decode_tokens
         disable_offload(model)
-        rates[batch] = tuple(batch * args.decode_tokens / seconds[name] for name in ("plain", "service"))
-        print(f"decode batch {batch}: plain {rates[batch][0]:.2f} tok/s, service {rates[batch][1]:.2f} tok/s",
+        rates[batch] = {name: batch * args.decode_tokens / statistics.median(elapsed)
+                        for name, elapsed in seconds.items()}
+        print(f"decode batch {batch}: " + ", ".join(f"{name} {rate:.2f} tok/s" for name, rate in rates[batch].items()),
               flush=True)
     return rates
+
+
+def _print_rows(model, rows, results, plain_nll, plain_found, cases) -> None:
+    """The main table: one line per row (dNLL, needles, stored and read bytes, tok/s)."""
+    header = "| keys | dNLL | needle | key bits | stored/fp16 | KV bits | read/fp16 | KiB read/step | tok/s | RPC % |"
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    print(f"| plain model | 0 | {plain_found}/{cases} | 32 (float32 model) | - | 32 | - | - | - | - |")
+    layers = model.config.num_hidden_layers
+    for row in rows:
+        m = results[row.name]
+        bits = 16.0 * m.key_bytes / max(1, m.fp16_key_bytes)
+        read = m.key_bytes_read / max(1, m.dense_fp16_key_bytes_read)
+        per_step = m.key_bytes_read / max(1, m.read_entries) * layers / 1024
+        rate = m.generated / max(1e-9, m.generate_seconds)
+        rpc = 100.0 * m.backend_seconds / max(1e-9, m.generate_seconds)
+        kv_bits = 16.0 * (m.key_bytes + m.value_bytes) / max(1, 2 * m.fp16_key_bytes)
+        dnll = "-" if m.nll is None else f"{m.nll - plain_nll:+.4f}"
+        print(f"| {row.name} | {dnll} | {m.found}/{m.cases} | {bits:.3f} | "
+              f"{m.key_bytes / max(1, m.fp16_key_bytes):.3f} | {kv_bits:.3f} | {read:.3f} | {per_step:.0f} | "
+              f"{rate:.2f} | {rpc:.0f} |")
+    rates = {row.name: results[row.name].generated / max(1e-9, results[row.name].generate_seconds) for row in rows}
+    if results[rows[0].name].generated:
+        print(f"\ntok/s relative to the {rows[0].name} row: "
+              + ", ".join(f"{row.name} {rates[row.name] / rates[rows[0].name]:.2f}x" for row in rows[1:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,4,8", help="decode batch sizes (default 1,4,8)")
     parser.add_argument("--decode-context", type=int, default=512, help="decode prompt tokens per row (default 512)")
     parser.add_argument("--decode-tokens", type=int, default=16, help="decoded tokens per row (default 16)")
+    parser.add_argument("--decode-repeats", type=int, default=1,
+                        help="decode runs of each row, in turns; tok/s from the median (default 1)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="parts to run (default all): e.g. --parts decode for the decode table alone, "
+                             "--parts needles for the main table's needle and tok/s columns")
+    parser.add_argument("--rows", nargs="+", metavar="NAME",
+                        help="keep only these rows of the dNLL and needle table (names as printed, e.g. fp16 "
+                             "'svdq 1.5b' 'svdq cache 2b'; default all)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="intra-op threads of this process and of the server it starts (default 1; 0: torch's "
                         "default). On the shared 2-core machine, under a load average of ~10, one SmolLM2 decode "
@@ -325,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
     model, tokenizer = load_smollm2(torch.float32)
     rows = _rows(args) + _cache_rows(model, tokenizer, args)
+    if args.rows:
+        unknown = sorted(set(args.rows) - {row.name for row in rows})
+        if unknown:
+            parser.error(f"--rows {unknown} are not rows of this run; rows: {[row.name for row in rows]}")
+        rows = [row for row in rows if row.name in args.rows]
     results = {row.name: Measure() for row in rows}
 
     extra: dict = {}
@@ -336,10 +387,16 @@ def main(argv: list[str] | None = None) -> int:
         extra.setdefault("minutes", {})[name] = (time.perf_counter() - part_started) / 60
         return result
 
-    def run_all(client: KVCacheClient | None) -> tuple[float, tuple[int, int]]:
-        extra["prefill"] = timed("prefill", measure_prefill, model, tokenizer, client, args)
-        extra["decode"] = timed("decode", measure_decode, model, tokenizer, client, args)
-        plain_nll = timed("dNLL", measure_nll, model, tokenizer, rows, client, args, results)
+    def run_all(client: KVCacheClient | None) -> tuple[float | None, tuple[int, int]]:
+        if "prefill" in args.parts:
+            extra["prefill"] = timed("prefill", measure_prefill, model, tokenizer, client, args)
+        if "decode" in args.parts:
+            extra["decode"] = timed("decode", measure_decode, model, tokenizer, client, args,
+                                    [row for row in rows if row.cache is not None])
+        plain_nll = timed("dNLL", measure_nll, model, tokenizer, rows, client, args, results) \
+            if "dnll" in args.parts else None
+        if "needles" not in args.parts:
+            return plain_nll, (0, 0)
         return plain_nll, timed("needles", measure_needles, model, tokenizer, rows, client, args, results)
 
     started = time.perf_counter()
@@ -359,44 +416,34 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"SmolLM2-135M-Instruct, {where}; torch threads {torch.get_num_threads()}; window {args.window} local "
-          f"tokens; dNLL: prefix {args.prefix}, "
-          f"continuation {args.continuation} (plain NLL {plain_nll:.4f}); needle: {cases} cases x "
-          f"{args.context} tokens; {elapsed / 60:.1f} min ("
+          f"tokens; parts {', '.join(args.parts)}; "
+          + (f"dNLL: prefix {args.prefix}, continuation {args.continuation} (plain NLL {plain_nll:.4f}); "
+             if plain_nll is not None else "")
+          + (f"needle: {cases} cases x {args.context} tokens; " if "needles" in args.parts else "")
+          + f"{elapsed / 60:.1f} min ("
           + ", ".join(f"{name} {minutes:.1f}" for name, minutes in extra["minutes"].items()) + ")")
-    header = "| keys | dNLL | needle | key bits | stored/fp16 | KV bits | read/fp16 | KiB read/step | tok/s | RPC % |"
-    print(header)
-    print("|" + " --- |" * (header.count("|") - 1))
-    print(f"| plain model | 0 | {plain_found}/{cases} | 32 (float32 model) | - | 32 | - | - | - | - |")
-    layers = model.config.num_hidden_layers
-    for row in rows:
-        m = results[row.name]
-        bits = 16.0 * m.key_bytes / max(1, m.fp16_key_bytes)
-        read = m.key_bytes_read / max(1, m.dense_fp16_key_bytes_read)
-        per_step = m.key_bytes_read / max(1, m.read_entries) * layers / 1024
-        rate = m.generated / max(1e-9, m.generate_seconds)
-        rpc = 100.0 * m.backend_seconds / max(1e-9, m.generate_seconds)
-        kv_bits = 16.0 * (m.key_bytes + m.value_bytes) / max(1, 2 * m.fp16_key_bytes)
-        print(f"| {row.name} | {m.nll - plain_nll:+.4f} | {m.found}/{m.cases} | {bits:.3f} | "
-              f"{m.key_bytes / max(1, m.fp16_key_bytes):.3f} | {kv_bits:.3f} | {read:.3f} | {per_step:.0f} | "
-              f"{rate:.2f} | {rpc:.0f} |")
-    rates = {row.name: results[row.name].generated / max(1e-9, results[row.name].generate_seconds) for row in rows}
-    print("\ntok/s relative to the fp16 passthrough row: "
-          + ", ".join(f"{row.name} {rates[row.name] / rates[rows[0].name]:.2f}x" for row in rows[1:]))
-
-    prefill = {name: statistics.median(values) for name, values in extra["prefill"].items()}
-    print(f"\nPrefill of one {args.context}-token needle prompt, median of {args.prefill_repeats} alternating runs "
-          f"(svdq {args.bits:g}b, {where})")
-    print("| prefill | median s | runs s | vs plain |")
-    print("| --- | ---: | --- | ---: |")
-    for name, values in extra["prefill"].items():
-        print(f"| {name} | {prefill[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} | "
-              f"{prefill[name] / prefill['plain']:.2f}x |")
-    print(f"\nDecode, {args.decode_tokens} greedy tokens per row after a {args.decode_context}-token prompt per row "
-          f"(svdq {args.bits:g}b, {where}); tok/s over all rows")
-    print("| batch | plain model tok/s | service tok/s | service / plain |")
-    print("| ---: | ---: | ---: | ---: |")
-    for batch, (plain_rate, service_rate) in extra["decode"].items():
-        print(f"| {batch} | {plain_rate:.2f} | {service_rate:.2f} | {service_rate / plain_rate:.2f}x |")
+    if "dnll" in args.parts or "needles" in args.parts:
+        _print_rows(model, rows, results, plain_nll, plain_found, cases)
+    if "prefill" in args.parts:
+        prefill = {name: statistics.median(values) for name, values in extra["prefill"].items()}
+        print(f"\nPrefill of one {args.context}-token needle prompt, median of {args.prefill_repeats} alternating "
+              f"runs (svdq {args.bits:g}b, {where})")
+        print("| prefill | median s | runs s | vs plain |")
+        print("| --- | ---: | --- | ---: |")
+        for name, values in extra["prefill"].items():
+            print(f"| {name} | {prefill[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} | "
+                  f"{prefill[name] / prefill['plain']:.2f}x |")
+    if "decode" in args.parts:
+        names = list(next(iter(extra["decode"].values())))
+        print(f"\nDecode, {args.decode_tokens} greedy tokens per row after a {args.decode_context}-token prompt per "
+              f"row ({where}); tok/s over all rows from the median of {args.decode_repeats} runs, each batch's rows "
+              "run in turns on the same prompts")
+        print("| batch | " + " | ".join(f"{name} tok/s" for name in names) + " | "
+              + " | ".join(f"{name} / plain" for name in names[1:]) + " |")
+        print("| ---: |" + " ---: |" * (2 * len(names) - 1))
+        for batch, rates in extra["decode"].items():
+            print(f"| {batch} | " + " | ".join(f"{rates[name]:.2f}" for name in names) + " | "
+                  + " | ".join(f"{rates[name] / rates['plain']:.2f}x" for name in names[1:]) + " |")
     return 0
 
 

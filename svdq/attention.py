@@ -809,9 +809,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
     if keys.num_exact:
         # The exact tokens' dots from their own float32 rows, once per call (not looked up per
         # block), whichever way the others were made.
-        exact = keys.exact_index - start
-        exact_rows = _full_rows_in_pair_order(keys, keys.exact_rows, exact)
-        dots[:, :, exact] = torch.bmm(grouped, exact_rows.permute(1, 2, 0))
+        dots[:, :, keys.exact_index - start] = torch.bmm(grouped, _exact_key_columns(keys))
     if kept_keys is None and keep:
         DERIVED.put(keys, KEPT_KEYS, halves)
     return dots
@@ -822,6 +820,18 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
 #: calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
 #: at the same cost. Exact tokens' dots come from their own rows, not from these.
 KEPT_KEYS = "kept_keys"
+
+
+def _exact_key_columns(keys: CompressedKeys) -> torch.Tensor:
+    """float32 [Hkv, D, k]: the exact tokens' post-RoPE keys (:func:`_full_rows_in_pair_order`)
+    laid out for the dense dots' product, kept under the budget (``4 k C`` bytes): converting,
+    reordering and rotating them on every call cost a sixth of a dense call over SmolLM2's
+    whole-cache keys (an eighth of the tokens exact)."""
+    cached = DERIVED.get(keys, "exact_key_columns")
+    if cached is None:
+        rows = _full_rows_in_pair_order(keys, keys.exact_rows, keys.exact_index - body_range(keys)[0])
+        cached = DERIVED.put(keys, "exact_key_columns", rows.permute(1, 2, 0).contiguous())
+    return cached
 
 
 def _full_rows_in_pair_order(keys: CompressedKeys, stored: torch.Tensor, body_index: torch.Tensor) -> torch.Tensor:
@@ -962,12 +972,8 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
     latent = values.latent
     kv_heads, head_dim = latent.kv_heads, latent.head_dim
     v_start, v_body = body_range(latent)
-    if isinstance(seq_index, slice) and v_start <= seq_index.start and seq_index.stop <= v_start + v_body:
-        # The common dense case: the keys' body lies inside the values' body.
-        summed = _summed_latent_rows(latent, weights, seq_index.start - v_start)
-        return _project_latent(latent, summed, weights.sum(-1))
     if isinstance(seq_index, slice):
-        seq_index = torch.arange(seq_index.start, seq_index.stop, device=weights.device)
+        return _summed_latent_range(latent, weights, seq_index)
     body_index = seq_index - v_start
     in_body = (body_index >= 0) & (body_index < v_body)
     output = weights.new_zeros(*weights.shape[:-1], head_dim)
@@ -984,6 +990,32 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
         else:
             rows = full[row, torch.arange(kv_heads, device=row.device)[:, None]]
         output = output + torch.einsum("...hgn,...hnd->...hgd", weights * (~in_body).unsqueeze(-2), rows)
+    return output
+
+
+def _summed_latent_range(latent: CompressedKeys, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
+    """:func:`weighted_values` of SVDq latent values over a contiguous token range (dense
+    calls: every token of the sequence): the part in the values' quantized body as latent sums
+    projected once (:func:`_summed_latent_rows`), the parts in their 16-bit sinks and tail
+    from those rows, each a contiguous run of the weights."""
+    v_start, v_body = body_range(latent)
+    first, stop = tokens.start, tokens.stop
+    low, high = min(max(first, v_start), stop), max(min(stop, v_start + v_body), first)
+    output = None
+    if high > low:
+        body_weights = weights[..., low - first:high - first]
+        summed = _summed_latent_rows(latent, body_weights, low - v_start)
+        output = _project_latent(latent, summed, body_weights.sum(-1))
+    for run_first, run_stop, rows, offset in ((first, min(stop, low), latent.sinks, 0),
+                                              (max(first, high), stop, latent.tail, v_start + v_body)):
+        if run_stop <= run_first:
+            continue
+        # [Hkv, n, D] float32 rows of the run, each head's tokens for one batched product.
+        full = rows[run_first - offset:run_stop - offset].float().view(-1, latent.kv_heads, latent.head_dim)
+        part = torch.matmul(weights[..., run_first - first:run_stop - first], full.transpose(0, 1))
+        output = part if output is None else output.add_(part)
+    if output is None:
+        return weights.new_zeros(*weights.shape[:-1], latent.head_dim)
     return output
 
 
@@ -1022,13 +1054,30 @@ def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: 
 
 def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
     """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
-    body, float32 [..., r]: in blocks of whole token groups dequantized into a reused buffer
-    (:func:`_dequantize_range`; the whole latent in float32 would take ``4 r`` bytes per token
-    on every call, and gathering each token's scale and minimum cost 5x the sum itself)."""
+    body, float32 [..., r].
+
+    With :data:`KEPT_LATENT` kept (or room in the budget to keep it) the sum is one oneDNN
+    product of the channel-major latent with the weights (:func:`_kept_latent`): the weights
+    as the product's small right-hand side and the tokens as one long reduction, which ran
+    2-2.5x faster than ``addmm`` over row blocks at 4k-32k tokens, in float32. Otherwise in
+    blocks of whole token groups dequantized into a reused buffer (:func:`_dequantize_range`;
+    the whole latent in float32 would take ``4 r`` bytes per token on every call, and
+    gathering each token's scale and minimum cost 5x the sum itself).
+    """
     kept = code_widths(latent)[0]
     flat = weights.reshape(-1, weights.shape[-1])
-    summed = weights.new_zeros(flat.shape[0], kept)
     count, group = flat.shape[1], latent.group_size
+    by_channel = _kept_latent(latent) if count else None
+    if by_channel is not None:
+        n_body = by_channel.shape[1]
+        if count != n_body:
+            # Weights over the whole body (zero elsewhere): a slice of the kept latent would be copied.
+            padded = flat.new_zeros(flat.shape[0], n_body)
+            padded[:, first_body:first_body + count] = flat
+            flat = padded
+        # [r, tokens] x [rows, tokens]^T -> [r, rows]: the sums, transposed.
+        return _linear(by_channel, flat, None).T.reshape(*weights.shape[:-1], kept)
+    summed = weights.new_zeros(flat.shape[0], kept)
     block = -(-_value_block(kept) // group) * group
     scales, mins = latent.scales.float(), latent.mins.float()
     buffer = torch.empty(block + group, kept, device=weights.device)
@@ -1037,6 +1086,31 @@ def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_bod
         rows = _dequantize_range(latent, scales, mins, first_body + first, first_body + stop, buffer)
         summed.addmm_(flat[:, first:stop], rows)
     return summed.reshape(*weights.shape[:-1], kept)
+
+
+#: Name of the float32 dequantized latent of SVDq values' body, channel-major [r, n_body]
+#: (``code * scale + min``, the same values every call computes), that dense calls on the CPU
+#: keep while the attention-cache budget has room: ``4 r`` bytes per body token.
+KEPT_LATENT = "kept_latent"
+
+
+def _kept_latent(latent: CompressedKeys) -> torch.Tensor | None:
+    """The kept :data:`KEPT_LATENT` of ``latent``, made now when the budget has room for it
+    (CPU with oneDNN only: elsewhere the blocked sum is as fast), else None."""
+    kept = DERIVED.get(latent, KEPT_LATENT)
+    if kept is not None or latent.codes.device.type != "cpu" or _CPU_LINEAR is None:
+        return kept
+    kept_channels = code_widths(latent)[0]
+    _, n_body = body_range(latent)
+    if not (n_body and kept_channels and DERIVED.has_room(4 * n_body * kept_channels)):
+        return None
+    # Row-major dequantization (fast: each group's scale row broadcast over its tokens), then one
+    # transposed copy; dequantizing channel-major (scales broadcast along the inner axis) was 10x slower.
+    shape = (latent.num_groups, latent.group_size, kept_channels)
+    rows = torch.empty(n_body, kept_channels)
+    torch.addcmul(latent.mins.float()[:, None], latent_codes(latent).view(shape), latent.scales.float()[:, None],
+                  out=rows.view(shape))
+    return DERIVED.put(latent, KEPT_LATENT, rows.T.contiguous())
 
 
 def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
@@ -1072,13 +1146,15 @@ def _attend_torch_group(
     if selections[0].token_index is None:
         # [Hkv, n * ratio, D]: the query heads of a KV head, for every query.
         grouped = queries.float().reshape(count, kv_heads, ratio, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
-        weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale, softcap=softcap)
-        output = weighted_values(values, weights, fp_index)
+        # One softmax over every token in sequence order (sinks, body, tail), so that the values
+        # are summed over one contiguous range: latent values then take their body, sinks and
+        # tail as runs, not the keys' full-precision tokens as gathered indices (the keys' and
+        # values' bodies differ when their token groups do).
+        dots = torch.einsum("hgd,hnd->hgn", grouped, fp_keys.transpose(0, 1))  # sinks, then tail
         if n_body:
-            body_weights, lse_body = softmax_from_dots(dense_body_dots(keys, grouped, precision), scale,
-                                                       softcap=softcap)
-            out_body = weighted_values(values, body_weights, slice(start, start + n_body))
-            output, lse = merge_attention(output, lse, out_body, lse_body)
+            dots = torch.cat([dots[..., :start], dense_body_dots(keys, grouped, precision), dots[..., start:]], dim=-1)
+        weights, lse = softmax_from_dots(dots, scale, softcap=softcap)
+        output = weighted_values(values, weights, slice(0, keys.num_tokens))
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)
         return output.reshape(count, q_heads, head_dim), lse.reshape(kv_heads, count, ratio).transpose(0, 1).reshape(count, q_heads)
     grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)

@@ -168,6 +168,45 @@ def test_attention_over_latent_values_matches_naive_attention_over_their_reconst
         assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
 
 
+@pytest.mark.parametrize(("tokens", "value_sinks", "value_group"), [(203, 4, 32), (150, 9, 16)])
+def test_kept_latent_gives_the_same_attention_charged_to_the_budget_and_only_with_room(tokens, value_sinks,
+                                                                                       value_group):
+    from svdq.attention import KEPT_LATENT, body_range
+    from svdq.derived import DERIVED
+
+    keys, values = _case_with_latent_values(tokens, value_sinks, value_group)
+    queries = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(5))
+    limit = DERIVED.limit_bytes
+    try:
+        DERIVED.clear()
+        DERIVED.limit_bytes = None  # library use: nothing optional is kept
+        cold = attend(queries, [keys] * 3, [values] * 3, backend="torch")
+        assert KEPT_LATENT not in values.latent._cache
+        kept_bytes = 4 * body_range(values.latent)[1] * values.latent.kept_bits.numel()
+        DERIVED.limit_bytes = DERIVED.nbytes + kept_bytes - 1  # one byte short of room
+        attend(queries, [keys] * 3, [values] * 3, backend="torch")
+        assert KEPT_LATENT not in values.latent._cache
+        DERIVED.limit_bytes = 1 << 30
+        before = DERIVED.nbytes
+        first = attend(queries, [keys] * 3, [values] * 3, backend="torch")
+        kept = values.latent._cache[KEPT_LATENT]
+        assert kept.dtype == torch.float32 and kept.shape == (values.latent.kept_bits.numel(), body_range(values.latent)[1])
+        assert DERIVED.nbytes - before >= kept_bytes
+        again = attend(queries, [keys] * 3, [values] * 3, backend="torch")
+    finally:
+        DERIVED.clear()
+        DERIVED.limit_bytes = limit
+    post = decompress(keys, key_space="post_rope", dtype=torch.float32)
+    dense_values = decompress_values(values, torch.float32)
+    for result in (first, again):
+        # The same float32 sums in another order: the oracle's tolerance, and close to the blocked path.
+        assert torch.allclose(result.output, cold.output, atol=1e-5 * float(dense_values.abs().max()), rtol=0)
+        for b in range(3):
+            expected, lse = naive_attention(queries[b], post, dense_values, 1 / 8)
+            assert (result.output[b].double() - expected).abs().max() / dense_values.abs().max() < 1e-5
+            assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
+
+
 @pytest.mark.parametrize("value_sinks", [0, 4, 12])
 def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_bit_values(value_sinks):
     keys, values = _case_with_latent_values(400, value_sinks, 32, seed=2)

@@ -29,9 +29,9 @@ How it works, per forward pass of the model:
 * Before the backend opens, svdq keys (and SVDq latent values) without shared bases get them:
   fitted once per model on shipped calibration text, never the prompt
   (:func:`default_calibrated_bases`; ``calibration_tokens=0`` keeps a basis per sequence).
-  A whole-cache budget without ``cache_key_shares`` then gets each layer's key/value split,
-  measured once on the same text with those bases (:func:`default_calibrated_key_shares`;
-  ``calibrate_split=False`` measures it on every upload instead).
+  With ``calibrate_split=True``, a whole-cache budget without ``cache_key_shares`` also gets
+  each layer's key/value split, measured once on the same text with those bases
+  (:func:`default_calibrated_key_shares`); by default the split is measured on every upload.
 * After the last layer's attention, tokens beyond the local window move to the backend: the
   whole prefill prefix at the first forward pass (one upload of every offloaded layer per
   row), then blocks of ``spill_block`` tokens as decode steps fill the window.
@@ -316,8 +316,8 @@ class LocalOffload(_SharedBasesMixin):
         cache_budget: one budget for keys and latent values (:func:`svdq.kv.compress_kv`, as a
             profile's ``cache_bits_per_element``); ``codec`` and ``values`` then do not apply.
         cache_key_shares: each layer's split of ``cache_budget`` (:func:`calibrate_key_shares`);
-            ``None``: :class:`SvdqOffloadCache` calibrates it on shipped text by default (its
-            ``calibrate_split``); left ``None``, it is measured for every stored row.
+            ``None`` measures it for every stored row (or :class:`SvdqOffloadCache` calibrates
+            it on shipped text, with its ``calibrate_split=True``).
 
     With none of ``codec``, ``values`` and ``cache_budget`` given, the whole cache is stored
     under ``CacheBudget()``: 2.0 true bits per KV element, 8x smaller than fp16
@@ -466,9 +466,9 @@ class RemoteOffload(_SharedBasesMixin):
             values, split per layer on the server (:func:`svdq.kv.compress_kv`); needs
             ``value_codec``.
         cache_key_shares: each layer's split of that budget, measured once
-            (:func:`calibrate_key_shares`); ``None``: :class:`SvdqOffloadCache` calibrates it on
-            shipped text by default (its ``calibrate_split``); left ``None``, the server measures
-            it on every upload.
+            (:func:`calibrate_key_shares`); ``None``: the server measures it on every upload (or
+            :class:`SvdqOffloadCache` calibrates it on shipped text, with its
+            ``calibrate_split=True``).
 
     With none of ``codec``, ``value_bits``, ``value_codec`` and ``cache_bits_per_element``
     given, the profile stores the whole cache at 2.0 true bits per KV element (keys
@@ -701,8 +701,8 @@ def default_calibrated_key_shares(model: Any, tokenizer: Any, budget: CacheBudge
     """Each offloaded layer's split of ``budget`` (:func:`calibrate_key_shares`) measured on the
     same shipped calibration text as :func:`default_calibrated_bases`, with the bases the
     profile will hold. What :class:`SvdqOffloadCache` gives a whole-cache backend without
-    ``cache_key_shares`` by default: uploads then compress each layer once instead of once per
-    candidate share (``svdq.kv.DEFAULT_KEY_SHARES``).
+    ``cache_key_shares`` with ``calibrate_split=True``: uploads then compress each layer once
+    instead of once per candidate share (``svdq.kv.DEFAULT_KEY_SHARES``).
 
     Computed once per model object, text, budget and bases in this process; raises as
     :func:`default_calibrated_bases`.
@@ -899,13 +899,15 @@ class SvdqOffloadCache(Cache):
             sequences keep their answers with shared bases (README, "Short prompts"). ``0``: a
             basis per sequence, stored with it (the fixed cost of the basis and mean then
             weighs on short sequences), and no calibrated split (below).
-        calibrate_split: when ``backend`` stores the whole cache under one budget without
-            ``cache_key_shares``, measure each layer's key/value split once on the same
+        calibrate_split: ``True``: when ``backend`` stores the whole cache under one budget
+            without ``cache_key_shares``, measure each layer's key/value split once on the same
             calibration text with the backend's bases (:func:`default_calibrated_key_shares`,
             once per model in the process, counted in ``calibration_seconds``) and give it to
             the backend, so that every upload compresses each layer once instead of once per
-            candidate share (README, "The whole cache costs wall time"). ``False``: the split
-            is measured on every upload (slower; the split follows each sequence).
+            candidate share: faster uploads, but on SmolLM2 at 2.0 bits it found 11/12
+            needles at 4,096 tokens where the per-upload split finds 12/12 (docs/quality.md,
+            round 6), so it is not the default. ``False`` (default): the split is measured on
+            every upload and follows each sequence.
 
     Sliding-window layers (:attr:`ModelShape.layer_types`) keep their window locally and never
     reach the backend; a model with only sliding layers offloads nothing.
@@ -920,7 +922,7 @@ class SvdqOffloadCache(Cache):
         *,
         tokenizer: Any = None,
         calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-        calibrate_split: bool = True,
+        calibrate_split: bool = False,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise InvalidInputError(f"window must be an integer >= 1, got {window!r}")
@@ -931,6 +933,9 @@ class SvdqOffloadCache(Cache):
                                     f"got {calibration_tokens!r}")
         if not isinstance(calibrate_split, bool):
             raise InvalidInputError(f"calibrate_split must be True or False, got {calibrate_split!r}")
+        if calibrate_split and not calibration_tokens:
+            raise InvalidInputError("calibrate_split=True measures the split on the shipped calibration text: it needs "
+                                    "calibration_tokens > 0 (or pass the backend cache_key_shares=)")
         if not isinstance(backend, OffloadBackend):
             raise InvalidInputError(
                 f"backend must implement OffloadBackend (LocalOffload or RemoteOffload), got {type(backend).__name__}"
@@ -973,11 +978,11 @@ class SvdqOffloadCache(Cache):
             missing = " and ".join(name for name, needed in (("shared bases", keys or values),
                                                              ("the key/value split", budget)) if needed)
             raise InvalidInputError(
-                f"the svdq offload cache calibrates {missing} on shipped calibration text by default "
+                f"the svdq offload cache calibrates {missing} on shipped calibration text "
                 f"(calibration_tokens={tokens}) and needs the model itself and its tokenizer for it: pass "
                 "SvdqOffloadCache(model, backend, tokenizer=tokenizer), give the backend bases= (calibrate_bases)"
-                + (" and cache_key_shares= (calibrate_key_shares), or calibrate_split=False to measure the split on "
-                   "every upload" if budget else "")
+                + (" and cache_key_shares= (calibrate_key_shares), or leave calibrate_split False to measure the "
+                   "split on every upload" if budget else "")
                 + ", or calibration_tokens=0 for a basis per sequence")
         started = time.perf_counter()
         if keys or values:

@@ -101,12 +101,12 @@ def test_given_bases_and_codecs_without_bases_need_no_calibration(calibration_ru
     assert calibration_runs == [TOKENS] and len(split_runs) == 1
     calibration_runs.clear()
     split_runs.clear()
-    for backend in (LocalOffload(bases=bases, value_bases=value_bases, cache_key_shares=shares),
-                    LocalOffload(bases=bases, value_bases=value_bases),  # split measured per upload: below
+    for backend in (LocalOffload(bases=bases, value_bases=value_bases),  # the split measured per upload
+                    LocalOffload(bases=bases, value_bases=value_bases, cache_key_shares=shares),
                     LocalOffload(CodecConfig(), bases=bases),
                     LocalOffload(CodecConfig(method="fp16")),
                     LocalOffload(CodecConfig(method="kivi", bits=2))):
-        _offload(model, backend, calibrate_split=backend.cache_key_shares is not None)  # no tokenizer needed
+        _offload(model, backend)  # no tokenizer needed
     assert calibration_runs == [] and split_runs == []
 
 
@@ -150,10 +150,10 @@ def stored_budgets(monkeypatch):
     return budgets
 
 
-def test_whole_cache_default_calibrates_the_split_once_on_the_calibration_text(split_runs, stored_budgets):
+def test_calibrate_split_measures_the_split_once_on_the_calibration_text(split_runs, stored_budgets):
     model, tokenizer = tiny_model("llama"), ByteTokenizer()
-    backend = LocalOffload()  # the default: the whole cache at 2.0 bits, no bases, no shares
-    cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS)
+    backend = LocalOffload()  # the whole cache at 2.0 bits, no bases, no shares
+    cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
     # Measured on the shipped calibration text with the calibrated bases, as a caller would.
     expected = calibrate_key_shares(model, evaluation.calibration_tokens(tokenizer, TOKENS), CacheBudget(),
                                     *default_calibrated_bases(model, tokenizer, TOKENS))
@@ -165,18 +165,18 @@ def test_whole_cache_default_calibrates_the_split_once_on_the_calibration_text(s
     assert [keys.shared_basis for keys in backend.keys[0]] == [basis.fingerprint for basis in backend.bases]
     # A second cache on the same model reuses the split: no second measurement.
     again = LocalOffload()
-    _offload(model, again, tokenizer=tokenizer, calibration_tokens=TOKENS)
+    _offload(model, again, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
     assert len(split_runs) == 1 and again.cache_key_shares == expected
     # Another budget is another split.
     other = LocalOffload(cache_budget=CacheBudget(3.0))
-    _offload(model, other, tokenizer=tokenizer, calibration_tokens=TOKENS)
+    _offload(model, other, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
     assert split_runs == [CacheBudget(), CacheBudget(3.0)] and other.cache_key_shares is not None
 
 
-def test_calibrate_split_false_measures_the_split_on_every_upload(split_runs, stored_budgets):
+def test_by_default_the_split_is_measured_on_every_upload(split_runs, stored_budgets):
     model = tiny_model("llama")
     backend = LocalOffload()
-    _offload(model, backend, tokenizer=ByteTokenizer(), calibration_tokens=TOKENS, calibrate_split=False)
+    _offload(model, backend, tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
     assert split_runs == [] and backend.cache_key_shares is None and backend.bases is not None
     assert [budget.key_shares for budget in stored_budgets] == [DEFAULT_KEY_SHARES] * 2
     # calibration_tokens=0 calibrates nothing: per-sequence bases, the split per upload.
@@ -191,16 +191,21 @@ def test_split_calibration_needs_the_tokenizer_and_wrong_shares_are_refused_firs
     model = tiny_model("llama")
     bases, value_bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)
     calibration_runs.clear()
-    # Bases given, split not: the split is calibrated, which needs the text's tokenizer.
+    # Bases given, split not: calibrate_split calibrates it, which needs the text's tokenizer.
     with pytest.raises(InvalidInputError, match=r"calibrates the key/value split on shipped calibration text .*"
-                       r"cache_key_shares= \(calibrate_key_shares\), or calibrate_split=False"):
-        SvdqOffloadCache(model, LocalOffload(bases=bases, value_bases=value_bases))
+                       r"cache_key_shares= \(calibrate_key_shares\), or leave calibrate_split False"):
+        SvdqOffloadCache(model, LocalOffload(bases=bases, value_bases=value_bases), calibrate_split=True)
     with pytest.raises(InvalidInputError, match="calibrates shared bases and the key/value split"):
+        SvdqOffloadCache(model, LocalOffload(), calibrate_split=True)
+    with pytest.raises(InvalidInputError, match="calibrates shared bases on shipped"):
         SvdqOffloadCache(model, LocalOffload())
+    with pytest.raises(InvalidInputError, match=r"calibrate_split=True .* needs calibration_tokens > 0"):
+        SvdqOffloadCache(model, LocalOffload(), tokenizer=ByteTokenizer(), calibration_tokens=0, calibrate_split=True)
     for wrong in ((0.375,), (0.375,) * 3):
         for backend in (LocalOffload(cache_key_shares=wrong), RemoteOffload(None, cache_key_shares=wrong)):
             with pytest.raises(InvalidInputError, match=rf"one share per offloaded layer \(2\), got {len(wrong)}"):
-                SvdqOffloadCache(model, backend, tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
+                SvdqOffloadCache(model, backend, tokenizer=ByteTokenizer(), calibration_tokens=TOKENS,
+                                 calibrate_split=True)
     with pytest.raises(InvalidInputError, match="cache_key_shares need cache_bits_per_element"):
         SvdqOffloadCache(model, RemoteOffload(None, CodecConfig(), cache_key_shares=(0.375, 0.375)),
                          tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
@@ -210,13 +215,13 @@ def test_split_calibration_needs_the_tokenizer_and_wrong_shares_are_refused_firs
 
 
 @pytest.mark.integration
-def test_remote_default_sends_the_calibrated_bases_in_the_profile(shared_server):
+def test_remote_sends_the_calibrated_bases_and_with_calibrate_split_the_split_in_the_profile(shared_server):
     from conftest import TENANT_TOKENS
 
     model, tokenizer = tiny_model("llama"), ByteTokenizer()
     with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], timeout=120.0) as client:
         backend = RemoteOffload(client)
-        cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS)
+        cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
         try:
             profile = client.get_profile(backend.profile_name)
             expected = default_calibrated_bases(model, tokenizer, TOKENS)[0]
@@ -230,9 +235,9 @@ def test_remote_default_sends_the_calibrated_bases_in_the_profile(shared_server)
             assert client.describe(backend.sequence_id).num_tokens == cache.offloaded_tokens > 0
         finally:
             cache.close()
-        # The opt-out: no shares in the profile, the server measures the split on every upload.
+        # The default: no shares in the profile, the server measures the split on every upload.
         per_upload = RemoteOffload(client)
-        cache = _offload(model, per_upload, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=False)
+        cache = _offload(model, per_upload, tokenizer=tokenizer, calibration_tokens=TOKENS)
         try:
             profile = client.get_profile(per_upload.profile_name)
             assert profile.cache_key_shares is None and profile.cache_bits_per_element == DEFAULT_TOTAL_BITS

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from svdq_client import evaluation as harness
-from svdq_client.hf import calibrate_cache_bases, default_calibrated_bases
+from svdq_client.hf import calibrate_cache_bases, calibrate_key_shares, default_calibrated_bases
 
 import svdq
 from svdq.kv import DEFAULT_CACHE_KEY_CODEC, CacheBudget, compress_kv
@@ -62,7 +62,10 @@ class Method:
     bases (keys and SVDq latent values alike).
 
     ``budget`` (whole-cache rows) replaces ``config`` and ``values``: every layer's split
-    between keys and values is measured by :func:`svdq.kv.compress_kv`.
+    between keys and values is measured by :func:`svdq.kv.compress_kv` on each compressed
+    cache, or, with ``calibrated_split``, once per layer on the shared bases' calibration text
+    (:func:`svdq_client.hf.calibrate_key_shares`, filled into ``layer_shares`` by
+    :func:`calibrate_splits`), as the integration does by default.
     """
 
     name: str
@@ -70,6 +73,16 @@ class Method:
     shared_basis: bool = False
     values: ValueConfig = ValueConfig()
     budget: CacheBudget | None = None
+    calibrated_split: bool = False
+    layer_shares: tuple[float, ...] | None = None
+
+    def layer_budget(self, layer: int) -> CacheBudget:
+        """The budget layer ``layer`` is compressed with: its calibrated share, or every candidate."""
+        if self.budget is None:
+            raise ValueError(f"{self.name} is not a whole-cache row")
+        if self.calibrated_split and self.layer_shares is None:
+            raise ValueError(f"{self.name}: its split was not calibrated (calibrate_splits)")
+        return self.budget.with_share(self.layer_shares[layer] if self.layer_shares is not None else None)
 
     @property
     def whole_cache(self) -> bool:
@@ -130,7 +143,30 @@ def main_methods() -> list[Method]:
                budget=CacheBudget(total, key_codec=exact_share_keys(bits)), shared_basis=True)
         for total in (1.5, 1.75, 2.0) for bits in (4, 2)
     ] + [Method("svdq cache 2.5 bits, shared, 1/8 exact keys 2-bit", C(),
-                budget=CacheBudget(2.5, key_codec=exact_share_keys(2)), shared_basis=True)]
+                budget=CacheBudget(2.5, key_codec=exact_share_keys(2)), shared_basis=True),
+         # The integration's default: the split measured once on the calibration text.
+         Method(CALIBRATED_DEFAULT, C(), budget=CacheBudget(2.0, key_codec=exact_share_keys(2)), shared_basis=True,
+                calibrated_split=True)]
+
+
+#: The whole-cache default with its key/value split calibrated once per layer (the
+#: integration's default) instead of measured on every upload.
+CALIBRATED_DEFAULT = "svdq cache 2.0 bits, shared, 1/8 exact keys 2-bit, calibrated split"
+
+
+def calibrate_splits(model, methods: Sequence[Method], calibration_ids: torch.Tensor, bases: Bases) -> list[Method]:
+    """``methods`` with every ``calibrated_split`` row's ``layer_shares`` measured on
+    ``calibration_ids`` (the shared bases' text, never evaluated text) with those bases."""
+    calibrated = []
+    for method in methods:
+        if method.calibrated_split:
+            shares = calibrate_key_shares(model, calibration_ids, method.budget,
+                                          key_bases=bases.keys if method.shared_basis else None,
+                                          value_bases=bases.values if method.shared_basis else None)
+            method = replace(method, layer_shares=shares)
+            LOGGER.info("%s: calibrated key shares %s", method.name, " ".join(f"{s:.4g}" for s in shares))
+        calibrated.append(method)
+    return calibrated
 
 
 def explore_methods() -> list[Method]:
@@ -171,12 +207,12 @@ def explore_value_methods() -> list[Method]:
 NEEDLE_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "kivi 2-bit K and V g32", "svdq cache 2.0 bits, shared",
                   "svdq cache 2.0 bits, shared, 4 exact keys", "svdq cache 2.0 bits, shared, 1/8 exact keys 4-bit",
                   "svdq cache 2.0 bits, shared, 1/8 exact keys 2-bit", "svdq cache 1.75 bits, shared, 1/8 exact keys 2-bit",
-                  "svdq cache 1.5 bits, shared, 1/8 exact keys 2-bit")
+                  "svdq cache 1.5 bits, shared, 1/8 exact keys 2-bit", CALIBRATED_DEFAULT)
 #: Methods scored again at the short prefix (the issue's 1,024-token case).
 SHORT_METHODS = ("fp16 K and V", "keys svdq 1.5, values fp16", "keys svdq 1.5, values fp16, shared",
                  "svdq cache 2.0 bits, own bases", "svdq cache 2.0 bits, shared", "svdq cache 2.5 bits, shared",
                  "svdq cache 2.0 bits, shared, 4 exact keys", "svdq cache 2.0 bits, shared, 1/8 exact keys 4-bit",
-                 "svdq cache 2.0 bits, shared, 1/8 exact keys 2-bit")
+                 "svdq cache 2.0 bits, shared, 1/8 exact keys 2-bit", CALIBRATED_DEFAULT)
 
 
 @dataclass
@@ -262,7 +298,7 @@ def cache_transforms(method: Method, rope: svdq.RopeConfig, stats: KeyStats, pre
         key_basis = bases.keys[layer] if method.shared_basis and bases is not None else None
         value_basis = bases.values[layer] if method.shared_basis and bases is not None else None
         if method.budget is not None:
-            cache = compress_kv(keys, values, method.budget, positions=positions, rope=rope, key_space="post_rope",
+            cache = compress_kv(keys, values, method.layer_budget(layer), positions=positions, rope=rope, key_space="post_rope",
                                 key_basis=key_basis, value_basis=value_basis)
             compressed, stored_values = cache.keys, cache.values
             stats.key_shares.append(cache.key_share)
@@ -425,12 +461,19 @@ def format_quality_table(rows: Sequence[Row], reference_found: dict[int, Sequenc
             f" {row.needles[n][0]}/{row.needles[n][1]} |" if n in row.needles else " - |" for n in lengths)
         stats = row.stats
         lines.append(
-            f"| {row.method.name} | {calibration if row.method.shared_basis else 'own'} | "
+            f"| {row.method.name} | {_bases_column(row.method, calibration)} | "
             f"{stats.bits_per_element:.3f} | {stats.value_bits_per_element:.3f} | "
             f"{stats.total_bits_per_element:.3f} | {stats.total_ratio:.2f}x | {stats.relative_error:.4f} | "
             f"{stats.value_relative_error:.4f} | {row.dnll:+.4f} |{needles}"
         )
     return "\n".join(lines)
+
+
+def _bases_column(method: Method, calibration: str) -> str:
+    """The table's "bases" column: where the shared bases (and a calibrated split) come from."""
+    if not method.shared_basis:
+        return "own" + ("; split calibrated on the evaluated text" if method.calibrated_split else "")
+    return f"{calibration}{'; split calibrated there too' if method.calibrated_split else ''}"
 
 
 def _needle_parity(row: Row, fp16: Row | None, reference_found: dict[int, Sequence[bool]]) -> tuple[bool, str]:
@@ -706,10 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bases.refuse_overlap(0, scored_stop, "the scored prefix and continuation")
     setup = prepare_nll(model, tokenizer, args.prefix_tokens, args.continuation_tokens)
     if args.calibration == "default":
+        calibration_ids = harness.calibration_tokens(tokenizer, args.calibration_tokens)
         bases.keys, bases.values = default_calibrated_bases(model, tokenizer, args.calibration_tokens)
     else:
-        bases.keys, bases.values = calibrate_cache_bases(
-            model, harness.text_tokens(tokenizer, args.calibration_tokens, start=window[0]))
+        calibration_ids = harness.text_tokens(tokenizer, args.calibration_tokens, start=window[0])
+        bases.keys, bases.values = calibrate_cache_bases(model, calibration_ids)
+    methods = calibrate_splits(model, methods, calibration_ids, bases)
     print(f"## Cache quality: SmolLM2-135M-Instruct (float32, CPU), text: {harness.TEXT_SOURCE}")
     print(f"prefix {args.prefix_tokens} tokens (text tokens 0-{args.prefix_tokens}), continuation "
           f"{args.continuation_tokens} tokens (dNLL over the last {args.continuation_tokens - 1}), reference NLL "
@@ -744,7 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         if row.stats.key_shares:
             shares = row.stats.key_shares
-            print(f"{row.method.name}: key share of the bits per layer (measured split) "
+            how = "calibrated split" if row.method.calibrated_split else "measured split"
+            print(f"{row.method.name}: key share of the bits per layer ({how}) "
                   + " ".join(f"{share:.2f}" for share in shares))
     sys.stdout.flush()
     if args.short_prefix_tokens:

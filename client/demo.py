@@ -15,7 +15,12 @@ What it does:
    The keys (and latent values) use shared per-layer bases fitted
    first on ``--shared-basis-tokens`` tokens of shipped text, not the prompt
    (:func:`svdq_client.hf.default_calibrated_bases`, 2048 by default), and sent in the profile;
-   ``--shared-basis-tokens 0`` fits a basis per sequence instead.
+   ``--shared-basis-tokens 0`` fits a basis per sequence instead. Under a whole-cache budget
+   the server measures each layer's key/value split on the upload (five trial compressions
+   per layer); ``--calibrate-split`` measures it once on the same text with those bases
+   (:func:`svdq_client.hf.default_calibrated_key_shares`) and sends it in the profile, so the
+   server compresses each layer once (faster, one needle fewer at 4,096 tokens in
+   docs/quality.md round 6).
 4. Generates the answer to the question greedily: every decode step asks the server for
    attention over the compressed prefix and merges it with local attention.
 5. Prints the answer, whether it holds the needle, the bytes the server stores, the key
@@ -186,7 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="quantize values to 2 or 4 bits (default: values stay 16-bit)")
     model.add_argument("--cache-bits", type=float, default=None,
                        help="one budget in true bits per KV element for keys and values together (svdq keys with "
-                       "1/8 of them as 2-bit corrections, SVDq latent values, split per layer on the server); "
+                       "1/8 of them as 2-bit corrections, SVDq latent values, split per layer between them on "
+                       "the server, or as calibrated with --calibrate-split); "
                        f"default {DEFAULT_TOTAL_BITS} (8x smaller than fp16) with --codec svdq and no --value-bits; "
                        "0: keys only, at --bits, values 16-bit or as --value-bits")
     model.add_argument("--shared-basis-tokens", type=int, default=None,
@@ -194,6 +200,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        "calibration text (the end of Python's own docs, not the prompt) and send it in the "
                        f"profile (svdq only; default {DEFAULT_CALIBRATION_TOKENS}; 0: a basis per sequence, "
                        "stored with it)")
+    model.add_argument("--calibrate-split", action="store_true",
+                       help="with --cache-bits and shared bases: measure each layer's key/value split once on the "
+                       "bases' calibration text and send it in the profile, so the server compresses each layer "
+                       "once instead of measuring the split with five trial compressions per layer on the upload "
+                       "(the default); faster, but one needle fewer at 4,096 tokens in docs/quality.md round 6")
     model.add_argument("--keep-fraction", type=float, default=None,
                        help="key sparsity: attend to this share of the prefix tokens, e.g. 0.03125 (default: dense)")
     model.add_argument("--context-tokens", type=int, default=4096, help="prompt length in tokens (default 4096)")
@@ -225,6 +236,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.shared_basis_tokens and (args.codec != "svdq" or not 256 <= args.shared_basis_tokens <= MAX_CALIBRATION_TOKENS):
         parser.error(f"--shared-basis-tokens needs --codec svdq and 256..{MAX_CALIBRATION_TOKENS} tokens (0: a basis "
                      f"per sequence), got {args.shared_basis_tokens} with --codec {args.codec}")
+    if args.calibrate_split and not (args.cache_bits and args.shared_basis_tokens):
+        parser.error("--calibrate-split applies to the whole cache (--cache-bits > 0) with shared bases "
+                     "(--shared-basis-tokens > 0); keys-only storage has no split")
     if args.address is None and (args.tls_ca or args.token):
         parser.error("--token and --tls-* apply to a remote server: give --address HOST:PORT")
     return args
@@ -279,7 +293,8 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         backend = RemoteOffload(client, codec, value_bits=args.value_bits, sparsity=sparsity, **whole_cache)
         # Calibrates the shared bases (keys, latent values) before registering the profile.
         cache = SvdqOffloadCache(model, backend, window=args.window, tokenizer=tokenizer,
-                                 calibration_tokens=args.shared_basis_tokens)
+                                 calibration_tokens=args.shared_basis_tokens,
+                                 calibrate_split=args.calibrate_split)
         try:
             with torch.no_grad():
                 # The document alone first, one forward pass through the offload cache: the
@@ -323,6 +338,7 @@ def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
         "answer": answer,
         "expected": case.answer,
         "found": evaluation.needle_found(answer, case),
+        "split_calibrated": getattr(backend, "cache_key_shares", None) is not None,
         "prompt_tokens": prompt_ids.shape[1],
         "offloaded_tokens": info.num_tokens,
         "local_tokens": cache.layers[0].keys.shape[-2],
@@ -360,7 +376,8 @@ def report(args: argparse.Namespace, address: str, result: dict[str, Any]) -> st
     lines = [
         f"server            {address}",
         f"keys              {codec[args.codec]}{options}; values "
-        + (f"svdq latent, whole cache {args.cache_bits} bits per KV element" if args.cache_bits
+        + (f"svdq latent, whole cache {args.cache_bits} bits per KV element, key/value split "
+           + ("calibrated" if result["split_calibrated"] else "measured on the upload") if args.cache_bits
            else f"{args.value_bits or 16}-bit"),
         f"prompt            {result['prompt_tokens']} tokens; server holds {result['offloaded_tokens']} per layer, "
         f"{result['local_tokens']} stay local",

@@ -29,6 +29,9 @@ How it works, per forward pass of the model:
 * Before the backend opens, svdq keys (and SVDq latent values) without shared bases get them:
   fitted once per model on shipped calibration text, never the prompt
   (:func:`default_calibrated_bases`; ``calibration_tokens=0`` keeps a basis per sequence).
+  With ``calibrate_split=True``, a whole-cache budget without ``cache_key_shares`` also gets
+  each layer's key/value split, measured once on the same text with those bases
+  (:func:`default_calibrated_key_shares`); by default the split is measured on every upload.
 * After the last layer's attention, tokens beyond the local window move to the backend: the
   whole prefill prefix at the first forward pass (one upload of every offloaded layer per
   row), then blocks of ``spill_block`` tokens as decode steps fill the window.
@@ -275,6 +278,15 @@ class _SharedBasesMixin:
         if value_bases is not None:
             self.value_bases = tuple(value_bases)
 
+    def unsplit_budget(self) -> CacheBudget | None:
+        """The whole-cache budget whose per-layer key/value split is not given
+        (``cache_key_shares`` None, so every upload would measure it), else None."""
+        raise NotImplementedError
+
+    def use_key_shares(self, shares: Sequence[float]) -> None:
+        """Take the calibrated split of :meth:`unsplit_budget`, one key share per offloaded layer."""
+        self.cache_key_shares = tuple(shares)
+
 
 def _count_attend_stats(stats: OffloadStats, attend_stats: Sequence[Any]) -> None:
     stats.attend_calls += 1
@@ -304,7 +316,8 @@ class LocalOffload(_SharedBasesMixin):
         cache_budget: one budget for keys and latent values (:func:`svdq.kv.compress_kv`, as a
             profile's ``cache_bits_per_element``); ``codec`` and ``values`` then do not apply.
         cache_key_shares: each layer's split of ``cache_budget`` (:func:`calibrate_key_shares`);
-            ``None`` measures it for every stored row.
+            ``None`` measures it for every stored row (or :class:`SvdqOffloadCache` calibrates
+            it on shipped text, with its ``calibrate_split=True``).
 
     With none of ``codec``, ``values`` and ``cache_budget`` given, the whole cache is stored
     under ``CacheBudget()``: 2.0 true bits per KV element, 8x smaller than fp16
@@ -355,10 +368,13 @@ class LocalOffload(_SharedBasesMixin):
         if self.cache_key_shares is not None and (self.cache_budget is None
                                                   or len(self.cache_key_shares) != len(shape.offloaded_layers)):
             raise InvalidInputError(f"cache_key_shares need cache_budget and one share per offloaded layer "
-                                    f"({len(shape.offloaded_layers)})")
+                                    f"({len(shape.offloaded_layers)}), got {len(self.cache_key_shares)}")
 
     def _key_codec(self) -> CodecConfig:
         return self.cache_budget.key_codec if self.cache_budget else self.codec
+
+    def unsplit_budget(self) -> CacheBudget | None:
+        return self.cache_budget if self.cache_key_shares is None else None
 
     def _latent_value_codec(self) -> CodecConfig | None:
         return self.cache_budget.value_codec if self.cache_budget else self.value_config.codec
@@ -450,7 +466,9 @@ class RemoteOffload(_SharedBasesMixin):
             values, split per layer on the server (:func:`svdq.kv.compress_kv`); needs
             ``value_codec``.
         cache_key_shares: each layer's split of that budget, measured once
-            (:func:`calibrate_key_shares`); ``None``: the server measures it on every upload.
+            (:func:`calibrate_key_shares`); ``None``: the server measures it on every upload (or
+            :class:`SvdqOffloadCache` calibrates it on shipped text, with its
+            ``calibrate_split=True``).
 
     With none of ``codec``, ``value_bits``, ``value_codec`` and ``cache_bits_per_element``
     given, the profile stores the whole cache at 2.0 true bits per KV element (keys
@@ -497,8 +515,18 @@ class RemoteOffload(_SharedBasesMixin):
     def _latent_value_codec(self) -> CodecConfig | None:
         return self.value_codec
 
+    def unsplit_budget(self) -> CacheBudget | None:
+        if self.cache_bits_per_element is None or self.cache_key_shares is not None:
+            return None
+        # The budget the server builds from the profile (svdq.api.Profile.cache_budget).
+        return CacheBudget(self.cache_bits_per_element, key_codec=self.codec, value_codec=self.value_codec)
+
     def check(self, shape: ModelShape) -> None:
         _check_bases(self.bases, shape, self.codec)
+        if self.cache_key_shares is not None and (self.cache_bits_per_element is None
+                                                  or len(self.cache_key_shares) != len(shape.offloaded_layers)):
+            raise InvalidInputError(f"cache_key_shares need cache_bits_per_element and one share per offloaded layer "
+                                    f"({len(shape.offloaded_layers)}), got {len(self.cache_key_shares)}")
 
     def sequence_id_of(self, row: int) -> str:
         """Server-side sequence id of batch row ``row``."""
@@ -650,6 +678,51 @@ def default_calibrated_bases(model: Any, tokenizer: Any, tokens: int = DEFAULT_C
             :data:`MAX_CALIBRATION_TOKENS` or above the text's length, or a tokenizer whose ids
             do not fit the model's vocabulary.
     """
+    input_ids, key = _default_calibration_ids(model, tokenizer, tokens)
+    with _CALIBRATION_LOCK:
+        per_model = _CALIBRATED.setdefault(model, {})
+        if key not in per_model:
+            started = time.perf_counter()
+            per_model[key] = calibrate_cache_bases(model, input_ids)
+            LOGGER.info("calibrated shared bases of %d layers on %d tokens of shipped text in %.1f s",
+                        len(per_model[key][0]), tokens, time.perf_counter() - started)
+        return per_model[key]
+
+
+# model -> {(tokens, sha256 of the calibration ids, budget, basis fingerprints): key shares}
+_CALIBRATED_SHARES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[float, ...]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def default_calibrated_key_shares(model: Any, tokenizer: Any, budget: CacheBudget,
+                                  key_bases: Sequence[Basis] | None = None,
+                                  value_bases: Sequence[Basis] | None = None,
+                                  tokens: int = DEFAULT_CALIBRATION_TOKENS) -> tuple[float, ...]:
+    """Each offloaded layer's split of ``budget`` (:func:`calibrate_key_shares`) measured on the
+    same shipped calibration text as :func:`default_calibrated_bases`, with the bases the
+    profile will hold. What :class:`SvdqOffloadCache` gives a whole-cache backend without
+    ``cache_key_shares`` with ``calibrate_split=True``: uploads then compress each layer once
+    instead of once per candidate share (``svdq.kv.DEFAULT_KEY_SHARES``).
+
+    Computed once per model object, text, budget and bases in this process; raises as
+    :func:`default_calibrated_bases`.
+    """
+    input_ids, text_key = _default_calibration_ids(model, tokenizer, tokens)
+    fingerprints = tuple(tuple(basis.fingerprint for basis in bases) if bases is not None else None
+                         for bases in (key_bases, value_bases))
+    key = (*text_key, repr(budget), fingerprints)
+    with _CALIBRATION_LOCK:
+        per_model = _CALIBRATED_SHARES.setdefault(model, {})
+        if key not in per_model:
+            started = time.perf_counter()
+            per_model[key] = calibrate_key_shares(model, input_ids, budget, key_bases, value_bases)
+            LOGGER.info("calibrated the key/value split of %d layers on %d tokens of shipped text in %.1f s",
+                        len(per_model[key]), tokens, time.perf_counter() - started)
+        return per_model[key]
+
+
+def _default_calibration_ids(model: Any, tokenizer: Any, tokens: int) -> tuple[torch.Tensor, tuple[int, str]]:
+    """The shipped calibration text's ids for ``model`` (checked) and their cache key."""
     shape = ModelShape.from_config(model.config)
     channels = shape.kv_heads * shape.head_dim
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not channels <= tokens <= MAX_CALIBRATION_TOKENS:
@@ -664,15 +737,7 @@ def default_calibrated_bases(model: Any, tokenizer: Any, tokens: int = DEFAULT_C
     if vocab is not None and int(input_ids.max()) >= vocab:
         raise InvalidInputError(f"the tokenizer gives token id {int(input_ids.max())}, beyond this model's "
                                 f"vocabulary of {vocab}: pass the model's own tokenizer")
-    key = (tokens, hashlib.sha256(input_ids.numpy().tobytes()).hexdigest())
-    with _CALIBRATION_LOCK:
-        per_model = _CALIBRATED.setdefault(model, {})
-        if key not in per_model:
-            started = time.perf_counter()
-            per_model[key] = calibrate_cache_bases(model, input_ids)
-            LOGGER.info("calibrated shared bases of %d layers on %d tokens of shipped text in %.1f s",
-                        len(per_model[key][0]), tokens, time.perf_counter() - started)
-        return per_model[key]
+    return input_ids, (tokens, hashlib.sha256(input_ids.numpy().tobytes()).hexdigest())
 
 
 def _calibration_prefill(model: Any, input_ids: torch.Tensor) -> Any:
@@ -833,7 +898,16 @@ class SvdqOffloadCache(Cache):
             process; ``calibration_seconds`` says how long this cache waited for it). Short
             sequences keep their answers with shared bases (README, "Short prompts"). ``0``: a
             basis per sequence, stored with it (the fixed cost of the basis and mean then
-            weighs on short sequences).
+            weighs on short sequences), and no calibrated split (below).
+        calibrate_split: ``True``: when ``backend`` stores the whole cache under one budget
+            without ``cache_key_shares``, measure each layer's key/value split once on the same
+            calibration text with the backend's bases (:func:`default_calibrated_key_shares`,
+            once per model in the process, counted in ``calibration_seconds``) and give it to
+            the backend, so that every upload compresses each layer once instead of once per
+            candidate share: faster uploads, but on SmolLM2 at 2.0 bits it found 11/12
+            needles at 4,096 tokens where the per-upload split finds 12/12 (docs/quality.md,
+            round 6), so it is not the default. ``False`` (default): the split is measured on
+            every upload and follows each sequence.
 
     Sliding-window layers (:attr:`ModelShape.layer_types`) keep their window locally and never
     reach the backend; a model with only sliding layers offloads nothing.
@@ -848,6 +922,7 @@ class SvdqOffloadCache(Cache):
         *,
         tokenizer: Any = None,
         calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+        calibrate_split: bool = False,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise InvalidInputError(f"window must be an integer >= 1, got {window!r}")
@@ -856,6 +931,11 @@ class SvdqOffloadCache(Cache):
         if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 0:
             raise InvalidInputError(f"calibration_tokens must be an integer >= 0 (0: per-sequence bases), "
                                     f"got {calibration_tokens!r}")
+        if not isinstance(calibrate_split, bool):
+            raise InvalidInputError(f"calibrate_split must be True or False, got {calibrate_split!r}")
+        if calibrate_split and not calibration_tokens:
+            raise InvalidInputError("calibrate_split=True measures the split on the shipped calibration text: it needs "
+                                    "calibration_tokens > 0 (or pass the backend cache_key_shares=)")
         if not isinstance(backend, OffloadBackend):
             raise InvalidInputError(
                 f"backend must implement OffloadBackend (LocalOffload or RemoteOffload), got {type(backend).__name__}"
@@ -880,28 +960,38 @@ class SvdqOffloadCache(Cache):
         self.offload_layers = [layer for layer in layers if isinstance(layer, SvdqOffloadLayer)]
         self.calibration_seconds = 0.0
         if self.offload_layers:
-            self._calibrate(model, tokenizer, calibration_tokens)
+            self._calibrate(model, tokenizer, calibration_tokens, calibrate_split)
             backend.open(self.shape)
 
-    def _calibrate(self, model: Any, tokenizer: Any, tokens: int) -> None:
-        """Give the backend the default calibrated bases it lacks (see ``calibration_tokens``)."""
+    def _calibrate(self, model: Any, tokenizer: Any, tokens: int, split: bool) -> None:
+        """Give the backend the default calibrated bases it lacks, then the calibrated split of
+        its budget when it has none (see ``calibration_tokens`` and ``calibrate_split``)."""
         backend = self.backend
         if not isinstance(backend, _SharedBasesMixin):
             return  # another OffloadBackend: its bases are its own business
         backend.check(self.shape)  # wrong settings fail before a calibration run
         keys, values = backend.missing_bases()
-        if not tokens or not (keys or values):
+        budget = backend.unsplit_budget() if split else None
+        if not tokens or not (keys or values or budget):
             return
         if tokenizer is None or not hasattr(model, "config"):
+            missing = " and ".join(name for name, needed in (("shared bases", keys or values),
+                                                             ("the key/value split", budget)) if needed)
             raise InvalidInputError(
-                "the svdq offload cache fits shared bases on shipped calibration text by default "
+                f"the svdq offload cache calibrates {missing} on shipped calibration text "
                 f"(calibration_tokens={tokens}) and needs the model itself and its tokenizer for it: pass "
-                "SvdqOffloadCache(model, backend, tokenizer=tokenizer), give the backend bases= (calibrate_bases), "
-                "or calibration_tokens=0 for a basis per sequence")
+                "SvdqOffloadCache(model, backend, tokenizer=tokenizer), give the backend bases= (calibrate_bases)"
+                + (" and cache_key_shares= (calibrate_key_shares), or leave calibrate_split False to measure the "
+                   "split on every upload" if budget else "")
+                + ", or calibration_tokens=0 for a basis per sequence")
         started = time.perf_counter()
-        key_bases, value_bases = default_calibrated_bases(model, tokenizer, tokens)
+        if keys or values:
+            key_bases, value_bases = default_calibrated_bases(model, tokenizer, tokens)
+            backend.use_bases(key_bases if keys else None, value_bases if values else None)
+        if budget is not None:
+            backend.use_key_shares(default_calibrated_key_shares(model, tokenizer, budget, backend.bases,
+                                                                 backend.value_bases, tokens))
         self.calibration_seconds = time.perf_counter() - started
-        backend.use_bases(key_bases if keys else None, value_bases if values else None)
 
     @property
     def stats(self) -> OffloadStats:
@@ -1201,6 +1291,7 @@ __all__ = [
     "calibrate_cache_bases",
     "calibrate_key_shares",
     "default_calibrated_bases",
+    "default_calibrated_key_shares",
     "disable_offload",
     "enable_offload",
     "svdq_offload_attention",

@@ -339,9 +339,10 @@ def test_demo_starts_its_server_and_reports(smollm2, capsys):
     upload = next(line for line in captured.err.splitlines() if line.startswith("upload "))
     assert " tokens x 30 layers to 127.0.0.1:" in upload
     assert "server            127.0.0.1:" in report
-    # The default: keys and values under one 2.0-bit budget.
+    # The default: keys and values under one 2.0-bit budget, its split measured by the server.
     assert ("keys              svdq, 1/8 as 2-bit corrections, shared bases fitted on 2048 calibration tokens; "
-            "values svdq latent, whole cache 2.0 bits per KV element") in report
+            "values svdq latent, whole cache 2.0 bits per KV element, key/value split measured on the upload\n"
+            ) in report
     stored = next(line for line in report.splitlines() if line.startswith("stored keys"))
     ratio = float(stored.split("= ratio ")[1].split("x")[0])
     bits = float(stored.split(", ")[-1].split(" bits")[0])
@@ -364,10 +365,10 @@ def test_demo_with_shared_bases_reports_them(smollm2, capsys):
     from svdq_client.demo import main
 
     assert main(["--context-tokens", "256", "--window", "16", "--max-new-tokens", "2",
-                 "--shared-basis-tokens", "256", "--cache-bits", "2.0"]) == 0
+                 "--shared-basis-tokens", "256", "--cache-bits", "2.0", "--calibrate-split"]) == 0
     report = capsys.readouterr().out
     assert "shared bases fitted on 256 calibration tokens" in report
-    assert "values svdq latent, whole cache 2.0 bits per KV element" in report
+    assert "values svdq latent, whole cache 2.0 bits per KV element, key/value split calibrated" in report
     assert "calibration " in next(line for line in report.splitlines() if line.startswith("time"))
     lines = {line[:17].strip(): line[18:] for line in report.splitlines()}
     value_ratio = float(lines["stored values"].split("= ratio ")[1].split("x")[0])
@@ -418,6 +419,9 @@ def test_demo_stores_the_whole_cache_by_default(argv, cache_bits, bits):
         (["--cache-bits", "-1"], "a budget in (0, 16]"),
         (["--cache-bits", "2", "--bits", "1.2"], "no --bits (keys-only)"),
         (["--cache-bits", "2", "--codec", "fp16"], "--cache-bits needs --codec svdq"),
+        (["--calibrate-split", "--cache-bits", "0"], "--calibrate-split applies to the whole cache"),
+        (["--calibrate-split", "--codec", "kivi"], "--calibrate-split applies to the whole cache"),
+        (["--calibrate-split", "--shared-basis-tokens", "0"], "with shared bases (--shared-basis-tokens > 0)"),
     ],
 )
 def test_demo_rejects_bad_options(argv, message, capsys):

@@ -16,13 +16,15 @@ from svdq_client.hf import (
     RemoteOffload,
     SvdqOffloadCache,
     calibrate_cache_bases,
+    calibrate_key_shares,
     default_calibrated_bases,
+    default_calibrated_key_shares,
 )
 
 from svdq import from_bytes, to_bytes
 from svdq.codec import CodecConfig
 from svdq.errors import FormatError, InvalidInputError
-from svdq.kv import DEFAULT_CACHE_KEY_CODEC, DEFAULT_TOTAL_BITS, CacheBudget
+from svdq.kv import DEFAULT_CACHE_KEY_CODEC, DEFAULT_KEY_SHARES, DEFAULT_TOTAL_BITS, CacheBudget
 from svdq.values import DEFAULT_VALUE_CODEC, values_from_bytes, values_to_bytes
 
 # >= kv_heads * head_dim = 32 of the tiny llama; small enough to keep the calibration prefill cheap
@@ -92,16 +94,20 @@ def test_calibration_tokens_0_keeps_a_basis_per_sequence(calibration_runs):
         from_bytes(to_bytes(keys))  # self-contained
 
 
-def test_given_bases_and_codecs_without_bases_need_no_calibration(calibration_runs):
+def test_given_bases_and_codecs_without_bases_need_no_calibration(calibration_runs, split_runs):
     model = tiny_model("llama")
     bases, value_bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)
-    assert calibration_runs == [TOKENS]
+    shares = default_calibrated_key_shares(model, ByteTokenizer(), CacheBudget(), bases, value_bases, TOKENS)
+    assert calibration_runs == [TOKENS] and len(split_runs) == 1
     calibration_runs.clear()
-    for backend in (LocalOffload(bases=bases, value_bases=value_bases), LocalOffload(CodecConfig(), bases=bases),
+    split_runs.clear()
+    for backend in (LocalOffload(bases=bases, value_bases=value_bases),  # the split measured per upload
+                    LocalOffload(bases=bases, value_bases=value_bases, cache_key_shares=shares),
+                    LocalOffload(CodecConfig(), bases=bases),
                     LocalOffload(CodecConfig(method="fp16")),
                     LocalOffload(CodecConfig(method="kivi", bits=2))):
         _offload(model, backend)  # no tokenizer needed
-    assert calibration_runs == []
+    assert calibration_runs == [] and split_runs == []
 
 
 def test_whole_cache_default_calibrates_the_value_bases_too(calibration_runs):
@@ -117,21 +123,126 @@ def test_whole_cache_default_calibrates_the_value_bases_too(calibration_runs):
             values_from_bytes(values_to_bytes(values))
 
 
+@pytest.fixture
+def split_runs(monkeypatch):
+    """The budgets of the key/value split calibrations that ran (hf.calibrate_key_shares)."""
+    runs = []
+
+    def counted(model, input_ids, budget, key_bases=None, value_bases=None):
+        runs.append(budget)
+        return calibrate_key_shares(model, input_ids, budget, key_bases, value_bases)
+
+    monkeypatch.setattr(hf, "calibrate_key_shares", counted)
+    return runs
+
+
+@pytest.fixture
+def stored_budgets(monkeypatch):
+    """The budget of every layer LocalOffload compressed (hf.compress_kv)."""
+    budgets = []
+    compress_kv = hf.compress_kv
+
+    def recorded(keys, values, budget, **options):
+        budgets.append(budget)
+        return compress_kv(keys, values, budget, **options)
+
+    monkeypatch.setattr(hf, "compress_kv", recorded)
+    return budgets
+
+
+def test_calibrate_split_measures_the_split_once_on_the_calibration_text(split_runs, stored_budgets):
+    model, tokenizer = tiny_model("llama"), ByteTokenizer()
+    backend = LocalOffload()  # the whole cache at 2.0 bits, no bases, no shares
+    cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
+    # Measured on the shipped calibration text with the calibrated bases, as a caller would.
+    expected = calibrate_key_shares(model, evaluation.calibration_tokens(tokenizer, TOKENS), CacheBudget(),
+                                    *default_calibrated_bases(model, tokenizer, TOKENS))
+    assert split_runs == [CacheBudget()] and backend.cache_key_shares == expected
+    assert len(expected) == 2 and all(share in DEFAULT_KEY_SHARES for share in expected)
+    assert cache.calibration_seconds > 0
+    # Every layer was compressed once, at its calibrated share, not at every candidate.
+    assert [budget.key_shares for budget in stored_budgets] == [(share,) for share in expected]
+    assert [keys.shared_basis for keys in backend.keys[0]] == [basis.fingerprint for basis in backend.bases]
+    # A second cache on the same model reuses the split: no second measurement.
+    again = LocalOffload()
+    _offload(model, again, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
+    assert len(split_runs) == 1 and again.cache_key_shares == expected
+    # Another budget is another split.
+    other = LocalOffload(cache_budget=CacheBudget(3.0))
+    _offload(model, other, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
+    assert split_runs == [CacheBudget(), CacheBudget(3.0)] and other.cache_key_shares is not None
+
+
+def test_by_default_the_split_is_measured_on_every_upload(split_runs, stored_budgets):
+    model = tiny_model("llama")
+    backend = LocalOffload()
+    _offload(model, backend, tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
+    assert split_runs == [] and backend.cache_key_shares is None and backend.bases is not None
+    assert [budget.key_shares for budget in stored_budgets] == [DEFAULT_KEY_SHARES] * 2
+    # calibration_tokens=0 calibrates nothing: per-sequence bases, the split per upload.
+    stored_budgets.clear()
+    own = LocalOffload()
+    _offload(model, own, tokenizer=ByteTokenizer(), calibration_tokens=0)
+    assert split_runs == [] and own.cache_key_shares is None and own.bases is None
+    assert [budget.key_shares for budget in stored_budgets] == [DEFAULT_KEY_SHARES] * 2
+
+
+def test_split_calibration_needs_the_tokenizer_and_wrong_shares_are_refused_first(calibration_runs, split_runs):
+    model = tiny_model("llama")
+    bases, value_bases = default_calibrated_bases(model, ByteTokenizer(), TOKENS)
+    calibration_runs.clear()
+    # Bases given, split not: calibrate_split calibrates it, which needs the text's tokenizer.
+    with pytest.raises(InvalidInputError, match=r"calibrates the key/value split on shipped calibration text .*"
+                       r"cache_key_shares= \(calibrate_key_shares\), or leave calibrate_split False"):
+        SvdqOffloadCache(model, LocalOffload(bases=bases, value_bases=value_bases), calibrate_split=True)
+    with pytest.raises(InvalidInputError, match="calibrates shared bases and the key/value split"):
+        SvdqOffloadCache(model, LocalOffload(), calibrate_split=True)
+    with pytest.raises(InvalidInputError, match="calibrates shared bases on shipped"):
+        SvdqOffloadCache(model, LocalOffload())
+    with pytest.raises(InvalidInputError, match=r"calibrate_split=True .* needs calibration_tokens > 0"):
+        SvdqOffloadCache(model, LocalOffload(), tokenizer=ByteTokenizer(), calibration_tokens=0, calibrate_split=True)
+    for wrong in ((0.375,), (0.375,) * 3):
+        for backend in (LocalOffload(cache_key_shares=wrong), RemoteOffload(None, cache_key_shares=wrong)):
+            with pytest.raises(InvalidInputError, match=rf"one share per offloaded layer \(2\), got {len(wrong)}"):
+                SvdqOffloadCache(model, backend, tokenizer=ByteTokenizer(), calibration_tokens=TOKENS,
+                                 calibrate_split=True)
+    with pytest.raises(InvalidInputError, match="cache_key_shares need cache_bits_per_element"):
+        SvdqOffloadCache(model, RemoteOffload(None, CodecConfig(), cache_key_shares=(0.375, 0.375)),
+                         tokenizer=ByteTokenizer(), calibration_tokens=TOKENS)
+    with pytest.raises(InvalidInputError, match="calibrate_split must be True or False, got 'no'"):
+        SvdqOffloadCache(model, LocalOffload(), tokenizer=ByteTokenizer(), calibrate_split="no")
+    assert calibration_runs == [] and split_runs == []
+
+
 @pytest.mark.integration
-def test_remote_default_sends_the_calibrated_bases_in_the_profile(shared_server):
+def test_remote_sends_the_calibrated_bases_and_with_calibrate_split_the_split_in_the_profile(shared_server):
     from conftest import TENANT_TOKENS
 
     model, tokenizer = tiny_model("llama"), ByteTokenizer()
     with KVCacheClient(shared_server.address, token=TENANT_TOKENS["team-a"], timeout=120.0) as client:
         backend = RemoteOffload(client)
-        cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS)
+        cache = _offload(model, backend, tokenizer=tokenizer, calibration_tokens=TOKENS, calibrate_split=True)
         try:
             profile = client.get_profile(backend.profile_name)
             expected = default_calibrated_bases(model, tokenizer, TOKENS)[0]
             assert [b.fingerprint for b in profile.bases] == [b.fingerprint for b in expected]
             assert profile.cache_bits_per_element == DEFAULT_TOTAL_BITS and profile.codec == DEFAULT_CACHE_KEY_CODEC
             assert profile.value_codec == DEFAULT_VALUE_CODEC
+            # The split calibrated on the same text with those bases reached the profile.
+            shares = calibrate_key_shares(model, evaluation.calibration_tokens(tokenizer, TOKENS), profile.cache_budget,
+                                          profile.bases, profile.value_bases)
+            assert profile.cache_key_shares == backend.cache_key_shares == shares and len(shares) == 2
             assert client.describe(backend.sequence_id).num_tokens == cache.offloaded_tokens > 0
+        finally:
+            cache.close()
+        # The default: no shares in the profile, the server measures the split on every upload.
+        per_upload = RemoteOffload(client)
+        cache = _offload(model, per_upload, tokenizer=tokenizer, calibration_tokens=TOKENS)
+        try:
+            profile = client.get_profile(per_upload.profile_name)
+            assert profile.cache_key_shares is None and profile.cache_bits_per_element == DEFAULT_TOTAL_BITS
+            assert per_upload.profile_name != backend.profile_name
+            assert client.describe(per_upload.sequence_id).num_tokens == cache.offloaded_tokens
         finally:
             cache.close()
 

@@ -286,7 +286,9 @@ def _dequantized(keys: CompressedKeys, body_index: torch.Tensor | None, channels
         return whole.index_select(0, body_index.reshape(-1)).view(*body_index.shape, codes.shape[1])
     flat = body_index.reshape(-1)
     group = flat // keys.group_size
-    latent = codes.index_select(0, flat).float().mul_(scales.index_select(0, group)).add_(mins.index_select(0, group))
+    # addcmul, as the whole-group dequantization: a row's latent has the same bits whichever way
+    # it was dequantized (a separate multiply and add rounds twice).
+    latent = torch.addcmul(mins.index_select(0, group), codes.index_select(0, flat).float(), scales.index_select(0, group))
     # Explicit width: with every channel dropped (r = 0) a -1 would be ambiguous.
     return latent.view(*body_index.shape, codes.shape[1])
 
@@ -527,24 +529,22 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     return rows, index
 
 
-def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor,
-                    order: torch.Tensor | None = None) -> None:
-    """Put the keys' exact tokens back in place of their reconstruction, in place, for the
-    reconstructions of selected tokens (the dense dots take the exact rows' own dots,
-    :func:`dense_body_dots`).
+def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor) -> None:
+    """Put the keys' exact tokens, post-RoPE from their own float32 rows, in place of their
+    reconstruction, in place, for the keys of selected tokens (the dense dots take the exact
+    rows' own dots, :func:`dense_body_dots`). After rotation and any float16 rounding, so that
+    exact tokens are the same bits whether the other rows were kept or reconstructed.
 
     Args:
-        rows: float32 pre-RoPE reconstructed keys [..., Hkv, n, D] (a view is written through).
+        rows: float32 post-RoPE keys [..., Hkv, n, D] in pair order for keys that rotate
+            (a view is written through).
         body_index: the body tokens of ``rows``: int64 [n] (the same tokens for every head),
             or int64 [..., Hkv, n] (each head its own).
-        order: the head channels' order of ``rows`` (:func:`_pair_order`), None as stored.
     """
     if not keys.num_exact:
         return
     exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
-    by_head = keys.exact_rows.float().view(-1, keys.kv_heads, keys.head_dim).transpose(0, 1)  # [Hkv, k, D]
-    if order is not None:
-        by_head = by_head[..., order]
+    by_head = _full_rows_in_pair_order(keys, keys.exact_rows, exact).transpose(0, 1)  # [Hkv, k, D]
     row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
     is_exact = exact[row] == body_index
     if body_index.dim() == 1:
@@ -596,6 +596,11 @@ def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
 def _linear(latent: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``latent @ basis.T (+ bias)`` with oneDNN on the CPU (:func:`_onednn_linear`), else addmm."""
     if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
+        if latent.shape[0] == 1:
+            # One row takes oneDNN's matrix-vector kernel, which sums in another order than the
+            # matrix kernel every longer block takes: two rows keep a token's reconstruction the
+            # same bits however many tokens are reconstructed with it (kept keys vs a selection).
+            return _linear(latent.expand(2, -1), basis, bias)[:1]
         return _CPU_LINEAR(latent.contiguous(), basis.contiguous(), None if bias is None else bias.contiguous(),
                            "none", [], "")
     if bias is None:
@@ -835,11 +840,39 @@ def _full_rows_in_pair_order(keys: CompressedKeys, stored: torch.Tensor, body_in
 
 
 def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "float32") -> torch.Tensor:
-    """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
-    ``index`` [..., Hkv, n], each head's channels in pair order (:func:`_pair_order`) for keys
-    that rotate: rotated as one complex product with the shared angle table, which the
-    attention over them dots with queries reordered alike. ``precision``: operands of the
-    reconstruction matmul (:func:`select_precision`)."""
+    """Post-RoPE body keys float32 [..., Hkv, n, D] of the selected tokens ``index`` [..., Hkv, n],
+    each head's channels in pair order (:func:`_pair_order`) for keys that rotate (the attention
+    over them dots with queries reordered alike). ``precision``: operands of the reconstruction
+    matmul (:func:`select_precision`).
+
+    In precision "bfloat16" the rows are the float16-rounded keys that a dense call keeps
+    (:data:`KEPT_KEYS`): gathered from them when the budget holds them, else reconstructed and
+    rounded the same way, so that a result has the same bits whether the keys were kept or not.
+    """
+    rounded = _rounds(keys, precision)
+    kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
+    if kept_keys is not None:
+        rows = _kept_rows(kept_keys, index)
+    else:
+        rows = _reconstructed_rows(keys, index, precision)
+        if rounded:
+            rows.copy_(rows.half())
+    _put_exact_rows(keys, rows, index)
+    return rows
+
+
+def _kept_rows(kept_keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """float32 [..., Hkv, n, D] rows ``index`` [..., Hkv, n] of kept keys [Hkv, n_body, D]."""
+    kv_heads, n_body, head_dim = kept_keys.shape
+    # Whole rows of one [Hkv * n_body, D] table with index_select, converted after the gather:
+    # indexing with a token and a head index tensor, or widening every key first, is slower.
+    heads = torch.arange(kv_heads, device=index.device)[:, None] * n_body
+    flat = (index + heads).reshape(-1)
+    return kept_keys.view(-1, head_dim).index_select(0, flat).float().view(*index.shape, head_dim)
+
+
+def _reconstructed_rows(keys: CompressedKeys, index: torch.Tensor, precision: str) -> torch.Tensor:
+    """:func:`_selected_keys` reconstructed now (exact tokens not yet put in, no rounding)."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
     start, n_body = body_range(keys)
     if index.dim() == 3 and index.shape[0] > 1:
@@ -857,7 +890,6 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "
             heads = torch.arange(kv_heads, device=index.device)[:, None] * union.numel()
             flat = (torch.searchsorted(union, index) + heads).reshape(-1)
             return by_head.index_select(0, flat).view(*index.shape, head_dim)
-    order = _pair_order(keys) if rotates(keys) else None
     basis, mean, rest = _dense_basis(keys, precision)
     # Explicit sizes: with every channel dropped (r = 0) a -1 would be ambiguous.
     by_head = basis.view(kv_heads, head_dim, basis.shape[1])
@@ -873,8 +905,7 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "
     for head in range(kv_heads):
         rows[..., head, :, :] = reconstruct(latent[head], by_head[head], mean_by_head[head], rest_by_head[head]).view(
             *per_head.shape[1:], head_dim)
-    _put_exact_rows(keys, rows, index, order)
-    if order is not None:
+    if rotates(keys):
         _rotate_pairs(rows, _rotation(keys, index))
     return rows
 
@@ -882,13 +913,11 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "
 def _body_rows(keys: CompressedKeys, tokens: torch.Tensor, precision: str = "float32") -> torch.Tensor:
     """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``tokens`` [n], all KV
     heads of each token in one matmul; in pair order for keys that rotate (as
-    :func:`_selected_keys`)."""
+    :func:`_selected_keys`), exact tokens not put in."""
     basis, mean, rest = _dense_basis(keys, precision)
     rows = reconstruct(_dequantized(keys, tokens), basis, mean, rest).view(tokens.numel(), keys.kv_heads,
                                                                           keys.head_dim)
-    order = _pair_order(keys) if rotates(keys) else None
-    _put_exact_rows(keys, rows.transpose(0, 1), tokens, order)
-    if order is not None:
+    if rotates(keys):
         _rotate_pairs(rows, _rotation(keys, tokens)[:, None, :])
     return rows
 

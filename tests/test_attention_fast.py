@@ -137,6 +137,29 @@ def test_onednn_reconstruction_is_float32_accurate():
         assert error <= 4 * addmm_error + 8 * torch.finfo(torch.float32).eps * exact.abs().max()
 
 
+@pytest.mark.parametrize("bfloat16_rest", [False, True])
+def test_a_token_reconstructs_to_the_same_bits_however_many_tokens_come_with_it(bfloat16_rest):
+    """Kept keys are reconstructed in blocks of every KV head, a sparse selection per head in
+    sets of any size, one row among them: a token's reconstruction must not depend on that, or
+    a result would depend on what the attention cache holds."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, kept, kv_heads, head_dim = 512, 75, 8, 128
+    latent = torch.randn(tokens, kept, generator=generator)
+    basis = torch.randn(kv_heads * head_dim, kept, generator=generator)
+    mean = torch.randn(kv_heads * head_dim, generator=generator)
+    lead, rest = basis, None
+    if bfloat16_rest:
+        lead, rest = basis[:, :32].contiguous(), basis[:, 32:].to(torch.bfloat16).contiguous()
+    blocks = torch.cat([reconstruct(latent[first:first + 256], lead, mean, rest) for first in range(0, tokens, 256)])
+    for count in (1, 2, 7, 100, 300):
+        index = torch.randperm(tokens, generator=generator)[:count]
+        assert torch.equal(reconstruct(latent[index], lead, mean, rest), blocks[index])
+        for head in (0, 5):
+            channels = slice(head * head_dim, (head + 1) * head_dim)
+            alone = reconstruct(latent[index], lead[channels], mean[channels], None if rest is None else rest[channels])
+            assert torch.equal(alone, blocks[index, channels])
+
+
 def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
     keys, _ = make_case(tokens=203)
     other, _ = make_case(tokens=150, seed=3)

@@ -114,6 +114,16 @@ class DerivedCache:
             if evicted is not None:
                 evicted._cache.clear()
 
+    def discard(self, owner: Any) -> None:
+        """Drop everything ``owner`` keeps (its whole ``_cache``) and its charge: the state of
+        an object just read from its blob (a cold call; ``bench/attention.py`` times one)."""
+        with self._lock:
+            entry = self._owners.get(id(owner))
+            if entry is not None and entry[0]() is owner:
+                del self._owners[id(owner)]
+                self._bytes -= entry[1]
+            owner._cache.clear()
+
     def clear(self) -> None:
         """Drop every kept tensor."""
         with self._lock:

@@ -114,3 +114,17 @@ def test_concurrent_attention_under_a_tiny_budget_gives_the_same_results(limited
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads)
     assert not failures and limited.evictions > evictions_before
+
+
+def test_discard_drops_one_owners_tensors_and_its_charge():
+    cache = DerivedCache(limit_bytes=1000)
+    first, second = Holder(), Holder()
+    cache.put(first, "a", torch.zeros(100, dtype=torch.uint8))
+    cache.put(second, "a", torch.zeros(400, dtype=torch.uint8))
+    first._cache["small"] = 3  # kept by the object itself, not charged: dropped too
+    cache.discard(first)
+    assert first._cache == {} and "a" in second._cache and cache.nbytes == 400 and cache.evictions == 0
+    cache.discard(first)  # nothing left: a no-op
+    # Charged afresh: 400 + 700 is over the limit, so second (the least recently used) goes.
+    cache.put(first, "a", torch.zeros(700, dtype=torch.uint8))
+    assert cache.nbytes == 700 and second._cache == {} and "a" in first._cache

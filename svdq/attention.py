@@ -485,12 +485,17 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     token_index = torch.where(valid, token_index, torch.zeros_like(token_index))
     per_head = int(valid[0, 0].sum())
     score_bytes = selection_bytes(keys, channels, candidate_tokens)
-    selections = []
-    for item, item_valid in zip(token_index, valid, strict=True):
-        union = torch.unique(item[item_valid])
-        groups_touched = torch.unique(union // keys.group_size).numel()
-        selections.append(BodySelection(item, item_valid, per_head, union.numel(), groups_touched, score_bytes))
-    return selections
+    # Distinct tokens and groups each query attends over its heads, for the byte accounting:
+    # marked in one [n, n_body] table for all queries (a sort per query cost more than the
+    # attention over its selection in batches of queries over one sequence).
+    # Padding is marked in a last column that is not counted.
+    marked = torch.zeros(count, n_body + 1, dtype=torch.bool, device=device)
+    marked.scatter_(1, torch.where(valid, token_index, n_body).reshape(count, -1), True)
+    attended = marked[:, :n_body]
+    unions = attended.sum(dim=1).tolist()
+    groups_touched = attended.reshape(count, groups, keys.group_size).any(dim=2).sum(dim=1).tolist()
+    return [BodySelection(item, item_valid, per_head, union, touched, score_bytes)
+            for item, item_valid, union, touched in zip(token_index, valid, unions, groups_touched, strict=True)]
 
 
 def key_bytes_read(keys: CompressedKeys, selection: BodySelection) -> int:

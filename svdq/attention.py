@@ -391,18 +391,43 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
         kv_heads, -1, head_dim)
     dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
+    # The rotated low-rank keys do not depend on the queries: kept while the budget has room,
+    # later calls only dot them (building and rotating them was two thirds of the score).
+    name = (SCORE_KEYS, score_channels)
+    kept = DERIVED.get(keys, name)
+    n_body = latent.shape[0]
+    keep = kept is None and DERIVED.has_room(4 * n_body * keys.channels)
+    if keep:
+        kept_now = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
+    # The same blocks with kept keys, so that the products (and scores) are the same bits.
     block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
-    for start in range(0, tokens, block):
-        stop = min(tokens, start + block)
-        low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
-        if angles is not None:
-            _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
-        # Queries as the left operand, tokens as the columns: with the few query rows on the
-        # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
-        torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
+    built = n_body if keep else tokens
+    for start in range(0, built if kept is None else tokens, block):
+        stop = min(built, start + block)
+        if kept is not None:
+            low_rank = kept[start:stop]
+        else:
+            low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
+            if angles is not None:
+                _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
+            if keep:
+                kept_now[start:stop] = low_rank
+        if start < tokens:
+            scored = min(stop, tokens)
+            # Queries as the left operand, tokens as the columns: with the few query rows on the
+            # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
+            torch.bmm(grouped, low_rank[:scored - start].permute(1, 2, 0), out=dots[:, :, start:scored])
+    if keep:
+        DERIVED.put(keys, name, kept_now)
     return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
+
+
+#: Name of the selection score's rotated low-rank body keys, float32 [n_body, Hkv, D] (pair
+#: order for keys that rotate), per score-channel count, that a sparse call keeps while the
+#: budget has room (``4 C`` bytes per token): the same values the score builds otherwise.
+SCORE_KEYS = "score_keys"
 
 
 def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:

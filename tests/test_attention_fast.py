@@ -160,6 +160,48 @@ def test_a_token_reconstructs_to_the_same_bits_however_many_tokens_come_with_it(
             assert torch.equal(alone, blocks[index, channels])
 
 
+@pytest.mark.parametrize("method,key_space", [("svdq", "post_rope"), ("svdq", "pre_rope"), ("kivi", "post_rope")])
+def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, method, key_space):
+    """The selection score's rotated low-rank keys are kept while the budget has room and only
+    dotted afterwards: the same score bits (for any candidate prefix) and selections as built
+    anew, so the chosen tokens never depend on what the attention cache holds."""
+    keys, values = make_case(method, tokens=403, key_space=key_space)
+    start, n_body = body_range(keys)
+    queries = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(5))
+    sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=4, num_recent=24)
+    name = (attention_module.SCORE_KEYS, 5)
+    limit = DERIVED.limit_bytes
+    try:
+        DERIVED.limit_bytes = None  # no budget: built anew every call
+        cold = {tokens: attention_module._head_score_dots(queries, keys, 5, tokens) for tokens in (150, n_body)}
+        cold_attention = attend(queries, [keys] * 3, [values] * 3, sparsity=sparsity, backend="torch")
+        assert name not in keys._cache
+        DERIVED.limit_bytes = 1 << 30
+        before = DERIVED.nbytes
+        assert torch.equal(attention_module._head_score_dots(queries, keys, 5, 150), cold[150])  # keeps them
+        kept = keys._cache[name]
+        assert kept.shape == (n_body, keys.kv_heads, keys.head_dim) and DERIVED.nbytes - before >= kept.numel() * 4
+        built = []
+        original = attention_module.reconstruct
+        monkeypatch.setattr(attention_module, "reconstruct", lambda *args: built.append(1) or original(*args))
+        for tokens in (150, n_body):
+            assert torch.equal(attention_module._head_score_dots(queries, keys, 5, tokens), cold[tokens])
+        assert not built  # dotted from the kept keys
+        kept_attention = attend(queries, [keys] * 3, [values] * 3, sparsity=sparsity, backend="torch")
+        for ours, theirs in zip(kept_attention.stats, cold_attention.stats, strict=True):
+            assert ours == theirs
+        assert torch.equal(kept_attention.output, cold_attention.output)
+        # A budget without room for them keeps none.
+        other, _ = make_case(method, tokens=403, key_space=key_space, seed=3)
+        DERIVED.clear()
+        DERIVED.limit_bytes = 200_000  # less than the 300 kB they would take
+        attention_module._head_score_dots(queries, other, 5, 150)
+        assert name not in other._cache
+    finally:
+        DERIVED.clear()
+        DERIVED.limit_bytes = limit
+
+
 def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
     keys, _ = make_case(tokens=203)
     other, _ = make_case(tokens=150, seed=3)

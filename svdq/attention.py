@@ -559,31 +559,6 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     return rows, index
 
 
-def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor) -> None:
-    """Put the keys' exact tokens, post-RoPE from their own float32 rows, in place of their
-    reconstruction, in place, for the keys of selected tokens (the dense dots take the exact
-    rows' own dots, :func:`dense_body_dots`). After rotation and any float16 rounding, so that
-    exact tokens are the same bits whether the other rows were kept or reconstructed.
-
-    Args:
-        rows: float32 post-RoPE keys [..., Hkv, n, D] in pair order for keys that rotate
-            (a view is written through).
-        body_index: the body tokens of ``rows``: int64 [n] (the same tokens for every head),
-            or int64 [..., Hkv, n] (each head its own).
-    """
-    if not keys.num_exact:
-        return
-    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
-    by_head = _full_rows_in_pair_order(keys, keys.exact_rows, exact).transpose(0, 1)  # [Hkv, k, D]
-    row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
-    is_exact = exact[row] == body_index
-    if body_index.dim() == 1:
-        rows[..., is_exact, :] = by_head[:, row[is_exact]]
-        return
-    heads = torch.arange(keys.kv_heads, device=rows.device)[:, None].expand(body_index.shape)
-    rows[is_exact] = by_head[heads[is_exact], row[is_exact]]
-
-
 def _onednn_linear():
     """oneDNN's float32 ``input @ weight.T + bias`` on dense CPU tensors, or None.
 
@@ -869,40 +844,86 @@ def _full_rows_in_pair_order(keys: CompressedKeys, stored: torch.Tensor, body_in
     return rows
 
 
-def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "float32") -> torch.Tensor:
-    """Post-RoPE body keys float32 [..., Hkv, n, D] of the selected tokens ``index`` [..., Hkv, n],
-    each head's channels in pair order (:func:`_pair_order`) for keys that rotate (the attention
-    over them dots with queries reordered alike). ``precision``: operands of the reconstruction
-    matmul (:func:`select_precision`).
+def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Tensor,
+                   precision: str = "float32") -> torch.Tensor:
+    """``q . RoPE_t(k^_t)`` of grouped queries with their selected body tokens.
 
-    In precision "bfloat16" the rows are the float16-rounded keys that a dense call keeps
+    Args:
+        queries: float32 [..., Hkv, g, D] post-RoPE queries, each head's channels in pair order
+            (:func:`_pair_order`) for keys that rotate (the keys are built in that order).
+        index: int64 [..., Hkv, n] the body tokens each head of each query attends.
+        precision: operands of the reconstruction matmul (:func:`select_precision`).
+
+    Returns:
+        float32 [..., Hkv, g, n] unscaled dot products.
+
+    In precision "bfloat16" the keys are the float16-rounded keys that a dense call keeps
     (:data:`KEPT_KEYS`): gathered from them when the budget holds them, else reconstructed and
-    rounded the same way, so that a result has the same bits whether the keys were kept or not.
+    rounded the same way, and dotted by the same per-head products, so that a result has the
+    same bits whether the keys were kept or not. Exact tokens' dots come from their own rows.
     """
+    head_dim = keys.head_dim
+    ratio, count = queries.shape[-2], index.shape[-1]
+    by_head = queries.reshape(-1, ratio, head_dim)  # [B, g, D], one batch per (query, head)
+    dots = torch.empty(by_head.shape[0], ratio, count, device=queries.device)
     rounded = _rounds(keys, precision)
     kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
-    if kept_keys is not None:
-        rows = _kept_rows(kept_keys, index)
-    else:
+    if kept_keys is None:
         rows = _reconstructed_rows(keys, index, precision)
         if rounded:
             rows.copy_(rows.half())
-    _put_exact_rows(keys, rows, index)
-    return rows
+        torch.bmm(by_head, rows.view(-1, count, head_dim).transpose(1, 2), out=dots)
+    else:
+        _gathered_dots(kept_keys, by_head, index, dots)
+    _put_exact_dots(keys, by_head, index.reshape(-1, count), dots)
+    return dots.view(*index.shape[:-1], ratio, count)
 
 
-def _kept_rows(kept_keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """float32 [..., Hkv, n, D] rows ``index`` [..., Hkv, n] of kept keys [Hkv, n_body, D]."""
+#: Kept-key rows gathered and widened at a time (float16 and float32 buffers reused across the
+#: chunks: fresh buffers for a batch's selections cost more in page faults than the gather).
+GATHER_ROWS = 1 << 13
+
+
+def _gathered_dots(kept_keys: torch.Tensor, by_head: torch.Tensor, index: torch.Tensor, dots: torch.Tensor) -> None:
+    """Dots ``dots`` [B, g, n] of ``by_head`` [B, g, D] with rows ``index`` [..., Hkv, n] of
+    kept keys [Hkv, n_body, D], written in place, in chunks of (query, head) pairs."""
     kv_heads, n_body, head_dim = kept_keys.shape
-    # Whole rows of one [Hkv * n_body, D] table with index_select, converted after the gather:
-    # indexing with a token and a head index tensor, or widening every key first, is slower.
+    count = index.shape[-1]
+    # Rows of one [Hkv * n_body, D] table: indexing with a token and a head index tensor is slower.
     heads = torch.arange(kv_heads, device=index.device)[:, None] * n_body
-    flat = (index + heads).reshape(-1)
-    return kept_keys.view(-1, head_dim).index_select(0, flat).float().view(*index.shape, head_dim)
+    flat = (index + heads).reshape(-1, count)
+    table = kept_keys.view(-1, head_dim)
+    chunk = max(1, GATHER_ROWS // max(1, count))
+    rows = min(chunk, flat.shape[0]) * count
+    halves = torch.empty(rows, head_dim, dtype=kept_keys.dtype, device=index.device)
+    widened = torch.empty(rows, head_dim, device=index.device)
+    for first in range(0, flat.shape[0], chunk):
+        stop = min(flat.shape[0], first + chunk)
+        size = (stop - first) * count
+        torch.index_select(table, 0, flat[first:stop].reshape(-1), out=halves[:size])
+        block = widened[:size].copy_(halves[:size]).view(stop - first, count, head_dim)
+        torch.bmm(by_head[first:stop], block.transpose(1, 2), out=dots[first:stop])
+
+
+def _put_exact_dots(keys: CompressedKeys, by_head: torch.Tensor, index: torch.Tensor, dots: torch.Tensor) -> None:
+    """Replace, in place, the dots ``dots`` [B, g, n] of selected exact tokens with their dots
+    with the exact rows (post-RoPE from their own float32 rows). ``by_head`` [B, g, D] the
+    queries, ``index`` [B, n] body tokens; batch ``b`` is KV head ``b % Hkv``."""
+    if not keys.num_exact:
+        return
+    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
+    exact_rows = _full_rows_in_pair_order(keys, keys.exact_rows, exact).transpose(0, 1)  # [Hkv, k, D]
+    row = torch.searchsorted(exact, index).clamp(max=exact.numel() - 1)
+    batch, position = (exact[row] == index).nonzero(as_tuple=True)
+    if batch.numel():
+        rows = exact_rows[batch % keys.kv_heads, row[batch, position]]  # [E, D]
+        dots[batch, :, position] = torch.einsum("egd,ed->eg", by_head[batch], rows)
 
 
 def _reconstructed_rows(keys: CompressedKeys, index: torch.Tensor, precision: str) -> torch.Tensor:
-    """:func:`_selected_keys` reconstructed now (exact tokens not yet put in, no rounding)."""
+    """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
+    ``index`` [..., Hkv, n], each head's channels in pair order for keys that rotate (exact
+    tokens not put in, no rounding: :func:`_selected_dots` does both)."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
     start, n_body = body_range(keys)
     if index.dim() == 3 and index.shape[0] > 1:
@@ -943,7 +964,7 @@ def _reconstructed_rows(keys: CompressedKeys, index: torch.Tensor, precision: st
 def _body_rows(keys: CompressedKeys, tokens: torch.Tensor, precision: str = "float32") -> torch.Tensor:
     """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``tokens`` [n], all KV
     heads of each token in one matmul; in pair order for keys that rotate (as
-    :func:`_selected_keys`), exact tokens not put in."""
+    :func:`_reconstructed_rows`), exact tokens not put in."""
     basis, mean, rest = _dense_basis(keys, precision)
     rows = reconstruct(_dequantized(keys, tokens), basis, mean, rest).view(tokens.numel(), keys.kv_heads,
                                                                           keys.head_dim)
@@ -1147,8 +1168,8 @@ def _attend_torch_group(
                             0, 0, 0, 0)
     # The selected keys come in pair order (rotated as one complex product): so do the queries.
     paired = grouped[..., _pair_order(keys)] if rotates(keys) else grouped
-    body_weights, lse_body = softmax_weights(paired, _selected_keys(keys, stacked.token_index, precision), scale,
-                                             stacked.valid, softcap)
+    body_weights, lse_body = softmax_from_dots(_selected_dots(keys, paired, stacked.token_index, precision), scale,
+                                               stacked.valid, softcap)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)

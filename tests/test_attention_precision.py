@@ -194,6 +194,8 @@ def test_sparse_calls_give_the_same_bits_with_kept_keys_and_without(budget, monk
     values = compress_values(structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half())
     queries = peaked_queries(post, count=count)
     sparsity = SparsityConfig(keep_fraction=0.05, chunk_size=chunk_size, num_recent=16)
+    # Kept keys are gathered a few (query, head) selections at a time: several chunks here.
+    monkeypatch.setattr(attention_module, "GATHER_ROWS", 64)
     reconstructions = []
     original = attention_module._reconstructed_rows
     monkeypatch.setattr(attention_module, "_reconstructed_rows",

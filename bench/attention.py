@@ -340,7 +340,8 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
                     DERIVED.limit_bytes = cache_bytes if kept else None
                     keys = dataclasses.replace(compressed, _cache={})
                     if kept:
-                        attend(queries[:1], [keys], [stored_values], precision=precision)  # a dense call keeps them
+                        for _ in range(2):  # dense calls keep them from the second on
+                            attend(queries[:1], [keys], [stored_values], precision=precision)
                     # One query per call: decode, and each query selects its own tokens.
                     answers = [attend(queries[b:b + 1], [keys], [stored_values], sparsity=sparsity,
                                       precision=precision) for b in range(queries_per_case)]

@@ -391,12 +391,13 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
         kv_heads, -1, head_dim)
     dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
-    # The rotated low-rank keys do not depend on the queries: kept while the budget has room,
-    # later calls only dot them (building and rotating them was two thirds of the score).
+    # The rotated low-rank keys do not depend on the queries: kept (from the second call, while
+    # the budget has room, DerivedCache.admits), later calls only dot them (building and
+    # rotating them was two thirds of the score).
     name = (SCORE_KEYS, score_channels)
     kept = DERIVED.get(keys, name)
     n_body = latent.shape[0]
-    keep = kept is None and DERIVED.has_room(4 * n_body * keys.channels)
+    keep = kept is None and DERIVED.admits(keys, name, 4 * n_body * keys.channels)
     if keep:
         kept_now = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
@@ -425,8 +426,9 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
 
 
 #: Name of the selection score's rotated low-rank body keys, float32 [n_body, Hkv, D] (pair
-#: order for keys that rotate), per score-channel count, that a sparse call keeps while the
-#: budget has room (``4 C`` bytes per token): the same values the score builds otherwise.
+#: order for keys that rotate), per score-channel count, that sparse calls keep from the second
+#: on while the budget has room (``4 C`` bytes per token, :meth:`svdq.derived.DerivedCache.admits`):
+#: the same values the score builds otherwise.
 SCORE_KEYS = "score_keys"
 
 
@@ -795,7 +797,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
         basis, mean, rest = _dense_basis(keys, precision)
         scales, mins = keys.scales.float(), keys.mins.float()
         angles = _rotation_table(keys) if rotates(keys) else None
-        keep = rounded and DERIVED.has_room(2 * n_body * keys.channels)
+        keep = rounded and DERIVED.admits(keys, KEPT_KEYS, 2 * n_body * keys.channels)
         halves = torch.empty(kv_heads, n_body if keep else min(block, n_body), head_dim, dtype=torch.float16,
                              device=grouped.device) if rounded else None
         latent = torch.empty(block, kept, device=grouped.device)
@@ -828,8 +830,8 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
 
 
 #: Name of the float16 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate)
-#: that a dense call in precision "bfloat16" keeps while the budget has room, for later dense
-#: calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
+#: that dense calls in precision "bfloat16" keep from the second on while the budget has room
+#: (:meth:`svdq.derived.DerivedCache.admits`), for later calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
 #: at the same cost. Exact tokens' dots come from their own rows, not from these.
 KEPT_KEYS = "kept_keys"
 

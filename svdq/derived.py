@@ -3,7 +3,8 @@
 Attention over a stored sequence is much faster when some derived tensors survive from one
 call to the next: the unpacked codes (``r`` bytes per body token), the dequantized score
 channels of the sparse selection (``4 * (m + 1)`` bytes per token), the kernels' launch
-layout, and, only while the budget has room (:meth:`DerivedCache.has_room`), the float16
+layout, and, only while the budget has room and from their second use on
+(:meth:`DerivedCache.admits`), the float16
 keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token) and the selection score's
 rotated low-rank keys (``4 * C`` bytes per token). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
 8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
@@ -75,6 +76,20 @@ class DerivedCache:
         without a limit, so that library use without a budget never keeps them)."""
         with self._lock:
             return self._limit is not None and self._bytes + nbytes <= self._limit
+
+    def admits(self, owner: Any, name: Any, nbytes: int) -> bool:
+        """Whether to keep an optional tensor ``name`` of ``nbytes`` for ``owner`` now: the
+        budget has room (:meth:`has_room`) and ``owner`` asks for it a second time (its first
+        ask is only noted, in its ``_cache``, uncharged). Admission on the second use: a sequence
+        attended once (a one-off call) does not pay for building and keeping what only repeated
+        calls (decode steps) gain from."""
+        if not self.has_room(nbytes):
+            return False
+        marker = ("asked", name)
+        if owner._cache.get(marker):
+            return True
+        owner._cache[marker] = True
+        return False
 
     def get(self, owner: Any, name: Any) -> Any:
         """``owner``'s cached ``name`` or None; marks the owner recently used (and, past the

@@ -178,7 +178,9 @@ def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, met
         assert name not in keys._cache
         DERIVED.limit_bytes = 1 << 30
         before = DERIVED.nbytes
-        assert torch.equal(attention_module._head_score_dots(queries, keys, 5, 150), cold[150])  # keeps them
+        assert torch.equal(attention_module._head_score_dots(queries, keys, 5, 150), cold[150])
+        assert name not in keys._cache  # kept from the second call on
+        assert torch.equal(attention_module._head_score_dots(queries, keys, 5, 150), cold[150])
         kept = keys._cache[name]
         assert kept.shape == (n_body, keys.kv_heads, keys.head_dim) and DERIVED.nbytes - before >= kept.numel() * 4
         built = []
@@ -195,7 +197,8 @@ def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, met
         other, _ = make_case(method, tokens=403, key_space=key_space, seed=3)
         DERIVED.clear()
         DERIVED.limit_bytes = 200_000  # less than the 300 kB they would take
-        attention_module._head_score_dots(queries, other, 5, 150)
+        for _ in range(2):
+            attention_module._head_score_dots(queries, other, 5, 150)
         assert name not in other._cache
     finally:
         DERIVED.clear()

@@ -65,7 +65,8 @@ def _synchronize(device: torch.device) -> None:
 
 def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int,
                      clock: Callable[[], float] = time.perf_counter,
-                     resets: dict[str, Callable[[], None]] | None = None) -> dict[str, float]:
+                     resets: dict[str, tuple[Callable[[], None], Callable[[], None]]] | None = None
+                     ) -> dict[str, float]:
     """Median seconds of each call, timed in turns (every repeat visits every call once, after
     one warm-up call each), so that load from other work on a shared machine falls on all
     rows alike and their ratios stay meaningful. ``clock``: wall time, or on the CPU
@@ -74,15 +75,16 @@ def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.devic
     per call, what runs untimed before and after each of its calls (a cold call's discarding
     of what attention kept, so that it neither finds nor leaves anything for the others)."""
     resets = resets or {}
-    nothing = lambda: None  # noqa: E731
+    nothing = (lambda: None, lambda: None)
 
     def timed(name: str, call: Callable[[], object]) -> float:
-        resets.get(name, nothing)()
+        before, after = resets.get(name, nothing)
+        before()
         start = clock()
         call()
         _synchronize(device)
         elapsed = clock() - start
-        resets.get(name, nothing)()
+        after()
         return elapsed
 
     for name, call in calls.items():
@@ -94,21 +96,32 @@ def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.devic
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def _discarder(derived, objects: list) -> Callable[[], None]:
-    """What makes ``objects`` (keys, values and values' latents) cold again: ``derived`` (a
-    tree's ``DERIVED``) drops what attention kept for them, budget charge included. A tree
-    older than :meth:`svdq.derived.DerivedCache.discard` is discarded with this tree's method
-    (the same bookkeeping)."""
+def _discarder(derived, objects: list) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What runs before and after a cold call over ``objects`` (keys, values and values'
+    latents): ``derived`` (a tree's ``DERIVED``) drops what attention kept for them, budget
+    charge included, and its limit is lifted for the call, so that what the call derives
+    evicts nothing the kept rows' sequences hold (with 16 sequences of 32k tokens the cold
+    calls' unpacked codes alone pushed the kept rows' float16 keys out) and nothing optional
+    is kept (no room without a limit). A tree older than
+    :meth:`svdq.derived.DerivedCache.discard` is discarded with this tree's method (the same
+    bookkeeping)."""
     from svdq.derived import DerivedCache
 
     discard = getattr(derived, "discard", None) or (lambda owner: DerivedCache.discard(derived, owner))
     distinct = list({id(item): item for item in objects}.values())
+    limit = derived.limit_bytes
 
-    def reset() -> None:
+    def before() -> None:
         for item in distinct:
             discard(item)
+        derived.limit_bytes = None
 
-    return reset
+    def after() -> None:
+        for item in distinct:
+            discard(item)
+        derived.limit_bytes = limit
+
+    return before, after
 
 
 def _cached_objects(keys_list: list, values_list: list) -> list:
@@ -214,7 +227,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
             ]
             queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
             calls: dict[str, Callable[[], object]] = {}
-            resets: dict[str, Callable[[], None]] = {}
+            resets: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
             read: dict[str, int] = {}
             for dtype in sdpa_dtypes:
                 name = f"SDPA {str(dtype).removeprefix('torch.')} keys/values"

@@ -9,7 +9,10 @@ and sparse (1/32 of the tokens) over SVDq keys compressed with the default codec
 (1.5 true bits per element), each with fp16 values and with SVDq latent values
 (:data:`svdq.values.DEFAULT_VALUE_CODEC`, which attention reads as latent codes). Keys are synthetic with a decaying spectrum
 (a low-rank signal plus noise): speed depends on the shapes and kept channels, not on the
-text. Ratios are against SDPA fp16 of the same length. Key bytes are what each call needs
+text. Every svdq row is timed twice, marked: ``[kept]`` over sequences that keep what attention
+derived between calls (as a server's repeated decode steps do), ``[cold]`` over sequences as
+just read from the store, discarded before each call (a sequence's first call).
+Ratios are against SDPA fp16 of the same length. Key bytes are what each call needs
 (``AttentionStats``); the SDPA rows read the fp16/fp32 keys.
 
 Precision (``--part precision``, CPU): the attention-output error of ``precision="bfloat16"``
@@ -61,23 +64,69 @@ def _synchronize(device: torch.device) -> None:
 
 
 def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                     clock: Callable[[], float] = time.perf_counter,
+                     resets: dict[str, tuple[Callable[[], None], Callable[[], None]]] | None = None
+                     ) -> dict[str, float]:
     """Median seconds of each call, timed in turns (every repeat visits every call once, after
     one warm-up call each), so that load from other work on a shared machine falls on all
     rows alike and their ratios stay meaningful. ``clock``: wall time, or on the CPU
     ``time.thread_time`` (the calling thread's CPU time: on a machine shared with more
-    runnable jobs than cores, the time spent waiting for a core is left out)."""
-    for call in calls.values():
+    runnable jobs than cores, the time spent waiting for a core is left out). ``resets``:
+    per call, what runs untimed before and after each of its calls (a cold call's discarding
+    of what attention kept, so that it neither finds nor leaves anything for the others)."""
+    resets = resets or {}
+    nothing = (lambda: None, lambda: None)
+
+    def timed(name: str, call: Callable[[], object]) -> float:
+        before, after = resets.get(name, nothing)
+        before()
+        start = clock()
         call()
-    _synchronize(device)
+        _synchronize(device)
+        elapsed = clock() - start
+        after()
+        return elapsed
+
+    for name, call in calls.items():
+        timed(name, call)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            start = clock()
-            call()
-            _synchronize(device)
-            samples[name].append(clock() - start)
+            samples[name].append(timed(name, call))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _discarder(derived, objects: list) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What runs before and after a cold call over ``objects`` (keys, values and values'
+    latents): ``derived`` (a tree's ``DERIVED``) drops what attention kept for them, budget
+    charge included, and its limit is lifted for the call, so that what the call derives
+    evicts nothing the kept rows' sequences hold (with 16 sequences of 32k tokens the cold
+    calls' unpacked codes alone pushed the kept rows' float16 keys out) and nothing optional
+    is kept (no room without a limit). A tree older than
+    :meth:`svdq.derived.DerivedCache.discard` is discarded with this tree's method (the same
+    bookkeeping)."""
+    from svdq.derived import DerivedCache
+
+    discard = getattr(derived, "discard", None) or (lambda owner: DerivedCache.discard(derived, owner))
+    distinct = list({id(item): item for item in objects}.values())
+    limit = derived.limit_bytes
+
+    def before() -> None:
+        for item in distinct:
+            discard(item)
+        derived.limit_bytes = None
+
+    def after() -> None:
+        for item in distinct:
+            discard(item)
+        derived.limit_bytes = limit
+
+    return before, after
+
+
+def _cached_objects(keys_list: list, values_list: list) -> list:
+    """The objects whose ``_cache`` attention fills: keys, values, values' latents."""
+    return list(keys_list) + list(values_list) + [v.latent for v in values_list if v.latent is not None]
 
 
 def synthetic_keys(tokens: int, seed: int = 0, rank: int = 48) -> torch.Tensor:
@@ -127,13 +176,14 @@ def load_tree(folder: Path):
 
 def speed_table(token_counts: list[int], device: torch.device, repeats: int, batches: list[int],
                 thread_counts: list[int], same_sequence: bool, baseline_tree=None, clock: str = "wall",
-                precisions: tuple[str, ...] = ("bfloat16", "float32"), cache_bytes: int | None = 1 << 30) -> list[str]:
+                precisions: tuple[str, ...] = ("bfloat16", "float32"), cache_bytes: int | None = 1 << 30,
+                cache_states: tuple[str, ...] = ("kept", "cold")) -> list[str]:
     from svdq.derived import DERIVED
     from svdq.rope import apply_rope
 
     DERIVED.limit_bytes = cache_bytes
     if baseline_tree is not None:
-        # The other tree has its own attention cache: the same budget, or its rows would keep nothing.
+        # The other tree's own cache under the same budget (without one it would keep no float16 keys).
         baseline_tree.derived.DERIVED.limit_bytes = cache_bytes
 
     backend = select_backend(device)
@@ -149,7 +199,9 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         f"{'one sequence' if same_sequence else 'different sequences'}; median of {repeats} "
         f"({'wall time' if clock == 'wall' else 'CPU time of the timing thread'}), rows of one "
         f"(tokens, batch, threads) timed in turns; attention cache budget "
-        f"{'none (library use)' if cache_bytes is None else f'{cache_bytes:,} bytes'}; load average before: "
+        f"{'none (library use)' if cache_bytes is None else f'{cache_bytes:,} bytes'}; [kept]: the sequences keep "
+        f"what attention derived (repeated calls); [cold]: each call over sequences as just read from the store, "
+        f"nothing derived kept for them (the RoPE angle table, shared by every sequence, stays); load average before: "
         f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}",
         "",
         f"| tokens | batch | threads | method | median ms | vs {baseline_name} | key bytes read | "
@@ -176,6 +228,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
             ]
             queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
             calls: dict[str, Callable[[], object]] = {}
+            resets: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
             read: dict[str, int] = {}
             for dtype in sdpa_dtypes:
                 name = f"SDPA {str(dtype).removeprefix('torch.')} keys/values"
@@ -185,35 +238,51 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                 calls[name] = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, enable_gqa=True)
                 read[name] = fp16_bytes * (2 if dtype == torch.float32 else 1)
+            # Cold rows attend their own objects (keys and values as just read from the store),
+            # discarded before and after each call: the kept rows' objects keep what they derived.
+            cold_value_kinds = [(label, _distinct_values(kind[0], batch, device, same_sequence))
+                                for label, kind in value_kinds] if "cold" in cache_states else []
+            cold_keys_list = _sequences(compressed, batch, device, same_sequence) if "cold" in cache_states else []
+            cold_values = dict(cold_value_kinds)
             for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
                 for value_label, values_list in value_kinds:
                     for precision in precisions:
                         stats = attend(queries, keys_list, values_list, sparsity=sparsity, precision=precision).stats[0]
                         name = f"{label}, {value_label}, {precision} ({stats.tokens_attended} tok)"
-                        calls[name] = lambda sparsity=sparsity, values_list=values_list, queries=queries, \
-                            keys_list=keys_list, precision=precision: attend(queries, keys_list, values_list,
-                                                                               sparsity=sparsity, precision=precision)
-                        read[name] = stats.key_bytes_read
+                        for state in cache_states:
+                            state_keys, state_values = ((keys_list, values_list) if state == "kept" else
+                                                        (cold_keys_list, cold_values[value_label]))
+                            state_name = f"{name} [{state}]"
+                            calls[state_name] = lambda sparsity=sparsity, values_list=state_values, queries=queries, \
+                                keys_list=state_keys, precision=precision: attend(
+                                    queries, keys_list, values_list, sparsity=sparsity, precision=precision)
+                            if state == "cold":
+                                resets[state_name] = _discarder(DERIVED, _cached_objects(state_keys, state_values))
+                            read[state_name] = stats.key_bytes_read
                     if baseline_tree is not None:
                         # The same blobs read by the other tree, attended by its own code.
-                        old_keys = baseline_tree.from_bytes(to_bytes(compressed)).to(device)
-                        old_keys_list = [old_keys] * batch if same_sequence else [
-                            baseline_tree.from_bytes(to_bytes(compressed)).to(device) for _ in range(batch)]
                         blob = values_to_bytes(values_list[0])
-                        old_values = [baseline_tree.values.values_from_bytes(blob, device)
-                                      for _ in range(1 if same_sequence else batch)]
-                        old_values = old_values * batch if same_sequence else old_values
                         old_sparsity = None if sparsity is None else baseline_tree.attention.SparsityConfig(
                             **dataclasses.asdict(sparsity))
-                        old_name = f"{label}, {value_label} ({stats.tokens_attended} tok) [baseline tree]"
-                        calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, queries=queries, \
-                            old_keys_list=old_keys_list: baseline_tree.attention.attend(
-                                queries, old_keys_list, old_values, sparsity=old_sparsity)
-                        read[old_name] = read[name]
+                        for state in cache_states:
+                            old_keys = baseline_tree.from_bytes(to_bytes(compressed)).to(device)
+                            old_keys_list = [old_keys] * batch if same_sequence else [
+                                baseline_tree.from_bytes(to_bytes(compressed)).to(device) for _ in range(batch)]
+                            old_values = [baseline_tree.values.values_from_bytes(blob, device)
+                                          for _ in range(1 if same_sequence else batch)]
+                            old_values = old_values * batch if same_sequence else old_values
+                            old_name = f"{label}, {value_label} ({stats.tokens_attended} tok) [baseline tree, {state}]"
+                            calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, \
+                                queries=queries, old_keys_list=old_keys_list: baseline_tree.attention.attend(
+                                    queries, old_keys_list, old_values, sparsity=old_sparsity)
+                            if state == "cold":
+                                resets[old_name] = _discarder(baseline_tree.derived.DERIVED,
+                                                              _cached_objects(old_keys_list, old_values))
+                            read[old_name] = stats.key_bytes_read
             for threads in thread_counts:
                 torch.set_num_threads(threads or default_threads)
                 medians = medians_in_turns(calls, device, repeats,
-                                           time.perf_counter if clock == "wall" else time.thread_time)
+                                           time.perf_counter if clock == "wall" else time.thread_time, resets)
                 baseline = medians[f"{baseline_name} keys/values"]
                 for name, seconds in medians.items():
                     rows.append(f"| {tokens} | {batch} | {threads or default_threads} | {name} | {seconds * 1e3:.3f} | "
@@ -291,7 +360,8 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
                     DERIVED.limit_bytes = cache_bytes if kept else None
                     keys = dataclasses.replace(compressed, _cache={})
                     if kept:
-                        attend(queries[:1], [keys], [stored_values], precision=precision)  # a dense call keeps them
+                        for _ in range(2):  # dense calls keep them from the second on
+                            attend(queries[:1], [keys], [stored_values], precision=precision)
                     # One query per call: decode, and each query selects its own tokens.
                     answers = [attend(queries[b:b + 1], [keys], [stored_values], sparsity=sparsity,
                                       precision=precision) for b in range(queries_per_case)]
@@ -470,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="limit of the attention cache (svdq.derived.DERIVED) for the speed and precision parts, "
                              "as the server sets it (svdq-server --attention-cache-bytes, default 1 GiB); -1: no limit "
                              "(library use), which keeps no bfloat16 keys")
+    parser.add_argument("--cache-states", nargs="+", choices=["kept", "cold"], default=["kept", "cold"],
+                        help="speed part: svdq rows with what attention derived kept between calls, and/or cold "
+                             "(every call over sequences with nothing kept, as just read from the store)")
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -484,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.same_sequence,
                                                     load_tree(args.baseline_tree) if args.baseline_tree else None,
                                                     args.clock, tuple(args.precisions),
-                                                    None if args.attention_cache_bytes < 0 else args.attention_cache_bytes
-                                                    ) + [""]
+                                                    None if args.attention_cache_bytes < 0 else args.attention_cache_bytes,
+                                                    tuple(args.cache_states)) + [""]
     if args.part in ("precision", "all"):
         lines += ["## Precision of the bfloat16 products (CPU)", ""]
         lines += precision_table(args.tokens, args.queries,

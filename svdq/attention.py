@@ -286,7 +286,9 @@ def _dequantized(keys: CompressedKeys, body_index: torch.Tensor | None, channels
         return whole.index_select(0, body_index.reshape(-1)).view(*body_index.shape, codes.shape[1])
     flat = body_index.reshape(-1)
     group = flat // keys.group_size
-    latent = codes.index_select(0, flat).float().mul_(scales.index_select(0, group)).add_(mins.index_select(0, group))
+    # addcmul, as the whole-group dequantization: a row's latent has the same bits whichever way
+    # it was dequantized (a separate multiply and add rounds twice).
+    latent = torch.addcmul(mins.index_select(0, group), codes.index_select(0, flat).float(), scales.index_select(0, group))
     # Explicit width: with every channel dropped (r = 0) a -1 would be ambiguous.
     return latent.view(*body_index.shape, codes.shape[1])
 
@@ -389,18 +391,45 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
         kv_heads, -1, head_dim)
     dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
+    # The rotated low-rank keys do not depend on the queries: kept (from the second call, while
+    # the budget has room, DerivedCache.admits), later calls only dot them (building and
+    # rotating them was two thirds of the score).
+    name = (SCORE_KEYS, score_channels)
+    kept = DERIVED.get(keys, name)
+    n_body = latent.shape[0]
+    keep = kept is None and DERIVED.admits(keys, name, 4 * n_body * keys.channels)
+    if keep:
+        kept_now = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
     # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
     # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
+    # The same blocks with kept keys, so that the products (and scores) are the same bits.
     block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
-    for start in range(0, tokens, block):
-        stop = min(tokens, start + block)
-        low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
-        if angles is not None:
-            _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
-        # Queries as the left operand, tokens as the columns: with the few query rows on the
-        # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
-        torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
+    built = n_body if keep else tokens
+    for start in range(0, built if kept is None else tokens, block):
+        stop = min(built, start + block)
+        if kept is not None:
+            low_rank = kept[start:stop]
+        else:
+            low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
+            if angles is not None:
+                _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
+            if keep:
+                kept_now[start:stop] = low_rank
+        if start < tokens:
+            scored = min(stop, tokens)
+            # Queries as the left operand, tokens as the columns: with the few query rows on the
+            # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
+            torch.bmm(grouped, low_rank[:scored - start].permute(1, 2, 0), out=dots[:, :, start:scored])
+    if keep:
+        DERIVED.put(keys, name, kept_now)
     return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
+
+
+#: Name of the selection score's rotated low-rank body keys, float32 [n_body, Hkv, D] (pair
+#: order for keys that rotate), per score-channel count, that sparse calls keep from the second
+#: on while the budget has room (``4 C`` bytes per token, :meth:`svdq.derived.DerivedCache.admits`):
+#: the same values the score builds otherwise.
+SCORE_KEYS = "score_keys"
 
 
 def selection_bytes(keys: CompressedKeys, channels: torch.Tensor, tokens: int) -> int:
@@ -483,12 +512,17 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
     token_index = torch.where(valid, token_index, torch.zeros_like(token_index))
     per_head = int(valid[0, 0].sum())
     score_bytes = selection_bytes(keys, channels, candidate_tokens)
-    selections = []
-    for item, item_valid in zip(token_index, valid, strict=True):
-        union = torch.unique(item[item_valid])
-        groups_touched = torch.unique(union // keys.group_size).numel()
-        selections.append(BodySelection(item, item_valid, per_head, union.numel(), groups_touched, score_bytes))
-    return selections
+    # Distinct tokens and groups each query attends over its heads, for the byte accounting:
+    # marked in one [n, n_body] table for all queries (a sort per query cost more than the
+    # attention over its selection in batches of queries over one sequence).
+    # Padding is marked in a last column that is not counted.
+    marked = torch.zeros(count, n_body + 1, dtype=torch.bool, device=device)
+    marked.scatter_(1, torch.where(valid, token_index, n_body).reshape(count, -1), True)
+    attended = marked[:, :n_body]
+    unions = attended.sum(dim=1).tolist()
+    groups_touched = attended.reshape(count, groups, keys.group_size).any(dim=2).sum(dim=1).tolist()
+    return [BodySelection(item, item_valid, per_head, union, touched, score_bytes)
+            for item, item_valid, union, touched in zip(token_index, valid, unions, groups_touched, strict=True)]
 
 
 def key_bytes_read(keys: CompressedKeys, selection: BodySelection) -> int:
@@ -525,33 +559,6 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     if rotates(keys) and rows.shape[0]:
         rows = apply_rope(rows, keys.token_positions()[index], keys.rope)
     return rows, index
-
-
-def _put_exact_rows(keys: CompressedKeys, rows: torch.Tensor, body_index: torch.Tensor,
-                    order: torch.Tensor | None = None) -> None:
-    """Put the keys' exact tokens back in place of their reconstruction, in place, for the
-    reconstructions of selected tokens (the dense dots take the exact rows' own dots,
-    :func:`dense_body_dots`).
-
-    Args:
-        rows: float32 pre-RoPE reconstructed keys [..., Hkv, n, D] (a view is written through).
-        body_index: the body tokens of ``rows``: int64 [n] (the same tokens for every head),
-            or int64 [..., Hkv, n] (each head its own).
-        order: the head channels' order of ``rows`` (:func:`_pair_order`), None as stored.
-    """
-    if not keys.num_exact:
-        return
-    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
-    by_head = keys.exact_rows.float().view(-1, keys.kv_heads, keys.head_dim).transpose(0, 1)  # [Hkv, k, D]
-    if order is not None:
-        by_head = by_head[..., order]
-    row = torch.searchsorted(exact, body_index).clamp(max=exact.numel() - 1)
-    is_exact = exact[row] == body_index
-    if body_index.dim() == 1:
-        rows[..., is_exact, :] = by_head[:, row[is_exact]]
-        return
-    heads = torch.arange(keys.kv_heads, device=rows.device)[:, None].expand(body_index.shape)
-    rows[is_exact] = by_head[heads[is_exact], row[is_exact]]
 
 
 def _onednn_linear():
@@ -596,6 +603,11 @@ def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
 def _linear(latent: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``latent @ basis.T (+ bias)`` with oneDNN on the CPU (:func:`_onednn_linear`), else addmm."""
     if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
+        if latent.shape[0] == 1:
+            # One row takes oneDNN's matrix-vector kernel, which sums in another order than the
+            # matrix kernel every longer block takes: two rows keep a token's reconstruction the
+            # same bits however many tokens are reconstructed with it (kept keys vs a selection).
+            return _linear(latent.expand(2, -1), basis, bias)[:1]
         return _CPU_LINEAR(latent.contiguous(), basis.contiguous(), None if bias is None else bias.contiguous(),
                            "none", [], "")
     if bias is None:
@@ -785,7 +797,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
         basis, mean, rest = _dense_basis(keys, precision)
         scales, mins = keys.scales.float(), keys.mins.float()
         angles = _rotation_table(keys) if rotates(keys) else None
-        keep = rounded and DERIVED.has_room(2 * n_body * keys.channels)
+        keep = rounded and DERIVED.admits(keys, KEPT_KEYS, 2 * n_body * keys.channels)
         halves = torch.empty(kv_heads, n_body if keep else min(block, n_body), head_dim, dtype=torch.float16,
                              device=grouped.device) if rounded else None
         latent = torch.empty(block, kept, device=grouped.device)
@@ -816,8 +828,8 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
 
 
 #: Name of the float16 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate)
-#: that a dense call in precision "bfloat16" keeps while the budget has room, for later dense
-#: calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
+#: that dense calls in precision "bfloat16" keep from the second on while the budget has room
+#: (:meth:`svdq.derived.DerivedCache.admits`), for later calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
 #: at the same cost. Exact tokens' dots come from their own rows, not from these.
 KEPT_KEYS = "kept_keys"
 
@@ -844,12 +856,86 @@ def _full_rows_in_pair_order(keys: CompressedKeys, stored: torch.Tensor, body_in
     return rows
 
 
-def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Tensor,
+                   precision: str = "float32") -> torch.Tensor:
+    """``q . RoPE_t(k^_t)`` of grouped queries with their selected body tokens.
+
+    Args:
+        queries: float32 [..., Hkv, g, D] post-RoPE queries, each head's channels in pair order
+            (:func:`_pair_order`) for keys that rotate (the keys are built in that order).
+        index: int64 [..., Hkv, n] the body tokens each head of each query attends.
+        precision: operands of the reconstruction matmul (:func:`select_precision`).
+
+    Returns:
+        float32 [..., Hkv, g, n] unscaled dot products.
+
+    In precision "bfloat16" the keys are the float16-rounded keys that a dense call keeps
+    (:data:`KEPT_KEYS`): gathered from them when the budget holds them, else reconstructed and
+    rounded the same way, and dotted by the same per-head products, so that a result has the
+    same bits whether the keys were kept or not. Exact tokens' dots come from their own rows.
+    """
+    head_dim = keys.head_dim
+    ratio, count = queries.shape[-2], index.shape[-1]
+    by_head = queries.reshape(-1, ratio, head_dim)  # [B, g, D], one batch per (query, head)
+    dots = torch.empty(by_head.shape[0], ratio, count, device=queries.device)
+    rounded = _rounds(keys, precision)
+    kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
+    if kept_keys is None:
+        rows = _reconstructed_rows(keys, index, precision)
+        if rounded:
+            rows.copy_(rows.half())
+        torch.bmm(by_head, rows.view(-1, count, head_dim).transpose(1, 2), out=dots)
+    else:
+        _gathered_dots(kept_keys, by_head, index, dots)
+    _put_exact_dots(keys, by_head, index.reshape(-1, count), dots)
+    return dots.view(*index.shape[:-1], ratio, count)
+
+
+#: Kept-key rows gathered and widened at a time (float16 and float32 buffers reused across the
+#: chunks: fresh buffers for a batch's selections cost more in page faults than the gather).
+GATHER_ROWS = 1 << 13
+
+
+def _gathered_dots(kept_keys: torch.Tensor, by_head: torch.Tensor, index: torch.Tensor, dots: torch.Tensor) -> None:
+    """Dots ``dots`` [B, g, n] of ``by_head`` [B, g, D] with rows ``index`` [..., Hkv, n] of
+    kept keys [Hkv, n_body, D], written in place, in chunks of (query, head) pairs."""
+    kv_heads, n_body, head_dim = kept_keys.shape
+    count = index.shape[-1]
+    # Rows of one [Hkv * n_body, D] table: indexing with a token and a head index tensor is slower.
+    heads = torch.arange(kv_heads, device=index.device)[:, None] * n_body
+    flat = (index + heads).reshape(-1, count)
+    table = kept_keys.view(-1, head_dim)
+    chunk = max(1, GATHER_ROWS // max(1, count))
+    rows = min(chunk, flat.shape[0]) * count
+    halves = torch.empty(rows, head_dim, dtype=kept_keys.dtype, device=index.device)
+    widened = torch.empty(rows, head_dim, device=index.device)
+    for first in range(0, flat.shape[0], chunk):
+        stop = min(flat.shape[0], first + chunk)
+        size = (stop - first) * count
+        torch.index_select(table, 0, flat[first:stop].reshape(-1), out=halves[:size])
+        block = widened[:size].copy_(halves[:size]).view(stop - first, count, head_dim)
+        torch.bmm(by_head[first:stop], block.transpose(1, 2), out=dots[first:stop])
+
+
+def _put_exact_dots(keys: CompressedKeys, by_head: torch.Tensor, index: torch.Tensor, dots: torch.Tensor) -> None:
+    """Replace, in place, the dots ``dots`` [B, g, n] of selected exact tokens with their dots
+    with the exact rows (post-RoPE from their own float32 rows). ``by_head`` [B, g, D] the
+    queries, ``index`` [B, n] body tokens; batch ``b`` is KV head ``b % Hkv``."""
+    if not keys.num_exact:
+        return
+    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
+    exact_rows = _full_rows_in_pair_order(keys, keys.exact_rows, exact).transpose(0, 1)  # [Hkv, k, D]
+    row = torch.searchsorted(exact, index).clamp(max=exact.numel() - 1)
+    batch, position = (exact[row] == index).nonzero(as_tuple=True)
+    if batch.numel():
+        rows = exact_rows[batch % keys.kv_heads, row[batch, position]]  # [E, D]
+        dots[batch, :, position] = torch.einsum("egd,ed->eg", by_head[batch], rows)
+
+
+def _reconstructed_rows(keys: CompressedKeys, index: torch.Tensor, precision: str) -> torch.Tensor:
     """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
-    ``index`` [..., Hkv, n], each head's channels in pair order (:func:`_pair_order`) for keys
-    that rotate: rotated as one complex product with the shared angle table, which the
-    attention over them dots with queries reordered alike. ``precision``: operands of the
-    reconstruction matmul (:func:`select_precision`)."""
+    ``index`` [..., Hkv, n], each head's channels in pair order for keys that rotate (exact
+    tokens not put in, no rounding: :func:`_selected_dots` does both)."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
     start, n_body = body_range(keys)
     if index.dim() == 3 and index.shape[0] > 1:
@@ -867,7 +953,6 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "
             heads = torch.arange(kv_heads, device=index.device)[:, None] * union.numel()
             flat = (torch.searchsorted(union, index) + heads).reshape(-1)
             return by_head.index_select(0, flat).view(*index.shape, head_dim)
-    order = _pair_order(keys) if rotates(keys) else None
     basis, mean, rest = _dense_basis(keys, precision)
     # Explicit sizes: with every channel dropped (r = 0) a -1 would be ambiguous.
     by_head = basis.view(kv_heads, head_dim, basis.shape[1])
@@ -883,8 +968,7 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "
     for head in range(kv_heads):
         rows[..., head, :, :] = reconstruct(latent[head], by_head[head], mean_by_head[head], rest_by_head[head]).view(
             *per_head.shape[1:], head_dim)
-    _put_exact_rows(keys, rows, index, order)
-    if order is not None:
+    if rotates(keys):
         _rotate_pairs(rows, _rotation(keys, index))
     return rows
 
@@ -892,13 +976,11 @@ def _selected_keys(keys: CompressedKeys, index: torch.Tensor, precision: str = "
 def _body_rows(keys: CompressedKeys, tokens: torch.Tensor, precision: str = "float32") -> torch.Tensor:
     """Post-RoPE reconstructed keys float32 [n, Hkv, D] of body tokens ``tokens`` [n], all KV
     heads of each token in one matmul; in pair order for keys that rotate (as
-    :func:`_selected_keys`)."""
+    :func:`_reconstructed_rows`), exact tokens not put in."""
     basis, mean, rest = _dense_basis(keys, precision)
     rows = reconstruct(_dequantized(keys, tokens), basis, mean, rest).view(tokens.numel(), keys.kv_heads,
                                                                           keys.head_dim)
-    order = _pair_order(keys) if rotates(keys) else None
-    _put_exact_rows(keys, rows.transpose(0, 1), tokens, order)
-    if order is not None:
+    if rotates(keys):
         _rotate_pairs(rows, _rotation(keys, tokens)[:, None, :])
     return rows
 
@@ -1164,8 +1246,8 @@ def _attend_torch_group(
                             0, 0, 0, 0)
     # The selected keys come in pair order (rotated as one complex product): so do the queries.
     paired = grouped[..., _pair_order(keys)] if rotates(keys) else grouped
-    body_weights, lse_body = softmax_weights(paired, _selected_keys(keys, stacked.token_index, precision), scale,
-                                             stacked.valid, softcap)
+    body_weights, lse_body = softmax_from_dots(_selected_dots(keys, paired, stacked.token_index, precision), scale,
+                                               stacked.valid, softcap)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)

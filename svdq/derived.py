@@ -3,8 +3,10 @@
 Attention over a stored sequence is much faster when some derived tensors survive from one
 call to the next: the unpacked codes (``r`` bytes per body token), the dequantized score
 channels of the sparse selection (``4 * (m + 1)`` bytes per token), the kernels' launch
-layout, and, only while the budget has room (:meth:`DerivedCache.has_room`), the float16
-keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
+layout, and, only while the budget has room and from their second use on
+(:meth:`DerivedCache.admits`), the float16
+keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token) and the selection score's
+rotated low-rank keys (``4 * C`` bytes per token). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
 8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
 
 :data:`DERIVED` is the process's cache. The tensors live on each
@@ -75,6 +77,20 @@ class DerivedCache:
         with self._lock:
             return self._limit is not None and self._bytes + nbytes <= self._limit
 
+    def admits(self, owner: Any, name: Any, nbytes: int) -> bool:
+        """Whether to keep an optional tensor ``name`` of ``nbytes`` for ``owner`` now: the
+        budget has room (:meth:`has_room`) and ``owner`` asks for it a second time (its first
+        ask is only noted, in its ``_cache``, uncharged). Admission on the second use: a sequence
+        attended once (a one-off call) does not pay for building and keeping what only repeated
+        calls (decode steps) gain from."""
+        if not self.has_room(nbytes):
+            return False
+        marker = ("asked", name)
+        if owner._cache.get(marker):
+            return True
+        owner._cache[marker] = True
+        return False
+
     def get(self, owner: Any, name: Any) -> Any:
         """``owner``'s cached ``name`` or None; marks the owner recently used (and, past the
         limit, clears the least recently used others)."""
@@ -113,6 +129,16 @@ class DerivedCache:
             evicted = ref()
             if evicted is not None:
                 evicted._cache.clear()
+
+    def discard(self, owner: Any) -> None:
+        """Drop everything ``owner`` keeps (its whole ``_cache``) and its charge: the state of
+        an object just read from its blob (a cold call; ``bench/attention.py`` times one)."""
+        with self._lock:
+            entry = self._owners.get(id(owner))
+            if entry is not None and entry[0]() is owner:
+                del self._owners[id(owner)]
+                self._bytes -= entry[1]
+            owner._cache.clear()
 
     def clear(self) -> None:
         """Drop every kept tensor."""

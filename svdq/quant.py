@@ -133,18 +133,6 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
 
 
-def code_bit_positions(kept_bits: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where every code of a group row starts: int64 ``byte`` and ``shift`` [group_size, r].
-
-    Code (t, j) occupies bits ``[shift, shift + b_j)`` of the little-endian 16-bit word at
-    ``byte``; the second byte is only needed when ``shift + b_j > 8``.
-    """
-    bits = kept_bits.to(torch.int64)
-    offsets = channel_offsets(bits, group_size)
-    bit_in_channel = torch.arange(group_size, device=bits.device)[:, None] * bits[None, :]
-    return offsets[None, :] + bit_in_channel // 8, bit_in_channel % 8
-
-
 #: tokens of the groups :func:`pack_codes` packs at a time
 PACK_TOKENS = 512
 
@@ -169,11 +157,7 @@ def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("pack_codes needs a little-endian host")
     bits = kept_bits.to(codes.device, torch.int64)
     words_per_channel = group_size // 8
-    # Row byte -> (channel, word, byte of the word) -> its place in the words' bytes.
-    channel = torch.repeat_interleave(torch.arange(kept, device=codes.device), bits * words_per_channel)
-    within = torch.arange(row_bytes, device=codes.device) - channel_offsets(bits, group_size)[channel]
-    width = bits[channel]
-    source = ((within // width) * kept + channel) * 8 + within % width
+    source = _word_sources(bits, group_size)
     shifts = [token * bits for token in range(8)]
     rows = torch.empty(groups, row_bytes, dtype=torch.uint8, device=codes.device)
     # On the CPU a few groups at a time, so that their 64-bit words stay in cache through the
@@ -188,20 +172,54 @@ def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+#: tokens of the groups :func:`unpack_codes` unpacks at a time (their 64-bit words, 8 bytes per
+#: channel and 8 tokens, stay in cache through the eight shift-and-mask passes)
+UNPACK_TOKENS = 2048
+
+
+def _word_sources(kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int64 [group_bytes]: where each byte of a packed group row lies in the group's 64-bit
+    words viewed as bytes, ``[words_per_channel, r, 8]`` (channel ``j``'s 8-token run ``w`` is
+    the ``b_j`` low bytes of word ``(w, j)``, :func:`pack_codes`)."""
+    bits = kept_bits.to(torch.int64)
+    kept = bits.numel()
+    channel = torch.repeat_interleave(torch.arange(kept, device=bits.device), bits * (group_size // 8))
+    within = torch.arange(group_bytes(bits, group_size), device=bits.device) - channel_offsets(bits, group_size)[channel]
+    width = bits[channel]
+    return ((within // width) * kept + channel) * 8 + within % width
+
+
 def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r], by one gather of
-    the two bytes under every code."""
+    """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r].
+
+    The row bytes are put back into their 64-bit words (one scatter per block of groups) and
+    each of the 8 tokens of a word is shifted out and masked, for all channels at once with
+    per-channel shifts: about 2x faster at 4k tokens and 3x at 32k than gathering the two
+    bytes under every code (int32 temporaries of every code, from memory).
+    """
     groups = rows.shape[0]
     kept = kept_bits.numel()
     if groups == 0 or kept == 0:
         return torch.zeros(groups, group_size, kept, dtype=torch.uint8, device=rows.device)
-    byte, shift = code_bit_positions(kept_bits.to(rows.device), group_size)
-    padded = torch.nn.functional.pad(rows, (0, 1)).to(torch.int32)
-    index = byte.reshape(1, -1).expand(groups, -1)
-    words = padded.gather(1, index) | (padded.gather(1, index + 1) << 8)
-    mask = ((1 << kept_bits.to(rows.device, torch.int32)) - 1)
-    codes = (words.reshape(groups, group_size, kept) >> shift.to(torch.int32)) & mask
-    return codes.to(torch.uint8)
+    if sys.byteorder != "little":  # the words are read from their little-endian bytes
+        raise NotImplementedError("unpack_codes needs a little-endian host")
+    bits = kept_bits.to(rows.device, torch.int64)
+    words_per_channel = group_size // 8
+    source = _word_sources(bits, group_size)
+    mask = (1 << bits) - 1
+    codes = torch.empty(groups, words_per_channel, 8, kept, dtype=torch.uint8, device=rows.device)
+    step = max(1, UNPACK_TOKENS // group_size) if rows.device.type == "cpu" else groups
+    # Zeroed once: the bytes past each run's width stay zero, the others are overwritten.
+    buffer = torch.zeros(min(step, groups), words_per_channel * kept * 8, dtype=torch.uint8, device=rows.device)
+    part = torch.empty(min(step, groups), words_per_channel, kept, dtype=torch.int64, device=rows.device)
+    for first in range(0, groups, step):
+        count = min(step, groups - first)
+        buffer[:count, source] = rows[first:first + count]
+        words = buffer[:count].view(torch.int64).view(count, words_per_channel, kept)
+        for token in range(8):
+            torch.bitwise_and(words >> (token * bits), mask, out=part[:count])
+            codes[first:first + count, :, token].copy_(part[:count])
+    return codes.view(groups, group_size, kept)
 
 
 #: latent channels per pass of :func:`distortion_table`: a chunk and its temporaries stay in

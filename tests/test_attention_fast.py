@@ -137,6 +137,74 @@ def test_onednn_reconstruction_is_float32_accurate():
         assert error <= 4 * addmm_error + 8 * torch.finfo(torch.float32).eps * exact.abs().max()
 
 
+@pytest.mark.parametrize("bfloat16_rest", [False, True])
+def test_a_token_reconstructs_to_the_same_bits_however_many_tokens_come_with_it(bfloat16_rest):
+    """Kept keys are reconstructed in blocks of every KV head, a sparse selection per head in
+    sets of any size, one row among them: a token's reconstruction must not depend on that, or
+    a result would depend on what the attention cache holds."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, kept, kv_heads, head_dim = 512, 75, 8, 128
+    latent = torch.randn(tokens, kept, generator=generator)
+    basis = torch.randn(kv_heads * head_dim, kept, generator=generator)
+    mean = torch.randn(kv_heads * head_dim, generator=generator)
+    lead, rest = basis, None
+    if bfloat16_rest:
+        lead, rest = basis[:, :32].contiguous(), basis[:, 32:].to(torch.bfloat16).contiguous()
+    blocks = torch.cat([reconstruct(latent[first:first + 256], lead, mean, rest) for first in range(0, tokens, 256)])
+    for count in (1, 2, 7, 100, 300):
+        index = torch.randperm(tokens, generator=generator)[:count]
+        assert torch.equal(reconstruct(latent[index], lead, mean, rest), blocks[index])
+        for head in (0, 5):
+            channels = slice(head * head_dim, (head + 1) * head_dim)
+            alone = reconstruct(latent[index], lead[channels], mean[channels], None if rest is None else rest[channels])
+            assert torch.equal(alone, blocks[index, channels])
+
+
+@pytest.mark.parametrize("method,key_space", [("svdq", "post_rope"), ("svdq", "pre_rope"), ("kivi", "post_rope")])
+def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, method, key_space):
+    """The selection score's rotated low-rank keys are kept while the budget has room and only
+    dotted afterwards: the same score bits (for any candidate prefix) and selections as built
+    anew, so the chosen tokens never depend on what the attention cache holds."""
+    keys, values = make_case(method, tokens=403, key_space=key_space)
+    start, n_body = body_range(keys)
+    queries = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(5))
+    sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=4, num_recent=24)
+    name = (attention_module.SCORE_KEYS, 5)
+    limit = DERIVED.limit_bytes
+    try:
+        DERIVED.limit_bytes = None  # no budget: built anew every call
+        cold = {tokens: attention_module._head_score_dots(queries, keys, 5, tokens) for tokens in (150, n_body)}
+        cold_attention = attend(queries, [keys] * 3, [values] * 3, sparsity=sparsity, backend="torch")
+        assert name not in keys._cache
+        DERIVED.limit_bytes = 1 << 30
+        before = DERIVED.nbytes
+        assert torch.equal(attention_module._head_score_dots(queries, keys, 5, 150), cold[150])
+        assert name not in keys._cache  # kept from the second call on
+        assert torch.equal(attention_module._head_score_dots(queries, keys, 5, 150), cold[150])
+        kept = keys._cache[name]
+        assert kept.shape == (n_body, keys.kv_heads, keys.head_dim) and DERIVED.nbytes - before >= kept.numel() * 4
+        built = []
+        original = attention_module.reconstruct
+        monkeypatch.setattr(attention_module, "reconstruct", lambda *args: built.append(1) or original(*args))
+        for tokens in (150, n_body):
+            assert torch.equal(attention_module._head_score_dots(queries, keys, 5, tokens), cold[tokens])
+        assert not built  # dotted from the kept keys
+        kept_attention = attend(queries, [keys] * 3, [values] * 3, sparsity=sparsity, backend="torch")
+        for ours, theirs in zip(kept_attention.stats, cold_attention.stats, strict=True):
+            assert ours == theirs
+        assert torch.equal(kept_attention.output, cold_attention.output)
+        # A budget without room for them keeps none.
+        other, _ = make_case(method, tokens=403, key_space=key_space, seed=3)
+        DERIVED.clear()
+        DERIVED.limit_bytes = 200_000  # less than the 300 kB they would take
+        for _ in range(2):
+            attention_module._head_score_dots(queries, other, 5, 150)
+        assert name not in other._cache
+    finally:
+        DERIVED.clear()
+        DERIVED.limit_bytes = limit
+
+
 def test_angle_table_is_exact_shared_and_under_the_budget(monkeypatch):
     keys, _ = make_case(tokens=203)
     other, _ = make_case(tokens=150, seed=3)

@@ -104,7 +104,8 @@ def test_bfloat16_error_is_a_small_share_of_the_compression_error(budget, sparse
     cold = attend(queries, [keys] * 6, [values] * 6, precision="bfloat16", **call)
     assert KEPT_KEYS not in keys._cache
     budget.limit_bytes = 1 << 30
-    attend(queries[:1], [keys], [values], precision="bfloat16")  # a dense call keeps the keys
+    for _ in range(2):  # dense calls keep the keys from the second on
+        attend(queries[:1], [keys], [values], precision="bfloat16")
     assert KEPT_KEYS in keys._cache
     kept = attend(queries, [keys] * 6, [values] * 6, precision="bfloat16", **call)
     for result in (cold, kept):
@@ -126,6 +127,10 @@ def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget):
     assert KEPT_KEYS not in keys._cache  # float32 reconstructs exactly every call
     before = budget.nbytes
     first = attend(queries, [keys], [values], precision="bfloat16")
+    # Kept from the second call on: a sequence attended once does not pay for keeping them.
+    assert KEPT_KEYS not in keys._cache
+    second = attend(queries, [keys], [values], precision="bfloat16")
+    assert torch.equal(second.output, first.output) and torch.equal(second.lse, first.lse)
     kept = keys._cache[KEPT_KEYS]
     _, n_body = attention_module.body_range(keys)
     assert kept.dtype == torch.float16 and kept.shape == (KV_HEADS, n_body, HEAD_DIM)
@@ -137,20 +142,22 @@ def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget):
     sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=8, num_recent=32)
     sparse_kept = attend(queries, [keys], [values], sparsity=sparsity, precision="bfloat16")
     budget.clear()
-    assert torch.equal(attend(queries, [keys], [values], sparsity=sparsity, precision="bfloat16").output,
-                       sparse_kept.output)
+    sparse_cold = attend(queries, [keys], [values], sparsity=sparsity, precision="bfloat16")
+    assert torch.equal(sparse_cold.output, sparse_kept.output) and torch.equal(sparse_cold.lse, sparse_kept.lse)
     assert KEPT_KEYS not in keys._cache
     cold = attend(queries, [keys], [values], precision="bfloat16")
     assert torch.equal(cold.output, first.output) and torch.equal(cold.lse, first.lse)
     # A budget without room for them keeps none.
     other_post, other = layer(seed=5)
     budget.limit_bytes = 100_000  # less than the 295 kB they would take
-    attend(peaked_queries(other_post, count=1), [other], [values], precision="bfloat16")
+    for _ in range(2):
+        attend(peaked_queries(other_post, count=1), [other], [values], precision="bfloat16")
     assert KEPT_KEYS not in other._cache
     # Library use (no limit) keeps none either.
     budget.limit_bytes = None
     third_post, third = layer(seed=6)
-    attend(peaked_queries(third_post, count=1), [third], [values], precision="bfloat16")
+    for _ in range(2):
+        attend(peaked_queries(third_post, count=1), [third], [values], precision="bfloat16")
     assert KEPT_KEYS not in third._cache
 
 
@@ -172,3 +179,46 @@ def test_precision_default_override_and_bad_values(monkeypatch):
     values = compress_values(structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half())
     with pytest.raises(InvalidInputError, match=r"precision must be one of \('float32', 'bfloat16'\), got 'float16'"):
         attend(peaked_queries(post, count=1), [keys], [values], precision="float16")
+
+
+@pytest.mark.parametrize("exact_tokens,chunk_size,count,rope", [
+    (0, 8, 1, ROPE), (8, 8, 1, ROPE), (8, 1, 1, ROPE), (8, 4, 6, ROPE),
+    (8, 8, 1, RopeConfig(theta=10000.0, style="interleaved", rotary_dim=64)),
+])
+def test_sparse_calls_give_the_same_bits_with_kept_keys_and_without(budget, monkeypatch, exact_tokens, chunk_size,
+                                                                    count, rope):
+    """A sparse bfloat16 call gathers its selected keys from the float16 keys a dense call kept,
+    or, with none kept, reconstructs them and rounds them the same way: the same output and
+    lse bits either way (exact tokens, single-token selections, a chunk of queries whose
+    selections are reconstructed as one union, interleaved partial RoPE), so that a result never
+    depends on what the attention cache holds."""
+    pre = structured_keys(TOKENS, KV_HEADS, HEAD_DIM, seed=4, rank=48)
+    positions = torch.arange(TOKENS)
+    post = apply_rope(pre, positions, rope)
+    keys = compress(post.half(), CodecConfig(bits_per_element=3.0, group_size=32, exact_tokens=exact_tokens),
+                    rope=rope, key_space="post_rope", positions=positions)
+    assert keys.num_exact == exact_tokens
+    values = compress_values(structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half())
+    queries = peaked_queries(post, count=count)
+    sparsity = SparsityConfig(keep_fraction=0.05, chunk_size=chunk_size, num_recent=16)
+    # Kept keys are gathered a few (query, head) selections at a time: several chunks here.
+    monkeypatch.setattr(attention_module, "GATHER_ROWS", 64)
+    reconstructions = []
+    original = attention_module._reconstructed_rows
+    monkeypatch.setattr(attention_module, "_reconstructed_rows",
+                        lambda *args: reconstructions.append(1) or original(*args))
+    budget.limit_bytes = None  # nothing kept: the selected keys are reconstructed
+    cold = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision="bfloat16")
+    assert KEPT_KEYS not in keys._cache and reconstructions == [1]
+    budget.limit_bytes = 1 << 30
+    for _ in range(2):  # dense calls keep the keys from the second on
+        attend(queries[:1], [keys], [values], precision="bfloat16")
+    assert KEPT_KEYS in keys._cache
+    kept = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision="bfloat16")
+    assert reconstructions == [1]  # gathered from the kept keys, nothing reconstructed
+    assert cold.stats == kept.stats and kept.stats[0].tokens_attended < TOKENS // 2  # really sparse
+    assert torch.equal(kept.output, cold.output) and torch.equal(kept.lse, cold.lse)
+    # float32 keeps nothing and rounds nothing: it differs from both, by the rounding only.
+    exact = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision="float32")
+    assert not torch.equal(exact.output, kept.output)
+    torch.testing.assert_close(exact.output, kept.output, atol=2e-2, rtol=0)

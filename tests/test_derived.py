@@ -114,3 +114,30 @@ def test_concurrent_attention_under_a_tiny_budget_gives_the_same_results(limited
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads)
     assert not failures and limited.evictions > evictions_before
+
+
+def test_discard_drops_one_owners_tensors_and_its_charge():
+    cache = DerivedCache(limit_bytes=1000)
+    first, second = Holder(), Holder()
+    cache.put(first, "a", torch.zeros(100, dtype=torch.uint8))
+    cache.put(second, "a", torch.zeros(400, dtype=torch.uint8))
+    first._cache["small"] = 3  # kept by the object itself, not charged: dropped too
+    cache.discard(first)
+    assert first._cache == {} and "a" in second._cache and cache.nbytes == 400 and cache.evictions == 0
+    cache.discard(first)  # nothing left: a no-op
+    # Charged afresh: 400 + 700 is over the limit, so second (the least recently used) goes.
+    cache.put(first, "a", torch.zeros(700, dtype=torch.uint8))
+    assert cache.nbytes == 700 and second._cache == {} and "a" in first._cache
+
+
+def test_optional_tensors_are_admitted_on_their_second_ask_while_there_is_room():
+    cache = DerivedCache(limit_bytes=1000)
+    owner, other = Holder(), Holder()
+    assert not cache.admits(owner, "keys", 600)  # the first ask is only noted
+    assert cache.admits(owner, "keys", 600)  # the second: room, admitted
+    assert not cache.admits(owner, "other", 600)  # noted per name
+    cache.put(owner, "keys", torch.zeros(600, dtype=torch.uint8))
+    assert not cache.admits(other, "keys", 600) and not cache.admits(other, "keys", 600)  # no room: never
+    cache.discard(owner)  # a discarded owner starts over
+    assert not cache.admits(owner, "keys", 600)
+    assert not DerivedCache().admits(owner, "keys", 1) and not DerivedCache().admits(owner, "keys", 1)  # no limit

@@ -36,6 +36,7 @@ from svdq_client.wire import tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, fit_basis, to_bytes
+from svdq.attention import SparsityConfig
 from svdq.format import _HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -333,11 +334,21 @@ def fuzz_server(tmp_path_factory):
     server.stop()
 
 
+#: The canary's sparse attention: 1 of its 8 body chunks selected by score (nothing forced).
+CANARY_SPARSITY = SparsityConfig(keep_fraction=1 / 16, chunk_size=4, num_recent=0)
+
+
 def _canary(client: KVCacheClient):
+    """The canary as fetched, its dense attention, and its sparse attention before and after
+    the dense calls (which keep its float16 keys in the attention cache)."""
     fetched = client.fetch("canary")
     queries = torch.randn(2, 2 * HEADS, DIM, generator=torch.Generator().manual_seed(7))
-    attended = client.attend(queries, [("canary", 0), ("canary", 1)])
-    return fetched, attended
+    entries = [("canary", 0), ("canary", 1)]
+    sparse_before = client.attend(queries, entries, sparsity=CANARY_SPARSITY)
+    attended = client.attend(queries, entries)
+    client.attend(queries, entries)  # dense calls keep the float16 keys from the second on
+    sparse_after = client.attend(queries, entries, sparsity=CANARY_SPARSITY)
+    return fetched, attended, sparse_before, sparse_after
 
 
 def test_fuzz_every_rpc(fuzz_server):
@@ -348,6 +359,10 @@ def test_fuzz_every_rpc(fuzz_server):
     keys, values = _cache(70, seed=3)
     keeper.upload("canary", "fz", keys[:, :64], values[:, :64], positions=torch.arange(64), key_space="post_rope")
     canary_before = _canary(keeper)
+    # Sparse attention gives the same bits whether the canary's keys were kept or not (the
+    # first call finds nothing kept; the dense calls keep them).
+    cold, kept = canary_before[2], canary_before[3]
+    assert torch.equal(cold.output, kept.output) and torch.equal(cold.lse, kept.lse)
 
     def fresh_fuzz_sequence():
         fuzzer.upload("f-seq", "fz", keys[:, :64], values[:, :64], positions=torch.arange(64), key_space="post_rope",
@@ -409,8 +424,9 @@ def test_fuzz_every_rpc(fuzz_server):
     assert torch.equal(canary_after[0].keys, canary_before[0].keys)
     assert torch.equal(canary_after[0].values, canary_before[0].values)
     assert torch.equal(canary_after[0].positions, canary_before[0].positions)
-    assert torch.equal(canary_after[1].output, canary_before[1].output)
-    assert torch.equal(canary_after[1].lse, canary_before[1].lse)
+    # Dense and sparse attention, whatever the fuzz left in (or evicted from) the attention cache.
+    for after, before in zip(canary_after[1:], canary_before[1:], strict=True):
+        assert torch.equal(after.output, before.output) and torch.equal(after.lse, before.lse)
     assert memory_after["VmHWM"] - memory_before["VmRSS"] < RSS_BOUND_BYTES, (memory_before, memory_after)
     assert sum(codes.values()) == CASES and codes["OK"] > 0 and codes["INVALID_ARGUMENT"] > CASES // 10
     keeper.close()

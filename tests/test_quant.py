@@ -27,6 +27,18 @@ def test_pack_unpack_every_width(width, group_size):
     assert torch.equal(unpack_codes(rows, kept_bits, group_size), codes)
 
 
+@pytest.mark.parametrize("group_size", [8, 64])
+def test_unpack_over_several_blocks_of_groups_with_mixed_widths(group_size):
+    """More groups than one unpack block holds (the last block partial): every code back."""
+    from svdq.quant import UNPACK_TOKENS
+
+    kept_bits = torch.tensor([8, 3, 1, 7, 5, 2, 6, 4, 3, 3], dtype=torch.int64)
+    groups = UNPACK_TOKENS // group_size * 2 + 3
+    codes = (torch.randint(0, 256, (groups, group_size, kept_bits.numel()),
+                           generator=torch.Generator().manual_seed(1)) % (2**kept_bits)).to(torch.uint8)
+    assert torch.equal(unpack_codes(pack_codes(codes, kept_bits), kept_bits, group_size), codes)
+
+
 def test_mixed_widths_layout_is_lsb_first_channel_after_channel():
     kept_bits = torch.tensor([3, 1, 8, 5], dtype=torch.int64)
     codes = (torch.randint(0, 256, (2, 8, 4)) % (2**kept_bits)).to(torch.uint8)

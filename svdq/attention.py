@@ -745,14 +745,15 @@ def _rounds(keys: CompressedKeys, precision: str) -> bool:
 
 
 def _dequantize_range(keys: CompressedKeys, scales: torch.Tensor, mins: torch.Tensor, first: int, stop: int,
-                      buffer: torch.Tensor) -> torch.Tensor:
+                      buffer: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
     """float32 latent [stop - first, r] of body tokens ``first..stop`` (``code * scale + min``),
     written into ``buffer`` (float32, at least the range's whole groups plus one group of rows).
 
     Whole token groups are dequantized with the group's scale and minimum broadcast (no
-    gathers); the range's own rows are returned as a view.
+    gathers); the range's own rows are returned as a view. ``codes``: :func:`latent_codes`,
+    looked up once by a caller that dequantizes many ranges.
     """
-    codes = latent_codes(keys)
+    codes = latent_codes(keys) if codes is None else codes
     kept, group = codes.shape[1], keys.group_size
     low, high = first // group, -(-stop // group)
     # Explicit group count: with every channel dropped (r = 0) a -1 would be ambiguous.
@@ -762,7 +763,8 @@ def _dequantize_range(keys: CompressedKeys, scales: torch.Tensor, mins: torch.Te
     return buffer[first - low * group:stop - low * group]
 
 
-def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str = "float32",
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """``q . RoPE_t(k^_t)`` of grouped queries over every quantized body token.
 
     The same function as dotting with the reconstructed post-RoPE keys (dequantize ``code *
@@ -776,15 +778,16 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
     Args:
         grouped: float32 [Hkv, R, D] post-RoPE queries, the R rows of each KV head.
         precision: operands of the reconstruction matmul (:func:`select_precision`).
+        out: float32 [Hkv, R, n_body] (a view of a larger tensor may do) to write them into.
 
     Returns:
-        float32 [Hkv, R, n_body] unscaled dot products.
+        float32 [Hkv, R, n_body] unscaled dot products (``out`` when given).
     """
     kv_heads, rows, head_dim = grouped.shape
     start, n_body = body_range(keys)
     if rotates(keys):
         grouped = grouped[..., _pair_order(keys)]
-    dots = torch.empty(kv_heads, rows, n_body, device=grouped.device)
+    dots = torch.empty(kv_heads, rows, n_body, device=grouped.device) if out is None else out
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * keys.group_size)) * keys.group_size
     rounded = _rounds(keys, precision)
     kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
@@ -795,7 +798,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
     if kept_keys is None:
         kept = code_widths(keys)[0]
         basis, mean, rest = _dense_basis(keys, precision)
-        scales, mins = keys.scales.float(), keys.mins.float()
+        scales, mins, codes = keys.scales.float(), keys.mins.float(), latent_codes(keys)
         angles = _rotation_table(keys) if rotates(keys) else None
         keep = rounded and DERIVED.admits(keys, KEPT_KEYS, 2 * n_body * keys.channels)
         halves = torch.empty(kv_heads, n_body if keep else min(block, n_body), head_dim, dtype=torch.float16,
@@ -808,7 +811,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
             torch.bmm(grouped, widened[:, :count].copy_(kept_keys[:, first:stop]).transpose(1, 2),
                       out=dots[:, :, first:stop])
             continue
-        rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent), basis, mean, rest)
+        rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent, codes), basis, mean, rest)
         rows_block = rows_block.view(count, kv_heads, head_dim)
         if angles is not None:
             _rotate_pairs(rows_block, _rotation(keys, range(first, stop), angles)[:, None, :])
@@ -924,7 +927,7 @@ def _put_exact_dots(keys: CompressedKeys, by_head: torch.Tensor, index: torch.Te
     if not keys.num_exact:
         return
     exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
-    exact_rows = _full_rows_in_pair_order(keys, keys.exact_rows, exact).transpose(0, 1)  # [Hkv, k, D]
+    exact_rows = _exact_key_columns(keys).transpose(1, 2)  # [Hkv, k, D], kept as the dense dots keep them
     row = torch.searchsorted(exact, index).clamp(max=exact.numel() - 1)
     batch, position = (exact[row] == index).nonzero(as_tuple=True)
     if batch.numel():
@@ -937,7 +940,7 @@ def _reconstructed_rows(keys: CompressedKeys, index: torch.Tensor, precision: st
     ``index`` [..., Hkv, n], each head's channels in pair order for keys that rotate (exact
     tokens not put in, no rounding: :func:`_selected_dots` does both)."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
-    start, n_body = body_range(keys)
+    n_body = body_range(keys)[1]
     if index.dim() == 3 and index.shape[0] > 1:
         # The distinct tokens, sorted, by marking them (a sort of every index took longer).
         seen = torch.zeros(n_body, dtype=torch.bool, device=index.device)
@@ -1134,65 +1137,91 @@ def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: 
     return output.reshape(*lead, heads, grouped.shape[2], head_dim)
 
 
+#: Body tokens per block of the latent values' weighted sum (a multiple of every group size).
+LATENT_SUM_BLOCK = 4096
+
+
 def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
     """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
     body, float32 [..., r].
 
-    With :data:`KEPT_LATENT` kept (or room in the budget to keep it) the sum is one oneDNN
-    product of the channel-major latent with the weights (:func:`_kept_latent`): the weights
-    as the product's small right-hand side and the tokens as one long reduction, which ran
-    2-2.5x faster than ``addmm`` over row blocks at 4k-32k tokens, in float32. Otherwise in
-    blocks of whole token groups dequantized into a reused buffer (:func:`_dequantize_range`;
-    the whole latent in float32 would take ``4 r`` bytes per token on every call, and
-    gathering each token's scale and minimum cost 5x the sum itself).
+    The body is summed in fixed blocks of :data:`LATENT_SUM_BLOCK` tokens (the last one padded
+    with zero weights and zero rows), each one oneDNN product of the block's channel-major
+    latent [r, block] with the weights, the tokens as the product's reduction: 2-2.5x faster
+    than ``addmm`` over row blocks at 4k-32k tokens, in float32. The block's latent is the kept
+    :data:`KEPT_LATENT` where there is one (:func:`_kept_latent`), else dequantized now into
+    reused buffers (:func:`_latent_block`); both hold the same values and every product and
+    partial sum is the same, so a result has the same bits whatever the attention cache holds.
     """
     kept = code_widths(latent)[0]
+    _, n_body = body_range(latent)
     flat = weights.reshape(-1, weights.shape[-1])
-    count, group = flat.shape[1], latent.group_size
-    by_channel = _kept_latent(latent) if count else None
-    if by_channel is not None:
-        n_body = by_channel.shape[1]
-        if count != n_body:
-            # Weights over the whole body (zero elsewhere): a slice of the kept latent would be copied.
-            padded = flat.new_zeros(flat.shape[0], n_body)
-            padded[:, first_body:first_body + count] = flat
-            flat = padded
-        # [r, tokens] x [rows, tokens]^T -> [r, rows]: the sums, transposed.
-        return _linear(by_channel, flat, None).T.reshape(*weights.shape[:-1], kept)
-    summed = weights.new_zeros(flat.shape[0], kept)
-    block = -(-_value_block(kept) // group) * group
-    scales, mins = latent.scales.float(), latent.mins.float()
-    buffer = torch.empty(block + group, kept, device=weights.device)
-    for first in range(0, count, block):
-        stop = min(count, first + block)
-        rows = _dequantize_range(latent, scales, mins, first_body + first, first_body + stop, buffer)
-        summed.addmm_(flat[:, first:stop], rows)
-    return summed.reshape(*weights.shape[:-1], kept)
+    rows, count = flat.shape
+    summed = flat.new_zeros(kept, rows)
+    if not (n_body and kept and rows and count):
+        return summed.T.reshape(*weights.shape[:-1], kept)
+    if first_body or count != n_body:  # blocks start at the body's first token: weights over all of it
+        whole = flat.new_zeros(rows, n_body)
+        whole[:, first_body:first_body + count] = flat
+        flat = whole
+    block = min(LATENT_SUM_BLOCK, n_body)
+    kept_blocks = _kept_latent(latent, block)
+    if kept_blocks is None:
+        scales, mins = latent.scales.float(), latent.mins.float()
+        codes = latent_codes(latent)
+        row_buffer = torch.empty(block + latent.group_size, kept, device=weights.device)
+        channel_buffer = torch.empty(kept, block, device=weights.device)
+    for index, first in enumerate(range(0, n_body, block)):
+        stop = min(n_body, first + block)
+        if kept_blocks is not None:
+            by_channel = kept_blocks[index]
+        else:
+            by_channel = _latent_block(latent, codes, scales, mins, first, stop, row_buffer, channel_buffer)
+        part = flat[:, first:stop]
+        if stop - first < block:
+            part = torch.nn.functional.pad(part, (0, block - (stop - first)))
+        # [r, block] x [rows, block]^T -> [r, rows]: the block's sums, transposed.
+        summed.add_(_linear(by_channel, part, None))
+    return summed.T.reshape(*weights.shape[:-1], kept)
 
 
-#: Name of the float32 dequantized latent of SVDq values' body, channel-major [r, n_body]
-#: (``code * scale + min``, the same values every call computes), that dense calls on the CPU
-#: keep while the attention-cache budget has room: ``4 r`` bytes per body token.
+def _latent_block(latent: CompressedKeys, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, first: int,
+                  stop: int, row_buffer: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The dequantized latent of body tokens ``first..stop`` channel-major in ``out`` [r, block]
+    (columns past ``stop - first`` zero): row-major dequantization (each group's scale row
+    broadcast over its tokens) and one transposed copy; dequantizing channel-major (scales
+    broadcast along the inner axis) was 10x slower."""
+    count = stop - first
+    out[:, :count].copy_(_dequantize_range(latent, scales, mins, first, stop, row_buffer, codes).T)
+    out[:, count:].zero_()
+    return out
+
+
+#: Name of the float32 dequantized latent of SVDq values' body in channel-major blocks
+#: [blocks, r, block] (:func:`_latent_block`, the same values every call computes), that calls
+#: on the CPU keep from a sequence's second call on while the attention-cache budget has room
+#: (:meth:`svdq.derived.DerivedCache.admits`): ``4 r`` bytes per body token (padded to a block).
 KEPT_LATENT = "kept_latent"
 
 
-def _kept_latent(latent: CompressedKeys) -> torch.Tensor | None:
-    """The kept :data:`KEPT_LATENT` of ``latent``, made now when the budget has room for it
-    (CPU with oneDNN only: elsewhere the blocked sum is as fast), else None."""
+def _kept_latent(latent: CompressedKeys, block: int) -> torch.Tensor | None:
+    """The kept :data:`KEPT_LATENT` of ``latent`` in blocks of ``block`` tokens, made now when
+    the cache admits it (CPU with oneDNN only: elsewhere the blocked sum is as fast), else None."""
     kept = DERIVED.get(latent, KEPT_LATENT)
     if kept is not None or latent.codes.device.type != "cpu" or _CPU_LINEAR is None:
         return kept
-    kept_channels = code_widths(latent)[0]
+    channels = code_widths(latent)[0]
     _, n_body = body_range(latent)
-    if not (n_body and kept_channels and DERIVED.has_room(4 * n_body * kept_channels)):
+    blocks = -(-n_body // block)
+    if not DERIVED.admits(latent, KEPT_LATENT, 4 * blocks * block * channels):
         return None
-    # Row-major dequantization (fast: each group's scale row broadcast over its tokens), then one
-    # transposed copy; dequantizing channel-major (scales broadcast along the inner axis) was 10x slower.
-    shape = (latent.num_groups, latent.group_size, kept_channels)
-    rows = torch.empty(n_body, kept_channels)
-    torch.addcmul(latent.mins.float()[:, None], latent_codes(latent).view(shape), latent.scales.float()[:, None],
-                  out=rows.view(shape))
-    return DERIVED.put(latent, KEPT_LATENT, rows.T.contiguous())
+    scales, mins, codes = latent.scales.float(), latent.mins.float(), latent_codes(latent)
+    row_buffer = torch.empty(block + latent.group_size, channels)
+    kept = torch.empty(blocks, channels, block)
+    for index in range(blocks):
+        first = index * block
+        _latent_block(latent, codes, scales, mins, first, min(n_body, first + block), row_buffer, kept[index])
+    return DERIVED.put(latent, KEPT_LATENT, kept)
 
 
 def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
@@ -1218,7 +1247,7 @@ def _attend_torch_group(
     """Queries [n, Hq, D] over one sequence -> (output [n, Hq, D], lse [n, Hq]).
 
     Dense queries (e.g. every position of a scored continuation) share one reconstruction of
-    the keys; sparse ones reconstruct their own selections in one batched computation.
+    the keys; sparse ones gather their selections from the kept float16 keys, or reconstruct them (rounded alike) in one batched computation.
     """
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
@@ -1232,9 +1261,14 @@ def _attend_torch_group(
         # are summed over one contiguous range: latent values then take their body, sinks and
         # tail as runs, not the keys' full-precision tokens as gathered indices (the keys' and
         # values' bodies differ when their token groups do).
-        dots = torch.einsum("hgd,hnd->hgn", grouped, fp_keys.transpose(0, 1))  # sinks, then tail
+        # Written in place, one [Hkv, R, T] tensor: with many queries (a prompt chunk over a long
+        # prefix) a concatenation of parts would double the largest tensor of the call.
+        dots = torch.empty(kv_heads, grouped.shape[1], keys.num_tokens, device=grouped.device)
+        fp_keys = fp_keys.transpose(0, 1)  # [Hkv, sinks + tail, D]
+        torch.bmm(grouped, fp_keys[:, :start].transpose(1, 2), out=dots[..., :start])
+        torch.bmm(grouped, fp_keys[:, start:].transpose(1, 2), out=dots[..., start + n_body:])
         if n_body:
-            dots = torch.cat([dots[..., :start], dense_body_dots(keys, grouped, precision), dots[..., start:]], dim=-1)
+            dense_body_dots(keys, grouped, precision, out=dots[..., start:start + n_body])
         weights, lse = softmax_from_dots(dots, scale, softcap=softcap)
         output = weighted_values(values, weights, slice(0, keys.num_tokens))
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)

@@ -5,8 +5,9 @@ call to the next: the unpacked codes (``r`` bytes per body token), the dequantiz
 channels of the sparse selection (``4 * (m + 1)`` bytes per token), the kernels' launch
 layout, and, only while the budget has room and from their second use on
 (:meth:`DerivedCache.admits`), the float16
-keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token) and the selection score's
-rotated low-rank keys (``4 * C`` bytes per token). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
+keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token), the selection score's
+rotated low-rank keys (``4 * C`` bytes per token) and SVDq latent values' dequantized latent
+(``4 * r`` bytes per token). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
 8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
 
 :data:`DERIVED` is the process's cache. The tensors live on each

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -391,37 +391,34 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
         kv_heads, -1, head_dim)
     dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
+    # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
+    # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
+    block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
+
+    def low_rank_block(start: int, stop: int) -> torch.Tensor:
+        low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
+        if angles is not None:
+            _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
+        return low_rank
+
     # The rotated low-rank keys do not depend on the queries: kept (from the second call, while
     # the budget has room, DerivedCache.admits), later calls only dot them (building and
-    # rotating them was two thirds of the score).
+    # rotating them was two thirds of the score). Built in the same blocks either way, so that
+    # the scores are the same bits.
     name = (SCORE_KEYS, score_channels)
     kept = DERIVED.get(keys, name)
     n_body = latent.shape[0]
-    keep = kept is None and DERIVED.admits(keys, name, 4 * n_body * keys.channels)
-    if keep:
-        kept_now = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
-    # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
-    # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
-    # The same blocks with kept keys, so that the products (and scores) are the same bits.
-    block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
-    built = n_body if keep else tokens
-    for start in range(0, built if kept is None else tokens, block):
-        stop = min(built, start + block)
-        if kept is not None:
-            low_rank = kept[start:stop]
-        else:
-            low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
-            if angles is not None:
-                _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
-            if keep:
-                kept_now[start:stop] = low_rank
-        if start < tokens:
-            scored = min(stop, tokens)
-            # Queries as the left operand, tokens as the columns: with the few query rows on the
-            # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
-            torch.bmm(grouped, low_rank[:scored - start].permute(1, 2, 0), out=dots[:, :, start:scored])
-    if keep:
-        DERIVED.put(keys, name, kept_now)
+    if kept is None and DERIVED.admits(keys, name, 4 * n_body * keys.channels):
+        kept = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
+        for start in range(0, n_body, block):
+            kept[start:start + block] = low_rank_block(start, min(n_body, start + block))
+        DERIVED.put(keys, name, kept)
+    for start in range(0, tokens, block):
+        stop = min(tokens, start + block)
+        low_rank = kept[start:stop] if kept is not None else low_rank_block(start, stop)
+        # Queries as the left operand, tokens as the columns: with the few query rows on the
+        # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
+        torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
     return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
 
 
@@ -1150,7 +1147,7 @@ def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_bod
     latent [r, block] with the weights, the tokens as the product's reduction: 2-2.5x faster
     than ``addmm`` over row blocks at 4k-32k tokens, in float32. The block's latent is the kept
     :data:`KEPT_LATENT` where there is one (:func:`_kept_latent`), else dequantized now into
-    reused buffers (:func:`_latent_block`); both hold the same values and every product and
+    reused buffers (:func:`_latent_blocks`); both hold the same values and every product and
     partial sum is the same, so a result has the same bits whatever the attention cache holds.
     """
     kept = code_widths(latent)[0]
@@ -1166,17 +1163,9 @@ def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_bod
         flat = whole
     block = min(LATENT_SUM_BLOCK, n_body)
     kept_blocks = _kept_latent(latent, block)
-    if kept_blocks is None:
-        scales, mins = latent.scales.float(), latent.mins.float()
-        codes = latent_codes(latent)
-        row_buffer = torch.empty(block + latent.group_size, kept, device=weights.device)
-        channel_buffer = torch.empty(kept, block, device=weights.device)
-    for index, first in enumerate(range(0, n_body, block)):
+    blocks = iter(kept_blocks) if kept_blocks is not None else _latent_blocks(latent, block)
+    for first, by_channel in zip(range(0, n_body, block), blocks, strict=True):
         stop = min(n_body, first + block)
-        if kept_blocks is not None:
-            by_channel = kept_blocks[index]
-        else:
-            by_channel = _latent_block(latent, codes, scales, mins, first, stop, row_buffer, channel_buffer)
         part = flat[:, first:stop]
         if stop - first < block:
             part = torch.nn.functional.pad(part, (0, block - (stop - first)))
@@ -1185,20 +1174,27 @@ def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_bod
     return summed.T.reshape(*weights.shape[:-1], kept)
 
 
-def _latent_block(latent: CompressedKeys, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, first: int,
-                  stop: int, row_buffer: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The dequantized latent of body tokens ``first..stop`` channel-major in ``out`` [r, block]
-    (columns past ``stop - first`` zero): row-major dequantization (each group's scale row
-    broadcast over its tokens) and one transposed copy; dequantizing channel-major (scales
-    broadcast along the inner axis) was 10x slower."""
-    count = stop - first
-    out[:, :count].copy_(_dequantize_range(latent, scales, mins, first, stop, row_buffer, codes).T)
-    out[:, count:].zero_()
-    return out
+def _latent_blocks(latent: CompressedKeys, block: int, out: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The dequantized latent of SVDq values' body, channel-major, ``block`` tokens at a time:
+    float32 [r, block] each (columns past the body zero), in one reused buffer, or written into
+    ``out`` [blocks, r, block]. Row-major dequantization (each group's scale row broadcast over
+    its tokens) and one transposed copy; dequantizing channel-major (scales broadcast along the
+    inner axis) was 10x slower."""
+    channels = code_widths(latent)[0]
+    _, n_body = body_range(latent)
+    scales, mins, codes = latent.scales.float(), latent.mins.float(), latent_codes(latent)
+    rows = torch.empty(block + latent.group_size, channels, device=codes.device)
+    reused = torch.empty(channels, block, device=codes.device) if out is None else None
+    for index, first in enumerate(range(0, n_body, block)):
+        stop = min(n_body, first + block)
+        target = reused if out is None else out[index]
+        target[:, :stop - first].copy_(_dequantize_range(latent, scales, mins, first, stop, rows, codes).T)
+        target[:, stop - first:].zero_()
+        yield target
 
 
 #: Name of the float32 dequantized latent of SVDq values' body in channel-major blocks
-#: [blocks, r, block] (:func:`_latent_block`, the same values every call computes), that calls
+#: [blocks, r, block] (:func:`_latent_blocks`, the same values every call computes), that calls
 #: on the CPU keep from a sequence's second call on while the attention-cache budget has room
 #: (:meth:`svdq.derived.DerivedCache.admits`): ``4 r`` bytes per body token (padded to a block).
 KEPT_LATENT = "kept_latent"
@@ -1215,12 +1211,9 @@ def _kept_latent(latent: CompressedKeys, block: int) -> torch.Tensor | None:
     blocks = -(-n_body // block)
     if not DERIVED.admits(latent, KEPT_LATENT, 4 * blocks * block * channels):
         return None
-    scales, mins, codes = latent.scales.float(), latent.mins.float(), latent_codes(latent)
-    row_buffer = torch.empty(block + latent.group_size, channels)
     kept = torch.empty(blocks, channels, block)
-    for index in range(blocks):
-        first = index * block
-        _latent_block(latent, codes, scales, mins, first, min(n_body, first + block), row_buffer, kept[index])
+    for _ in _latent_blocks(latent, block, out=kept):
+        pass
     return DERIVED.put(latent, KEPT_LATENT, kept)
 
 

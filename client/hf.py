@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -288,6 +288,14 @@ class _SharedBasesMixin:
         self.cache_key_shares = tuple(shares)
 
 
+def _check_key_shares(shares: tuple[float, ...] | None, budgeted: bool, budget_name: str, shape: ModelShape) -> None:
+    """InvalidInputError unless ``shares`` is None or one share per offloaded layer of a backend
+    with a whole-cache budget (``budget_name``, the backend's argument for it)."""
+    if shares is not None and (not budgeted or len(shares) != len(shape.offloaded_layers)):
+        raise InvalidInputError(f"cache_key_shares need {budget_name} and one share per offloaded layer "
+                                f"({len(shape.offloaded_layers)}), got {len(shares)}")
+
+
 def _count_attend_stats(stats: OffloadStats, attend_stats: Sequence[Any]) -> None:
     stats.attend_calls += 1
     stats.attend_entries += len(attend_stats)
@@ -365,10 +373,7 @@ class LocalOffload(_SharedBasesMixin):
                                     "cache_budget)")
         if self.value_bases is not None:
             _check_bases(self.value_bases, shape, value_codec)
-        if self.cache_key_shares is not None and (self.cache_budget is None
-                                                  or len(self.cache_key_shares) != len(shape.offloaded_layers)):
-            raise InvalidInputError(f"cache_key_shares need cache_budget and one share per offloaded layer "
-                                    f"({len(shape.offloaded_layers)}), got {len(self.cache_key_shares)}")
+        _check_key_shares(self.cache_key_shares, self.cache_budget is not None, "cache_budget", shape)
 
     def _key_codec(self) -> CodecConfig:
         return self.cache_budget.key_codec if self.cache_budget else self.codec
@@ -523,10 +528,8 @@ class RemoteOffload(_SharedBasesMixin):
 
     def check(self, shape: ModelShape) -> None:
         _check_bases(self.bases, shape, self.codec)
-        if self.cache_key_shares is not None and (self.cache_bits_per_element is None
-                                                  or len(self.cache_key_shares) != len(shape.offloaded_layers)):
-            raise InvalidInputError(f"cache_key_shares need cache_bits_per_element and one share per offloaded layer "
-                                    f"({len(shape.offloaded_layers)}), got {len(self.cache_key_shares)}")
+        _check_key_shares(self.cache_key_shares, self.cache_bits_per_element is not None, "cache_bits_per_element",
+                          shape)
 
     def sequence_id_of(self, row: int) -> str:
         """Server-side sequence id of batch row ``row``."""
@@ -679,13 +682,20 @@ def default_calibrated_bases(model: Any, tokenizer: Any, tokens: int = DEFAULT_C
             do not fit the model's vocabulary.
     """
     input_ids, key = _default_calibration_ids(model, tokenizer, tokens)
+    return _once_per_model(_CALIBRATED, model, key, lambda: calibrate_cache_bases(model, input_ids),
+                           f"shared bases on {tokens} tokens of shipped text")
+
+
+def _once_per_model(store: weakref.WeakKeyDictionary, model: Any, key: tuple, compute: Callable[[], Any],
+                    what: str) -> Any:
+    """``store[model][key]``, computed by ``compute`` the first time (under the calibration
+    lock, so that concurrent caches wait for one run) and logged with its duration."""
     with _CALIBRATION_LOCK:
-        per_model = _CALIBRATED.setdefault(model, {})
+        per_model = store.setdefault(model, {})
         if key not in per_model:
             started = time.perf_counter()
-            per_model[key] = calibrate_cache_bases(model, input_ids)
-            LOGGER.info("calibrated shared bases of %d layers on %d tokens of shipped text in %.1f s",
-                        len(per_model[key][0]), tokens, time.perf_counter() - started)
+            per_model[key] = compute()
+            LOGGER.info("calibrated %s in %.1f s", what, time.perf_counter() - started)
         return per_model[key]
 
 
@@ -711,14 +721,9 @@ def default_calibrated_key_shares(model: Any, tokenizer: Any, budget: CacheBudge
     fingerprints = tuple(tuple(basis.fingerprint for basis in bases) if bases is not None else None
                          for bases in (key_bases, value_bases))
     key = (*text_key, repr(budget), fingerprints)
-    with _CALIBRATION_LOCK:
-        per_model = _CALIBRATED_SHARES.setdefault(model, {})
-        if key not in per_model:
-            started = time.perf_counter()
-            per_model[key] = calibrate_key_shares(model, input_ids, budget, key_bases, value_bases)
-            LOGGER.info("calibrated the key/value split of %d layers on %d tokens of shipped text in %.1f s",
-                        len(per_model[key]), tokens, time.perf_counter() - started)
-        return per_model[key]
+    return _once_per_model(_CALIBRATED_SHARES, model, key,
+                           lambda: calibrate_key_shares(model, input_ids, budget, key_bases, value_bases),
+                           f"the key/value split on {tokens} tokens of shipped text")
 
 
 def _default_calibration_ids(model: Any, tokenizer: Any, tokens: int) -> tuple[torch.Tensor, tuple[int, str]]:

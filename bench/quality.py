@@ -65,7 +65,7 @@ class Method:
     between keys and values is measured by :func:`svdq.kv.compress_kv` on each compressed
     cache, or, with ``calibrated_split``, once per layer on the shared bases' calibration text
     (:func:`svdq_client.hf.calibrate_key_shares`, filled into ``layer_shares`` by
-    :func:`calibrate_splits`), as the integration does by default.
+    :func:`calibrate_splits`), as the integration does with ``calibrate_split=True``.
     """
 
     name: str
@@ -144,13 +144,13 @@ def main_methods() -> list[Method]:
         for total in (1.5, 1.75, 2.0) for bits in (4, 2)
     ] + [Method("svdq cache 2.5 bits, shared, 1/8 exact keys 2-bit", C(),
                 budget=CacheBudget(2.5, key_codec=exact_share_keys(2)), shared_basis=True),
-         # The integration's default: the split measured once on the calibration text.
+         # The integration's calibrate_split=True: the split measured once on the calibration text.
          Method(CALIBRATED_DEFAULT, C(), budget=CacheBudget(2.0, key_codec=exact_share_keys(2)), shared_basis=True,
                 calibrated_split=True)]
 
 
 #: The whole-cache default with its key/value split calibrated once per layer (the
-#: integration's default) instead of measured on every upload.
+#: integration's opt-in ``calibrate_split=True``) instead of measured on every upload.
 CALIBRATED_DEFAULT = "svdq cache 2.0 bits, shared, 1/8 exact keys 2-bit, calibrated split"
 
 

@@ -148,9 +148,9 @@ class DerivedCache:
         """Until within the limit: drop optional tensors, least recently used owners first (the
         most recent one's too); then, with ``required``, clear the least recently used owners
         whole, never the most recent."""
-        if self._limit is None:
+        if self._limit is None or self._bytes <= self._limit:
             return
-        for entry in list(self._owners.values()):
+        for entry in list(self._owners.values()) if self._optional_bytes else ():
             if self._bytes <= self._limit or not self._optional_bytes:
                 break
             owner = entry[0]()

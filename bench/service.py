@@ -18,6 +18,7 @@ wall times of one call (gRPC round trip included); p50/p99 over the iterations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import socket
@@ -450,7 +451,7 @@ def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profi
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from svdq_client.client import attend_request
+    from svdq_client.client import attend_request, attend_result
     from svdq_proto.svdq.v1 import kvcache_pb2 as pb
     from svdq_server import convert
     from svdq_server.auth import TokenAuthenticator
@@ -478,6 +479,16 @@ def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profi
     arguments = convert.attend_args_from_pb(request)
     state = engine.store.get("bench", "stages").state
     result = engine.attend("bench", **arguments)
+    # batch 8 (one sequence per entry, as the RPC rows): the conversions on both sides that grow with the batch
+    wide = 8
+    for index in range(1, wide):
+        engine.upload("bench", dataclasses.replace(header, sequence_id=f"stages-{index}", upload_id=f"stages-{index}"),
+                      keys, values, torch.arange(keys.shape[1]))
+    wide_entries = [("stages", 0)] + [(f"stages-{index}", 0) for index in range(1, wide)]
+    wide_queries = torch.randn(wide, Q_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3)).half()
+    wide_request = attend_request(wide_queries, wide_entries, None, None)
+    wide_result = engine.attend("bench", **convert.attend_args_from_pb(wide_request))
+    wide_response = convert.attend_result_to_pb(wide_result).SerializeToString()
     executor = ThreadPoolExecutor(max_workers=args.workers[0])
     loop = asyncio.new_event_loop()
 
@@ -497,6 +508,13 @@ def server_stages(args, keys: torch.Tensor, values: torch.Tensor, profile: Profi
         "result -> response bytes (attend_result_to_pb, serialize)":
             lambda: convert.attend_result_to_pb(result).SerializeToString(),
         "event loop -> worker thread -> event loop (run_in_executor)": lambda: loop.run_until_complete(hop()),
+        f"batch {wide}: client request -> bytes (attend_request, serialize)":
+            lambda: attend_request(wide_queries, wide_entries, None, None).SerializeToString(),
+        f"batch {wide}: request -> engine arguments": lambda: convert.attend_args_from_pb(wide_request),
+        f"batch {wide}: engine.attend": lambda: engine.attend("bench", **convert.attend_args_from_pb(wide_request)),
+        f"batch {wide}: result -> response bytes": lambda: convert.attend_result_to_pb(wide_result).SerializeToString(),
+        f"batch {wide}: client response bytes -> result (parse, attend_result)":
+            lambda: attend_result(pb.AttendResponse.FromString(wide_response)),
         "Describe/Append reply info, 30 layers x 512 tokens (engine.describe)": lambda: engine.describe("bench", "deep"),
         "  the same sizes recomputed from every layer (before: not kept with the state)": lambda: (
             sum(layer.nbytes for layer in deep_state.keys), sum(layer.nbytes for layer in deep_state.values)),
@@ -554,6 +572,13 @@ def bench_attend(args) -> None:
     deep = Profile("bench-deep", 30, KV_HEADS, HEAD_DIM, rope=ROPE, codec=profile.codec)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)  # the in-process rows run as the server does
+    # ... and under the server's attention-cache budget: without a limit, nothing optional (the
+    # kept float16 keys) is kept, and the in-process rows would rebuild what the server keeps
+    from svdq_server.config import Settings
+
+    from svdq.derived import DERIVED
+
+    DERIVED.limit_bytes = Settings().attention_cache_bytes
     stages = server_stages(args, keys, values, profile)
     processes: list[subprocess.Popen] = []
     servers: list[tuple[str, str]] = []  # (label, address)
@@ -652,8 +677,9 @@ def bench_attend(args) -> None:
                 f"{row}: {p50[f'{row} [{label}]'] / p50[f'{row} [{first}]']:.2f}x"
                 for row in ["round trip (grpc.health.v1 Check)", "Describe, 30 layers x 512 tokens",
                             *(f"Attend RPC, batch {b}" for b in batches)]))
-    print(f"\nserver-side stages of one batch-1 Attend, in this process with the server's code (torch threads "
-          f"{torch.get_num_threads()}), {args.iterations} rounds in turns:\n")
+    print(f"\nserver-side stages of one batch-1 Attend (and the conversions of a batch-8 one, the client's too), "
+          f"in this process with the server's code (torch threads {torch.get_num_threads()}), {args.iterations} "
+          "rounds in turns:\n")
     print("| stage | p50 us | p99 us |")
     print("| --- | ---: | ---: |")
     for name, times in stages.items():

@@ -23,8 +23,8 @@ from .client import (
     ChunkAssembler,
     FetchAssembler,
     KnownSequences,
-    ProfileCollector,
     Replicas,
+    Restarted,
     RetryPolicy,
     append_request,
     attend_request,
@@ -45,7 +45,16 @@ from .client import (
     upload_request,
 )
 from .errors import NotFoundError
-from .types import AttendResult, BlobStats, CompressResult, FetchResult, Profile, SequenceInfo, ServerInfo
+from .types import (
+    AttendResult,
+    BlobStats,
+    CompressResult,
+    FetchResult,
+    Profile,
+    ProfileAssembler,
+    SequenceInfo,
+    ServerInfo,
+)
 from .wire import tensor_from_pb
 
 
@@ -123,8 +132,8 @@ class AsyncKVCacheClient:
         return profile
 
     async def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
-        return await self._streamed("GetProfileStream", profile_name_request(name), ProfileCollector(),
-                                    ProfileCollector.result, timeout)
+        return await self._streamed("GetProfileStream", profile_name_request(name), Restarted(ProfileAssembler),
+                                    Restarted.result, timeout)
 
     async def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
         """The profiles this caller can use, by name, without their shared bases (a listing of
@@ -231,6 +240,7 @@ class AsyncKVCacheClient:
                            timeout: float | None = None) -> list[FetchResult]:
         request, num_layers = fetch_chunks_request(profile, content_keys, num_layers, cache_salt, dtype,
                                                    self.chunk_bytes)
-        return await self._streamed("FetchChunks", request, ChunkAssembler(len(request.content_keys)),
+        count = len(request.content_keys)
+        return await self._streamed("FetchChunks", request, Restarted(lambda: ChunkAssembler(count)),
                                     lambda assembler: assembler.result(num_layers), timeout,
                                     sequence_id=chunk_route(request))

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -471,9 +472,8 @@ class FetchAssembler:
         """The request of the next attempt: from where the chunks received so far end (a
         server that names no version cannot resume: the fetch starts over)."""
         self._resuming = bool(self._reached and self._version)
-        if not self._resuming:
-            if self._reached is not None:  # the first attempt finds it fresh from __init__
-                self._start_over()
+        if not self._resuming:  # the first attempt too: nothing to resume
+            self._start_over()
             return request
         resumed = pb.FetchRequest()
         resumed.CopyFrom(request)
@@ -567,17 +567,11 @@ def chunk_route(request) -> str | None:
 
 
 class ChunkAssembler:
-    """Collects FetchChunks stream pieces into one :class:`FetchResult` per requested chunk
-    (a retried stream starts over: pieces are keyed by chunk and layer, so none counts twice)."""
+    """Collects one attempt's FetchChunks stream pieces into one :class:`FetchResult` per
+    requested chunk (a retry starts over in a new one: :class:`Restarted`)."""
 
     def __init__(self, count: int) -> None:
         self._pieces: list[dict[int, pb.ChunkPiece]] = [{} for _ in range(count)]
-
-    def resume(self, request):
-        return request
-
-    def retryable(self, error: ServiceError) -> bool:
-        return isinstance(error, UnavailableError)
 
     def add(self, piece: pb.ChunkPiece) -> None:
         if piece.index >= len(self._pieces):
@@ -612,24 +606,27 @@ def profile_stream(profile: Profile, replace: bool) -> Callable[[], Iterator[pb.
     return lambda: profile_pieces(profile, replace)
 
 
-class ProfileCollector:
-    """Collects a GetProfileStream into a :class:`Profile` (a retried stream starts over)."""
+class Restarted:
+    """The assembler of a stream that a retry receives again whole (a profile, chunks): each
+    attempt collects into a fresh ``factory()`` (its ``add`` and ``result``); UNAVAILABLE is
+    retried. A Fetch resumes instead (:class:`FetchAssembler`)."""
 
-    def __init__(self) -> None:
-        self._assembler: ProfileAssembler | None = None
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._current = factory()
 
-    def resume(self, request: pb.GetProfileRequest) -> pb.GetProfileRequest:
-        self._assembler = ProfileAssembler()
+    def resume(self, request):
+        self._current = self._factory()
         return request
 
     def retryable(self, error: ServiceError) -> bool:
         return isinstance(error, UnavailableError)
 
-    def add(self, piece: pb.ProfilePiece) -> None:
-        self._assembler.add(piece)
+    def add(self, message) -> None:
+        self._current.add(message)
 
-    def result(self) -> Profile:
-        return self._assembler.result()
+    def result(self, *args):
+        return self._current.result(*args)
 
 
 class KnownSequences:
@@ -893,8 +890,8 @@ class KVCacheClient:
 
     def get_profile(self, name: str, *, timeout: float | None = None) -> Profile:
         """A profile whole, its shared bases streamed one layer per message."""
-        return self._streamed("GetProfileStream", profile_name_request(name), ProfileCollector(),
-                              ProfileCollector.result, timeout)
+        return self._streamed("GetProfileStream", profile_name_request(name), Restarted(ProfileAssembler),
+                              Restarted.result, timeout)
 
     def list_profiles(self, *, timeout: float | None = None) -> list[Profile]:
         """The profiles this caller can use, by name, without their shared bases (a listing of
@@ -1026,6 +1023,7 @@ class KVCacheClient:
         is not stored)."""
         request, num_layers = fetch_chunks_request(profile, content_keys, num_layers, cache_salt, dtype,
                                                    self.chunk_bytes)
-        return self._streamed("FetchChunks", request, ChunkAssembler(len(request.content_keys)),
+        count = len(request.content_keys)
+        return self._streamed("FetchChunks", request, Restarted(lambda: ChunkAssembler(count)),
                               lambda assembler: assembler.result(num_layers), timeout,
                               sequence_id=chunk_route(request))

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +37,7 @@ from svdq.api.types import (
     check_name,
 )
 from svdq.api.wire import all_finite
-from svdq.attention import SparsityConfig, select_precision
+from svdq.attention import PRECISION_ENV, SparsityConfig, select_precision
 from svdq.attention import attend as attend_compressed
 from svdq.codec import (
     DEFAULT_MAX_CHANNELS,
@@ -119,6 +120,7 @@ class EngineConfig:
         attention_precision: operands of the torch attention path's key products,
             ``"float32"`` or ``"bfloat16"`` (:func:`svdq.attention.select_precision`); ``None``:
             ``$SVDQ_ATTENTION_PRECISION``, else bfloat16 where the CPU multiplies it natively.
+            Decided once, when the engine starts (``Engine.attention_precision``, in its log line).
         tenant_quota_bytes: stored bytes a tenant may hold unless ``tenant_quotas`` names it;
             0 = no quota (see :class:`~svdq_server.store.SequenceStore` for shares and eviction).
         tenant_quotas: tenant -> its own quota (the tokens file's ``quota_bytes``).
@@ -267,7 +269,9 @@ class Engine:
             if self.config.attention_cache_bytes < 0:
                 raise InvalidInputError(f"attention_cache_bytes must be >= 0, got {self.config.attention_cache_bytes}")
             DERIVED.limit_bytes = self.config.attention_cache_bytes
-        select_precision(self.device, self.config.attention_precision)  # a bad choice fails at start, not per call
+        #: the torch attention path's operand precision, decided once: it is a property of the device (and
+        #: of $SVDQ_ATTENTION_PRECISION as it was at start); a bad choice fails here, not per call
+        self.attention_precision = select_precision(self.device, self.config.attention_precision)
         self.metrics = metrics
         # The store backend (server/store.py) also holds the profiles, so a shared one shares them.
         self.store = store if store is not None else SequenceStore(
@@ -287,8 +291,11 @@ class Engine:
         self._sample_layer = itertools.count()
         for profile in profiles:
             self.register_profile(profile)
-        log.info("engine on %s: store budget %d bytes, eviction %s, ttl %s", self.device, self.config.store_bytes,
-                 self.config.eviction, f"{self.config.ttl_seconds}s" if self.config.ttl_seconds else "off")
+        log.info("engine on %s: store budget %d bytes, eviction %s, ttl %s, attention precision %s (%s)", self.device,
+                 self.config.store_bytes, self.config.eviction,
+                 f"{self.config.ttl_seconds}s" if self.config.ttl_seconds else "off", self.attention_precision,
+                 "configured" if self.config.attention_precision else
+                 "$SVDQ_ATTENTION_PRECISION" if os.environ.get(PRECISION_ENV) else "auto for the device")
 
     # -- profiles ------------------------------------------------------------------------
     #
@@ -846,7 +853,7 @@ class Engine:
             keys.append(state.keys[layer])
             values.append(state.values[layer])
         result = attend_compressed(queries.to(self.device), keys, values, scale=scale, sparsity=sparsity,
-                                   softcap=softcap, precision=self.config.attention_precision)
+                                   softcap=softcap, precision=self.attention_precision)
         if not (all_finite(result.output) and all_finite(result.lse)):
             # Finite keys, queries and scale can still overflow float32 scores (|q.k| ~ 1e38).
             raise InvalidInputError("attention overflowed: the scores scale * q.k of these queries exceed float32's "

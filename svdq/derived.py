@@ -17,6 +17,12 @@ keeps a least-recently-used order over the objects that hold some and, past
 ``limit_bytes=None`` (the library default) keeps everything; a server sets a limit
 (``svdq-server --attention-cache-bytes``). The object being served is never cleared while it
 is in use, so one sequence's layer may exceed a limit smaller than its own cache.
+
+Required tensors (what a call cannot run without, e.g. the unpacked codes) come before
+optional ones (those admitted through :meth:`DerivedCache.admits`): an optional tensor is
+kept only in the room that the required ones leave, and past the limit the optional tensors
+go first (least recently used owner first, the one in use included), before any owner loses
+a required tensor; an optional put never clears a required tensor.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ def tensor_bytes(value: Any) -> int:
 
 
 class DerivedCache:
-    """Byte-bounded LRU over the ``_cache`` dicts of compressed objects (thread-safe).
+    """Byte-bounded LRU over the ``_cache`` dicts of compressed objects (thread-safe), optional
+    tensors evicted before required ones.
 
     Args:
         limit_bytes: most bytes kept over all objects; ``None`` for no limit.
@@ -50,15 +57,24 @@ class DerivedCache:
     def __init__(self, limit_bytes: int | None = None) -> None:
         # Re-entrant: a weakref callback may run (garbage collection) while the lock is held.
         self._lock = threading.RLock()
-        self._owners: OrderedDict[int, list] = OrderedDict()  # id -> [weakref, bytes]
+        # id -> [weakref, bytes charged, {optional name: its bytes}]
+        self._owners: OrderedDict[int, list] = OrderedDict()
         self._bytes = 0
+        self._optional_bytes = 0
         self._limit = limit_bytes
         self.evictions = 0
+        #: optional tensors dropped to make room (each one, whether for a required or an optional put)
+        self.optional_evictions = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes currently kept."""
+        """Bytes currently kept (required and optional)."""
         return self._bytes
+
+    @property
+    def optional_bytes(self) -> int:
+        """Bytes of the optional tensors among :attr:`nbytes`."""
+        return self._optional_bytes
 
     @property
     def limit_bytes(self) -> int | None:
@@ -83,10 +99,11 @@ class DerivedCache:
         budget has room (:meth:`has_room`) and ``owner`` asks for it a second time (its first
         ask is only noted, in its ``_cache``, uncharged). Admission on the second use: a sequence
         attended once (a one-off call) does not pay for building and keeping what only repeated
-        calls (decode steps) gain from."""
+        calls (decode steps) gain from. A ``name`` asked about here is optional: its
+        :meth:`put` never clears a required tensor, and it is evicted before any."""
         if not self.has_room(nbytes):
             return False
-        marker = ("asked", name)
+        marker = _asked(name)
         if owner._cache.get(marker):
             return True
         owner._cache[marker] = True
@@ -104,32 +121,60 @@ class DerivedCache:
         return value
 
     def put(self, owner: Any, name: Any, value: Any) -> Any:
-        """Keep ``value`` as ``owner``'s ``name``, charge its bytes, clear the least recently
-        used other owners while over the limit; returns ``value``."""
+        """Keep ``value`` as ``owner``'s ``name`` and charge its bytes; past the limit, drop
+        optional tensors (oldest owners first), then, for a required ``value`` only, clear the
+        least recently used other owners. Returns ``value`` (an optional one is dropped again at
+        once when the older optional tensors do not make room for it)."""
         key = id(owner)
+        optional = bool(owner._cache.get(_asked(name)))
         with self._lock:
             entry = self._owners.get(key)
             if entry is None or entry[0]() is not owner:
-                entry = [weakref.ref(owner, lambda ref, key=key: self._forget(key, ref)), 0]
+                entry = [weakref.ref(owner, lambda ref, key=key: self._forget(key, ref)), 0, {}]
                 self._owners[key] = entry
             # Two threads may both compute a missing tensor: the second replaces the first.
             nbytes = tensor_bytes(value) - tensor_bytes(owner._cache.get(name))
             owner._cache[name] = value
             entry[1] += nbytes
             self._bytes += nbytes
+            if optional:
+                self._optional_bytes += tensor_bytes(value) - entry[2].get(name, 0)
+                entry[2][name] = tensor_bytes(value)
             self._owners.move_to_end(key)
-            self._trim_locked()
+            self._trim_locked(required=not optional)
         return value
 
-    def _trim_locked(self) -> None:
-        """Clear the least recently used owners until within the limit, never the most recent."""
-        while self._limit is not None and self._bytes > self._limit and len(self._owners) > 1:
-            _, (ref, charged) = self._owners.popitem(last=False)
-            self._bytes -= charged
+    def _trim_locked(self, required: bool = True) -> None:
+        """Until within the limit: drop optional tensors, least recently used owners first (the
+        most recent one's too); then, with ``required``, clear the least recently used owners
+        whole, never the most recent."""
+        if self._limit is None or self._bytes <= self._limit:
+            return
+        for entry in list(self._owners.values()) if self._optional_bytes else ():
+            if self._bytes <= self._limit or not self._optional_bytes:
+                break
+            owner = entry[0]()
+            for name, nbytes in list(entry[2].items()):
+                if owner is not None:
+                    owner._cache.pop(name, None)
+                del entry[2][name]
+                entry[1] -= nbytes
+                self._bytes -= nbytes
+                self._optional_bytes -= nbytes
+                self.optional_evictions += 1
+                if self._bytes <= self._limit:
+                    break
+        while required and self._bytes > self._limit and len(self._owners) > 1:
+            _, (ref, charged, optional) = self._owners.popitem(last=False)
+            self._uncharge_locked(charged, optional)
             self.evictions += 1
             evicted = ref()
             if evicted is not None:
                 evicted._cache.clear()
+
+    def _uncharge_locked(self, charged: int, optional: dict) -> None:
+        self._bytes -= charged
+        self._optional_bytes -= sum(optional.values())
 
     def discard(self, owner: Any) -> None:
         """Drop everything ``owner`` keeps (its whole ``_cache``) and its charge: the state of
@@ -138,15 +183,15 @@ class DerivedCache:
             entry = self._owners.get(id(owner))
             if entry is not None and entry[0]() is owner:
                 del self._owners[id(owner)]
-                self._bytes -= entry[1]
+                self._uncharge_locked(entry[1], entry[2])
             owner._cache.clear()
 
     def clear(self) -> None:
         """Drop every kept tensor."""
         with self._lock:
             while self._owners:
-                _, (ref, charged) = self._owners.popitem(last=False)
-                self._bytes -= charged
+                _, (ref, charged, optional) = self._owners.popitem(last=False)
+                self._uncharge_locked(charged, optional)
                 owner = ref()
                 if owner is not None:
                     owner._cache.clear()
@@ -156,7 +201,12 @@ class DerivedCache:
             entry = self._owners.get(key)
             if entry is not None and entry[0] is ref:
                 del self._owners[key]
-                self._bytes -= entry[1]
+                self._uncharge_locked(entry[1], entry[2])
+
+
+def _asked(name: Any) -> tuple:
+    """The key, in an owner's ``_cache``, that notes an ask for optional tensor ``name``."""
+    return ("asked", name)
 
 
 #: The process's derived-tensor cache (no limit until a server sets one).

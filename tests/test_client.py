@@ -15,18 +15,21 @@ from svdq_client import (
     InvalidInputError,
     KVCacheClient,
     NotFoundError,
+    Profile,
     UnavailableError,
 )
 from svdq_client.client import (
     SEQUENCE_HEADER,
+    ChunkAssembler,
     FetchAssembler,
     KnownSequences,
     Replicas,
+    Restarted,
     RetryPolicy,
     upload_messages,
 )
 from svdq_client.errors import ServiceError
-from svdq_client.types import SequenceInfo
+from svdq_client.types import ProfileAssembler, SequenceInfo, profile_pieces
 from svdq_client.wire import tensor_from_pb, tensor_to_pb
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
@@ -196,18 +199,44 @@ def test_a_fetch_assembler_starts_over_only_when_a_retry_cannot_resume_what_it_h
     monkeypatch.setattr(FetchAssembler, "_start_over", lambda self: (starts.append(1), start_over(self)))
     assembler = FetchAssembler()
     request = pb.FetchRequest(sequence_id="s")
-    assert assembler.resume(request) is request and len(starts) == 1  # the first attempt: fresh from __init__
+    assert assembler.resume(request) is request and len(starts) == 2  # the first attempt: nothing to resume either
     chunk = pb.FetchChunk(layer=0, token_start=0, total_tokens=4)
     tensor_to_pb(torch.ones(2, 1, 2), chunk.keys)
     tensor_to_pb(torch.arange(2), chunk.positions)
     assembler.add(chunk)  # no version named: a retry cannot resume, the two tokens held are dropped
-    assert assembler.resume(request) is request and len(starts) == 2
+    assert assembler.resume(request) is request and len(starts) == 3
     with pytest.raises(ServiceError, match="Fetch stream ended without data"):
         assembler.result()
     chunk.version = "v1"
     assembler.add(chunk)
     resumed = assembler.resume(request)
-    assert (resumed.resume_version, resumed.resume_layer, resumed.resume_token) == ("v1", 0, 2) and len(starts) == 2
+    assert (resumed.resume_version, resumed.resume_layer, resumed.resume_token) == ("v1", 0, 2) and len(starts) == 3
+
+
+def test_a_retried_profile_or_chunk_stream_starts_over_in_a_fresh_assembler():
+    profile = Profile("p", 2, 2, 8, bases=tuple(svdq.fit_basis(torch.randn(40, 16)) for _ in range(2)))
+    pieces = list(profile_pieces(profile, False))
+    restarted = Restarted(ProfileAssembler)
+    for attempt in (pieces[:2], pieces):  # the first attempt is cut after one basis; the retry sends all again
+        request = pb.GetProfileRequest(name="p")
+        assert restarted.resume(request) is request
+        for piece in attempt:
+            restarted.add(piece)
+    assert restarted.result().to_pb() == profile.to_pb()  # bases included, once each
+    assert restarted.retryable(UnavailableError("down", grpc.StatusCode.UNAVAILABLE))
+    assert not restarted.retryable(NotFoundError("gone", grpc.StatusCode.NOT_FOUND))
+    chunks = Restarted(lambda: ChunkAssembler(1))
+    piece = pb.ChunkPiece(index=0, layer_start=0)
+    for name in ("keys", "values"):
+        tensor_to_pb(torch.ones(1, 3, 2, 8), getattr(piece, name))
+    tensor_to_pb(torch.arange(3), piece.positions)
+    chunks.resume(None)
+    chunks.add(piece)
+    chunks.resume(None)  # a retry: what the cut attempt held is gone
+    with pytest.raises(ServiceError, match="chunk 0 has 0 of 1 layers"):
+        chunks.result(1)
+    chunks.add(piece)
+    assert torch.equal(chunks.result(1)[0].keys, torch.ones(1, 3, 2, 8))
 
 
 def test_known_sequences_keep_one_count_per_sequence():

@@ -141,3 +141,87 @@ def test_optional_tensors_are_admitted_on_their_second_ask_while_there_is_room()
     cache.discard(owner)  # a discarded owner starts over
     assert not cache.admits(owner, "keys", 600)
     assert not DerivedCache().admits(owner, "keys", 1) and not DerivedCache().admits(owner, "keys", 1)  # no limit
+
+
+def _admitted(cache, owner, name, nbytes):
+    """Put an optional tensor the way attention does: asked twice, then kept."""
+    assert not cache.admits(owner, name, nbytes) and cache.admits(owner, name, nbytes)
+    return cache.put(owner, name, torch.zeros(nbytes, dtype=torch.uint8))
+
+
+def test_a_required_put_drops_optional_tensors_before_any_required_one():
+    cache = DerivedCache(limit_bytes=1000)
+    first, second, third = Holder(), Holder(), Holder()
+    cache.put(first, "codes", torch.zeros(300, dtype=torch.uint8))
+    cache.put(second, "codes", torch.zeros(200, dtype=torch.uint8))
+    _admitted(cache, second, "keys", 300)
+    assert cache.nbytes == 800 and cache.optional_bytes == 300
+    cache.get(first, "codes")  # first is the most recent: second is the least recently used
+    cache.put(third, "codes", torch.zeros(400, dtype=torch.uint8))  # 1200: second's optional keys go, nothing else
+    assert "keys" not in second._cache and "codes" in second._cache and "codes" in first._cache
+    assert cache.nbytes == 900 and cache.optional_bytes == 0 and cache.evictions == 0 and cache.optional_evictions == 1
+    _admitted(cache, third, "keys", 100)  # room again: the one in use keeps one
+    cache.put(third, "more", torch.zeros(100, dtype=torch.uint8))  # its own optional goes before others' required
+    assert "keys" not in third._cache and all("codes" in owner._cache for owner in (first, second, third))
+    cache.put(third, "most", torch.zeros(200, dtype=torch.uint8))  # no optional left: the oldest owner goes
+    assert second._cache == {} and cache.evictions == 1 and cache.nbytes == 1000
+
+
+def test_an_optional_put_never_clears_a_required_tensor():
+    cache = DerivedCache(limit_bytes=1000)
+    first, second = Holder(), Holder()
+    cache.put(first, "codes", torch.zeros(500, dtype=torch.uint8))
+    assert not cache.admits(second, "keys", 400) and cache.admits(second, "keys", 400)
+    cache.put(second, "codes", torch.zeros(300, dtype=torch.uint8))  # meanwhile: 800, no room left for 400
+    cache.put(second, "keys", torch.zeros(400, dtype=torch.uint8))
+    assert "codes" in first._cache and "codes" in second._cache and "keys" not in second._cache
+    assert cache.nbytes == 800 and cache.optional_bytes == 0 and cache.evictions == 0
+    # two optional tensors admitted while there was room for each: the newer put drops the
+    # older owner's optional tensor, never a required one
+    assert not cache.admits(first, "keys", 150) and cache.admits(first, "keys", 150)
+    assert not cache.admits(second, "score", 150) and cache.admits(second, "score", 150)
+    cache.put(first, "keys", torch.zeros(150, dtype=torch.uint8))
+    cache.put(second, "score", torch.zeros(150, dtype=torch.uint8))
+    assert "keys" not in first._cache and second._cache["score"] is not None and cache.nbytes == 950
+
+
+def test_a_lower_limit_drops_optional_tensors_first_and_a_collected_owner_uncharges_both():
+    cache = DerivedCache(limit_bytes=1000)
+    first, second = Holder(), Holder()
+    _admitted(cache, first, "keys", 300)
+    cache.put(first, "codes", torch.zeros(200, dtype=torch.uint8))
+    cache.put(second, "codes", torch.zeros(300, dtype=torch.uint8))
+    _admitted(cache, second, "keys", 100)
+    cache.limit_bytes = 600  # 900: first's keys (the older owner's) go
+    assert "keys" not in first._cache and "keys" in second._cache and cache.nbytes == 600
+    del second
+    gc.collect()
+    assert cache.nbytes == 200 and cache.optional_bytes == 0
+    cache.discard(first)
+    assert cache.nbytes == 0 and cache.optional_bytes == 0
+
+
+def test_a_sequences_required_tensors_outlast_anothers_kept_score_keys(limited):
+    """Attention through a full budget: the first call of one sequence makes room by dropping
+    another's kept score keys (optional), not its unpacked codes (required)."""
+    from svdq.attention import SCORE_KEYS
+
+    (first, second), generator = _sequences(2, 300, seed=2)
+    queries = torch.randn(1, 4, 32, generator=generator)
+
+    def call(sequence):
+        return attend(queries, [sequence[0]], [sequence[1]], sparsity=SPARSITY, backend="torch")
+
+    limited.limit_bytes = 1 << 30
+    expected = call(first)
+    first_bytes = limited.nbytes
+    limited.clear()
+    call(second), call(second)  # the second call keeps the score keys
+    score_keys = (SCORE_KEYS, SPARSITY.score_channels)
+    assert score_keys in second[0]._cache
+    limited.limit_bytes = first_bytes + limited.nbytes - 1  # one byte short of room for both
+    evictions = limited.evictions
+    result = call(first)
+    assert torch.equal(result.output, expected.output) and torch.equal(result.lse, expected.lse)
+    assert "latent_codes" in second[0]._cache and score_keys not in second[0]._cache
+    assert "latent_codes" in first[0]._cache and limited.evictions == evictions

@@ -2,6 +2,7 @@
 idempotent and ordered, failures leave stored data byte-for-byte unchanged, the store keeps
 its budget, tenants are isolated."""
 
+import logging
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from svdq_server.store import SequenceState, SequenceStore, StoredSequence, Stor
 
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, fit_layer_basis, to_bytes
 from svdq import append as codec_append
-from svdq.attention import SparsityConfig, attend
+from svdq.attention import SparsityConfig, attend, select_precision
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.values import compress_values, values_to_bytes
 
@@ -631,7 +632,36 @@ def test_attend_uses_the_configured_attention_precision(precision, monkeypatch):
     result = engine.attend("t", [("a", 0), ("a", 1)], queries, scale=0.2)
     state = engine.store.get("t", "a").state
     expected = attend(queries, state.keys[:2], state.values[:2], scale=0.2, precision=precision)
-    assert chosen == [precision] and torch.equal(result.output, expected.output)
+    assert chosen == [precision or select_precision("cpu")] and torch.equal(result.output, expected.output)
+
+
+def test_the_auto_attention_precision_is_decided_once_when_the_engine_starts(monkeypatch, caplog):
+    """The device's choice (or $SVDQ_ATTENTION_PRECISION as it was at start) holds for every
+    call, and the engine's start logs it once."""
+    import svdq_server.engine as engine_module
+
+    chosen = []
+
+    def recorded(*args, **kwargs):
+        chosen.append(kwargs["precision"])
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "attend_compressed", recorded)
+    monkeypatch.setenv("SVDQ_ATTENTION_PRECISION", "float32")
+    caplog.set_level(logging.INFO, logger="svdq_server.engine")
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 22), [make_profile()])
+    assert engine.attention_precision == "float32"
+    keys, values = cache(seed=1)
+    engine.upload("t", header("a"), keys, values)
+    queries = torch.randn(1, 2 * HEADS, DIM, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("SVDQ_ATTENTION_PRECISION", "bfloat16")  # read at start only
+    engine.attend("t", [("a", 0)], queries, scale=0.2)
+    monkeypatch.delenv("SVDQ_ATTENTION_PRECISION")
+    engine.attend("t", [("a", 1)], queries, scale=0.2)
+    assert chosen == ["float32", "float32"]
+    logged = [record.getMessage() for record in caplog.records if "attention precision" in record.getMessage()]
+    assert len(logged) == 1 and "attention precision float32 ($SVDQ_ATTENTION_PRECISION)" in logged[0], logged
+    assert Engine(EngineConfig(device="cpu")).attention_precision == select_precision("cpu")  # auto: the device's
 
 
 def test_an_unknown_attention_precision_is_refused_when_the_engine_starts():

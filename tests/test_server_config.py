@@ -1,7 +1,11 @@
 """Settings, profiles file, tokens, and the interceptor's status mapping, in process."""
 
+import ctypes
+import json
 import logging
 import platform
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -9,7 +13,6 @@ import torch
 from svdq_client import Profile
 from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
-from svdq_server.app import SvdqServer, tune_malloc
 from svdq_server.auth import AuthenticationError, TokenAuthenticator
 from svdq_server.config import build_parser, load_profiles, parse_settings
 from svdq_server.engine import Engine, EngineConfig
@@ -55,19 +58,40 @@ def test_bad_settings_exit_with_a_message_naming_the_option(argv, message, capsy
     assert message in capsys.readouterr().err
 
 
+#: What the malloc test checks, run in a fresh interpreter: mallopt changes the settings of
+#: the whole process it runs in (and a built SvdqServer sets the process's attention cache
+#: limit), so the pytest process is left as it was.
+MALLOC_CHECK = """
+import json
+from svdq_server.app import SvdqServer, tune_malloc
+from svdq_server.config import parse_settings
+off = {"SVDQ_MALLOC_ARENAS": "0", "SVDQ_MALLOC_TRIM_BYTES": "0"}
+print(json.dumps({
+    "nothing": tune_malloc(0, 0), "arenas": tune_malloc(1, 0), "trim": tune_malloc(0, 1 << 30),
+    "both": tune_malloc(1, 256 << 20),
+    "server": SvdqServer(parse_settings(["--device", "cpu"], {})).malloc,
+    "server_off": SvdqServer(parse_settings(["--device", "cpu"], off)).malloc,
+}))
+"""
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_malloc_tuning_sets_what_it_is_given_and_nothing_at_zero():
-    assert tune_malloc(0, 0) == {}
-    assert tune_malloc(1, 0) == {"arenas": 1}
+def test_malloc_tuning_sets_what_it_is_given_and_nothing_at_zero(monkeypatch):
+    called = []
+    cdll = ctypes.CDLL
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kwargs: called.append(args) or cdll(*args, **kwargs))
+    done = subprocess.run([sys.executable, "-c", MALLOC_CHECK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert results["nothing"] == {} and results["arenas"] == {"arenas": 1}
     # the mapping threshold follows the trim threshold up to glibc's 32 MiB maximum
-    assert tune_malloc(0, 1 << 30) == {"trim_bytes": 1 << 30, "mmap_bytes": 32 << 20}
-    assert tune_malloc(1, 256 << 20) == {"arenas": 1, "trim_bytes": 256 << 20, "mmap_bytes": 32 << 20}
+    assert results["trim"] == {"trim_bytes": 1 << 30, "mmap_bytes": 32 << 20}
+    assert results["both"] == {"arenas": 1, "trim_bytes": 256 << 20, "mmap_bytes": 32 << 20}
     assert parse_settings([], {}).malloc_arenas == 1 and parse_settings([], {}).malloc_trim_bytes == 256 << 20
     # the server applies its settings when it is built, before any of its threads runs
-    assert SvdqServer(parse_settings(["--device", "cpu"], {})).malloc == {"arenas": 1, "trim_bytes": 256 << 20,
-                                                                          "mmap_bytes": 32 << 20}
-    off = {"SVDQ_MALLOC_ARENAS": "0", "SVDQ_MALLOC_TRIM_BYTES": "0"}
-    assert SvdqServer(parse_settings(["--device", "cpu"], off)).malloc == {}
+    assert results["server"] == {"arenas": 1, "trim_bytes": 256 << 20, "mmap_bytes": 32 << 20}
+    assert results["server_off"] == {}
+    assert called == []  # nothing reached this process's malloc
 
 
 def test_profiles_file_with_a_shared_basis(tmp_path):

@@ -1077,28 +1077,39 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
 
 def _summed_latent_range(latent: CompressedKeys, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
     """:func:`weighted_values` of SVDq latent values over a contiguous token range (dense
-    calls: every token of the sequence): the part in the values' quantized body as latent sums
-    projected once (:func:`_summed_latent_rows`), the parts in their 16-bit sinks and tail
-    from those rows, each a contiguous run of the weights."""
-    v_start, v_body = body_range(latent)
-    first, stop = tokens.start, tokens.stop
-    low, high = min(max(first, v_start), stop), max(min(stop, v_start + v_body), first)
-    output = None
-    if high > low:
-        body_weights = weights[..., low - first:high - first]
-        summed = _summed_latent_rows(latent, body_weights, low - v_start)
-        output = _project_latent(latent, summed, body_weights.sum(-1))
-    for run_first, run_stop, rows, offset in ((first, min(stop, low), latent.sinks, 0),
-                                              (max(first, high), stop, latent.tail, v_start + v_body)):
-        if run_stop <= run_first:
-            continue
-        # [Hkv, n, D] float32 rows of the run, each head's tokens for one batched product.
-        full = rows[run_first - offset:run_stop - offset].float().view(-1, latent.kv_heads, latent.head_dim)
-        part = torch.matmul(weights[..., run_first - first:run_stop - first], full.transpose(0, 1))
-        output = part if output is None else output.add_(part)
-    if output is None:
-        return weights.new_zeros(*weights.shape[:-1], latent.head_dim)
-    return output
+    calls: every token of the sequence) in two products: the body's latent sums with its
+    softmax mass (:func:`_summed_latent_rows`) and the weights of the 16-bit sinks and tail
+    are written side by side into one operand ``[rows, r + 1 + F]``, then one batched
+    product per KV head with that head's :func:`_value_projection` (basis rows, mean, 16-bit
+    rows) projects the sums, adds the mean with the body's softmax mass and sums the 16-bit
+    tokens at once. A range that is not the whole sequence is widened with zero weights."""
+    kv_heads, head_dim = latent.kv_heads, latent.head_dim
+    v_start, v_body, total, kept, columns = _latent_layout(latent)
+    if (tokens.start, tokens.stop) != (0, total):
+        weights = torch.nn.functional.pad(weights, (tokens.start, total - tokens.stop))
+    lead, ratio = weights.shape[:-3], weights.shape[-2]
+    # [Hkv * rows, T]: each head's weight rows (a copy only with leading dimensions).
+    flat = weights.reshape(-1, kv_heads, ratio, total).transpose(0, 1).reshape(-1, total)
+    projection = _value_projection(latent)
+    operand = _summed_latent_rows(latent, flat[:, v_start:v_start + v_body], kept)
+    if columns.numel():
+        # (a cat of two contiguous parts cost less than products written into a strided view)
+        operand = torch.cat([operand, flat.index_select(1, columns)], dim=1)
+    output = torch.bmm(operand.view(kv_heads, -1, projection.shape[1]), projection)  # [Hkv, rows, D]
+    return output.view(kv_heads, -1, ratio, head_dim).transpose(0, 1).reshape(*lead, kv_heads, ratio, head_dim)
+
+
+def _latent_layout(latent: CompressedKeys) -> tuple[int, int, int, int, torch.Tensor]:
+    """``(body start, body tokens, total tokens, kept channels r, 16-bit token indices int64
+    [F])`` of SVDq values, cached: read on every call, the properties cost more than the
+    products at decode shapes."""
+    cached = latent._cache.get("latent_layout")
+    if cached is None:
+        start, n_body = body_range(latent)
+        total = latent.num_tokens
+        columns = torch.cat([torch.arange(start), torch.arange(start + n_body, total)]).to(latent.codes.device)
+        cached = latent._cache["latent_layout"] = (start, n_body, total, code_widths(latent)[0], columns)
+    return cached
 
 
 def _value_block(width: int) -> int:
@@ -1138,65 +1149,78 @@ def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: 
 LATENT_SUM_BLOCK = 4096
 
 
-def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
-    """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
-    body, float32 [..., r].
+def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, kept: int) -> torch.Tensor:
+    """``sum_n weights[:, n] * [l[n], 1]`` of the dequantized latent of SVDq values' body and
+    the weights' sum: weights float32 [rows, n_body] -> float32 [rows, r + 1] (r = ``kept``).
 
     The body is summed in fixed blocks of :data:`LATENT_SUM_BLOCK` tokens (the last one padded
-    with zero weights and zero rows), each one oneDNN product of the block's channel-major
-    latent [r, block] with the weights, the tokens as the product's reduction: 2-2.5x faster
-    than ``addmm`` over row blocks at 4k-32k tokens, in float32. The block's latent is the kept
-    :data:`KEPT_LATENT` where there is one (:func:`_kept_latent`), else dequantized now into
-    reused buffers (:func:`_latent_blocks`); both hold the same values and every product and
-    partial sum is the same, so a result has the same bits whatever the attention cache holds.
+    with zero weights and zero rows), each one product of the block's channel-major latent
+    [r + 1, block] (a last row of ones) with the weights (:func:`_latent_product`). The block's
+    latent is the kept :data:`KEPT_LATENT` where there is one (:func:`_kept_latent`), else
+    dequantized now into reused buffers (:func:`_latent_blocks`); both hold the same values and
+    every product and partial sum is the same, so a result has the same bits whatever the
+    attention cache holds.
     """
-    kept = code_widths(latent)[0]
-    _, n_body = body_range(latent)
-    flat = weights.reshape(-1, weights.shape[-1])
-    rows, count = flat.shape
-    summed = flat.new_zeros(kept, rows)
-    if not (n_body and kept and rows and count):
-        return summed.T.reshape(*weights.shape[:-1], kept)
-    if first_body or count != n_body:  # blocks start at the body's first token: weights over all of it
-        whole = flat.new_zeros(rows, n_body)
-        whole[:, first_body:first_body + count] = flat
-        flat = whole
+    rows, n_body = weights.shape
+    if not (n_body and rows):
+        return weights.new_zeros(rows, kept + 1)
     block = min(LATENT_SUM_BLOCK, n_body)
     kept_blocks = _kept_latent(latent, block)
+    if kept_blocks is not None and block == n_body:  # one block (decode shapes): one product
+        return _latent_product(weights, kept_blocks[0])
     blocks = iter(kept_blocks) if kept_blocks is not None else _latent_blocks(latent, block)
+    summed = None
     for first, by_channel in zip(range(0, n_body, block), blocks, strict=True):
         stop = min(n_body, first + block)
-        part = flat[:, first:stop]
+        part = weights[:, first:stop]
         if stop - first < block:
             part = torch.nn.functional.pad(part, (0, block - (stop - first)))
-        # [r, block] x [rows, block]^T -> [r, rows]: the block's sums, transposed.
-        summed.add_(_linear(by_channel, part, None))
-    return summed.T.reshape(*weights.shape[:-1], kept)
+        product = _latent_product(part, by_channel)
+        summed = product if summed is None else summed.add_(product)
+    return summed
+
+
+#: Multiply-adds below which a latent block's sum is one ``mm`` (MKL) rather than oneDNN's
+#: product: at decode shapes (600 tokens, 36 channels, 9 rows) oneDNN's call cost twice
+#: the mm's 11 us; at 4k tokens, 300 channels and 32 rows oneDNN was 1.5x faster.
+LATENT_MM_MACS = 1 << 22
+
+
+def _latent_product(weights: torch.Tensor, by_channel: torch.Tensor) -> torch.Tensor:
+    """``weights [rows, block] @ by_channel [k, block].T`` -> float32 [rows, k] (contiguous); the
+    product is chosen by the shapes alone (:data:`LATENT_MM_MACS`), never by what the cache holds."""
+    rows, block = weights.shape
+    if _CPU_LINEAR is None or by_channel.device.type != "cpu" or rows * block * by_channel.shape[0] < LATENT_MM_MACS:
+        return torch.mm(weights, by_channel.T)
+    # [k, block] x [rows, block]^T -> [k, rows]: the tokens as the product's reduction.
+    return _linear(by_channel, weights, None).T.contiguous()
 
 
 def _latent_blocks(latent: CompressedKeys, block: int, out: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """The dequantized latent of SVDq values' body, channel-major, ``block`` tokens at a time:
-    float32 [r, block] each (columns past the body zero), in one reused buffer, or written into
-    ``out`` [blocks, r, block]. Row-major dequantization (each group's scale row broadcast over
-    its tokens) and one transposed copy; dequantizing channel-major (scales broadcast along the
-    inner axis) was 10x slower."""
+    """The dequantized latent of SVDq values' body, channel-major, ``block`` tokens at a time,
+    with a last row of ones: float32 [r + 1, block] each (columns past the body zero), in one
+    reused buffer, or written into ``out`` [blocks, r + 1, block]. Row-major dequantization
+    (each group's scale row broadcast over its tokens) and one transposed copy; dequantizing
+    channel-major (scales broadcast along the inner axis) was 10x slower."""
     channels = code_widths(latent)[0]
     _, n_body = body_range(latent)
     scales, mins, codes = latent.scales.float(), latent.mins.float(), latent_codes(latent)
     rows = torch.empty(block + latent.group_size, channels, device=codes.device)
-    reused = torch.empty(channels, block, device=codes.device) if out is None else None
+    reused = torch.empty(channels + 1, block, device=codes.device) if out is None else None
     for index, first in enumerate(range(0, n_body, block)):
         stop = min(n_body, first + block)
         target = reused if out is None else out[index]
-        target[:, :stop - first].copy_(_dequantize_range(latent, scales, mins, first, stop, rows, codes).T)
+        target[:channels, :stop - first].copy_(_dequantize_range(latent, scales, mins, first, stop, rows, codes).T)
+        target[channels, :stop - first] = 1.0
         target[:, stop - first:].zero_()
         yield target
 
 
 #: Name of the float32 dequantized latent of SVDq values' body in channel-major blocks
-#: [blocks, r, block] (:func:`_latent_blocks`, the same values every call computes), that calls
-#: on the CPU keep from a sequence's second call on while the attention-cache budget has room
-#: (:meth:`svdq.derived.DerivedCache.admits`): ``4 r`` bytes per body token (padded to a block).
+#: [blocks, r + 1, block] with a row of ones (:func:`_latent_blocks`, the same values every call
+#: computes), that calls on the CPU keep from a sequence's second call on while the
+#: attention-cache budget has room (:meth:`svdq.derived.DerivedCache.admits`): ``4 (r + 1)``
+#: bytes per body token (padded to a block).
 KEPT_LATENT = "kept_latent"
 
 
@@ -1209,28 +1233,44 @@ def _kept_latent(latent: CompressedKeys, block: int) -> torch.Tensor | None:
     channels = code_widths(latent)[0]
     _, n_body = body_range(latent)
     blocks = -(-n_body // block)
-    if not DERIVED.admits(latent, KEPT_LATENT, 4 * blocks * block * channels):
+    if not DERIVED.admits(latent, KEPT_LATENT, 4 * blocks * block * (channels + 1)):
         return None
-    kept = torch.empty(blocks, channels, block)
+    kept = torch.empty(blocks, channels + 1, block)
     for _ in _latent_blocks(latent, block, out=kept):
         pass
     return DERIVED.put(latent, KEPT_LATENT, kept)
 
 
+#: Name of SVDq values' projection operand, float32 [Hkv, r + 1 + F, D] (:func:`_value_projection`).
+VALUE_PROJECTION = "value_projection"
+
+
+def _value_projection(latent: CompressedKeys) -> torch.Tensor:
+    """float32 [Hkv, r + 1 + F, D]: for each KV head its basis rows ``B_h^T`` [r, D], its mean
+    [1, D] and the rows of the F 16-bit tokens (sinks, then tail), so that one batched product
+    of ``[latent sums, body weight sum, 16-bit tokens' weights]`` with it is the head's values
+    (:func:`_summed_latent_range`). Kept under the budget (``4 Hkv (r + 1 + F) D`` bytes): a
+    function of the compressed values alone, the same kept or rebuilt."""
+    cached = DERIVED.get(latent, VALUE_PROJECTION)
+    if cached is None:
+        kv_heads, head_dim = latent.kv_heads, latent.head_dim
+        kept = code_widths(latent)[0]  # explicit: with every channel dropped (r = 0) a -1 would be ambiguous
+        basis = latent.basis.float().reshape(kv_heads, head_dim, kept).transpose(1, 2)
+        mean = latent.mean.float().reshape(kv_heads, 1, head_dim)
+        full = torch.cat([latent.sinks, latent.tail]).float().reshape(-1, kv_heads, head_dim).transpose(0, 1)
+        cached = DERIVED.put(latent, VALUE_PROJECTION, torch.cat([basis, mean, full], dim=1).contiguous())
+    return cached
+
+
 def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
-    """Weighted latent sums [..., Hkv, g, r] -> values [..., Hkv, g, D] (each head's basis rows)."""
+    """Weighted latent sums [..., Hkv, g, r] and their weights' sums [..., Hkv, g] -> values
+    [..., Hkv, g, D] (each head's basis rows and mean, :func:`_value_projection`)."""
     kv_heads, head_dim = latent.kv_heads, latent.head_dim
-    # float32 [Hkv, r, D]: each head's basis rows laid out for one bmm, kept under the budget.
-    basis = DERIVED.get(latent, "basis_by_head")
-    if basis is None:
-        basis = DERIVED.put(latent, "basis_by_head",
-                            latent.basis.float().reshape(kv_heads, head_dim, -1).transpose(1, 2).contiguous())
-    mean = latent.mean.float().reshape(kv_heads, 1, head_dim)
-    lead = summed.shape[:-3]
-    per_head = summed.reshape(-1, kv_heads, summed.shape[-2], summed.shape[-1]).transpose(0, 1)
-    projected = torch.bmm(per_head.reshape(kv_heads, -1, summed.shape[-1]), basis)
-    projected = projected.reshape(kv_heads, -1, summed.shape[-2], head_dim).transpose(0, 1)
-    return projected.reshape(*lead, kv_heads, summed.shape[-2], head_dim) + mean * weight_sum[..., None]
+    kept, ratio = summed.shape[-1], summed.shape[-2]
+    operand = torch.cat([summed, weight_sum[..., None]], dim=-1).reshape(-1, kv_heads, ratio, kept + 1)
+    projected = torch.bmm(operand.transpose(0, 1).reshape(kv_heads, -1, kept + 1),
+                          _value_projection(latent)[:, :kept + 1])
+    return projected.view(kv_heads, -1, ratio, head_dim).transpose(0, 1).reshape(*summed.shape[:-1], head_dim)
 
 
 def _attend_torch_group(

@@ -182,7 +182,7 @@ def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_
     n_body, channels = body_range(values.latent)[1], code_widths(values.latent)[0]
     step = min(block, n_body)
     blocks = -(-n_body // step)
-    kept_bytes = 4 * blocks * step * channels
+    kept_bytes = 4 * blocks * step * (channels + 1)  # a row of ones carries the softmax mass
 
     def call():
         return attend(queries, [keys] * 3, [values] * 3, backend="torch")
@@ -202,7 +202,7 @@ def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_
         before = DERIVED.nbytes
         second = call()
         kept = values.latent._cache[KEPT_LATENT]
-        assert kept.dtype == torch.float32 and kept.shape == (blocks, channels, step)
+        assert kept.dtype == torch.float32 and kept.shape == (blocks, channels + 1, step)
         assert DERIVED.nbytes - before >= kept_bytes
         again = call()
     finally:

@@ -211,6 +211,16 @@ def merge_attention(
             f"merge_attention needs outputs [..., D] and lse [...] of matching shapes, got outputs "
             f"{tuple(output_a.shape)}, {tuple(output_b.shape)} and lse {tuple(lse_a.shape)}, {tuple(lse_b.shape)}"
         )
+    weight_a, weight_b, total, lse = _merge_weights(lse_a, lse_b)
+    denom = torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    output = (output_a.float() * weight_a[..., None] + output_b.float() * weight_b[..., None]) / denom
+    return output, lse
+
+
+def _merge_weights(lse_a: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(weight_a, weight_b, total, lse)`` of merging two token sets' softmaxes: each set's
+    mass ``exp(lse - top)`` relative to the larger, their sum, and the union's lse (-inf when
+    both are empty)."""
     lse_a, lse_b = lse_a.float(), lse_b.float()
     top = torch.maximum(lse_a, lse_b)
     # Both empty: keep -inf and a zero output instead of NaN from (-inf) - (-inf).
@@ -218,10 +228,17 @@ def merge_attention(
     weight_a = torch.exp(lse_a - safe_top)
     weight_b = torch.exp(lse_b - safe_top)
     total = weight_a + weight_b
-    lse = safe_top + torch.log(total)
-    denom = torch.where(total > 0, total, torch.ones_like(total))[..., None]
-    output = (output_a.float() * weight_a[..., None] + output_b.float() * weight_b[..., None]) / denom
-    return output, torch.where(total > 0, lse, torch.full_like(lse, -math.inf))
+    lse = torch.where(total > 0, safe_top + torch.log(total), torch.full_like(total, -math.inf))
+    return weight_a, weight_b, total, lse
+
+
+def _merge_shares(lse_a: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(share_a, share_b, lse)``: what each set's softmax weights are scaled by to become
+    weights of one softmax over the union (:func:`merge_attention`'s merge, done on the
+    weights before the value sum), and the union's lse."""
+    weight_a, weight_b, total, lse = _merge_weights(lse_a, lse_b)
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    return weight_a / denom, weight_b / denom, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1308,16 +1325,56 @@ def _attend_torch_group(
         return output.reshape(count, q_heads, head_dim), lse.reshape(kv_heads, count, ratio).transpose(0, 1).reshape(count, q_heads)
     grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)
     weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale, softcap=softcap)
-    output = weighted_values(values, weights, fp_index)
     stacked = BodySelection(torch.stack([s.token_index for s in selections]), torch.stack([s.valid for s in selections]),
                             0, 0, 0, 0)
     # The selected keys come in pair order (rotated as one complex product): so do the queries.
     paired = grouped[..., _pair_order(keys)] if rotates(keys) else grouped
     body_weights, lse_body = softmax_from_dots(_selected_dots(keys, paired, stacked.token_index, precision), scale,
                                                stacked.valid, softcap)
+    if values.latent is not None and _dense_latent_sum_is_cheaper(values.latent, stacked.token_index, ratio):
+        # The two softmaxes merged into one set of weights over the sequence, summed densely.
+        share, share_body, lse = _merge_shares(lse, lse_body)
+        dense = weights.new_zeros(count, kv_heads, ratio, keys.num_tokens)
+        dense.index_copy_(-1, fp_index, weights.mul_(share[..., None]))
+        # (scatter_add: padding selections point at token 0 with zero weight)
+        dense.scatter_add_(-1, (stacked.token_index + start)[:, :, None, :].expand(-1, -1, ratio, -1),
+                           body_weights.mul_(share_body[..., None]))
+        output = weighted_values(values, dense, slice(0, keys.num_tokens))
+        return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
+    output = weighted_values(values, weights, fp_index)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
+
+
+#: Cost of one gathered latent element (a selected token's code, dequantized and summed by a
+#: small product per query and head) in multiply-adds of the dense latent sum's product, and
+#: of one element of the dense weights (zeroed and scattered into). Measured on the CPU at
+#: Llama-3-8B shapes, 32k tokens, batch 1, kept (docs/attention.md, round 7): the dense sum was
+#: 1.65x faster at keep 1/32 (dense/gathered work 120), the gathers 1.4x faster at 1/128 (409)
+#: and 1/512, 1/2048; at 4k and 1/32 (85) the two were within 4%.
+GATHERED_LATENT_COST = 200.0
+DENSE_WEIGHT_COST = 4.0
+#: Force the sparse value sum of SVDq latent values: None (the cost rule), "dense" or "gathered" (benchmarks).
+SPARSE_LATENT_SUM = None
+
+
+def _dense_latent_sum_is_cheaper(latent: CompressedKeys, token_index: torch.Tensor, ratio: int) -> bool:
+    """Whether sparse calls over SVDq latent values sum them densely (every body token's
+    latent, the unselected ones with weight zero: the dense call's two products) rather than
+    gathering the selected tokens' codes: by a cost rule on the shapes alone (never on what
+    the cache holds, so that a result has the same bits kept or cold). Gathering costs
+    :data:`GATHERED_LATENT_COST` per selected code (``count * Hkv * n * r``), the dense sum
+    one per multiply-add (``count * Hkv * g * n_body * (r + 1)``) plus
+    :data:`DENSE_WEIGHT_COST` per dense weight (``count * Hkv * g * T``)."""
+    if SPARSE_LATENT_SUM is not None:
+        return SPARSE_LATENT_SUM == "dense"
+    kept = code_widths(latent)[0]
+    n_body = body_range(latent)[1]
+    rows = token_index.shape[0] * token_index.shape[1]  # (query, head) pairs
+    gathered = GATHERED_LATENT_COST * rows * token_index.shape[-1] * kept
+    dense = rows * ratio * (n_body * (kept + 1) + DENSE_WEIGHT_COST * latent.num_tokens)
+    return dense <= gathered
 
 
 def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values: Sequence[CompressedValues],

@@ -1069,10 +1069,10 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
             return torch.matmul(weights, rows.view(*seq_index.shape, values.head_dim))
         return torch.einsum("...hgn,...hnd->...hgd", weights, gather_values(values, seq_index))
     latent = values.latent
-    kv_heads, head_dim = latent.kv_heads, latent.head_dim
-    v_start, v_body = body_range(latent)
     if isinstance(seq_index, slice):
         return _summed_latent_range(latent, weights, seq_index)
+    kv_heads, head_dim = latent.kv_heads, latent.head_dim
+    v_start, v_body = body_range(latent)
     body_index = seq_index - v_start
     in_body = (body_index >= 0) & (body_index < v_body)
     output = weights.new_zeros(*weights.shape[:-1], head_dim)

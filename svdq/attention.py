@@ -1105,14 +1105,18 @@ def _summed_latent_range(latent: CompressedKeys, weights: torch.Tensor, tokens: 
     if (tokens.start, tokens.stop) != (0, total):
         weights = torch.nn.functional.pad(weights, (tokens.start, total - tokens.stop))
     lead, ratio = weights.shape[:-3], weights.shape[-2]
-    # [Hkv * rows, T]: each head's weight rows (a copy only with leading dimensions).
-    flat = weights.reshape(-1, kv_heads, ratio, total).transpose(0, 1).reshape(-1, total)
+    # [Hkv * rows, T]: each head's weight rows (a copy only with leading dimensions; a dense
+    # call's weights [Hkv, R, T] are already laid out so).
+    flat = weights.reshape(-1, total) if not lead else (
+        weights.reshape(-1, kv_heads, ratio, total).transpose(0, 1).reshape(-1, total))
     projection = _value_projection(latent)
     operand = _summed_latent_rows(latent, flat[:, v_start:v_start + v_body], kept)
     if columns.numel():
         # (a cat of two contiguous parts cost less than products written into a strided view)
         operand = torch.cat([operand, flat.index_select(1, columns)], dim=1)
     output = torch.bmm(operand.view(kv_heads, -1, projection.shape[1]), projection)  # [Hkv, rows, D]
+    if not lead:
+        return output
     return output.view(kv_heads, -1, ratio, head_dim).transpose(0, 1).reshape(*lead, kv_heads, ratio, head_dim)
 
 
@@ -1207,7 +1211,7 @@ def _latent_product(weights: torch.Tensor, by_channel: torch.Tensor) -> torch.Te
     """``weights [rows, block] @ by_channel [k, block].T`` -> float32 [rows, k] (contiguous); the
     product is chosen by the shapes alone (:data:`LATENT_MM_MACS`), never by what the cache holds."""
     rows, block = weights.shape
-    if _CPU_LINEAR is None or by_channel.device.type != "cpu" or rows * block * by_channel.shape[0] < LATENT_MM_MACS:
+    if rows * block * by_channel.shape[0] < LATENT_MM_MACS or _CPU_LINEAR is None or by_channel.device.type != "cpu":
         return torch.mm(weights, by_channel.T)
     # [k, block] x [rows, block]^T -> [k, rows]: the tokens as the product's reduction.
     return _linear(by_channel, weights, None).T.contiguous()

@@ -843,7 +843,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
     if keys.num_exact:
         # The exact tokens' dots from their own float32 rows, once per call (not looked up per
         # block), whichever way the others were made.
-        dots[:, :, keys.exact_index - start] = torch.bmm(grouped, _exact_key_columns(keys))
+        dots.index_copy_(2, _exact_body_index(keys), torch.bmm(grouped, _exact_key_columns(keys)))
     if kept_keys is None and keep:
         DERIVED.put(keys, KEPT_KEYS, halves)
     return dots
@@ -863,8 +863,17 @@ def _exact_key_columns(keys: CompressedKeys) -> torch.Tensor:
     whole-cache keys (an eighth of the tokens exact)."""
     cached = DERIVED.get(keys, "exact_key_columns")
     if cached is None:
-        rows = _full_rows_in_pair_order(keys, keys.exact_rows, keys.exact_index - body_range(keys)[0])
+        rows = _full_rows_in_pair_order(keys, keys.exact_rows, _exact_body_index(keys))
         cached = DERIVED.put(keys, "exact_key_columns", rows.permute(1, 2, 0).contiguous())
+    return cached
+
+
+def _exact_body_index(keys: CompressedKeys) -> torch.Tensor:
+    """int64 [k]: the exact tokens' ascending body-relative indices, cached on the keys (with
+    ``index_copy_`` instead of an advanced-index assignment, 11 -> 8 us per dense call)."""
+    cached = keys._cache.get("exact_body_index")
+    if cached is None:
+        cached = keys._cache["exact_body_index"] = keys.exact_index - body_range(keys)[0]
     return cached
 
 
@@ -945,7 +954,7 @@ def _put_exact_dots(keys: CompressedKeys, by_head: torch.Tensor, index: torch.Te
     queries, ``index`` [B, n] body tokens; batch ``b`` is KV head ``b % Hkv``."""
     if not keys.num_exact:
         return
-    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
+    exact = _exact_body_index(keys)
     exact_rows = _exact_key_columns(keys).transpose(1, 2)  # [Hkv, k, D], kept as the dense dots keep them
     row = torch.searchsorted(exact, index).clamp(max=exact.numel() - 1)
     batch, position = (exact[row] == index).nonzero(as_tuple=True)

@@ -562,8 +562,9 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     """The sinks and tail ready to dot with a post-RoPE query.
 
     Returns ``(keys [F, Hkv, D] float32, sequence_index [F] int64)``, kept under the budget
-    (``4 F C`` bytes, a function of the keys alone): converting and rotating them on every call
-    cost 3-5% of a SmolLM2 decode call.
+    (``4 F C`` bytes, a function of the keys alone): converting and rotating them (RoPE's
+    frequencies, cos and sin included) on every call was about a quarter of a kept SmolLM2
+    decode call (600 tokens, docs/attention.md, round 7).
     """
     cached = DERIVED.get(keys, "full_precision_keys")
     if cached is not None:

@@ -1,7 +1,8 @@
 """Attention over compressed keys: speed side by side with dense SDPA, and accuracy on a real model.
 
 Speed (``--part speed``): Llama-3-8B-like decode shapes (32 query heads, 8 KV heads,
-head_dim 128, one layer) over 4k..32k tokens. In one process, on one device, each row is
+head_dim 128, one layer) over 4k..32k tokens, or with ``--shape smollm2`` SmolLM2-135M's (9
+query heads, 3 KV heads x 64: the end-to-end decode's model, e.g. ``--tokens 600``). In one process, on one device, each row is
 timed with the same harness (warm-up, then the median of ``--repeats`` calls, synchronised on
 CUDA): dense attention over uncompressed fp16 and fp32 keys and values with
 ``torch.nn.functional.scaled_dot_product_attention``, and :func:`svdq.attention.attend` dense
@@ -27,6 +28,7 @@ uncompressed model and needle accuracy at ~4k tokens, dense and sparse at 1/8, 1
 Usage::
 
     python bench/attention.py --part speed --tokens 4096 8192 --repeats 5
+    python bench/attention.py --part speed --shape smollm2 --tokens 600 --batch 1 4 8 --clock cpu --threads 1
     git worktree add /tmp/old HEAD~3 && python bench/attention.py --part speed --baseline-tree /tmp/old/svdq
     python bench/attention.py --part accuracy --needles 6
     python bench/attention.py --part precision --tokens 4096 --queries 16   # bfloat16 vs float32 error
@@ -56,6 +58,25 @@ from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, value
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 LLAMA3_ROPE = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
                          high_freq_factor=4.0, original_max_position=8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One layer's attention shape for the speed part (``--shape``)."""
+
+    name: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    rope: RopeConfig
+
+
+#: ``--shape`` choices: the default Llama-3-8B layer, and SmolLM2-135M's (the end-to-end
+#: decode's model: 9 query heads, 3 KV heads x 64, RoPE theta 100000).
+SHAPES = {
+    "llama3-8b": Shape("Llama-3-8B", Q_HEADS, KV_HEADS, HEAD_DIM, LLAMA3_ROPE),
+    "smollm2": Shape("SmolLM2-135M", 9, 3, 64, RopeConfig(theta=100000.0)),
+}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -129,16 +150,19 @@ def _cached_objects(keys_list: list, values_list: list) -> list:
     return list(keys_list) + list(values_list) + [v.latent for v in values_list if v.latent is not None]
 
 
-def synthetic_keys(tokens: int, seed: int = 0, rank: int = 48) -> torch.Tensor:
-    """Pre-RoPE keys float32 [tokens, KV_HEADS, HEAD_DIM]: low-rank signal with a decaying
-    spectrum plus noise, so the SVD basis has something to find, as in real keys."""
+def synthetic_keys(tokens: int, seed: int = 0, rank: int = 48, kv_heads: int = KV_HEADS,
+                   head_dim: int = HEAD_DIM) -> torch.Tensor:
+    """Pre-RoPE keys float32 [tokens, kv_heads, head_dim]: low-rank signal with a decaying
+    spectrum plus noise, so the SVD basis has something to find, as in real keys (``rank`` at
+    most the channel count)."""
     generator = torch.Generator().manual_seed(seed)
-    channels = KV_HEADS * HEAD_DIM
+    channels = kv_heads * head_dim
+    rank = min(rank, channels)
     spectrum = torch.logspace(1, -0.5, rank)
     factors = torch.randn(tokens, rank, generator=generator) * spectrum
     mixing = torch.linalg.qr(torch.randn(channels, rank, generator=generator)).Q.T
     noise = 0.05 * torch.randn(tokens, channels, generator=generator)
-    return (factors @ mixing + noise + 0.3).reshape(tokens, KV_HEADS, HEAD_DIM)
+    return (factors @ mixing + noise + 0.3).reshape(tokens, kv_heads, head_dim)
 
 
 def _sequences(compressed, batch: int, device: torch.device, same: bool) -> list:
@@ -177,7 +201,7 @@ def load_tree(folder: Path):
 def speed_table(token_counts: list[int], device: torch.device, repeats: int, batches: list[int],
                 thread_counts: list[int], same_sequence: bool, baseline_tree=None, clock: str = "wall",
                 precisions: tuple[str, ...] = ("bfloat16", "float32"), cache_bytes: int | None = 1 << 30,
-                cache_states: tuple[str, ...] = ("kept", "cold")) -> list[str]:
+                cache_states: tuple[str, ...] = ("kept", "cold"), shape: Shape = SHAPES["llama3-8b"]) -> list[str]:
     from svdq.derived import DERIVED
     from svdq.rope import apply_rope
 
@@ -195,7 +219,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
     baseline_name = f"SDPA {str(baseline_dtype).removeprefix('torch.')}"
     rows = [
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-        f"attend backend: {backend}, shapes Hq={Q_HEADS} Hkv={KV_HEADS} D={HEAD_DIM}, batch entries over "
+        f"attend backend: {backend}, {shape.name} shapes Hq={shape.q_heads} Hkv={shape.kv_heads} D={shape.head_dim}, batch entries over "
         f"{'one sequence' if same_sequence else 'different sequences'}; median of {repeats} "
         f"({'wall time' if clock == 'wall' else 'CPU time of the timing thread'}), rows of one "
         f"(tokens, batch, threads) timed in turns; attention cache budget "
@@ -210,15 +234,16 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
     ]
     default_threads = torch.get_num_threads()
     for tokens in token_counts:
-        pre = synthetic_keys(tokens)
+        layer = (shape.kv_heads, shape.head_dim)
+        pre = synthetic_keys(tokens, 0, 48, *layer)
         positions = torch.arange(tokens)
-        post = apply_rope(pre, positions, LLAMA3_ROPE)
-        values = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1)).half()
-        compressed = compress(post.half(), CodecConfig(), rope=LLAMA3_ROPE, key_space="post_rope", positions=positions)
+        post = apply_rope(pre, positions, shape.rope)
+        values = torch.randn(tokens, *layer, generator=torch.Generator().manual_seed(1)).half()
+        compressed = compress(post.half(), CodecConfig(), rope=shape.rope, key_space="post_rope", positions=positions)
         # Latent values need a spectrum like real values' (flatter than keys'), not i.i.d. noise.
-        latent_source = synthetic_keys(tokens, seed=2, rank=256).half()
+        latent_source = synthetic_keys(tokens, 2, 256, *layer).half()
         latent_values = compress_values(latent_source, ValueConfig(codec=DEFAULT_VALUE_CODEC))
-        fp16_bytes = 2 * tokens * KV_HEADS * HEAD_DIM
+        fp16_bytes = 2 * tokens * shape.kv_heads * shape.head_dim
         for batch in batches:
             keys_list = _sequences(compressed, batch, device, same_sequence)
             value_kinds = [
@@ -226,7 +251,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                 (f"svdq V {latent_values.bits_per_element:.2f} bits",
                  _distinct_values(latent_values, batch, device, same_sequence)),
             ]
-            queries = torch.randn(batch, Q_HEADS, HEAD_DIM, device=device)
+            queries = torch.randn(batch, shape.q_heads, shape.head_dim, device=device)
             calls: dict[str, Callable[[], object]] = {}
             resets: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
             read: dict[str, int] = {}
@@ -296,7 +321,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         latent_cached = tensor_bytes(latent_list[0].latent._cache)
         latent_held = sum(KEPT_LATENT in item.latent._cache for item in {id(v): v for v in latent_list}.values())
         rows.append(f"| {tokens} | | | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
-                    f"{compressed.kept_bits.numel()} of {KV_HEADS * HEAD_DIM} latent channels kept; attention cache "
+                    f"{compressed.kept_bits.numel()} of {compressed.channels} latent channels kept; attention cache "
                     f"{cached:,} bytes for the first sequence = {cached / compressed.nbytes:.2f}x the compressed keys; "
                     f"{held} of {len(distinct)} sequences hold float16 keys; svdq V: "
                     f"{latent_values.latent.kept_bits.numel()} latent channels, attention cache {latent_cached:,} bytes "
@@ -509,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["speed", "accuracy", "precision", "all"], default="all")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b",
+                        help="speed part: the layer's attention shape (smollm2: 9 query heads, 3 KV heads x 64, as "
+                             "the end-to-end decode)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="entries per attend call (speed part)")
     parser.add_argument("--threads", type=int, nargs="+", default=[0],
@@ -558,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     load_tree(args.baseline_tree) if args.baseline_tree else None,
                                                     args.clock, tuple(args.precisions),
                                                     None if args.attention_cache_bytes < 0 else args.attention_cache_bytes,
-                                                    tuple(args.cache_states)) + [""]
+                                                    tuple(args.cache_states), SHAPES[args.shape]) + [""]
     if args.part in ("precision", "all"):
         lines += ["## Precision of the bfloat16 products (CPU)", ""]
         lines += precision_table(args.tokens, args.queries,

@@ -211,6 +211,16 @@ def merge_attention(
             f"merge_attention needs outputs [..., D] and lse [...] of matching shapes, got outputs "
             f"{tuple(output_a.shape)}, {tuple(output_b.shape)} and lse {tuple(lse_a.shape)}, {tuple(lse_b.shape)}"
         )
+    weight_a, weight_b, total, lse = _merge_weights(lse_a, lse_b)
+    denom = torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    output = (output_a.float() * weight_a[..., None] + output_b.float() * weight_b[..., None]) / denom
+    return output, lse
+
+
+def _merge_weights(lse_a: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(weight_a, weight_b, total, lse)`` of merging two token sets' softmaxes: each set's
+    mass ``exp(lse - top)`` relative to the larger, their sum, and the union's lse (-inf when
+    both are empty)."""
     lse_a, lse_b = lse_a.float(), lse_b.float()
     top = torch.maximum(lse_a, lse_b)
     # Both empty: keep -inf and a zero output instead of NaN from (-inf) - (-inf).
@@ -218,10 +228,17 @@ def merge_attention(
     weight_a = torch.exp(lse_a - safe_top)
     weight_b = torch.exp(lse_b - safe_top)
     total = weight_a + weight_b
-    lse = safe_top + torch.log(total)
-    denom = torch.where(total > 0, total, torch.ones_like(total))[..., None]
-    output = (output_a.float() * weight_a[..., None] + output_b.float() * weight_b[..., None]) / denom
-    return output, torch.where(total > 0, lse, torch.full_like(lse, -math.inf))
+    lse = torch.where(total > 0, safe_top + torch.log(total), torch.full_like(total, -math.inf))
+    return weight_a, weight_b, total, lse
+
+
+def _merge_shares(lse_a: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(share_a, share_b, lse)``: what each set's softmax weights are scaled by to become
+    weights of one softmax over the union (:func:`merge_attention`'s merge, done on the
+    weights before the value sum), and the union's lse."""
+    weight_a, weight_b, total, lse = _merge_weights(lse_a, lse_b)
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    return weight_a / denom, weight_b / denom, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,8 +561,14 @@ def key_bytes_read(keys: CompressedKeys, selection: BodySelection) -> int:
 def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tensor]:
     """The sinks and tail ready to dot with a post-RoPE query.
 
-    Returns ``(keys [F, Hkv, D] float32, sequence_index [F] int64)``.
+    Returns ``(keys [F, Hkv, D] float32, sequence_index [F] int64)``, kept under the budget
+    (``4 F C`` bytes, a function of the keys alone): converting and rotating them (RoPE's
+    frequencies, cos and sin included) on every call was about a quarter of a kept SmolLM2
+    decode call (600 tokens, docs/attention.md, round 7).
     """
+    cached = DERIVED.get(keys, "full_precision_keys")
+    if cached is not None:
+        return cached
     start, n_body = body_range(keys)
     flat = torch.cat([keys.sinks.float(), keys.tail.float()])
     index = torch.cat([
@@ -555,7 +578,7 @@ def full_precision_keys(keys: CompressedKeys) -> tuple[torch.Tensor, torch.Tenso
     rows = flat.reshape(-1, keys.kv_heads, keys.head_dim)
     if rotates(keys) and rows.shape[0]:
         rows = apply_rope(rows, keys.token_positions()[index], keys.rope)
-    return rows, index
+    return DERIVED.put(keys, "full_precision_keys", (rows, index))
 
 
 def _onednn_linear():
@@ -821,7 +844,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
     if keys.num_exact:
         # The exact tokens' dots from their own float32 rows, once per call (not looked up per
         # block), whichever way the others were made.
-        dots[:, :, keys.exact_index - start] = torch.bmm(grouped, _exact_key_columns(keys))
+        dots.index_copy_(2, _exact_body_index(keys), torch.bmm(grouped, _exact_key_columns(keys)))
     if kept_keys is None and keep:
         DERIVED.put(keys, KEPT_KEYS, halves)
     return dots
@@ -841,8 +864,17 @@ def _exact_key_columns(keys: CompressedKeys) -> torch.Tensor:
     whole-cache keys (an eighth of the tokens exact)."""
     cached = DERIVED.get(keys, "exact_key_columns")
     if cached is None:
-        rows = _full_rows_in_pair_order(keys, keys.exact_rows, keys.exact_index - body_range(keys)[0])
+        rows = _full_rows_in_pair_order(keys, keys.exact_rows, _exact_body_index(keys))
         cached = DERIVED.put(keys, "exact_key_columns", rows.permute(1, 2, 0).contiguous())
+    return cached
+
+
+def _exact_body_index(keys: CompressedKeys) -> torch.Tensor:
+    """int64 [k]: the exact tokens' ascending body-relative indices, cached on the keys (with
+    ``index_copy_`` instead of an advanced-index assignment, 11 -> 8 us per dense call)."""
+    cached = keys._cache.get("exact_body_index")
+    if cached is None:
+        cached = keys._cache["exact_body_index"] = keys.exact_index - body_range(keys)[0]
     return cached
 
 
@@ -923,7 +955,7 @@ def _put_exact_dots(keys: CompressedKeys, by_head: torch.Tensor, index: torch.Te
     queries, ``index`` [B, n] body tokens; batch ``b`` is KV head ``b % Hkv``."""
     if not keys.num_exact:
         return
-    exact = keys.exact_index - body_range(keys)[0]  # ascending body indices
+    exact = _exact_body_index(keys)
     exact_rows = _exact_key_columns(keys).transpose(1, 2)  # [Hkv, k, D], kept as the dense dots keep them
     row = torch.searchsorted(exact, index).clamp(max=exact.numel() - 1)
     batch, position = (exact[row] == index).nonzero(as_tuple=True)
@@ -1052,10 +1084,10 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
             return torch.matmul(weights, rows.view(*seq_index.shape, values.head_dim))
         return torch.einsum("...hgn,...hnd->...hgd", weights, gather_values(values, seq_index))
     latent = values.latent
-    kv_heads, head_dim = latent.kv_heads, latent.head_dim
-    v_start, v_body = body_range(latent)
     if isinstance(seq_index, slice):
         return _summed_latent_range(latent, weights, seq_index)
+    kv_heads, head_dim = latent.kv_heads, latent.head_dim
+    v_start, v_body = body_range(latent)
     body_index = seq_index - v_start
     in_body = (body_index >= 0) & (body_index < v_body)
     output = weights.new_zeros(*weights.shape[:-1], head_dim)
@@ -1077,28 +1109,43 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
 
 def _summed_latent_range(latent: CompressedKeys, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
     """:func:`weighted_values` of SVDq latent values over a contiguous token range (dense
-    calls: every token of the sequence): the part in the values' quantized body as latent sums
-    projected once (:func:`_summed_latent_rows`), the parts in their 16-bit sinks and tail
-    from those rows, each a contiguous run of the weights."""
-    v_start, v_body = body_range(latent)
-    first, stop = tokens.start, tokens.stop
-    low, high = min(max(first, v_start), stop), max(min(stop, v_start + v_body), first)
-    output = None
-    if high > low:
-        body_weights = weights[..., low - first:high - first]
-        summed = _summed_latent_rows(latent, body_weights, low - v_start)
-        output = _project_latent(latent, summed, body_weights.sum(-1))
-    for run_first, run_stop, rows, offset in ((first, min(stop, low), latent.sinks, 0),
-                                              (max(first, high), stop, latent.tail, v_start + v_body)):
-        if run_stop <= run_first:
-            continue
-        # [Hkv, n, D] float32 rows of the run, each head's tokens for one batched product.
-        full = rows[run_first - offset:run_stop - offset].float().view(-1, latent.kv_heads, latent.head_dim)
-        part = torch.matmul(weights[..., run_first - first:run_stop - first], full.transpose(0, 1))
-        output = part if output is None else output.add_(part)
-    if output is None:
-        return weights.new_zeros(*weights.shape[:-1], latent.head_dim)
-    return output
+    calls: every token of the sequence) in two products: the body's latent sums with its
+    softmax mass (:func:`_summed_latent_rows`) and the weights of the 16-bit sinks and tail
+    are written side by side into one operand ``[rows, r + 1 + F]``, then one batched
+    product per KV head with that head's :func:`_value_projection` (basis rows, mean, 16-bit
+    rows) projects the sums, adds the mean with the body's softmax mass and sums the 16-bit
+    tokens at once. A range that is not the whole sequence is widened with zero weights."""
+    kv_heads, head_dim = latent.kv_heads, latent.head_dim
+    v_start, v_body, total, kept, columns = _latent_layout(latent)
+    if (tokens.start, tokens.stop) != (0, total):
+        weights = torch.nn.functional.pad(weights, (tokens.start, total - tokens.stop))
+    lead, ratio = weights.shape[:-3], weights.shape[-2]
+    # [Hkv * rows, T]: each head's weight rows (a copy only with leading dimensions; a dense
+    # call's weights [Hkv, R, T] are already laid out so).
+    flat = weights.reshape(-1, total) if not lead else (
+        weights.reshape(-1, kv_heads, ratio, total).transpose(0, 1).reshape(-1, total))
+    projection = _value_projection(latent)
+    operand = _summed_latent_rows(latent, flat[:, v_start:v_start + v_body], kept)
+    if columns.numel():
+        # (a cat of two contiguous parts cost less than products written into a strided view)
+        operand = torch.cat([operand, flat.index_select(1, columns)], dim=1)
+    output = torch.bmm(operand.view(kv_heads, -1, projection.shape[1]), projection)  # [Hkv, rows, D]
+    if not lead:
+        return output
+    return output.view(kv_heads, -1, ratio, head_dim).transpose(0, 1).reshape(*lead, kv_heads, ratio, head_dim)
+
+
+def _latent_layout(latent: CompressedKeys) -> tuple[int, int, int, int, torch.Tensor]:
+    """``(body start, body tokens, total tokens, kept channels r, 16-bit token indices int64
+    [F])`` of SVDq values, cached: read on every call, the properties cost more than the
+    products at decode shapes."""
+    cached = latent._cache.get("latent_layout")
+    if cached is None:
+        start, n_body = body_range(latent)
+        total = latent.num_tokens
+        columns = torch.cat([torch.arange(start), torch.arange(start + n_body, total)]).to(latent.codes.device)
+        cached = latent._cache["latent_layout"] = (start, n_body, total, code_widths(latent)[0], columns)
+    return cached
 
 
 def _value_block(width: int) -> int:
@@ -1138,65 +1185,78 @@ def _summed_value_rows(values: CompressedValues, weights: torch.Tensor, tokens: 
 LATENT_SUM_BLOCK = 4096
 
 
-def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, first_body: int) -> torch.Tensor:
-    """``sum_n weights[..., n] * l[first_body + n]`` of the dequantized latent of SVDq values'
-    body, float32 [..., r].
+def _summed_latent_rows(latent: CompressedKeys, weights: torch.Tensor, kept: int) -> torch.Tensor:
+    """``sum_n weights[:, n] * [l[n], 1]`` of the dequantized latent of SVDq values' body and
+    the weights' sum: weights float32 [rows, n_body] -> float32 [rows, r + 1] (r = ``kept``).
 
     The body is summed in fixed blocks of :data:`LATENT_SUM_BLOCK` tokens (the last one padded
-    with zero weights and zero rows), each one oneDNN product of the block's channel-major
-    latent [r, block] with the weights, the tokens as the product's reduction: 2-2.5x faster
-    than ``addmm`` over row blocks at 4k-32k tokens, in float32. The block's latent is the kept
-    :data:`KEPT_LATENT` where there is one (:func:`_kept_latent`), else dequantized now into
-    reused buffers (:func:`_latent_blocks`); both hold the same values and every product and
-    partial sum is the same, so a result has the same bits whatever the attention cache holds.
+    with zero weights and zero rows), each one product of the block's channel-major latent
+    [r + 1, block] (a last row of ones) with the weights (:func:`_latent_product`). The block's
+    latent is the kept :data:`KEPT_LATENT` where there is one (:func:`_kept_latent`), else
+    dequantized now into reused buffers (:func:`_latent_blocks`); both hold the same values and
+    every product and partial sum is the same, so a result has the same bits whatever the
+    attention cache holds.
     """
-    kept = code_widths(latent)[0]
-    _, n_body = body_range(latent)
-    flat = weights.reshape(-1, weights.shape[-1])
-    rows, count = flat.shape
-    summed = flat.new_zeros(kept, rows)
-    if not (n_body and kept and rows and count):
-        return summed.T.reshape(*weights.shape[:-1], kept)
-    if first_body or count != n_body:  # blocks start at the body's first token: weights over all of it
-        whole = flat.new_zeros(rows, n_body)
-        whole[:, first_body:first_body + count] = flat
-        flat = whole
+    rows, n_body = weights.shape
+    if not (n_body and rows):
+        return weights.new_zeros(rows, kept + 1)
     block = min(LATENT_SUM_BLOCK, n_body)
     kept_blocks = _kept_latent(latent, block)
+    if kept_blocks is not None and block == n_body:  # one block (decode shapes): one product
+        return _latent_product(weights, kept_blocks[0])
     blocks = iter(kept_blocks) if kept_blocks is not None else _latent_blocks(latent, block)
+    summed = None
     for first, by_channel in zip(range(0, n_body, block), blocks, strict=True):
         stop = min(n_body, first + block)
-        part = flat[:, first:stop]
+        part = weights[:, first:stop]
         if stop - first < block:
             part = torch.nn.functional.pad(part, (0, block - (stop - first)))
-        # [r, block] x [rows, block]^T -> [r, rows]: the block's sums, transposed.
-        summed.add_(_linear(by_channel, part, None))
-    return summed.T.reshape(*weights.shape[:-1], kept)
+        product = _latent_product(part, by_channel)
+        summed = product if summed is None else summed.add_(product)
+    return summed
+
+
+#: Multiply-adds below which a latent block's sum is one ``mm`` (MKL) rather than oneDNN's
+#: product: at decode shapes (600 tokens, 36 channels, 9 rows) oneDNN's call cost twice
+#: the mm's 11 us; at 4k tokens, 300 channels and 32 rows oneDNN was 1.5x faster.
+LATENT_MM_MACS = 1 << 22
+
+
+def _latent_product(weights: torch.Tensor, by_channel: torch.Tensor) -> torch.Tensor:
+    """``weights [rows, block] @ by_channel [k, block].T`` -> float32 [rows, k] (contiguous); the
+    product is chosen by the shapes alone (:data:`LATENT_MM_MACS`), never by what the cache holds."""
+    rows, block = weights.shape
+    if rows * block * by_channel.shape[0] < LATENT_MM_MACS or _CPU_LINEAR is None or by_channel.device.type != "cpu":
+        return torch.mm(weights, by_channel.T)
+    # [k, block] x [rows, block]^T -> [k, rows]: the tokens as the product's reduction.
+    return _linear(by_channel, weights, None).T.contiguous()
 
 
 def _latent_blocks(latent: CompressedKeys, block: int, out: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """The dequantized latent of SVDq values' body, channel-major, ``block`` tokens at a time:
-    float32 [r, block] each (columns past the body zero), in one reused buffer, or written into
-    ``out`` [blocks, r, block]. Row-major dequantization (each group's scale row broadcast over
-    its tokens) and one transposed copy; dequantizing channel-major (scales broadcast along the
-    inner axis) was 10x slower."""
+    """The dequantized latent of SVDq values' body, channel-major, ``block`` tokens at a time,
+    with a last row of ones: float32 [r + 1, block] each (columns past the body zero), in one
+    reused buffer, or written into ``out`` [blocks, r + 1, block]. Row-major dequantization
+    (each group's scale row broadcast over its tokens) and one transposed copy; dequantizing
+    channel-major (scales broadcast along the inner axis) was 10x slower."""
     channels = code_widths(latent)[0]
     _, n_body = body_range(latent)
     scales, mins, codes = latent.scales.float(), latent.mins.float(), latent_codes(latent)
     rows = torch.empty(block + latent.group_size, channels, device=codes.device)
-    reused = torch.empty(channels, block, device=codes.device) if out is None else None
+    reused = torch.empty(channels + 1, block, device=codes.device) if out is None else None
     for index, first in enumerate(range(0, n_body, block)):
         stop = min(n_body, first + block)
         target = reused if out is None else out[index]
-        target[:, :stop - first].copy_(_dequantize_range(latent, scales, mins, first, stop, rows, codes).T)
+        target[:channels, :stop - first].copy_(_dequantize_range(latent, scales, mins, first, stop, rows, codes).T)
+        target[channels, :stop - first] = 1.0
         target[:, stop - first:].zero_()
         yield target
 
 
 #: Name of the float32 dequantized latent of SVDq values' body in channel-major blocks
-#: [blocks, r, block] (:func:`_latent_blocks`, the same values every call computes), that calls
-#: on the CPU keep from a sequence's second call on while the attention-cache budget has room
-#: (:meth:`svdq.derived.DerivedCache.admits`): ``4 r`` bytes per body token (padded to a block).
+#: [blocks, r + 1, block] with a row of ones (:func:`_latent_blocks`, the same values every call
+#: computes), that calls on the CPU keep from a sequence's second call on while the
+#: attention-cache budget has room (:meth:`svdq.derived.DerivedCache.admits`): ``4 (r + 1)``
+#: bytes per body token (padded to a block).
 KEPT_LATENT = "kept_latent"
 
 
@@ -1209,28 +1269,44 @@ def _kept_latent(latent: CompressedKeys, block: int) -> torch.Tensor | None:
     channels = code_widths(latent)[0]
     _, n_body = body_range(latent)
     blocks = -(-n_body // block)
-    if not DERIVED.admits(latent, KEPT_LATENT, 4 * blocks * block * channels):
+    if not DERIVED.admits(latent, KEPT_LATENT, 4 * blocks * block * (channels + 1)):
         return None
-    kept = torch.empty(blocks, channels, block)
+    kept = torch.empty(blocks, channels + 1, block)
     for _ in _latent_blocks(latent, block, out=kept):
         pass
     return DERIVED.put(latent, KEPT_LATENT, kept)
 
 
+#: Name of SVDq values' projection operand, float32 [Hkv, r + 1 + F, D] (:func:`_value_projection`).
+VALUE_PROJECTION = "value_projection"
+
+
+def _value_projection(latent: CompressedKeys) -> torch.Tensor:
+    """float32 [Hkv, r + 1 + F, D]: for each KV head its basis rows ``B_h^T`` [r, D], its mean
+    [1, D] and the rows of the F 16-bit tokens (sinks, then tail), so that one batched product
+    of ``[latent sums, body weight sum, 16-bit tokens' weights]`` with it is the head's values
+    (:func:`_summed_latent_range`). Kept under the budget (``4 Hkv (r + 1 + F) D`` bytes): a
+    function of the compressed values alone, the same kept or rebuilt."""
+    cached = DERIVED.get(latent, VALUE_PROJECTION)
+    if cached is None:
+        kv_heads, head_dim = latent.kv_heads, latent.head_dim
+        kept = code_widths(latent)[0]  # explicit: with every channel dropped (r = 0) a -1 would be ambiguous
+        basis = latent.basis.float().reshape(kv_heads, head_dim, kept).transpose(1, 2)
+        mean = latent.mean.float().reshape(kv_heads, 1, head_dim)
+        full = torch.cat([latent.sinks, latent.tail]).float().reshape(-1, kv_heads, head_dim).transpose(0, 1)
+        cached = DERIVED.put(latent, VALUE_PROJECTION, torch.cat([basis, mean, full], dim=1).contiguous())
+    return cached
+
+
 def _project_latent(latent: CompressedKeys, summed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
-    """Weighted latent sums [..., Hkv, g, r] -> values [..., Hkv, g, D] (each head's basis rows)."""
+    """Weighted latent sums [..., Hkv, g, r] and their weights' sums [..., Hkv, g] -> values
+    [..., Hkv, g, D] (each head's basis rows and mean, :func:`_value_projection`)."""
     kv_heads, head_dim = latent.kv_heads, latent.head_dim
-    # float32 [Hkv, r, D]: each head's basis rows laid out for one bmm, kept under the budget.
-    basis = DERIVED.get(latent, "basis_by_head")
-    if basis is None:
-        basis = DERIVED.put(latent, "basis_by_head",
-                            latent.basis.float().reshape(kv_heads, head_dim, -1).transpose(1, 2).contiguous())
-    mean = latent.mean.float().reshape(kv_heads, 1, head_dim)
-    lead = summed.shape[:-3]
-    per_head = summed.reshape(-1, kv_heads, summed.shape[-2], summed.shape[-1]).transpose(0, 1)
-    projected = torch.bmm(per_head.reshape(kv_heads, -1, summed.shape[-1]), basis)
-    projected = projected.reshape(kv_heads, -1, summed.shape[-2], head_dim).transpose(0, 1)
-    return projected.reshape(*lead, kv_heads, summed.shape[-2], head_dim) + mean * weight_sum[..., None]
+    kept, ratio = summed.shape[-1], summed.shape[-2]
+    operand = torch.cat([summed, weight_sum[..., None]], dim=-1).reshape(-1, kv_heads, ratio, kept + 1)
+    projected = torch.bmm(operand.transpose(0, 1).reshape(kv_heads, -1, kept + 1),
+                          _value_projection(latent)[:, :kept + 1])
+    return projected.view(kv_heads, -1, ratio, head_dim).transpose(0, 1).reshape(*summed.shape[:-1], head_dim)
 
 
 def _attend_torch_group(
@@ -1268,16 +1344,56 @@ def _attend_torch_group(
         return output.reshape(count, q_heads, head_dim), lse.reshape(kv_heads, count, ratio).transpose(0, 1).reshape(count, q_heads)
     grouped = queries.float().reshape(count, kv_heads, ratio, head_dim)
     weights, lse = softmax_weights(grouped, fp_keys.transpose(0, 1), scale, softcap=softcap)
-    output = weighted_values(values, weights, fp_index)
     stacked = BodySelection(torch.stack([s.token_index for s in selections]), torch.stack([s.valid for s in selections]),
                             0, 0, 0, 0)
     # The selected keys come in pair order (rotated as one complex product): so do the queries.
     paired = grouped[..., _pair_order(keys)] if rotates(keys) else grouped
     body_weights, lse_body = softmax_from_dots(_selected_dots(keys, paired, stacked.token_index, precision), scale,
                                                stacked.valid, softcap)
+    if values.latent is not None and _dense_latent_sum_is_cheaper(values.latent, stacked.token_index, ratio):
+        # The two softmaxes merged into one set of weights over the sequence, summed densely.
+        share, share_body, lse = _merge_shares(lse, lse_body)
+        dense = weights.new_zeros(count, kv_heads, ratio, keys.num_tokens)
+        dense.index_copy_(-1, fp_index, weights.mul_(share[..., None]))
+        # (scatter_add: padding selections point at token 0 with zero weight)
+        dense.scatter_add_(-1, (stacked.token_index + start)[:, :, None, :].expand(-1, -1, ratio, -1),
+                           body_weights.mul_(share_body[..., None]))
+        output = weighted_values(values, dense, slice(0, keys.num_tokens))
+        return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
+    output = weighted_values(values, weights, fp_index)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)
     output, lse = merge_attention(output, lse, out_body, lse_body)
     return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
+
+
+#: Cost of one gathered latent element (a selected token's code, dequantized and summed by a
+#: small product per query and head) in multiply-adds of the dense latent sum's product, and
+#: of one element of the dense weights (zeroed and scattered into). Measured on the CPU at
+#: Llama-3-8B shapes, 32k tokens, batch 1, kept (docs/attention.md, round 7): the dense sum was
+#: 1.65x faster at keep 1/32 (dense/gathered work 120), the gathers 1.4x faster at 1/128 (409)
+#: and 1/512, 1/2048; at 4k and 1/32 (85) the two were within 4%.
+GATHERED_LATENT_COST = 200.0
+DENSE_WEIGHT_COST = 4.0
+#: Force the sparse value sum of SVDq latent values: None (the cost rule), "dense" or "gathered" (benchmarks).
+SPARSE_LATENT_SUM = None
+
+
+def _dense_latent_sum_is_cheaper(latent: CompressedKeys, token_index: torch.Tensor, ratio: int) -> bool:
+    """Whether sparse calls over SVDq latent values sum them densely (every body token's
+    latent, the unselected ones with weight zero: the dense call's two products) rather than
+    gathering the selected tokens' codes: by a cost rule on the shapes alone (never on what
+    the cache holds, so that a result has the same bits kept or cold). Gathering costs
+    :data:`GATHERED_LATENT_COST` per selected code (``count * Hkv * n * r``), the dense sum
+    one per multiply-add (``count * Hkv * g * n_body * (r + 1)``) plus
+    :data:`DENSE_WEIGHT_COST` per dense weight (``count * Hkv * g * T``)."""
+    if SPARSE_LATENT_SUM is not None:
+        return SPARSE_LATENT_SUM == "dense"
+    kept = code_widths(latent)[0]
+    n_body = body_range(latent)[1]
+    rows = token_index.shape[0] * token_index.shape[1]  # (query, head) pairs
+    gathered = GATHERED_LATENT_COST * rows * token_index.shape[-1] * kept
+    dense = rows * ratio * (n_body * (kept + 1) + DENSE_WEIGHT_COST * latent.num_tokens)
+    return dense <= gathered
 
 
 def _attend_torch(queries: torch.Tensor, keys: Sequence[CompressedKeys], values: Sequence[CompressedValues],

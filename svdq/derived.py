@@ -7,7 +7,7 @@ layout, and, only while the budget has room and from their second use on
 (:meth:`DerivedCache.admits`), the float16
 keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token), the selection score's
 rotated low-rank keys (``4 * C`` bytes per token) and SVDq latent values' dequantized latent
-(``4 * r`` bytes per token). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
+(``4 * (r + 1)`` bytes per token, a row of ones included). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
 8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
 
 :data:`DERIVED` is the process's cache. The tensors live on each

@@ -209,12 +209,18 @@ def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -
     mask = (1 << bits) - 1
     codes = torch.empty(groups, words_per_channel, 8, kept, dtype=torch.uint8, device=rows.device)
     step = max(1, UNPACK_TOKENS // group_size) if rows.device.type == "cpu" else groups
-    # Zeroed once: the bytes past each run's width stay zero, the others are overwritten.
-    buffer = torch.zeros(min(step, groups), words_per_channel * kept * 8, dtype=torch.uint8, device=rows.device)
+    # Each byte of the words gathered from its row, the bytes past each run's width from a zero
+    # byte appended to every row: the gather ran 2x faster than scattering the rows into a
+    # zeroed buffer (the scatter was two thirds of the unpack at 4k tokens).
+    row_bytes = rows.shape[1]
+    inverse = torch.full((words_per_channel * kept * 8,), row_bytes, dtype=torch.int64, device=rows.device)
+    inverse[source] = torch.arange(row_bytes, device=rows.device)
+    padded = torch.cat([rows, rows.new_zeros(groups, 1)], dim=1)
+    buffer = torch.empty(min(step, groups), inverse.numel(), dtype=torch.uint8, device=rows.device)
     part = torch.empty(min(step, groups), words_per_channel, kept, dtype=torch.int64, device=rows.device)
     for first in range(0, groups, step):
         count = min(step, groups - first)
-        buffer[:count, source] = rows[first:first + count]
+        torch.gather(padded[first:first + count], 1, inverse.expand(count, -1), out=buffer[:count])
         words = buffer[:count].view(torch.int64).view(count, words_per_channel, kept)
         for token in range(8):
             torch.bitwise_and(words >> (token * bits), mask, out=part[:count])

@@ -168,21 +168,23 @@ def test_attention_over_latent_values_matches_naive_attention_over_their_reconst
         assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
 
 
-@pytest.mark.parametrize(("tokens", "value_sinks", "value_group", "block"),
-                         [(203, 4, 32, 4096), (150, 9, 16, 64), (3000, 4, 32, 256)])
+@pytest.mark.parametrize(("tokens", "value_sinks", "value_group", "block", "mm_macs"),
+                         [(203, 4, 32, 4096, 1 << 22), (150, 9, 16, 64, 1 << 22), (3000, 4, 32, 256, 1 << 22),
+                          (203, 4, 32, 4096, 0), (3000, 4, 32, 256, 0)])
 def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_the_second_call_with_room(
-        monkeypatch, tokens, value_sinks, value_group, block):
+        monkeypatch, tokens, value_sinks, value_group, block, mm_macs):
     import svdq.attention as attention
     from svdq.attention import KEPT_LATENT, body_range, code_widths
     from svdq.derived import DERIVED
 
     monkeypatch.setattr(attention, "LATENT_SUM_BLOCK", block)  # several blocks, the last one short
+    monkeypatch.setattr(attention, "LATENT_MM_MACS", mm_macs)  # 0: oneDNN's product at every shape
     keys, values = _case_with_latent_values(tokens, value_sinks, value_group)
     queries = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(5))
     n_body, channels = body_range(values.latent)[1], code_widths(values.latent)[0]
     step = min(block, n_body)
     blocks = -(-n_body // step)
-    kept_bytes = 4 * blocks * step * channels
+    kept_bytes = 4 * blocks * step * (channels + 1)  # a row of ones carries the softmax mass
 
     def call():
         return attend(queries, [keys] * 3, [values] * 3, backend="torch")
@@ -202,7 +204,7 @@ def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_
         before = DERIVED.nbytes
         second = call()
         kept = values.latent._cache[KEPT_LATENT]
-        assert kept.dtype == torch.float32 and kept.shape == (blocks, channels, step)
+        assert kept.dtype == torch.float32 and kept.shape == (blocks, channels + 1, step)
         assert DERIVED.nbytes - before >= kept_bytes
         again = call()
     finally:
@@ -219,8 +221,15 @@ def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_
         assert torch.allclose(cold.lse[b].double(), lse, atol=2e-5)
 
 
+@pytest.mark.parametrize("value_sum", [None, "dense", "gathered"])
 @pytest.mark.parametrize("value_sinks", [0, 4, 12])
-def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_bit_values(value_sinks):
+def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_bit_values(monkeypatch, value_sinks,
+                                                                                          value_sum):
+    import svdq.attention as attention
+
+    # The cost rule's choice, and each way forced: the merged weights summed densely, the
+    # selected codes gathered.
+    monkeypatch.setattr(attention, "SPARSE_LATENT_SUM", value_sum)
     keys, values = _case_with_latent_values(400, value_sinks, 32, seed=2)
     as_16_bit = compress_values(decompress_values(values, torch.float32))
     sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=8, num_recent=16)
@@ -234,6 +243,43 @@ def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_
         largest = float(decompress_values(values, torch.float32).abs().max())
         assert torch.allclose(latent.output, plain.output, atol=2.0**-11 * largest, rtol=0)
         assert torch.allclose(latent.lse, plain.lse, atol=1e-5)
+
+
+def test_sparse_latent_value_sums_give_the_same_bits_kept_or_cold(monkeypatch):
+    import svdq.attention as attention
+    from svdq.attention import KEPT_LATENT
+    from svdq.derived import DERIVED
+
+    monkeypatch.setattr(attention, "SPARSE_LATENT_SUM", "dense")
+    keys, values = _case_with_latent_values(400, 4, 32, seed=2)
+    sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=8, num_recent=16)
+    queries = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(7))
+
+    def call():
+        return attend(queries, [keys] * 2, [values] * 2, sparsity=sparsity, backend="torch")
+
+    limit = DERIVED.limit_bytes
+    try:
+        DERIVED.clear()
+        DERIVED.limit_bytes = None
+        cold = call()
+        DERIVED.limit_bytes = 1 << 30
+        results = [call() for _ in range(3)]
+        assert KEPT_LATENT in values.latent._cache
+    finally:
+        DERIVED.clear()
+        DERIVED.limit_bytes = limit
+    for result in results:
+        assert torch.equal(result.output, cold.output) and torch.equal(result.lse, cold.lse)
+
+
+def test_the_sparse_value_sum_rule_gathers_few_tokens_of_a_long_body_and_sums_short_ones_densely():
+    from svdq.attention import _dense_latent_sum_is_cheaper
+
+    keys, values = _case_with_latent_values(4000, 4, 32)
+    few, many = torch.zeros(1, 3, 8, dtype=torch.long), torch.zeros(1, 3, 1000, dtype=torch.long)
+    assert not _dense_latent_sum_is_cheaper(values.latent, few, 3)
+    assert _dense_latent_sum_is_cheaper(values.latent, many, 3)
 
 
 def test_a_batch_mixing_latent_and_16_bit_values_answers_each_entry_as_alone():

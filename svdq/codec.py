@@ -290,18 +290,17 @@ def fit_basis(keys: torch.Tensor) -> Basis:
     Uses the eigen-decomposition of the covariance: the same right singular vectors
     as an SVD of the centred keys at a fraction of the cost when tokens >> C.
     """
-    return _fit_centred(keys)[0]
+    return _fit_centred(keys.to(torch.float32, copy=True))[0]
 
 
-def _fit_centred(keys: torch.Tensor, scratch: bool = False) -> tuple[Basis, torch.Tensor]:
-    """:func:`fit_basis` and the float32 centred keys ``keys - basis.mean`` it computed on the
-    way, which compress projects rather than centring the same tokens again. ``scratch``:
-    float32 ``keys`` are the caller's own buffer, centred in place."""
-    work = keys.to(torch.float32)
+def _fit_centred(work: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+    """:func:`fit_basis` of the float32 keys ``work`` [tokens, C], which it centres in place
+    (``work - basis.mean``, returned with the basis): compress projects them rather than
+    centring the same tokens again, and fit_basis passes a copy of the caller's keys."""
     # torch's float32 reduction sums in cascades: within an ulp of a float64 mean of these
     # keys, without the float64 copy of every key that took longer than the sum.
     mean = work.mean(dim=0)
-    centred = work.sub_(mean) if scratch and work is keys else work - mean
+    centred = work.sub_(mean)
     # The eigenvectors that the covariance's rounding (see gram) cannot resolve belong to the
     # smallest singular values, whose channels the allocation drops anyway.
     covariance = gram(centred)
@@ -695,7 +694,7 @@ def prepare(
                 )
             fitted, shared_fp = basis, basis.fingerprint
         elif n_groups:
-            fitted, centred = _fit_centred(body, scratch=True)
+            fitted, centred = _fit_centred(body)  # the body rows of the float32 copy, centred in place
         if fitted is not None:
             components = fitted.components.to(device).to(torch.float16)
             mean = fitted.mean.to(device).float()

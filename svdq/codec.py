@@ -613,6 +613,12 @@ class PreparedKeys:
     def tokens(self) -> int:
         return self.rounded.shape[0]
 
+    def token_positions(self) -> torch.Tensor:
+        """int64 [tokens] position of every token (:meth:`CompressedKeys.token_positions` of the result)."""
+        if self.explicit is not None:
+            return self.explicit
+        return torch.arange(self.tokens, dtype=torch.int64, device=self.rounded.device) + self.offset
+
     def table(self) -> torch.Tensor:
         """The allocation's error table of the sampled groups (:func:`_sample_table`), measured once."""
         if "table" not in self._tables:
@@ -748,6 +754,15 @@ def compress_prepared(prepared: PreparedKeys, config: CodecConfig | None = None)
     """:func:`compress` of the keys :func:`prepare` made ready, under ``config``: the bytes a
     plain compress gives. ``config`` may differ from the prepared one in ``bits_per_element``
     and ``schedule`` only; ``prepared`` is not modified."""
+    return compress_restored(prepared, config)[0]
+
+
+def compress_restored(prepared: PreparedKeys,
+                      config: CodecConfig | None = None) -> tuple[CompressedKeys, torch.Tensor | None]:
+    """:func:`compress_prepared`, and the float32 [body tokens, C] pre-RoPE reconstruction of
+    the quantized tokens (before exact rows replace theirs) when choosing exact tokens
+    computed it (else None): :func:`decompress` ``body=`` takes it instead of computing it
+    again (the same bits)."""
     config = config or CodecConfig()
     if (config.method, config.group_size, config.num_sinks) != (prepared.method, prepared.group_size,
                                                                 prepared.num_sinks_config):
@@ -794,8 +809,8 @@ def compress_prepared(prepared: PreparedKeys, config: CodecConfig | None = None)
     # Only the kept columns are projected: the exact computation append() repeats (_encode).
     codes, scales, mins = _encode(centred, basis_columns, kept_bits, group_size, config.method)
     packed = pack_codes(codes, kept_bits)
-    exact_index, exact_rows = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean, basis_columns,
-                                            config.exact_count(n_groups * group_size))
+    exact_index, exact_rows, restored_body = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean,
+                                                           basis_columns, config.exact_count(n_groups * group_size))
     exact = {}
     if config.exact_bits != 16 and exact_index.numel():
         restored = reconstruct_tokens(packed, scales, mins, kept_bits, group_size, basis_columns, mean,
@@ -834,7 +849,7 @@ def compress_prepared(prepared: PreparedKeys, config: CodecConfig | None = None)
     )
     if config.method == "svdq" and config.schedule is None:
         _warn_if_over_budget(compressed, config.bits_per_element)
-    return compressed
+    return compressed, restored_body
 
 
 _WARNED: set = set()
@@ -872,19 +887,22 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
 
 
 def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                  mean: torch.Tensor, basis_columns: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  mean: torch.Tensor, basis_columns: torch.Tensor,
+                  count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(body-relative int64 [count] ascending indices, rows [count, C] in ``body``'s dtype) of
     the body tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C]
-    (pre-RoPE; compress passes the 16-bit rounded keys it stores).
+    (pre-RoPE; compress passes the 16-bit rounded keys it stores), and that float32
+    reconstruction [n, C] (None for no exact token: none is computed).
 
     The absolute error, not the error relative to the token's norm: attention scores are dot
     products, so a large error moves a score as much whatever the key's own length."""
     if count == 0:
-        return torch.zeros(0, dtype=torch.int64, device=body.device), body.new_zeros(0, body.shape[1])
+        return torch.zeros(0, dtype=torch.int64, device=body.device), body.new_zeros(0, body.shape[1]), None
+    # What decompress computes for these rows (the same products, in the same order).
     restored = dequantize_groups(codes, scales, mins).reshape(body.shape[0], -1) @ basis_columns.float().T + mean
     error = (restored - body).pow(2).sum(dim=1)
     index = torch.sort(torch.topk(error, count).indices).values
-    return index, body[index]
+    return index, body[index], restored
 
 
 #: kept latent channels at most this wide are projected by bfloat16 products (float32
@@ -1042,7 +1060,8 @@ def _latent_rows(compressed: CompressedKeys) -> torch.Tensor:
 
 
 def decompress(
-    compressed: CompressedKeys | bytes, key_space: str | None = None, dtype: torch.dtype | None = None
+    compressed: CompressedKeys | bytes, key_space: str | None = None, dtype: torch.dtype | None = None,
+    *, body: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruct keys [tokens, kv_heads, head_dim].
 
@@ -1051,6 +1070,8 @@ def decompress(
             (parsed with ``from_bytes``; a blob made with a shared basis needs ``from_bytes(blob, basis)``).
         key_space: ``"pre_rope"`` or ``"post_rope"``; default: the space the keys came in.
         dtype: output dtype; default: the dtype the keys came in.
+        body: the reconstruction of the quantized tokens that :func:`compress_restored` gave
+            with ``compressed`` (svdq), used instead of computing it again.
     """
     if isinstance(compressed, (bytes, bytearray, memoryview)):
         from .format import from_bytes  # format imports this module
@@ -1069,6 +1090,11 @@ def decompress(
     flat[:sinks] = compressed.sinks
     if compressed.method == "kivi":  # identity basis, zero mean: the latent rows are the keys
         flat[sinks:body_end] = _latent_rows(compressed)
+    elif body is not None:
+        if body.shape != (body_end - sinks, compressed.channels):
+            raise InvalidInputError(f"body must be the [{body_end - sinks}, {compressed.channels}] reconstruction of "
+                                    f"these keys' quantized tokens, got {list(body.shape)}")
+        flat[sinks:body_end] = body
     else:
         torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
         flat[sinks:body_end] += compressed.mean
@@ -1188,6 +1214,7 @@ __all__ = [
     "check_cost",
     "compress",
     "compress_prepared",
+    "compress_restored",
     "decompress",
     "fit_basis",
     "fit_layer_basis",

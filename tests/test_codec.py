@@ -22,7 +22,7 @@ from svdq import (
     relative_error,
     to_bytes,
 )
-from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _projected_chunks, compress_prepared, gram, prepare
+from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _projected_chunks, compress_prepared, compress_restored, gram, prepare
 from svdq.quant import pack_codes, quantize_groups
 
 ROPE = RopeConfig(theta=10000.0)
@@ -309,3 +309,17 @@ def test_prepared_keys_compress_to_the_bytes_of_compress_under_every_budget(meth
                     to_bytes(compress(post, config, basis=basis, **arguments))
     with pytest.raises(InvalidInputError, match="only the bit budget may differ"):
         compress_prepared(prepare(post, base, **arguments), replace(base, num_sinks=0))
+
+
+def test_the_reconstruction_that_chose_the_exact_tokens_decompresses_to_the_same_bits():
+    post = apply_rope(layer_keys(300), torch.arange(300), ROPE)
+    prepared = prepare(post, CodecConfig(exact_tokens=3, exact_bits=4), rope=ROPE, key_space="post_rope",
+                       positions=torch.arange(300))
+    compressed, body = compress_restored(prepared, CodecConfig(bits_per_element=2.0, exact_tokens=3, exact_bits=4))
+    assert body.shape == (compressed.num_groups * compressed.group_size, 48)
+    for space in ("pre_rope", "post_rope"):
+        assert torch.equal(decompress(compressed, space, torch.float32, body=body),
+                           decompress(compressed, space, torch.float32))
+    with pytest.raises(InvalidInputError, match=r"body must be the \[\d+, 48\] reconstruction"):
+        decompress(compressed, body=body[1:])
+    assert compress_restored(prepared, CodecConfig(bits_per_element=2.0, exact_bits=16))[1] is None  # no exact tokens

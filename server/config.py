@@ -145,8 +145,8 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("compress-threads", int, "threads that compress uploaded layers, shared by all uploads: a layer compresses "
      "while the upload's next chunks arrive, and up to this many layers at once (each holding its compression's "
      "working memory, at most --max-work-bytes); 0 compresses each layer in the call that received its last chunk, "
-     "one after another. On a demo-sized upload (30 layers x 3,968 tokens, 2 cores) 2 took 1.44x less wall time "
-     "than 0 (docs/quality.md)", {}),
+     "one after another. On 2 cores with one torch thread two layers at once took 0.79x the time of one after "
+     "another; with torch's own 2 threads it measured even with 0 (docs/quality.md, Round 7)", {}),
     ("max-message-bytes", parse_bytes, "largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED", {}),
     ("max-tokens", int, "most tokens one sequence may hold", {}),
     ("max-batch", int, "most entries one Attend call may have", {}),

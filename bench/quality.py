@@ -583,6 +583,8 @@ def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
     calibration = synthetic_layer_keys(2 * tokens)[tokens:]
     shared = svdq.fit_layer_basis(calibration, torch.arange(tokens, 2 * tokens), LLAMA3_ROPE)
     values = synthetic_layer_values(tokens)
+    # The same synthetic values' other tokens (same rotation; their mean is drawn anew).
+    shared_values = svdq.fit_layer_basis(synthetic_layer_values(2 * tokens)[tokens:])
     positions = torch.arange(tokens)
 
     def keys_row(name: str, config: svdq.CodecConfig, basis: svdq.Basis | None = None) -> ThroughputRow:
@@ -597,15 +599,18 @@ def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
         return ThroughputRow(name, lambda: values_to_bytes(compress_values(values, config)),
                              lambda blob: decompress_values(values_from_bytes(blob)))
 
-    def cache_row(name: str, budget: CacheBudget) -> ThroughputRow:
+    def cache_row(name: str, budget: CacheBudget, bases: bool = False) -> ThroughputRow:
+        key_basis, value_basis = (shared, shared_values) if bases else (None, None)
+
         # Both blobs, every byte: (keys' blob, values' blob).
         def compress_one() -> tuple[bytes, bytes]:
-            cache = compress_kv(keys, values, budget, positions=positions, rope=LLAMA3_ROPE, key_space="post_rope")
+            cache = compress_kv(keys, values, budget, positions=positions, rope=LLAMA3_ROPE, key_space="post_rope",
+                                key_basis=key_basis, value_basis=value_basis)
             return svdq.to_bytes(cache.keys), values_to_bytes(cache.values)
 
         def decompress_one(blobs: tuple[bytes, bytes]) -> object:
-            return (svdq.decompress(svdq.from_bytes(blobs[0]), "post_rope"),
-                    decompress_values(values_from_bytes(blobs[1])))
+            return (svdq.decompress(svdq.from_bytes(blobs[0], key_basis), "post_rope"),
+                    decompress_values(values_from_bytes(blobs[1], basis=value_basis)))
 
         return ThroughputRow(name, compress_one, decompress_one, tensors=2)
 
@@ -620,6 +625,11 @@ def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
         cache_row("cache svdq 2.0 bits, split measured per upload (5 trials)", CacheBudget(2.0, key_codec=EXACT_KEYS)),
         cache_row("cache svdq 2.0 bits, calibrated split (profile cache_key_shares)",
                   CacheBudget(2.0, key_codec=EXACT_KEYS, key_shares=(0.3125,))),
+        # The demo's and the integration's default: shared key and value bases.
+        cache_row("cache svdq 2.0 bits, shared bases, split measured per upload (5 trials)",
+                  CacheBudget(2.0, key_codec=EXACT_KEYS), bases=True),
+        cache_row("cache svdq 2.0 bits, shared bases, calibrated split",
+                  CacheBudget(2.0, key_codec=EXACT_KEYS, key_shares=(0.3125,)), bases=True),
     ]
 
 

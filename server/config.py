@@ -79,6 +79,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     workers: int = 8
+    compress_threads: int = 2
     max_message_bytes: int = 64 << 20
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_batch: int = DEFAULT_MAX_BATCH
@@ -118,7 +119,7 @@ class Settings:
                             max_open_uploads=self.max_open_uploads, upload_idle_seconds=self.upload_idle_seconds,
                             attention_cache_bytes=self.attention_cache_bytes,
                             attention_precision=None if self.attention_precision == "auto" else self.attention_precision,
-                            tenant_quota_bytes=self.tenant_quota_bytes)
+                            tenant_quota_bytes=self.tenant_quota_bytes, compress_threads=self.compress_threads)
 
 
 # (option, type, help); defaults come from Settings.
@@ -141,6 +142,11 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("log-format", str, "log line format", {"choices": ("text", "json")}),
     ("log-level", str.upper, "logging level (any case)", {"choices": ("DEBUG", "INFO", "WARNING", "ERROR")}),
     ("workers", int, "threads running engine work (compression, attention) in parallel", {}),
+    ("compress-threads", int, "threads that compress uploaded layers, shared by all uploads: a layer compresses "
+     "while the upload's next chunks arrive, and up to this many layers at once (each holding its compression's "
+     "working memory, at most --max-work-bytes); 0 compresses each layer in the call that received its last chunk, "
+     "one after another. On 2 cores with one torch thread two layers at once took 0.79x the time of one after "
+     "another; with torch's own 2 threads it measured even with 0 (docs/quality.md, Round 7)", {}),
     ("max-message-bytes", parse_bytes, "largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED", {}),
     ("max-tokens", int, "most tokens one sequence may hold", {}),
     ("max-batch", int, "most entries one Attend call may have", {}),
@@ -245,6 +251,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         problems.append(f"--ttl-seconds must be >= 0, got {settings.ttl_seconds}")
     if settings.torch_threads < 0:
         problems.append(f"--torch-threads must be >= 0 (0 = torch's default), got {settings.torch_threads}")
+    if not 0 <= settings.compress_threads <= 64:
+        problems.append(f"--compress-threads must be in 0..64 (0 = compress in the receiving call), got "
+                        f"{settings.compress_threads}")
     if settings.malloc_arenas < 0:
         problems.append(f"--malloc-arenas must be >= 0 (0 = glibc's default), got {settings.malloc_arenas}")
     if not 0 <= settings.malloc_trim_bytes < 1 << 31:

@@ -20,6 +20,8 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +126,13 @@ class EngineConfig:
         tenant_quota_bytes: stored bytes a tenant may hold unless ``tenant_quotas`` names it;
             0 = no quota (see :class:`~svdq_server.store.SequenceStore` for shares and eviction).
         tenant_quotas: tenant -> its own quota (the tokens file's ``quota_bytes``).
+        compress_threads: threads that compress the layers of uploads, shared by every
+            upload: a layer whose last chunk arrived compresses while the next chunks are
+            staged, and up to this many layers (of any uploads) at once. 0 compresses each
+            layer in the call that staged its last chunk, one after another. At most this many
+            compressions' working memory (:func:`svdq.codec.work_bytes` each, under
+            ``max_work_bytes``) is held at once by the pool; a layer's raw chunks stay charged
+            to the staging budget until it is compressed.
     """
 
     device: str = "auto"
@@ -143,6 +152,7 @@ class EngineConfig:
     attention_precision: str | None = None
     tenant_quota_bytes: int = 0
     tenant_quotas: Mapping[str, int] | None = None
+    compress_threads: int = 0
 
     def store_policy(self) -> StorePolicy:
         """The store's limits (budget, eviction, TTL, quotas): the one place they are built."""
@@ -245,6 +255,8 @@ class _Staging:
     closed: bool = False
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: layer -> its compression in the engine's pool (``compress_threads``), until it is reported
+    pending: dict[int, Future] = field(default_factory=dict)
 
 
 def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
@@ -289,6 +301,11 @@ class Engine:
         self._uploads_lock = threading.Lock()
         self._staged_bytes: dict[str, int] = {}  # tenant -> charged staging bytes, under _uploads_lock
         self._sample_layer = itertools.count()
+        if not (isinstance(self.config.compress_threads, int) and 0 <= self.config.compress_threads <= 64):
+            raise InvalidInputError(f"compress_threads must be an integer in 0..64 (0 = compress in the chunk's call), "
+                                    f"got {self.config.compress_threads!r}")
+        self._compressor = ThreadPoolExecutor(self.config.compress_threads, thread_name_prefix="svdq-compress") \
+            if self.config.compress_threads else None
         for profile in profiles:
             self.register_profile(profile)
         log.info("engine on %s: store budget %d bytes, eviction %s, ttl %s, attention precision %s (%s)", self.device,
@@ -541,6 +558,8 @@ class Engine:
             del self._uploads[key]
         if not staging.closed:
             staging.closed = True
+            for future in staging.pending.values():
+                future.cancel()  # one queued behind others does not start; a running one finishes
             left = self._staged_bytes.get(staging.tenant, 0) - staging.charged
             if left > 0:
                 self._staged_bytes[staging.tenant] = left
@@ -579,6 +598,7 @@ class Engine:
         layers, tokens = self._check_chunk(profile, header, chunk)
         with staging.lock:
             staging.touched = time.monotonic()
+            self._raise_failed_locked(staging)
             span = range(chunk.layer_start, chunk.layer_start + layers)
             end = chunk.token_start + tokens
             if all(staging.received[layer] >= end for layer in span):
@@ -610,22 +630,62 @@ class Engine:
                 # chunks of other layers only rewrite the same values
                 device_positions = staging.positions.to(self.device, copy=True)
                 for layer in span:
-                    self._compress_layer(staging, layer, device_positions)
+                    if self._compressor is None:
+                        self._compress_layer(staging, layer, device_positions)
+                    else:
+                        staging.pending[layer] = self._compressor.submit(self._compress_pooled, staging, layer,
+                                                                         device_positions)
 
     def _compress_layer(self, staging: _Staging, layer: int, positions: torch.Tensor) -> None:
         """Compress one layer whose tokens have all arrived (``positions`` on the device) and let
         go of its raw chunks once that succeeded (under ``staging.lock``): a layer whose
         compression failed keeps them, and :meth:`finish_upload` compresses it again."""
+        self._commit_layer(staging, layer, *self._layer_work(staging, layer, positions))
+
+    def _compress_pooled(self, staging: _Staging, layer: int, positions: torch.Tensor) -> None:
+        """:meth:`_compress_layer` in the engine's pool: the compression runs outside
+        ``staging.lock`` (the next chunks are staged meanwhile), its result is committed
+        under it. Nothing is done for an upload dropped before its turn came."""
+        with staging.lock:
+            if staging.closed:
+                return
+        work = self._layer_work(staging, layer, positions)
+        with staging.lock:
+            self._commit_layer(staging, layer, *work)
+
+    def _layer_work(self, staging: _Staging, layer: int,
+                    positions: torch.Tensor) -> tuple[tuple[CompressedKeys, CompressedValues | None],
+                                                      float | None, float]:
+        """(compressed layer, its error sample or None, seconds) of a layer whose tokens have
+        all arrived; its raw chunks are only read (no chunk joins a complete layer)."""
         started = time.perf_counter()
         profile, header = staging.profile, staging.header
         layer_keys = _joined(staging.keys[layer])
         layer_values = _joined(staging.values[layer]) if header.has_values else None
-        staging.compressed[layer] = self._compress_one(profile, header.key_space, layer, layer_keys, layer_values,
-                                                       positions)
+        compressed = self._compress_one(profile, header.key_space, layer, layer_keys, layer_values, positions)
+        sampled = self._error_sample(layer_keys, compressed[0]) if layer == staging.sampled_layer else None
+        return compressed, sampled, time.perf_counter() - started
+
+    @staticmethod
+    def _commit_layer(staging: _Staging, layer: int, compressed: tuple[CompressedKeys, CompressedValues | None],
+                      sampled: float | None, seconds: float) -> None:
+        """Keep a compressed layer and let go of its raw chunks (under ``staging.lock``)."""
+        staging.compressed[layer] = compressed
         staging.keys[layer], staging.values[layer] = [], []
         if layer == staging.sampled_layer:
-            staging.sampled_error = self._error_sample(layer_keys, staging.compressed[layer][0])
-        staging.compress_seconds += time.perf_counter() - started
+            staging.sampled_error = sampled
+        staging.compress_seconds += seconds
+
+    @staticmethod
+    def _raise_failed_locked(staging: _Staging) -> None:
+        """Raise the error of a pooled layer compression of this upload that failed (once;
+        :meth:`finish_upload` compresses that layer again), as the chunk call that compressed
+        it inline would have; forget those that succeeded (under ``staging.lock``)."""
+        for layer, future in list(staging.pending.items()):
+            if future.done():
+                del staging.pending[layer]
+                if not future.cancelled() and future.exception() is not None:
+                    raise future.exception()
 
     def _compress_one(self, profile: Profile, key_space: str, layer: int, layer_keys: torch.Tensor,
                       layer_values: torch.Tensor | None,
@@ -658,6 +718,10 @@ class Engine:
         staging = self._staging(tenant, header)
         profile = staging.profile
         with staging.lock:
+            pending = list(staging.pending.values())
+        wait_all(pending)  # outside the lock: each commits its layer under it
+        with staging.lock:
+            staging.pending.clear()  # a layer that failed there is compressed again below, as an inline one
             missing = [(layer, got) for layer, got in enumerate(staging.received) if got != header.total_tokens]
             if missing:
                 layer, got = missing[0]

@@ -290,18 +290,17 @@ def fit_basis(keys: torch.Tensor) -> Basis:
     Uses the eigen-decomposition of the covariance: the same right singular vectors
     as an SVD of the centred keys at a fraction of the cost when tokens >> C.
     """
-    return _fit_centred(keys)[0]
+    return _fit_centred(keys.to(torch.float32, copy=True))[0]
 
 
-def _fit_centred(keys: torch.Tensor, scratch: bool = False) -> tuple[Basis, torch.Tensor]:
-    """:func:`fit_basis` and the float32 centred keys ``keys - basis.mean`` it computed on the
-    way, which compress projects rather than centring the same tokens again. ``scratch``:
-    float32 ``keys`` are the caller's own buffer, centred in place."""
-    work = keys.to(torch.float32)
+def _fit_centred(work: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+    """:func:`fit_basis` of the float32 keys ``work`` [tokens, C], which it centres in place
+    (``work - basis.mean``, returned with the basis): compress projects them rather than
+    centring the same tokens again, and fit_basis passes a copy of the caller's keys."""
     # torch's float32 reduction sums in cascades: within an ulp of a float64 mean of these
     # keys, without the float64 copy of every key that took longer than the sum.
     mean = work.mean(dim=0)
-    centred = work.sub_(mean) if scratch and work is keys else work - mean
+    centred = work.sub_(mean)
     # The eigenvectors that the covariance's rounding (see gram) cannot resolve belong to the
     # smallest singular values, whose channels the allocation drops anyway.
     covariance = gram(centred)
@@ -572,7 +571,62 @@ def _storage_dtype(keys: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if keys.dtype == torch.bfloat16 else torch.float16
 
 
-def compress(
+@dataclass
+class PreparedKeys:
+    """One layer's keys made ready for :func:`compress_prepared`: everything compress does
+    before it spends a bit budget, so that several budgets of the same keys (the candidate
+    splits of :func:`svdq.kv.compress_kv`) share it instead of repeating it.
+
+    Built by :func:`prepare` (checks, RoPE undone, 16-bit rounding, the basis, the centred
+    body); the error table the allocation ranks channels by is measured on first use and
+    kept. Read-only once built: every compress from it gives the bytes a plain
+    :func:`compress` of the same keys and config gives. It holds a float32 copy of the body
+    (what one compress holds at its peak), so keep it only while its compressions run.
+    """
+
+    method: str
+    group_size: int | None  # the config's (None: chosen by length), checked against each compress's
+    num_sinks_config: int
+    keys_dtype: torch.dtype
+    kv_heads: int
+    head_dim: int
+    stored_space: str
+    key_space: str
+    rope: RopeConfig | None
+    storage: torch.dtype
+    offset: int
+    explicit: torch.Tensor | None
+    rounded: torch.Tensor  # [tokens, C] in ``storage``: what full-precision tokens store
+    flat: torch.Tensor  # float32 [tokens, C]; its body rows are ``centred`` once that is known
+    num_sinks: int
+    token_group: int
+    n_groups: int
+    fitted: Basis | None  # None: no quantized group and no shared basis (the config's schedule decides)
+    shared_fp: int | None
+    shared: bool
+    components: torch.Tensor | None
+    mean: torch.Tensor | None
+    centred: torch.Tensor | None
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.rounded.shape[0]
+
+    def token_positions(self) -> torch.Tensor:
+        """int64 [tokens] position of every token (:meth:`CompressedKeys.token_positions` of the result)."""
+        if self.explicit is not None:
+            return self.explicit
+        return torch.arange(self.tokens, dtype=torch.int64, device=self.rounded.device) + self.offset
+
+    def table(self) -> torch.Tensor:
+        """The allocation's error table of the sampled groups (:func:`_sample_table`), measured once."""
+        if "table" not in self._tables:
+            self._tables["table"] = _sample_table(self.centred, self.components, self.token_group)
+        return self._tables["table"]
+
+
+def prepare(
     keys: torch.Tensor,
     config: CodecConfig | None = None,
     *,
@@ -581,23 +635,10 @@ def compress(
     key_space: str = "pre_rope",
     basis: Basis | None = None,
     limits: CostLimits | None = None,
-) -> CompressedKeys:
-    """Compress the keys of one layer of one sequence.
-
-    Args:
-        keys: [tokens, kv_heads, head_dim], float16/bfloat16/float32, finite.
-        config: :class:`CodecConfig`; the default is svdq at 1.5 true bits per element.
-        positions: int [tokens] absolute positions; default ``0..tokens-1``.
-        rope: the model's RoPE; required when ``key_space="post_rope"`` for svdq, and needed
-            later to return post-RoPE keys or to attend.
-        key_space: ``"pre_rope"`` or ``"post_rope"``, the space ``keys`` are in.
-        basis: a shared calibrated :class:`Basis` (svdq only); the blob then stores only its
-            fingerprint and loading it needs the same basis.
-        limits: :class:`CostLimits` checked before any work (default: the library's).
-
-    Raises InvalidInputError for malformed keys or options, ResourceExhaustedError for keys
-    beyond ``limits``.
-    """
+) -> PreparedKeys:
+    """The part of :func:`compress` (same arguments, same errors) that does not depend on the
+    bit budget: :func:`compress_prepared` then compresses it under any ``config`` that differs
+    from this one in ``bits_per_element`` or ``schedule`` only."""
     config = config or CodecConfig()
     _check_keys(keys, limits=limits, scan=False)
     if keys.shape[0] == 0:
@@ -646,12 +687,11 @@ def compress(
     else:
         num_sinks, group_size = min(config.num_sinks, tokens), config.group_size_for(tokens)
         n_groups = (tokens - num_sinks) // group_size
-    body_end = num_sinks + n_groups * group_size
-    body = flat[num_sinks:body_end]
+    body = flat[num_sinks:num_sinks + n_groups * group_size]
     device = keys.device
 
     shared_fp = None
-    centred = None  # body - mean, when the basis fit computed it
+    fitted = components = mean = centred = None  # centred: body - mean, when the basis fit computed it
     if config.method == "svdq":
         if basis is not None:
             if basis.channels != channels:
@@ -659,23 +699,97 @@ def compress(
                     f"shared basis has {basis.channels} channels but keys have kv_heads*head_dim = {channels}"
                 )
             fitted, shared_fp = basis, basis.fingerprint
-        elif n_groups == 0 and config.schedule is None:
-            # Nothing to quantize, so the budget keeps no channel and later appends quantize
-            # none either: only the mean is stored, and the O(C^3) fit would be wasted.
+        elif n_groups:
+            fitted, centred = _fit_centred(body)  # the body rows of the float32 copy, centred in place
+        if fitted is not None:
+            components = fitted.components.to(device).to(torch.float16)
+            mean = fitted.mean.to(device).float()
+    else:
+        components = identity_basis(channels, torch.device(device))
+        mean = torch.zeros(channels, device=device)
+    if centred is None and mean is not None:
+        centred = body.sub_(mean)  # the body's float32 rows are not read again
+    return PreparedKeys(
+        method=config.method, group_size=config.group_size, num_sinks_config=config.num_sinks, keys_dtype=keys.dtype,
+        kv_heads=kv_heads, head_dim=head_dim, stored_space=stored_space, key_space=key_space, rope=rope,
+        storage=storage, offset=offset, explicit=explicit, rounded=rounded, flat=flat, num_sinks=num_sinks,
+        token_group=group_size, n_groups=n_groups, fitted=fitted, shared_fp=shared_fp, shared=basis is not None,
+        components=components, mean=mean, centred=centred,
+    )
+
+
+def compress(
+    keys: torch.Tensor,
+    config: CodecConfig | None = None,
+    *,
+    positions: torch.Tensor | None = None,
+    rope: RopeConfig | None = None,
+    key_space: str = "pre_rope",
+    basis: Basis | None = None,
+    limits: CostLimits | None = None,
+) -> CompressedKeys:
+    """Compress the keys of one layer of one sequence.
+
+    Args:
+        keys: [tokens, kv_heads, head_dim], float16/bfloat16/float32, finite.
+        config: :class:`CodecConfig`; the default is svdq at 1.5 true bits per element.
+        positions: int [tokens] absolute positions; default ``0..tokens-1``.
+        rope: the model's RoPE; required when ``key_space="post_rope"`` for svdq, and needed
+            later to return post-RoPE keys or to attend.
+        key_space: ``"pre_rope"`` or ``"post_rope"``, the space ``keys`` are in.
+        basis: a shared calibrated :class:`Basis` (svdq only); the blob then stores only its
+            fingerprint and loading it needs the same basis.
+        limits: :class:`CostLimits` checked before any work (default: the library's).
+
+    Raises InvalidInputError for malformed keys or options, ResourceExhaustedError for keys
+    beyond ``limits``. The same keys under several budgets: :func:`prepare` once, then
+    :func:`compress_prepared` per budget (the same bytes).
+    """
+    config = config or CodecConfig()
+    return compress_prepared(prepare(keys, config, positions=positions, rope=rope, key_space=key_space, basis=basis,
+                                     limits=limits), config)
+
+
+def compress_prepared(prepared: PreparedKeys, config: CodecConfig | None = None) -> CompressedKeys:
+    """:func:`compress` of the keys :func:`prepare` made ready, under ``config``: the bytes a
+    plain compress gives. ``config`` may differ from the prepared one in ``bits_per_element``
+    and ``schedule`` only; ``prepared`` is not modified."""
+    return compress_restored(prepared, config)[0]
+
+
+def compress_restored(prepared: PreparedKeys,
+                      config: CodecConfig | None = None) -> tuple[CompressedKeys, torch.Tensor | None]:
+    """:func:`compress_prepared`, and the float32 [body tokens, C] pre-RoPE reconstruction of
+    the quantized tokens (before exact rows replace theirs) when choosing exact tokens
+    computed it (else None): :func:`decompress` ``body=`` takes it instead of computing it
+    again (the same bits)."""
+    config = config or CodecConfig()
+    if (config.method, config.group_size, config.num_sinks) != (prepared.method, prepared.group_size,
+                                                                prepared.num_sinks_config):
+        raise InvalidInputError(
+            f"keys prepared for method={prepared.method!r}, group_size={prepared.group_size}, "
+            f"num_sinks={prepared.num_sinks_config} cannot be compressed with method={config.method!r}, "
+            f"group_size={config.group_size}, num_sinks={config.num_sinks}: only the bit budget may differ"
+        )
+    rounded, flat = prepared.rounded, prepared.flat
+    tokens, channels = rounded.shape
+    kv_heads, head_dim = prepared.kv_heads, prepared.head_dim
+    num_sinks, group_size, n_groups = prepared.num_sinks, prepared.token_group, prepared.n_groups
+    body_end = num_sinks + n_groups * group_size
+    device = rounded.device
+    components, mean, centred = prepared.components, prepared.mean, prepared.centred
+    if components is None:
+        # Nothing to quantize and no shared basis: without a schedule the budget keeps no
+        # channel and later appends quantize none either, so only the mean is stored and the
+        # O(C^3) fit would be wasted; a schedule keeps channels of a basis fitted on every key.
+        if config.schedule is None:
             fitted = Basis(flat.to(torch.float64).mean(dim=0).float(), flat.new_zeros(channels, 0),
                            flat.new_zeros(0))
-        elif n_groups:
-            fitted, centred = _fit_centred(body, scratch=True)
         else:
             fitted = fit_basis(flat)
         components = fitted.components.to(device).to(torch.float16)
         mean = fitted.mean.to(device).float()
-    else:
-        components = identity_basis(channels, torch.device(device))
-        mean = torch.zeros(channels, device=device)
-
-    if centred is None:
-        centred = body.sub_(mean)  # the body's float32 rows are not read again
+        centred = flat[num_sinks:body_end] - mean  # no rows: nothing of the shared buffer changes
     if config.method == "fp16":
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     elif config.method == "kivi":
@@ -685,8 +799,9 @@ def compress(
     elif n_groups == 0:
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     else:
-        channel_bits = _allocate(centred, components, config, group_size, tokens, kv_heads, head_dim, num_sinks,
-                                 stored_basis=basis is None, rope=rope, explicit_positions=explicit is not None)
+        channel_bits = _allocate(prepared.table(), config, group_size, tokens, kv_heads, head_dim, num_sinks,
+                                 n_groups, stored_basis=not prepared.shared, rope=prepared.rope,
+                                 explicit_positions=prepared.explicit is not None)
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
@@ -694,8 +809,8 @@ def compress(
     # Only the kept columns are projected: the exact computation append() repeats (_encode).
     codes, scales, mins = _encode(centred, basis_columns, kept_bits, group_size, config.method)
     packed = pack_codes(codes, kept_bits)
-    exact_index, exact_rows = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean, basis_columns,
-                                            config.exact_count(n_groups * group_size))
+    exact_index, exact_rows, restored_body = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean,
+                                                           basis_columns, config.exact_count(n_groups * group_size))
     exact = {}
     if config.exact_bits != 16 and exact_index.numel():
         restored = reconstruct_tokens(packed, scales, mins, kept_bits, group_size, basis_columns, mean,
@@ -705,17 +820,18 @@ def compress(
                  "exact_mins": exact_mins}
         exact_rows = exact_corrected_rows(restored, exact_codes, exact_scales, exact_mins, config.exact_bits)
 
+    storage = prepared.storage
     compressed = CompressedKeys(
         method=config.method,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        input_dtype=keys.dtype,
+        input_dtype=prepared.keys_dtype,
         storage_dtype=storage,
-        stored_space=stored_space,
-        rope=rope,
+        stored_space=prepared.stored_space,
+        rope=prepared.rope,
         group_size=group_size,
         num_sinks=config.num_sinks if config.method != "fp16" else 0,
-        position_offset=offset,
+        position_offset=prepared.offset,
         channel_bits=channel_bits.to(torch.uint8),
         basis=components if config.method == "kivi" else basis_columns,
         mean=mean,
@@ -724,16 +840,16 @@ def compress(
         scales=scales,
         mins=mins,
         tail=rounded[body_end:].clone(),
-        positions=explicit,
-        shared_basis=shared_fp,
-        input_space=key_space,
+        positions=prepared.explicit,
+        shared_basis=prepared.shared_fp,
+        input_space=prepared.key_space,
         exact_index=exact_index + num_sinks,
         exact_rows=exact_rows.to(storage),
         **exact,
     )
     if config.method == "svdq" and config.schedule is None:
         _warn_if_over_budget(compressed, config.bits_per_element)
-    return compressed
+    return compressed, restored_body
 
 
 _WARNED: set = set()
@@ -771,19 +887,22 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
 
 
 def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                  mean: torch.Tensor, basis_columns: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  mean: torch.Tensor, basis_columns: torch.Tensor,
+                  count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(body-relative int64 [count] ascending indices, rows [count, C] in ``body``'s dtype) of
     the body tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C]
-    (pre-RoPE; compress passes the 16-bit rounded keys it stores).
+    (pre-RoPE; compress passes the 16-bit rounded keys it stores), and that float32
+    reconstruction [n, C] (None for no exact token: none is computed).
 
     The absolute error, not the error relative to the token's norm: attention scores are dot
     products, so a large error moves a score as much whatever the key's own length."""
     if count == 0:
-        return torch.zeros(0, dtype=torch.int64, device=body.device), body.new_zeros(0, body.shape[1])
+        return torch.zeros(0, dtype=torch.int64, device=body.device), body.new_zeros(0, body.shape[1]), None
+    # What decompress computes for these rows (the same products, in the same order).
     restored = dequantize_groups(codes, scales, mins).reshape(body.shape[0], -1) @ basis_columns.float().T + mean
     error = (restored - body).pow(2).sum(dim=1)
     index = torch.sort(torch.topk(error, count).indices).values
-    return index, body[index]
+    return index, body[index], restored
 
 
 #: kept latent channels at most this wide are projected by bfloat16 products (float32
@@ -889,19 +1008,33 @@ def exact_corrected_rows(restored: torch.Tensor, codes: torch.Tensor, scales: to
     return restored + correction.reshape(restored.shape)
 
 
-def _allocate(centred, components, config, group_size, tokens, kv_heads, head_dim, num_sinks, *,
-              stored_basis, rope, explicit_positions, sample_tokens: int = 2048) -> torch.Tensor:
-    """Budget allocation: spend what the fixed costs leave of ``bits_per_element``.
+def _sample_table(centred: torch.Tensor, components: torch.Tensor, group_size: int,
+                  sample_tokens: int = 2048) -> torch.Tensor:
+    """The error of every latent channel at every width (:func:`svdq.quant.distortion_table`)
+    measured on evenly spaced token groups holding about ``sample_tokens`` tokens and scaled
+    to all groups: enough to rank channels, and it keeps the full [tokens, C] projection and
+    nine trial quantizations of it out of the hot path. ``centred`` are the body tokens minus
+    the mean, float32 [n_groups * group_size, C]. It does not depend on the budget."""
+    channels = centred.shape[1]
+    n_groups = centred.shape[0] // group_size
+    groups = centred.reshape(n_groups, group_size, channels)
+    sample_groups = max(4, sample_tokens // group_size)
+    if n_groups > sample_groups:
+        groups = groups[torch.linspace(0, n_groups - 1, sample_groups, device=centred.device).round().long()]
+    # bfloat16 products: the table ranks channels by errors that their rounding does not move.
+    sample = groups.reshape(-1, channels).to(torch.bfloat16) @ components.to(torch.bfloat16)
+    sample = sample.float().reshape(-1, group_size, channels)
+    # Errors of the sample stand for all groups: scale them so they weigh right against bit costs.
+    return distortion_table(sample) * (n_groups / sample.shape[0])
 
-    The error of every latent channel at every width is measured on evenly spaced token
-    groups holding about ``sample_tokens`` tokens: enough to rank channels, and it keeps the
-    full [tokens, C] projection and nine trial quantizations of it out of the hot path.
-    ``centred`` are the body tokens minus the mean, float32 [n_groups * group_size, C].
-    """
+
+def _allocate(sample_table: torch.Tensor, config, group_size, tokens, kv_heads, head_dim, num_sinks, n_groups, *,
+              stored_basis, rope, explicit_positions) -> torch.Tensor:
+    """Budget allocation: spend what the fixed costs leave of ``bits_per_element`` on the
+    channels of ``sample_table`` (:func:`_sample_table`, not modified)."""
     from .format import fixed_size
 
     channels = kv_heads * head_dim
-    n_groups = centred.shape[0] // group_size
     quantized = n_groups * group_size
     fixed_bits = 8 * fixed_size(
         method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
@@ -914,15 +1047,7 @@ def _allocate(centred, components, config, group_size, tokens, kv_heads, head_di
     # then exceed the target (reported as such).
     budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
     per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
-    groups = centred.reshape(n_groups, group_size, channels)
-    sample_groups = max(4, sample_tokens // group_size)
-    if n_groups > sample_groups:
-        groups = groups[torch.linspace(0, n_groups - 1, sample_groups, device=centred.device).round().long()]
-    # bfloat16 products: the table ranks channels by errors that their rounding does not move.
-    sample = groups.reshape(-1, channels).to(torch.bfloat16) @ components.to(torch.bfloat16)
-    sample = sample.float().reshape(-1, group_size, channels)
-    # Errors of the sample stand for all groups: scale them so they weigh right against bit costs.
-    table = distortion_table(sample) * (n_groups / sample.shape[0])
+    table = sample_table.clone()
     table[:, 1:] /= config.noise_averaging
     return allocate_budget(table, budget, quantized, per_channel_meta)
 
@@ -935,7 +1060,8 @@ def _latent_rows(compressed: CompressedKeys) -> torch.Tensor:
 
 
 def decompress(
-    compressed: CompressedKeys | bytes, key_space: str | None = None, dtype: torch.dtype | None = None
+    compressed: CompressedKeys | bytes, key_space: str | None = None, dtype: torch.dtype | None = None,
+    *, body: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruct keys [tokens, kv_heads, head_dim].
 
@@ -944,6 +1070,8 @@ def decompress(
             (parsed with ``from_bytes``; a blob made with a shared basis needs ``from_bytes(blob, basis)``).
         key_space: ``"pre_rope"`` or ``"post_rope"``; default: the space the keys came in.
         dtype: output dtype; default: the dtype the keys came in.
+        body: the reconstruction of the quantized tokens that :func:`compress_restored` gave
+            with ``compressed`` (svdq), used instead of computing it again.
     """
     if isinstance(compressed, (bytes, bytearray, memoryview)):
         from .format import from_bytes  # format imports this module
@@ -962,6 +1090,11 @@ def decompress(
     flat[:sinks] = compressed.sinks
     if compressed.method == "kivi":  # identity basis, zero mean: the latent rows are the keys
         flat[sinks:body_end] = _latent_rows(compressed)
+    elif body is not None:
+        if body.shape != (body_end - sinks, compressed.channels):
+            raise InvalidInputError(f"body must be the [{body_end - sinks}, {compressed.channels}] reconstruction of "
+                                    f"these keys' quantized tokens, got {list(body.shape)}")
+        flat[sinks:body_end] = body
     else:
         torch.matmul(_latent_rows(compressed), compressed.basis.float().T, out=flat[sinks:body_end])
         flat[sinks:body_end] += compressed.mean
@@ -1080,8 +1213,11 @@ __all__ = [
     "append",
     "check_cost",
     "compress",
+    "compress_prepared",
+    "compress_restored",
     "decompress",
     "fit_basis",
     "fit_layer_basis",
+    "prepare",
     "relative_error",
 ]

@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .codec import Basis, CodecConfig, CompressedKeys, append, compress, decompress
+from .codec import (Basis, CodecConfig, CompressedKeys, PreparedKeys, append, compress_prepared, decompress,
+                    prepare)
 from .errors import FormatError, InvalidInputError
 from .quant import pack_rows, quantize_groups, unpack_rows
 
@@ -220,13 +221,11 @@ def compress_values(values: torch.Tensor, config: ValueConfig | None = None,
     :func:`svdq.codec.fit_layer_basis` on values); the blob then stores its fingerprint.
     """
     config = config or ValueConfig()
-    _check_values(values, "values")
-    if basis is not None and config.codec is None:
-        raise InvalidInputError("a shared value basis only applies to SVDq latent values (ValueConfig(codec=...))")
     if config.codec is not None:
-        if values.shape[0] == 0:
-            raise InvalidInputError("values must hold at least one token to be stored as an SVDq latent, got 0")
-        return _latent_values(compress(values, config.codec, key_space="pre_rope", basis=basis))
+        return compress_prepared_values(prepare_values(values, config, basis), config)
+    _check_values(values, "values")
+    if basis is not None:
+        raise InvalidInputError("a shared value basis only applies to SVDq latent values (ValueConfig(codec=...))")
     tokens, heads, head_dim = values.shape
     empty_u8 = torch.empty(tokens, heads, 0, dtype=torch.uint8, device=values.device)
     empty_f16 = torch.empty(tokens, heads, 0, dtype=torch.float16, device=values.device)
@@ -251,6 +250,27 @@ def compress_values(values: torch.Tensor, config: ValueConfig | None = None,
         config.bits, config.group_size, heads, head_dim, empty_data, pack_rows(codes, config.bits),
         scales.reshape(tokens, heads, groups), mins.reshape(tokens, heads, groups),
     )
+
+
+def prepare_values(values: torch.Tensor, config: ValueConfig, basis: Basis | None = None) -> PreparedKeys:
+    """The budget-free part of :func:`compress_values` of SVDq latent values (same arguments
+    and errors; :func:`svdq.codec.prepare`): :func:`compress_prepared_values` then stores them
+    under any value codec that differs from ``config``'s in its bit budget only."""
+    _check_values(values, "values")
+    if config.codec is None:
+        raise InvalidInputError("only SVDq latent values (ValueConfig(codec=...)) can be prepared, got "
+                                f"method {config.method!r}")
+    if values.shape[0] == 0:
+        raise InvalidInputError("values must hold at least one token to be stored as an SVDq latent, got 0")
+    return prepare(values, config.codec, key_space="pre_rope", basis=basis)
+
+
+def compress_prepared_values(prepared: PreparedKeys, config: ValueConfig) -> CompressedValues:
+    """:func:`compress_values` of the values :func:`prepare_values` made ready, under ``config``
+    (an SVDq latent): the same bytes."""
+    if config.codec is None:
+        raise InvalidInputError(f"prepared values are stored as an SVDq latent, not {config.method!r}")
+    return _latent_values(compress_prepared(prepared, config.codec))
 
 
 def append_values(compressed: CompressedValues, new_values: torch.Tensor) -> CompressedValues:

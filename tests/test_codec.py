@@ -4,6 +4,8 @@ Quality on real keys is measured by bench/quality.py; random low-rank keys here 
 that the machinery is right.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from svdq import (
     relative_error,
     to_bytes,
 )
-from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _projected_chunks, gram
+from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _projected_chunks, compress_prepared, compress_restored, gram, prepare
 from svdq.quant import pack_codes, quantize_groups
 
 ROPE = RopeConfig(theta=10000.0)
@@ -286,3 +288,38 @@ def test_kivi_quantizes_the_keys_own_channels_and_decompresses_without_a_basis_p
     assert torch.equal(restored[100:], keys[100:].to(torch.float16).float())
     grown = append(compress(keys[:40], CodecConfig(method="kivi", bits=2, group_size=32)), keys[40:])
     assert to_bytes(grown) == to_bytes(compressed)  # appended groups quantize the same channels
+
+
+@pytest.mark.parametrize("method", ["svdq", "kivi", "fp16"])
+@pytest.mark.parametrize("tokens", [3, 300])
+def test_prepared_keys_compress_to_the_bytes_of_compress_under_every_budget(method, tokens):
+    post = apply_rope(layer_keys(tokens), torch.arange(tokens) + 5, ROPE)
+    arguments = {"positions": torch.arange(tokens) + 5, "rope": ROPE, "key_space": "post_rope"}
+    shared = fit_layer_basis(layer_keys(400, seed=1)) if method == "svdq" else None
+    base = {"svdq": CodecConfig(bits_per_element=2.0, exact_tokens=2, exact_share=0.125, exact_bits=2),
+            "kivi": CodecConfig(method="kivi", bits=2), "fp16": CodecConfig(method="fp16")}[method]
+    configs = [replace(base, bits_per_element=bits) for bits in (1.0, 3.0, 1.5)] if method == "svdq" else [base]
+    if method == "svdq":
+        configs.append(replace(base, bits_per_element=None, schedule=(4, 2, 0)))
+    for basis in (None, shared) if method == "svdq" else (None,):
+        prepared = prepare(post, base, basis=basis, **arguments)
+        for config in configs:  # in turns, twice: what one compress leaves does not change the next
+            for _ in range(2):
+                assert to_bytes(compress_prepared(prepared, config)) == \
+                    to_bytes(compress(post, config, basis=basis, **arguments))
+    with pytest.raises(InvalidInputError, match="only the bit budget may differ"):
+        compress_prepared(prepare(post, base, **arguments), replace(base, num_sinks=0))
+
+
+def test_the_reconstruction_that_chose_the_exact_tokens_decompresses_to_the_same_bits():
+    post = apply_rope(layer_keys(300), torch.arange(300), ROPE)
+    prepared = prepare(post, CodecConfig(exact_tokens=3, exact_bits=4), rope=ROPE, key_space="post_rope",
+                       positions=torch.arange(300))
+    compressed, body = compress_restored(prepared, CodecConfig(bits_per_element=2.0, exact_tokens=3, exact_bits=4))
+    assert body.shape == (compressed.num_groups * compressed.group_size, 48)
+    for space in ("pre_rope", "post_rope"):
+        assert torch.equal(decompress(compressed, space, torch.float32, body=body),
+                           decompress(compressed, space, torch.float32))
+    with pytest.raises(InvalidInputError, match=r"body must be the \[\d+, 48\] reconstruction"):
+        decompress(compressed, body=body[1:])
+    assert compress_restored(prepared, CodecConfig(bits_per_element=2.0, exact_bits=16))[1] is None  # no exact tokens

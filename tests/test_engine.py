@@ -690,3 +690,54 @@ def test_a_layer_whose_compression_failed_is_compressed_again_when_the_upload_fi
     engine.add_chunk("t", upload, UploadChunkData(0, 0, keys, values, None))
     engine.finish_upload("t", upload)
     assert failures == [0] and snapshot(engine, "t", "retried") == snapshot(engine, "t", "whole")
+
+
+def test_pooled_compression_stores_the_inline_bytes_and_reports_a_failure_at_the_next_chunk(monkeypatch):
+    inline = Engine(EngineConfig(device="cpu", store_bytes=1 << 22), [make_profile()])
+    pooled = Engine(EngineConfig(device="cpu", store_bytes=1 << 22, compress_threads=2), [make_profile()])
+    keys, values = cache()
+    inline.upload("t", header("s"), keys, values)
+    upload = header("s")
+    pooled.begin_upload("t", upload)
+    for layer in range(LAYERS):  # a layer per chunk, as a client sends them
+        pooled.add_chunk("t", upload, UploadChunkData(layer, 0, keys[layer:layer + 1], values[layer:layer + 1], None))
+    pooled.finish_upload("t", upload)
+    assert snapshot(pooled, "t", "s") == snapshot(inline, "t", "s")
+    assert pooled.staging_totals() == (0, 0)
+
+    failing = header("failing")
+    pooled.begin_upload("t", failing)
+    real = pooled._compress_one
+
+    def fails_on_layer_0(*args):
+        if args[2] == 0:
+            raise ResourceExhaustedError("out of memory (injected)")
+        return real(*args)
+
+    monkeypatch.setattr(pooled, "_compress_one", fails_on_layer_0)
+    pooled.add_chunk("t", failing, UploadChunkData(0, 0, keys[:1], values[:1], None))  # compresses in the pool
+    pooled._uploads[("t", "failing")].pending[0].exception()  # wait for it
+    with pytest.raises(ResourceExhaustedError, match="injected"):
+        pooled.add_chunk("t", failing, UploadChunkData(1, 0, keys[1:], values[1:], None))
+    pooled.abort_upload("t", failing)
+    assert pooled.staging_totals() == (0, 0)
+    # a failure nobody reported is compressed again when the upload finishes, as an inline one
+    monkeypatch.setattr(pooled, "_compress_one", real)
+    retried, failures = header("retried"), []
+
+    def fails_once(*args):
+        if not failures:
+            failures.append(args[2])
+            raise ResourceExhaustedError("out of memory (injected)")
+        return real(*args)
+
+    monkeypatch.setattr(pooled, "_compress_one", fails_once)
+    pooled.begin_upload("t", retried)
+    pooled.add_chunk("t", retried, UploadChunkData(0, 0, keys, values, None))  # both layers in one chunk
+    pooled.finish_upload("t", retried)
+    assert failures == [0] and snapshot(pooled, "t", "retried") == snapshot(inline, "t", "s")
+
+
+def test_compress_threads_must_be_a_small_count():
+    with pytest.raises(InvalidInputError, match=r"compress_threads must be an integer in 0\.\.64"):
+        Engine(EngineConfig(device="cpu", compress_threads=-1))

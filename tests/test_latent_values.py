@@ -4,13 +4,14 @@ latent codes instead of rebuilding values."""
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import seal
 from test_attention import ROPE, make_case, naive_attention
 
-from svdq import CodecConfig, compress, decompress, fit_basis
+from svdq import CodecConfig, compress, decompress, fit_basis, fit_layer_basis, to_bytes
 from svdq.attention import SparsityConfig, attend
 from svdq.errors import FormatError, InvalidInputError
 from svdq.kv import CacheBudget, compress_kv
@@ -321,6 +322,60 @@ def test_cache_budget_spends_the_total_bits_on_the_measured_best_split():
     sharp_keys = 2 * torch.randn(900, 3, 64, generator=generator)  # full rank: every key bit counts
     assert compress_kv(sharp_keys, rank_two, budget, positions=torch.arange(900), rope=ROPE,
                        key_space="post_rope").key_share == 0.5
+
+
+def _compress_kv_one_by_one(keys, values, budget, key_basis=None, value_basis=None, **arguments):
+    """compress_kv as it was before candidates shared their preparation: a plain compress and
+    compress_values per candidate share, then the same probe error."""
+    from svdq.kv import MIN_VALUE_BITS, _attention
+    from svdq.rope import apply_rope
+
+    candidates = []
+    for share in budget.key_shares:
+        key_config = replace(budget.key_codec, bits_per_element=2 * budget.bits_per_element * share)
+        compressed_keys = compress(keys, key_config, basis=key_basis, **arguments)
+        value_bits = max(2 * budget.bits_per_element - compressed_keys.bits_per_element, MIN_VALUE_BITS)
+        value_config = ValueConfig(codec=replace(budget.value_codec, bits_per_element=value_bits))
+        candidates.append((share, compressed_keys, compress_values(values, value_config, basis=value_basis)))
+    positions = candidates[0][1].token_positions()
+    reference_keys = apply_rope(keys.float(), positions, ROPE).double() if arguments["key_space"] == "pre_rope" \
+        else keys.double()
+    probe_index = torch.linspace(keys.shape[0] // 2, keys.shape[0] - 1,
+                                 min(budget.probe_queries, keys.shape[0])).round().long().unique()
+    probes, probe_positions = reference_keys[probe_index], positions[probe_index]
+    reference = _attention(probes, reference_keys, values.double(), probe_positions, positions)
+    energy = float(reference.pow(2).sum().clamp(min=1e-300))
+    errors = {}
+    for share, compressed_keys, compressed_values in candidates:
+        output = _attention(probes, decompress(compressed_keys, "post_rope", dtype=torch.float32).double(),
+                            decompress_values(compressed_values, torch.float32).double(), probe_positions, positions)
+        errors[share] = float((output - reference).pow(2).sum()) / energy
+    share = min(errors, key=errors.get)
+    chosen = next(candidate for candidate in candidates if candidate[0] == share)
+    return chosen[1], chosen[2], share, errors
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_compress_kv_stores_the_bytes_and_split_of_a_compress_per_candidate(key_space, shared):
+    keys, values = _layer(1100, seed=2)
+    if key_space == "pre_rope":
+        keys = decompress(compress(keys, CodecConfig(method="fp16"), rope=ROPE, key_space="post_rope"), "pre_rope",
+                          dtype=torch.float32)
+    key_basis = value_basis = None
+    if shared:
+        calibration_keys, calibration_values = _layer(700, seed=5)
+        key_basis = fit_layer_basis(calibration_keys, torch.arange(700), ROPE)
+        value_basis = fit_basis(calibration_values.reshape(700, -1))
+    arguments = {"positions": torch.arange(1100) + 3, "rope": ROPE, "key_space": key_space}
+    budget = CacheBudget(bits_per_element=2.0, key_codec=CodecConfig(exact_tokens=4, exact_share=0.125, exact_bits=2))
+    cache = compress_kv(keys, values, budget, key_basis=key_basis, value_basis=value_basis, **arguments)
+    keys_alone, values_alone, share, errors = _compress_kv_one_by_one(keys, values, budget, key_basis, value_basis,
+                                                                      **arguments)
+    assert (cache.key_share, cache.split_errors) == (share, errors)
+    assert len(set(errors.values())) == len(errors)  # the candidates differ: the choice is a real one
+    assert to_bytes(cache.keys) == to_bytes(keys_alone)
+    assert values_to_bytes(cache.values) == values_to_bytes(values_alone)
 
 
 def test_keys_over_their_share_leave_the_values_less_and_the_whole_cache_on_the_budget():

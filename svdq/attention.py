@@ -429,7 +429,7 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
         kept = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
         for start in range(0, n_body, block):
             kept[start:start + block] = low_rank_block(start, min(n_body, start + block))
-        DERIVED.put(keys, name, kept)
+        DERIVED.put(keys, name, kept, optional=True)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
         low_rank = kept[start:stop] if kept is not None else low_rank_block(start, stop)
@@ -846,7 +846,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
         # block), whichever way the others were made.
         dots.index_copy_(2, _exact_body_index(keys), torch.bmm(grouped, _exact_key_columns(keys)))
     if kept_keys is None and keep:
-        DERIVED.put(keys, KEPT_KEYS, halves)
+        DERIVED.put(keys, KEPT_KEYS, halves, optional=True)
     return dots
 
 
@@ -1274,7 +1274,7 @@ def _kept_latent(latent: CompressedKeys, block: int) -> torch.Tensor | None:
     kept = torch.empty(blocks, channels + 1, block)
     for _ in _latent_blocks(latent, block, out=kept):
         pass
-    return DERIVED.put(latent, KEPT_LATENT, kept)
+    return DERIVED.put(latent, KEPT_LATENT, kept, optional=True)
 
 
 #: Name of SVDq values' projection operand, float32 [Hkv, r + 1 + F, D] (:func:`_value_projection`).

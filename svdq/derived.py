@@ -19,10 +19,13 @@ keeps a least-recently-used order over the objects that hold some and, past
 is in use, so one sequence's layer may exceed a limit smaller than its own cache.
 
 Required tensors (what a call cannot run without, e.g. the unpacked codes) come before
-optional ones (those admitted through :meth:`DerivedCache.admits`): an optional tensor is
-kept only in the room that the required ones leave, and past the limit the optional tensors
-go first (least recently used owner first, the one in use included), before any owner loses
-a required tensor; an optional put never clears a required tensor.
+optional ones (those admitted through :meth:`DerivedCache.admits` and put with
+``optional=True``): an optional tensor is kept only in the room that the required ones
+leave, and an optional put never clears a required tensor (it drops older optional tensors,
+least recently used owner first, or itself). A required put past the limit walks the owners
+from the least recently used: each one's optional tensors go first, then the owner whole
+(never the most recent), so sequences no longer attended make room before the hot ones lose
+what they keep.
 """
 
 from __future__ import annotations
@@ -99,8 +102,7 @@ class DerivedCache:
         budget has room (:meth:`has_room`) and ``owner`` asks for it a second time (its first
         ask is only noted, in its ``_cache``, uncharged). Admission on the second use: a sequence
         attended once (a one-off call) does not pay for building and keeping what only repeated
-        calls (decode steps) gain from. A ``name`` asked about here is optional: its
-        :meth:`put` never clears a required tensor, and it is evicted before any."""
+        calls (decode steps) gain from. Put what it admits with ``optional=True``."""
         if not self.has_room(nbytes):
             return False
         marker = _asked(name)
@@ -120,13 +122,13 @@ class DerivedCache:
                     self._trim_locked()
         return value
 
-    def put(self, owner: Any, name: Any, value: Any) -> Any:
-        """Keep ``value`` as ``owner``'s ``name`` and charge its bytes; past the limit, drop
-        optional tensors (oldest owners first), then, for a required ``value`` only, clear the
-        least recently used other owners. Returns ``value`` (an optional one is dropped again at
-        once when the older optional tensors do not make room for it)."""
+    def put(self, owner: Any, name: Any, value: Any, *, optional: bool = False) -> Any:
+        """Keep ``value`` as ``owner``'s ``name`` and charge its bytes; past the limit, make room
+        as the module docstring says. ``optional``: a tensor :meth:`admits` admitted, said at the
+        call (a marker in ``owner._cache`` could be cleared by another thread's eviction between
+        the two). Returns ``value`` (an optional one is dropped again at once when older optional
+        tensors do not make room for it)."""
         key = id(owner)
-        optional = bool(owner._cache.get(_asked(name)))
         with self._lock:
             entry = self._owners.get(key)
             if entry is None or entry[0]() is not owner:
@@ -145,16 +147,19 @@ class DerivedCache:
         return value
 
     def _trim_locked(self, required: bool = True) -> None:
-        """Until within the limit: drop optional tensors, least recently used owners first (the
-        most recent one's too); then, with ``required``, clear the least recently used owners
-        whole, never the most recent."""
+        """Until within the limit, least recently used owners first: drop each one's optional
+        tensors (the most recent one's too); with ``required``, then clear the owner whole,
+        never the most recent."""
         if self._limit is None or self._bytes <= self._limit:
             return
-        for entry in list(self._owners.values()) if self._optional_bytes else ():
-            if self._bytes <= self._limit or not self._optional_bytes:
+        most_recent = next(reversed(self._owners))
+        for key, entry in list(self._owners.items()):
+            if self._bytes <= self._limit:
                 break
             owner = entry[0]()
             for name, nbytes in list(entry[2].items()):
+                if self._bytes <= self._limit:
+                    break
                 if owner is not None:
                     owner._cache.pop(name, None)
                 del entry[2][name]
@@ -162,15 +167,12 @@ class DerivedCache:
                 self._bytes -= nbytes
                 self._optional_bytes -= nbytes
                 self.optional_evictions += 1
-                if self._bytes <= self._limit:
-                    break
-        while required and self._bytes > self._limit and len(self._owners) > 1:
-            _, (ref, charged, optional) = self._owners.popitem(last=False)
-            self._uncharge_locked(charged, optional)
-            self.evictions += 1
-            evicted = ref()
-            if evicted is not None:
-                evicted._cache.clear()
+            if required and key != most_recent and self._bytes > self._limit:
+                del self._owners[key]
+                self._uncharge_locked(entry[1], entry[2])
+                self.evictions += 1
+                if owner is not None:
+                    owner._cache.clear()
 
     def _uncharge_locked(self, charged: int, optional: dict) -> None:
         self._bytes -= charged

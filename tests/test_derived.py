@@ -146,10 +146,10 @@ def test_optional_tensors_are_admitted_on_their_second_ask_while_there_is_room()
 def _admitted(cache, owner, name, nbytes):
     """Put an optional tensor the way attention does: asked twice, then kept."""
     assert not cache.admits(owner, name, nbytes) and cache.admits(owner, name, nbytes)
-    return cache.put(owner, name, torch.zeros(nbytes, dtype=torch.uint8))
+    return cache.put(owner, name, torch.zeros(nbytes, dtype=torch.uint8), optional=True)
 
 
-def test_a_required_put_drops_optional_tensors_before_any_required_one():
+def test_a_required_put_walks_the_owners_from_the_least_recently_used_optional_before_required():
     cache = DerivedCache(limit_bytes=1000)
     first, second, third = Holder(), Holder(), Holder()
     cache.put(first, "codes", torch.zeros(300, dtype=torch.uint8))
@@ -157,14 +157,40 @@ def test_a_required_put_drops_optional_tensors_before_any_required_one():
     _admitted(cache, second, "keys", 300)
     assert cache.nbytes == 800 and cache.optional_bytes == 300
     cache.get(first, "codes")  # first is the most recent: second is the least recently used
-    cache.put(third, "codes", torch.zeros(400, dtype=torch.uint8))  # 1200: second's optional keys go, nothing else
+    cache.put(third, "codes", torch.zeros(400, dtype=torch.uint8))  # 1200: second's optional keys are enough
     assert "keys" not in second._cache and "codes" in second._cache and "codes" in first._cache
     assert cache.nbytes == 900 and cache.optional_bytes == 0 and cache.evictions == 0 and cache.optional_evictions == 1
     _admitted(cache, third, "keys", 100)  # room again: the one in use keeps one
-    cache.put(third, "more", torch.zeros(100, dtype=torch.uint8))  # its own optional goes before others' required
-    assert "keys" not in third._cache and all("codes" in owner._cache for owner in (first, second, third))
-    cache.put(third, "most", torch.zeros(200, dtype=torch.uint8))  # no optional left: the oldest owner goes
-    assert second._cache == {} and cache.evictions == 1 and cache.nbytes == 1000
+    cache.put(third, "more", torch.zeros(100, dtype=torch.uint8))  # 1100: the oldest owner goes whole
+    assert second._cache == {} and cache.evictions == 1 and cache.nbytes == 900
+    assert "keys" in third._cache and "codes" in first._cache
+
+
+def test_a_stale_owners_required_tensors_go_before_a_hot_owners_optional_ones():
+    """A sequence no longer attended does not starve the ones being decoded of what they keep."""
+    cache = DerivedCache(limit_bytes=1000)
+    stale, hot, new = Holder(), Holder(), Holder()
+    cache.put(stale, "codes", torch.zeros(300, dtype=torch.uint8))
+    cache.put(hot, "codes", torch.zeros(200, dtype=torch.uint8))
+    _admitted(cache, hot, "keys", 400)
+    cache.put(new, "codes", torch.zeros(200, dtype=torch.uint8))  # 1100
+    assert stale._cache == {} and "keys" in hot._cache and "codes" in hot._cache
+    assert cache.nbytes == 800 and cache.optional_bytes == 400 and cache.evictions == 1
+    assert cache.optional_evictions == 0
+
+
+def test_an_admitted_tensor_stays_optional_when_its_owner_was_cleared_in_between():
+    """Whether a put is optional is said at the call, not read back from the owner's cache,
+    which another thread's eviction may have cleared since admits."""
+    cache = DerivedCache(limit_bytes=1000)
+    first, second = Holder(), Holder()
+    cache.put(first, "codes", torch.zeros(500, dtype=torch.uint8))
+    cache.put(second, "codes", torch.zeros(100, dtype=torch.uint8))
+    assert not cache.admits(second, "keys", 400) and cache.admits(second, "keys", 400)
+    cache.discard(second)  # what another thread's eviction between admits and put does
+    cache.put(second, "keys", torch.zeros(550, dtype=torch.uint8), optional=True)  # 1050: too big
+    assert "codes" in first._cache and "keys" not in second._cache
+    assert cache.evictions == 0 and cache.optional_bytes == 0 and cache.nbytes == 500
 
 
 def test_an_optional_put_never_clears_a_required_tensor():
@@ -173,15 +199,15 @@ def test_an_optional_put_never_clears_a_required_tensor():
     cache.put(first, "codes", torch.zeros(500, dtype=torch.uint8))
     assert not cache.admits(second, "keys", 400) and cache.admits(second, "keys", 400)
     cache.put(second, "codes", torch.zeros(300, dtype=torch.uint8))  # meanwhile: 800, no room left for 400
-    cache.put(second, "keys", torch.zeros(400, dtype=torch.uint8))
+    cache.put(second, "keys", torch.zeros(400, dtype=torch.uint8), optional=True)
     assert "codes" in first._cache and "codes" in second._cache and "keys" not in second._cache
     assert cache.nbytes == 800 and cache.optional_bytes == 0 and cache.evictions == 0
     # two optional tensors admitted while there was room for each: the newer put drops the
     # older owner's optional tensor, never a required one
     assert not cache.admits(first, "keys", 150) and cache.admits(first, "keys", 150)
     assert not cache.admits(second, "score", 150) and cache.admits(second, "score", 150)
-    cache.put(first, "keys", torch.zeros(150, dtype=torch.uint8))
-    cache.put(second, "score", torch.zeros(150, dtype=torch.uint8))
+    cache.put(first, "keys", torch.zeros(150, dtype=torch.uint8), optional=True)
+    cache.put(second, "score", torch.zeros(150, dtype=torch.uint8), optional=True)
     assert "keys" not in first._cache and second._cache["score"] is not None and cache.nbytes == 950
 
 

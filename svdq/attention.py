@@ -1353,12 +1353,17 @@ def _attend_torch_group(
     if values.latent is not None and _dense_latent_sum_is_cheaper(values.latent, stacked.token_index, ratio):
         # The two softmaxes merged into one set of weights over the sequence, summed densely.
         share, share_body, lse = _merge_shares(lse, lse_body)
-        dense = weights.new_zeros(count, kv_heads, ratio, keys.num_tokens)
-        dense.index_copy_(-1, fp_index, weights.mul_(share[..., None]))
-        # (scatter_add: padding selections point at token 0 with zero weight)
-        dense.scatter_add_(-1, (stacked.token_index + start)[:, :, None, :].expand(-1, -1, ratio, -1),
-                           body_weights.mul_(share_body[..., None]))
-        output = weighted_values(values, dense, slice(0, keys.num_tokens))
+        # Head-major [Hkv, count, ratio, T], written through a query-major view, so that the
+        # sum reads it in place (a query-major tensor would be copied whole into that layout).
+        dense = weights.new_zeros(kv_heads, count, ratio, keys.num_tokens)
+        by_query = dense.permute(1, 0, 2, 3)
+        by_query.index_copy_(-1, fp_index, weights.mul_(share[..., None]))
+        # (scatter_add: padding selections point at the first body token with zero weight)
+        by_query.scatter_add_(-1, (stacked.token_index + start)[:, :, None, :].expand(-1, -1, ratio, -1),
+                              body_weights.mul_(share_body[..., None]))
+        output = weighted_values(values, dense.view(kv_heads, count * ratio, keys.num_tokens),
+                                 slice(0, keys.num_tokens))
+        output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)
         return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
     output = weighted_values(values, weights, fp_index)
     out_body = weighted_values(values, body_weights, stacked.token_index + start)

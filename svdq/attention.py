@@ -1097,12 +1097,13 @@ def weighted_values(values: CompressedValues, weights: torch.Tensor, seq_index: 
         pattern = "...hgn,nr->...hgr" if seq_index.dim() == 1 else "...hgn,...hnr->...hgr"
         output = _project_latent(latent, torch.einsum(pattern, body_weights, codes), body_weights.sum(-1))
     if not bool(in_body.all()):
-        full = torch.cat([latent.sinks.float(), latent.tail.float()]).reshape(-1, kv_heads, head_dim)
-        row = torch.where(seq_index < v_start, seq_index, seq_index - v_body).clamp(0, max(0, full.shape[0] - 1))
+        # [Hkv, F, D]: the 16-bit sinks' and tail's rows as the kept projection holds them
+        full = _value_projection(latent)[:, _latent_layout(latent)[3] + 1:]
+        row = torch.where(seq_index < v_start, seq_index, seq_index - v_body).clamp(0, max(0, full.shape[1] - 1))
         if seq_index.dim() == 1:
-            rows = full[row].transpose(0, 1)
+            rows = full[:, row]
         else:
-            rows = full[row, torch.arange(kv_heads, device=row.device)[:, None]]
+            rows = full[torch.arange(kv_heads, device=row.device)[:, None], row]
         output = output + torch.einsum("...hgn,...hnd->...hgd", weights * (~in_body).unsqueeze(-2), rows)
     return output
 

@@ -613,7 +613,7 @@ class Restarted:
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         self._factory = factory
-        self._current = factory()
+        self._current = None  # made by resume, which every attempt (the first too) starts with
 
     def resume(self, request):
         self._current = self._factory()

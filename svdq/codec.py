@@ -607,7 +607,6 @@ class PreparedKeys:
     components: torch.Tensor | None
     mean: torch.Tensor | None
     centred: torch.Tensor | None
-    _tables: dict = field(default_factory=dict, repr=False)
 
     @property
     def tokens(self) -> int:
@@ -619,11 +618,10 @@ class PreparedKeys:
             return self.explicit
         return torch.arange(self.tokens, dtype=torch.int64, device=self.rounded.device) + self.offset
 
+    @functools.cached_property
     def table(self) -> torch.Tensor:
         """The allocation's error table of the sampled groups (:func:`_sample_table`), measured once."""
-        if "table" not in self._tables:
-            self._tables["table"] = _sample_table(self.centred, self.components, self.token_group)
-        return self._tables["table"]
+        return _sample_table(self.centred, self.components, self.token_group)
 
 
 def prepare(
@@ -799,7 +797,7 @@ def compress_restored(prepared: PreparedKeys,
     elif n_groups == 0:
         channel_bits = torch.zeros(channels, dtype=torch.int64)
     else:
-        channel_bits = _allocate(prepared.table(), config, group_size, tokens, kv_heads, head_dim, num_sinks,
+        channel_bits = _allocate(prepared.table, config, group_size, tokens, kv_heads, head_dim, num_sinks,
                                  n_groups, stored_basis=not prepared.shared, rope=prepared.rope,
                                  explicit_positions=prepared.explicit is not None)
     channel_bits = channel_bits.to(device)

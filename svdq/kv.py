@@ -24,8 +24,15 @@ import torch
 from .codec import MAX_BUDGET, Basis, CodecConfig, CompressedKeys, compress, compress_restored, decompress, prepare
 from .errors import InvalidInputError
 from .rope import RopeConfig, apply_rope
-from .values import (DEFAULT_VALUE_CODEC, CompressedValues, ValueConfig, compress_prepared_values, compress_values,
-                     decompress_values, prepare_values)
+from .values import (
+    DEFAULT_VALUE_CODEC,
+    CompressedValues,
+    ValueConfig,
+    compress_prepared_values,
+    compress_values,
+    decompress_values,
+    prepare_values,
+)
 
 #: Default whole-cache budget: 2 true bits per KV element, 8x smaller than fp16.
 DEFAULT_TOTAL_BITS = 2.0

@@ -193,9 +193,10 @@ def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -
     """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r].
 
     The row bytes are put back into their 64-bit words (one gather per block of groups, from
-    the rows with a zero byte appended for the bytes past each run's width) and each of the 8 tokens of a word is shifted out and masked, for all channels at once with
-    per-channel shifts: about 2x faster at 4k tokens and 3x at 32k than gathering the two
-    bytes under every code (int32 temporaries of every code, from memory).
+    the rows with a zero byte appended for the bytes past each run's width) and each of the 8
+    tokens of a word is shifted out and masked, for all channels at once with per-channel
+    shifts: about 2x faster at 4k tokens and 3x at 32k than gathering the two bytes under
+    every code (int32 temporaries of every code, from memory).
     """
     groups = rows.shape[0]
     kept = kept_bits.numel()

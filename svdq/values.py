@@ -52,8 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .codec import (Basis, CodecConfig, CompressedKeys, PreparedKeys, append, compress_prepared, decompress,
-                    prepare)
+from .codec import Basis, CodecConfig, CompressedKeys, PreparedKeys, append, compress_prepared, decompress, prepare
 from .errors import FormatError, InvalidInputError
 from .quant import pack_rows, quantize_groups, unpack_rows
 

@@ -22,7 +22,15 @@ from svdq import (
     relative_error,
     to_bytes,
 )
-from svdq.codec import GRAM_CHUNK, LOW_PRECISION_MAX_WIDTH, _projected_chunks, compress_prepared, compress_restored, gram, prepare
+from svdq.codec import (
+    GRAM_CHUNK,
+    LOW_PRECISION_MAX_WIDTH,
+    _projected_chunks,
+    compress_prepared,
+    compress_restored,
+    gram,
+    prepare,
+)
 from svdq.quant import pack_codes, quantize_groups
 
 ROPE = RopeConfig(theta=10000.0)

@@ -1,6 +1,5 @@
 """Settings, profiles file, tokens, and the interceptor's status mapping, in process."""
 
-import ctypes
 import json
 import logging
 import platform
@@ -76,10 +75,7 @@ print(json.dumps({
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_malloc_tuning_sets_what_it_is_given_and_nothing_at_zero(monkeypatch):
-    called = []
-    cdll = ctypes.CDLL
-    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kwargs: called.append(args) or cdll(*args, **kwargs))
+def test_malloc_tuning_sets_what_it_is_given_and_nothing_at_zero():
     done = subprocess.run([sys.executable, "-c", MALLOC_CHECK], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout.splitlines()[-1])
@@ -91,7 +87,6 @@ def test_malloc_tuning_sets_what_it_is_given_and_nothing_at_zero(monkeypatch):
     # the server applies its settings when it is built, before any of its threads runs
     assert results["server"] == {"arenas": 1, "trim_bytes": 256 << 20, "mmap_bytes": 32 << 20}
     assert results["server_off"] == {}
-    assert called == []  # nothing reached this process's malloc
 
 
 def test_profiles_file_with_a_shared_basis(tmp_path):

@@ -8,6 +8,7 @@ from svdq.allocation import allocate_budget
 from svdq.errors import InvalidInputError
 from svdq.quant import (
     TABLE_CHANNELS,
+    dequantize_by_channel,
     dequantize_groups,
     distortion_table,
     group_bytes,
@@ -37,6 +38,31 @@ def test_unpack_over_several_blocks_of_groups_with_mixed_widths(group_size):
     codes = (torch.randint(0, 256, (groups, group_size, kept_bits.numel()),
                            generator=torch.Generator().manual_seed(1)) % (2**kept_bits)).to(torch.uint8)
     assert torch.equal(unpack_codes(pack_codes(codes, kept_bits), kept_bits, group_size), codes)
+
+
+@pytest.mark.parametrize("group_size", [8, 32, 64])
+@pytest.mark.parametrize("groups", [1, 5, 70])
+def test_dequantize_by_channel_is_the_unpacked_dequantized_latent_transposed_bit_for_bit(group_size, groups):
+    """Every width 1..8, out of order, each several times; more groups than one chunk holds
+    (the last chunk partial) at 70 groups of 32 or 64 tokens; written into a strided view, the
+    rest of the buffer untouched (NaN)."""
+    generator = torch.Generator().manual_seed(group_size + groups)
+    kept_bits = torch.tensor([2, 7, 1, 8, 1, 3, 6, 4, 5, 1, 2, 8, 3, 7, 5, 6, 4], dtype=torch.int64)
+    kept = kept_bits.numel()
+    codes = (torch.randint(0, 256, (groups, group_size, kept), generator=generator) % (2**kept_bits)).to(torch.uint8)
+    scales = (torch.rand(groups, kept, generator=generator) * 0.1).half().float()
+    mins = torch.randn(groups, kept, generator=generator).half().float()
+    rows = pack_codes(codes, kept_bits)
+    buffer = torch.full((kept + 3, groups * group_size + 5), float("nan"))
+    out = buffer[1:kept + 1, 2:2 + groups * group_size]
+    assert dequantize_by_channel(rows, kept_bits, group_size, scales, mins, out) is out
+    unpacked = unpack_codes(rows, kept_bits, group_size)
+    expected = torch.addcmul(mins[:, None], unpacked.float(), scales[:, None])  # [groups, group_size, r]
+    assert torch.equal(out, expected.reshape(-1, kept).T)
+    assert torch.equal(out, dequantize_groups(codes, scales.half(), mins.half()).reshape(-1, kept).T)
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside[1:kept + 1, 2:2 + groups * group_size] = False
+    assert bool(buffer[outside].isnan().all())
 
 
 def test_mixed_widths_layout_is_lsb_first_channel_after_channel():

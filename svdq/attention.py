@@ -833,7 +833,7 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
         latent = torch.empty(block, kept, device=grouped.device)
         if exact_in_rows:
             exact = _exact_body_index(keys)
-            exact_rows = _full_rows_in_pair_order(keys, keys.exact_rows, exact)  # [k, Hkv, D]
+            exact_rows = _exact_key_columns(keys).permute(2, 0, 1)  # [k, Hkv, D], kept from the first call
             cuts = torch.searchsorted(exact, torch.arange(0, n_body + block, block, device=exact.device)).tolist()
     for number, first in enumerate(range(0, n_body, block)):
         stop = min(n_body, first + block)

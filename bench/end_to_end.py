@@ -67,6 +67,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 from svdq_client import KVCacheClient
 from svdq_client import evaluation as harness
@@ -273,11 +274,16 @@ def measure_decode(model, tokenizer, client, args, cache_rows=()) -> dict[int, d
     service_rows = [Row(f"svdq {args.bits:g}b", CodecConfig(method="svdq", bits_per_element=args.bits)),
                     *cache_rows]
     rates = {}
+    # The server this bench started (a child process): its CPU seconds join the client's, so the
+    # CPU rate counts what a decode costs whatever else runs on a shared machine.
+    servers = [child for child in psutil.Process().children(recursive=True)
+               if "svdq_server.cli" in " ".join(child.cmdline())]
     for batch in args.batches:
         # Rows: windows of the evaluation text at different offsets, all of the same length (no padding).
         prompts = torch.cat([harness.text_tokens(tokenizer, args.decode_context, start=row * 997)
                              for row in range(batch)])
         seconds: dict[str, list[float]] = {}
+        cpu_seconds: dict[str, list[float]] = {}
         # In turns: every repeat runs every row once, so load from other work falls on all alike.
         for row in [None, *service_rows] * args.decode_repeats:
             if row is None:
@@ -289,12 +295,14 @@ def measure_decode(model, tokenizer, client, args, cache_rows=()) -> dict[int, d
                 cache = SvdqOffloadCache(model, backend, window=args.window, tokenizer=tokenizer)
             try:
                 model(input_ids=prompts[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), _cpu_seconds(servers)
                 output = model.generate(prompts, attention_mask=torch.ones_like(prompts), cache=cache,
                                         max_new_tokens=args.decode_tokens,
                                         min_new_tokens=args.decode_tokens, do_sample=False,
                                         pad_token_id=tokenizer.eos_token_id)
-                seconds.setdefault("plain" if row is None else row.name, []).append(time.perf_counter() - started)
+                name = "plain" if row is None else row.name
+                seconds.setdefault(name, []).append(time.perf_counter() - started)
+                cpu_seconds.setdefault(name, []).append(_cpu_seconds(servers) - cpu_started)
             finally:
                 if backend is not None:
                     cache.close()
@@ -302,9 +310,20 @@ def measure_decode(model, tokenizer, client, args, cache_rows=()) -> dict[int, d
         disable_offload(model)
         rates[batch] = {name: batch * args.decode_tokens / statistics.median(elapsed)
                         for name, elapsed in seconds.items()}
+        cpu_rates = {name: batch * args.decode_tokens / statistics.median(spent) for name, spent in cpu_seconds.items()}
+        rates[batch].update({f"{name} per CPU s": rate for name, rate in cpu_rates.items()})
         print(f"decode batch {batch}: " + ", ".join(f"{name} {rate:.2f} tok/s" for name, rate in rates[batch].items()),
               flush=True)
     return rates
+
+
+def _cpu_seconds(servers: list[psutil.Process]) -> float:
+    """User + system CPU seconds of this process and of ``servers`` so far."""
+    total = time.process_time()
+    for server in servers:
+        times = server.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def _print_rows(model, rows, results, plain_nll, plain_found, cases) -> None:
@@ -434,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {prefill[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} | "
                   f"{prefill[name] / prefill['plain']:.2f}x |")
     if "decode" in args.parts:
-        names = list(next(iter(extra["decode"].values())))
+        names = [name for name in next(iter(extra["decode"].values())) if not name.endswith(" per CPU s")]
         print(f"\nDecode, {args.decode_tokens} greedy tokens per row after a {args.decode_context}-token prompt per "
               f"row ({where}); tok/s over all rows from the median of {args.decode_repeats} runs, each batch's rows "
               "run in turns on the same prompts")
@@ -444,6 +463,18 @@ def main(argv: list[str] | None = None) -> int:
         for batch, rates in extra["decode"].items():
             print(f"| {batch} | " + " | ".join(f"{rates[name]:.2f}" for name in names) + " | "
                   + " | ".join(f"{rates[name] / rates['plain']:.2f}x" for name in names[1:]) + " |")
+        # The same runs' tokens over the CPU seconds of this process and the server it started
+        # (the server's are left out with --address): on a shared machine another process's
+        # load stretches the wall time of one row's run more than its CPU time.
+        print(f"\nThe same runs, tokens per CPU second (this process{'' if args.address else ' + the server'}; "
+              "median of the runs)")
+        print("| batch | " + " | ".join(f"{name} tok/CPU s" for name in names) + " | "
+              + " | ".join(f"{name} / {names[1]}" for name in names[2:]) + " |")
+        print("| ---: |" + " ---: |" * (len(names) + len(names[2:])))
+        for batch, rates in extra["decode"].items():
+            cpu = {name: rates[f"{name} per CPU s"] for name in names}
+            print(f"| {batch} | " + " | ".join(f"{cpu[name]:.2f}" for name in names) + " | "
+                  + " | ".join(f"{cpu[name] / cpu[names[1]]:.2f}x" for name in names[2:]) + " |")
     return 0
 
 

@@ -29,6 +29,7 @@ from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
 from svdq import errors as library
+from svdq.api.types import NAME_PATTERN
 from svdq.attention import SparsityConfig
 from svdq.codec import CodecConfig
 from svdq.rope import RopeConfig
@@ -242,6 +243,12 @@ def as_entries(entries) -> list[tuple[str, int]]:
         raise library.InvalidInputError(f"entries must be a list of (sequence_id, layer) pairs, got {_kind(entries)}")
     checked = []
     for index, entry in enumerate(entries):
+        if (type(entry) is tuple and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is int
+                and entry[1] >= 0 and NAME_PATTERN.fullmatch(entry[0])):
+            # The common (str, int) pair, checked without building each field's name for a
+            # message it would not need: per entry that cost more than the checks.
+            checked.append(entry)
+            continue
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
             raise library.InvalidInputError(f"entries[{index}] must be a (sequence_id, layer) pair such as "
                                             f"('seq-1', 0), got {_kind(entry)} {abbreviate(entry)}")
@@ -374,7 +381,10 @@ def attend_request(queries, entries, sparsity, scale, softcap=None) -> pb.Attend
     if queries.shape[0] != len(entries):
         raise library.InvalidInputError(f"queries must be [B, q_heads, head_dim] with B = len(entries) = "
                                         f"{len(entries)}, got {list(queries.shape)}")
-    request = pb.AttendRequest(entries=[pb.AttendEntry(sequence_id=seq, layer=layer) for seq, layer in entries])
+    request = pb.AttendRequest()
+    add = request.entries.add  # in place: a list of built entries would be copied again
+    for sequence_id, layer in entries:
+        add(sequence_id=sequence_id, layer=layer)
     tensor_to_pb(queries, request.queries)
     if as_instance(sparsity, SparsityConfig, "sparsity") is not None:
         sparsity_to_pb(sparsity, request.sparsity)

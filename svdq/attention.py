@@ -810,43 +810,58 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
     dots = torch.empty(kv_heads, rows, n_body, device=grouped.device) if out is None else out
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * keys.group_size)) * keys.group_size
     rounded = _rounds(keys, precision)
-    kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
+    # float32 keeps its float32 keys (the same numbers it reconstructs), exact tokens' own rows
+    # written in; bfloat16 keeps float16-rounded keys and dots the exact tokens apart.
+    kept_name = KEPT_KEYS if rounded else KEPT_FLOAT32_KEYS
+    keeps = keys.method == "svdq"
+    kept_keys = DERIVED.get(keys, kept_name) if keeps else None
     # float32 blocks [Hkv, n, D] of float16-rounded keys, the one layout both bfloat16 ways dot
     # (kept keys or reconstructed now), so that a call gives the same bits whether the budget
     # kept the keys or dropped them.
     widened = torch.empty(kv_heads, min(block, n_body), head_dim, device=grouped.device) if rounded else None
+    exact_in_rows = not rounded and keys.num_exact > 0
     if kept_keys is None:
         kept = code_widths(keys)[0]
         basis, mean, rest = _dense_basis(keys, precision)
         scales, mins, codes = keys.scales.float(), keys.mins.float(), latent_codes(keys)
         angles = _rotation_table(keys) if rotates(keys) else None
-        keep = rounded and DERIVED.admits(keys, KEPT_KEYS, 2 * n_body * keys.channels)
-        halves = torch.empty(kv_heads, n_body if keep else min(block, n_body), head_dim, dtype=torch.float16,
-                             device=grouped.device) if rounded else None
+        keep = keeps and DERIVED.admits(keys, kept_name, (2 if rounded else 4) * n_body * keys.channels)
+        # [Hkv, n, D] per-head blocks, float16 (bfloat16) or float32: the kept keys' layout, so
+        # that cold and kept calls run the same products on the same numbers.
+        body_keys = torch.empty(kv_heads, n_body if keep else min(block, n_body), head_dim,
+                               dtype=torch.float16 if rounded else torch.float32, device=grouped.device)
         latent = torch.empty(block, kept, device=grouped.device)
-    for first in range(0, n_body, block):
+        if exact_in_rows:
+            exact = _exact_body_index(keys)
+            exact_rows = _exact_key_columns(keys).permute(2, 0, 1)  # [k, Hkv, D], kept from the first call
+            cuts = torch.searchsorted(exact, torch.arange(0, n_body + block, block, device=exact.device)).tolist()
+    for number, first in enumerate(range(0, n_body, block)):
         stop = min(n_body, first + block)
         count = stop - first
         if kept_keys is not None:
-            torch.bmm(grouped, widened[:, :count].copy_(kept_keys[:, first:stop]).transpose(1, 2),
-                      out=dots[:, :, first:stop])
+            if rounded:
+                kept_block = widened[:, :count].copy_(kept_keys[:, first:stop])
+            else:
+                kept_block = kept_keys[:, first:stop]
+            torch.bmm(grouped, kept_block.transpose(1, 2), out=dots[:, :, first:stop])
             continue
         rows_block = reconstruct(_dequantize_range(keys, scales, mins, first, stop, latent, codes), basis, mean, rest)
         rows_block = rows_block.view(count, kv_heads, head_dim)
         if angles is not None:
             _rotate_pairs(rows_block, _rotation(keys, range(first, stop), angles)[:, None, :])
-        if halves is None:
-            torch.bmm(grouped, rows_block.permute(1, 2, 0), out=dots[:, :, first:stop])
-            continue
-        half = halves[:, first:stop] if keep else halves[:, :count]
-        half.copy_(rows_block.transpose(0, 1))
-        torch.bmm(grouped, widened[:, :count].copy_(half).transpose(1, 2), out=dots[:, :, first:stop])
-    if keys.num_exact:
+        if exact_in_rows and cuts[number] < cuts[number + 1]:
+            low, high = cuts[number], cuts[number + 1]
+            rows_block.index_copy_(0, exact[low:high] - first, exact_rows[low:high])
+        built = body_keys[:, first:stop] if keep else body_keys[:, :count]
+        built.copy_(rows_block.transpose(0, 1))
+        torch.bmm(grouped, (widened[:, :count].copy_(built) if rounded else built).transpose(1, 2),
+                  out=dots[:, :, first:stop])
+    if rounded and keys.num_exact:
         # The exact tokens' dots from their own float32 rows, once per call (not looked up per
         # block), whichever way the others were made.
         dots.index_copy_(2, _exact_body_index(keys), torch.bmm(grouped, _exact_key_columns(keys)))
     if kept_keys is None and keep:
-        DERIVED.put(keys, KEPT_KEYS, halves, optional=True)
+        DERIVED.put(keys, kept_name, body_keys, optional=True)
     return dots
 
 
@@ -855,6 +870,12 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
 #: (:meth:`svdq.derived.DerivedCache.admits`), for later calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
 #: at the same cost. Exact tokens' dots come from their own rows, not from these.
 KEPT_KEYS = "kept_keys"
+#: Name of the float32 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate,
+#: the exact tokens' own rows written in) that dense calls in precision "float32" keep on the
+#: same terms: the numbers a call reconstructs, so a kept call gives a cold call's bits, and
+#: reconstructing them was most of a kept SmolLM2 decode call on CPUs without native bfloat16
+#: (docs/attention.md, round 8).
+KEPT_FLOAT32_KEYS = "kept_float32_keys"
 
 
 def _exact_key_columns(keys: CompressedKeys) -> torch.Tensor:

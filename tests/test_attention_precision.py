@@ -20,7 +20,7 @@ from test_latent_values import latent_config, structured_values
 
 from svdq import CodecConfig, InvalidInputError, RopeConfig, apply_rope, compress
 from svdq import attention as attention_module
-from svdq.attention import KEPT_KEYS, SparsityConfig, attend, select_precision
+from svdq.attention import KEPT_FLOAT32_KEYS, KEPT_KEYS, SparsityConfig, attend, select_precision
 from svdq.derived import DERIVED
 from svdq.values import ValueConfig, compress_values
 
@@ -124,7 +124,7 @@ def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget):
     values = compress_values(structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half())
     queries = peaked_queries(post, count=1)
     attend(queries, [keys], [values], precision="float32")
-    assert KEPT_KEYS not in keys._cache  # float32 reconstructs exactly every call
+    assert KEPT_KEYS not in keys._cache  # float32 keeps float32 keys, never these float16 ones
     before = budget.nbytes
     first = attend(queries, [keys], [values], precision="bfloat16")
     # Kept from the second call on: a sequence attended once does not pay for keeping them.
@@ -159,6 +159,39 @@ def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget):
     for _ in range(2):
         attend(peaked_queries(third_post, count=1), [third], [values], precision="bfloat16")
     assert KEPT_KEYS not in third._cache
+
+
+@pytest.mark.parametrize("value_kind", ["fp16", "latent"])
+def test_float32_keeps_float32_keys_with_the_exact_tokens_and_gives_the_same_bits(budget, value_kind):
+    """Dense float32 calls keep their float32 rotated body keys from the second call on, the
+    exact tokens' own rotated rows written in: a kept call gives the bits of a cold one (no
+    budget, nothing kept), with or without exact tokens and for either value kind."""
+    for exact_tokens in (0, 8):
+        post, keys = layer(exact_tokens=exact_tokens, seed=7 + exact_tokens)
+        assert keys.num_exact == exact_tokens
+        raw_values = structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half()
+        values = compress_values(raw_values, latent_config() if value_kind == "latent" else ValueConfig())
+        queries = peaked_queries(post, count=3)
+        budget.limit_bytes = None  # library use: nothing kept, every call reconstructs
+        cold = attend(queries, [keys] * 3, [values] * 3, precision="float32")
+        assert KEPT_FLOAT32_KEYS not in keys._cache
+        budget.limit_bytes = 1 << 30
+        first = attend(queries, [keys] * 3, [values] * 3, precision="float32")
+        assert KEPT_FLOAT32_KEYS not in keys._cache  # admitted on the second ask
+        second = attend(queries, [keys] * 3, [values] * 3, precision="float32")
+        kept_keys = keys._cache[KEPT_FLOAT32_KEYS]
+        start, n_body = attention_module.body_range(keys)
+        assert kept_keys.dtype == torch.float32 and kept_keys.shape == (KV_HEADS, n_body, HEAD_DIM)
+        assert KEPT_KEYS not in keys._cache
+        kept = attend(queries, [keys] * 3, [values] * 3, precision="float32")
+        for result in (first, second, kept):
+            assert torch.equal(result.output, cold.output) and torch.equal(result.lse, cold.lse)
+        if exact_tokens:
+            # The exact tokens are their own 16-bit rows, rotated, not their reconstruction.
+            exact = attention_module._exact_body_index(keys)
+            own = attention_module._full_rows_in_pair_order(keys, keys.exact_rows, exact)
+            assert torch.equal(kept_keys[:, exact], own.transpose(0, 1))
+        budget.clear()
 
 
 def test_precision_default_override_and_bad_values(monkeypatch):

@@ -404,3 +404,22 @@ async def test_async_chunk_calls_retry_like_the_sync_ones(scripted, monkeypatch)
     for mine, theirs, index in zip(fetched, expected, range(2), strict=True):
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.keys, torch.full((2, 3, 1, 4), float(index)))
         assert torch.equal(mine.values, theirs.values) and torch.equal(mine.positions, torch.arange(3))
+
+
+def test_attend_entries_are_checked_alike_on_the_fast_path_and_off_it():
+    """(str, int) pairs take a path that builds no field names; anything else, and every error,
+    the checks that name the entry."""
+    import numpy as np
+    from svdq_client.client import as_entries, attend_request
+
+    assert as_entries([("s-1", 0), ("s-2", 3)]) == [("s-1", 0), ("s-2", 3)]
+    assert as_entries(("s-1", 2)) == [("s-1", 2)]
+    assert as_entries([["s-1", np.int64(4)]]) == [("s-1", 4)]
+    with pytest.raises(svdq.InvalidInputError, match=r"entries\[1\]\.sequence_id must be"):
+        as_entries([("s-1", 0), ("bad name", 0)])
+    with pytest.raises(svdq.InvalidInputError, match=r"entries\[1\]\.layer must be an integer >= 0, got -1"):
+        as_entries([("s-1", 0), ("s-2", -1)])
+    with pytest.raises(svdq.InvalidInputError, match=r"entries\[0\]\.layer must be an integer"):
+        as_entries([("s-1", True)])
+    request = attend_request(torch.zeros(2, 3, 4), [("s-1", 0), ("s-2", 5)], None, None)
+    assert [(entry.sequence_id, entry.layer) for entry in request.entries] == [("s-1", 0), ("s-2", 5)]

@@ -622,7 +622,11 @@ def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
 
 def _linear(latent: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``latent @ basis.T (+ bias)`` with oneDNN on the CPU (:func:`_onednn_linear`), else addmm."""
-    if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
+    # bfloat16 operands only where oneDNN multiplies them natively: elsewhere (AVX2 CPUs) it has
+    # no bfloat16 inner product and raises, so an explicit precision="bfloat16" there takes
+    # torch's own (emulated, slower) product instead of failing.
+    if (_CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]
+            and (_BF16_FAST or latent.dtype != torch.bfloat16)):
         if latent.shape[0] == 1:
             # One row takes oneDNN's matrix-vector kernel, which sums in another order than the
             # matrix kernel every longer block takes: two rows keep a token's reconstruction the

@@ -407,9 +407,10 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     # [Hkv, n * g, D]: each KV head's query rows, for one matmul per head and block.
     grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
         kv_heads, -1, head_dim)
-    dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
-    # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
-    # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
+    rows = grouped.shape[1]
+    # Blocks of tokens whose low-rank keys stay in cache while they are rotated (and, with many
+    # query rows, dotted): the rotation is a handful of elementwise passes, memory-bound over
+    # all tokens at once.
     block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
 
     def low_rank_block(start: int, stop: int) -> torch.Tensor:
@@ -418,28 +419,60 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
             _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
         return low_rank
 
-    # The rotated low-rank keys do not depend on the queries: kept (from the second call, while
-    # the budget has room, DerivedCache.admits), later calls only dot them (building and
-    # rotating them was two thirds of the score). Built in the same blocks either way, so that
-    # the scores are the same bits.
+    # The rotated low-rank keys do not depend on the queries: kept head-major [Hkv, n_body, D]
+    # (from the second call, while the budget has room, DerivedCache.admits), later calls only
+    # dot them (building and rotating them was two thirds of the score). Either way the product
+    # sees the same operands in the same spans of tokens, so the scores are the same bits.
     name = (SCORE_KEYS, score_channels)
     kept = DERIVED.get(keys, name)
     n_body = latent.shape[0]
     if kept is None and DERIVED.admits(keys, name, 4 * n_body * keys.channels):
-        kept = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
+        kept = torch.empty(kv_heads, n_body, head_dim, device=latent.device)
         for start in range(0, n_body, block):
-            kept[start:start + block] = low_rank_block(start, min(n_body, start + block))
+            stop = min(n_body, start + block)
+            kept[:, start:stop] = low_rank_block(start, stop).transpose(0, 1)
         DERIVED.put(keys, name, kept, optional=True)
+    if rows <= SCORE_TOKEN_ROWS:
+        # Few query rows per head (decode: one query, g heads): tokens as the product's rows,
+        # the queries' [g, D] as its transposed right operand, over spans of SCORE_TOKEN_SPAN
+        # tokens. With the g rows on the left oneDNN/MKL ran a matrix-vector-like kernel 1.4-1.6x
+        # slower (4 rows, 4k tokens, one thread; docs/attention.md, round 8).
+        dots = torch.empty(kv_heads, tokens, rows, device=latent.device)
+        span = min(tokens, SCORE_TOKEN_SPAN)
+        built = None if kept is not None else torch.empty(kv_heads, span, head_dim, device=latent.device)
+        right = grouped.transpose(1, 2)
+        for first in range(0, tokens, span):
+            last = min(tokens, first + span)
+            if kept is not None:
+                low_rank = kept[:, first:last]
+            else:
+                low_rank = built[:, :last - first]
+                for start in range(first, last, block):
+                    stop = min(last, start + block)
+                    low_rank[:, start - first:stop - first] = low_rank_block(start, stop).transpose(0, 1)
+            torch.bmm(low_rank, right, out=dots[:, first:last])
+        return dots.view(kv_heads, tokens, count, q_heads // kv_heads).permute(0, 2, 3, 1)
+    dots = torch.empty(kv_heads, rows, tokens, device=latent.device)
+    built = None if kept is not None else torch.empty(kv_heads, min(block, tokens), head_dim, device=latent.device)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
-        low_rank = kept[start:stop] if kept is not None else low_rank_block(start, stop)
-        # Queries as the left operand, tokens as the columns: with the few query rows on the
-        # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
-        torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
+        # Built into a head-major block: the same operand layout as the kept keys'.
+        low_rank = kept[:, start:stop] if kept is not None else built[:, :stop - start].copy_(
+            low_rank_block(start, stop).transpose(0, 1))
+        # Many query rows (a chunk of queries over one sequence): the queries on the left, the
+        # block's tokens as the columns.
+        torch.bmm(grouped, low_rank.transpose(1, 2), out=dots[:, :, start:stop])
     return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
 
 
-#: Name of the selection score's rotated low-rank body keys, float32 [n_body, Hkv, D] (pair
+#: Query rows per KV head (queries x query heads per KV head) up to which the score takes the
+#: tokens as its product's rows (:func:`_head_score_dots`), and the tokens per such product. A
+#: rule on the shapes alone, so kept and cold calls run the same products.
+SCORE_TOKEN_ROWS = 64
+SCORE_TOKEN_SPAN = 4096
+
+
+#: Name of the selection score's rotated low-rank body keys, float32 [Hkv, n_body, D] (pair
 #: order for keys that rotate), per score-channel count, that sparse calls keep from the second
 #: on while the budget has room (``4 C`` bytes per token, :meth:`svdq.derived.DerivedCache.admits`):
 #: the same values the score builds otherwise.

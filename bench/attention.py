@@ -280,6 +280,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                                 for label, kind in value_kinds] if "cold" in cache_states else []
             cold_keys_list = _sequences(compressed, batch, device, same_sequence) if "cold" in cache_states else []
             cold_values = dict(cold_value_kinds)
+            baseline_kept: dict[str, list] = {}
             for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
                 for value_label, values_list in value_kinds:
                     for precision in precisions:
@@ -307,6 +308,12 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                             old_values = [baseline_tree.values.values_from_bytes(blob, device)
                                           for _ in range(1 if same_sequence else batch)]
                             old_values = old_values * batch if same_sequence else old_values
+                            if state == "kept":
+                                # As this tree's kept rows: one set of key objects for every kept row of the
+                                # batch and one of values per value kind, so that its sparse rows find what
+                                # its dense rows kept (the float16 keys) as this tree's do.
+                                old_keys_list = baseline_kept.setdefault("keys", old_keys_list)
+                                old_values = baseline_kept.setdefault(value_label, old_values)
                             old_name = (f"{label}, {value_label}{''.join(', ' + p for p in baseline_precision.values())} "
                                         f"({stats.tokens_attended} tok) [baseline tree, {state}]")
                             calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, \

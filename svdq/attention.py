@@ -545,13 +545,21 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
         scores = token_scores_triton(queries, keys, sparsity.score_channels, candidate_tokens)
         head_scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1).permute(2, 1, 0)
     else:
-        # The torch score's own layout: the maximum over a KV head's query heads is then a
-        # contiguous reduction, not one over a strided copy of every score.
-        head_scores = _head_score_dots(queries, keys, sparsity.score_channels, candidate_tokens).amax(dim=2)
-    # [Hkv, n, candidate tokens] -> chunk scores [n, Hkv, candidates]
-    padded = head_scores.new_full((kv_heads, count, candidates * chunk), -math.inf)
-    padded[..., :candidate_tokens] = head_scores
-    chunk_scores = padded.view(kv_heads, count, candidates, chunk).amax(dim=-1).transpose(0, 1)
+        # [Hkv, n, g, tokens], a view in the score's own memory order (reduced below in place,
+        # not over a strided copy of every score).
+        head_scores = _head_score_dots(queries, keys, sparsity.score_channels, candidate_tokens)
+    if head_scores.dim() == 4 and candidate_tokens == candidates * chunk:
+        # Whole chunks (always, as the candidates end where the recent chunks begin): the maximum
+        # over the KV head's query heads and the chunk's tokens in one reduction, in the score's
+        # own memory order (a maximum is exact: the same values as the two passes below).
+        chunk_scores = head_scores.unflatten(-1, (candidates, chunk)).amax(dim=(2, 4)).transpose(0, 1)
+    else:
+        if head_scores.dim() == 4:
+            head_scores = head_scores.amax(dim=2)
+        # [Hkv, n, candidate tokens] -> chunk scores [n, Hkv, candidates]
+        padded = head_scores.new_full((kv_heads, count, candidates * chunk), -math.inf)
+        padded[..., :candidate_tokens] = head_scores
+        chunk_scores = padded.view(kv_heads, count, candidates, chunk).amax(dim=-1).transpose(0, 1)
     best = chunk_scores.topk(picks, dim=-1).indices.sort(dim=-1).values
     chosen = (best[..., None] * chunk + torch.arange(chunk, device=device)).reshape(count, kv_heads, -1)
     token_index = torch.cat([chosen, forced.expand(count, kv_heads, -1)], dim=-1)

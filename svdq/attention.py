@@ -467,8 +467,11 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
 
 #: Query rows per KV head (queries x query heads per KV head) up to which the score takes the
 #: tokens as its product's rows (:func:`_head_score_dots`), and the tokens per such product. A
-#: rule on the shapes alone, so kept and cold calls run the same products.
-SCORE_TOKEN_ROWS = 64
+#: rule on the shapes alone, so kept and cold calls run the same products. At Llama-3-8B shapes
+#: (4 query heads per KV head, 4k tokens, kept, one thread) the selection took 0.67-0.77x the
+#: baseline's time with one query and 1.06x / 1.21x / 1.38x with 2 / 4 / 16 queries over one
+#: sequence (queries-as-rows: 1.11x / 1.15x / 1.02x): one or two queries per sequence (decode).
+SCORE_TOKEN_ROWS = 8
 SCORE_TOKEN_SPAN = 4096
 
 
@@ -548,10 +551,11 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
         # [Hkv, n, g, tokens], a view in the score's own memory order (reduced below in place,
         # not over a strided copy of every score).
         head_scores = _head_score_dots(queries, keys, sparsity.score_channels, candidate_tokens)
-    if head_scores.dim() == 4 and candidate_tokens == candidates * chunk:
-        # Whole chunks (always, as the candidates end where the recent chunks begin): the maximum
-        # over the KV head's query heads and the chunk's tokens in one reduction, in the score's
-        # own memory order (a maximum is exact: the same values as the two passes below).
+    if head_scores.dim() == 4 and head_scores.stride(-1) != 1 and candidate_tokens == candidates * chunk:
+        # Tokens-as-rows scores, whole chunks (always, as the candidates end where the recent
+        # chunks begin): the maximum over the KV head's query heads and the chunk's tokens in one
+        # reduction, in the score's own memory order (a maximum is exact: the same values as the
+        # two passes below, which are faster over the queries-as-rows layout).
         chunk_scores = head_scores.unflatten(-1, (candidates, chunk)).amax(dim=(2, 4)).transpose(0, 1)
     else:
         if head_scores.dim() == 4:

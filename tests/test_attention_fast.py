@@ -161,7 +161,7 @@ def test_a_token_reconstructs_to_the_same_bits_however_many_tokens_come_with_it(
 
 
 @pytest.mark.parametrize("method,key_space", [("svdq", "post_rope"), ("svdq", "pre_rope"), ("kivi", "post_rope")])
-@pytest.mark.parametrize("token_rows,span", [(64, 4096), (64, 100), (0, 4096)],
+@pytest.mark.parametrize("token_rows,span", [(8, 4096), (8, 100), (0, 4096)],
                          ids=["tokens-as-rows", "tokens-as-rows-in-spans", "queries-as-rows"])
 def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, method, key_space, token_rows, span):
     """The selection score's rotated low-rank keys are kept while the budget has room and only

@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import os
 import statistics
 import sys
@@ -51,7 +52,7 @@ from pathlib import Path
 import torch
 
 from svdq import CodecConfig, RopeConfig, compress, to_bytes
-from svdq.attention import KEPT_KEYS, KEPT_LATENT, SparsityConfig, attend, select_backend
+from svdq.attention import KEPT_KEYS, KEPT_LATENT, SCORE_KEYS, SparsityConfig, attend, select_backend
 from svdq.derived import tensor_bytes
 from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, values_to_bytes
 
@@ -201,7 +202,9 @@ def load_tree(folder: Path):
 def speed_table(token_counts: list[int], device: torch.device, repeats: int, batches: list[int],
                 thread_counts: list[int], same_sequence: bool, baseline_tree=None, clock: str = "wall",
                 precisions: tuple[str, ...] = ("bfloat16", "float32"), cache_bytes: int | None = 1 << 30,
-                cache_states: tuple[str, ...] = ("kept", "cold"), shape: Shape = SHAPES["llama3-8b"]) -> list[str]:
+                cache_states: tuple[str, ...] = ("kept", "cold"), shape: Shape = SHAPES["llama3-8b"],
+                value_kinds: tuple[str, ...] = ("16-bit", "latent"), sdpa_bfloat16: bool = True) -> list[str]:
+    value_kinds_wanted = value_kinds
     from svdq.derived import DERIVED
     from svdq.rope import apply_rope
 
@@ -216,6 +219,13 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
     # baseline is float32 (bfloat16 shown too); on CUDA it is float16.
     baseline_dtype = torch.float16 if device.type == "cuda" else torch.float32
     sdpa_dtypes = [torch.float16, torch.float32] if device.type == "cuda" else [torch.float32, torch.bfloat16]
+    if not sdpa_bfloat16 and device.type != "cuda":
+        sdpa_dtypes = [torch.float32]  # the baseline alone (bfloat16 SDPA is 4-13x slower on the CPU)
+    # The baseline tree's attend with the same precision= as this tree's first, where it takes one
+    # (on a CPU without native bfloat16 its default is float32, which keeps no float16 keys).
+    baseline_precision = {}
+    if baseline_tree is not None and "precision" in inspect.signature(baseline_tree.attention.attend).parameters:
+        baseline_precision = {"precision": precisions[0]}
     baseline_name = f"SDPA {str(baseline_dtype).removeprefix('torch.')}"
     rows = [
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
@@ -246,11 +256,12 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         fp16_bytes = 2 * tokens * shape.kv_heads * shape.head_dim
         for batch in batches:
             keys_list = _sequences(compressed, batch, device, same_sequence)
-            value_kinds = [
-                ("16-bit V", _distinct_values(compress_values(values), batch, device, same_sequence)),
-                (f"svdq V {latent_values.bits_per_element:.2f} bits",
-                 _distinct_values(latent_values, batch, device, same_sequence)),
-            ]
+            value_kinds = []
+            if "16-bit" in value_kinds_wanted:
+                value_kinds.append(("16-bit V", _distinct_values(compress_values(values), batch, device, same_sequence)))
+            if "latent" in value_kinds_wanted:
+                value_kinds.append((f"svdq V {latent_values.bits_per_element:.2f} bits",
+                                    _distinct_values(latent_values, batch, device, same_sequence)))
             queries = torch.randn(batch, shape.q_heads, shape.head_dim, device=device)
             calls: dict[str, Callable[[], object]] = {}
             resets: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
@@ -269,6 +280,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                                 for label, kind in value_kinds] if "cold" in cache_states else []
             cold_keys_list = _sequences(compressed, batch, device, same_sequence) if "cold" in cache_states else []
             cold_values = dict(cold_value_kinds)
+            baseline_kept: dict[str, list] = {}
             for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
                 for value_label, values_list in value_kinds:
                     for precision in precisions:
@@ -296,10 +308,17 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                             old_values = [baseline_tree.values.values_from_bytes(blob, device)
                                           for _ in range(1 if same_sequence else batch)]
                             old_values = old_values * batch if same_sequence else old_values
-                            old_name = f"{label}, {value_label} ({stats.tokens_attended} tok) [baseline tree, {state}]"
+                            if state == "kept":
+                                # As this tree's kept rows: one set of key objects for every kept row of the
+                                # batch and one of values per value kind, so that its sparse rows find what
+                                # its dense rows kept (the float16 keys) as this tree's do.
+                                old_keys_list = baseline_kept.setdefault("keys", old_keys_list)
+                                old_values = baseline_kept.setdefault(value_label, old_values)
+                            old_name = (f"{label}, {value_label}{''.join(', ' + p for p in baseline_precision.values())} "
+                                        f"({stats.tokens_attended} tok) [baseline tree, {state}]")
                             calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, \
                                 queries=queries, old_keys_list=old_keys_list: baseline_tree.attention.attend(
-                                    queries, old_keys_list, old_values, sparsity=old_sparsity)
+                                    queries, old_keys_list, old_values, sparsity=old_sparsity, **baseline_precision)
                             if state == "cold":
                                 resets[old_name] = _discarder(baseline_tree.derived.DERIVED,
                                                               _cached_objects(old_keys_list, old_values))
@@ -317,13 +336,14 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         cached = tensor_bytes(keys_list[0]._cache)
         distinct = list({id(item): item for item in keys_list}.values())
         held = sum(KEPT_KEYS in item._cache for item in distinct)
-        latent_list = value_kinds[1][1]
-        latent_cached = tensor_bytes(latent_list[0].latent._cache)
+        scored = sum((SCORE_KEYS, sparse.score_channels) in item._cache for item in distinct)
+        latent_list = value_kinds[-1][1] if "latent" in value_kinds_wanted else []
+        latent_cached = tensor_bytes(latent_list[0].latent._cache) if latent_list else 0
         latent_held = sum(KEPT_LATENT in item.latent._cache for item in {id(v): v for v in latent_list}.values())
         rows.append(f"| {tokens} | | | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
                     f"{compressed.kept_bits.numel()} of {compressed.channels} latent channels kept; attention cache "
                     f"{cached:,} bytes for the first sequence = {cached / compressed.nbytes:.2f}x the compressed keys; "
-                    f"{held} of {len(distinct)} sequences hold float16 keys; svdq V: "
+                    f"{held} of {len(distinct)} sequences hold float16 keys, {scored} the score keys; svdq V: "
                     f"{latent_values.latent.kept_bits.numel()} latent channels, attention cache {latent_cached:,} bytes "
                     f"for the first sequence = {latent_cached / latent_values.nbytes:.2f}x the compressed values, "
                     f"{latent_held} of {len(latent_list)} hold the float32 latent) | | | | |")
@@ -571,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-states", nargs="+", choices=["kept", "cold"], default=["kept", "cold"],
                         help="speed part: svdq rows with what attention derived kept between calls, and/or cold "
                              "(every call over sequences with nothing kept, as just read from the store)")
+    parser.add_argument("--value-kinds", nargs="+", choices=["16-bit", "latent"], default=["16-bit", "latent"],
+                        help="speed part: svdq rows with 16-bit values and/or SVDq latent values")
+    parser.add_argument("--no-sdpa-bfloat16", action="store_true",
+                        help="speed part (CPU): leave out the bfloat16 SDPA row (4-13x slower than float32's)")
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -586,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     load_tree(args.baseline_tree) if args.baseline_tree else None,
                                                     args.clock, tuple(args.precisions),
                                                     None if args.attention_cache_bytes < 0 else args.attention_cache_bytes,
-                                                    tuple(args.cache_states), SHAPES[args.shape]) + [""]
+                                                    tuple(args.cache_states), SHAPES[args.shape],
+                                                    tuple(args.value_kinds), not args.no_sdpa_bfloat16) + [""]
     if args.part in ("precision", "all"):
         lines += ["## Precision of the bfloat16 products (CPU)", ""]
         lines += precision_table(args.tokens, args.queries,

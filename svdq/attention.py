@@ -407,9 +407,10 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     # [Hkv, n * g, D]: each KV head's query rows, for one matmul per head and block.
     grouped = queries.reshape(count, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(
         kv_heads, -1, head_dim)
-    dots = torch.empty(kv_heads, grouped.shape[1], tokens, device=latent.device)
-    # Blocks of tokens whose low-rank keys stay in cache while they are rotated and dotted:
-    # the rotation is a handful of elementwise passes, memory-bound over all tokens at once.
+    rows = grouped.shape[1]
+    # Blocks of tokens whose low-rank keys stay in cache while they are rotated (and, with many
+    # query rows, dotted): the rotation is a handful of elementwise passes, memory-bound over
+    # all tokens at once.
     block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
 
     def low_rank_block(start: int, stop: int) -> torch.Tensor:
@@ -418,28 +419,63 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
             _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
         return low_rank
 
-    # The rotated low-rank keys do not depend on the queries: kept (from the second call, while
-    # the budget has room, DerivedCache.admits), later calls only dot them (building and
-    # rotating them was two thirds of the score). Built in the same blocks either way, so that
-    # the scores are the same bits.
+    # The rotated low-rank keys do not depend on the queries: kept head-major [Hkv, n_body, D]
+    # (from the second call, while the budget has room, DerivedCache.admits), later calls only
+    # dot them (building and rotating them was two thirds of the score). Either way the product
+    # sees the same operands in the same spans of tokens, so the scores are the same bits.
     name = (SCORE_KEYS, score_channels)
     kept = DERIVED.get(keys, name)
     n_body = latent.shape[0]
     if kept is None and DERIVED.admits(keys, name, 4 * n_body * keys.channels):
-        kept = torch.empty(n_body, kv_heads, head_dim, device=latent.device)
+        kept = torch.empty(kv_heads, n_body, head_dim, device=latent.device)
         for start in range(0, n_body, block):
-            kept[start:start + block] = low_rank_block(start, min(n_body, start + block))
+            stop = min(n_body, start + block)
+            kept[:, start:stop] = low_rank_block(start, stop).transpose(0, 1)
         DERIVED.put(keys, name, kept, optional=True)
+    if rows <= SCORE_TOKEN_ROWS:
+        # Few query rows per head (decode: one query, g heads): tokens as the product's rows,
+        # the queries' [g, D] as its transposed right operand, over spans of SCORE_TOKEN_SPAN
+        # tokens. With the g rows on the left oneDNN/MKL ran a matrix-vector-like kernel 1.4-1.6x
+        # slower (4 rows, 4k tokens, one thread; docs/attention.md, round 8).
+        dots = torch.empty(kv_heads, tokens, rows, device=latent.device)
+        span = min(tokens, SCORE_TOKEN_SPAN)
+        built = None if kept is not None else torch.empty(kv_heads, span, head_dim, device=latent.device)
+        right = grouped.transpose(1, 2)
+        for first in range(0, tokens, span):
+            last = min(tokens, first + span)
+            if kept is not None:
+                low_rank = kept[:, first:last]
+            else:
+                low_rank = built[:, :last - first]
+                for start in range(first, last, block):
+                    stop = min(last, start + block)
+                    low_rank[:, start - first:stop - first] = low_rank_block(start, stop).transpose(0, 1)
+            torch.bmm(low_rank, right, out=dots[:, first:last])
+        return dots.view(kv_heads, tokens, count, q_heads // kv_heads).permute(0, 2, 3, 1)
+    dots = torch.empty(kv_heads, rows, tokens, device=latent.device)
+    built = None if kept is not None else torch.empty(kv_heads, min(block, tokens), head_dim, device=latent.device)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
-        low_rank = kept[start:stop] if kept is not None else low_rank_block(start, stop)
-        # Queries as the left operand, tokens as the columns: with the few query rows on the
-        # other side the product ran 4x slower (a matrix-vector shape over a strided operand).
-        torch.bmm(grouped, low_rank.permute(1, 2, 0), out=dots[:, :, start:stop])
+        # Built into a head-major block: the same operand layout as the kept keys'.
+        low_rank = kept[:, start:stop] if kept is not None else built[:, :stop - start].copy_(
+            low_rank_block(start, stop).transpose(0, 1))
+        # Many query rows (a chunk of queries over one sequence): the queries on the left, the
+        # block's tokens as the columns.
+        torch.bmm(grouped, low_rank.transpose(1, 2), out=dots[:, :, start:stop])
     return dots.view(kv_heads, count, q_heads // kv_heads, tokens)
 
 
-#: Name of the selection score's rotated low-rank body keys, float32 [n_body, Hkv, D] (pair
+#: Query rows per KV head (queries x query heads per KV head) up to which the score takes the
+#: tokens as its product's rows (:func:`_head_score_dots`), and the tokens per such product. A
+#: rule on the shapes alone, so kept and cold calls run the same products. At Llama-3-8B shapes
+#: (4 query heads per KV head, 4k tokens, kept, one thread) the selection took 0.67-0.77x the
+#: baseline's time with one query and 1.06x / 1.21x / 1.38x with 2 / 4 / 16 queries over one
+#: sequence (queries-as-rows: 1.11x / 1.15x / 1.02x): one or two queries per sequence (decode).
+SCORE_TOKEN_ROWS = 8
+SCORE_TOKEN_SPAN = 4096
+
+
+#: Name of the selection score's rotated low-rank body keys, float32 [Hkv, n_body, D] (pair
 #: order for keys that rotate), per score-channel count, that sparse calls keep from the second
 #: on while the budget has room (``4 C`` bytes per token, :meth:`svdq.derived.DerivedCache.admits`):
 #: the same values the score builds otherwise.
@@ -512,13 +548,22 @@ def select_body_tokens_many(queries: torch.Tensor, keys: CompressedKeys, sparsit
         scores = token_scores_triton(queries, keys, sparsity.score_channels, candidate_tokens)
         head_scores = scores.reshape(candidate_tokens, count, kv_heads, -1).amax(dim=-1).permute(2, 1, 0)
     else:
-        # The torch score's own layout: the maximum over a KV head's query heads is then a
-        # contiguous reduction, not one over a strided copy of every score.
-        head_scores = _head_score_dots(queries, keys, sparsity.score_channels, candidate_tokens).amax(dim=2)
-    # [Hkv, n, candidate tokens] -> chunk scores [n, Hkv, candidates]
-    padded = head_scores.new_full((kv_heads, count, candidates * chunk), -math.inf)
-    padded[..., :candidate_tokens] = head_scores
-    chunk_scores = padded.view(kv_heads, count, candidates, chunk).amax(dim=-1).transpose(0, 1)
+        # [Hkv, n, g, tokens], a view in the score's own memory order (reduced below in place,
+        # not over a strided copy of every score).
+        head_scores = _head_score_dots(queries, keys, sparsity.score_channels, candidate_tokens)
+    if head_scores.dim() == 4 and head_scores.stride(-1) != 1 and candidate_tokens == candidates * chunk:
+        # Tokens-as-rows scores, whole chunks (always, as the candidates end where the recent
+        # chunks begin): the maximum over the KV head's query heads and the chunk's tokens in one
+        # reduction, in the score's own memory order (a maximum is exact: the same values as the
+        # two passes below, which are faster over the queries-as-rows layout).
+        chunk_scores = head_scores.unflatten(-1, (candidates, chunk)).amax(dim=(2, 4)).transpose(0, 1)
+    else:
+        if head_scores.dim() == 4:
+            head_scores = head_scores.amax(dim=2)
+        # [Hkv, n, candidate tokens] -> chunk scores [n, Hkv, candidates]
+        padded = head_scores.new_full((kv_heads, count, candidates * chunk), -math.inf)
+        padded[..., :candidate_tokens] = head_scores
+        chunk_scores = padded.view(kv_heads, count, candidates, chunk).amax(dim=-1).transpose(0, 1)
     best = chunk_scores.topk(picks, dim=-1).indices.sort(dim=-1).values
     chosen = (best[..., None] * chunk + torch.arange(chunk, device=device)).reshape(count, kv_heads, -1)
     token_index = torch.cat([chosen, forced.expand(count, kv_heads, -1)], dim=-1)
@@ -622,7 +667,11 @@ def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
 
 def _linear(latent: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``latent @ basis.T (+ bias)`` with oneDNN on the CPU (:func:`_onednn_linear`), else addmm."""
-    if _CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]:
+    # bfloat16 operands only where oneDNN multiplies them natively: elsewhere (AVX2 CPUs) it has
+    # no bfloat16 inner product and raises, so an explicit precision="bfloat16" there takes
+    # torch's own (emulated, slower) product instead of failing.
+    if (_CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]
+            and (_BF16_FAST or latent.dtype != torch.bfloat16)):
         if latent.shape[0] == 1:
             # One row takes oneDNN's matrix-vector kernel, which sums in another order than the
             # matrix kernel every longer block takes: two rows keep a token's reconstruction the

@@ -182,7 +182,10 @@ def test_budget_selects_keep_fraction_of_the_tokens_on_top_of_the_forced_ones():
     ("kivi", "post_rope", ROPE),
     ("kivi", "pre_rope", RopeConfig(style="interleaved", rotary_dim=16)),
 ])
-def test_token_scores_equal_the_query_dotted_with_rotated_low_rank_keys(method, key_space, rope):
+@pytest.mark.parametrize("token_rows", [8, 0], ids=["tokens-as-rows", "queries-as-rows"])
+def test_token_scores_equal_the_query_dotted_with_rotated_low_rank_keys(monkeypatch, method, key_space, rope,
+                                                                        token_rows):
+    monkeypatch.setattr(attention_module, "SCORE_TOKEN_ROWS", token_rows)  # either product form
     keys, _ = make_case(method, tokens=200, key_space=key_space, rope=rope)
     queries = torch.randn(2, 6, 64)
     channels, latent = score_latent(keys, 5)

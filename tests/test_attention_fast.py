@@ -161,10 +161,15 @@ def test_a_token_reconstructs_to_the_same_bits_however_many_tokens_come_with_it(
 
 
 @pytest.mark.parametrize("method,key_space", [("svdq", "post_rope"), ("svdq", "pre_rope"), ("kivi", "post_rope")])
-def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, method, key_space):
+@pytest.mark.parametrize("token_rows,span", [(8, 4096), (8, 100), (0, 4096)],
+                         ids=["tokens-as-rows", "tokens-as-rows-in-spans", "queries-as-rows"])
+def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, method, key_space, token_rows, span):
     """The selection score's rotated low-rank keys are kept while the budget has room and only
     dotted afterwards: the same score bits (for any candidate prefix) and selections as built
-    anew, so the chosen tokens never depend on what the attention cache holds."""
+    anew, so the chosen tokens never depend on what the attention cache holds; with either
+    product form (tokens as the rows, in one or several spans, or the query rows first)."""
+    monkeypatch.setattr(attention_module, "SCORE_TOKEN_ROWS", token_rows)
+    monkeypatch.setattr(attention_module, "SCORE_TOKEN_SPAN", span)
     keys, values = make_case(method, tokens=403, key_space=key_space)
     start, n_body = body_range(keys)
     queries = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(5))
@@ -182,7 +187,7 @@ def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, met
         assert name not in keys._cache  # kept from the second call on
         assert torch.equal(attention_module._head_score_dots(queries, keys, 5, 150), cold[150])
         kept = keys._cache[name]
-        assert kept.shape == (n_body, keys.kv_heads, keys.head_dim) and DERIVED.nbytes - before >= kept.numel() * 4
+        assert kept.shape == (keys.kv_heads, n_body, keys.head_dim) and DERIVED.nbytes - before >= kept.numel() * 4
         built = []
         original = attention_module.reconstruct
         monkeypatch.setattr(attention_module, "reconstruct", lambda *args: built.append(1) or original(*args))

@@ -29,7 +29,6 @@ from svdq_proto.svdq.v1 import kvcache_pb2 as pb
 from svdq_proto.svdq.v1 import kvcache_pb2_grpc as pb_grpc
 
 from svdq import errors as library
-from svdq.api.types import NAME_PATTERN
 from svdq.attention import SparsityConfig
 from svdq.codec import CodecConfig
 from svdq.rope import RopeConfig
@@ -243,17 +242,15 @@ def as_entries(entries) -> list[tuple[str, int]]:
         raise library.InvalidInputError(f"entries must be a list of (sequence_id, layer) pairs, got {_kind(entries)}")
     checked = []
     for index, entry in enumerate(entries):
-        if (type(entry) is tuple and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is int
-                and entry[1] >= 0 and NAME_PATTERN.fullmatch(entry[0])):
-            # The common (str, int) pair, checked without building each field's name for a
-            # message it would not need: per entry that cost more than the checks.
-            checked.append(entry)
-            continue
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
             raise library.InvalidInputError(f"entries[{index}] must be a (sequence_id, layer) pair such as "
                                             f"('seq-1', 0), got {_kind(entry)} {abbreviate(entry)}")
-        checked.append((check_name(entry[0], f"entries[{index}].sequence_id"),
-                        as_integer(entry[1], f"entries[{index}].layer")))
+        try:
+            # The entry's place is named only in an error: building each field's name up front
+            # cost more per entry than the checks.
+            checked.append((check_name(entry[0], "sequence_id"), as_integer(entry[1], "layer")))
+        except library.InvalidInputError as error:
+            raise library.InvalidInputError(f"entries[{index}].{error}") from None
     return checked
 
 

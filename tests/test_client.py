@@ -406,9 +406,9 @@ async def test_async_chunk_calls_retry_like_the_sync_ones(scripted, monkeypatch)
         assert torch.equal(mine.values, theirs.values) and torch.equal(mine.positions, torch.arange(3))
 
 
-def test_attend_entries_are_checked_alike_on_the_fast_path_and_off_it():
-    """(str, int) pairs take a path that builds no field names; anything else, and every error,
-    the checks that name the entry."""
+def test_attend_entries_are_checked_and_errors_name_the_entry():
+    """Entries go through the shared name and integer checks; an error names the entry's place
+    (built only then)."""
     import numpy as np
     from svdq_client.client import as_entries, attend_request
 

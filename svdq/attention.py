@@ -44,7 +44,7 @@ import torch
 from .codec import CompressedKeys
 from .derived import DERIVED
 from .errors import InvalidInputError
-from .quant import dequantize_by_channel, unpack_codes
+from .quant import cpu_bfloat16_is_native, dequantize_by_channel, unpack_codes
 from .rope import apply_rope, rope_cos_sin
 from .values import CompressedValues, gather_values
 
@@ -161,15 +161,6 @@ def select_backend(device: torch.device | str, override: str | None = None) -> s
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU"
         )
     return choice
-
-
-def _bfloat16_products_are_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (oneDNN's check for AVX512-BF16 or AMX):
-    elsewhere bfloat16 matmuls are emulated and slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def select_precision(device: torch.device | str, override: str | None = None) -> str:
@@ -643,7 +634,7 @@ def _onednn_linear():
 
 
 _CPU_LINEAR = _onednn_linear()
-_BF16_FAST = _bfloat16_products_are_fast()
+_BF16_FAST = cpu_bfloat16_is_native()
 
 
 def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,

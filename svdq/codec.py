@@ -34,6 +34,7 @@ from .allocation import allocate_budget, allocate_schedule
 from .errors import InvalidInputError, ResourceExhaustedError
 from .quant import (
     MAX_BITS,
+    cpu_bfloat16_is_native,
     dequantize_groups,
     distortion_table,
     group_bytes,
@@ -317,18 +318,33 @@ def _fit_centred(work: torch.Tensor) -> tuple[Basis, torch.Tensor]:
 #: tokens per bfloat16 product of :func:`gram` and per projected chunk (a multiple of every group size)
 GRAM_CHUNK = 1024
 
+#: whether this CPU's bfloat16 products are native; where they are emulated (slower than
+#: float32) the codec's bfloat16 products run in float32 instead
+_CPU_BF16_NATIVE = cpu_bfloat16_is_native()
+
+
+def _bfloat16_products(device: torch.device) -> bool:
+    """Whether the codec's cheap products use bfloat16 operands on ``device``: on CUDA, and
+    on CPUs that multiply bfloat16 natively (~4-6x their float32 rate). On other CPUs they
+    are emulated, 4-70x slower than float32, so the products stay float32 (more exact, and
+    the blobs differ from a native CPU's only by that rounding)."""
+    return device.type == "cuda" or (device.type == "cpu" and _CPU_BF16_NATIVE)
+
 
 def gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows.T @ rows`` float32 [C, C] of float32 ``rows`` [tokens, C], as bfloat16 products
     over chunks of :data:`GRAM_CHUNK` tokens summed in float32.
 
-    This CPU's bfloat16 products (float32 accumulation inside, the result rounded to
-    bfloat16) run ~4-6x its float32 rate. Each chunk's product is rounded once and the
+    Where bfloat16 products are native (:func:`_bfloat16_products`; float32 accumulation
+    inside, the result rounded to bfloat16) they run ~4-6x the float32 rate; elsewhere this
+    is one float32 product. Each chunk's product is rounded once and the
     roundings of the chunks are independent, so their sum errs by ~1/sqrt(chunks) of one
     bfloat16 rounding: on bench/quality.py's 8192 x 1024 layer the covariance is within 7e-4
     (Frobenius, relative) of float64 and the basis leaves 0.13% more energy outside its first
     200 columns than a float32 one (one bfloat16 product: 1.7e-3 and 1%). A sample of the
     tokens, the other way to cut this product, errs by ~1/sqrt(sample) in every entry."""
+    if not _bfloat16_products(rows.device):
+        return rows.T @ rows
     channels = rows.shape[1]
     out = rows.new_zeros(channels, channels, dtype=torch.float32)
     for start in range(0, rows.shape[0], GRAM_CHUNK):
@@ -914,13 +930,15 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
     """Latent channels float32 [<= GRAM_CHUNK, r] of centred pre-RoPE keys float32 [tokens, C]
     on the kept ``basis_columns`` [C, r] of widths ``kept_bits`` [r], :data:`GRAM_CHUNK` tokens
     at a time, in order. ``low_precision`` (svdq) projects the channels of at most
-    :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products (~4-6x the float32 rate on this
-    CPU); without it every product is float32.
+    :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products where they are native
+    (:func:`_bfloat16_products`; ~4-6x the float32 rate); without it, or on a CPU that
+    emulates bfloat16, every product is float32.
 
     Chunks of tokens: no bfloat16 copy of every key at once, and what a chunk's latent feeds
     stays in cache. Each row of a product depends on that row alone (checked on this oneDNN
     and MKL for 64 to 8192 rows), so the chunking does not change the result, and an append's
     groups project as they would in one compress."""
+    low_precision = low_precision and _bfloat16_products(centred.device)
     narrow = (kept_bits <= LOW_PRECISION_MAX_WIDTH) if low_precision else torch.zeros_like(kept_bits, dtype=torch.bool)
     wide = ~narrow
     any_narrow, any_wide = bool(narrow.any()), bool(wide.any())
@@ -1019,9 +1037,14 @@ def _sample_table(centred: torch.Tensor, components: torch.Tensor, group_size: i
     sample_groups = max(4, sample_tokens // group_size)
     if n_groups > sample_groups:
         groups = groups[torch.linspace(0, n_groups - 1, sample_groups, device=centred.device).round().long()]
-    # bfloat16 products: the table ranks channels by errors that their rounding does not move.
-    sample = groups.reshape(-1, channels).to(torch.bfloat16) @ components.to(torch.bfloat16)
-    sample = sample.float().reshape(-1, group_size, channels)
+    # bfloat16 products where they are fast: the table ranks channels by errors that their
+    # rounding does not move.
+    sample = groups.reshape(-1, channels)
+    if _bfloat16_products(centred.device):
+        sample = (sample.to(torch.bfloat16) @ components.to(torch.bfloat16)).float()
+    else:
+        sample = sample @ components.float()
+    sample = sample.reshape(-1, group_size, channels)
     # Errors of the sample stand for all groups: scale them so they weigh right against bit costs.
     return distortion_table(sample) * (n_groups / sample.shape[0])
 

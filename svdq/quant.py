@@ -23,6 +23,17 @@ import torch
 
 from .errors import InvalidInputError
 
+
+def cpu_bfloat16_is_native() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's check for AVX512-BF16 or AMX).
+    Elsewhere torch emulates bfloat16 matmuls, far slower than float32: 70x at 2048 x 1024 x
+    1024 on an AVX2-only AMD EPYC, where the codec's bfloat16 products made compress ~4x slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 MAX_BITS = 8
 #: largest finite float16: every group minimum and step must fit, and at width 1 the step is
 #: the channel's whole range over the group

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import svdq.codec as codec_module
 from svdq import (
     CodecConfig,
     InvalidInputError,
@@ -204,8 +205,15 @@ def test_bad_input_raises_a_typed_error_that_says_what_is_allowed(make, message)
         make()
 
 
+@pytest.fixture
+def native_bfloat16(monkeypatch):
+    """The codec's bfloat16 products as on a CPU that multiplies bfloat16 natively (this one
+    may emulate them: slow, but the same rounding)."""
+    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", True)
+
+
 @pytest.mark.parametrize("tokens, channels", [(70, 48), (3000, 256), (2100, 600)])
-def test_gram_is_the_covariance_to_bfloat16_rounding(tokens, channels):
+def test_gram_is_the_covariance_to_bfloat16_rounding(tokens, channels, native_bfloat16):
     rows = torch.randn(tokens, channels, generator=torch.Generator().manual_seed(channels)) + 0.5
     product = gram(rows)
     exact = rows.double().T @ rows.double()
@@ -253,7 +261,7 @@ def test_compress_stores_the_quantized_projection_of_every_group(shared):
     assert torch.equal(compressed.codes, pack_codes(codes, compressed.kept_bits))
 
 
-def test_projection_is_float32_for_wide_channels_and_bfloat16_close_for_narrow_ones():
+def test_projection_is_float32_for_wide_channels_and_bfloat16_close_for_narrow_ones(native_bfloat16):
     generator = torch.Generator().manual_seed(3)
     centred = torch.randn(300, 48, generator=generator)
     basis = torch.linalg.qr(torch.randn(48, 48, generator=generator))[0][:, :10].to(torch.float16)
@@ -268,6 +276,27 @@ def test_projection_is_float32_for_wide_channels_and_bfloat16_close_for_narrow_o
     scale = (centred.abs() @ basis.float().abs())[:, ~wide]
     assert ((latent[:, ~wide] - exact[:, ~wide]).abs() <= 2.0**-7 * scale).all()
     assert torch.equal(_project(centred, basis, widths, False), exact)  # without low precision: float32 throughout
+
+
+def test_a_cpu_that_emulates_bfloat16_runs_every_codec_product_in_float32(monkeypatch):
+    # Emulated bfloat16 matmuls run far below the float32 rate, so there the cheap products
+    # (covariance, error-table sample, narrow channels' projection) stay float32.
+    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", False)
+    generator = torch.Generator().manual_seed(4)
+    rows = torch.randn(2100, 96, generator=generator)
+    assert torch.equal(gram(rows), rows.T @ rows)
+    basis = torch.linalg.qr(torch.randn(96, 96, generator=generator))[0][:, :12].to(torch.float16)
+    widths = torch.tensor([8, 5, 4, 4, 3, 2, 2, 1, 1, 1, 1, 1])
+    assert torch.equal(_project(rows, basis, widths, True), torch.cat(
+        [chunk @ basis.float() for chunk in rows.split(GRAM_CHUNK)]))
+    # compress then is the float32 codec: its blob differs from the native-bfloat16 one only
+    # by that rounding, at the same size.
+    keys = layer_keys(tokens=2300, dtype=torch.float16)
+    emulating = compress(keys, CodecConfig(group_size=8))
+    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", True)
+    native = compress(keys, CodecConfig(group_size=8))
+    assert emulating.nbytes == native.nbytes and torch.equal(emulating.kept_bits, native.kept_bits)
+    assert relative_error(keys, decompress(emulating)) <= 1.01 * relative_error(keys, decompress(native))
 
 
 def test_append_fills_a_group_of_a_sequence_that_kept_no_channel():

@@ -141,12 +141,13 @@ def tensor_from_pb(
     expected_bytes = count * _ITEMSIZE[message.dtype]
     if max_bytes is not None and expected_bytes > max_bytes:
         raise InvalidInputError(f"{field} is {expected_bytes} bytes; at most {max_bytes} are allowed per message")
-    if len(message.data) != expected_bytes:
+    data = message.data  # each read of a bytes field copies it (64 MiB: ~50 ms here)
+    if len(data) != expected_bytes:
         raise InvalidInputError(
-            f"{field}.data has {len(message.data)} bytes, but shape {dims} of {_NAMES[message.dtype]} "
+            f"{field}.data has {len(data)} bytes, but shape {dims} of {_NAMES[message.dtype]} "
             f"needs exactly {expected_bytes}"
         )
-    array = np.frombuffer(message.data, dtype=_NUMPY[message.dtype]).reshape(dims)
+    array = np.frombuffer(data, dtype=_NUMPY[message.dtype]).reshape(dims)
     tensor = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     if message.dtype == pb.BFLOAT16:
         tensor = tensor.view(torch.bfloat16)

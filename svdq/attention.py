@@ -965,14 +965,21 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
     In precision "bfloat16" the keys are the float16-rounded keys that a dense call keeps
     (:data:`KEPT_KEYS`): gathered from them when the budget holds them, else reconstructed and
     rounded the same way, and dotted by the same per-head products, so that a result has the
-    same bits whether the keys were kept or not. Exact tokens' dots come from their own rows.
+    same bits whether the keys were kept or not. In precision "float32" they are gathered from
+    the float32 keys a dense call keeps (:data:`KEPT_FLOAT32_KEYS`) where a sequence has them:
+    a token reconstructs to the same bits whatever is reconstructed with it (:func:`_linear`),
+    so the gathered rows are the rows a reconstruction gives. Exact tokens' dots come from
+    their own rows either way (the kept float32 keys hold those rows too; the dots are
+    replaced by the same product a reconstruction's are).
     """
     head_dim = keys.head_dim
     ratio, count = queries.shape[-2], index.shape[-1]
     by_head = queries.reshape(-1, ratio, head_dim)  # [B, g, D], one batch per (query, head)
     dots = torch.empty(by_head.shape[0], ratio, count, device=queries.device)
     rounded = _rounds(keys, precision)
-    kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
+    # The keys a dense call of this precision keeps: float16-rounded (bfloat16) or the float32
+    # keys it reconstructs (float32), either gathered from them or rebuilt the same way.
+    kept_keys = DERIVED.get(keys, KEPT_KEYS if rounded else KEPT_FLOAT32_KEYS) if keys.method == "svdq" else None
     if kept_keys is None:
         rows = _reconstructed_rows(keys, index, precision)
         if rounded:
@@ -1001,12 +1008,14 @@ def _gathered_dots(kept_keys: torch.Tensor, by_head: torch.Tensor, index: torch.
     chunk = max(1, GATHER_ROWS // max(1, count))
     rows = min(chunk, flat.shape[0]) * count
     halves = torch.empty(rows, head_dim, dtype=kept_keys.dtype, device=index.device)
-    widened = torch.empty(rows, head_dim, device=index.device)
+    # float32 kept keys are gathered straight into the product's operand.
+    widened = halves if kept_keys.dtype == torch.float32 else torch.empty(rows, head_dim, device=index.device)
     for first in range(0, flat.shape[0], chunk):
         stop = min(flat.shape[0], first + chunk)
         size = (stop - first) * count
         torch.index_select(table, 0, flat[first:stop].reshape(-1), out=halves[:size])
-        block = widened[:size].copy_(halves[:size]).view(stop - first, count, head_dim)
+        block = (widened[:size] if widened is halves else widened[:size].copy_(halves[:size])).view(
+            stop - first, count, head_dim)
         torch.bmm(by_head[first:stop], block.transpose(1, 2), out=dots[first:stop])
 
 

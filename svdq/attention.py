@@ -1395,7 +1395,10 @@ def _attend_torch_group(
     """Queries [n, Hq, D] over one sequence -> (output [n, Hq, D], lse [n, Hq]).
 
     Dense queries (e.g. every position of a scored continuation) share one reconstruction of
-    the keys; sparse ones gather their selections from the kept float16 keys, or reconstruct them (rounded alike) in one batched computation.
+    the keys; sparse ones gather their selections from the keys a dense call kept (float16 in
+    bfloat16, float32 in float32), or reconstruct them (rounded alike) in one batched
+    computation, and sum SVDq latent values over the union of their selections where that is
+    cheaper than over every token (:func:`_selected_value_union`).
     """
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads

@@ -52,7 +52,15 @@ from pathlib import Path
 import torch
 
 from svdq import CodecConfig, RopeConfig, compress, to_bytes
-from svdq.attention import KEPT_KEYS, KEPT_LATENT, SCORE_KEYS, SparsityConfig, attend, select_backend
+from svdq.attention import (
+    KEPT_FLOAT32_KEYS,
+    KEPT_KEYS,
+    KEPT_LATENT,
+    SCORE_KEYS,
+    SparsityConfig,
+    attend,
+    select_backend,
+)
 from svdq.derived import tensor_bytes
 from svdq.values import DEFAULT_VALUE_CODEC, ValueConfig, compress_values, values_to_bytes
 
@@ -336,6 +344,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         cached = tensor_bytes(keys_list[0]._cache)
         distinct = list({id(item): item for item in keys_list}.values())
         held = sum(KEPT_KEYS in item._cache for item in distinct)
+        held_float32 = sum(KEPT_FLOAT32_KEYS in item._cache for item in distinct)
         scored = sum((SCORE_KEYS, sparse.score_channels) in item._cache for item in distinct)
         latent_list = value_kinds[-1][1] if "latent" in value_kinds_wanted else []
         latent_cached = tensor_bytes(latent_list[0].latent._cache) if latent_list else 0
@@ -343,7 +352,8 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         rows.append(f"| {tokens} | | | (svdq keys: {compressed.bits_per_element:.3f} bits/element, "
                     f"{compressed.kept_bits.numel()} of {compressed.channels} latent channels kept; attention cache "
                     f"{cached:,} bytes for the first sequence = {cached / compressed.nbytes:.2f}x the compressed keys; "
-                    f"{held} of {len(distinct)} sequences hold float16 keys, {scored} the score keys; svdq V: "
+                    f"{held} of {len(distinct)} sequences hold float16 keys, {held_float32} float32 keys, {scored} the score "
+                    f"keys; svdq V: "
                     f"{latent_values.latent.kept_bits.numel()} latent channels, attention cache {latent_cached:,} bytes "
                     f"for the first sequence = {latent_cached / latent_values.nbytes:.2f}x the compressed values, "
                     f"{latent_held} of {len(latent_list)} hold the float32 latent) | | | | |")

@@ -965,14 +965,21 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
     In precision "bfloat16" the keys are the float16-rounded keys that a dense call keeps
     (:data:`KEPT_KEYS`): gathered from them when the budget holds them, else reconstructed and
     rounded the same way, and dotted by the same per-head products, so that a result has the
-    same bits whether the keys were kept or not. Exact tokens' dots come from their own rows.
+    same bits whether the keys were kept or not. In precision "float32" they are gathered from
+    the float32 keys a dense call keeps (:data:`KEPT_FLOAT32_KEYS`) where a sequence has them:
+    a token reconstructs to the same bits whatever is reconstructed with it (:func:`_linear`),
+    so the gathered rows are the rows a reconstruction gives. Exact tokens' dots come from
+    their own rows either way (the kept float32 keys hold those rows too; the dots are
+    replaced by the same product a reconstruction's are).
     """
     head_dim = keys.head_dim
     ratio, count = queries.shape[-2], index.shape[-1]
     by_head = queries.reshape(-1, ratio, head_dim)  # [B, g, D], one batch per (query, head)
     dots = torch.empty(by_head.shape[0], ratio, count, device=queries.device)
     rounded = _rounds(keys, precision)
-    kept_keys = DERIVED.get(keys, KEPT_KEYS) if rounded else None
+    # The keys a dense call of this precision keeps: float16-rounded (bfloat16) or the float32
+    # keys it reconstructs (float32), either gathered from them or rebuilt the same way.
+    kept_keys = DERIVED.get(keys, KEPT_KEYS if rounded else KEPT_FLOAT32_KEYS) if keys.method == "svdq" else None
     if kept_keys is None:
         rows = _reconstructed_rows(keys, index, precision)
         if rounded:
@@ -1001,12 +1008,14 @@ def _gathered_dots(kept_keys: torch.Tensor, by_head: torch.Tensor, index: torch.
     chunk = max(1, GATHER_ROWS // max(1, count))
     rows = min(chunk, flat.shape[0]) * count
     halves = torch.empty(rows, head_dim, dtype=kept_keys.dtype, device=index.device)
-    widened = torch.empty(rows, head_dim, device=index.device)
+    # float32 kept keys are gathered straight into the product's operand.
+    widened = halves if kept_keys.dtype == torch.float32 else torch.empty(rows, head_dim, device=index.device)
     for first in range(0, flat.shape[0], chunk):
         stop = min(flat.shape[0], first + chunk)
         size = (stop - first) * count
         torch.index_select(table, 0, flat[first:stop].reshape(-1), out=halves[:size])
-        block = widened[:size].copy_(halves[:size]).view(stop - first, count, head_dim)
+        block = (widened[:size] if widened is halves else widened[:size].copy_(halves[:size])).view(
+            stop - first, count, head_dim)
         torch.bmm(by_head[first:stop], block.transpose(1, 2), out=dots[first:stop])
 
 
@@ -1386,7 +1395,10 @@ def _attend_torch_group(
     """Queries [n, Hq, D] over one sequence -> (output [n, Hq, D], lse [n, Hq]).
 
     Dense queries (e.g. every position of a scored continuation) share one reconstruction of
-    the keys; sparse ones gather their selections from the kept float16 keys, or reconstruct them (rounded alike) in one batched computation.
+    the keys; sparse ones gather their selections from the keys a dense call kept (float16 in
+    bfloat16, float32 in float32), or reconstruct them (rounded alike) in one batched
+    computation, and sum SVDq latent values over the union of their selections where that is
+    cheaper than over every token (:func:`_selected_value_union`).
     """
     count, q_heads, head_dim = queries.shape
     kv_heads = keys.kv_heads
@@ -1431,8 +1443,10 @@ def _attend_torch_group(
         # (scatter_add: padding selections point at the first body token with zero weight)
         by_query.scatter_add_(-1, (stacked.token_index + start)[:, :, None, :].expand(-1, -1, ratio, -1),
                               body_weights.mul_(share_body[..., None]))
-        output = weighted_values(values, dense.view(kv_heads, count * ratio, keys.num_tokens),
-                                 slice(0, keys.num_tokens))
+        flat = dense.view(kv_heads, count * ratio, keys.num_tokens)
+        union = _selected_value_union(values.latent, stacked.token_index + start, fp_index, count * ratio)
+        output = (weighted_values(values, flat, slice(0, keys.num_tokens)) if union is None else
+                  _summed_latent_columns(values.latent, flat, union))
         output = output.reshape(kv_heads, count, ratio, head_dim).transpose(0, 1)
         return output.reshape(count, q_heads, head_dim), lse.reshape(count, q_heads)
     output = weighted_values(values, weights, fp_index)
@@ -1449,8 +1463,76 @@ def _attend_torch_group(
 #: and 1/512, 1/2048; at 4k and 1/32 (85) the two were within 4%.
 GATHERED_LATENT_COST = 200.0
 DENSE_WEIGHT_COST = 4.0
-#: Force the sparse value sum of SVDq latent values: None (the cost rule), "dense" or "gathered" (benchmarks).
+#: Force the sparse value sum of SVDq latent values: None (the cost rules), "dense" (every body
+#: token), "union" (the selected tokens' union, :func:`_summed_latent_columns`) or "gathered"
+#: (benchmarks, tests).
 SPARSE_LATENT_SUM = None
+
+
+#: Cost of dequantizing one latent element of a selected token (its code, scale and minimum
+#: gathered, :func:`_dequantized`) for the sum over the union of the selected tokens
+#: (:func:`_selected_value_union`), in multiply-adds of the sums' products: 0.9-2.8 ns an
+#: element against 0.032-0.040 ns a multiply-add (this AVX2 CPU, one thread, 256 / 446
+#: channels at 4k / 32k tokens, docs/attention.md round 9).
+UNION_ROW_COST = 48.0
+#: Union tokens dequantized and summed at a time (:func:`_summed_latent_columns`).
+UNION_BLOCK = 1024
+
+
+def _selected_value_union(latent: CompressedKeys, seq_index: torch.Tensor, fp_index: torch.Tensor,
+                          rows: int) -> torch.Tensor | None:
+    """int64 [U] ascending value-body tokens that the selections ``seq_index`` [n, Hkv, m]
+    and the keys' full-precision tokens ``fp_index`` [F] (sequence positions; the values' body
+    may hold some of the keys' sinks or tail) of a sparse call touch, when summing the merged weights over those
+    tokens alone (:func:`_summed_latent_columns`) costs less than over every body token: the
+    ``Hkv rows U r`` multiply-adds (``rows`` weight rows per KV head) plus
+    :data:`UNION_ROW_COST` per dequantized element (``U r``), against the dense sum's
+    ``Hkv rows n_body (r + 1)``; else None.
+    A rule on the selection's size alone (never on what the cache holds). With
+    ``SPARSE_LATENT_SUM == "dense"`` always None, with ``"union"`` never."""
+    if SPARSE_LATENT_SUM == "dense":
+        return None
+    v_start, v_body, total, kept, _ = _latent_layout(latent)
+    if not v_body:
+        return None
+    # The distinct tokens, sorted, by marking them (padding selections mark a token whose
+    # weight is zero: summed with it, they add nothing).
+    seen = torch.zeros(total, dtype=torch.bool, device=seq_index.device)
+    seen[seq_index.reshape(-1)] = True
+    seen[fp_index] = True
+    union = seen[v_start:v_start + v_body].nonzero().squeeze(1)
+    size = union.numel()
+    heads_rows = latent.kv_heads * rows
+    if SPARSE_LATENT_SUM != "union" and heads_rows * size * kept + UNION_ROW_COST * size * kept >= (
+            heads_rows * v_body * (kept + 1)):
+        return None
+    return union
+
+
+def _summed_latent_columns(latent: CompressedKeys, weights: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """:func:`weighted_values` of SVDq latent values with weights float32 [Hkv, R, T] over the
+    whole sequence that are zero on every value-body token but ``union`` [U] (ascending body
+    indices, :func:`_selected_value_union`): the body's latent sum over those tokens alone, one
+    ``[Hkv R, U] @ [U, r]`` product with the dequantized latent of the union and the weights'
+    sums (the softmax mass that carries the mean), then the projection with the 16-bit sinks' and tail's weights
+    as :func:`_summed_latent_range` does. -> float32 [Hkv, R, D]."""
+    kv_heads = latent.kv_heads
+    v_start, _, total, kept, columns = _latent_layout(latent)
+    flat = weights.reshape(-1, total)
+    selected = flat.index_select(1, union + v_start)
+    # In blocks of UNION_BLOCK tokens, whose dequantized latent and its gathered scales stay in
+    # cache (all 7k union tokens of a 32k-token call at once: 7x slower per element).
+    summed = selected.new_zeros(selected.shape[0], kept)
+    for first in range(0, union.numel(), UNION_BLOCK):
+        stop = min(union.numel(), first + UNION_BLOCK)
+        summed.addmm_(selected[:, first:stop], _dequantized(latent, union[first:stop]))
+    # (the weights' sums apart: a column of ones next to the latent would cost a copy of it)
+    parts = [summed, selected.sum(dim=1, keepdim=True)]
+    if columns.numel():
+        parts.append(flat.index_select(1, columns))
+    operand = torch.cat(parts, dim=1)
+    projection = _value_projection(latent)
+    return torch.bmm(operand.view(kv_heads, -1, projection.shape[1]), projection)
 
 
 def _dense_latent_sum_is_cheaper(latent: CompressedKeys, token_index: torch.Tensor, ratio: int) -> bool:
@@ -1462,7 +1544,7 @@ def _dense_latent_sum_is_cheaper(latent: CompressedKeys, token_index: torch.Tens
     one per multiply-add (``count * Hkv * g * n_body * (r + 1)``) plus
     :data:`DENSE_WEIGHT_COST` per dense weight (``count * Hkv * g * T``)."""
     if SPARSE_LATENT_SUM is not None:
-        return SPARSE_LATENT_SUM == "dense"
+        return SPARSE_LATENT_SUM in ("dense", "union")
     kept = code_widths(latent)[0]
     n_body = body_range(latent)[1]
     rows = token_index.shape[0] * token_index.shape[1]  # (query, head) pairs

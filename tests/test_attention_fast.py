@@ -265,3 +265,39 @@ def test_pair_order_paths_equal_naive_attention_for_every_rope_layout(rope, coun
                 scale = max(1.0, dense_values.abs().max().item())
                 assert torch.allclose(result.output[b].double(), expected, atol=2e-5 * scale)
                 assert torch.allclose(result.lse[b].double(), lse, atol=2e-5)
+
+
+@pytest.mark.parametrize("value_sinks", [0, 4, 12])
+def test_latent_sum_over_the_selected_union_equals_the_dense_sum_and_the_rule_takes_it_for_few_tokens(
+        monkeypatch, value_sinks):
+    """A sparse call's merged weights are zero off its selections and the keys' full-precision
+    tokens: summing SVDq latent values over the union of those tokens (in several blocks
+    here) is the dense sum up to float32 rounding, and the rule takes it only while the union
+    is a small share of the body."""
+    monkeypatch.setattr(attention_module, "UNION_BLOCK", 16)
+    values = compress_values(structured_values(300, seed=3), latent_config(3.0, 32, value_sinks))
+    latent = values.latent
+    kv_heads, total = latent.kv_heads, latent.num_tokens
+    v_start, v_body = body_range(latent)
+    generator = torch.Generator().manual_seed(2)
+    # The keys' sinks (4) and tail (the last 20) carry weight wherever the values' body lies.
+    fp_index = torch.cat([torch.arange(4), torch.arange(total - 20, total)])
+    selected = torch.randint(v_start, v_start + v_body, (1, kv_heads, 12), generator=generator)
+    union = attention_module._selected_value_union(latent, selected, fp_index, 32)
+    assert union is not None
+    expected = torch.zeros(total, dtype=torch.bool)
+    expected[selected.reshape(-1)] = expected[fp_index] = True
+    assert torch.equal(union, expected[v_start:v_start + v_body].nonzero().squeeze(1))
+    weights = torch.zeros(kv_heads, 32, total)  # 32 weight rows per KV head
+    weights[..., union + v_start] = torch.rand(kv_heads, 32, union.numel(), generator=generator)
+    others = torch.cat([torch.arange(v_start), torch.arange(v_start + v_body, total)])
+    weights[..., others] = torch.rand(kv_heads, 32, others.numel(), generator=generator)
+    weights /= weights.sum(dim=-1, keepdim=True)  # softmax weights sum to one
+    dense = weighted_values(values, weights, slice(0, total))
+    torch.testing.assert_close(attention_module._summed_latent_columns(latent, weights, union), dense,
+                               rtol=1e-5, atol=1e-5)
+    # Every body token selected: the dense sum is cheaper.
+    everything = torch.arange(v_start, v_start + v_body).expand(1, kv_heads, -1)
+    assert attention_module._selected_value_union(latent, everything, fp_index, 32) is None
+    monkeypatch.setattr(attention_module, "SPARSE_LATENT_SUM", "union")
+    assert attention_module._selected_value_union(latent, everything, fp_index, 32).numel() == v_body

@@ -214,14 +214,16 @@ def test_precision_default_override_and_bad_values(monkeypatch):
         attend(peaked_queries(post, count=1), [keys], [values], precision="float16")
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 @pytest.mark.parametrize("exact_tokens,chunk_size,count,rope", [
     (0, 8, 1, ROPE), (8, 8, 1, ROPE), (8, 1, 1, ROPE), (8, 4, 6, ROPE),
     (8, 8, 1, RopeConfig(theta=10000.0, style="interleaved", rotary_dim=64)),
 ])
 def test_sparse_calls_give_the_same_bits_with_kept_keys_and_without(budget, monkeypatch, exact_tokens, chunk_size,
-                                                                    count, rope):
-    """A sparse bfloat16 call gathers its selected keys from the float16 keys a dense call kept,
-    or, with none kept, reconstructs them and rounds them the same way: the same output and
+                                                                    count, rope, precision):
+    """A sparse call gathers its selected keys from the keys a dense call of its precision kept
+    (bfloat16: float16-rounded; float32: the float32 keys, exact tokens' rows written in), or,
+    with none kept, reconstructs them (and rounds them the same way): the same output and
     lse bits either way (exact tokens, single-token selections, a chunk of queries whose
     selections are reconstructed as one union, interleaved partial RoPE), so that a result never
     depends on what the attention cache holds."""
@@ -240,17 +242,20 @@ def test_sparse_calls_give_the_same_bits_with_kept_keys_and_without(budget, monk
     original = attention_module._reconstructed_rows
     monkeypatch.setattr(attention_module, "_reconstructed_rows",
                         lambda *args: reconstructions.append(1) or original(*args))
+    kept_name = KEPT_KEYS if precision == "bfloat16" else KEPT_FLOAT32_KEYS
     budget.limit_bytes = None  # nothing kept: the selected keys are reconstructed
-    cold = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision="bfloat16")
-    assert KEPT_KEYS not in keys._cache and reconstructions == [1]
+    cold = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision=precision)
+    assert kept_name not in keys._cache and reconstructions == [1]
     budget.limit_bytes = 1 << 30
     for _ in range(2):  # dense calls keep the keys from the second on
-        attend(queries[:1], [keys], [values], precision="bfloat16")
-    assert KEPT_KEYS in keys._cache
-    kept = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision="bfloat16")
+        attend(queries[:1], [keys], [values], precision=precision)
+    assert kept_name in keys._cache
+    kept = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision=precision)
     assert reconstructions == [1]  # gathered from the kept keys, nothing reconstructed
     assert cold.stats == kept.stats and kept.stats[0].tokens_attended < TOKENS // 2  # really sparse
     assert torch.equal(kept.output, cold.output) and torch.equal(kept.lse, cold.lse)
+    if precision == "float32":
+        return
     # float32 keeps nothing and rounds nothing: it differs from both, by the rounding only.
     exact = attend(queries, [keys] * count, [values] * count, sparsity=sparsity, precision="float32")
     assert not torch.equal(exact.output, kept.output)

@@ -222,14 +222,14 @@ def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_
         assert torch.allclose(cold.lse[b].double(), lse, atol=2e-5)
 
 
-@pytest.mark.parametrize("value_sum", [None, "dense", "gathered"])
+@pytest.mark.parametrize("value_sum", [None, "dense", "union", "gathered"])
 @pytest.mark.parametrize("value_sinks", [0, 4, 12])
 def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_bit_values(monkeypatch, value_sinks,
                                                                                           value_sum):
     import svdq.attention as attention
 
-    # The cost rule's choice, and each way forced: the merged weights summed densely, the
-    # selected codes gathered.
+    # The cost rule's choice, and each way forced: the merged weights summed densely or over
+    # the union of the selected tokens, the selected codes gathered.
     monkeypatch.setattr(attention, "SPARSE_LATENT_SUM", value_sum)
     keys, values = _case_with_latent_values(400, value_sinks, 32, seed=2)
     as_16_bit = compress_values(decompress_values(values, torch.float32))
@@ -246,14 +246,15 @@ def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_
         assert torch.allclose(latent.lse, plain.lse, atol=1e-5)
 
 
-def test_sparse_latent_value_sums_give_the_same_bits_kept_or_cold(monkeypatch):
+@pytest.mark.parametrize("value_sum", ["dense", "union"])
+def test_sparse_latent_value_sums_give_the_same_bits_kept_or_cold(monkeypatch, value_sum):
     import svdq.attention as attention
     from svdq.attention import KEPT_LATENT
     from svdq.derived import DERIVED
 
     if attention._CPU_LINEAR is None:
         pytest.skip("the latent is kept only where torch's CPU build has oneDNN (svdq.attention._CPU_LINEAR)")
-    monkeypatch.setattr(attention, "SPARSE_LATENT_SUM", "dense")
+    monkeypatch.setattr(attention, "SPARSE_LATENT_SUM", value_sum)
     keys, values = _case_with_latent_values(400, 4, 32, seed=2)
     sparsity = SparsityConfig(keep_fraction=0.1, chunk_size=8, num_recent=16)
     queries = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(7))
@@ -268,7 +269,8 @@ def test_sparse_latent_value_sums_give_the_same_bits_kept_or_cold(monkeypatch):
         cold = call()
         DERIVED.limit_bytes = 1 << 30
         results = [call() for _ in range(3)]
-        assert KEPT_LATENT in values.latent._cache
+        # The dense sum dots the kept latent; the union's sum dequantizes its tokens every call.
+        assert (KEPT_LATENT in values.latent._cache) == (value_sum == "dense")
     finally:
         DERIVED.clear()
         DERIVED.limit_bytes = limit

@@ -396,9 +396,6 @@ def upload_stages(keys: torch.Tensor, values: torch.Tensor, profile: Profile, re
     from svdq_server.engine import Engine, EngineConfig, UploadHeader
     from svdq_server.metrics import Metrics
 
-    from svdq import decompress
-    from svdq.codec import relative_error
-
     metrics = Metrics()
     engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 34), [profile], metrics=metrics)
     metrics.bind_engine(engine, "bench")
@@ -428,8 +425,8 @@ def upload_stages(keys: torch.Tensor, values: torch.Tensor, profile: Profile, re
         "server: chunk tensors decoded and checked finite (upload_chunk_from_pb)":
             lambda: [convert.upload_chunk_from_pb(chunk) for chunk in parsed],
         "engine: the upload (chunks decoded, staged, each layer compressed, stored, metrics)": whole_upload,
-        "  of it: the metrics' error sample of one layer (decompress, relative_error)":
-            lambda: relative_error(keys[0], decompress(layer_keys)),
+        "  of it: the metrics' error sample of one layer (decompress, relative error)":
+            lambda: engine._error_sample(keys[0], layer_keys),
         "server: the reply (UploadResponse serialized)":
             lambda: pb.UploadResponse(sequence=info.to_pb()).SerializeToString(),
         "codec alone: every layer's keys and values (as the engine calls it)":

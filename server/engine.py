@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -710,7 +711,7 @@ class Engine:
         reconstructed in the keys' own dtype, what a fetch returns."""
         if self.metrics is None:
             return None
-        return relative_error(layer_keys, decompress(compressed).cpu())
+        return _sampled_relative_error(layer_keys, decompress(compressed).cpu())
 
     def finish_upload(self, tenant: str, header: UploadHeader) -> SequenceInfo:
         """Store the upload's compressed layers atomically. Missing tokens are a
@@ -1175,6 +1176,18 @@ class Engine:
             raise InvalidInputError(f"positions must be int64 [{tokens}], got {positions.dtype} {list(positions.shape)}")
         if tokens and int(positions.min()) < 0:
             raise InvalidInputError("positions must be >= 0")
+
+
+def _sampled_relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """:func:`svdq.codec.relative_error` for the metrics' histogram, in float32: the float64
+    norms cost ~13 ms per 4096 x 192 layer on a CPU without a fast float16-to-float64 path (this
+    AVX2 EPYC; 1 ms in float32), about a tenth of that layer's compression, and a histogram
+    sample needs no more than float32's digits. Keys large enough to overflow float32's squares
+    fall back to the float64 one."""
+    reference = reference.float()
+    error = float(torch.linalg.vector_norm(approximation.float() - reference)
+                  / torch.linalg.vector_norm(reference).clamp(min=1e-30))
+    return error if math.isfinite(error) else relative_error(reference, approximation)
 
 
 def _digest(*tensors: torch.Tensor | None) -> bytes:

@@ -119,6 +119,31 @@ def test_a_layer_is_compressed_when_its_last_chunk_arrives_and_its_raw_chunks_go
     assert engine.staging_totals() == (0, 0)
 
 
+def test_the_metrics_error_sample_is_the_codecs_relative_error_in_float32():
+    """The upload's error sample (float32 norms) is svdq's float64 relative_error to float32's
+    digits, for the keys' own dtypes, and falls back to it where float32's squares overflow."""
+    from svdq_server.engine import _sampled_relative_error
+
+    from svdq import relative_error
+
+    metrics = Metrics()
+    engine = Engine(EngineConfig(device="cpu", store_bytes=1 << 22), [make_profile()], metrics=metrics)
+    metrics.bind_engine(engine, "test")
+    keys, values = cache()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        layer = keys[0].to(dtype)
+        restored = decompress(compress(layer, CODEC, positions=torch.arange(TOKENS), rope=ROPE,
+                                       key_space="post_rope"))
+        exact = relative_error(layer, restored)
+        assert 0 < exact < 1 and abs(_sampled_relative_error(layer, restored) - exact) <= 1e-5 * exact
+    engine.upload("t", header("sampled"), keys, values, torch.arange(TOKENS))  # an engine's first upload samples layer 0
+    exact = relative_error(keys[0], decompress(engine.store.get("t", "sampled").state.keys[0]))
+    observed = metrics.registry.get_sample_value("svdq_reconstruction_relative_error_sum", {"profile": "tiny"})
+    assert abs(observed - exact) <= 1e-5 * exact
+    huge = torch.full((4, 8), 3e30)
+    assert _sampled_relative_error(huge, huge * (1 + 1e-3)) == pytest.approx(relative_error(huge, huge * (1 + 1e-3)))
+
+
 def test_out_of_order_and_incomplete_uploads_are_refused_and_resumable(engine):
     keys, values = cache()
     upload = header()

@@ -673,12 +673,14 @@ def prepare(
     key_space: str = "pre_rope",
     basis: Basis | None = None,
     limits: CostLimits | None = None,
+    what: str = "keys",
 ) -> PreparedKeys:
     """The part of :func:`compress` (same arguments, same errors) that does not depend on the
     bit budget: :func:`compress_prepared` then compresses it under any ``config`` that differs
-    from this one in ``bits_per_element`` or ``schedule`` only."""
+    from this one in ``bits_per_element`` or ``schedule`` only. ``what`` names the tensor in
+    errors (values are prepared here too)."""
     config = config or CodecConfig()
-    _check_keys(keys, limits=limits, scan=False)
+    _check_keys(keys, what, limits=limits, scan=False)
     if keys.shape[0] == 0:
         raise InvalidInputError("keys must hold at least one token, got 0")
     if key_space not in KEY_SPACES:
@@ -706,7 +708,7 @@ def prepare(
         # centred in place below.
         work = keys.to(torch.float32, copy=True)
     storage = _storage_dtype(keys)
-    if _peak(work) > torch.finfo(torch.float16).max and storage == torch.float16:
+    if _peak(work, what) > torch.finfo(torch.float16).max and storage == torch.float16:
         storage = torch.bfloat16  # float16 would overflow; bfloat16 keeps the range
     # Every token is rounded to the 16-bit storage dtype first, so a token quantized now and a
     # token that waited in the full-precision tail before its group filled are quantized alike.
@@ -965,8 +967,7 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
     Chunks of tokens: no bfloat16 copy of every key at once, and what a chunk's latent feeds
     stays in cache. Each row of a product depends on that row alone (checked on this oneDNN
     and MKL for 64 to 8192 rows), so the chunking does not change the result, and an append's
-    groups project as they would in one compress. A yielded chunk may be overwritten by the
-    next: use it before asking for the next."""
+    groups project as they would in one compress."""
     low_precision = low_precision and _bfloat16_products(centred.device)
     narrow = (kept_bits <= LOW_PRECISION_MAX_WIDTH) if low_precision else torch.zeros_like(kept_bits, dtype=torch.bool)
     wide = ~narrow
@@ -976,7 +977,7 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
     if any_narrow:
         low_basis = (basis_columns[:, narrow] if any_wide else basis_columns).to(torch.bfloat16)
     kept = basis_columns.shape[1]
-    padded = None
+    padded = False
     if not any_narrow:  # also no kept channel at all: an empty [tokens, 0] product
         wide_basis = basis_columns.float()
         if centred.device.type == "cpu" and kept % PROJECTION_COLUMNS:
@@ -986,15 +987,13 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
             # blobs, bench/codec_change.py, and tests/test_codec.py).
             wide_basis = torch.cat([wide_basis, wide_basis.new_zeros(wide_basis.shape[0],
                                                                      -kept % PROJECTION_COLUMNS)], dim=1)
-            padded = centred.new_empty(min(GRAM_CHUNK, centred.shape[0]), wide_basis.shape[1])
+            padded = True
     elif any_wide:
         wide_basis = basis_columns[:, wide].float()
     for start in range(0, centred.shape[0], GRAM_CHUNK):
         rows = centred[start:start + GRAM_CHUNK]
-        if padded is not None:
-            # One buffer for every chunk (each is quantized before the next is projected):
-            # no fresh pages per chunk. The kept columns are a strided view of it.
-            yield torch.matmul(rows, wide_basis, out=padded[:rows.shape[0]])[:, :kept]
+        if padded:
+            yield (rows @ wide_basis)[:, :kept]  # the kept columns, a strided view
         elif not any_narrow:
             yield rows @ wide_basis
         elif not any_wide:

@@ -22,7 +22,9 @@ The baseline is an export of an older commit::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +38,7 @@ from attention import load_tree, medians_in_turns  # noqa: E402  (bench/ is not 
 from quality import LLAMA3_ROPE, synthetic_layer_keys  # noqa: E402
 
 
-def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int) -> str:
+def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int, clock: str = "wall") -> str:
     keys = synthetic_layer_keys(tokens)
     positions = torch.arange(tokens)
     calibration = synthetic_layer_keys(2 * tokens)[tokens:]
@@ -50,22 +52,27 @@ def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int) -> s
                                                      key_space="post_rope", basis=basis))
             calls[f"{label} {basis_name} basis"] = compress_one
     blobs = {name: call() for name, call in calls.items()}  # their sizes (medians_in_turns warms each call up itself)
-    seconds = medians_in_turns(calls, torch.device("cpu"), repeats)
+    seconds = medians_in_turns(calls, torch.device("cpu"), repeats,
+                               time.perf_counter if clock == "wall" else time.thread_time)
     megabytes = keys.numel() * 2 / 1e6
     lines = [f"### Compress, {tokens} tokens x 8 x 128 (synthetic post-RoPE Llama-3 layer), "
-             f"{torch.get_num_threads()} torch thread(s), medians of {repeats} in turns",
+             f"{torch.get_num_threads()} torch thread(s), medians of {repeats} in turns "
+             f"({'wall time' if clock == 'wall' else 'CPU time of the timing thread'})",
              "",
-             "| path | median ms | MB/s of fp16 keys | bits per element (keys, whole blob) |",
-             "| --- | ---: | ---: | ---: |"]
+             "| path | median ms | MB/s of fp16 keys | bits per element (keys, whole blob) | blob sha256 |",
+             "| --- | ---: | ---: | ---: | --- |"]
     for name, median in seconds.items():
         blob = blobs[name]
         bits = f"{8 * len(blob) / keys.numel():.4f}" if isinstance(blob, bytes) else "16"
-        lines.append(f"| {name} | {1e3 * median:.1f} | {megabytes / median:.1f} | {bits} |")
+        digest = hashlib.sha256(blob).hexdigest()[:12] if isinstance(blob, bytes) else "-"
+        lines.append(f"| {name} | {1e3 * median:.1f} | {megabytes / median:.1f} | {bits} | {digest} |")
     labels = list(versions)
     if len(labels) == 2:
         for basis_name in ("own", "shared"):
             ratio = seconds[f"{labels[0]} {basis_name} basis"] / seconds[f"{labels[1]} {basis_name} basis"]
-            lines.append(f"\nspeed-up {basis_name} basis ({labels[1]} over {labels[0]}): {ratio:.2f}x")
+            same = blobs[f"{labels[0]} {basis_name} basis"] == blobs[f"{labels[1]} {basis_name} basis"]
+            lines.append(f"\nspeed-up {basis_name} basis ({labels[1]} over {labels[0]}): {ratio:.2f}x; blobs "
+                         f"{'identical' if same else 'differ'}")
     return "\n".join(lines)
 
 
@@ -132,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     parser.add_argument("--quality", action="store_true", help="also the SmolLM2 key-quality table")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed table")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the timing thread's CPU time (one thread on a shared machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         versions["baseline"] = load_tree(args.baseline.resolve())
     versions["current"] = svdq
     if not args.no_speed:
-        print(speed_table(versions, args.tokens, args.repeats))
+        if args.clock == "cpu" and args.threads != 1:
+            parser.error("--clock cpu times the calling thread only: use it with --threads 1")
+        print(speed_table(versions, args.tokens, args.repeats, args.clock))
         print()
         sys.stdout.flush()
     if args.quality:

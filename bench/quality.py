@@ -633,12 +633,14 @@ def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
     ]
 
 
-def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int = 5) -> str:
+def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int = 5,
+                     clock: Callable[[], float] = time.perf_counter) -> str:
     """Markdown table of compress / decompress MB/s (of the layer's fp16 keys or values) of
     every :func:`throughput_rows` path, measured in turns in this process (medians of
     ``repeats``) so that load on the machine falls on all rows alike; times relative to the
     memory copy; the blob's bits per element and the first hex digits of its SHA-256 (equal
-    digests: byte-identical blobs across code versions)."""
+    digests: byte-identical blobs across code versions). ``clock``: wall time, or
+    ``time.thread_time`` (CPU time of this thread: one torch thread on a shared machine)."""
     lines = [
         "| layer [tokens x 8 x 128] | path | compress MB/s | decompress MB/s | compress / copy | "
         "bits per element | ratio vs fp16 | blob sha256 |",
@@ -651,13 +653,13 @@ def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int =
         decompress_times: list[list[float]] = [[] for _ in rows]
         for _ in range(repeats):
             for index, (row, blob) in enumerate(zip(rows, blobs, strict=True)):
-                started = time.perf_counter()
+                started = clock()
                 row.compress()
-                compress_times[index].append(time.perf_counter() - started)
+                compress_times[index].append(clock() - started)
                 if row.decompress is not None:
-                    started = time.perf_counter()
+                    started = clock()
                     row.decompress(blob)
-                    decompress_times[index].append(time.perf_counter() - started)
+                    decompress_times[index].append(clock() - started)
         copy_s = statistics.median(compress_times[0])
         for row, blob, c_times, d_times in zip(rows, blobs, compress_times, decompress_times, strict=True):
             elements = keys.numel() * row.tensors
@@ -675,12 +677,14 @@ def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int =
     return "\n".join(lines)
 
 
-def print_throughput(token_counts: Sequence[int], repeats: int) -> None:
-    print(f"## Throughput ({torch.get_num_threads()} torch threads, median of {repeats} runs in turns, MB/s of "
+def print_throughput(token_counts: Sequence[int], repeats: int, clock: str = "wall") -> None:
+    timer = time.perf_counter if clock == "wall" else time.thread_time
+    print(f"## Throughput ({torch.get_num_threads()} torch threads, median of {repeats} runs in turns, "
+          f"{'wall time' if clock == 'wall' else 'CPU time of the timing thread'}, MB/s of "
           "the layer's fp16 tensor; synthetic post-RoPE Llama-3 keys: compress = undo RoPE + fit + allocate + "
           "quantize + pack + to_bytes, decompress = from_bytes + reconstruct + RoPE; synthetic values likewise)")
     print()
-    print(throughput_table(token_counts, repeats))
+    print(throughput_table(token_counts, repeats, timer))
     sys.stdout.flush()
 
 
@@ -719,7 +723,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch default); 1 is much faster on an oversubscribed CPU, "
                              "where multi-threaded LAPACK calls such as the basis eigh stall for seconds")
-    return parser.parse_args(argv)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="throughput timer: wall time, or the timing thread's CPU time (with --threads 1, on a "
+                             "machine shared with other jobs)")
+    args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu times the calling thread only: use it with --threads 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -728,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.throughput_only:
-        print_throughput(args.throughput_tokens or [8192], args.repeats)
+        print_throughput(args.throughput_tokens or [8192], args.repeats, args.clock)
         return 0
     from svdq_client.models import load_smollm2
 
@@ -828,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     if args.throughput_tokens:
         print()
-        print_throughput(args.throughput_tokens, args.repeats)
+        print_throughput(args.throughput_tokens, args.repeats, args.clock)
     LOGGER.info("done in %.0f s", time.perf_counter() - started)
     return 0
 

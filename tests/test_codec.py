@@ -275,7 +275,30 @@ def test_projection_is_float32_for_wide_channels_and_bfloat16_close_for_narrow_o
     # far below the 1/15-of-the-range step of a 4-bit channel.
     scale = (centred.abs() @ basis.float().abs())[:, ~wide]
     assert ((latent[:, ~wide] - exact[:, ~wide]).abs() <= 2.0**-7 * scale).all()
-    assert torch.equal(_project(centred, basis, widths, False), exact)  # without low precision: float32 throughout
+    # Without low precision: float32 throughout, the product with the basis padded with zero
+    # columns to a multiple of 8 (small products may then differ from the plain one in the
+    # last bits, as a product's layout may: within float32 rounding).
+    padded = torch.cat([basis.float(), torch.zeros(48, 6)], dim=1)
+    float32 = _project(centred, basis, widths, False)
+    assert torch.equal(float32, (centred @ padded)[:, :10])
+    assert torch.allclose(float32, exact, rtol=0, atol=1e-5 * float(scale.max()))
+
+
+@pytest.mark.parametrize(("tokens", "channels", "kept"), [(1100, 600, 37), (64, 257, 8), (2048, 512, 511)])
+def test_float32_covariance_blocks_and_padded_projection_keep_the_plain_products_bits(monkeypatch, tokens,
+                                                                                      channels, kept):
+    # The float32 covariance is computed from the blocks on and above its diagonal, and the
+    # projection's basis padded with zero columns to a multiple of 8: both must give the
+    # bits of the plain products (blobs unchanged).
+    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", False)
+    generator = torch.Generator().manual_seed(channels)
+    rows = torch.randn(tokens, channels, generator=generator) * torch.linspace(3, 0.1, channels)
+    assert channels > codec_module.GRAM_BLOCK
+    assert torch.equal(gram(rows), rows.T @ rows)
+    basis = torch.randn(channels, kept, generator=generator).to(torch.float16)
+    widths = torch.ones(kept, dtype=torch.int64)
+    assert torch.equal(_project(rows, basis, widths, True), torch.cat(
+        [chunk @ basis.float() for chunk in rows.split(GRAM_CHUNK)]))
 
 
 def test_a_cpu_that_emulates_bfloat16_runs_every_codec_product_in_float32(monkeypatch):

@@ -124,9 +124,9 @@ class CompressedCache:
 
 def _attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, probe_positions: torch.Tensor,
                token_positions: torch.Tensor) -> torch.Tensor:
-    """Causal attention of probes [P, H, D] over keys/values [S, H, D] -> [P, H, D] (float64)."""
+    """Causal attention of probes [P, H, D] over keys/values [S, H, D] -> [P, H, D] (float32)."""
     # In place on the fresh scores: the same bits as dividing and masking into new tensors,
-    # without two [P, H, S] float64 copies (7 of 25 ms at 64 probes x 3 heads x 3,968 tokens).
+    # without two [P, H, S] copies (7 of 25 ms at 64 probes x 3 heads x 3,968 tokens).
     scores = torch.einsum("phd,shd->phs", queries, keys).div_(math.sqrt(keys.shape[-1]))
     future = token_positions[None, None, :] > probe_positions[:, None, None]
     weights = torch.softmax(scores.masked_fill_(future, -math.inf), dim=-1)
@@ -188,32 +188,31 @@ def compress_kv(
     tokens = keys.shape[0]
     token_positions = prepared_keys.token_positions()
     # Post-RoPE keys are the probes and what they are scored against (the space queries see).
-    reference_keys = keys.double() if key_space == "post_rope" or rope is None else \
-        apply_rope(keys.float(), token_positions, rope).double()
+    # float32: the candidates' errors differ by far more than its rounding (float64 took 2x
+    # as long, ~25% of a five-candidate call on an AVX2 CPU, and picked the same splits on
+    # SmolLM2's layers, docs/quality.md round 9).
+    reference_keys = keys.float() if key_space == "post_rope" or rope is None else \
+        apply_rope(keys.float(), token_positions, rope)
     probe_index = torch.linspace(tokens // 2, tokens - 1, min(budget.probe_queries, tokens)).round().long().unique()
     probe_index = probe_index.to(keys.device)
     probes = reference_keys[probe_index]
     probe_positions = token_positions[probe_index]
-    reference = _attention(probes, reference_keys, values.double(), probe_positions, token_positions)
-    energy = float(reference.pow(2).sum().clamp(min=1e-300))
+    reference = _attention(probes, reference_keys, values.float(), probe_positions, token_positions)
+    energy = float(reference.double().pow(2).sum().clamp(min=1e-300))
     space = "post_rope" if rope is not None else "pre_rope"
     errors = {}
     best = None
-    # Every candidate's float64 reconstruction goes into the same two buffers: a fresh float64
-    # copy of the keys and of the values per candidate cost ~50 ms each of page faults at 8k
-    # tokens x 1024 channels (the values are the same, so the same errors).
-    restored_keys = torch.empty(keys.shape, dtype=torch.float64, device=keys.device)
-    restored_values = torch.empty(values.shape, dtype=torch.float64, device=values.device)
     # Each candidate is measured as soon as it is compressed, from the reconstruction its exact
     # tokens were chosen with: one candidate's reconstruction is held at a time.
     for share in budget.key_shares:
         compressed_keys, body = compress_restored(prepared_keys, key_config(share))
         compressed_values = compress_prepared_values(prepared_values, value_config(compressed_keys))
-        restored_keys.copy_(decompress(compressed_keys, space, dtype=torch.float32, body=body))
+        restored_keys = decompress(compressed_keys, space, dtype=torch.float32, body=body)
         del body
-        restored_values.copy_(decompress_values(compressed_values, torch.float32))
-        output = _attention(probes, restored_keys, restored_values, probe_positions, token_positions)
-        errors[share] = float((output - reference).pow(2).sum()) / energy
+        output = _attention(probes, restored_keys, decompress_values(compressed_values, torch.float32),
+                            probe_positions, token_positions)
+        del restored_keys
+        errors[share] = float((output - reference).double().pow(2).sum()) / energy
         if best is None or errors[share] < errors[best[0]]:
             best = (share, compressed_keys, compressed_values)
     return CompressedCache(best[1], best[2], best[0], errors)

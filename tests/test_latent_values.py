@@ -342,18 +342,18 @@ def _compress_kv_one_by_one(keys, values, budget, key_basis=None, value_basis=No
         value_config = ValueConfig(codec=replace(budget.value_codec, bits_per_element=value_bits))
         candidates.append((share, compressed_keys, compress_values(values, value_config, basis=value_basis)))
     positions = candidates[0][1].token_positions()
-    reference_keys = apply_rope(keys.float(), positions, ROPE).double() if arguments["key_space"] == "pre_rope" \
-        else keys.double()
+    reference_keys = apply_rope(keys.float(), positions, ROPE) if arguments["key_space"] == "pre_rope" \
+        else keys.float()
     probe_index = torch.linspace(keys.shape[0] // 2, keys.shape[0] - 1,
                                  min(budget.probe_queries, keys.shape[0])).round().long().unique()
     probes, probe_positions = reference_keys[probe_index], positions[probe_index]
-    reference = _attention(probes, reference_keys, values.double(), probe_positions, positions)
-    energy = float(reference.pow(2).sum().clamp(min=1e-300))
+    reference = _attention(probes, reference_keys, values.float(), probe_positions, positions)
+    energy = float(reference.double().pow(2).sum().clamp(min=1e-300))
     errors = {}
     for share, compressed_keys, compressed_values in candidates:
-        output = _attention(probes, decompress(compressed_keys, "post_rope", dtype=torch.float32).double(),
-                            decompress_values(compressed_values, torch.float32).double(), probe_positions, positions)
-        errors[share] = float((output - reference).pow(2).sum()) / energy
+        output = _attention(probes, decompress(compressed_keys, "post_rope", dtype=torch.float32),
+                            decompress_values(compressed_values, torch.float32), probe_positions, positions)
+        errors[share] = float((output - reference).double().pow(2).sum()) / energy
     share = min(errors, key=errors.get)
     chosen = next(candidate for candidate in candidates if candidate[0] == share)
     return chosen[1], chosen[2], share, errors

@@ -429,19 +429,22 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
         # tokens. With the g rows on the left oneDNN/MKL ran a matrix-vector-like kernel 1.4-1.6x
         # slower (4 rows, 4k tokens, one thread; docs/attention.md, round 8).
         dots = torch.empty(kv_heads, tokens, rows, device=latent.device)
-        span = min(tokens, SCORE_TOKEN_SPAN)
-        built = None if kept is not None else torch.empty(kv_heads, span, head_dim, device=latent.device)
         right = grouped.transpose(1, 2)
-        for first in range(0, tokens, span):
-            last = min(tokens, first + span)
-            if kept is not None:
-                low_rank = kept[:, first:last]
-            else:
-                low_rank = built[:, :last - first]
-                for start in range(first, last, block):
-                    stop = min(last, start + block)
-                    low_rank[:, start - first:stop - first] = low_rank_block(start, stop).transpose(0, 1)
-            torch.bmm(low_rank, right, out=dots[:, first:last])
+        if kept is not None:
+            for first in range(0, tokens, SCORE_TOKEN_SPAN):
+                last = min(tokens, first + SCORE_TOKEN_SPAN)
+                torch.bmm(kept[:, first:last], right, out=dots[:, first:last])
+        else:
+            # Cold: each block dotted where it was built (a head-major view of the token-major
+            # block, still in cache). Copying the blocks into a head-major span first, as the
+            # kept keys are laid out, wrote and read again 4 C bytes per token (128 MiB at 32k
+            # tokens): 0.88x the time without it (docs/attention.md, round 9, helper D). The
+            # product gives each token the same bits from either operand (the K = D sums do not
+            # depend on the rows' stride or count; tests/test_attention_precision.py checks kept
+            # against cold calls).
+            for start in range(0, tokens, block):
+                stop = min(tokens, start + block)
+                torch.bmm(low_rank_block(start, stop).transpose(0, 1), right, out=dots[:, start:stop])
         return dots.view(kv_heads, tokens, count, q_heads // kv_heads).permute(0, 2, 3, 1)
     dots = torch.empty(kv_heads, rows, tokens, device=latent.device)
     built = None if kept is not None else torch.empty(kv_heads, min(block, tokens), head_dim, device=latent.device)

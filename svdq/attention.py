@@ -363,7 +363,7 @@ def token_scores(queries: torch.Tensor, keys: CompressedKeys, score_channels: in
     """Approximate ``q . RoPE_t(k_t)`` of the first ``tokens`` body tokens, from the low-rank
     keys ``k_t ~= mean + sum_j l_tj b_j`` over the score channels.
 
-    The low-rank keys of all KV heads are built in one ``[tokens, m + 1] @ [m + 1, C]`` matmul,
+    The low-rank keys are built with one ``[tokens, m + 1] @ [m + 1, D]`` product per KV head,
     rotated to their positions with the block's cos/sin (for pre-RoPE keys: with ``x1, x2``
     the two channels of RoPE pair ``p``, ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``, built in
     pair order and rotated in place, :func:`_rotate_pairs`), and dotted with every query head. That is ``tokens * (C * (m + 1) + n * Hq * D)`` multiply-adds:
@@ -389,7 +389,10 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     channels, latent = score_latent(keys, score_channels)
     # [C, m + 1]: the score channels' basis columns, then the mean (the latent's column of ones).
     columns = _score_product_columns(keys, channels)
-    zero = torch.zeros(keys.channels, device=latent.device)
+    # [Hkv, m + 1, D]: each head's columns as a product's right operand, so that a block's
+    # low-rank keys come out head-major (the kept keys' layout and the dots' operand) with no
+    # transposed copy.
+    by_head = columns.view(kv_heads, head_dim, columns.shape[1]).transpose(1, 2).contiguous()
     queries = queries.float()
     angles = None
     if rotates(keys):
@@ -404,10 +407,14 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     # all tokens at once.
     block = max(64, SCORE_BLOCK_ELEMENTS // keys.channels)
 
-    def low_rank_block(start: int, stop: int) -> torch.Tensor:
-        low_rank = reconstruct(latent[start:stop], columns, zero).view(stop - start, kv_heads, head_dim)
+    def low_rank_block(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """The rotated low-rank keys of body tokens ``start:stop``, head-major [Hkv, stop - start, D], in ``out``."""
+        # One [stop - start, m + 1] @ [m + 1, D] product per head (the latent rows shared, not copied). The
+        # token-major [m, C] product of round 8 (oneDNN's linear) needed a transposed copy or a
+        # strided dot afterwards; this form took 0.83x its time for the cold 32k score.
+        low_rank = torch.bmm(latent[start:stop].expand(kv_heads, -1, -1), by_head, out=out)
         if angles is not None:
-            _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[:, None, :])
+            _rotate_pairs(low_rank, _rotation(keys, range(start, stop), angles)[None])
         return low_rank
 
     # The rotated low-rank keys do not depend on the queries: kept head-major [Hkv, n_body, D]
@@ -419,9 +426,10 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
     n_body = latent.shape[0]
     if kept is None and DERIVED.admits(keys, name, 4 * n_body * keys.channels):
         kept = torch.empty(kv_heads, n_body, head_dim, device=latent.device)
+        built = torch.empty(kv_heads, min(block, n_body), head_dim, device=latent.device)
         for start in range(0, n_body, block):
             stop = min(n_body, start + block)
-            kept[:, start:stop] = low_rank_block(start, stop).transpose(0, 1)
+            kept[:, start:stop] = low_rank_block(start, stop, built[:, :stop - start])
         DERIVED.put(keys, name, kept, optional=True)
     if rows <= SCORE_TOKEN_ROWS:
         # Few query rows per head (decode: one query, g heads): tokens as the product's rows,
@@ -429,27 +437,28 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
         # tokens. With the g rows on the left oneDNN/MKL ran a matrix-vector-like kernel 1.4-1.6x
         # slower (4 rows, 4k tokens, one thread; docs/attention.md, round 8).
         dots = torch.empty(kv_heads, tokens, rows, device=latent.device)
-        span = min(tokens, SCORE_TOKEN_SPAN)
-        built = None if kept is not None else torch.empty(kv_heads, span, head_dim, device=latent.device)
         right = grouped.transpose(1, 2)
-        for first in range(0, tokens, span):
-            last = min(tokens, first + span)
-            if kept is not None:
-                low_rank = kept[:, first:last]
-            else:
-                low_rank = built[:, :last - first]
-                for start in range(first, last, block):
-                    stop = min(last, start + block)
-                    low_rank[:, start - first:stop - first] = low_rank_block(start, stop).transpose(0, 1)
-            torch.bmm(low_rank, right, out=dots[:, first:last])
+        if kept is not None:
+            for first in range(0, tokens, SCORE_TOKEN_SPAN):
+                last = min(tokens, first + SCORE_TOKEN_SPAN)
+                torch.bmm(kept[:, first:last], right, out=dots[:, first:last])
+        else:
+            # Cold: each block built head-major in a small buffer (still in cache) and dotted
+            # there. Copying the blocks into a head-major span first wrote and read again 4 C
+            # bytes per token (128 MiB at 32k tokens; docs/attention.md, round 9, helper D). The
+            # product gives each token the same bits from a block or from a span of the kept
+            # keys (tests/test_attention_fast.py checks kept against cold scores).
+            built = torch.empty(kv_heads, min(block, tokens), head_dim, device=latent.device)
+            for start in range(0, tokens, block):
+                stop = min(tokens, start + block)
+                torch.bmm(low_rank_block(start, stop, built[:, :stop - start]), right, out=dots[:, start:stop])
         return dots.view(kv_heads, tokens, count, q_heads // kv_heads).permute(0, 2, 3, 1)
     dots = torch.empty(kv_heads, rows, tokens, device=latent.device)
     built = None if kept is not None else torch.empty(kv_heads, min(block, tokens), head_dim, device=latent.device)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
         # Built into a head-major block: the same operand layout as the kept keys'.
-        low_rank = kept[:, start:stop] if kept is not None else built[:, :stop - start].copy_(
-            low_rank_block(start, stop).transpose(0, 1))
+        low_rank = kept[:, start:stop] if kept is not None else low_rank_block(start, stop, built[:, :stop - start])
         # Many query rows (a chunk of queries over one sequence): the queries on the left, the
         # block's tokens as the columns.
         torch.bmm(grouped, low_rank.transpose(1, 2), out=dots[:, :, start:stop])

@@ -28,6 +28,7 @@ from svdq.attention import (
     dense_body_dots,
     reconstruct,
     select_body_tokens,
+    select_body_tokens_many,
     weighted_values,
 )
 from svdq.derived import DERIVED
@@ -301,3 +302,36 @@ def test_latent_sum_over_the_selected_union_equals_the_dense_sum_and_the_rule_ta
     assert attention_module._selected_value_union(latent, everything, fp_index, 32) is None
     monkeypatch.setattr(attention_module, "SPARSE_LATENT_SUM", "union")
     assert attention_module._selected_value_union(latent, everything, fp_index, 32).numel() == v_body
+
+
+@pytest.mark.parametrize("span", [4096, 300], ids=["one-span", "spans"])
+def test_cold_score_blocks_give_the_kept_keys_score_bits_at_llama_shapes(monkeypatch, span):
+    """At Llama-3-8B head shapes (8 KV heads x 128, 4 query heads each, one decode query) a
+    cold score dots each 256-token block where it was built (a strided head-major view) and a
+    kept one dots the kept keys in spans: the same score bits and the same selection, over
+    several blocks and spans that do not line up with them."""
+    monkeypatch.setattr(attention_module, "SCORE_TOKEN_SPAN", span)
+    tokens = 1400
+    pre = structured_keys(tokens, 8, 128, seed=7, rank=24)
+    keys = compress(pre, CodecConfig(num_sinks=4), rope=ROPE, key_space="pre_rope")
+    start, n_body = body_range(keys)
+    assert n_body > 4 * max(64, attention_module.SCORE_BLOCK_ELEMENTS // keys.channels)  # several cold blocks
+    queries = torch.randn(1, 32, 128, generator=torch.Generator().manual_seed(8))
+    sparsity = SparsityConfig(keep_fraction=1 / 16, chunk_size=16, num_recent=64)
+    name = (attention_module.SCORE_KEYS, sparsity.score_channels)
+    limit = DERIVED.limit_bytes
+    try:
+        DERIVED.limit_bytes = None  # no budget: built anew every call
+        cold = attention_module._head_score_dots(queries, keys, sparsity.score_channels, n_body)
+        cold_selection = select_body_tokens_many(queries, keys, sparsity)
+        assert name not in keys._cache
+        DERIVED.limit_bytes = 1 << 30
+        for _ in range(2):  # kept from the second call on
+            attention_module._head_score_dots(queries, keys, sparsity.score_channels, n_body)
+        assert name in keys._cache
+        assert torch.equal(attention_module._head_score_dots(queries, keys, sparsity.score_channels, n_body), cold)
+        kept_selection = select_body_tokens_many(queries, keys, sparsity)
+        assert torch.equal(kept_selection[0].token_index, cold_selection[0].token_index)
+    finally:
+        DERIVED.clear()
+        DERIVED.limit_bytes = limit

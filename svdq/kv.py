@@ -164,7 +164,8 @@ def compress_kv(
     key budget, values once per value budget) and the one with the smallest probe error is
     returned. The candidates share what does not depend on the budget (:func:`svdq.codec.prepare`:
     RoPE undone, rounding, the basis fit or centring, the allocation's error table), so each
-    one costs its allocation, quantization, packing and probe error; the bytes are those of a
+    one costs its allocation, quantization, the keys' packing and its probe error (only the chosen
+    values are packed); the bytes are those of a
     plain compress per candidate.
     """
     budget = budget or CacheBudget()

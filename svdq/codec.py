@@ -803,6 +803,39 @@ def compress_restored(prepared: PreparedKeys,
     the quantized tokens (before exact rows replace theirs) when choosing exact tokens
     computed it (else None): :func:`decompress` ``body=`` takes it instead of computing it
     again (the same bits)."""
+    quantized = quantize_prepared(prepared, config)
+    return finish_quantized(prepared, quantized), quantized.body
+
+
+@dataclass
+class QuantizedKeys:
+    """A compress of prepared keys before its codes are packed (:func:`quantize_prepared`):
+    what the probe scoring of :func:`svdq.kv.compress_kv` needs of every candidate, where only
+    the chosen one is packed and stored (:func:`finish_quantized`)."""
+
+    config: CodecConfig
+    channel_bits: torch.Tensor  # int64 [C]
+    kept_bits: torch.Tensor
+    basis_columns: torch.Tensor
+    components: torch.Tensor
+    mean: torch.Tensor
+    codes: torch.Tensor  # uint8 [groups, group_size, r], unpacked
+    scales: torch.Tensor
+    mins: torch.Tensor
+    exact_index: torch.Tensor  # body-relative
+    exact_rows: torch.Tensor  # float32 rows (corrected reconstructions or the rounded keys)
+    exact: dict
+    body: torch.Tensor | None  # float32 [body tokens, C] pre-RoPE reconstruction, or None
+    #: with ``restore``: the float32 [tokens, C] buffer ``body`` is the body rows of, which
+    #: :func:`restored_quantized` fills and returns (no second copy of every key)
+    full: torch.Tensor | None = None
+
+
+def quantize_prepared(prepared: PreparedKeys, config: CodecConfig | None = None, *,
+                      restore: bool = False) -> QuantizedKeys:
+    """The allocation, quantization and exact tokens of :func:`compress_prepared`, codes not
+    yet packed; ``restore`` computes the body's reconstruction even without exact tokens (the
+    products and order of :func:`decompress`, so the same bits)."""
     config = config or CodecConfig()
     if (config.method, config.group_size, config.num_sinks) != (prepared.method, prepared.group_size,
                                                                 prepared.num_sinks_config):
@@ -848,18 +881,40 @@ def compress_restored(prepared: PreparedKeys,
     basis_columns = components[:, kept]  # one gather of [C, r] (~2 ms at C = 1024), not one per use
     # Only the kept columns are projected: the exact computation append() repeats (_encode).
     codes, scales, mins = _encode(centred, basis_columns, kept_bits, group_size, config.method)
-    packed = pack_codes(codes, kept_bits)
+    full = torch.empty(tokens, channels, device=device) if restore and n_groups else None
+    out = full[num_sinks:body_end] if full is not None else None
     exact_index, exact_rows, restored_body = _exact_tokens(rounded[num_sinks:body_end], codes, scales, mins, mean,
-                                                           basis_columns, config.exact_count(n_groups * group_size))
+                                                           basis_columns, config.exact_count(n_groups * group_size),
+                                                           out=out)
     exact = {}
     if config.exact_bits != 16 and exact_index.numel():
-        restored = reconstruct_tokens(packed, scales, mins, kept_bits, group_size, basis_columns, mean,
-                                       exact_index)
+        # reconstruct_tokens of the packed codes (what the loader computes): unpacking gives
+        # back these codes, so the same bits without packing first.
+        restored = _reconstruct_from_codes(codes, scales, mins, group_size, basis_columns, mean, exact_index)
         exact_codes, exact_scales, exact_mins = _encode_correction(exact_rows - restored, kv_heads, config.exact_bits)
         exact = {"exact_bits": config.exact_bits, "exact_codes": exact_codes, "exact_scales": exact_scales,
                  "exact_mins": exact_mins}
         exact_rows = exact_corrected_rows(restored, exact_codes, exact_scales, exact_mins, config.exact_bits)
+    if out is not None and restored_body is None:
+        restored_body = torch.matmul(dequantize_groups(codes, scales, mins).reshape(n_groups * group_size, -1),
+                                     basis_columns.float().T, out=out)
+        restored_body += mean
+    return QuantizedKeys(config, channel_bits, kept_bits, basis_columns, components, mean, codes, scales, mins,
+                         exact_index, exact_rows, exact, restored_body, full)
 
+
+def finish_quantized(prepared: PreparedKeys, quantized: QuantizedKeys) -> CompressedKeys:
+    """The :class:`CompressedKeys` of :func:`quantize_prepared`'s result: its codes packed."""
+    config, kept_bits, basis_columns, mean = quantized.config, quantized.kept_bits, quantized.basis_columns, \
+        quantized.mean
+    rounded = prepared.rounded
+    kv_heads, head_dim = prepared.kv_heads, prepared.head_dim
+    num_sinks, group_size = prepared.num_sinks, prepared.token_group
+    body_end = num_sinks + prepared.n_groups * group_size
+    packed = pack_codes(quantized.codes, kept_bits)
+    scales, mins, exact_index, exact_rows, exact = quantized.scales, quantized.mins, quantized.exact_index, \
+        quantized.exact_rows, quantized.exact
+    channel_bits, components = quantized.channel_bits, quantized.components
     storage = prepared.storage
     compressed = CompressedKeys(
         method=config.method,
@@ -889,7 +944,38 @@ def compress_restored(prepared: PreparedKeys,
     )
     if config.method == "svdq" and config.schedule is None:
         _warn_if_over_budget(compressed, config.bits_per_element)
-    return compressed, restored_body
+    return compressed
+
+
+def restored_quantized(prepared: PreparedKeys, quantized: QuantizedKeys, key_space: str) -> torch.Tensor:
+    """float32 [tokens, kv_heads, head_dim]: :func:`decompress` of :func:`finish_quantized`'s
+    keys in ``key_space`` (the same bits), from ``quantized.body`` and without packing."""
+    rounded = prepared.rounded
+    tokens, channels = rounded.shape
+    num_sinks = prepared.num_sinks
+    body_end = num_sinks + prepared.n_groups * prepared.token_group
+    body = quantized.body
+    if body is None and body_end > num_sinks:
+        raise InvalidInputError("quantize_prepared(restore=True) gives the reconstruction this needs")
+    if quantized.full is not None and body is not None and body.data_ptr() == quantized.full[num_sinks:].data_ptr():
+        flat = quantized.full  # its body rows already hold the reconstruction (written in place)
+    else:
+        flat = torch.empty(tokens, channels, device=rounded.device)
+        if body is not None:
+            flat[num_sinks:body_end] = body
+    flat[:num_sinks] = rounded[:num_sinks]
+    if quantized.exact_index.numel():
+        flat[quantized.exact_index + num_sinks] = quantized.exact_rows.to(prepared.storage).float()
+    flat[body_end:] = rounded[body_end:]
+    keys = flat.reshape(tokens, prepared.kv_heads, prepared.head_dim)
+    if key_space != prepared.stored_space:
+        rope = prepared.rope
+        if rope is None:
+            raise InvalidInputError(f"keys are stored {prepared.stored_space} without a rope description; cannot "
+                                    f"return {key_space}")
+        rotate = apply_rope if key_space == "post_rope" else undo_rope
+        keys = rotate(keys, prepared.token_positions(), rope)
+    return keys
 
 
 _WARNED: set = set()
@@ -927,8 +1013,8 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
 
 
 def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                  mean: torch.Tensor, basis_columns: torch.Tensor,
-                  count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  mean: torch.Tensor, basis_columns: torch.Tensor, count: int,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(body-relative int64 [count] ascending indices, rows [count, C] in ``body``'s dtype) of
     the body tokens whose reconstruction from ``codes`` is farthest from ``body`` [n, C]
     (pre-RoPE; compress passes the 16-bit rounded keys it stores), and that float32
@@ -938,9 +1024,17 @@ def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     products, so a large error moves a score as much whatever the key's own length."""
     if count == 0:
         return torch.zeros(0, dtype=torch.int64, device=body.device), body.new_zeros(0, body.shape[1]), None
-    # What decompress computes for these rows (the same products, in the same order).
-    restored = dequantize_groups(codes, scales, mins).reshape(body.shape[0], -1) @ basis_columns.float().T + mean
-    error = (restored - body).pow(2).sum(dim=1)
+    # What decompress computes for these rows (the same products, in the same order), into
+    # ``out`` [n, C] when given (decompress's own in-place product and sum: the same bits).
+    latent = dequantize_groups(codes, scales, mins).reshape(body.shape[0], -1)
+    if out is None:
+        restored = latent @ basis_columns.float().T + mean
+    else:
+        restored = torch.matmul(latent, basis_columns.float().T, out=out)
+        restored += mean
+    # In place on one fresh difference: the bits of (restored - body).pow(2), without a
+    # second [n, C] temporary (~20 ms of fresh pages at 8k x 1024).
+    error = torch.sub(restored, body).square_().sum(dim=1)
     index = torch.sort(torch.topk(error, count).indices).values
     return index, body[index], restored
 
@@ -1032,6 +1126,15 @@ def _encode(centred: torch.Tensor, basis_columns: torch.Tensor, kept_bits: torch
         codes[rows], scales[rows], mins[rows] = quantize_groups(latent.reshape(count, group_size, kept), kept_bits)
         first = rows.stop
     return codes, scales, mins
+
+
+def _reconstruct_from_codes(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                            basis_columns: torch.Tensor, mean: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """:func:`reconstruct_tokens` from the unpacked codes [groups, group_size, r]."""
+    groups, inside = index // group_size, index % group_size
+    unique, which = torch.unique(groups, return_inverse=True)
+    latent = dequantize_groups(codes[unique], scales[unique], mins[unique])
+    return latent[which, inside] @ basis_columns.float().T + mean
 
 
 def reconstruct_tokens(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, kept_bits: torch.Tensor,

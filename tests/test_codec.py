@@ -29,8 +29,11 @@ from svdq.codec import (
     _projected_chunks,
     compress_prepared,
     compress_restored,
+    finish_quantized,
     gram,
     prepare,
+    quantize_prepared,
+    restored_quantized,
 )
 from svdq.quant import pack_codes, quantize_groups
 
@@ -383,3 +386,27 @@ def test_the_reconstruction_that_chose_the_exact_tokens_decompresses_to_the_same
     with pytest.raises(InvalidInputError, match=r"body must be the \[\d+, 48\] reconstruction"):
         decompress(compressed, body=body[1:])
     assert compress_restored(prepared, CodecConfig(bits_per_element=2.0, exact_bits=16))[1] is None  # no exact tokens
+
+
+@pytest.mark.parametrize("exact", [CodecConfig(bits_per_element=2.0, exact_tokens=3, exact_bits=4),
+                                   CodecConfig(bits_per_element=2.0, exact_tokens=3),
+                                   CodecConfig(bits_per_element=2.0)])
+@pytest.mark.parametrize("basis", [False, True])
+def test_an_unpacked_candidate_restores_and_stores_what_compress_gives(exact, basis):
+    # compress_kv scores every candidate split from quantize_prepared before packing it:
+    # its reconstruction must be decompress's, bit for bit, and its finished blob compress's.
+    post = apply_rope(layer_keys(300), torch.arange(300) + 2, ROPE)
+    arguments = {"positions": torch.arange(300) + 2, "rope": ROPE, "key_space": "post_rope"}
+    shared = fit_layer_basis(layer_keys(400, seed=1)) if basis else None
+    prepared = prepare(post, exact, basis=shared, **arguments)
+    for bits in (1.0, 2.5):
+        config = replace(exact, bits_per_element=bits)
+        expected = compress(post, config, basis=shared, **arguments)
+        for space in ("pre_rope", "post_rope"):
+            quantized = quantize_prepared(prepared, config, restore=True)
+            assert torch.equal(restored_quantized(prepared, quantized, space),
+                               decompress(expected, space, torch.float32))
+        assert to_bytes(finish_quantized(prepared, quantized)) == to_bytes(expected)
+    if exact.exact_tokens == 0:  # without exact tokens nothing reconstructs the body unasked
+        with pytest.raises(InvalidInputError, match="restore=True"):
+            restored_quantized(prepared, quantize_prepared(prepared, config), "post_rope")

@@ -12,7 +12,7 @@ from svdq_server.engine import Engine, EngineConfig, UploadChunkData, UploadHead
 from svdq_server.metrics import Metrics
 from svdq_server.store import SequenceState, SequenceStore, StoredSequence, StorePolicy, fp16_bytes
 
-from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, fit_layer_basis, to_bytes
+from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, fit_layer_basis, relative_error, to_bytes
 from svdq import append as codec_append
 from svdq.attention import SparsityConfig, attend, select_precision
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
@@ -418,6 +418,10 @@ def test_shared_basis_profile_stores_only_the_fingerprint():
                                        key_space="post_rope")
     assert stats.nbytes == len(blob) and stats.relative_error < 0.5
     restored = engine.decompress_keys(blob, profile_name="shared", layer=1)
+    # the reported error is taken in float32: the float64 one to float32's digits
+    exact = relative_error(keys[1].float(), engine.decompress_keys(blob, profile_name="shared", layer=1,
+                                                                   dtype=torch.float32))
+    assert stats.relative_error == pytest.approx(exact, rel=1e-5)
     assert restored.shape == keys[1].shape
     with pytest.raises(Exception, match="shared basis"):
         engine.decompress_keys(blob)

@@ -66,6 +66,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from svdq.attention import SparsityConfig, attend, merge_attention
 from svdq.codec import Basis, CodecConfig, CompressedKeys, append, compress, fit_layer_basis
+from svdq.derived import DEFAULT_LIMIT_BYTES, DERIVED
 from svdq.errors import InvalidInputError
 from svdq.kv import DEFAULT_CACHE_KEY_CODEC, DEFAULT_TOTAL_BITS, CacheBudget, compress_kv, measure_key_shares
 from svdq.rope import RopeConfig, layer_ropes
@@ -326,6 +327,13 @@ class LocalOffload(_SharedBasesMixin):
         cache_key_shares: each layer's split of ``cache_budget`` (:func:`calibrate_key_shares`);
             ``None`` measures it for every stored row (or :class:`SvdqOffloadCache` calibrates
             it on shipped text, with its ``calibrate_split=True``).
+        attention_cache_bytes: limit, set by :meth:`open`, of :data:`svdq.derived.DERIVED`, the
+            process-wide memory for tensors attention derives from the stored keys and values and
+            keeps between calls (unpacked codes, kept rotated keys), as ``svdq-server
+            --attention-cache-bytes`` sets it (default 1 GiB). Without a limit that memory grows
+            with the stored cache, and the tensors kept only while a budget has room (the kept
+            float32/float16 keys of later decode calls) are never kept. ``None`` leaves the
+            process's limit as it is.
 
     With none of ``codec``, ``values`` and ``cache_budget`` given, the whole cache is stored
     under ``CacheBudget()``: 2.0 true bits per KV element, 8x smaller than fp16
@@ -345,9 +353,16 @@ class LocalOffload(_SharedBasesMixin):
         value_bases: Sequence[Basis] | None = None,
         cache_budget: CacheBudget | None = None,
         cache_key_shares: Sequence[float] | None = None,
+        attention_cache_bytes: int | None = DEFAULT_LIMIT_BYTES,
     ) -> None:
+        if attention_cache_bytes is not None and (isinstance(attention_cache_bytes, bool)
+                                                  or not isinstance(attention_cache_bytes, int)
+                                                  or attention_cache_bytes < 0):
+            raise InvalidInputError(f"attention_cache_bytes must be a whole number of bytes >= 0 or None (no "
+                                    f"change to the process's limit), got {attention_cache_bytes!r}")
         if codec is None and values is None and cache_budget is None:
             cache_budget = CacheBudget()
+        self.attention_cache_bytes = attention_cache_bytes
         self.codec = codec or CodecConfig()
         self.value_config = values or ValueConfig()
         self.value_bases = tuple(value_bases) if value_bases is not None else None
@@ -364,6 +379,8 @@ class LocalOffload(_SharedBasesMixin):
     def open(self, shape: ModelShape) -> None:
         self.check(shape)
         self.shape = shape
+        if self.attention_cache_bytes is not None:
+            DERIVED.limit_bytes = self.attention_cache_bytes
 
     def check(self, shape: ModelShape) -> None:
         _check_bases(self.bases, shape, self._key_codec())

@@ -22,6 +22,7 @@ import yaml
 from svdq.api.types import Profile
 from svdq.attention import PRECISIONS
 from svdq.codec import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORK_BYTES, Basis
+from svdq.derived import DEFAULT_LIMIT_BYTES
 from svdq.errors import InvalidInputError
 
 from .engine import (
@@ -98,7 +99,7 @@ class Settings:
     torch_threads: int = 0
     malloc_arenas: int = 1
     malloc_trim_bytes: int = 256 << 20
-    attention_cache_bytes: int = 1 << 30
+    attention_cache_bytes: int = DEFAULT_LIMIT_BYTES
     attention_precision: str = "auto"
     tenant_quota_bytes: int = 0
     reflection: bool = True

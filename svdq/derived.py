@@ -15,7 +15,8 @@ rotated low-rank keys (``4 * C`` bytes per token) and SVDq latent values' dequan
 keeps a least-recently-used order over the objects that hold some and, past
 ``limit_bytes``, clears the oldest objects' caches (they are recomputed when next needed).
 ``limit_bytes=None`` (the library default) keeps everything; a server sets a limit
-(``svdq-server --attention-cache-bytes``). The object being served is never cleared while it
+(``svdq-server --attention-cache-bytes``, and :class:`svdq_client.hf.LocalOffload`'s
+``attention_cache_bytes``; both 1 GiB by default). The object being served is never cleared while it
 is in use, so one sequence's layer may exceed a limit smaller than its own cache.
 
 Required tensors (what a call cannot run without, e.g. the unpacked codes) come before
@@ -211,7 +212,11 @@ def _asked(name: Any) -> tuple:
     return ("asked", name)
 
 
-#: The process's derived-tensor cache (no limit until a server sets one).
+#: The process's derived-tensor cache (no limit until a server or an in-process offload sets one).
 DERIVED = DerivedCache()
 
-__all__ = ["DERIVED", "DerivedCache", "tensor_bytes"]
+#: The limit ``svdq-server --attention-cache-bytes`` and :class:`svdq_client.hf.LocalOffload`
+#: set by default: 1 GiB.
+DEFAULT_LIMIT_BYTES = 1 << 30
+
+__all__ = ["DEFAULT_LIMIT_BYTES", "DERIVED", "DerivedCache", "tensor_bytes"]

@@ -27,6 +27,17 @@ def exact_attention(monkeypatch):
     monkeypatch.setenv("SVDQ_ATTENTION_PRECISION", "float32")
 
 
+@pytest.fixture(autouse=True)
+def _restore_attention_cache_limit():
+    """Put back the process-wide limit of ``svdq.derived.DERIVED`` that an in-process engine or
+    ``LocalOffload`` sets, so that no test sees the budget another one left."""
+    from svdq.derived import DERIVED
+
+    limit = DERIVED.limit_bytes
+    yield
+    DERIVED.limit_bytes = limit
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

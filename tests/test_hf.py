@@ -293,6 +293,25 @@ def test_shape_is_read_from_the_config():
     assert shape.rope.theta == 5e5 and shape.rope.scaling == "linear" and shape.rope.factor == 2.0
 
 
+def test_local_offload_bounds_the_attention_cache_like_the_server():
+    """LocalOffload sets the process's derived-tensor limit on open (1 GiB by default, as
+    svdq-server): without one the derived tensors grow with the stored cache and the kept keys
+    of later decode calls are never kept. None leaves the limit alone; bad values are refused."""
+    from svdq.derived import DEFAULT_LIMIT_BYTES, DERIVED
+
+    shape = ModelShape.from_config(tiny_model("llama").config)
+    DERIVED.limit_bytes = None
+    LocalOffload(PASSTHROUGH).open(shape)
+    assert DERIVED.limit_bytes == DEFAULT_LIMIT_BYTES == 1 << 30
+    LocalOffload(PASSTHROUGH, attention_cache_bytes=1 << 20).open(shape)
+    assert DERIVED.limit_bytes == 1 << 20
+    LocalOffload(PASSTHROUGH, attention_cache_bytes=None).open(shape)
+    assert DERIVED.limit_bytes == 1 << 20
+    for bad in (-1, 1.5, "1GiB", True):
+        with pytest.raises(InvalidInputError, match="attention_cache_bytes must be a whole number of bytes >= 0"):
+            LocalOffload(attention_cache_bytes=bad)
+
+
 def test_misuse_gets_typed_errors():
     model = tiny_model("llama")
     tokens = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(2))

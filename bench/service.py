@@ -583,9 +583,11 @@ def bench_attend(args) -> None:
         servers.append((args.address, args.address))
     else:
         for workers in args.workers:
-            process, address = start_server(args.device, args.torch_threads, "--workers", str(workers))
-            processes.append(process)
-            servers.append((f"--workers {workers}", address))
+            for inline in args.inline_attend_tokens:
+                extra = () if inline is None else ("--inline-attend-tokens", str(inline))
+                process, address = start_server(args.device, args.torch_threads, "--workers", str(workers), *extra)
+                processes.append(process)
+                servers.append((" ".join(("--workers", str(workers), *extra)), address))
         if args.baseline:
             scratch = tempfile.TemporaryDirectory(prefix="svdq-baseline-")
             process, address = start_server(args.device, args.torch_threads, "--workers", str(args.workers[0]),
@@ -753,6 +755,9 @@ def main(argv=None) -> None:
                         help="--part stores: seconds per throughput run; --part attend: of the concurrent clients")
     parser.add_argument("--rounds", type=int, default=3, help="--part stores: alternating 1-vs-2-replica rounds; "
                         "--part attend: rounds of the concurrent clients per server")
+    parser.add_argument("--inline-attend-tokens", type=lambda text: [int(value) for value in text.split(",")],
+                        default=[None], help="--part attend: --inline-attend-tokens of the started servers (default: "
+                        "the server's); several (e.g. 16384,0) start one server each, measured in the same turns")
     parser.add_argument("--workers", type=lambda text: [int(value) for value in text.split(",")], default=[8],
                         help="--part attend: --workers of the started server; several (e.g. 8,2) start one server "
                              "each, the concurrent clients measured against each in turns")

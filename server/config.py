@@ -80,6 +80,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     workers: int = 8
+    inline_attend_tokens: int = 16384
     compress_threads: int = 2
     max_message_bytes: int = 64 << 20
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -143,6 +144,10 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("log-format", str, "log line format", {"choices": ("text", "json")}),
     ("log-level", str.upper, "logging level (any case)", {"choices": ("DEBUG", "INFO", "WARNING", "ERROR")}),
     ("workers", int, "threads running engine work (compression, attention) in parallel", {}),
+    ("inline-attend-tokens", int, "an Attend whose entries hold at most this many tokens together runs on the "
+     "event loop itself instead of a worker thread when it is the only call in flight and the store is 'memory': "
+     "it saves the hop to a worker and back (about 0.5 ms of a 2-3 ms call on a 2-core CPU, docs/service.md), "
+     "and blocks other calls for at most that small call's time; 0 sends every Attend to the workers", {}),
     ("compress-threads", int, "threads that compress uploaded layers, shared by all uploads: a layer compresses "
      "while the upload's next chunks arrive, and up to this many layers at once (each holding its compression's "
      "working memory, at most --max-work-bytes); 0 compresses each layer in the call that received its last chunk, "
@@ -260,6 +265,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     if not 0 <= settings.malloc_trim_bytes < 1 << 31:
         problems.append(f"--malloc-trim-bytes must be in 0..2GiB-1 (0 = glibc's default), got "
                         f"{settings.malloc_trim_bytes}")
+    if settings.inline_attend_tokens < 0:
+        problems.append(f"--inline-attend-tokens must be >= 0 (0 = every Attend on a worker thread), got "
+                        f"{settings.inline_attend_tokens}")
     if settings.drain_seconds < 0 or settings.tenant_quota_bytes < 0:
         problems.append("--drain-seconds and --tenant-quota-bytes must be >= 0")
     if min(settings.workers, settings.max_tokens, settings.max_batch, settings.max_channels, settings.max_work_bytes,

@@ -20,7 +20,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
@@ -929,6 +929,20 @@ class Engine:
             self.metrics.attended(len(entries), "sparse" if sparsity is not None else "dense",
                                   sum(s.key_bytes_read for s in stats), sum(s.dense_fp16_key_bytes for s in stats))
         return AttendResult(result.output.float().cpu(), result.lse.float().cpu(), stats)
+
+    def attend_tokens_in_memory(self, tenant: str, sequence_ids: Iterable[str]) -> int | None:
+        """Tokens the tenant's sequences ``sequence_ids`` hold together, counted without I/O
+        and without marking them used (absent ones count 0: their Attend fails at once), or
+        None when the store is not in this process, whose lookups may wait on the network:
+        what the servicer needs to decide whether a small Attend may run on its event loop."""
+        if self.store.backend != "memory":
+            return None
+        total = 0
+        for sequence_id in sequence_ids:
+            stored = self.store.peek(tenant, sequence_id)
+            if stored is not None:
+                total += stored.state.num_tokens
+        return total
 
     # -- reading back ------------------------------------------------------------------------
 

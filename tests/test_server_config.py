@@ -50,6 +50,7 @@ def test_command_line_beats_environment_beats_defaults():
     (["--torch-threads", "-1"], "--torch-threads must be >= 0"),
     (["--malloc-arenas", "-1"], "--malloc-arenas must be >= 0"),
     (["--malloc-trim-bytes", "2GiB"], "--malloc-trim-bytes must be in 0..2GiB-1"),
+    (["--inline-attend-tokens", "-1"], "--inline-attend-tokens must be >= 0"),
 ])
 def test_bad_settings_exit_with_a_message_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -149,6 +150,61 @@ async def test_unexpected_errors_become_internal_without_details(caplog, monkeyp
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await server.stop(0)
+
+
+async def test_a_small_attend_runs_on_the_event_loop_only_while_it_is_the_only_call():
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from svdq_client.client import attend_request
+    from svdq_server.engine import UploadHeader
+    from svdq_server.interceptors import current_tenant
+
+    profile = Profile("p", 1, 2, 16)
+    engine = Engine(EngineConfig(device="cpu"), [profile])
+    generator = torch.Generator().manual_seed(0)
+    for name, tokens in (("small", 64), ("large", 256)):
+        keys, values = (torch.randn(1, tokens, 2, 16, generator=generator).half() for _ in range(2))
+        engine.upload("default", UploadHeader(name, "p", name, tokens, "pre_rope", False, True), keys, values,
+                      torch.arange(tokens))
+    queries = torch.randn(1, 4, 16, generator=generator)
+    small, large = (attend_request(queries, [(name, 0)], None, None) for name in ("small", "large"))
+    servicer = KVCacheServicer(engine, ThreadPoolExecutor(2), 1 << 20, inline_attend_tokens=128)
+    servicer.inline_after_idle_s = 0.0  # the back-to-back calls below are not queued ones (checked at the end)
+    current_tenant.set("default")
+
+    alone = await servicer.Attend(small, None)
+    assert servicer.inline_attends == 1
+    # over the token limit, or two at once (each counts the other), or beside a worker job: the workers
+    await servicer.Attend(large, None)
+    together = await asyncio.gather(servicer.Attend(small, None), servicer.Attend(small, None))
+    assert servicer.inline_attends == 1
+    assert all(response.SerializeToString() == alone.SerializeToString() for response in together)
+    release = threading.Event()
+    busy = asyncio.ensure_future(servicer._run(release.wait, 10))
+    await asyncio.sleep(0.05)
+    beside = await servicer.Attend(small, None)
+    release.set()
+    await busy
+    assert servicer.inline_attends == 1 and beside.SerializeToString() == alone.SerializeToString()
+    # a store outside this process (a lookup may wait on the network) never runs on the loop
+    engine.store.backend = "redis"
+    assert engine.attend_tokens_in_memory("default", ["small"]) is None
+    await servicer.Attend(small, None)
+    assert servicer.inline_attends == 1
+    engine.store.backend = "memory"
+    await servicer.Attend(small, None)
+    assert servicer.inline_attends == 2
+    # one that starts right after the last one ended was queued behind it: the workers
+    servicer.inline_after_idle_s = 10.0
+    await servicer.Attend(small, None)
+    assert servicer.inline_attends == 2
+    servicer.inline_after_idle_s = 0.0
+    # 0 turns it off
+    servicer.inline_attend_tokens = 0
+    await servicer.Attend(small, None)
+    assert servicer.inline_attends == 2
 
 
 def test_profiles_file_takes_latent_values_and_a_whole_cache_budget(tmp_path):

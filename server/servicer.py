@@ -73,7 +73,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     async def _attends_inline(self, tenant: str, request) -> bool:
         """Whether this Attend runs on the event loop (the module docstring's terms). Yields
         once first, so that Attend calls that arrived with this one count themselves."""
-        if not self.inline_attend_tokens or len(request.entries) > self.engine.config.max_batch:
+        if (not self.inline_attend_tokens or self.engine.store.backend != "memory"
+                or len(request.entries) > self.engine.config.max_batch):
             return False
         await asyncio.sleep(0)
         if self._attends > 1 or self._in_workers:

@@ -62,6 +62,7 @@ tables; ``--cases 2 --context 2048 --batches 1,4`` for a quick look).
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -382,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-op threads of this process and of the server it starts (default 1; 0: torch's "
                         "default). On the shared 2-core machine, under a load average of ~10, one SmolLM2 decode "
                         "step took 1.5 s with torch's 2 threads and 0.06 s with 1")
+    parser.add_argument("--server-args", default="",
+                        help="more options of the server this bench starts, one string (e.g. "
+                        "'--inline-attend-tokens 0'), to compare server settings in separate runs")
     args = parser.parse_args(argv)
     args.batches = [int(item) for item in args.batches.split(",")]
 
@@ -428,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"server {args.address}"
     else:
         server_args = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+        server_args += shlex.split(args.server_args)
         with local_server("cpu", server_args) as address, KVCacheClient(address, timeout=600.0) as client:
             plain_nll, (plain_found, cases) = run_all(client)
-        where = f"CPU server started by the bench ({address})"
+        where = f"CPU server started by the bench ({address}{', ' + args.server_args if args.server_args else ''})"
     elapsed = time.perf_counter() - started
 
     print()

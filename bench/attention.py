@@ -359,7 +359,9 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                     f"keys; svdq V: "
                     f"{latent_values.latent.kept_bits.numel()} latent channels, attention cache {latent_cached:,} bytes "
                     f"for the first sequence = {latent_cached / latent_values.nbytes:.2f}x the compressed values, "
-                    f"{latent_held} of {len(latent_list)} hold the float32 latent) | | | | |")
+                    f"{latent_held} of {len(latent_list)} hold the float32 latent; this tree's attention cache so far: "
+                    f"{DERIVED.evictions} owners cleared whole, {DERIVED.optional_evictions} optional tensors dropped, "
+                    f"{sum(not item._cache for item in distinct)} of {len(distinct)} key objects hold nothing) | | | | |")
     rows.append("")
     rows.append(f"load average after: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
     return rows

@@ -17,8 +17,8 @@ Ratios are against SDPA fp16 of the same length. Key bytes are what each call ne
 (``AttentionStats``); the SDPA rows read the fp16/fp32 keys.
 
 Precision (``--part precision``, CPU): the attention-output error of ``precision="bfloat16"``
-against the float32 path and both against the uncompressed keys, with and without the kept
-float16 keys (:func:`precision_table`).
+and ``"float16"`` against the float32 path and all three against the uncompressed keys, with
+and without the kept float16 keys (:func:`precision_table`).
 
 Accuracy (``--part accuracy``): SmolLM2-135M-Instruct's own decode, where attention over the
 prefix goes through :func:`svdq.attention.attend` (client ``LocalOffload``) and is merged by
@@ -53,6 +53,7 @@ import torch
 
 from svdq import CodecConfig, RopeConfig, compress, to_bytes
 from svdq.attention import (
+    KEPT_FLOAT16_KEYS,
     KEPT_FLOAT32_KEYS,
     KEPT_KEYS,
     KEPT_LATENT,
@@ -230,10 +231,12 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
     if not sdpa_bfloat16 and device.type != "cuda":
         sdpa_dtypes = [torch.float32]  # the baseline alone (bfloat16 SDPA is 4-13x slower on the CPU)
     # The baseline tree's attend with the same precision= as this tree's first, where it takes one
-    # (on a CPU without native bfloat16 its default is float32, which keeps no float16 keys).
+    # (on a CPU without native bfloat16 its default is float32, which keeps no float16 keys); a
+    # precision it does not know (float16, before round 11) becomes float32, its choice on such CPUs.
     baseline_precision = {}
     if baseline_tree is not None and "precision" in inspect.signature(baseline_tree.attention.attend).parameters:
-        baseline_precision = {"precision": precisions[0]}
+        known = getattr(baseline_tree.attention, "PRECISIONS", ())
+        baseline_precision = {"precision": precisions[0] if precisions[0] in known else "float32"}
     baseline_name = f"SDPA {str(baseline_dtype).removeprefix('torch.')}"
     rows = [
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
@@ -343,7 +346,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         # What attention keeps between calls for this layer (svdq.derived), against the layer's size.
         cached = tensor_bytes(keys_list[0]._cache)
         distinct = list({id(item): item for item in keys_list}.values())
-        held = sum(KEPT_KEYS in item._cache for item in distinct)
+        held = sum(KEPT_KEYS in item._cache or KEPT_FLOAT16_KEYS in item._cache for item in distinct)
         held_float32 = sum(KEPT_FLOAT32_KEYS in item._cache for item in distinct)
         scored = sum((SCORE_KEYS, sparse.score_channels) in item._cache for item in distinct)
         latent_list = value_kinds[-1][1] if "latent" in value_kinds_wanted else []
@@ -356,15 +359,17 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                     f"keys; svdq V: "
                     f"{latent_values.latent.kept_bits.numel()} latent channels, attention cache {latent_cached:,} bytes "
                     f"for the first sequence = {latent_cached / latent_values.nbytes:.2f}x the compressed values, "
-                    f"{latent_held} of {len(latent_list)} hold the float32 latent) | | | | |")
+                    f"{latent_held} of {len(latent_list)} hold the float32 latent; this tree's attention cache so far: "
+                    f"{DERIVED.evictions} owners cleared whole, {DERIVED.optional_evictions} optional tensors dropped, "
+                    f"{sum(not item._cache for item in distinct)} of {len(distinct)} key objects hold nothing) | | | | |")
     rows.append("")
     rows.append(f"load average after: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
     return rows
 
 
 def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes: int | None) -> list[str]:
-    """Attention-output error of the bfloat16 products against the exact float32 path and
-    both against attention over the uncompressed keys, on the speed part's Llama-3-8B-like
+    """Attention-output error of the bfloat16 products and of the float16-rounded keys against
+    the exact float32 path and all against attention over the uncompressed keys, on the speed part's Llama-3-8B-like
     layer (CPU, one layer, 16-bit values).
 
     Queries are peaked like a model's: each points at one key (its post-RoPE direction at a
@@ -382,7 +387,7 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
         f"{queries_per_case} peaked queries per row; attention cache budget {budget}",
         "",
         "| tokens | attention | precision | kept float16 keys | error vs float32 path (median / max) | "
-        "error vs uncompressed keys (median / max) | bf16 extra / compression error (median / max) | "
+        "error vs uncompressed keys (median / max) | extra / compression error (median / max) | "
         "max abs lse diff vs float32 path |",
         "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
@@ -409,7 +414,7 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
             results = {}
             for precision in PRECISIONS:
                 # Without a budget nothing is kept: a "kept" row would repeat the cold one.
-                keeps = precision == "bfloat16" and sparsity is None and cache_bytes is not None
+                keeps = precision != "float32" and sparsity is None and cache_bytes is not None
                 for kept in ([False, True] if keeps else [False]):
                     DERIVED.clear()
                     DERIVED.limit_bytes = cache_bytes if kept else None
@@ -422,7 +427,7 @@ def precision_table(token_counts: list[int], queries_per_case: int, cache_bytes:
                                       precision=precision) for b in range(queries_per_case)]
                     results[(precision, kept)] = (torch.cat([answer.output for answer in answers]).double(),
                                                   torch.cat([answer.lse for answer in answers]).double(),
-                                                  KEPT_KEYS in keys._cache)
+                                                  KEPT_KEYS in keys._cache or KEPT_FLOAT16_KEYS in keys._cache)
             reference, reference_lse, _ = results[("float32", False)]
             compression = ((reference - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1))
             for (precision, _), (out, lse, held) in results.items():
@@ -588,8 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-path", action="store_true",
                         help="accuracy part: add an fp16-passthrough row (should match the uncompressed model)")
     parser.add_argument("--queries", type=int, default=32, help="peaked queries per row of the precision part")
-    parser.add_argument("--precisions", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
-                        help="speed part: attend's precision= for the svdq rows")
+    parser.add_argument("--precisions", nargs="+", choices=["bfloat16", "float32", "float16"],
+                        default=["bfloat16", "float32"],
+                        help="speed part: attend's precision= for the svdq rows (float16: float32 products over "
+                             "float16-rounded keys; a baseline tree without it runs float32)")
     parser.add_argument("--accuracy-precisions", action="store_true",
                         help="accuracy part: every row once per --precisions (default: attend's default only)")
     parser.add_argument("--sparse-fractions", type=int, nargs="*", default=[8, 16, 32],
@@ -623,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     tuple(args.cache_states), SHAPES[args.shape],
                                                     tuple(args.value_kinds), not args.no_sdpa_bfloat16) + [""]
     if args.part in ("precision", "all"):
-        lines += ["## Precision of the bfloat16 products (CPU)", ""]
+        lines += ["## Precision of the bfloat16 and float16 paths (CPU)", ""]
         lines += precision_table(args.tokens, args.queries,
                                  None if args.attention_cache_bytes < 0 else args.attention_cache_bytes) + [""]
     if args.part in ("accuracy", "all"):

@@ -50,8 +50,10 @@ from .values import CompressedValues, gather_values
 
 BACKENDS = ("torch", "triton")
 BACKEND_ENV = "SVDQ_BACKEND"
-#: Operand precision of the torch path's key reconstruction product (the selection score stays float32).
-PRECISIONS = ("float32", "bfloat16")
+#: Operand precision of the torch path's key products (the selection score stays float32):
+#: "float32" exact, "bfloat16" bfloat16 reconstruction operands and float16-rounded keys,
+#: "float16" float32 reconstruction and float16-rounded keys (:func:`select_precision`).
+PRECISIONS = ("float32", "bfloat16", "float16")
 PRECISION_ENV = "SVDQ_ATTENTION_PRECISION"
 # Low-rank keys (float32 elements) the selection score builds and rotates at a time.
 SCORE_BLOCK_ELEMENTS = 1 << 18
@@ -173,8 +175,13 @@ def select_precision(device: torch.device | str, override: str | None = None) ->
     accumulates in float32; the selection score, rotation, dot products with the queries,
     softmax and value sums stay float32. Its extra error in the attention output is a small fraction
     of what the compression itself costs (``docs/attention.md``, Precision). ``float32`` is
-    the exact path the reference tests compare with float64. The triton kernels ignore it
-    (they use float16 operands with float32 accumulation).
+    the exact path the reference tests compare with float64. ``float16`` reconstructs as
+    ``float32`` does and rounds the reconstructed post-RoPE body keys to float16 before they
+    are dotted (exact tokens keep their own float32 rows), so that the keys a sequence keeps
+    between calls weigh ``2 C`` bytes per token instead of ``4 C``: twice the sequences'
+    keys fit an attention-cache budget, for CPUs without native bfloat16 (``docs/attention.md``,
+    round 11). The triton kernels ignore it (they use float16 operands with float32
+    accumulation).
     """
     choice = override or os.environ.get(PRECISION_ENV) or (
         "bfloat16" if torch.device(device).type == "cpu" and _BF16_FAST else "float32")
@@ -790,14 +797,15 @@ def _dense_basis(keys: CompressedKeys, precision: str = "float32") -> tuple[torc
     first :data:`FLOAT32_LEAD_CHANNELS` columns and ``rest`` the others in bfloat16. Kept under
     the attention-cache budget (``4 (r + 1) C`` bytes in float32, about the unpacked codes of
     a 4k-token layer): reordering and converting on every call cost 1-2% of a 4k-token call."""
-    key = ("dense_basis", precision)
+    # float16 reconstructs as float32 does: it rounds the keys it builds, not its operands.
+    key = ("dense_basis", "float32" if precision == "float16" else precision)
     cached = DERIVED.get(keys, key)
     if cached is None:
         basis, mean = keys.basis.float(), keys.mean.float()
         if rotates(keys):
             basis, mean = _in_pair_order(keys, basis), _in_pair_order(keys, mean[:, None])[:, 0]
         rest = None
-        if _rounds(keys, precision):
+        if precision == "bfloat16" and keys.method == "svdq":
             basis, rest = basis[:, :FLOAT32_LEAD_CHANNELS], basis[:, FLOAT32_LEAD_CHANNELS:].to(torch.bfloat16).contiguous()
         cached = (basis.contiguous(), mean.contiguous(), rest)
         if keys.method != "svdq":
@@ -808,9 +816,18 @@ def _dense_basis(keys: CompressedKeys, precision: str = "float32") -> tuple[torc
 
 
 def _rounds(keys: CompressedKeys, precision: str) -> bool:
-    """Whether a call reconstructs ``keys`` with bfloat16 operands (and may keep float16 keys):
-    the baselines' identity "basis" copies raw key channels, where rounding would only add error."""
-    return precision == "bfloat16" and keys.method == "svdq"
+    """Whether a call rounds ``keys``' reconstructed body keys to float16 (and may keep them so):
+    precisions "bfloat16" and "float16" for svdq keys; the baselines' identity "basis" copies
+    raw key channels, where rounding would only add error."""
+    return precision in ("bfloat16", "float16") and keys.method == "svdq"
+
+
+def _kept_keys_name(keys: CompressedKeys, precision: str) -> str:
+    """The name of the post-RoPE body keys that dense calls of ``precision`` keep: each
+    precision's own numbers (:data:`KEPT_KEYS`, :data:`KEPT_FLOAT16_KEYS`, :data:`KEPT_FLOAT32_KEYS`)."""
+    if not _rounds(keys, precision):
+        return KEPT_FLOAT32_KEYS
+    return KEPT_KEYS if precision == "bfloat16" else KEPT_FLOAT16_KEYS
 
 
 def _dequantize_range(keys: CompressedKeys, scales: torch.Tensor, mins: torch.Tensor, first: int, stop: int,
@@ -860,11 +877,11 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
     block = max(1, RECONSTRUCT_BLOCK_ELEMENTS // (keys.channels * keys.group_size)) * keys.group_size
     rounded = _rounds(keys, precision)
     # float32 keeps its float32 keys (the same numbers it reconstructs), exact tokens' own rows
-    # written in; bfloat16 keeps float16-rounded keys and dots the exact tokens apart.
-    kept_name = KEPT_KEYS if rounded else KEPT_FLOAT32_KEYS
+    # written in; bfloat16 and float16 keep float16-rounded keys and dot the exact tokens apart.
+    kept_name = _kept_keys_name(keys, precision)
     keeps = keys.method == "svdq"
     kept_keys = DERIVED.get(keys, kept_name) if keeps else None
-    # float32 blocks [Hkv, n, D] of float16-rounded keys, the one layout both bfloat16 ways dot
+    # float32 blocks [Hkv, n, D] of float16-rounded keys, the one layout both rounded ways dot
     # (kept keys or reconstructed now), so that a call gives the same bits whether the budget
     # kept the keys or dropped them.
     widened = torch.empty(kv_heads, min(block, n_body), head_dim, device=grouped.device) if rounded else None
@@ -919,6 +936,11 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
 #: (:meth:`svdq.derived.DerivedCache.admits`), for later calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
 #: at the same cost. Exact tokens' dots come from their own rows, not from these.
 KEPT_KEYS = "kept_keys"
+#: Name of the float16-rounded float32 reconstructions, [Hkv, n_body, D] float16 (pair order
+#: for keys that rotate), that dense calls in precision "float16" keep on the same terms as
+#: :data:`KEPT_KEYS`: half the bytes of :data:`KEPT_FLOAT32_KEYS` (64 MiB for a 32k-token
+#: 8 x 128 layer), so that twice the sequences keep them under a budget.
+KEPT_FLOAT16_KEYS = "kept_float16_keys"
 #: Name of the float32 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate,
 #: the exact tokens' own rows written in) that dense calls in precision "float32" keep on the
 #: same terms: the numbers a call reconstructs, so a kept call gives a cold call's bits, and
@@ -971,8 +993,8 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
     Returns:
         float32 [..., Hkv, g, n] unscaled dot products.
 
-    In precision "bfloat16" the keys are the float16-rounded keys that a dense call keeps
-    (:data:`KEPT_KEYS`): gathered from them when the budget holds them, else reconstructed and
+    In precisions "bfloat16" and "float16" the keys are the float16-rounded keys that a dense
+    call of that precision keeps (:data:`KEPT_KEYS`, :data:`KEPT_FLOAT16_KEYS`): gathered from them when the budget holds them, else reconstructed and
     rounded the same way, and dotted by the same per-head products, so that a result has the
     same bits whether the keys were kept or not. In precision "float32" they are gathered from
     the float32 keys a dense call keeps (:data:`KEPT_FLOAT32_KEYS`) where a sequence has them:
@@ -986,9 +1008,9 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
     by_head = queries.reshape(-1, ratio, head_dim)  # [B, g, D], one batch per (query, head)
     dots = torch.empty(by_head.shape[0], ratio, count, device=queries.device)
     rounded = _rounds(keys, precision)
-    # The keys a dense call of this precision keeps: float16-rounded (bfloat16) or the float32
-    # keys it reconstructs (float32), either gathered from them or rebuilt the same way.
-    kept_keys = DERIVED.get(keys, KEPT_KEYS if rounded else KEPT_FLOAT32_KEYS) if keys.method == "svdq" else None
+    # The keys a dense call of this precision keeps: float16-rounded (bfloat16, float16) or the
+    # float32 keys it reconstructs (float32), either gathered from them or rebuilt the same way.
+    kept_keys = DERIVED.get(keys, _kept_keys_name(keys, precision)) if keys.method == "svdq" else None
     if kept_keys is None:
         rows = _reconstructed_rows(keys, index, precision)
         if rounded:
@@ -1658,7 +1680,8 @@ def attend(
         backend: ``"torch"`` or ``"triton"``; default from :func:`select_backend`.
         softcap: attention logit softcapping, scores ``softcap * tanh(scores / softcap)``
             before the softmax (Gemma 2), in (0, :data:`MAX_SOFTCAP`]; None: none.
-        precision: ``"float32"`` or ``"bfloat16"`` operands of the torch path's key products;
+        precision: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (float16-rounded keys) for
+            the torch path's key products;
             default from :func:`select_precision` (bfloat16 on CPUs that multiply it natively).
 
     Returns:

@@ -194,8 +194,10 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
      "calls (unpacked codes, score latents, kernel layouts), least recently used first out; on top of --store-bytes. "
      "0 keeps only the layer last served", {}),
     ("attention-precision", str, "operands of the torch (CPU) attention path's key products: bfloat16 (float32 "
-     "accumulation; about 2x faster, adds ~1-2%% of the compression's own error), float32 (exact), or auto = "
-     "bfloat16 where the CPU multiplies it natively; the Triton (GPU) kernels do not use it",
+     "accumulation; about 2x faster, adds ~1-2%% of the compression's own error), float32 (exact), float16 "
+     "(float32 products, the keys a sequence keeps rounded to float16: twice as many sequences keep them under "
+     "--attention-cache-bytes, adds ~0.7%% of the compression's error; docs/attention.md Round 11), or auto = "
+     "bfloat16 where the CPU multiplies it natively, else float32; the Triton (GPU) kernels do not use it",
      {"choices": ("auto",) + PRECISIONS}),
     ("tenant-quota-bytes", parse_bytes, "stored bytes (serialized keys and values) each tenant may hold unless the "
      "tokens file gives it its own quota_bytes; at its quota a tenant gets RESOURCE_EXHAUSTED. 0 = no quota: the "

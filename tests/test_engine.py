@@ -694,7 +694,7 @@ def test_the_auto_attention_precision_is_decided_once_when_the_engine_starts(mon
 
 
 def test_an_unknown_attention_precision_is_refused_when_the_engine_starts():
-    with pytest.raises(InvalidInputError, match=r"precision must be one of \('float32', 'bfloat16'\), got 'fp8'"):
+    with pytest.raises(InvalidInputError, match=r"precision must be one of \('float32', 'bfloat16', 'float16'\), got 'fp8'"):
         Engine(EngineConfig(device="cpu", attention_precision="fp8"))
 
 

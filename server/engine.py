@@ -931,17 +931,20 @@ class Engine:
         return AttendResult(result.output.float().cpu(), result.lse.float().cpu(), stats)
 
     def attend_tokens_in_memory(self, tenant: str, sequence_ids: Iterable[str]) -> int | None:
-        """Tokens the tenant's sequences ``sequence_ids`` hold together, counted without I/O
-        and without marking them used (absent ones count 0: their Attend fails at once), or
-        None when the store is not in this process, whose lookups may wait on the network:
-        what the servicer needs to decide whether a small Attend may run on its event loop."""
+        """Tokens an Attend whose entries name ``sequence_ids`` (one per entry, repeats
+        included: each entry is attended) reads, counted without I/O and without marking the
+        sequences used (absent ones count 0: their Attend fails at once), or None when the
+        store is not in this process, whose lookups may wait on the network: what the
+        servicer needs to decide whether a small Attend may run on its event loop."""
         if self.store.backend != "memory":
             return None
+        tokens: dict[str, int] = {}
         total = 0
         for sequence_id in sequence_ids:
-            stored = self.store.peek(tenant, sequence_id)
-            if stored is not None:
-                total += stored.state.num_tokens
+            if sequence_id not in tokens:
+                stored = self.store.peek(tenant, sequence_id)
+                tokens[sequence_id] = 0 if stored is None else stored.state.num_tokens
+            total += tokens[sequence_id]
         return total
 
     # -- reading back ------------------------------------------------------------------------

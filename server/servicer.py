@@ -81,7 +81,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             return False
         if time.perf_counter() - self._last_attend_end < self.inline_after_idle_s:
             return False
-        tokens = self.engine.attend_tokens_in_memory(tenant, {entry.sequence_id for entry in request.entries})
+        tokens = self.engine.attend_tokens_in_memory(tenant, [entry.sequence_id for entry in request.entries])
         return tokens is not None and tokens <= self.inline_attend_tokens
 
     async def RegisterProfile(self, request, context):

@@ -176,8 +176,11 @@ async def test_a_small_attend_runs_on_the_event_loop_only_while_it_is_the_only_c
 
     alone = await servicer.Attend(small, None)
     assert servicer.inline_attends == 1
-    # over the token limit, or two at once (each counts the other), or beside a worker job: the workers
+    # over the token limit (one large entry, or three entries on the small sequence: each is
+    # attended), or two at once (each counts the other), or beside a worker job: the workers
     await servicer.Attend(large, None)
+    assert engine.attend_tokens_in_memory("default", ["small"] * 3) == 192
+    await servicer.Attend(attend_request(queries.expand(3, -1, -1), [("small", 0)] * 3, None, None), None)
     together = await asyncio.gather(servicer.Attend(small, None), servicer.Attend(small, None))
     assert servicer.inline_attends == 1
     assert all(response.SerializeToString() == alone.SerializeToString() for response in together)

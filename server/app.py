@@ -154,7 +154,6 @@ class SvdqServer:
         self.metrics.bind_engine(self.engine, __version__)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="svdq-engine")
         self.health = None
-        self.servicer: KVCacheServicer | None = None
         self.server = None
         self.port = 0
         self.metrics_port = 0
@@ -171,9 +170,9 @@ class SvdqServer:
             interceptors=[ServiceInterceptor(self.authenticator, self.metrics)],
             options=channel_options(self.settings),
         )
-        self.servicer = KVCacheServicer(self.engine, self.executor, self.settings.max_message_bytes,
-                                        inline_attend_tokens=self.settings.inline_attend_tokens)
-        kvcache_pb2_grpc.add_KVCacheServicer_to_server(self.servicer, self.server)
+        kvcache_pb2_grpc.add_KVCacheServicer_to_server(
+            KVCacheServicer(self.engine, self.executor, self.settings.max_message_bytes,
+                            inline_attend_tokens=self.settings.inline_attend_tokens), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.settings.reflection:
             reflection.enable_server_reflection(

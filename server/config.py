@@ -146,8 +146,8 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("workers", int, "threads running engine work (compression, attention) in parallel", {}),
     ("inline-attend-tokens", int, "an Attend whose entries hold at most this many tokens together runs on the "
      "event loop itself instead of a worker thread when it is the only call in flight and the store is 'memory': "
-     "it saves the hop to a worker and back (about 0.5-1 ms of a 2-3 ms call on a 2-core CPU, docs/service.md "
-     "Round 11), "
+     "it saves the hop to a worker and back (the Attend RPC's batch-1 p50 was 0.3-1.1 ms lower on a 2-core CPU, "
+     "docs/service.md Round 11), "
      "and blocks other calls for at most that small call's time; 0 sends every Attend to the workers (under many "
      "concurrent clients 0 served up to 1.5x the calls per second here)", {}),
     ("compress-threads", int, "threads that compress uploaded layers, shared by all uploads: a layer compresses "

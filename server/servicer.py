@@ -5,8 +5,8 @@ torch computes, and requests on different sequences run in parallel. One excepti
 Attend (its entries hold at most ``inline_attend_tokens`` tokens, the store is this process's
 memory) that is the only engine call in flight, and did not start right after the previous
 Attend ended (:data:`INLINE_AFTER_IDLE_S`), runs on the event loop itself. The hop to a worker
-thread and back costs about 0.5 ms on a 2-core CPU, a fifth of a 4k-token batch-1 call
-(docs/service.md); the loop is blocked for no longer than that small call, and a second
+thread and back costs about 0.5 ms on a 2-core CPU (484-590 us in bench/service.py's stage
+table) of a 5-7 ms batch-1 RPC over 4k tokens (docs/service.md, Round 11); the loop is blocked for no longer than that small call, and a second
 Attend, any worker job in flight or a call queued behind the last one sends calls to the
 workers again, so concurrent calls keep running in parallel. Errors are not
 handled here: the engine raises typed errors and the interceptor turns them into statuses.
@@ -57,8 +57,6 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self._in_workers = 0  # engine calls submitted to the executor and not finished
         self._attends = 0  # Attend calls between entry and reply
         self._last_attend_end = 0.0  # time.perf_counter() when the last Attend left the handler
-        #: an Attend that starts sooner than this after the last one ended was queued behind it
-        self.inline_after_idle_s = INLINE_AFTER_IDLE_S
         #: Attend calls that ran on the event loop (tests and benchmarks read it)
         self.inline_attends = 0
 
@@ -72,17 +70,16 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     async def _attends_inline(self, tenant: str, request) -> bool:
         """Whether this Attend runs on the event loop (the module docstring's terms). Yields
-        once first, so that Attend calls that arrived with this one count themselves."""
-        if (not self.inline_attend_tokens or self.engine.store.backend != "memory"
-                or len(request.entries) > self.engine.config.max_batch):
-            return False
-        await asyncio.sleep(0)
-        if self._attends > 1 or self._in_workers:
-            return False
-        if time.perf_counter() - self._last_attend_end < self.inline_after_idle_s:
+        once before it looks at the calls in flight, so that Attend calls that arrived with
+        this one count themselves."""
+        if not self.inline_attend_tokens or len(request.entries) > self.engine.config.max_batch:
             return False
         tokens = self.engine.attend_tokens_in_memory(tenant, [entry.sequence_id for entry in request.entries])
-        return tokens is not None and tokens <= self.inline_attend_tokens
+        if tokens is None or tokens > self.inline_attend_tokens:
+            return False
+        await asyncio.sleep(0)
+        return (self._attends == 1 and not self._in_workers
+                and time.perf_counter() - self._last_attend_end >= INLINE_AFTER_IDLE_S)
 
     async def RegisterProfile(self, request, context):
         profile = Profile.from_pb(request.profile)

@@ -152,12 +152,13 @@ async def test_unexpected_errors_become_internal_without_details(caplog, monkeyp
         await server.stop(0)
 
 
-async def test_a_small_attend_runs_on_the_event_loop_only_while_it_is_the_only_call():
+async def test_a_small_attend_runs_on_the_event_loop_only_while_it_is_the_only_call(monkeypatch):
     import asyncio
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from svdq_client.client import attend_request
+    from svdq_server import servicer as servicer_module
     from svdq_server.engine import UploadHeader
     from svdq_server.interceptors import current_tenant
 
@@ -171,7 +172,8 @@ async def test_a_small_attend_runs_on_the_event_loop_only_while_it_is_the_only_c
     queries = torch.randn(1, 4, 16, generator=generator)
     small, large = (attend_request(queries, [(name, 0)], None, None) for name in ("small", "large"))
     servicer = KVCacheServicer(engine, ThreadPoolExecutor(2), 1 << 20, inline_attend_tokens=128)
-    servicer.inline_after_idle_s = 0.0  # the back-to-back calls below are not queued ones (checked at the end)
+    # the back-to-back calls below are not queued ones (checked at the end)
+    monkeypatch.setattr(servicer_module, "INLINE_AFTER_IDLE_S", 0.0)
     current_tenant.set("default")
 
     alone = await servicer.Attend(small, None)
@@ -200,10 +202,10 @@ async def test_a_small_attend_runs_on_the_event_loop_only_while_it_is_the_only_c
     await servicer.Attend(small, None)
     assert servicer.inline_attends == 2
     # one that starts right after the last one ended was queued behind it: the workers
-    servicer.inline_after_idle_s = 10.0
+    monkeypatch.setattr(servicer_module, "INLINE_AFTER_IDLE_S", 10.0)
     await servicer.Attend(small, None)
     assert servicer.inline_attends == 2
-    servicer.inline_after_idle_s = 0.0
+    monkeypatch.setattr(servicer_module, "INLINE_AFTER_IDLE_S", 0.0)
     # 0 turns it off
     servicer.inline_attend_tokens = 0
     await servicer.Attend(small, None)

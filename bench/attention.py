@@ -12,7 +12,9 @@ and sparse (1/32 of the tokens) over SVDq keys compressed with the default codec
 (a low-rank signal plus noise): speed depends on the shapes and kept channels, not on the
 text. Every svdq row is timed twice, marked: ``[kept]`` over sequences that keep what attention
 derived between calls (as a server's repeated decode steps do), ``[cold]`` over sequences as
-just read from the store, discarded before each call (a sequence's first call).
+just read from the store, discarded before each call (a sequence's first call), and with
+``--cache-states first`` ``[first 2]``: a sequence's first two calls together, just read from the
+store, under the budget (where what a first call keeps pays off in the second).
 Ratios are against SDPA fp16 of the same length. Key bytes are what each call needs
 (``AttentionStats``); the SDPA rows read the fp16/fp32 keys.
 
@@ -83,6 +85,10 @@ class Shape:
 
 #: ``--shape`` choices: the default Llama-3-8B layer, and SmolLM2-135M's (the end-to-end
 #: decode's model: 9 query heads, 3 KV heads x 64, RoPE theta 100000).
+#: Row labels of the speed part's cache states, and the calls each timed sample makes.
+STATE_LABELS = {"kept": "kept", "cold": "cold", "first": "first 2"}
+STATE_CALLS = {"kept": 1, "cold": 1, "first": 2}
+
 SHAPES = {
     "llama3-8b": Shape("Llama-3-8B", Q_HEADS, KV_HEADS, HEAD_DIM, LLAMA3_ROPE),
     "smollm2": Shape("SmolLM2-135M", 9, 3, 64, RopeConfig(theta=100000.0)),
@@ -127,13 +133,14 @@ def medians_in_turns(calls: dict[str, Callable[[], object]], device: torch.devic
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def _discarder(derived, objects: list) -> tuple[Callable[[], None], Callable[[], None]]:
+def _discarder(derived, objects: list, lift_limit: bool = True) -> tuple[Callable[[], None], Callable[[], None]]:
     """What runs before and after a cold call over ``objects`` (keys, values and values'
     latents): ``derived`` (a tree's ``DERIVED``) drops what attention kept for them, budget
     charge included, and its limit is lifted for the call, so that what the call derives
     evicts nothing the kept rows' sequences hold (with 16 sequences of 32k tokens the cold
     calls' unpacked codes alone pushed the kept rows' float16 keys out) and nothing optional
-    is kept (no room without a limit). A tree older than
+    is kept (no room without a limit). ``lift_limit=False`` (the first calls' rows) keeps the
+    budget in force, so that the calls keep what a server would. A tree older than
     :meth:`svdq.derived.DerivedCache.discard` is discarded with this tree's method (the same
     bookkeeping)."""
     from svdq.derived import DerivedCache
@@ -145,12 +152,14 @@ def _discarder(derived, objects: list) -> tuple[Callable[[], None], Callable[[],
     def before() -> None:
         for item in distinct:
             discard(item)
-        derived.limit_bytes = None
+        if lift_limit:
+            derived.limit_bytes = None
 
     def after() -> None:
         for item in distinct:
             discard(item)
-        derived.limit_bytes = limit
+        if lift_limit:
+            derived.limit_bytes = limit
 
     return before, after
 
@@ -246,7 +255,9 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
         f"(tokens, batch, threads) timed in turns; attention cache budget "
         f"{'none (library use)' if cache_bytes is None else f'{cache_bytes:,} bytes'}; [kept]: the sequences keep "
         f"what attention derived (repeated calls); [cold]: each call over sequences as just read from the store, "
-        f"nothing derived kept for them (the RoPE angle table, shared by every sequence, stays); load average before: "
+        f"nothing derived kept for them (the RoPE angle table, shared by every sequence, stays); [first 2]: a "
+        f"sequence's first two calls together, from just read from the store, under the budget (what a decode's "
+        f"first steps cost); load average before: "
         f"{', '.join(f'{load:.1f}' for load in os.getloadavg())}",
         "",
         f"| tokens | batch | threads | method | median ms | vs {baseline_name} | key bytes read | "
@@ -287,10 +298,10 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                 read[name] = fp16_bytes * (2 if dtype == torch.float32 else 1)
             # Cold rows attend their own objects (keys and values as just read from the store),
             # discarded before and after each call: the kept rows' objects keep what they derived.
-            cold_value_kinds = [(label, _distinct_values(kind[0], batch, device, same_sequence))
-                                for label, kind in value_kinds] if "cold" in cache_states else []
-            cold_keys_list = _sequences(compressed, batch, device, same_sequence) if "cold" in cache_states else []
-            cold_values = dict(cold_value_kinds)
+            fresh_states = [state for state in cache_states if state != "kept"]
+            cold_keys_lists = {state: _sequences(compressed, batch, device, same_sequence) for state in fresh_states}
+            cold_values = {state: {label: _distinct_values(kind[0], batch, device, same_sequence)
+                                   for label, kind in value_kinds} for state in fresh_states}
             baseline_kept: dict[str, list] = {}
             for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
                 for value_label, values_list in value_kinds:
@@ -299,13 +310,15 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                         name = f"{label}, {value_label}, {precision} ({stats.tokens_attended} tok)"
                         for state in cache_states:
                             state_keys, state_values = ((keys_list, values_list) if state == "kept" else
-                                                        (cold_keys_list, cold_values[value_label]))
-                            state_name = f"{name} [{state}]"
+                                                        (cold_keys_lists[state], cold_values[state][value_label]))
+                            state_name = f"{name} [{STATE_LABELS[state]}]"
                             calls[state_name] = lambda sparsity=sparsity, values_list=state_values, queries=queries, \
-                                keys_list=state_keys, precision=precision: attend(
+                                keys_list=state_keys, precision=precision, count=STATE_CALLS[state]: [attend(
                                     queries, keys_list, values_list, sparsity=sparsity, precision=precision)
-                            if state == "cold":
-                                resets[state_name] = _discarder(DERIVED, _cached_objects(state_keys, state_values))
+                                    for _ in range(count)]
+                            if state != "kept":
+                                resets[state_name] = _discarder(DERIVED, _cached_objects(state_keys, state_values),
+                                                                lift_limit=state == "cold")
                             read[state_name] = stats.key_bytes_read
                     if baseline_tree is not None:
                         # The same blobs read by the other tree, attended by its own code.
@@ -326,13 +339,16 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                                 old_keys_list = baseline_kept.setdefault("keys", old_keys_list)
                                 old_values = baseline_kept.setdefault(value_label, old_values)
                             old_name = (f"{label}, {value_label}{''.join(', ' + p for p in baseline_precision.values())} "
-                                        f"({stats.tokens_attended} tok) [baseline tree, {state}]")
+                                        f"({stats.tokens_attended} tok) [baseline tree, {STATE_LABELS[state]}]")
                             calls[old_name] = lambda old_sparsity=old_sparsity, old_values=old_values, \
-                                queries=queries, old_keys_list=old_keys_list: baseline_tree.attention.attend(
-                                    queries, old_keys_list, old_values, sparsity=old_sparsity, **baseline_precision)
-                            if state == "cold":
+                                queries=queries, old_keys_list=old_keys_list, count=STATE_CALLS[state]: [
+                                    baseline_tree.attention.attend(queries, old_keys_list, old_values,
+                                                                   sparsity=old_sparsity, **baseline_precision)
+                                    for _ in range(count)]
+                            if state != "kept":
                                 resets[old_name] = _discarder(baseline_tree.derived.DERIVED,
-                                                              _cached_objects(old_keys_list, old_values))
+                                                              _cached_objects(old_keys_list, old_values),
+                                                              lift_limit=state == "cold")
                             read[old_name] = stats.key_bytes_read
             for threads in thread_counts:
                 torch.set_num_threads(threads or default_threads)
@@ -605,9 +621,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="limit of the attention cache (svdq.derived.DERIVED) for the speed and precision parts, "
                              "as the server sets it (svdq-server --attention-cache-bytes, default 1 GiB); -1: no limit "
                              "(library use), which keeps no bfloat16 keys")
-    parser.add_argument("--cache-states", nargs="+", choices=["kept", "cold"], default=["kept", "cold"],
-                        help="speed part: svdq rows with what attention derived kept between calls, and/or cold "
-                             "(every call over sequences with nothing kept, as just read from the store)")
+    parser.add_argument("--cache-states", nargs="+", choices=list(STATE_LABELS), default=["kept", "cold"],
+                        help="speed part: svdq rows with what attention derived kept between calls, cold "
+                             "(every call over sequences with nothing kept, as just read from the store), and/or "
+                             "first (a sequence's first two calls together, under the budget: what a decode's "
+                             "first steps cost; its ratio to SDPA is of two calls to one)")
     parser.add_argument("--value-kinds", nargs="+", choices=["16-bit", "latent"], default=["16-bit", "latent"],
                         help="speed part: svdq rows with 16-bit values and/or SVDq latent values")
     parser.add_argument("--no-sdpa-bfloat16", action="store_true",

@@ -425,7 +425,7 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
         return low_rank
 
     # The rotated low-rank keys do not depend on the queries: kept head-major [Hkv, n_body, D]
-    # (from the second call, while the budget has room, DerivedCache.admits), later calls only
+    # (while the budget has room, from the first or second call by size, DerivedCache.admits), later calls only
     # dot them (building and rotating them was two thirds of the score). Either way the product
     # sees the same operands in the same spans of tokens, so the scores are the same bits.
     name = (SCORE_KEYS, score_channels)
@@ -483,8 +483,8 @@ SCORE_TOKEN_SPAN = 4096
 
 
 #: Name of the selection score's rotated low-rank body keys, float32 [Hkv, n_body, D] (pair
-#: order for keys that rotate), per score-channel count, that sparse calls keep from the second
-#: on while the budget has room (``4 C`` bytes per token, :meth:`svdq.derived.DerivedCache.admits`):
+#: order for keys that rotate), per score-channel count, that sparse calls keep while the budget
+#: has room (from the first call up to ``FIRST_ASK_BYTES``, else the second) (``4 C`` bytes per token, :meth:`svdq.derived.DerivedCache.admits`):
 #: the same values the score builds otherwise.
 SCORE_KEYS = "score_keys"
 
@@ -932,7 +932,8 @@ def dense_body_dots(keys: CompressedKeys, grouped: torch.Tensor, precision: str 
 
 
 #: Name of the float16 post-RoPE body keys [Hkv, n_body, D] (pair order for keys that rotate)
-#: that dense calls in precision "bfloat16" keep from the second on while the budget has room
+#: that dense calls in precision "bfloat16" keep while the budget has room (from the first call up to
+#: ``FIRST_ASK_BYTES``, else the second)
 #: (:meth:`svdq.derived.DerivedCache.admits`), for later calls: float16's rounding (2^-11) is a quarter of bfloat16's, and either widens to float32
 #: at the same cost. Exact tokens' dots come from their own rows, not from these.
 KEPT_KEYS = "kept_keys"
@@ -1359,8 +1360,8 @@ def _latent_blocks(latent: CompressedKeys, block: int, out: torch.Tensor | None 
 
 #: Name of the float32 dequantized latent of SVDq values' body in channel-major blocks
 #: [blocks, r + 1, block] with a row of ones (:func:`_latent_blocks`, the same values every call
-#: computes), that calls on the CPU keep from a sequence's second call on while the
-#: attention-cache budget has room (:meth:`svdq.derived.DerivedCache.admits`): ``4 (r + 1)``
+#: computes), that calls on the CPU keep while the attention-cache budget has room (from a
+#: sequence's first call up to ``FIRST_ASK_BYTES``, else its second) (:meth:`svdq.derived.DerivedCache.admits`): ``4 (r + 1)``
 #: bytes per body token (padded to a block).
 KEPT_LATENT = "kept_latent"
 

@@ -3,9 +3,9 @@
 Attention over a stored sequence is much faster when some derived tensors survive from one
 call to the next: the unpacked codes (``r`` bytes per body token), the dequantized score
 channels of the sparse selection (``4 * (m + 1)`` bytes per token), the kernels' launch
-layout, and, only while the budget has room and from their second use on
-(:meth:`DerivedCache.admits`), the float16
-keys a dense bfloat16 call reconstructed (``2 * C`` bytes per token), the selection score's
+layout, and, only while the budget has room (:meth:`DerivedCache.admits`: from their first use
+on up to :data:`FIRST_ASK_BYTES` each, larger ones from their second), the rotated keys a
+dense call reconstructed (``2 * C`` bytes per token in float16, ``4 * C`` in float32), the selection score's
 rotated low-rank keys (``4 * C`` bytes per token) and SVDq latent values' dequantized latent
 (``4 * (r + 1)`` bytes per token, a row of ones included). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
 8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
@@ -54,15 +54,23 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
+#: Optional tensors up to this size (16 MiB: a 4k-token layer's float32 keys at 8 KV heads x
+#: 128) are kept from a sequence's first call, larger ones from its second (measured:
+#: docs/attention.md, round 12).
+FIRST_ASK_BYTES = 16 << 20
+
+
 class DerivedCache:
     """Byte-bounded LRU over the ``_cache`` dicts of compressed objects (thread-safe), optional
     tensors evicted before required ones.
 
     Args:
         limit_bytes: most bytes kept over all objects; ``None`` for no limit.
+        first_ask_bytes: optional tensors up to this many bytes are kept from their first
+            ask, larger ones from their second (:meth:`admits`); default :data:`FIRST_ASK_BYTES`.
     """
 
-    def __init__(self, limit_bytes: int | None = None) -> None:
+    def __init__(self, limit_bytes: int | None = None, first_ask_bytes: int | None = None) -> None:
         # Re-entrant: a weakref callback may run (garbage collection) while the lock is held.
         self._lock = threading.RLock()
         # id -> [weakref, bytes charged, {optional name: its bytes}]
@@ -70,6 +78,8 @@ class DerivedCache:
         self._bytes = 0
         self._optional_bytes = 0
         self._limit = limit_bytes
+        #: optional tensors up to this size are admitted on their first ask (:meth:`admits`)
+        self.first_ask_bytes = FIRST_ASK_BYTES if first_ask_bytes is None else first_ask_bytes
         self.evictions = 0
         #: optional tensors dropped to make room (each one, whether for a required or an optional put)
         self.optional_evictions = 0
@@ -104,12 +114,20 @@ class DerivedCache:
 
     def admits(self, owner: Any, name: Any, nbytes: int) -> bool:
         """Whether to keep an optional tensor ``name`` of ``nbytes`` for ``owner`` now: the
-        budget has room (:meth:`has_room`) and ``owner`` asks for it a second time (its first
-        ask is only noted, in its ``_cache``, uncharged). Admission on the second use: a sequence
-        attended once (a one-off call) does not pay for building and keeping what only repeated
-        calls (decode steps) gain from. Put what it admits with ``optional=True``."""
+        budget has room (:meth:`has_room`) and either the tensor is at most
+        :attr:`first_ask_bytes` (kept from its first ask) or ``owner`` asks for it a second time
+        (a larger tensor's first ask is only noted, in its ``_cache``, uncharged).
+
+        Up to that size, building a kept tensor costs what the call that does not keep it costs
+        (the same dequantization and products, into one tensor instead of reused blocks), so
+        keeping it from the first call saves the second call's rebuild; a one-off call's tensor
+        is the least recently used one and goes first when room is needed. Larger tensors cost a
+        one-off call more to build than to skip (1.3-1.7x at 32k tokens, docs/attention.md,
+        round 12), so they wait for a second ask. Put what it admits with ``optional=True``."""
         if not self.has_room(nbytes):
             return False
+        if nbytes <= self.first_ask_bytes:
+            return True
         marker = _asked(name)
         if owner._cache.get(marker):
             return True
@@ -229,4 +247,4 @@ DERIVED = DerivedCache()
 #: set by default: 1 GiB.
 DEFAULT_LIMIT_BYTES = 1 << 30
 
-__all__ = ["DEFAULT_LIMIT_BYTES", "DERIVED", "DerivedCache", "tensor_bytes"]
+__all__ = ["DEFAULT_LIMIT_BYTES", "DERIVED", "FIRST_ASK_BYTES", "DerivedCache", "tensor_bytes"]

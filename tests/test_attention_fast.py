@@ -171,6 +171,8 @@ def test_kept_score_keys_give_the_same_score_bits_and_selection(monkeypatch, met
     product form (tokens as the rows, in one or several spans, or the query rows first)."""
     monkeypatch.setattr(attention_module, "SCORE_TOKEN_ROWS", token_rows)
     monkeypatch.setattr(attention_module, "SCORE_TOKEN_SPAN", span)
+    # A first call that keeps nothing, then one that keeps (at this size they would be kept from the first).
+    monkeypatch.setattr(DERIVED, "first_ask_bytes", 0)
     keys, values = make_case(method, tokens=403, key_space=key_space)
     start, n_body = body_range(keys)
     queries = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(5))
@@ -326,7 +328,7 @@ def test_cold_score_blocks_give_the_kept_keys_score_bits_at_llama_shapes(monkeyp
         cold_selection = select_body_tokens_many(queries, keys, sparsity)
         assert name not in keys._cache
         DERIVED.limit_bytes = 1 << 30
-        for _ in range(2):  # kept from the second call on
+        for _ in range(2):  # kept by the second call at the latest
             attention_module._head_score_dots(queries, keys, sparsity.score_channels, n_body)
         assert name in keys._cache
         assert torch.equal(attention_module._head_score_dots(queries, keys, sparsity.score_channels, n_body), cold)

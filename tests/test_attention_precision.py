@@ -137,20 +137,24 @@ def test_rounded_keys_error_is_a_small_share_of_the_compression_error(budget, sp
             assert ours == theirs  # same tokens attended, same bytes read
 
 
-def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget):
+@pytest.mark.parametrize("small", [True, False], ids=["first-ask", "second-ask"])
+def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget, monkeypatch, small):
     post, keys = layer()
     values = compress_values(structured_values(TOKENS, KV_HEADS, HEAD_DIM, seed=3).half())
     queries = peaked_queries(post, count=1)
+    _, n_body = attention_module.body_range(keys)
+    size = 2 * n_body * KV_HEADS * HEAD_DIM
+    monkeypatch.setattr(budget, "first_ask_bytes", size if small else size - 1)
     attend(queries, [keys], [values], precision="float32")
     assert KEPT_KEYS not in keys._cache  # float32 keeps float32 keys, never these float16 ones
     before = budget.nbytes
     first = attend(queries, [keys], [values], precision="bfloat16")
-    # Kept from the second call on: a sequence attended once does not pay for keeping them.
-    assert KEPT_KEYS not in keys._cache
+    # Kept from the first call up to first_ask_bytes; larger, from the second call on: a
+    # sequence attended once does not pay for building what costs it more than it saves.
+    assert (KEPT_KEYS in keys._cache) == small
     second = attend(queries, [keys], [values], precision="bfloat16")
     assert torch.equal(second.output, first.output) and torch.equal(second.lse, first.lse)
     kept = keys._cache[KEPT_KEYS]
-    _, n_body = attention_module.body_range(keys)
     assert kept.dtype == torch.float16 and kept.shape == (KV_HEADS, n_body, HEAD_DIM)
     assert budget.nbytes - before >= kept.numel() * 2
     again = attend(queries, [keys], [values], precision="bfloat16")
@@ -181,14 +185,16 @@ def test_kept_keys_need_a_budget_with_room_and_are_charged_to_it(budget):
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 @pytest.mark.parametrize("value_kind", ["fp16", "latent"])
-def test_float32_and_float16_keep_their_keys_and_give_the_same_bits(budget, value_kind, precision):
-    """Dense float32 calls keep their float32 rotated body keys from the second call on, the
+def test_float32_and_float16_keep_their_keys_and_give_the_same_bits(budget, monkeypatch, value_kind, precision):
+    """Dense float32 calls keep their float32 rotated body keys (from the first call when they
+    are at most ``first_ask_bytes``, here from the second), the
     exact tokens' own rotated rows written in; float16 calls keep the same reconstructions
     rounded to float16 (half the bytes, charged to the budget), the exact tokens dotted from
     their own float32 rows. A kept call gives the bits of a cold one (no budget, nothing
     kept), with or without exact tokens and for either value kind."""
     kept_name, dtype = (KEPT_FLOAT32_KEYS, torch.float32) if precision == "float32" else (
         KEPT_FLOAT16_KEYS, torch.float16)
+    monkeypatch.setattr(budget, "first_ask_bytes", 0)  # a first call that keeps nothing, then one that does
     for exact_tokens in (0, 8):
         post, keys = layer(exact_tokens=exact_tokens, seed=7 + exact_tokens)
         assert keys.num_exact == exact_tokens

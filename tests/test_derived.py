@@ -8,7 +8,7 @@ import torch
 
 from svdq import CodecConfig, compress
 from svdq.attention import SparsityConfig, attend
-from svdq.derived import DERIVED, DerivedCache, tensor_bytes
+from svdq.derived import DERIVED, FIRST_ASK_BYTES, DerivedCache, tensor_bytes
 from svdq.values import compress_values
 
 # Oracles at float32 tolerances: the float32 products (conftest.exact_attention).
@@ -131,7 +131,8 @@ def test_discard_drops_one_owners_tensors_and_its_charge():
 
 
 def test_optional_tensors_are_admitted_on_their_second_ask_while_there_is_room():
-    cache = DerivedCache(limit_bytes=1000)
+    """Tensors over ``first_ask_bytes`` (all of them here) wait for a second ask."""
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=0)
     owner, other = Holder(), Holder()
     assert not cache.admits(owner, "keys", 600)  # the first ask is only noted
     assert cache.admits(owner, "keys", 600)  # the second: room, admitted
@@ -143,6 +144,22 @@ def test_optional_tensors_are_admitted_on_their_second_ask_while_there_is_room()
     assert not DerivedCache().admits(owner, "keys", 1) and not DerivedCache().admits(owner, "keys", 1)  # no limit
 
 
+def test_small_optional_tensors_are_admitted_on_their_first_ask_while_there_is_room():
+    """Up to ``first_ask_bytes`` a tensor is kept from its first ask (building it costs what
+    skipping it does), larger ones from their second; room is needed either way."""
+    assert DerivedCache().first_ask_bytes == FIRST_ASK_BYTES == 16 << 20
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=400)
+    owner, other = Holder(), Holder()
+    assert cache.admits(owner, "keys", 400)  # at the threshold: the first ask admits
+    assert ("asked", "keys") not in owner._cache  # nothing noted for it
+    assert not cache.admits(owner, "score", 401) and cache.admits(owner, "score", 401)  # over it: the second
+    cache.put(owner, "keys", torch.zeros(400, dtype=torch.uint8), optional=True)
+    cache.put(other, "codes", torch.zeros(500, dtype=torch.uint8))
+    assert not cache.admits(other, "keys", 101)  # 900 + 101: no room, small or not
+    assert cache.admits(other, "keys", 100)
+    assert not DerivedCache(first_ask_bytes=400).admits(owner, "keys", 1)  # no limit: never
+
+
 def _admitted(cache, owner, name, nbytes):
     """Put an optional tensor the way attention does: asked twice, then kept."""
     assert not cache.admits(owner, name, nbytes) and cache.admits(owner, name, nbytes)
@@ -150,7 +167,7 @@ def _admitted(cache, owner, name, nbytes):
 
 
 def test_a_required_put_walks_the_owners_from_the_least_recently_used_optional_before_required():
-    cache = DerivedCache(limit_bytes=1000)
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=0)
     first, second, third = Holder(), Holder(), Holder()
     cache.put(first, "codes", torch.zeros(300, dtype=torch.uint8))
     cache.put(second, "codes", torch.zeros(200, dtype=torch.uint8))
@@ -171,7 +188,7 @@ def test_a_required_put_walks_the_owners_from_the_least_recently_used_optional_b
 def test_a_required_put_drops_every_owners_optional_tensors_before_it_clears_an_owner_whole():
     """The least recently used owner may be the next one attended (a batch decoded in turns):
     its required tensors outlast a more recent owner's optional ones."""
-    cache = DerivedCache(limit_bytes=1000)
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=0)
     older, hot, new = Holder(), Holder(), Holder()
     cache.put(older, "codes", torch.zeros(300, dtype=torch.uint8))
     cache.put(hot, "codes", torch.zeros(200, dtype=torch.uint8))
@@ -188,7 +205,7 @@ def test_a_batch_attended_in_turns_does_not_clear_its_owners_over_and_over():
     the dense rows'): the growth drops optional tensors once and no owner is cleared whole, so
     no call rebuilds its required tensors in later rounds (clearing the least recently used
     owner whole, the next one attended, cleared one per call: docs/attention.md, round 11)."""
-    cache = DerivedCache(limit_bytes=1000)
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=0)
     owners = [Holder() for _ in range(8)]
 
     def required(owner, name, nbytes):
@@ -214,7 +231,7 @@ def test_a_batch_attended_in_turns_does_not_clear_its_owners_over_and_over():
 def test_an_admitted_tensor_stays_optional_when_its_owner_was_cleared_in_between():
     """Whether a put is optional is said at the call, not read back from the owner's cache,
     which another thread's eviction may have cleared since admits."""
-    cache = DerivedCache(limit_bytes=1000)
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=0)
     first, second = Holder(), Holder()
     cache.put(first, "codes", torch.zeros(500, dtype=torch.uint8))
     cache.put(second, "codes", torch.zeros(100, dtype=torch.uint8))
@@ -226,7 +243,7 @@ def test_an_admitted_tensor_stays_optional_when_its_owner_was_cleared_in_between
 
 
 def test_an_optional_put_never_clears_a_required_tensor():
-    cache = DerivedCache(limit_bytes=1000)
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=0)
     first, second = Holder(), Holder()
     cache.put(first, "codes", torch.zeros(500, dtype=torch.uint8))
     assert not cache.admits(second, "keys", 400) and cache.admits(second, "keys", 400)
@@ -244,7 +261,7 @@ def test_an_optional_put_never_clears_a_required_tensor():
 
 
 def test_a_lower_limit_drops_optional_tensors_first_and_a_collected_owner_uncharges_both():
-    cache = DerivedCache(limit_bytes=1000)
+    cache = DerivedCache(limit_bytes=1000, first_ask_bytes=0)
     first, second = Holder(), Holder()
     _admitted(cache, first, "keys", 300)
     cache.put(first, "codes", torch.zeros(200, dtype=torch.uint8))

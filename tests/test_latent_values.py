@@ -172,8 +172,11 @@ def test_attention_over_latent_values_matches_naive_attention_over_their_reconst
 @pytest.mark.parametrize(("tokens", "value_sinks", "value_group", "block", "mm_macs"),
                          [(203, 4, 32, 4096, 1 << 22), (150, 9, 16, 64, 1 << 22), (3000, 4, 32, 256, 1 << 22),
                           (203, 4, 32, 4096, 0), (3000, 4, 32, 256, 0)])
-def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_the_second_call_with_room(
-        monkeypatch, tokens, value_sinks, value_group, block, mm_macs):
+@pytest.mark.parametrize("small", [True, False], ids=["first-ask", "second-ask"])
+def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_while_there_is_room(
+        monkeypatch, tokens, value_sinks, value_group, block, mm_macs, small):
+    """Kept from the first call when it is at most ``DERIVED.first_ask_bytes``, else from the
+    second; never without room or a budget; the same bits kept or not."""
     import svdq.attention as attention
     from svdq.attention import KEPT_LATENT, body_range, code_widths
     from svdq.derived import DERIVED
@@ -186,6 +189,7 @@ def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_
     step = min(block, n_body)
     blocks = -(-n_body // step)
     kept_bytes = 4 * blocks * step * (channels + 1)  # a row of ones carries the softmax mass
+    monkeypatch.setattr(DERIVED, "first_ask_bytes", kept_bytes if small else kept_bytes - 1)
 
     def call():
         return attend(queries, [keys] * 3, [values] * 3, backend="torch")
@@ -200,9 +204,12 @@ def test_kept_latent_gives_the_same_bits_is_charged_to_the_budget_and_kept_from_
         short = [call(), call()]
         assert KEPT_LATENT not in values.latent._cache
         DERIVED.limit_bytes = 1 << 30
-        first = call()  # a first ask with room is only noted: a one-off call keeps nothing
-        assert KEPT_LATENT not in values.latent._cache
         before = DERIVED.nbytes
+        first = call()
+        # a larger tensor's first ask with room is only noted: a one-off call keeps nothing
+        assert (KEPT_LATENT in values.latent._cache) == small
+        if not small:
+            before = DERIVED.nbytes
         second = call()
         kept = values.latent._cache[KEPT_LATENT]
         assert kept.dtype == torch.float32 and kept.shape == (blocks, channels + 1, step)

@@ -45,33 +45,49 @@ def allocate_budget(
     Returns:
         int64 [channels] widths.
     """
-    table = distortion.numpy()
-    channels = table.shape[0]
-    widths = np.arange(MAX_BITS + 1)
-    cost = (widths * bits_per_width + np.where(widths > 0, channel_metadata_bits, 0)).astype(np.float64)
-    chosen = np.zeros(channels, dtype=np.int64)
-    if channels == 0:
-        return torch.from_numpy(chosen)
-    rows, steps, ratios, extras = _channel_steps(table, cost)
-    # A best step looks ahead over every width, so the next step of the same channel rates no
-    # higher, except by float rounding (tests/test_quant.py has such a case): the greedy then
-    # takes it right after the one before, so each step is
-    # ordered by the lowest ratio of its channel's steps so far; ties go to the lower channel,
-    # then the earlier step, as the greedy's first-best rule does.
-    standing = np.minimum.accumulate(ratios, axis=1)
-    valid = steps > 0
-    order = np.lexsort((np.broadcast_to(np.arange(MAX_BITS), steps.shape)[valid], rows[valid], -standing[valid]))
-    step_rows, step_widths = rows[valid][order], steps[valid][order]
-    step_extras = extras[valid][order]
-    # Spent after each step, summed in the greedy's order (cumsum adds one after another).
-    spent_after = np.cumsum(step_extras)
-    spent_before = np.concatenate(([0.0], spent_after[:-1]))
-    short = np.flatnonzero(step_extras > budget_bits - spent_before)
-    taken = int(short[0]) if short.size else step_extras.size
-    # A channel's steps widen it, so its width is the largest step taken.
-    np.maximum.at(chosen, step_rows[:taken], step_widths[:taken])
-    spent = float(spent_after[taken - 1]) if taken else 0.0
-    return torch.from_numpy(_greedy_from(table, cost, chosen, spent, budget_bits))
+    return AllocationPlan(distortion, bits_per_width, channel_metadata_bits).allocate(budget_bits)
+
+
+class AllocationPlan:
+    """What :func:`allocate_budget` computes before it reads the budget: every channel's greedy
+    steps and their global order. Made once, it serves any number of budgets over the same
+    table and costs (the candidate splits of :func:`svdq.kv.compress_kv` differ in their
+    budget only): :meth:`allocate` gives the widths ``allocate_budget`` gives, by the same
+    operations. Read-only once built."""
+
+    def __init__(self, distortion: torch.Tensor, bits_per_width: int, channel_metadata_bits: int) -> None:
+        self.table = table = distortion.numpy()
+        channels = table.shape[0]
+        widths = np.arange(MAX_BITS + 1)
+        self.cost = cost = (widths * bits_per_width + np.where(widths > 0, channel_metadata_bits, 0)).astype(np.float64)
+        if channels == 0:
+            return
+        rows, steps, ratios, extras = _channel_steps(table, cost)
+        # A best step looks ahead over every width, so the next step of the same channel rates no
+        # higher, except by float rounding (tests/test_quant.py has such a case): the greedy then
+        # takes it right after the one before, so each step is
+        # ordered by the lowest ratio of its channel's steps so far; ties go to the lower channel,
+        # then the earlier step, as the greedy's first-best rule does.
+        standing = np.minimum.accumulate(ratios, axis=1)
+        valid = steps > 0
+        order = np.lexsort((np.broadcast_to(np.arange(MAX_BITS), steps.shape)[valid], rows[valid], -standing[valid]))
+        self.step_rows, self.step_widths = rows[valid][order], steps[valid][order]
+        self.step_extras = extras[valid][order]
+        # Spent after each step, summed in the greedy's order (cumsum adds one after another).
+        self.spent_after = np.cumsum(self.step_extras)
+        self.spent_before = np.concatenate(([0.0], self.spent_after[:-1]))
+
+    def allocate(self, budget_bits: float) -> torch.Tensor:
+        """int64 [channels] widths within ``budget_bits`` (:func:`allocate_budget`)."""
+        chosen = np.zeros(self.table.shape[0], dtype=np.int64)
+        if chosen.size == 0:
+            return torch.from_numpy(chosen)
+        short = np.flatnonzero(self.step_extras > budget_bits - self.spent_before)
+        taken = int(short[0]) if short.size else self.step_extras.size
+        # A channel's steps widen it, so its width is the largest step taken.
+        np.maximum.at(chosen, self.step_rows[:taken], self.step_widths[:taken])
+        spent = float(self.spent_after[taken - 1]) if taken else 0.0
+        return torch.from_numpy(_greedy_from(self.table, self.cost, chosen, spent, budget_bits))
 
 
 def _options(table: np.ndarray, cost: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .allocation import allocate_budget, allocate_schedule
+from .allocation import AllocationPlan, allocate_schedule
 from .errors import InvalidInputError, ResourceExhaustedError
 from .quant import (
     MAX_BITS,
@@ -647,6 +647,8 @@ class PreparedKeys:
     components: torch.Tensor | None
     mean: torch.Tensor | None
     centred: torch.Tensor | None
+    #: the allocation's budget-free plans by (noise_averaging, quantized tokens, metadata bits), see _allocate
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokens(self) -> int:
@@ -874,7 +876,7 @@ def quantize_prepared(prepared: PreparedKeys, config: CodecConfig | None = None,
     else:
         channel_bits = _allocate(prepared.table, config, group_size, tokens, kv_heads, head_dim, num_sinks,
                                  n_groups, stored_basis=not prepared.shared, rope=prepared.rope,
-                                 explicit_positions=prepared.explicit is not None)
+                                 explicit_positions=prepared.explicit is not None, plans=prepared.plans)
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
@@ -1195,9 +1197,11 @@ def _sample_table(centred: torch.Tensor, components: torch.Tensor, group_size: i
 
 
 def _allocate(sample_table: torch.Tensor, config, group_size, tokens, kv_heads, head_dim, num_sinks, n_groups, *,
-              stored_basis, rope, explicit_positions) -> torch.Tensor:
+              stored_basis, rope, explicit_positions, plans: dict | None = None) -> torch.Tensor:
     """Budget allocation: spend what the fixed costs leave of ``bits_per_element`` on the
-    channels of ``sample_table`` (:func:`_sample_table`, not modified)."""
+    channels of ``sample_table`` (:func:`_sample_table`, not modified). ``plans`` keeps the
+    budget-free part (:class:`~svdq.allocation.AllocationPlan`) for the next budget of the
+    same prepared keys: at 383 tokens it was ~2/3 of each candidate's allocation."""
     from .format import fixed_size
 
     channels = kv_heads * head_dim
@@ -1213,9 +1217,15 @@ def _allocate(sample_table: torch.Tensor, config, group_size, tokens, kv_heads, 
     # then exceed the target (reported as such).
     budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
     per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
-    table = sample_table.clone()
-    table[:, 1:] /= config.noise_averaging
-    return allocate_budget(table, budget, quantized, per_channel_meta)
+    key = (config.noise_averaging, quantized, per_channel_meta)
+    plan = None if plans is None else plans.get(key)
+    if plan is None:
+        table = sample_table.clone()
+        table[:, 1:] /= config.noise_averaging
+        plan = AllocationPlan(table, quantized, per_channel_meta)
+        if plans is not None:
+            plans[key] = plan
+    return plan.allocate(budget)
 
 
 def _latent_rows(compressed: CompressedKeys) -> torch.Tensor:

@@ -44,7 +44,7 @@ from .quant import (
     unpack_codes,
     unpack_rows,
 )
-from .rope import RopeConfig, apply_rope, undo_rope
+from .rope import RopeConfig, apply_rope, rope_cos_sin, rotate_with_tables, undo_rope
 
 log = logging.getLogger(__name__)
 
@@ -649,6 +649,8 @@ class PreparedKeys:
     centred: torch.Tensor | None
     #: the allocation's budget-free plans by (noise_averaging, quantized tokens, metadata bits), see _allocate
     plans: dict = field(default_factory=dict, repr=False, compare=False)
+    #: float32 cos and sin [tokens, rotary / 2] of the tokens' positions (rope_cos_sin), once known
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def tokens(self) -> int:
@@ -659,6 +661,16 @@ class PreparedKeys:
         if self.explicit is not None:
             return self.explicit
         return torch.arange(self.tokens, dtype=torch.int64, device=self.rounded.device) + self.offset
+
+    def rotate(self, keys: torch.Tensor, key_space: str) -> torch.Tensor:
+        """float32 ``keys`` [tokens, kv_heads, head_dim] of these tokens rotated to ``key_space``
+        from the other space (:func:`apply_rope` or :func:`undo_rope`, the same bits), with the
+        angles of their positions computed once for every candidate that is restored."""
+        rope = _require_rope(self.rope)
+        if self.rope_tables is None:
+            self.rope_tables = rope_cos_sin(rope, self.token_positions(), self.head_dim)
+        cos, sin = self.rope_tables
+        return rotate_with_tables(keys, cos, sin if key_space == "post_rope" else -sin, rope)
 
     @functools.cached_property
     def table(self) -> torch.Tensor:
@@ -702,8 +714,11 @@ def prepare(
     # svdq works on pre-RoPE keys; the baselines keep the space they were given.
     stored_space = key_space
     unrotated = config.method == "svdq" and key_space == "post_rope"
+    rope_tables = None
     if unrotated:
-        work = undo_rope(keys, token_pos, _require_rope(rope))
+        # undo_rope with its angles kept: restoring candidates (compress_kv) rotates back by them
+        rope_tables = rope_cos_sin(_require_rope(rope), token_pos, head_dim)
+        work = rotate_with_tables(keys, rope_tables[0], -rope_tables[1], rope)
         stored_space = "pre_rope"
     else:
         # A copy even of float32 keys (not .float(), which returns them): it is rounded and
@@ -756,7 +771,7 @@ def prepare(
         kv_heads=kv_heads, head_dim=head_dim, stored_space=stored_space, key_space=key_space, rope=rope,
         storage=storage, offset=offset, explicit=explicit, rounded=rounded, flat=flat, num_sinks=num_sinks,
         token_group=group_size, n_groups=n_groups, fitted=fitted, shared_fp=shared_fp, shared=basis is not None,
-        components=components, mean=mean, centred=centred,
+        components=components, mean=mean, centred=centred, rope_tables=rope_tables,
     )
 
 
@@ -949,6 +964,20 @@ def finish_quantized(prepared: PreparedKeys, quantized: QuantizedKeys) -> Compre
     return compressed
 
 
+def quantized_nbytes(prepared: PreparedKeys, quantized: QuantizedKeys) -> int:
+    """:attr:`CompressedKeys.nbytes` of :func:`finish_quantized`'s result, from the shapes alone:
+    a caller that compares candidates by their size packs only the one it keeps."""
+    from .format import _layout
+
+    config = quantized.config
+    return sum(_layout(
+        config.method, prepared.kv_heads * prepared.head_dim, prepared.tokens,
+        config.num_sinks if config.method != "fp16" else 0, prepared.token_group, quantized.kept_bits.cpu().numpy(),
+        prepared.rope is not None, prepared.shared_fp is None, prepared.explicit is not None,
+        quantized.exact_index.numel(), quantized.exact.get("exact_bits", 16), prepared.kv_heads,
+    ).values())
+
+
 def restored_quantized(prepared: PreparedKeys, quantized: QuantizedKeys, key_space: str) -> torch.Tensor:
     """float32 [tokens, kv_heads, head_dim]: :func:`decompress` of :func:`finish_quantized`'s
     keys in ``key_space`` (the same bits), from ``quantized.body`` and without packing."""
@@ -971,12 +1000,10 @@ def restored_quantized(prepared: PreparedKeys, quantized: QuantizedKeys, key_spa
     flat[body_end:] = rounded[body_end:]
     keys = flat.reshape(tokens, prepared.kv_heads, prepared.head_dim)
     if key_space != prepared.stored_space:
-        rope = prepared.rope
-        if rope is None:
+        if prepared.rope is None:
             raise InvalidInputError(f"keys are stored {prepared.stored_space} without a rope description; cannot "
                                     f"return {key_space}")
-        rotate = apply_rope if key_space == "post_rope" else undo_rope
-        keys = rotate(keys, prepared.token_positions(), rope)
+        keys = prepared.rotate(keys, key_space)
     return keys
 
 

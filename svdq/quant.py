@@ -86,6 +86,16 @@ def _quantize_in_range(
     [groups, group_size, r] with the group range ``low``/``high`` [groups, r] and ``levels``
     (a scalar or one per channel). Shared by :func:`quantize_groups` and the error table, so
     the allocation measures exactly the quantization the encoder then performs."""
+    scales, mins, _, inverse, offset = _steps(low, high, levels)
+    return _codes(latent, inverse, offset, levels), scales, mins
+
+
+def _steps(low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float16 scales and minimums, float32 steps, inverse steps and code offsets of the group
+    ranges ``low``/``high`` [groups, r] at ``levels``: a scalar, one per channel [r], or one per
+    width [widths, 1, 1] (the error table's widths at once: scales [widths, groups, r], mins
+    [groups, r]; every entry the same operations on the same values as one width alone)."""
     mins = low.to(torch.float16)
     scales = ((high - mins.float()) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
@@ -102,12 +112,19 @@ def _quantize_in_range(
     # step (a constant channel) gives code 0.
     inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
     offset = 0.5 - mins.float() * inverse
-    codes = torch.addcmul(offset[:, None, :], latent, inverse[:, None, :])
+    return scales, mins, step, inverse, offset
+
+
+def _codes(latent: torch.Tensor, inverse: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor | float,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 codes of ``latent`` [groups, group_size, r] from :func:`_steps`' inverse steps and
+    offsets [groups, r], into ``out`` (a buffer of ``latent``'s shape) when given."""
+    codes = torch.addcmul(offset[:, None, :], latent, inverse[:, None, :], out=out)
     if isinstance(levels, torch.Tensor):
         codes = codes.clamp_(torch.zeros((), device=codes.device), levels)
     else:
         codes = codes.clamp_(0, levels)
-    return codes.floor_(), scales, mins
+    return codes.floor_()
 
 
 def check_metadata_range(largest_minimum: float, largest_range: float) -> None:
@@ -378,9 +395,16 @@ def distortion_table(latent: torch.Tensor) -> torch.Tensor:
         rows = table[first:first + part.shape[-1]]
         rows[:, 0] = part.pow(2).sum(dim=(0, 1)).double().cpu()
         low, high = _group_range(part)
+        # The steps of every width at once (~20 small ops on [groups, r] per width were most
+        # of a short sequence's table), then per width the passes over the part, into two
+        # buffers that every width reuses (fresh ones were fresh pages and cache misses).
+        levels = [float(2**width - 1) for width in range(1, MAX_BITS + 1)]
+        _, mins, steps, inverses, offsets = _steps(low, high, torch.tensor(levels, device=part.device)[:, None, None])
+        minimum = mins.float()[:, None, :]
+        codes, error = torch.empty_like(part), torch.empty_like(part)
         for width in range(1, MAX_BITS + 1):
-            codes, scales, mins = _quantize_in_range(part, low, high, float(2**width - 1))
+            _codes(part, inverses[width - 1], offsets[width - 1], levels[width - 1], out=codes)
             # codes * step + minimum: what dequantize_groups computes from the stored values
-            error = torch.addcmul(mins.float()[:, None, :], codes, scales.float()[:, None, :]).sub_(part)
+            torch.addcmul(minimum, codes, steps[width - 1][:, None, :], out=error).sub_(part)
             rows[:, width] = error.pow_(2).sum(dim=(0, 1)).double().cpu()
     return table

@@ -96,11 +96,15 @@ def _steps(low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float
     ranges ``low``/``high`` [groups, r] at ``levels``: a scalar, one per channel [r], or one per
     width [widths, 1, 1] (the error table's widths at once: scales [widths, groups, r], mins
     [groups, r]; every entry the same operations on the same values as one width alone)."""
+    # Each operation once (these run on [groups, r] for every quantization, so at short
+    # sequences their count, not their size, is the cost): the float32 minimums computed once,
+    # 1 / step as its reciprocal (what ``1.0 / step`` computes, times 1.0).
     mins = low.to(torch.float16)
-    scales = ((high - mins.float()) / levels).to(torch.float16)
+    low16 = mins.float()
+    scales = ((high - low16) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
     scales = torch.where(
-        mins.float() + scales.float() * levels < high,
+        low16 + scales.float() * levels < high,
         torch.nextafter(scales, torch.full_like(scales, float("inf"))),
         scales,
     )
@@ -110,8 +114,8 @@ def _steps(low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float
     # code = floor((latent - min) / step + 1/2), as latent * (1 / step) + (1/2 - min / step):
     # one pass over the latent instead of a subtraction, a division and a rounding. A zero
     # step (a constant channel) gives code 0.
-    inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-    offset = 0.5 - mins.float() * inverse
+    inverse = torch.where(step > 0, step.reciprocal(), 0.0)
+    offset = (low16 * inverse).neg_().add_(0.5)
     return scales, mins, step, inverse, offset
 
 

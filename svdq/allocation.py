@@ -101,25 +101,36 @@ def _options(table: np.ndarray, cost: np.ndarray, chosen: np.ndarray) -> tuple[n
 
 def _channel_steps(table: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, ...]:
     """Each channel's greedy steps from width 0, [channels, 8] each: the channel, the width
-    of its k-th step (0 once it has no more), that step's ratio and extra bits. At most one
-    step per width, all channels together: 8 passes over [channels, 9]."""
+    of its k-th step (0 once it has no more), that step's ratio and extra bits.
+
+    A channel's best step depends only on the width it is at, so :func:`_options` of every
+    channel at every width is one [channels, 9, 9] table (the same operations on the same
+    values as at one width), and each channel's steps follow its best next widths from 0:
+    eight gathers instead of eight passes of ``_options`` (most of the plan at 192 channels)."""
     channels = table.shape[0]
     rows = np.broadcast_to(np.arange(channels)[:, None], (channels, MAX_BITS))
+    widths = np.arange(MAX_BITS + 1)
+    extra = cost[None, :] - cost[:, None]  # [from, to]: cost[to] - cost[from]
+    gain = table[:, :, None] - table[:, None, :]  # [channels, from, to]
+    usable = (widths[None, :] > widths[:, None])[None] & (gain > 0)
+    ratio = np.where(usable, gain / np.maximum(extra, 1e-9)[None], -np.inf)
+    best = ratio.argmax(axis=2)  # the first best, as the greedy's flat argmax within a row
+    best_ratio = np.take_along_axis(ratio, best[:, :, None], axis=2)[:, :, 0]
     steps = np.zeros((channels, MAX_BITS), dtype=np.int64)
     ratios = np.full((channels, MAX_BITS), np.inf)
     extras = np.zeros((channels, MAX_BITS))
     current = np.zeros(channels, dtype=np.int64)
     live = np.arange(channels)
     for k in range(MAX_BITS):
-        extra, ratio = _options(table[live], cost, current[live])
-        best = ratio.argmax(axis=1)  # the first best, as the greedy's flat argmax within a row
-        picked = np.arange(live.size), best
-        gains = ratio[picked] > -np.inf
-        live, best, step_ratio, step_extra = live[gains], best[gains], ratio[picked][gains], extra[picked][gains]
+        at = current[live]
+        step_ratio = best_ratio[live, at]
+        gains = step_ratio > -np.inf
+        live, at, step_ratio = live[gains], at[gains], step_ratio[gains]
         if not live.size:
             break
-        steps[live, k], ratios[live, k], extras[live, k] = best, step_ratio, step_extra
-        current[live] = best
+        step = best[live, at]
+        steps[live, k], ratios[live, k], extras[live, k] = step, step_ratio, extra[at, step]
+        current[live] = step
     return rows, steps, ratios, extras
 
 

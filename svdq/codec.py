@@ -647,7 +647,8 @@ class PreparedKeys:
     components: torch.Tensor | None
     mean: torch.Tensor | None
     centred: torch.Tensor | None
-    #: the allocation's budget-free plans by (noise_averaging, quantized tokens, metadata bits), see _allocate
+    #: the allocation's budget-free plans by (noise_averaging, quantized tokens, metadata bits) and
+    #: fixed bits by ("fixed", exact tokens, exact_bits), see _allocate
     plans: dict = field(default_factory=dict, repr=False, compare=False)
     #: float32 cos and sin [tokens, rotary / 2] of the tokens' positions (rope_cos_sin), once known
     rope_tables: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -1023,7 +1024,8 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
     """Say when the fixed costs made the stored bits exceed the asked budget (short sequences,
     tiny budgets): the keys are kept, at the bits reported here and in ``bits_per_element``."""
     stored = compressed.bits_per_element
-    if stored <= 1.05 * target + 0.01:
+    key = ("budget", target, compressed.channels, compressed.group_size)
+    if stored <= 1.05 * target + 0.01 or key in _WARNED:  # said already: not the fixed costs again
         return
     from .format import fixed_size
 
@@ -1033,7 +1035,7 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
                            explicit_positions=compressed.positions is not None, exact_tokens=compressed.num_exact,
                            exact_bits=compressed.exact_bits, kv_heads=compressed.kv_heads)
     fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
-    _warn_once(("budget", target, compressed.channels, compressed.group_size),
+    _warn_once(key,
                f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} tokens "
                f"x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision sinks, tail and "
                "exact tokens) "
@@ -1233,11 +1235,17 @@ def _allocate(sample_table: torch.Tensor, config, group_size, tokens, kv_heads, 
 
     channels = kv_heads * head_dim
     quantized = n_groups * group_size
-    fixed_bits = 8 * fixed_size(
-        method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
-        has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
-        exact_tokens=config.exact_count(quantized), exact_bits=config.exact_bits, kv_heads=kv_heads,
-    )
+    # The fixed bytes of these keys depend on the config only through its exact tokens.
+    fixed_key = ("fixed", config.exact_count(quantized), config.exact_bits)
+    fixed_bits = None if plans is None else plans.get(fixed_key)
+    if fixed_bits is None:
+        fixed_bits = 8 * fixed_size(
+            method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
+            has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
+            exact_tokens=fixed_key[1], exact_bits=fixed_key[2], kv_heads=kv_heads,
+        )
+        if plans is not None:
+            plans[fixed_key] = fixed_bits
     budget = config.bits_per_element * tokens * channels - fixed_bits
     # Sequences too short to amortise the fixed costs still get half the budget's bits for
     # their quantized tokens' codes and metadata, rather than none; the true bits per element

@@ -909,10 +909,12 @@ def quantize_prepared(prepared: PreparedKeys, config: CodecConfig | None = None,
         # reconstruct_tokens of the packed codes (what the loader computes): unpacking gives
         # back these codes, so the same bits without packing first.
         restored = _reconstruct_from_codes(codes, scales, mins, group_size, basis_columns, mean, exact_index)
-        exact_codes, exact_scales, exact_mins = _encode_correction(exact_rows - restored, kv_heads, config.exact_bits)
+        exact_codes, exact_scales, exact_mins, unpacked = _encode_correction(exact_rows - restored, kv_heads,
+                                                                             config.exact_bits)
         exact = {"exact_bits": config.exact_bits, "exact_codes": exact_codes, "exact_scales": exact_scales,
                  "exact_mins": exact_mins}
-        exact_rows = exact_corrected_rows(restored, exact_codes, exact_scales, exact_mins, config.exact_bits)
+        # exact_corrected_rows of the packed codes, from the codes before packing (unpacking gives them back)
+        exact_rows = _corrected_rows(restored, unpacked, exact_scales, exact_mins)
     if out is not None and restored_body is None:
         restored_body = torch.matmul(dequantize_groups(codes, scales, mins).reshape(n_groups * group_size, -1),
                                      basis_columns.float().T, out=out)
@@ -1181,22 +1183,28 @@ def reconstruct_tokens(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Te
 
 
 def _encode_correction(residual: torch.Tensor, kv_heads: int, bits: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
+                                                                                   torch.Tensor, torch.Tensor]:
     """``bits``-bit codes (packed, [k, kv_heads, head_dim * bits / 8]), float16 scales and
-    minimums [k, kv_heads] of ``residual`` [k, C], one range per token and head: the error
-    of a badly reconstructed key sits in a few dropped latent channels, so its range per head
-    is small next to the key's own."""
+    minimums [k, kv_heads] of ``residual`` [k, C], one range per token and head, and the codes
+    unpacked (uint8 [k, kv_heads, head_dim]): the error of a badly reconstructed key sits in a
+    few dropped latent channels, so its range per head is small next to the key's own."""
     tokens = residual.shape[0]
     runs = residual.reshape(tokens * kv_heads, -1, 1)
     codes, scales, mins = quantize_groups(runs, torch.tensor([bits]))
-    return (pack_rows(codes.reshape(tokens, kv_heads, -1), bits), scales.reshape(tokens, kv_heads),
-            mins.reshape(tokens, kv_heads))
+    unpacked = codes.reshape(tokens, kv_heads, -1)
+    return pack_rows(unpacked, bits), scales.reshape(tokens, kv_heads), mins.reshape(tokens, kv_heads), unpacked
 
 
 def exact_corrected_rows(restored: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                          bits: int) -> torch.Tensor:
     """float32 [k, C]: the reconstruction ``restored`` [k, C] plus its stored correction."""
-    correction = unpack_rows(codes, bits).float() * scales.float()[..., None] + mins.float()[..., None]
+    return _corrected_rows(restored, unpack_rows(codes, bits), scales, mins)
+
+
+def _corrected_rows(restored: torch.Tensor, unpacked: torch.Tensor, scales: torch.Tensor,
+                    mins: torch.Tensor) -> torch.Tensor:
+    """:func:`exact_corrected_rows` from the unpacked codes uint8 [k, kv_heads, head_dim]."""
+    correction = unpacked.float() * scales.float()[..., None] + mins.float()[..., None]
     return restored + correction.reshape(restored.shape)
 
 

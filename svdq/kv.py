@@ -171,9 +171,9 @@ def compress_kv(
     :func:`svdq.values.compress_values`. Every candidate split is compressed (keys once per
     key budget, values once per value budget) and the one with the smallest probe error is
     returned. The candidates share what does not depend on the budget (:func:`svdq.codec.prepare`:
-    RoPE undone, rounding, the basis fit or centring, the allocation's error table), so each
-    one costs its allocation, quantization, the keys' packing and its probe error (only the chosen
-    values are packed); the bytes are those of a
+    RoPE undone, rounding, the angles of the positions, the basis fit or centring, the
+    allocation's error table and plan), so each one costs its allocation, quantization and
+    probe error (only the chosen split's keys and values are packed); the bytes are those of a
     plain compress per candidate.
     """
     budget = budget or CacheBudget()

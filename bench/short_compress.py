@@ -4,7 +4,8 @@ The uploads inference workers make all the time (decode spills, 256-1,024-token 
 short, and at that size a compress costs its fixed per-call work (small torch ops, the
 192 x 192 eigh, error tables, compress_kv's five candidate splits) more than its bytes. Two
 rows per token count, both post-RoPE float16 keys of SmolLM2's shape (3 KV heads x 64, RoPE
-theta 1e5, synthetic keys of bench/attention.py):
+theta 1e5, synthetic keys of bench/attention.py; ``--shape llama3-8b`` for Llama-3-8B's
+8 x 128, to check that long sequences did not get slower):
 
 * ``keys own 1.5``: :func:`svdq.compress`, the sequence's own basis, 1.5 bits per element
   (the end-to-end bench's keys-only rows);
@@ -19,6 +20,7 @@ Usage::
 
     git worktree add /tmp/base HEAD~3 --detach
     python bench/short_compress.py --baseline-tree /tmp/base/svdq --tokens 256 383 1024 8192 --repeats 15
+    python bench/short_compress.py --baseline-tree /tmp/base/svdq --shape llama3-8b --tokens 8192
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ SHAPE = SHAPES["smollm2"]
 
 
 def layer(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(post-RoPE float16 keys, float16 values [tokens, 3, 64], positions)."""
+    """(post-RoPE float16 keys, float16 values [tokens, kv_heads, head_dim] of SHAPE, positions)."""
     positions = torch.arange(tokens)
     keys = apply_rope(synthetic_keys(tokens, seed, kv_heads=SHAPE.kv_heads, head_dim=SHAPE.head_dim), positions,
                       SHAPE.rope).half()
@@ -106,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 383, 1024, 8192])
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per median, per tree")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="smollm2",
+                        help="layer shape (bench/attention.py's): SmolLM2-135M's 3 x 64 KV heads, or Llama-3-8B's "
+                             "8 x 128 (to check that long sequences did not get slower)")
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="an svdq package of another source tree (e.g. a git worktree of an earlier commit)")
     args = parser.parse_args(argv)
+    global SHAPE
+    SHAPE = SHAPES[args.shape]
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # short sequences exceed their budget; the codec says so once per shape
     baseline = None
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = load_tree(args.baseline_tree)
         for module in ("codec", "kv", "format", "values"):
             importlib.import_module(f"svdq_baseline.{module}")
-    print(f"## Per-layer compress, SmolLM2-135M shape ({SHAPE.kv_heads} KV heads x {SHAPE.head_dim}), median of "
+    print(f"## Per-layer compress, {SHAPE.name} shape ({SHAPE.kv_heads} KV heads x {SHAPE.head_dim}), median of "
           f"{args.repeats} calls in turns, CPU time of the thread, 1 torch thread")
     print()
     print("\n".join(table(args.tokens, args.repeats, baseline)))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .allocation import allocate_budget, allocate_schedule
+from .allocation import AllocationPlan, allocate_schedule
 from .errors import InvalidInputError, ResourceExhaustedError
 from .quant import (
     MAX_BITS,
@@ -44,7 +44,7 @@ from .quant import (
     unpack_codes,
     unpack_rows,
 )
-from .rope import RopeConfig, apply_rope, undo_rope
+from .rope import RopeConfig, apply_rope, rope_cos_sin, rotate_with_tables, undo_rope
 
 log = logging.getLogger(__name__)
 
@@ -647,6 +647,11 @@ class PreparedKeys:
     components: torch.Tensor | None
     mean: torch.Tensor | None
     centred: torch.Tensor | None
+    #: the allocation's budget-free plans by (noise_averaging, quantized tokens, metadata bits) and
+    #: fixed bits by ("fixed", exact tokens, exact_bits), see _allocate
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
+    #: float32 cos and sin [tokens, rotary / 2] of the tokens' positions (rope_cos_sin), once known
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def tokens(self) -> int:
@@ -657,6 +662,16 @@ class PreparedKeys:
         if self.explicit is not None:
             return self.explicit
         return torch.arange(self.tokens, dtype=torch.int64, device=self.rounded.device) + self.offset
+
+    def rotate(self, keys: torch.Tensor, key_space: str) -> torch.Tensor:
+        """float32 ``keys`` [tokens, kv_heads, head_dim] of these tokens rotated to ``key_space``
+        from the other space (:func:`apply_rope` or :func:`undo_rope`, the same bits), with the
+        angles of their positions computed once for every candidate that is restored."""
+        rope = _require_rope(self.rope)
+        if self.rope_tables is None:
+            self.rope_tables = rope_cos_sin(rope, self.token_positions(), self.head_dim)
+        cos, sin = self.rope_tables
+        return rotate_with_tables(keys, cos, sin if key_space == "post_rope" else -sin, rope)
 
     @functools.cached_property
     def table(self) -> torch.Tensor:
@@ -700,8 +715,11 @@ def prepare(
     # svdq works on pre-RoPE keys; the baselines keep the space they were given.
     stored_space = key_space
     unrotated = config.method == "svdq" and key_space == "post_rope"
+    rope_tables = None
     if unrotated:
-        work = undo_rope(keys, token_pos, _require_rope(rope))
+        # undo_rope with its angles kept: restoring candidates (compress_kv) rotates back by them
+        rope_tables = rope_cos_sin(_require_rope(rope), token_pos, head_dim)
+        work = rotate_with_tables(keys, rope_tables[0], -rope_tables[1], rope)
         stored_space = "pre_rope"
     else:
         # A copy even of float32 keys (not .float(), which returns them): it is rounded and
@@ -754,7 +772,7 @@ def prepare(
         kv_heads=kv_heads, head_dim=head_dim, stored_space=stored_space, key_space=key_space, rope=rope,
         storage=storage, offset=offset, explicit=explicit, rounded=rounded, flat=flat, num_sinks=num_sinks,
         token_group=group_size, n_groups=n_groups, fitted=fitted, shared_fp=shared_fp, shared=basis is not None,
-        components=components, mean=mean, centred=centred,
+        components=components, mean=mean, centred=centred, rope_tables=rope_tables,
     )
 
 
@@ -874,7 +892,7 @@ def quantize_prepared(prepared: PreparedKeys, config: CodecConfig | None = None,
     else:
         channel_bits = _allocate(prepared.table, config, group_size, tokens, kv_heads, head_dim, num_sinks,
                                  n_groups, stored_basis=not prepared.shared, rope=prepared.rope,
-                                 explicit_positions=prepared.explicit is not None)
+                                 explicit_positions=prepared.explicit is not None, plans=prepared.plans)
     channel_bits = channel_bits.to(device)
     kept = torch.nonzero(channel_bits).flatten()
     kept_bits = channel_bits[kept]
@@ -891,10 +909,12 @@ def quantize_prepared(prepared: PreparedKeys, config: CodecConfig | None = None,
         # reconstruct_tokens of the packed codes (what the loader computes): unpacking gives
         # back these codes, so the same bits without packing first.
         restored = _reconstruct_from_codes(codes, scales, mins, group_size, basis_columns, mean, exact_index)
-        exact_codes, exact_scales, exact_mins = _encode_correction(exact_rows - restored, kv_heads, config.exact_bits)
+        exact_codes, exact_scales, exact_mins, unpacked = _encode_correction(exact_rows - restored, kv_heads,
+                                                                             config.exact_bits)
         exact = {"exact_bits": config.exact_bits, "exact_codes": exact_codes, "exact_scales": exact_scales,
                  "exact_mins": exact_mins}
-        exact_rows = exact_corrected_rows(restored, exact_codes, exact_scales, exact_mins, config.exact_bits)
+        # exact_corrected_rows of the packed codes, from the codes before packing (unpacking gives them back)
+        exact_rows = _corrected_rows(restored, unpacked, exact_scales, exact_mins)
     if out is not None and restored_body is None:
         restored_body = torch.matmul(dequantize_groups(codes, scales, mins).reshape(n_groups * group_size, -1),
                                      basis_columns.float().T, out=out)
@@ -947,6 +967,20 @@ def finish_quantized(prepared: PreparedKeys, quantized: QuantizedKeys) -> Compre
     return compressed
 
 
+def quantized_nbytes(prepared: PreparedKeys, quantized: QuantizedKeys) -> int:
+    """:attr:`CompressedKeys.nbytes` of :func:`finish_quantized`'s result, from the shapes alone:
+    a caller that compares candidates by their size packs only the one it keeps."""
+    from .format import _layout
+
+    config = quantized.config
+    return sum(_layout(
+        config.method, prepared.kv_heads * prepared.head_dim, prepared.tokens,
+        config.num_sinks if config.method != "fp16" else 0, prepared.token_group, quantized.kept_bits.cpu().numpy(),
+        prepared.rope is not None, prepared.shared_fp is None, prepared.explicit is not None,
+        quantized.exact_index.numel(), quantized.exact.get("exact_bits", 16), prepared.kv_heads,
+    ).values())
+
+
 def restored_quantized(prepared: PreparedKeys, quantized: QuantizedKeys, key_space: str) -> torch.Tensor:
     """float32 [tokens, kv_heads, head_dim]: :func:`decompress` of :func:`finish_quantized`'s
     keys in ``key_space`` (the same bits), from ``quantized.body`` and without packing."""
@@ -969,12 +1003,10 @@ def restored_quantized(prepared: PreparedKeys, quantized: QuantizedKeys, key_spa
     flat[body_end:] = rounded[body_end:]
     keys = flat.reshape(tokens, prepared.kv_heads, prepared.head_dim)
     if key_space != prepared.stored_space:
-        rope = prepared.rope
-        if rope is None:
+        if prepared.rope is None:
             raise InvalidInputError(f"keys are stored {prepared.stored_space} without a rope description; cannot "
                                     f"return {key_space}")
-        rotate = apply_rope if key_space == "post_rope" else undo_rope
-        keys = rotate(keys, prepared.token_positions(), rope)
+        keys = prepared.rotate(keys, key_space)
     return keys
 
 
@@ -994,7 +1026,8 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
     """Say when the fixed costs made the stored bits exceed the asked budget (short sequences,
     tiny budgets): the keys are kept, at the bits reported here and in ``bits_per_element``."""
     stored = compressed.bits_per_element
-    if stored <= 1.05 * target + 0.01:
+    key = ("budget", target, compressed.channels, compressed.group_size)
+    if stored <= 1.05 * target + 0.01 or key in _WARNED:  # said already: not the fixed costs again
         return
     from .format import fixed_size
 
@@ -1004,7 +1037,7 @@ def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
                            explicit_positions=compressed.positions is not None, exact_tokens=compressed.num_exact,
                            exact_bits=compressed.exact_bits, kv_heads=compressed.kv_heads)
     fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
-    _warn_once(("budget", target, compressed.channels, compressed.group_size),
+    _warn_once(key,
                f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} tokens "
                f"x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision sinks, tail and "
                "exact tokens) "
@@ -1150,22 +1183,28 @@ def reconstruct_tokens(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Te
 
 
 def _encode_correction(residual: torch.Tensor, kv_heads: int, bits: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
+                                                                                   torch.Tensor, torch.Tensor]:
     """``bits``-bit codes (packed, [k, kv_heads, head_dim * bits / 8]), float16 scales and
-    minimums [k, kv_heads] of ``residual`` [k, C], one range per token and head: the error
-    of a badly reconstructed key sits in a few dropped latent channels, so its range per head
-    is small next to the key's own."""
+    minimums [k, kv_heads] of ``residual`` [k, C], one range per token and head, and the codes
+    unpacked (uint8 [k, kv_heads, head_dim]): the error of a badly reconstructed key sits in a
+    few dropped latent channels, so its range per head is small next to the key's own."""
     tokens = residual.shape[0]
     runs = residual.reshape(tokens * kv_heads, -1, 1)
     codes, scales, mins = quantize_groups(runs, torch.tensor([bits]))
-    return (pack_rows(codes.reshape(tokens, kv_heads, -1), bits), scales.reshape(tokens, kv_heads),
-            mins.reshape(tokens, kv_heads))
+    unpacked = codes.reshape(tokens, kv_heads, -1)
+    return pack_rows(unpacked, bits), scales.reshape(tokens, kv_heads), mins.reshape(tokens, kv_heads), unpacked
 
 
 def exact_corrected_rows(restored: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                          bits: int) -> torch.Tensor:
     """float32 [k, C]: the reconstruction ``restored`` [k, C] plus its stored correction."""
-    correction = unpack_rows(codes, bits).float() * scales.float()[..., None] + mins.float()[..., None]
+    return _corrected_rows(restored, unpack_rows(codes, bits), scales, mins)
+
+
+def _corrected_rows(restored: torch.Tensor, unpacked: torch.Tensor, scales: torch.Tensor,
+                    mins: torch.Tensor) -> torch.Tensor:
+    """:func:`exact_corrected_rows` from the unpacked codes uint8 [k, kv_heads, head_dim]."""
+    correction = unpacked.float() * scales.float()[..., None] + mins.float()[..., None]
     return restored + correction.reshape(restored.shape)
 
 
@@ -1195,27 +1234,41 @@ def _sample_table(centred: torch.Tensor, components: torch.Tensor, group_size: i
 
 
 def _allocate(sample_table: torch.Tensor, config, group_size, tokens, kv_heads, head_dim, num_sinks, n_groups, *,
-              stored_basis, rope, explicit_positions) -> torch.Tensor:
+              stored_basis, rope, explicit_positions, plans: dict | None = None) -> torch.Tensor:
     """Budget allocation: spend what the fixed costs leave of ``bits_per_element`` on the
-    channels of ``sample_table`` (:func:`_sample_table`, not modified)."""
+    channels of ``sample_table`` (:func:`_sample_table`, not modified). ``plans`` keeps the
+    budget-free part (:class:`~svdq.allocation.AllocationPlan`) for the next budget of the
+    same prepared keys: at 383 tokens it was ~2/3 of each candidate's allocation."""
     from .format import fixed_size
 
     channels = kv_heads * head_dim
     quantized = n_groups * group_size
-    fixed_bits = 8 * fixed_size(
-        method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
-        has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
-        exact_tokens=config.exact_count(quantized), exact_bits=config.exact_bits, kv_heads=kv_heads,
-    )
+    # The fixed bytes of these keys depend on the config only through its exact tokens.
+    fixed_key = ("fixed", config.exact_count(quantized), config.exact_bits)
+    fixed_bits = None if plans is None else plans.get(fixed_key)
+    if fixed_bits is None:
+        fixed_bits = 8 * fixed_size(
+            method="svdq", channels=channels, tokens=tokens, num_sinks=num_sinks, group_size=group_size,
+            has_rope=rope is not None, stored_basis=stored_basis, explicit_positions=explicit_positions,
+            exact_tokens=fixed_key[1], exact_bits=fixed_key[2], kv_heads=kv_heads,
+        )
+        if plans is not None:
+            plans[fixed_key] = fixed_bits
     budget = config.bits_per_element * tokens * channels - fixed_bits
     # Sequences too short to amortise the fixed costs still get half the budget's bits for
     # their quantized tokens' codes and metadata, rather than none; the true bits per element
     # then exceed the target (reported as such).
     budget = max(budget, config.bits_per_element * quantized * channels * 0.5)
     per_channel_meta = 32 * n_groups + (16 * channels if stored_basis else 0)
-    table = sample_table.clone()
-    table[:, 1:] /= config.noise_averaging
-    return allocate_budget(table, budget, quantized, per_channel_meta)
+    key = (config.noise_averaging, quantized, per_channel_meta)
+    plan = None if plans is None else plans.get(key)
+    if plan is None:
+        table = sample_table.clone()
+        table[:, 1:] /= config.noise_averaging
+        plan = AllocationPlan(table, quantized, per_channel_meta)
+        if plans is not None:
+            plans[key] = plan
+    return plan.allocate(budget)
 
 
 def _latent_rows(compressed: CompressedKeys) -> torch.Tensor:

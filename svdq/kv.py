@@ -30,6 +30,7 @@ from .codec import (
     finish_quantized,
     prepare,
     quantize_prepared,
+    quantized_nbytes,
     restored_quantized,
 )
 from .errors import InvalidInputError
@@ -131,9 +132,15 @@ class CompressedCache:
         return 8.0 * self.nbytes / max(1, 2 * self.keys.num_tokens * self.keys.channels)
 
 
+def _future_mask(probe_positions: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
+    """bool [1, P, S]: the tokens after each probe, which its causal softmax leaves out."""
+    return token_positions[None, None, :] > probe_positions[None, :, None]
+
+
 def _attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, probe_positions: torch.Tensor,
-               token_positions: torch.Tensor) -> torch.Tensor:
-    """Causal attention of probes [P, H, D] over keys/values [S, H, D] -> [P, H, D] (float32)."""
+               token_positions: torch.Tensor, future: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of probes [P, H, D] over keys/values [S, H, D] -> [P, H, D] (float32);
+    ``future`` is :func:`_future_mask` of the positions when the caller keeps it."""
     # In place on the fresh scores: the same bits as dividing and masking into new tensors,
     # without two [P, H, S] copies (7 of 25 ms at 64 probes x 3 heads x 3,968 tokens).
     # Per head [H, P, S]: one batched product that reads the keys [S, H, D] in place (each
@@ -141,7 +148,8 @@ def _attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     # 64 probes x 8 x 8,192 x 128); the same dot products, so the same bits (checked against
     # einsum at 8 x 128 and 3 x 64). The softmax runs along each row either way.
     scores = torch.matmul(queries.transpose(0, 1), keys.permute(1, 2, 0)).div_(math.sqrt(keys.shape[-1]))
-    future = token_positions[None, None, :] > probe_positions[None, :, None]
+    if future is None:
+        future = _future_mask(probe_positions, token_positions)
     weights = torch.softmax(scores.masked_fill_(future, -math.inf), dim=-1)
     return torch.matmul(weights, values.transpose(0, 1)).transpose(0, 1)
 
@@ -163,9 +171,9 @@ def compress_kv(
     :func:`svdq.values.compress_values`. Every candidate split is compressed (keys once per
     key budget, values once per value budget) and the one with the smallest probe error is
     returned. The candidates share what does not depend on the budget (:func:`svdq.codec.prepare`:
-    RoPE undone, rounding, the basis fit or centring, the allocation's error table), so each
-    one costs its allocation, quantization, the keys' packing and its probe error (only the chosen
-    values are packed); the bytes are those of a
+    RoPE undone, rounding, the angles of the positions, the basis fit or centring, the
+    allocation's error table and plan), so each one costs its allocation, quantization and
+    probe error (only the chosen split's keys and values are packed); the bytes are those of a
     plain compress per candidate.
     """
     budget = budget or CacheBudget()
@@ -178,18 +186,18 @@ def compress_kv(
     def key_config(share: float) -> CodecConfig:
         return replace(budget.key_codec, bits_per_element=2 * budget.bits_per_element * share)
 
-    def value_config(compressed_keys: CompressedKeys) -> ValueConfig:
-        # Values get what the keys' blob left of the whole budget: keys store more than their
-        # share when their fixed costs (16-bit tail, exact tokens) exceed it, and the cache as
-        # a whole must still weigh the bits asked for.
-        value_bits = max(2 * budget.bits_per_element - compressed_keys.bits_per_element, MIN_VALUE_BITS)
+    def value_config(key_bits: float) -> ValueConfig:
+        # Values get what the keys' blob (``key_bits`` per element) left of the whole budget:
+        # keys store more than their share when their fixed costs (16-bit tail, exact tokens)
+        # exceed it, and the cache as a whole must still weigh the bits asked for.
+        value_bits = max(2 * budget.bits_per_element - key_bits, MIN_VALUE_BITS)
         return ValueConfig(codec=replace(budget.value_codec, bits_per_element=value_bits))
 
     if len(budget.key_shares) == 1:  # a calibrated split: one compress each, one float32 copy at a time
         share = budget.key_shares[0]
         compressed_keys = compress(keys, key_config(share), positions=positions, rope=rope, key_space=key_space,
                                    basis=key_basis)
-        compressed_values = compress_values(values, value_config(compressed_keys), basis=value_basis)
+        compressed_values = compress_values(values, value_config(compressed_keys.bits_per_element), basis=value_basis)
         return CompressedCache(compressed_keys, compressed_values, share, {share: math.nan})
 
     # What does not depend on the split (checks, RoPE undone, rounding, centring, the
@@ -211,31 +219,35 @@ def compress_kv(
     probe_index = probe_index.to(keys.device)
     probes = reference_keys[probe_index]
     probe_positions = token_positions[probe_index]
-    reference = _attention(probes, reference_keys, values.float(), probe_positions, token_positions)
+    future = _future_mask(probe_positions, token_positions)  # the same for every candidate
+    reference = _attention(probes, reference_keys, values.float(), probe_positions, token_positions, future)
     energy = float(reference.double().pow(2).sum().clamp(min=1e-300))
     space = "post_rope" if rope is not None else "pre_rope"
     errors = {}
     best = None
     # Each candidate is measured as soon as it is compressed, from the reconstruction its exact
-    # tokens were chosen with: one candidate's reconstruction is held at a time. Its values are
-    # scored before their codes are packed (restored_quantized gives decompress's bits); only
-    # the chosen split's values are packed, once the choice is made.
+    # tokens were chosen with: one candidate's reconstruction is held at a time. Its keys and
+    # values are scored before their codes are packed (restored_quantized gives decompress's
+    # bits; the keys' size, which the values' budget needs, comes from the shapes); only the
+    # chosen split is packed, once the choice is made.
+    element_count = max(1, tokens * keys.shape[1] * keys.shape[2])
     for share in budget.key_shares:
         quantized_keys = quantize_prepared(prepared_keys, key_config(share), restore=True)
-        compressed_keys = finish_quantized(prepared_keys, quantized_keys)
         restored_keys = restored_quantized(prepared_keys, quantized_keys, space)
-        del quantized_keys
-        value_codec = value_config(compressed_keys)
+        quantized_keys.body = quantized_keys.full = None  # not kept with the winner
+        # CompressedKeys.bits_per_element of the finished keys, the same float
+        value_codec = value_config(8.0 * quantized_nbytes(prepared_keys, quantized_keys) / element_count)
         quantized_values = quantize_prepared(prepared_values, value_codec.codec, restore=True)
         restored_values = restored_quantized(prepared_values, quantized_values, "pre_rope")
-        output = _attention(probes, restored_keys, restored_values, probe_positions, token_positions)
+        output = _attention(probes, restored_keys, restored_values, probe_positions, token_positions, future)
         del restored_keys, restored_values
-        quantized_values.body = quantized_values.full = None  # not kept with the winner
+        quantized_values.body = quantized_values.full = None
         errors[share] = float((output - reference).double().pow(2).sum()) / energy
         if best is None or errors[share] < errors[best[0]]:
-            best = (share, compressed_keys, quantized_values)
-    best = (best[0], best[1], _latent_values(finish_quantized(prepared_values, best[2])))
-    return CompressedCache(best[1], best[2], best[0], errors)
+            best = (share, quantized_keys, quantized_values)
+    share, quantized_keys, quantized_values = best
+    return CompressedCache(finish_quantized(prepared_keys, quantized_keys),
+                           _latent_values(finish_quantized(prepared_values, quantized_values)), share, errors)
 
 
 def measure_key_shares(

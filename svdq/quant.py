@@ -86,11 +86,25 @@ def _quantize_in_range(
     [groups, group_size, r] with the group range ``low``/``high`` [groups, r] and ``levels``
     (a scalar or one per channel). Shared by :func:`quantize_groups` and the error table, so
     the allocation measures exactly the quantization the encoder then performs."""
+    scales, mins, _, inverse, offset = _steps(low, high, levels)
+    return _codes(latent, inverse, offset, levels), scales, mins
+
+
+def _steps(low: torch.Tensor, high: torch.Tensor, levels: torch.Tensor | float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float16 scales and minimums, float32 steps, inverse steps and code offsets of the group
+    ranges ``low``/``high`` [groups, r] at ``levels``: a scalar, one per channel [r], or one per
+    width [widths, 1, 1] (the error table's widths at once: scales [widths, groups, r], mins
+    [groups, r]; every entry the same operations on the same values as one width alone)."""
+    # Each operation once (these run on [groups, r] for every quantization, so at short
+    # sequences their count, not their size, is the cost): the float32 minimums computed once,
+    # 1 / step as its reciprocal (what ``1.0 / step`` computes, times 1.0).
     mins = low.to(torch.float16)
-    scales = ((high - mins.float()) / levels).to(torch.float16)
+    low16 = mins.float()
+    scales = ((high - low16) / levels).to(torch.float16)
     # float16 may round the step down so that the maximum needs one level more: nudge it up.
     scales = torch.where(
-        mins.float() + scales.float() * levels < high,
+        low16 + scales.float() * levels < high,
         torch.nextafter(scales, torch.full_like(scales, float("inf"))),
         scales,
     )
@@ -100,14 +114,21 @@ def _quantize_in_range(
     # code = floor((latent - min) / step + 1/2), as latent * (1 / step) + (1/2 - min / step):
     # one pass over the latent instead of a subtraction, a division and a rounding. A zero
     # step (a constant channel) gives code 0.
-    inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-    offset = 0.5 - mins.float() * inverse
-    codes = torch.addcmul(offset[:, None, :], latent, inverse[:, None, :])
+    inverse = torch.where(step > 0, step.reciprocal(), 0.0)
+    offset = (low16 * inverse).neg_().add_(0.5)
+    return scales, mins, step, inverse, offset
+
+
+def _codes(latent: torch.Tensor, inverse: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor | float,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 codes of ``latent`` [groups, group_size, r] from :func:`_steps`' inverse steps and
+    offsets [groups, r], into ``out`` (a buffer of ``latent``'s shape) when given."""
+    codes = torch.addcmul(offset[:, None, :], latent, inverse[:, None, :], out=out)
     if isinstance(levels, torch.Tensor):
         codes = codes.clamp_(torch.zeros((), device=codes.device), levels)
     else:
         codes = codes.clamp_(0, levels)
-    return codes.floor_(), scales, mins
+    return codes.floor_()
 
 
 def check_metadata_range(largest_minimum: float, largest_range: float) -> None:
@@ -170,16 +191,17 @@ def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
     bits = kept_bits.to(codes.device, torch.int64)
     words_per_channel = group_size // 8
     source = _word_sources(bits, group_size)
-    shifts = [token * bits for token in range(8)]
+    # [8, r]: token i of a run at bit i * b. The eight shifted codes occupy disjoint bits, so
+    # their sum is their OR: one shift and one sum over the run's tokens, for all at once
+    # (eight shift-and-or passes were ~24 small ops per block, most of a short sequence's pack).
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64)[:, None] * bits
     rows = torch.empty(groups, row_bytes, dtype=torch.uint8, device=codes.device)
-    # On the CPU a few groups at a time, so that their 64-bit words stay in cache through the
-    # eight shift-and-or passes (2x faster than all groups at once at 8k tokens).
+    # On the CPU a few groups at a time, so that their 64-bit words stay in cache
+    # (2x faster than all groups at once at 8k tokens).
     step = max(1, PACK_TOKENS // group_size) if codes.device.type == "cpu" else groups
     for first in range(0, groups, step):
         tokens = codes[first:first + step].reshape(-1, words_per_channel, 8, kept)
-        words = tokens[:, :, 0].to(torch.int64)  # [groups, words, channels]
-        for token in range(1, 8):
-            words |= tokens[:, :, token].to(torch.int64) << shifts[token]
+        words = (tokens.to(torch.int64) << shifts).sum(dim=2)  # [groups, words, channels]
         rows[first:first + step] = words.view(torch.uint8).reshape(tokens.shape[0], -1)[:, source]
     return rows
 
@@ -378,9 +400,16 @@ def distortion_table(latent: torch.Tensor) -> torch.Tensor:
         rows = table[first:first + part.shape[-1]]
         rows[:, 0] = part.pow(2).sum(dim=(0, 1)).double().cpu()
         low, high = _group_range(part)
+        # The steps of every width at once (~20 small ops on [groups, r] per width were most
+        # of a short sequence's table), then per width the passes over the part, into two
+        # buffers that every width reuses (fresh ones were fresh pages and cache misses).
+        levels = [float(2**width - 1) for width in range(1, MAX_BITS + 1)]
+        _, mins, steps, inverses, offsets = _steps(low, high, torch.tensor(levels, device=part.device)[:, None, None])
+        minimum = mins.float()[:, None, :]
+        codes, error = torch.empty_like(part), torch.empty_like(part)
         for width in range(1, MAX_BITS + 1):
-            codes, scales, mins = _quantize_in_range(part, low, high, float(2**width - 1))
+            _codes(part, inverses[width - 1], offsets[width - 1], levels[width - 1], out=codes)
             # codes * step + minimum: what dequantize_groups computes from the stored values
-            error = torch.addcmul(mins.float()[:, None, :], codes, scales.float()[:, None, :]).sub_(part)
+            torch.addcmul(minimum, codes, steps[width - 1][:, None, :], out=error).sub_(part)
             rows[:, width] = error.pow_(2).sum(dim=(0, 1)).double().cpu()
     return table

@@ -33,6 +33,7 @@ from svdq.codec import (
     gram,
     prepare,
     quantize_prepared,
+    quantized_nbytes,
     restored_quantized,
 )
 from svdq.quant import pack_codes, quantize_groups
@@ -407,6 +408,13 @@ def test_an_unpacked_candidate_restores_and_stores_what_compress_gives(exact, ba
             assert torch.equal(restored_quantized(prepared, quantized, space),
                                decompress(expected, space, torch.float32))
         assert to_bytes(finish_quantized(prepared, quantized)) == to_bytes(expected)
+        assert quantized_nbytes(prepared, quantized) == expected.nbytes  # compress_kv packs only its winner
+    # Pre-RoPE keys with a rope: the angles are computed when a candidate is first rotated.
+    pre = prepare(layer_keys(300), exact, positions=torch.arange(300) + 2, rope=ROPE, basis=shared)
+    quantized = quantize_prepared(pre, config, restore=True)
+    expected = compress(layer_keys(300), config, positions=torch.arange(300) + 2, rope=ROPE, basis=shared)
+    for _ in range(2):
+        assert torch.equal(restored_quantized(pre, quantized, "post_rope"), decompress(expected, "post_rope", torch.float32))
     if exact.exact_tokens == 0:  # without exact tokens nothing reconstructs the body unasked
         with pytest.raises(InvalidInputError, match="restore=True"):
             restored_quantized(prepared, quantize_prepared(prepared, config), "post_rope")

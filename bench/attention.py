@@ -83,12 +83,12 @@ class Shape:
     rope: RopeConfig
 
 
-#: ``--shape`` choices: the default Llama-3-8B layer, and SmolLM2-135M's (the end-to-end
-#: decode's model: 9 query heads, 3 KV heads x 64, RoPE theta 100000).
 #: Row labels of the speed part's cache states, and the calls each timed sample makes.
 STATE_LABELS = {"kept": "kept", "cold": "cold", "first": "first 2"}
 STATE_CALLS = {"kept": 1, "cold": 1, "first": 2}
 
+#: ``--shape`` choices: the default Llama-3-8B layer, and SmolLM2-135M's (the end-to-end
+#: decode's model: 9 query heads, 3 KV heads x 64, RoPE theta 100000).
 SHAPES = {
     "llama3-8b": Shape("Llama-3-8B", Q_HEADS, KV_HEADS, HEAD_DIM, LLAMA3_ROPE),
     "smollm2": Shape("SmolLM2-135M", 9, 3, 64, RopeConfig(theta=100000.0)),
@@ -296,12 +296,13 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                 calls[name] = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, enable_gqa=True)
                 read[name] = fp16_bytes * (2 if dtype == torch.float32 else 1)
-            # Cold rows attend their own objects (keys and values as just read from the store),
-            # discarded before and after each call: the kept rows' objects keep what they derived.
+            # Cold and first-call rows attend their own objects (keys and values as just read from
+            # the store), discarded before and after each sample: the kept rows' objects keep what
+            # they derived.
             fresh_states = [state for state in cache_states if state != "kept"]
-            cold_keys_lists = {state: _sequences(compressed, batch, device, same_sequence) for state in fresh_states}
-            cold_values = {state: {label: _distinct_values(kind[0], batch, device, same_sequence)
-                                   for label, kind in value_kinds} for state in fresh_states}
+            fresh_keys = {state: _sequences(compressed, batch, device, same_sequence) for state in fresh_states}
+            fresh_values = {state: {label: _distinct_values(kind[0], batch, device, same_sequence)
+                                    for label, kind in value_kinds} for state in fresh_states}
             baseline_kept: dict[str, list] = {}
             for label, sparsity in [("attend svdq dense", None), ("attend svdq sparse 1/32", sparse)]:
                 for value_label, values_list in value_kinds:
@@ -310,7 +311,7 @@ def speed_table(token_counts: list[int], device: torch.device, repeats: int, bat
                         name = f"{label}, {value_label}, {precision} ({stats.tokens_attended} tok)"
                         for state in cache_states:
                             state_keys, state_values = ((keys_list, values_list) if state == "kept" else
-                                                        (cold_keys_lists[state], cold_values[state][value_label]))
+                                                        (fresh_keys[state], fresh_values[state][value_label]))
                             state_name = f"{name} [{STATE_LABELS[state]}]"
                             calls[state_name] = lambda sparsity=sparsity, values_list=state_values, queries=queries, \
                                 keys_list=state_keys, precision=precision, count=STATE_CALLS[state]: [attend(

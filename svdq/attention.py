@@ -425,9 +425,10 @@ def _head_score_dots(queries: torch.Tensor, keys: CompressedKeys, score_channels
         return low_rank
 
     # The rotated low-rank keys do not depend on the queries: kept head-major [Hkv, n_body, D]
-    # (while the budget has room, from the first or second call by size, DerivedCache.admits), later calls only
-    # dot them (building and rotating them was two thirds of the score). Either way the product
-    # sees the same operands in the same spans of tokens, so the scores are the same bits.
+    # (while the budget has room, from the first or second call by size: DerivedCache.admits),
+    # later calls only dot them (building and rotating them was two thirds of the score). Either
+    # way the product sees the same operands in the same spans of tokens, so the scores are the
+    # same bits.
     name = (SCORE_KEYS, score_channels)
     kept = DERIVED.get(keys, name)
     n_body = latent.shape[0]
@@ -484,8 +485,9 @@ SCORE_TOKEN_SPAN = 4096
 
 #: Name of the selection score's rotated low-rank body keys, float32 [Hkv, n_body, D] (pair
 #: order for keys that rotate), per score-channel count, that sparse calls keep while the budget
-#: has room (from the first call up to ``FIRST_ASK_BYTES``, else the second) (``4 C`` bytes per token, :meth:`svdq.derived.DerivedCache.admits`):
-#: the same values the score builds otherwise.
+#: has room (from the first call up to ``FIRST_ASK_BYTES``, else the second;
+#: :meth:`svdq.derived.DerivedCache.admits`), ``4 C`` bytes per token: the same values the
+#: score builds otherwise.
 SCORE_KEYS = "score_keys"
 
 
@@ -1361,8 +1363,8 @@ def _latent_blocks(latent: CompressedKeys, block: int, out: torch.Tensor | None 
 #: Name of the float32 dequantized latent of SVDq values' body in channel-major blocks
 #: [blocks, r + 1, block] with a row of ones (:func:`_latent_blocks`, the same values every call
 #: computes), that calls on the CPU keep while the attention-cache budget has room (from a
-#: sequence's first call up to ``FIRST_ASK_BYTES``, else its second) (:meth:`svdq.derived.DerivedCache.admits`): ``4 (r + 1)``
-#: bytes per body token (padded to a block).
+#: sequence's first call up to ``FIRST_ASK_BYTES``, else its second;
+#: :meth:`svdq.derived.DerivedCache.admits`): ``4 (r + 1)`` bytes per body token (padded to a block).
 KEPT_LATENT = "kept_latent"
 
 

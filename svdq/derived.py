@@ -67,10 +67,10 @@ class DerivedCache:
     Args:
         limit_bytes: most bytes kept over all objects; ``None`` for no limit.
         first_ask_bytes: optional tensors up to this many bytes are kept from their first
-            ask, larger ones from their second (:meth:`admits`); default :data:`FIRST_ASK_BYTES`.
+            ask, larger ones from their second (:meth:`admits`).
     """
 
-    def __init__(self, limit_bytes: int | None = None, first_ask_bytes: int | None = None) -> None:
+    def __init__(self, limit_bytes: int | None = None, first_ask_bytes: int = FIRST_ASK_BYTES) -> None:
         # Re-entrant: a weakref callback may run (garbage collection) while the lock is held.
         self._lock = threading.RLock()
         # id -> [weakref, bytes charged, {optional name: its bytes}]
@@ -79,7 +79,7 @@ class DerivedCache:
         self._optional_bytes = 0
         self._limit = limit_bytes
         #: optional tensors up to this size are admitted on their first ask (:meth:`admits`)
-        self.first_ask_bytes = FIRST_ASK_BYTES if first_ask_bytes is None else first_ask_bytes
+        self.first_ask_bytes = first_ask_bytes
         self.evictions = 0
         #: optional tensors dropped to make room (each one, whether for a required or an optional put)
         self.optional_evictions = 0

@@ -516,21 +516,14 @@ def target_checks(rows: Sequence[Row], reference_found: dict[int, Sequence[bool]
 
 
 # ---------------------------------------------------------------------------------------
-# Throughput on a Llama-3-8B-like layer (or a SmolLM2-135M-like one: short sequences)
+# Throughput on a Llama-3-8B-like layer
 # ---------------------------------------------------------------------------------------
 
 LLAMA3_ROPE = svdq.RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
                               high_freq_factor=4.0, original_max_position=8192)
-#: layer shapes of the throughput table: (kv_heads, head_dim, RoPE). SmolLM2-135M's 3 x 64 is
-#: the end-to-end bench's model, whose short uploads (256-1,024 tokens) fixed per-call costs rule.
-THROUGHPUT_SHAPES = {
-    "llama3-8b": (8, 128, LLAMA3_ROPE),
-    "smollm2-135m": (3, 64, svdq.RopeConfig(theta=100000.0)),
-}
 
 
-def synthetic_layer_keys(tokens: int, kv_heads: int = 8, head_dim: int = 128, seed: int = 0,
-                         rope: svdq.RopeConfig = LLAMA3_ROPE) -> torch.Tensor:
+def synthetic_layer_keys(tokens: int, kv_heads: int = 8, head_dim: int = 128, seed: int = 0) -> torch.Tensor:
     """float16 [tokens, kv_heads, head_dim] post-RoPE keys with a decaying latent spectrum.
 
     Real pre-RoPE keys have a few dominant directions; i.i.d. noise has none and would make
@@ -543,7 +536,7 @@ def synthetic_layer_keys(tokens: int, kv_heads: int = 8, head_dim: int = 128, se
     scales = 4.0 * torch.exp(-torch.arange(channels, dtype=torch.float32) / 48.0) + 0.05
     latent = torch.randn(tokens, channels, generator=generator) * scales
     pre_rope = (latent @ rotation.T + torch.randn(channels, generator=generator)).reshape(tokens, kv_heads, head_dim)
-    return apply_rope(pre_rope, torch.arange(tokens), rope).to(torch.float16)
+    return apply_rope(pre_rope, torch.arange(tokens), LLAMA3_ROPE).to(torch.float16)
 
 
 def synthetic_layer_values(tokens: int, kv_heads: int = 8, head_dim: int = 128, seed: int = 1) -> torch.Tensor:
@@ -581,24 +574,22 @@ def _blob_digest(blob: object) -> str:
     return hashlib.sha256(data).hexdigest()[:12] if data is not None else "-"
 
 
-def throughput_rows(tokens: int, shape: str = "llama3-8b") -> tuple[torch.Tensor, list[ThroughputRow]]:
-    """The compared paths on one synthetic layer of ``shape`` (:data:`THROUGHPUT_SHAPES`): a
-    memory copy, the fp16 passthrough codec, svdq with the sequence's own basis and with a
-    shared basis fitted on other tokens of the same synthetic layer (positions
-    ``tokens..2*tokens``), the KIVI-like baseline and two value codecs. Compress ends in the
-    serialized blob (``to_bytes``), decompress starts from it."""
-    kv_heads, head_dim, rope = THROUGHPUT_SHAPES[shape]
-    keys = synthetic_layer_keys(tokens, kv_heads, head_dim, rope=rope)
-    calibration = synthetic_layer_keys(2 * tokens, kv_heads, head_dim, rope=rope)[tokens:]
-    shared = svdq.fit_layer_basis(calibration, torch.arange(tokens, 2 * tokens), rope)
-    values = synthetic_layer_values(tokens, kv_heads, head_dim)
+def throughput_rows(tokens: int) -> tuple[torch.Tensor, list[ThroughputRow]]:
+    """The compared paths on one synthetic layer: a memory copy, the fp16 passthrough codec,
+    svdq with the sequence's own basis and with a shared basis fitted on other tokens of the
+    same synthetic layer (positions ``tokens..2*tokens``), the KIVI-like baseline and two value
+    codecs. Compress ends in the serialized blob (``to_bytes``), decompress starts from it."""
+    keys = synthetic_layer_keys(tokens)
+    calibration = synthetic_layer_keys(2 * tokens)[tokens:]
+    shared = svdq.fit_layer_basis(calibration, torch.arange(tokens, 2 * tokens), LLAMA3_ROPE)
+    values = synthetic_layer_values(tokens)
     # The same synthetic values' other tokens (same rotation; their mean is drawn anew).
-    shared_values = svdq.fit_layer_basis(synthetic_layer_values(2 * tokens, kv_heads, head_dim)[tokens:])
+    shared_values = svdq.fit_layer_basis(synthetic_layer_values(2 * tokens)[tokens:])
     positions = torch.arange(tokens)
 
     def keys_row(name: str, config: svdq.CodecConfig, basis: svdq.Basis | None = None) -> ThroughputRow:
         def compress_one() -> bytes:
-            return svdq.to_bytes(svdq.compress(keys, config, positions=positions, rope=rope,
+            return svdq.to_bytes(svdq.compress(keys, config, positions=positions, rope=LLAMA3_ROPE,
                                                key_space="post_rope", basis=basis))
 
         return ThroughputRow(name, compress_one,
@@ -613,7 +604,7 @@ def throughput_rows(tokens: int, shape: str = "llama3-8b") -> tuple[torch.Tensor
 
         # Both blobs, every byte: (keys' blob, values' blob).
         def compress_one() -> tuple[bytes, bytes]:
-            cache = compress_kv(keys, values, budget, positions=positions, rope=rope, key_space="post_rope",
+            cache = compress_kv(keys, values, budget, positions=positions, rope=LLAMA3_ROPE, key_space="post_rope",
                                 key_basis=key_basis, value_basis=value_basis)
             return svdq.to_bytes(cache.keys), values_to_bytes(cache.values)
 
@@ -643,22 +634,20 @@ def throughput_rows(tokens: int, shape: str = "llama3-8b") -> tuple[torch.Tensor
 
 
 def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int = 5,
-                     clock: Callable[[], float] = time.perf_counter, shape: str = "llama3-8b") -> str:
+                     clock: Callable[[], float] = time.perf_counter) -> str:
     """Markdown table of compress / decompress MB/s (of the layer's fp16 keys or values) of
     every :func:`throughput_rows` path, measured in turns in this process (medians of
     ``repeats``) so that load on the machine falls on all rows alike; times relative to the
     memory copy; the blob's bits per element and the first hex digits of its SHA-256 (equal
     digests: byte-identical blobs across code versions). ``clock``: wall time, or
-    ``time.thread_time`` (CPU time of this thread: one torch thread on a shared machine).
-    ``shape``: the layer's (:data:`THROUGHPUT_SHAPES`)."""
-    kv_heads, head_dim, _ = THROUGHPUT_SHAPES[shape]
+    ``time.thread_time`` (CPU time of this thread: one torch thread on a shared machine)."""
     lines = [
-        f"| layer [tokens x {kv_heads} x {head_dim}] | path | compress MB/s | decompress MB/s | compress / copy | "
+        "| layer [tokens x 8 x 128] | path | compress MB/s | decompress MB/s | compress / copy | "
         "bits per element | ratio vs fp16 | blob sha256 |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for tokens in token_counts:
-        keys, rows = throughput_rows(tokens, shape)
+        keys, rows = throughput_rows(tokens)
         blobs = [row.compress() for row in rows]  # warm-up, and the blob each decompress reads
         compress_times: list[list[float]] = [[] for _ in rows]
         decompress_times: list[list[float]] = [[] for _ in rows]
@@ -688,15 +677,14 @@ def throughput_table(token_counts: Sequence[int] = (8192, 32768), repeats: int =
     return "\n".join(lines)
 
 
-def print_throughput(token_counts: Sequence[int], repeats: int, clock: str = "wall",
-                     shape: str = "llama3-8b") -> None:
+def print_throughput(token_counts: Sequence[int], repeats: int, clock: str = "wall") -> None:
     timer = time.perf_counter if clock == "wall" else time.thread_time
     print(f"## Throughput ({torch.get_num_threads()} torch threads, median of {repeats} runs in turns, "
           f"{'wall time' if clock == 'wall' else 'CPU time of the timing thread'}, MB/s of "
-          f"the layer's fp16 tensor; synthetic post-RoPE {shape} keys: compress = undo RoPE + fit + allocate + "
+          "the layer's fp16 tensor; synthetic post-RoPE Llama-3 keys: compress = undo RoPE + fit + allocate + "
           "quantize + pack + to_bytes, decompress = from_bytes + reconstruct + RoPE; synthetic values likewise)")
     print()
-    print(throughput_table(token_counts, repeats, timer, shape))
+    print(throughput_table(token_counts, repeats, timer))
     sys.stdout.flush()
 
 
@@ -729,9 +717,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="print only the sweeps (value options, key settings), not the main table")
     parser.add_argument("--throughput-tokens", type=int, nargs="*", default=[8192, 32768],
                         help="token counts of the throughput layer (none = skip)")
-    parser.add_argument("--throughput-shape", choices=tuple(THROUGHPUT_SHAPES), default="llama3-8b",
-                        help="layer of the throughput table: Llama-3-8B's 8 x 128 KV heads, or SmolLM2-135M's 3 x 64 "
-                             "(with --throughput-tokens 256 383 1024: the short uploads of bench/end_to_end.py)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per throughput median")
     parser.add_argument("--throughput-only", action="store_true",
                         help="print only the throughput table (no model is loaded)")
@@ -753,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.throughput_only:
-        print_throughput(args.throughput_tokens or [8192], args.repeats, args.clock, args.throughput_shape)
+        print_throughput(args.throughput_tokens or [8192], args.repeats, args.clock)
         return 0
     from svdq_client.models import load_smollm2
 
@@ -853,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     if args.throughput_tokens:
         print()
-        print_throughput(args.throughput_tokens, args.repeats, args.clock, args.throughput_shape)
+        print_throughput(args.throughput_tokens, args.repeats, args.clock)
     LOGGER.info("done in %.0f s", time.perf_counter() - started)
     return 0
 

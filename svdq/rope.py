@@ -192,7 +192,8 @@ def rope_cos_sin(
     return angles.cos(), angles.sin()
 
 
-def _rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig, sign: float) -> torch.Tensor:
+def _rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig, sign: float,
+            tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     if keys.dim() != 3:
         raise InvalidInputError(f"keys for RoPE must be [tokens, heads, head_dim], got shape {tuple(keys.shape)}")
     if positions.dim() != 1 or positions.shape[0] != keys.shape[0]:
@@ -200,7 +201,7 @@ def _rotate(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig, sign:
             f"positions must be a 1-D tensor with one entry per token ({keys.shape[0]}), "
             f"got shape {tuple(positions.shape)}"
         )
-    cos, sin = rope_cos_sin(rope, positions, keys.shape[-1])
+    cos, sin = rope_cos_sin(rope, positions, keys.shape[-1]) if tables is None else tables
     return rotate_with_tables(keys, cos, sign * sin, rope)
 
 
@@ -235,11 +236,15 @@ def rotate_with_tables(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return out
 
 
-def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
-    """Rotate pre-RoPE ``keys`` [tokens, heads, head_dim] to their ``positions``; float32 out."""
-    return _rotate(keys, positions, rope, 1.0)
+def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig,
+               tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotate pre-RoPE ``keys`` [tokens, heads, head_dim] to their ``positions``; float32 out.
+    ``tables``: the positions' :func:`rope_cos_sin`, when the caller rotates the same
+    positions more than once (else computed here)."""
+    return _rotate(keys, positions, rope, 1.0, tables)
 
 
-def undo_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+def undo_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeConfig,
+              tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Inverse of :func:`apply_rope`: post-RoPE keys back to pre-RoPE; float32 out."""
-    return _rotate(keys, positions, rope, -1.0)
+    return _rotate(keys, positions, rope, -1.0, tables)

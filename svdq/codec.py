@@ -25,7 +25,7 @@ import functools
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -44,7 +44,7 @@ from .quant import (
     unpack_codes,
     unpack_rows,
 )
-from .rope import RopeConfig, apply_rope, rope_cos_sin, rotate_with_tables, undo_rope
+from .rope import RopeConfig, apply_rope, rope_cos_sin, undo_rope
 
 log = logging.getLogger(__name__)
 
@@ -668,10 +668,11 @@ class PreparedKeys:
         from the other space (:func:`apply_rope` or :func:`undo_rope`, the same bits), with the
         angles of their positions computed once for every candidate that is restored."""
         rope = _require_rope(self.rope)
+        positions = self.token_positions()
         if self.rope_tables is None:
-            self.rope_tables = rope_cos_sin(rope, self.token_positions(), self.head_dim)
-        cos, sin = self.rope_tables
-        return rotate_with_tables(keys, cos, sin if key_space == "post_rope" else -sin, rope)
+            self.rope_tables = rope_cos_sin(rope, positions, self.head_dim)
+        rotate = apply_rope if key_space == "post_rope" else undo_rope
+        return rotate(keys, positions, rope, self.rope_tables)
 
     @functools.cached_property
     def table(self) -> torch.Tensor:
@@ -719,7 +720,7 @@ def prepare(
     if unrotated:
         # undo_rope with its angles kept: restoring candidates (compress_kv) rotates back by them
         rope_tables = rope_cos_sin(_require_rope(rope), token_pos, head_dim)
-        work = rotate_with_tables(keys, rope_tables[0], -rope_tables[1], rope)
+        work = undo_rope(keys, token_pos, rope, rope_tables)
         stored_space = "pre_rope"
     else:
         # A copy even of float32 keys (not .float(), which returns them): it is rounded and
@@ -1013,36 +1014,41 @@ def restored_quantized(prepared: PreparedKeys, quantized: QuantizedKeys, key_spa
 _WARNED: set = set()
 
 
-def _warn_once(key: tuple, message: str) -> None:
+def _warn_once(key: tuple, message: str | Callable[[], str]) -> None:
     """Log ``message`` the first time ``key`` is seen; a server compressing every layer of
-    every upload would otherwise repeat it per call. Bounded: past 1024 keys it stays quiet."""
+    every upload would otherwise repeat it per call. Bounded: past 1024 keys it stays quiet.
+    A callable message is built only when it is logged (short sequences warn on every
+    compress, and measuring what the message says costs more than the check)."""
     if key in _WARNED or len(_WARNED) >= 1024:
         return
     _WARNED.add(key)
-    log.warning(message)
+    log.warning(message() if callable(message) else message)
 
 
 def _warn_if_over_budget(compressed: CompressedKeys, target: float) -> None:
     """Say when the fixed costs made the stored bits exceed the asked budget (short sequences,
     tiny budgets): the keys are kept, at the bits reported here and in ``bits_per_element``."""
     stored = compressed.bits_per_element
-    key = ("budget", target, compressed.channels, compressed.group_size)
-    if stored <= 1.05 * target + 0.01 or key in _WARNED:  # said already: not the fixed costs again
+    if stored <= 1.05 * target + 0.01:
         return
-    from .format import fixed_size
 
-    fixed = 8 * fixed_size(method="svdq", channels=compressed.channels, tokens=compressed.num_tokens,
-                           num_sinks=compressed.num_sinks, group_size=compressed.group_size,
-                           has_rope=compressed.rope is not None, stored_basis=compressed.shared_basis is None,
-                           explicit_positions=compressed.positions is not None, exact_tokens=compressed.num_exact,
-                           exact_bits=compressed.exact_bits, kv_heads=compressed.kv_heads)
-    fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
-    _warn_once(key,
-               f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} tokens "
-               f"x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision sinks, tail and "
-               "exact tokens) "
-               f"take {fixed_per_element:.3f} and every kept channel pays its scales, minimums and basis column; "
-               "longer sequences, smaller token groups or a shared basis come closer to the budget")
+    def message() -> str:
+        from .format import fixed_size
+
+        fixed = 8 * fixed_size(method="svdq", channels=compressed.channels, tokens=compressed.num_tokens,
+                               num_sinks=compressed.num_sinks, group_size=compressed.group_size,
+                               has_rope=compressed.rope is not None, stored_basis=compressed.shared_basis is None,
+                               explicit_positions=compressed.positions is not None,
+                               exact_tokens=compressed.num_exact, exact_bits=compressed.exact_bits,
+                               kv_heads=compressed.kv_heads)
+        fixed_per_element = fixed / (compressed.num_tokens * compressed.channels)
+        return (f"svdq: asked for {target:g} bits per element, stored {stored:.3f} for {compressed.num_tokens} "
+                f"tokens x {compressed.channels} channels: the fixed costs alone (header, mean, full-precision "
+                f"sinks, tail and exact tokens) take {fixed_per_element:.3f} and every kept channel pays its "
+                "scales, minimums and basis column; longer sequences, smaller token groups or a shared basis come "
+                "closer to the budget")
+
+    _warn_once(("budget", target, compressed.channels, compressed.group_size), message)
 
 
 def _exact_tokens(body: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

@@ -45,25 +45,23 @@ import svdq.kv  # noqa: E402
 import svdq.values  # noqa: E402
 from svdq.rope import apply_rope  # noqa: E402
 
-SHAPE = SHAPES["smollm2"]
 
-
-def layer(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(post-RoPE float16 keys, float16 values [tokens, kv_heads, head_dim] of SHAPE, positions)."""
+def layer(shape, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(post-RoPE float16 keys, float16 values [tokens, kv_heads, head_dim] of ``shape``, positions)."""
     positions = torch.arange(tokens)
-    keys = apply_rope(synthetic_keys(tokens, seed, kv_heads=SHAPE.kv_heads, head_dim=SHAPE.head_dim), positions,
-                      SHAPE.rope).half()
-    values = synthetic_keys(tokens, seed + 1000, rank=96, kv_heads=SHAPE.kv_heads, head_dim=SHAPE.head_dim).half()
+    keys = apply_rope(synthetic_keys(tokens, seed, kv_heads=shape.kv_heads, head_dim=shape.head_dim), positions,
+                      shape.rope).half()
+    values = synthetic_keys(tokens, seed + 1000, rank=96, kv_heads=shape.kv_heads, head_dim=shape.head_dim).half()
     return keys, values, positions
 
 
-def rows(tree, tokens: int, bases: tuple) -> dict:
+def rows(tree, shape, tokens: int, bases: tuple) -> dict:
     """name -> call returning the row's serialized blobs, for the svdq package ``tree``."""
-    keys, values, positions = layer(tokens)
+    keys, values, positions = layer(shape, tokens)
     key_basis, value_basis = (tree.codec.Basis(b.mean, b.components, b.singular_values) for b in bases)
     config = tree.codec.CodecConfig(bits_per_element=1.5)
     budget = tree.kv.CacheBudget(bits_per_element=2.0)
-    options = {"positions": positions, "rope": SHAPE.rope, "key_space": "post_rope"}
+    options = {"positions": positions, "rope": shape.rope, "key_space": "post_rope"}
 
     def keys_only() -> bytes:
         return tree.format.to_bytes(tree.codec.compress(keys, config, **options))
@@ -75,16 +73,17 @@ def rows(tree, tokens: int, bases: tuple) -> dict:
     return {"keys own 1.5": keys_only, "kv shared 2.0": whole_cache}
 
 
-def table(token_counts: list[int], repeats: int, baseline=None) -> list[str]:
+def table(shape, token_counts: list[int], repeats: int, baseline=None) -> list[str]:
     trees = {"this tree": svdq} if baseline is None else {"baseline": baseline, "this tree": svdq}
     header = " | ".join(f"{name} ms" for name in trees)
     lines = [f"| tokens | row | {header} |" + (" this / baseline | blobs |" if baseline else ""),
              "| ---: | --- |" + " ---: |" * len(trees) + (" ---: | --- |" if baseline else "")]
+    # Shared bases fitted once, on other synthetic tokens of the same shape.
+    calibration_keys, calibration_values, calibration_positions = layer(shape, 2048, seed=99)
+    bases = (svdq.codec.fit_layer_basis(calibration_keys, calibration_positions, shape.rope),
+             svdq.codec.fit_layer_basis(calibration_values))
     for tokens in token_counts:
-        calibration_keys, calibration_values, calibration_positions = layer(2048, seed=99)
-        bases = (svdq.codec.fit_layer_basis(calibration_keys, calibration_positions, SHAPE.rope),
-                 svdq.codec.fit_layer_basis(calibration_values))
-        calls = {name: rows(tree, tokens, bases) for name, tree in trees.items()}
+        calls = {name: rows(tree, shape, tokens, bases) for name, tree in trees.items()}
         for row in calls["this tree"]:
             blobs = {name: calls[name][row]() for name in trees}  # warm-up, and the bytes compared
             if baseline is not None and blobs["baseline"] != blobs["this tree"]:
@@ -114,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="an svdq package of another source tree (e.g. a git worktree of an earlier commit)")
     args = parser.parse_args(argv)
-    global SHAPE
-    SHAPE = SHAPES[args.shape]
+    shape = SHAPES[args.shape]
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # short sequences exceed their budget; the codec says so once per shape
     baseline = None
@@ -123,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         baseline = load_tree(args.baseline_tree)
         for module in ("codec", "kv", "format", "values"):
             importlib.import_module(f"svdq_baseline.{module}")
-    print(f"## Per-layer compress, {SHAPE.name} shape ({SHAPE.kv_heads} KV heads x {SHAPE.head_dim}), median of "
+    print(f"## Per-layer compress, {shape.name} shape ({shape.kv_heads} KV heads x {shape.head_dim}), median of "
           f"{args.repeats} calls in turns, CPU time of the thread, 1 torch thread")
     print()
-    print("\n".join(table(args.tokens, args.repeats, baseline)))
+    print("\n".join(table(shape, args.tokens, args.repeats, baseline)))
     return 0
 
 

@@ -5,8 +5,9 @@ speed compress up without moving the quality or the size. This bench imports an 
 ``svdq`` package under the name ``svdq_baseline`` next to the checkout's ``svdq`` and prints:
 
 * **speed**: compress + ``to_bytes`` of bench/quality.py's synthetic post-RoPE Llama-3 layer
-  (8 x 128), own and shared basis, the two versions in turns (medians; MB/s of fp16 keys),
-  beside a memory copy, with bits per element from the blobs and the speed-up;
+  (8 x 128), own and shared basis, and ``from_bytes`` + decompress of each version's blob, the
+  two versions in turns (medians; MB/s of fp16 keys), beside a memory copy, with bits per
+  element from the blobs, the speed-ups and whether blobs and decompressed keys are identical;
 * **quality** (``--quality``): SmolLM2-135M-Instruct's post-RoPE keys of a 3072-token prefix,
   every layer, compressed by both versions (own basis float32 and float16 keys, shared bases
   fitted by each version on later text tokens): relative error of the reconstructed
@@ -51,11 +52,16 @@ def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int, cloc
                 return codec.to_bytes(codec.compress(keys, config, positions=positions, rope=LLAMA3_ROPE,
                                                      key_space="post_rope", basis=basis))
             calls[f"{label} {basis_name} basis"] = compress_one
+            blob = compress_one()
+
+            def decompress_one(codec=codec, blob=blob, basis=basis) -> torch.Tensor:
+                return codec.decompress(codec.from_bytes(blob, basis), "post_rope")
+            calls[f"{label} {basis_name} basis, decompress"] = decompress_one
     blobs = {name: call() for name, call in calls.items()}  # their sizes (medians_in_turns warms each call up itself)
     seconds = medians_in_turns(calls, torch.device("cpu"), repeats,
                                time.perf_counter if clock == "wall" else time.thread_time)
     megabytes = keys.numel() * 2 / 1e6
-    lines = [f"### Compress, {tokens} tokens x 8 x 128 (synthetic post-RoPE Llama-3 layer), "
+    lines = [f"### Compress and decompress, {tokens} tokens x 8 x 128 (synthetic post-RoPE Llama-3 layer), "
              f"{torch.get_num_threads()} torch thread(s), medians of {repeats} in turns "
              f"({'wall time' if clock == 'wall' else 'CPU time of the timing thread'})",
              "",
@@ -63,7 +69,9 @@ def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int, cloc
              "| --- | ---: | ---: | ---: | --- |"]
     for name, median in seconds.items():
         blob = blobs[name]
-        bits = f"{8 * len(blob) / keys.numel():.4f}" if isinstance(blob, bytes) else "16"
+        # (a decompress row's result is keys, not a blob: no size of its own)
+        bits = (f"{8 * len(blob) / keys.numel():.4f}" if isinstance(blob, bytes) else
+                "16" if name.startswith("memory copy") else "-")
         digest = hashlib.sha256(blob).hexdigest()[:12] if isinstance(blob, bytes) else "-"
         lines.append(f"| {name} | {1e3 * median:.1f} | {megabytes / median:.1f} | {bits} | {digest} |")
     labels = list(versions)
@@ -73,6 +81,11 @@ def speed_table(versions: dict[str, ModuleType], tokens: int, repeats: int, cloc
             same = blobs[f"{labels[0]} {basis_name} basis"] == blobs[f"{labels[1]} {basis_name} basis"]
             lines.append(f"\nspeed-up {basis_name} basis ({labels[1]} over {labels[0]}): {ratio:.2f}x; blobs "
                          f"{'identical' if same else 'differ'}")
+            name = f"{basis_name} basis, decompress"
+            ratio = seconds[f"{labels[0]} {name}"] / seconds[f"{labels[1]} {name}"]
+            same = torch.equal(blobs[f"{labels[0]} {name}"], blobs[f"{labels[1]} {name}"])
+            lines.append(f"speed-up {name} ({labels[1]} over {labels[0]}, each from its own blob): {ratio:.2f}x; "
+                         f"keys {'identical' if same else 'differ'}")
     return "\n".join(lines)
 
 

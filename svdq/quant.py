@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from .errors import InvalidInputError
@@ -206,9 +208,11 @@ def pack_codes(codes: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-#: tokens of the groups :func:`unpack_codes` unpacks at a time (their 64-bit words, 8 bytes per
-#: channel and 8 tokens, stay in cache through the eight shift-and-mask passes)
-UNPACK_TOKENS = 2048
+#: tokens of the groups :func:`unpack_codes` and :func:`dequantize_by_channel` unpack at a time:
+#: their word table (8 byte-shifted copies of the rows), 64-bit words and codes stay in the
+#: core's caches (at 4k tokens of 256 channels 1024 ran 1.1-1.6x faster than 256, 512 or 4096
+#: for the dequantization)
+UNPACK_TOKENS = 1024
 
 
 def _word_sources(kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -223,52 +227,6 @@ def _word_sources(kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((within // width) * kept + channel) * 8 + within % width
 
 
-def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r].
-
-    The row bytes are put back into their 64-bit words (one gather per block of groups, from
-    the rows with a zero byte appended for the bytes past each run's width) and each of the 8
-    tokens of a word is shifted out and masked, for all channels at once with per-channel
-    shifts: about 2x faster at 4k tokens and 3x at 32k than gathering the two bytes under
-    every code (int32 temporaries of every code, from memory).
-    """
-    groups = rows.shape[0]
-    kept = kept_bits.numel()
-    if groups == 0 or kept == 0:
-        return torch.zeros(groups, group_size, kept, dtype=torch.uint8, device=rows.device)
-    if sys.byteorder != "little":  # the words are read from their little-endian bytes
-        raise NotImplementedError("unpack_codes needs a little-endian host")
-    bits = kept_bits.to(rows.device, torch.int64)
-    words_per_channel = group_size // 8
-    source = _word_sources(bits, group_size)
-    mask = (1 << bits) - 1
-    codes = torch.empty(groups, words_per_channel, 8, kept, dtype=torch.uint8, device=rows.device)
-    step = max(1, UNPACK_TOKENS // group_size) if rows.device.type == "cpu" else groups
-    # Each byte of the words gathered from its row, the bytes past each run's width from a zero
-    # byte appended to every row: the gather ran 2x faster than scattering the rows into a
-    # zeroed buffer (the scatter was two thirds of the unpack at 4k tokens).
-    row_bytes = rows.shape[1]
-    inverse = torch.full((words_per_channel * kept * 8,), row_bytes, dtype=torch.int64, device=rows.device)
-    inverse[source] = torch.arange(row_bytes, device=rows.device)
-    padded = torch.cat([rows, rows.new_zeros(groups, 1)], dim=1)
-    buffer = torch.empty(min(step, groups), inverse.numel(), dtype=torch.uint8, device=rows.device)
-    part = torch.empty(min(step, groups), words_per_channel, kept, dtype=torch.int64, device=rows.device)
-    for first in range(0, groups, step):
-        count = min(step, groups - first)
-        torch.gather(padded[first:first + count], 1, inverse.expand(count, -1), out=buffer[:count])
-        words = buffer[:count].view(torch.int64).view(count, words_per_channel, kept)
-        for token in range(8):
-            torch.bitwise_and(words >> (token * bits), mask, out=part[:count])
-            codes[first:first + count, :, token].copy_(part[:count])
-    return codes.view(groups, group_size, kept)
-
-
-#: tokens of the groups :func:`dequantize_by_channel` unpacks at a time: their word table
-#: (8 byte-shifted copies of the rows), 64-bit words and float32 codes stay in the core's
-#: caches (at 4k tokens of 256 channels 1024 ran 1.1-1.6x faster than 256, 512 or 4096)
-CHANNEL_MAJOR_TOKENS = 1024
-
-
 def _to_int64(value: int) -> int:
     """A 64-bit mask held in a Python int (0..2**64-1) as the int64 with the same bits."""
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -279,10 +237,10 @@ def _bit_range(low: int, high: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _channel_major_plan(widths: tuple[int, ...], group_size: int, device: torch.device
-                        ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """What :func:`dequantize_by_channel` needs of a width pattern alone, made once per
-    pattern (sequences of one layer share theirs; a batch's cold entries pay it once):
+def _unpack_plan(widths: tuple[int, ...], group_size: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """What :func:`_unpacked_runs` needs of a width pattern alone, made once per pattern
+    (sequences of one layer share theirs; a batch's cold entries pay it once):
 
     * ``index`` int64 [r * W] (``W = group_size / 8`` runs of 8 tokens per channel): where
       channel ``j``'s run ``w`` starts, as an int64 index into a group's word table, 8 copies of
@@ -317,6 +275,66 @@ def _channel_major_plan(widths: tuple[int, ...], group_size: int, device: torch.
     return torch.tensor(index, dtype=torch.int64, device=device), per_run.to(device), row_bytes, words
 
 
+def _unpacked_runs(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
+    """The codes of packed group rows uint8 [groups, group_bytes] (:func:`pack_codes`), a block
+    of :data:`UNPACK_TOKENS` tokens of groups at a time on the CPU (all groups elsewhere):
+    ``(first group, codes uint8 [count, r, W, 8])``, channel ``j``'s run ``w`` holding the
+    codes of the group's tokens ``8 w .. 8 w + 7`` in order, one per byte, in a buffer reused
+    by the next block.
+
+    Each run of 8 codes is loaded as one 64-bit word (:func:`_unpack_plan`: one gather from 8
+    byte-shifted copies of the rows) and its codes spread to one per byte in three
+    shift-and-mask steps on the words, for all channels at once."""
+    groups, kept = rows.shape[0], kept_bits.numel()
+    if sys.byteorder != "little":  # the words are read from, and give back, little-endian bytes
+        raise NotImplementedError("unpacking codes needs a little-endian host")
+    index, steps, row_bytes, words = _unpack_plan(tuple(kept_bits.tolist()), group_size, rows.device)
+    step = max(1, UNPACK_TOKENS // group_size) if rows.device.type == "cpu" else groups
+    count = min(step, groups)
+    width = 8 * words
+    # Reused buffers; the bytes past each row stay zero (a load there is masked off anyway).
+    padded = rows.new_zeros(count, width + 8)
+    table = torch.empty(count, 8, width, dtype=torch.uint8, device=rows.device)
+    runs = torch.empty(count, index.numel(), dtype=torch.int64, device=rows.device)
+    kept_part = torch.empty_like(runs)
+    for first in range(0, groups, step):
+        count = min(step, groups - first)
+        padded[:count, :row_bytes] = rows[first:first + count]
+        # 8 copies of each row shifted by 0..7 bytes, so that every run is an aligned word of one.
+        table[:count].copy_(padded[:count].as_strided((count, 8, width), (width + 8, 1, 1)))
+        run = runs[:count]
+        torch.gather(table[:count].view(torch.int64).view(count, 8 * words), 1, index.expand(count, -1), out=run)
+        keep = kept_part[:count]
+        for spread in range(3):
+            torch.bitwise_and(run, steps[3 * spread], out=keep)
+            run.bitwise_and_(steps[3 * spread + 1]).bitwise_left_shift_(steps[3 * spread + 2]).bitwise_or_(keep)
+        yield first, run.view(torch.uint8).view(count, kept, group_size // 8, 8)
+
+
+def unpack_codes(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes [groups, group_size, r].
+
+    The runs' codes, one per byte (:func:`_unpacked_runs`), are copied token-major into the
+    result, one transposed byte copy per block, instead of shifting each of a word's 8 tokens
+    out and masking it (two 64-bit passes and a strided copy per token).
+    """
+    groups = rows.shape[0]
+    kept = kept_bits.numel()
+    codes = torch.empty(groups, group_size, kept, dtype=torch.uint8, device=rows.device)
+    if groups == 0 or kept == 0:
+        return codes.zero_()
+    by_run = codes.view(groups, group_size // 8, 8, kept)
+    on_cpu = rows.device.type == "cpu"
+    for first, block in _unpacked_runs(rows, kept_bits, group_size):
+        target, source = by_run[first:first + block.shape[0]], block.permute(0, 2, 3, 1)
+        if on_cpu:  # numpy's strided byte copy ran 1.6-2.4x as fast as torch's copy_ here
+            np.copyto(target.numpy(), source.numpy())
+        else:
+            target.copy_(source)
+    return codes
+
+
 def dequantize_by_channel(rows: torch.Tensor, kept_bits: torch.Tensor, group_size: int, scales: torch.Tensor,
                           mins: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The dequantized latent of packed group rows, channel-major: ``out[j, g * group_size + t]
@@ -330,43 +348,21 @@ def dequantize_by_channel(rows: torch.Tensor, kept_bits: torch.Tensor, group_siz
 
     The same values as :func:`unpack_codes` then ``torch.addcmul(mins, codes, scales)``
     (one fused multiply-add per value) and a transposed copy, without the transpose, whose
-    strided writes were most of that cost: each run of 8 codes is loaded as one 64-bit word
-    (:func:`_channel_major_plan`), its codes spread to one per byte in three shift-and-mask
-    steps on the words, so that the word's bytes are the run's codes in token order, and the
-    multiply-add reads them channel-major with the group's scale and minimum broadcast along
-    the group's tokens. :data:`CHANNEL_MAJOR_TOKENS` tokens of groups at a time on the CPU.
+    strided writes were most of that cost: the runs' codes come one per byte in token order
+    (:func:`_unpacked_runs`), so the multiply-add reads them channel-major with the group's
+    scale and minimum broadcast along the group's tokens.
     """
     groups, kept = rows.shape[0], kept_bits.numel()
     if groups == 0 or kept == 0:
         return out
-    if sys.byteorder != "little":  # the words are read from, and give back, little-endian bytes
-        raise NotImplementedError("dequantize_by_channel needs a little-endian host")
-    index, steps, row_bytes, words = _channel_major_plan(
-        tuple(kept_bits.tolist()), group_size, rows.device)
-    step = max(1, CHANNEL_MAJOR_TOKENS // group_size) if rows.device.type == "cpu" else groups
-    count = min(step, groups)
-    width = 8 * words
-    # Reused buffers; the bytes past each row stay zero (a load there is masked off anyway).
-    padded = rows.new_zeros(count, width + 8)
-    table = torch.empty(count, 8, width, dtype=torch.uint8, device=rows.device)
-    runs = torch.empty(count, index.numel(), dtype=torch.int64, device=rows.device)
-    kept_part = torch.empty_like(runs)
-    codes = torch.empty(count, kept, group_size, device=rows.device)
+    step = max(1, UNPACK_TOKENS // group_size) if rows.device.type == "cpu" else groups
+    codes = torch.empty(min(step, groups), kept, group_size, device=rows.device)
     target = out.view(kept, groups, group_size)
     by_channel_scales, by_channel_mins = scales.T, mins.T
-    for first in range(0, groups, step):
-        count = min(step, groups - first)
-        padded[:count, :row_bytes] = rows[first:first + count]
-        # 8 copies of each row shifted by 0..7 bytes, so that every run is an aligned word of one.
-        table[:count].copy_(padded[:count].as_strided((count, 8, width), (width + 8, 1, 1)))
-        run = runs[:count]
-        torch.gather(table[:count].view(torch.int64).view(count, 8 * words), 1, index.expand(count, -1), out=run)
-        keep = kept_part[:count]
-        for spread in range(3):
-            torch.bitwise_and(run, steps[3 * spread], out=keep)
-            run.bitwise_and_(steps[3 * spread + 1]).bitwise_left_shift_(steps[3 * spread + 2]).bitwise_or_(keep)
+    for first, block in _unpacked_runs(rows, kept_bits, group_size):
+        count = block.shape[0]
         part = codes[:count]
-        part.copy_(run.view(torch.uint8).view(count, kept, group_size))
+        part.copy_(block.view(count, kept, group_size))
         # min + code * scale, fused (addcmul_'s one rounding, as dequantizing the unpacked codes).
         into = target[:, first:first + count]
         into.copy_(by_channel_mins[:, first:first + count, None].expand(kept, count, group_size))

@@ -56,14 +56,16 @@ MAX_EXPIRY_INTERVAL_SECONDS = 10.0
 
 # mallopt's parameter numbers (glibc malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-#: largest M_MMAP_THRESHOLD glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
+#: largest M_MMAP_THRESHOLD the mallopt(3) manual allows on 64-bit (HEAP_MAX_SIZE / 2): what older
+#: glibc releases accept; glibc 2.36 (Debian 12) accepts larger ones, and the server logs what it set
 _MMAP_THRESHOLD_MAX = 32 << 20
 
 
-def tune_malloc(arenas: int, trim_bytes: int) -> dict[str, int]:
+def tune_malloc(arenas: int, trim_bytes: int, mmap_bytes: int | None = None) -> dict[str, int]:
     """Set glibc malloc's arena limit (``arenas``) and how much freed memory it keeps for
-    reuse before returning it to the system (``trim_bytes``; allocations up to 32 MiB then
-    come from the heap instead of their own mapping); 0 leaves either at glibc's default.
+    reuse before returning it to the system (``trim_bytes``); allocations up to ``mmap_bytes``
+    (default ``trim_bytes``) then come from the heap instead of their own mapping, or up to
+    32 MiB where glibc refuses more (older releases). 0 leaves either at glibc's default.
     Returns what was set. Threads that already have an arena keep it, so this runs before the
     server starts its threads. Elsewhere than glibc (musl, macOS) it sets nothing.
 
@@ -73,19 +75,27 @@ def tune_malloc(arenas: int, trim_bytes: int) -> dict[str, int]:
     tensor although another worker has just freed as much. Both settings keep that memory in
     use: they took the page faults of a 4-layer, 4,096-token upload from ~10,000 to ~0, and the
     server's CPU for it from ~1.5x to ~1.25x the compression alone (``bench/service.py --part
-    uploads``; ``perf`` had ``clear_page_erms`` at 20% of the server's CPU before)."""
+    uploads``; ``perf`` had ``clear_page_erms`` at 20% of the server's CPU before). A mapping
+    threshold of 32 MiB still mapped every tensor of that size or more, such as a Llama-3-8B
+    layer's float32 keys from 8k tokens on, and faulted its pages in on every call
+    (``bench/malloc.py``)."""
     if platform.libc_ver()[0] != "glibc":
         return {}
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return {}
-    wanted = {}
-    if arenas > 0:
-        wanted["arenas"] = (_M_ARENA_MAX, arenas)
+    done = {}
+    if arenas > 0 and mallopt(_M_ARENA_MAX, arenas) == 1:
+        done["arenas"] = arenas
     if trim_bytes > 0:
-        wanted["trim_bytes"] = (_M_TRIM_THRESHOLD, trim_bytes)
-        wanted["mmap_bytes"] = (_M_MMAP_THRESHOLD, min(trim_bytes, _MMAP_THRESHOLD_MAX))
-    return {name: value for name, (parameter, value) in wanted.items() if mallopt(parameter, value) == 1}
+        if mallopt(_M_TRIM_THRESHOLD, trim_bytes) == 1:
+            done["trim_bytes"] = trim_bytes
+        mapped = trim_bytes if mmap_bytes is None else mmap_bytes
+        for threshold in (mapped, min(mapped, _MMAP_THRESHOLD_MAX)):
+            if mallopt(_M_MMAP_THRESHOLD, threshold) == 1:
+                done["mmap_bytes"] = threshold
+                break
+    return done
 
 
 def expiry_interval(ttl_seconds: float) -> float:

@@ -185,10 +185,11 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("malloc-arenas", int, "glibc malloc arenas of the server process (M_ARENA_MAX); 0 keeps glibc's default (one "
      "per thread, up to 8 per core). With 1 the engine's workers reuse the memory each other freed", {}),
     ("malloc-trim-bytes", parse_bytes, "freed memory glibc malloc keeps for reuse before returning it to the system "
-     "(M_TRIM_THRESHOLD; allocations up to 32 MiB then come from the heap, not their own mapping); 0 keeps glibc's "
-     "adaptive default. Returned memory is faulted in again, zeroed page by page, by the next compression: with "
-     "glibc's defaults ~10,000 page faults per 4-layer, 4,096-token upload, a quarter of the compression's own CPU "
-     "time",
+     "(M_TRIM_THRESHOLD; allocations up to this size then come from the heap, not their own mapping: "
+     "M_MMAP_THRESHOLD, at most 32 MiB where glibc accepts no more); 0 keeps glibc's adaptive default. Returned "
+     "memory is faulted in again, zeroed page by page, by the next compression: with glibc's defaults ~10,000 page "
+     "faults per 4-layer, 4,096-token upload, a quarter of the compression's own CPU time. Long contexts may want "
+     "more: a Llama-3-8B layer's float32 keys take 128 MiB at 32k tokens (bench/malloc.py)",
      {}),
     ("attention-cache-bytes", parse_bytes, "memory for tensors attention derives from stored keys and keeps between "
      "calls (unpacked codes, score latents, kernel layouts), least recently used first out; on top of --store-bytes. "

@@ -726,6 +726,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="throughput timer: wall time, or the timing thread's CPU time (with --threads 1, on a "
                              "machine shared with other jobs)")
+    parser.add_argument("--server-malloc", action="store_true",
+                        help="throughput: set glibc malloc as the server does at start (its default "
+                             "--malloc-trim-bytes, svdq_server.app.tune_malloc) before timing, so that the table is "
+                             "what the server's process pays; without it, this process's glibc defaults")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu times the calling thread only: use it with --threads 1")
@@ -737,6 +741,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.server_malloc:
+        from svdq_server.app import tune_malloc
+        from svdq_server.config import Settings
+
+        print(f"malloc as the server sets it: {tune_malloc(0, Settings().malloc_trim_bytes) or 'nothing (not glibc)'}")
     if args.throughput_only:
         print_throughput(args.throughput_tokens or [8192], args.repeats, args.clock)
         return 0

@@ -456,6 +456,8 @@ class CompressedKeys:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     # (what the size depends on, the size): see nbytes; not an init field, so replace() drops it
     _size: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # (channel_bits, its kept widths): see kept_bits; not an init field either
+    _kept: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         device = self.codes.device
@@ -488,8 +490,15 @@ class CompressedKeys:
 
     @property
     def kept_bits(self) -> torch.Tensor:
-        """int64 [r] widths of the kept channels, in latent order."""
-        return self.channel_bits[self.channel_bits > 0].to(torch.int64)
+        """int64 [r] widths of the kept channels, in latent order.
+
+        Computed once per ``channel_bits`` tensor (kept with it and compared by identity, as
+        :attr:`nbytes` keeps its fields): a sequence's first attention call read it a dozen
+        times at ~75 us each. Shared by every reader, so never changed in place."""
+        kept = self._kept
+        if kept is None or kept[0] is not self.channel_bits:
+            self._kept = kept = (self.channel_bits, self.channel_bits[self.channel_bits > 0].to(torch.int64))
+        return kept[1]
 
     @property
     def nbytes(self) -> int:

@@ -12,6 +12,7 @@ transformers model is exact up to float32 rounding of the rotation itself.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -163,7 +164,14 @@ def layer_ropes(config: Any) -> tuple[RopeConfig, ...]:
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 inverse frequencies [rotary_dim // 2], scaling applied."""
+    """float32 inverse frequencies [rotary_dim // 2], scaling applied; made once per (RoPE,
+    head_dim, device) and shared (read-only): every sequence's first attention call rotates
+    its full-precision keys, and a RoPE config is shared by every sequence of a layer."""
+    return _inverse_frequencies(rope, head_dim, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device) -> torch.Tensor:
     rotary = rope.dims(head_dim)
     exponents = torch.arange(0, rotary, 2, dtype=torch.int64, device=device).float() / rotary
     inv_freq = 1.0 / (rope.theta**exponents)

@@ -4,9 +4,10 @@ The server sets glibc malloc's trim and mapping thresholds at start (``--malloc-
 :func:`svdq_server.app.tune_malloc`) so that the memory a call frees is reused by the next one
 instead of being returned to the system and faulted in again, zeroed page by page. This bench
 times what a server does with one Llama-3-8B-like layer (8 KV heads x 128, synthetic keys and
-values of bench/attention.py) under several settings, in turns in this process (each sample
-switches the setting with ``mallopt``, frees what the heap holds with ``malloc_trim`` and runs
-the operation once untimed, as a long-running server would have, then once timed):
+values of bench/attention.py) under several settings, in turns in this process
+(bench/attention.py's ``medians_in_turns``; before each sample the setting is switched in with
+``mallopt``, the heap's free memory returned with ``malloc_trim`` and the operation run once
+untimed, as a long-running server would have, then it is timed):
 
 * ``compress own`` / ``compress shared``: :func:`svdq.compress` + ``to_bytes`` of the layer's
   post-RoPE keys at 1.5 bits, with the sequence's own basis and with a shared one (an Upload);
@@ -42,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention import SHAPES, _cached_objects, _discarder, synthetic_keys  # noqa: E402
+from attention import SHAPES, _cached_objects, _discarder, medians_in_turns, synthetic_keys  # noqa: E402
 from svdq_server.app import tune_malloc  # noqa: E402
 from svdq_server.config import parse_bytes  # noqa: E402
 
@@ -84,6 +85,40 @@ def operations(tokens: int) -> dict[str, tuple[Callable[[], object], tuple[Calla
     }
 
 
+def _counting_faults(call: Callable[[], object]) -> tuple[Callable[[], object], list[int]]:
+    """``call`` wrapped to append the minor page faults of each of its calls to the returned list."""
+    counts: list[int] = []
+
+    def counted() -> object:
+        started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        result = call()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - started)
+        return result
+
+    return counted, counts
+
+
+def _switching(trim: int, mapped: int, call: Callable[[], object],
+               around: tuple[Callable[[], None], Callable[[], None]],
+               release: Callable[[int], int]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What runs untimed around each timed call of one setting (:func:`medians_in_turns`'
+    resets): the setting switched in, the heap's free memory returned, one call as the call
+    before it would have left the heap, and the operation's own before / after."""
+    before, after = around
+
+    def switch_in() -> None:
+        done = tune_malloc(0, trim, mapped)
+        if done.get("mmap_bytes") != mapped:
+            raise SystemExit(f"glibc refused the mapping threshold {mapped} (set: {done})")
+        release(0)
+        before()
+        call()
+        after()
+        before()
+
+    return switch_in, after
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
@@ -106,33 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     print("| ---: | --- | --- | ---: | ---: | ---: |")
     for tokens in args.tokens:
         ops = operations(tokens)
-        samples = {(name, text): [] for name in ops for text in settings}
-        faults = {key: [] for key in samples}
-        for _ in range(args.repeats):
-            for name, (call, around) in ops.items():
-                for text, (trim, mapped) in settings.items():
-                    done = tune_malloc(0, trim, mapped)
-                    if done.get("mmap_bytes") != mapped:
-                        raise SystemExit(f"glibc refused the mapping threshold {mapped} (set: {done})")
-                    release(0)
-                    before, after = around or (lambda: None, lambda: None)
-                    before()
-                    call()  # untimed: the heap as a call that came before this one left it
-                    after()
-                    before()
-                    started_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                    started = time.thread_time()
-                    call()
-                    samples[(name, text)].append(time.thread_time() - started)
-                    faults[(name, text)].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - started_faults)
-                    after()
-        first = next(iter(settings))
+        calls, resets, faults = {}, {}, {}
+        for name, (call, around) in ops.items():
+            for text, (trim, mapped) in settings.items():
+                key = f"{name} {text}"
+                calls[key], faults[key] = _counting_faults(call)
+                resets[key] = _switching(trim, mapped, call, around or (lambda: None, lambda: None), release)
+        seconds = medians_in_turns(calls, torch.device("cpu"), args.repeats, time.thread_time, resets)
         for name in ops:
-            base = statistics.median(samples[(name, first)])
+            base = seconds[f"{name} {next(iter(settings))}"]
             for text in settings:
-                median = statistics.median(samples[(name, text)])
-                print(f"| {tokens} | {name} | {text} | {1e3 * median:.1f} | {median / base:.2f}x | "
-                      f"{statistics.median(faults[(name, text)]):.0f} |")
+                key = f"{name} {text}"
+                # (the first count is medians_in_turns' warm-up call's)
+                print(f"| {tokens} | {name} | {text} | {1e3 * seconds[key]:.1f} | {seconds[key] / base:.2f}x | "
+                      f"{statistics.median(faults[key][1:]):.0f} |")
         sys.stdout.flush()
     return 0
 

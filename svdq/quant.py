@@ -355,12 +355,13 @@ def dequantize_by_channel(rows: torch.Tensor, kept_bits: torch.Tensor, group_siz
     groups, kept = rows.shape[0], kept_bits.numel()
     if groups == 0 or kept == 0:
         return out
-    step = max(1, UNPACK_TOKENS // group_size) if rows.device.type == "cpu" else groups
-    codes = torch.empty(min(step, groups), kept, group_size, device=rows.device)
+    codes = None  # float32 codes of a block, sized by the first (the largest) block
     target = out.view(kept, groups, group_size)
     by_channel_scales, by_channel_mins = scales.T, mins.T
     for first, block in _unpacked_runs(rows, kept_bits, group_size):
         count = block.shape[0]
+        if codes is None:
+            codes = torch.empty(count, kept, group_size, device=rows.device)
         part = codes[:count]
         part.copy_(block.view(count, kept, group_size))
         # min + code * scale, fused (addcmul_'s one rounding, as dequantizing the unpacked codes).

@@ -58,6 +58,7 @@ from svdq.derived import DERIVED
 from svdq.errors import ConflictError, InvalidInputError, NotFoundError, ResourceExhaustedError
 from svdq.format import from_bytes, to_bytes
 from svdq.kv import compress_kv
+from svdq.quant import cpu_bfloat16_summary
 from svdq.rope import RopeConfig
 from svdq.values import CompressedValues, compress_values, decompress_values
 
@@ -285,6 +286,9 @@ class Engine:
         #: the torch attention path's operand precision, decided once: it is a property of the device (and
         #: of $SVDQ_ATTENTION_PRECISION as it was at start); a bad choice fails here, not per call
         self.attention_precision = select_precision(self.device, self.config.attention_precision)
+        #: whether the CPU codec and attention use bfloat16 products, and why (measured once; a
+        #: bad $SVDQ_CPU_BFLOAT16 fails here)
+        self.cpu_bfloat16 = cpu_bfloat16_summary()
         self.metrics = metrics
         # The store backend (server/store.py) also holds the profiles, so a shared one shares them.
         self.store = store if store is not None else SequenceStore(
@@ -309,11 +313,12 @@ class Engine:
             if self.config.compress_threads else None
         for profile in profiles:
             self.register_profile(profile)
-        log.info("engine on %s: store budget %d bytes, eviction %s, ttl %s, attention precision %s (%s)", self.device,
-                 self.config.store_bytes, self.config.eviction,
+        log.info("engine on %s: store budget %d bytes, eviction %s, ttl %s, attention precision %s (%s); %s",
+                 self.device, self.config.store_bytes, self.config.eviction,
                  f"{self.config.ttl_seconds}s" if self.config.ttl_seconds else "off", self.attention_precision,
                  "configured" if self.config.attention_precision else
-                 "$SVDQ_ATTENTION_PRECISION" if os.environ.get(PRECISION_ENV) else "auto for the device")
+                 "$SVDQ_ATTENTION_PRECISION" if os.environ.get(PRECISION_ENV) else "auto for the device",
+                 self.cpu_bfloat16)
 
     # -- profiles ------------------------------------------------------------------------
     #

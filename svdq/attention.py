@@ -44,7 +44,7 @@ import torch
 from .codec import CompressedKeys
 from .derived import DERIVED
 from .errors import InvalidInputError
-from .quant import cpu_bfloat16_is_native, dequantize_by_channel, unpack_codes
+from .quant import cpu_bfloat16_is_fast, cpu_bfloat16_is_native, dequantize_by_channel, unpack_codes
 from .rope import apply_rope, rope_cos_sin
 from .values import CompressedValues, gather_values
 
@@ -167,8 +167,9 @@ def select_backend(device: torch.device | str, override: str | None = None) -> s
 
 def select_precision(device: torch.device | str, override: str | None = None) -> str:
     """Operand precision of the torch path's key products: ``override``, else
-    ``$SVDQ_ATTENTION_PRECISION``, else ``bfloat16`` on CPUs that multiply it natively and
-    ``float32`` elsewhere.
+    ``$SVDQ_ATTENTION_PRECISION``, else ``bfloat16`` on CPUs where bfloat16 products run
+    faster than float32 ones (:func:`svdq.quant.cpu_bfloat16_is_fast`: native, and measured
+    so unless ``$SVDQ_CPU_BFLOAT16`` says ``on`` or ``off``) and ``float32`` elsewhere.
 
     ``bfloat16`` rounds the operands of the big product, the reconstruction ``latent @
     basis.T + mean`` past the leading latent channels, to bfloat16 (8 bits of mantissa) and
@@ -184,11 +185,16 @@ def select_precision(device: torch.device | str, override: str | None = None) ->
     accumulation).
     """
     choice = override or os.environ.get(PRECISION_ENV) or (
-        "bfloat16" if torch.device(device).type == "cpu" and _BF16_FAST else "float32")
+        "bfloat16" if torch.device(device).type == "cpu" and _bfloat16_fast() else "float32")
     if choice not in PRECISIONS:
         source = "precision" if override else PRECISION_ENV
         raise InvalidInputError(f"{source} must be one of {PRECISIONS}, got {choice!r}")
     return choice
+
+
+def _bfloat16_fast() -> bool:
+    """:data:`_BF16_FAST`, else :func:`svdq.quant.cpu_bfloat16_is_fast`."""
+    return cpu_bfloat16_is_fast() if _BF16_FAST is None else _BF16_FAST
 
 
 def merge_attention(
@@ -652,7 +658,12 @@ def _onednn_linear():
 
 
 _CPU_LINEAR = _onednn_linear()
-_BF16_FAST = cpu_bfloat16_is_native()
+#: whether oneDNN multiplies bfloat16 here (a bfloat16 linear raises where it does not)
+_BF16_NATIVE = cpu_bfloat16_is_native()
+#: whether precision "auto" picks bfloat16 on the CPU: None decides by
+#: :func:`svdq.quant.cpu_bfloat16_is_fast` (``$SVDQ_CPU_BFLOAT16``, else measured); True or
+#: False forces it (tests)
+_BF16_FAST: bool | None = None
 
 
 def reconstruct(latent: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
@@ -680,7 +691,7 @@ def _linear(latent: torch.Tensor, basis: torch.Tensor, bias: torch.Tensor | None
     # no bfloat16 inner product and raises, so an explicit precision="bfloat16" there takes
     # torch's own (emulated, slower) product instead of failing.
     if (_CPU_LINEAR is not None and latent.device.type == "cpu" and latent.shape[0] and latent.shape[1]
-            and (_BF16_FAST or latent.dtype != torch.bfloat16)):
+            and (_BF16_NATIVE or latent.dtype != torch.bfloat16)):
         if latent.shape[0] == 1:
             # One row takes oneDNN's matrix-vector kernel, which sums in another order than the
             # matrix kernel every longer block takes: two rows keep a token's reconstruction the

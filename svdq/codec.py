@@ -34,7 +34,7 @@ from .allocation import AllocationPlan, allocate_schedule
 from .errors import InvalidInputError, ResourceExhaustedError
 from .quant import (
     MAX_BITS,
-    cpu_bfloat16_is_native,
+    cpu_bfloat16_is_fast,
     dequantize_groups,
     distortion_table,
     group_bytes,
@@ -318,26 +318,32 @@ def _fit_centred(work: torch.Tensor) -> tuple[Basis, torch.Tensor]:
 #: tokens per bfloat16 product of :func:`gram` and per projected chunk (a multiple of every group size)
 GRAM_CHUNK = 1024
 
-#: whether this CPU's bfloat16 products are native; where they are emulated (slower than
-#: float32) the codec's bfloat16 products run in float32 instead
-_CPU_BF16_NATIVE = cpu_bfloat16_is_native()
+#: whether the codec's cheap CPU products use bfloat16 operands: None decides by
+#: :func:`svdq.quant.cpu_bfloat16_is_fast` (``$SVDQ_CPU_BFLOAT16``, else measured); True or
+#: False forces it (tests)
+_CPU_BF16_PRODUCTS: bool | None = None
 
 
 def _bfloat16_products(device: torch.device) -> bool:
     """Whether the codec's cheap products use bfloat16 operands on ``device``: on CUDA, and
-    on CPUs that multiply bfloat16 natively (~4-6x their float32 rate). On other CPUs they
-    are emulated, 4-70x slower than float32, so the products stay float32 (more exact, and
-    the blobs differ from a native CPU's only by that rounding)."""
-    return device.type == "cuda" or (device.type == "cpu" and _CPU_BF16_NATIVE)
+    on CPUs where they measure faster than float32 (:func:`svdq.quant.cpu_bfloat16_is_fast`:
+    3-5x on the AVX512-BF16 CPU of rounds 4-7). Where they are emulated (4-70x slower) or
+    native but slower (0.5x on an AVX512-BF16 Xeon without AMX), the products stay float32:
+    more exact, and the blobs differ only by that rounding (the same sizes)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return cpu_bfloat16_is_fast() if _CPU_BF16_PRODUCTS is None else _CPU_BF16_PRODUCTS
 
 
 def gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows.T @ rows`` float32 [C, C] of float32 ``rows`` [tokens, C], as bfloat16 products
     over chunks of :data:`GRAM_CHUNK` tokens summed in float32.
 
-    Where bfloat16 products are native (:func:`_bfloat16_products`; float32 accumulation
-    inside, the result rounded to bfloat16) they run ~4-6x the float32 rate; elsewhere this
-    is one float32 product. Each chunk's product is rounded once and the
+    Where bfloat16 products are used (:func:`_bfloat16_products`; float32 accumulation
+    inside, the result rounded to bfloat16: 3-5x the float32 rate where they are fast);
+    elsewhere this is one float32 product. Each chunk's product is rounded once and the
     roundings of the chunks are independent, so their sum errs by ~1/sqrt(chunks) of one
     bfloat16 rounding: on bench/quality.py's 8192 x 1024 layer the covariance is within 7e-4
     (Frobenius, relative) of float64 and the basis leaves 0.13% more energy outside its first
@@ -1102,9 +1108,9 @@ def _projected_chunks(centred: torch.Tensor, basis_columns: torch.Tensor, kept_b
     """Latent channels float32 [<= GRAM_CHUNK, r] of centred pre-RoPE keys float32 [tokens, C]
     on the kept ``basis_columns`` [C, r] of widths ``kept_bits`` [r], :data:`GRAM_CHUNK` tokens
     at a time, in order. ``low_precision`` (svdq) projects the channels of at most
-    :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products where they are native
-    (:func:`_bfloat16_products`; ~4-6x the float32 rate); without it, or on a CPU that
-    emulates bfloat16, every product is float32.
+    :data:`LOW_PRECISION_MAX_WIDTH` bits by bfloat16 products where they are used
+    (:func:`_bfloat16_products`: where they measure faster); without it, or on a CPU
+    where they are slower, every product is float32.
 
     Chunks of tokens: no bfloat16 copy of every key at once, and what a chunk's latent feeds
     stays in cache. Each row of a product depends on that row alone (checked on this oneDNN

@@ -17,6 +17,7 @@ and a new group is appended as one more row.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Iterator
 
@@ -27,13 +28,88 @@ from .errors import InvalidInputError
 
 
 def cpu_bfloat16_is_native() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (oneDNN's check for AVX512-BF16 or AMX).
-    Elsewhere torch emulates bfloat16 matmuls, far slower than float32: 70x at 2048 x 1024 x
-    1024 on an AVX2-only AMD EPYC, where the codec's bfloat16 products made compress ~4x slower."""
+    """Whether oneDNN multiplies bfloat16 on this CPU with its own instructions (AVX512-BF16 or
+    AMX): a capability, not a speed (:func:`cpu_bfloat16_is_fast`). Elsewhere torch emulates
+    bfloat16 matmuls, far slower than float32: 70x at 2048 x 1024 x 1024 on an AVX2-only AMD
+    EPYC, where the codec's bfloat16 products made compress ~4x slower; and oneDNN raises for
+    a bfloat16 linear there."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+#: Environment variable that decides whether the CPU codec and attention use bfloat16
+#: products (:func:`cpu_bfloat16_is_fast`): ``auto`` (default), ``on`` or ``off``.
+CPU_BFLOAT16_ENV = "SVDQ_CPU_BFLOAT16"
+CPU_BFLOAT16_CHOICES = ("auto", "on", "off")
+#: How much faster than float32 a bfloat16 product must measure for ``auto`` to use them: they
+#: round their operands (8 bits of mantissa), so a tie goes to float32.
+BFLOAT16_MIN_SPEEDUP = 1.25
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bfloat16_speedup() -> float | None:
+    """float32 time over bfloat16 time of one ``[256, 1024] @ [1024, 256]`` product on this CPU
+    (torch's intra-op threads as set now; the faster of 5 turns each, after one untimed call of
+    each), or None where bfloat16 is not native (:func:`cpu_bfloat16_is_native`: nothing is
+    timed, emulation is always slower). Measured once per process, in ~15 ms.
+
+    The flags do not tell the speed: on one AVX512-BF16 Xeon (no AMX) bfloat16 products ran
+    0.5x the float32 rate at every codec and attention shape tried, on the AVX512-BF16 CPU of
+    rounds 4-7 about 3-5x it (docs/quality.md, round 14)."""
+    if not cpu_bfloat16_is_native():
+        return None
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    left, right = torch.randn(256, 1024, generator=generator), torch.randn(1024, 256, generator=generator)
+    operands = {torch.float32: (left, right), torch.bfloat16: (left.bfloat16(), right.bfloat16())}
+    best = {dtype: float("inf") for dtype in operands}
+    for turn in range(6):
+        for dtype, (a, b) in operands.items():
+            started = time.perf_counter()
+            torch.mm(a, b)
+            if turn:  # the first turn creates oneDNN's primitives: untimed
+                best[dtype] = min(best[dtype], time.perf_counter() - started)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def cpu_bfloat16_choice() -> str:
+    """``$SVDQ_CPU_BFLOAT16`` (:data:`CPU_BFLOAT16_CHOICES`, default ``auto``); InvalidInputError
+    for another value."""
+    choice = os.environ.get(CPU_BFLOAT16_ENV, "").strip().lower() or "auto"
+    if choice not in CPU_BFLOAT16_CHOICES:
+        raise InvalidInputError(f"{CPU_BFLOAT16_ENV} must be one of {CPU_BFLOAT16_CHOICES}, "
+                                f"got {os.environ[CPU_BFLOAT16_ENV]!r}")
+    return choice
+
+
+def cpu_bfloat16_is_fast() -> bool:
+    """Whether the codec's cheap products (:func:`svdq.codec.gram`, the allocation's sample,
+    narrow channels' projection) and attention's default precision use bfloat16 operands on
+    this CPU: never where it is not native (:func:`cpu_bfloat16_is_native`); else by
+    ``$SVDQ_CPU_BFLOAT16``: ``on`` always, ``off`` never, ``auto`` (default) where one measured
+    product runs at least :data:`BFLOAT16_MIN_SPEEDUP` times the float32 rate
+    (:func:`cpu_bfloat16_speedup`). Blobs differ between the two choices by that rounding only
+    (the same sizes); set ``on`` or ``off`` to pin them on a machine where the two measure
+    alike."""
+    choice = cpu_bfloat16_choice()
+    if choice == "off" or not cpu_bfloat16_is_native():
+        return False
+    return choice == "on" or (cpu_bfloat16_speedup() or 0.0) >= BFLOAT16_MIN_SPEEDUP
+
+
+def cpu_bfloat16_summary() -> str:
+    """One line for logs: whether CPU bfloat16 products are used, and why."""
+    choice = cpu_bfloat16_choice()  # a bad value fails on every CPU
+    if not cpu_bfloat16_is_native():
+        return "CPU bfloat16 products off (not native on this CPU)"
+    if choice != "auto":
+        return f"CPU bfloat16 products {choice} (${CPU_BFLOAT16_ENV})"
+    speedup = cpu_bfloat16_speedup()
+    return (f"CPU bfloat16 products {'on' if cpu_bfloat16_is_fast() else 'off'} (measured {speedup:.2f}x the "
+            f"float32 rate, auto needs {BFLOAT16_MIN_SPEEDUP}x; ${CPU_BFLOAT16_ENV}=on|off overrides)")
 
 
 MAX_BITS = 8

@@ -213,7 +213,7 @@ def test_bad_input_raises_a_typed_error_that_says_what_is_allowed(make, message)
 def native_bfloat16(monkeypatch):
     """The codec's bfloat16 products as on a CPU that multiplies bfloat16 natively (this one
     may emulate them: slow, but the same rounding)."""
-    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", True)
+    monkeypatch.setattr(codec_module, "_CPU_BF16_PRODUCTS", True)
 
 
 @pytest.mark.parametrize("tokens, channels", [(70, 48), (3000, 256), (2100, 600)])
@@ -294,7 +294,7 @@ def test_float32_covariance_blocks_and_padded_projection_keep_the_plain_products
     # The float32 covariance is computed from the blocks on and above its diagonal, and the
     # projection's basis padded with zero columns to a multiple of 8: both must give the
     # bits of the plain products (blobs unchanged).
-    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", False)
+    monkeypatch.setattr(codec_module, "_CPU_BF16_PRODUCTS", False)
     generator = torch.Generator().manual_seed(channels)
     rows = torch.randn(tokens, channels, generator=generator) * torch.linspace(3, 0.1, channels)
     assert channels > codec_module.GRAM_BLOCK
@@ -308,7 +308,7 @@ def test_float32_covariance_blocks_and_padded_projection_keep_the_plain_products
 def test_a_cpu_that_emulates_bfloat16_runs_every_codec_product_in_float32(monkeypatch):
     # Emulated bfloat16 matmuls run far below the float32 rate, so there the cheap products
     # (covariance, error-table sample, narrow channels' projection) stay float32.
-    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", False)
+    monkeypatch.setattr(codec_module, "_CPU_BF16_PRODUCTS", False)
     generator = torch.Generator().manual_seed(4)
     rows = torch.randn(2100, 96, generator=generator)
     assert torch.equal(gram(rows), rows.T @ rows)
@@ -320,7 +320,7 @@ def test_a_cpu_that_emulates_bfloat16_runs_every_codec_product_in_float32(monkey
     # by that rounding, at the same size.
     keys = layer_keys(tokens=2300, dtype=torch.float16)
     emulating = compress(keys, CodecConfig(group_size=8))
-    monkeypatch.setattr(codec_module, "_CPU_BF16_NATIVE", True)
+    monkeypatch.setattr(codec_module, "_CPU_BF16_PRODUCTS", True)
     native = compress(keys, CodecConfig(group_size=8))
     assert emulating.nbytes == native.nbytes and torch.equal(emulating.kept_bits, native.kept_bits)
     assert relative_error(keys, decompress(emulating)) <= 1.01 * relative_error(keys, decompress(native))

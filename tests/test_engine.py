@@ -12,6 +12,7 @@ from svdq_server.engine import Engine, EngineConfig, UploadChunkData, UploadHead
 from svdq_server.metrics import Metrics
 from svdq_server.store import SequenceState, SequenceStore, StoredSequence, StorePolicy, fp16_bytes
 
+import svdq.quant
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress, fit_layer_basis, relative_error, to_bytes
 from svdq import append as codec_append
 from svdq.attention import SparsityConfig, attend, select_precision
@@ -696,6 +697,19 @@ def test_the_auto_attention_precision_is_decided_once_when_the_engine_starts(mon
 def test_an_unknown_attention_precision_is_refused_when_the_engine_starts():
     with pytest.raises(InvalidInputError, match=r"precision must be one of \('float32', 'bfloat16', 'float16'\), got 'fp8'"):
         Engine(EngineConfig(device="cpu", attention_precision="fp8"))
+
+
+def test_the_cpu_bfloat16_choice_is_logged_at_start_and_a_bad_one_refused(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="svdq_server.engine")
+    monkeypatch.setenv("SVDQ_CPU_BFLOAT16", "off")
+    engine = Engine(EngineConfig(device="cpu"))
+    expected = ("CPU bfloat16 products off ($SVDQ_CPU_BFLOAT16)" if svdq.quant.cpu_bfloat16_is_native()
+                else "CPU bfloat16 products off (not native on this CPU)")
+    assert engine.cpu_bfloat16 == expected
+    assert any(expected in record.getMessage() for record in caplog.records if "engine on" in record.getMessage())
+    monkeypatch.setenv("SVDQ_CPU_BFLOAT16", "fast")
+    with pytest.raises(InvalidInputError, match=r"SVDQ_CPU_BFLOAT16 must be one of \('auto', 'on', 'off'\), got 'fast'"):
+        Engine(EngineConfig(device="cpu"))
 
 
 def test_a_layer_whose_compression_failed_is_compressed_again_when_the_upload_finishes(monkeypatch):

@@ -4,10 +4,17 @@ import numpy as np
 import pytest
 import torch
 
+import svdq.attention as attention_module
+import svdq.codec as codec_module
+import svdq.quant as quant_module
 from svdq.allocation import allocate_budget
 from svdq.errors import InvalidInputError
 from svdq.quant import (
+    CPU_BFLOAT16_ENV,
     TABLE_CHANNELS,
+    cpu_bfloat16_is_fast,
+    cpu_bfloat16_speedup,
+    cpu_bfloat16_summary,
     dequantize_by_channel,
     dequantize_groups,
     distortion_table,
@@ -259,3 +266,48 @@ def test_allocate_budget_takes_a_step_that_rounds_above_the_one_before_it_right_
     table = torch.tensor([[d1] + [d2] * 8, [d0, d1] + [d2] * 7], dtype=torch.float64)
     assert _greedy_reference(table, 6.0, 3, 0).tolist() == [1, 1]
     assert allocate_budget(table, 6.0, 3, 0).tolist() == [1, 1]
+
+
+def test_cpu_bfloat16_products_only_where_they_measure_faster(monkeypatch):
+    # The ISA flags do not tell the speed (an AVX512-BF16 Xeon without AMX ran bfloat16
+    # products at half the float32 rate): "auto" goes by the measured ratio, a near tie to
+    # float32; the environment pins it; a CPU that emulates bfloat16 never uses it.
+    monkeypatch.delenv(CPU_BFLOAT16_ENV, raising=False)
+    monkeypatch.setattr(codec_module, "_CPU_BF16_PRODUCTS", None)
+    monkeypatch.setattr(attention_module, "_BF16_FAST", None)
+    monkeypatch.delenv("SVDQ_ATTENTION_PRECISION", raising=False)
+    monkeypatch.setattr(quant_module, "cpu_bfloat16_is_native", lambda: True)
+    for speedup, fast in ((0.5, False), (1.1, False), (3.0, True)):
+        monkeypatch.setattr(quant_module, "cpu_bfloat16_speedup", lambda speedup=speedup: speedup)
+        assert cpu_bfloat16_is_fast() is fast
+        # the codec's cheap products and attention's default precision follow it
+        assert codec_module._bfloat16_products(torch.device("cpu")) is fast
+        assert attention_module.select_precision("cpu") == ("bfloat16" if fast else "float32")
+        assert f"measured {speedup:.2f}x" in cpu_bfloat16_summary()
+    assert codec_module._bfloat16_products(torch.device("cuda"))  # the GPU always
+    monkeypatch.setenv(CPU_BFLOAT16_ENV, "off")
+    assert not cpu_bfloat16_is_fast()
+    monkeypatch.setattr(quant_module, "cpu_bfloat16_speedup", lambda: 0.5)
+    monkeypatch.setenv(CPU_BFLOAT16_ENV, " On ")
+    assert cpu_bfloat16_is_fast() and "products on ($SVDQ_CPU_BFLOAT16)" in cpu_bfloat16_summary()
+
+    def never_timed():
+        raise AssertionError("emulated bfloat16 must not be timed")
+
+    monkeypatch.setattr(quant_module, "cpu_bfloat16_is_native", lambda: False)
+    monkeypatch.setattr(quant_module, "cpu_bfloat16_speedup", never_timed)
+    assert not cpu_bfloat16_is_fast()  # "on" cannot make emulation native
+    monkeypatch.delenv(CPU_BFLOAT16_ENV)
+    assert not cpu_bfloat16_is_fast() and "not native" in cpu_bfloat16_summary()
+    monkeypatch.setenv(CPU_BFLOAT16_ENV, "yes")
+    with pytest.raises(InvalidInputError, match=r"SVDQ_CPU_BFLOAT16 must be one of \('auto', 'on', 'off'\), got 'yes'"):
+        cpu_bfloat16_is_fast()
+
+
+def test_cpu_bfloat16_speedup_is_measured_where_bfloat16_is_native():
+    speedup = cpu_bfloat16_speedup()
+    if not quant_module.cpu_bfloat16_is_native():
+        assert speedup is None
+    else:
+        assert 0.0 < speedup < float("inf")
+        assert cpu_bfloat16_speedup() == speedup  # once per process

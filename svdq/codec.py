@@ -369,10 +369,10 @@ def _blocked_gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows.T @ rows`` float32 [C, C] from the blocks on and above the diagonal, mirrored:
     the product is symmetric, and torch has no symmetric rank-k product, so a plain one
     computes every entry twice. At C = 1024 in 256-channel blocks that is 10 of 16 blocks:
-    0.17 s instead of 0.29 s at 8k tokens on one thread of the AVX2 EPYC. Each entry is the
-    same dot product over the tokens, in the same order (MKL's blocking runs over the tokens,
-    not over the output's shape), so the result has the plain product's bits; tests/test_codec.py
-    checks it."""
+    0.17 s instead of 0.29 s at 8k tokens on one thread of the AVX2 EPYC. There each entry is
+    the same dot product over the tokens, in the same order (MKL's blocking runs over the
+    tokens, not over the output's shape), so the result has the plain product's bits; on an
+    AVX-512 Xeon some entries differ in their last bits (as close to float64; tests/test_codec.py)."""
     channels = rows.shape[1]
     out = rows.new_empty(channels, channels)
     for first in range(0, channels, GRAM_BLOCK):

@@ -25,6 +25,7 @@ import pytest
 import torch
 from helpers import allowed_mask
 
+import svdq.attention as attention_module
 from svdq import CodecConfig, RopeConfig, apply_rope, compress, decompress
 from svdq.attention import (
     SparsityConfig,
@@ -89,11 +90,28 @@ def make_sequence(tokens=67, kv_heads=3, head_dim=64, method="svdq", schedule=AL
     return compressed, compress_values(values, ValueConfig(bits=value_bits, group_size=32))
 
 
+def kernel_operand_keys(key):
+    """float32 post-RoPE keys as the kernel's operands make them: each body token rebuilt from
+    its dequantized latent rounded to float16 (``latent.to(tl.float16)`` times the float16
+    basis, float32 sums), exact tokens and the 16-bit sinks and tail as stored. A large
+    latent channel's float16 rounding moves a score more than rounding the key itself."""
+    keys = decompress(key, "pre_rope", torch.float32).reshape(key.num_tokens, -1)
+    start, n_body = body_range(key)
+    if key.method != "fp16" and n_body:
+        exact = keys[key.exact_index].clone()
+        latent = attention_module._dequantized(key, None).half().float()
+        keys[start:start + n_body] = latent @ key.basis.float().T + key.mean.float()
+        keys[key.exact_index] = exact
+    keys = keys.view(key.num_tokens, key.kv_heads, key.head_dim)
+    return apply_rope(keys, key.token_positions(), key.rope) if rotates(key) else keys
+
+
 def half_precision_error(queries, keys, values, scale, sparsity, reference, softcap=None):
-    """Max error of float16 PyTorch attention (same tokens) against the float32 reference."""
+    """Max error of float16 PyTorch attention (same tokens, keys rebuilt from float16 latent
+    operands as the kernel's are: :func:`kernel_operand_keys`) against the reference."""
     errors_out, errors_lse = [], []
     for b, (key, value) in enumerate(zip(keys, values, strict=True)):
-        post = decompress(key, "post_rope", torch.float32).half()
+        post = kernel_operand_keys(key).half()
         dense_values = decompress_values(value, torch.float32).half()
         ratio = queries.shape[1] // key.kv_heads
         allowed = allowed_mask(select_body_tokens(queries[b].float(), key, sparsity), key)
@@ -109,7 +127,9 @@ def half_precision_error(queries, keys, values, scale, sparsity, reference, soft
 
 
 def check_against_reference(queries, keys, values, device, scale=None, sparsity=None, softcap=None):
-    reference = attend(queries, keys, values, scale=scale, sparsity=sparsity, backend="torch", softcap=softcap)
+    # float32: the exact path on every CPU (the default precision depends on the CPU)
+    reference = attend(queries, keys, values, scale=scale, sparsity=sparsity, backend="torch", softcap=softcap,
+                       precision="float32")
     moved_keys = [k.to(device) for k in keys]
     moved_values = [v.to(device) for v in values]
     with mock.patch("svdq.attention._attend_torch", side_effect=AssertionError("the triton call took the torch path")):

@@ -1025,6 +1025,14 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
     # The keys a dense call of this precision keeps: float16-rounded (bfloat16, float16) or the
     # float32 keys it reconstructs (float32), either gathered from them or rebuilt the same way.
     kept_keys = DERIVED.get(keys, _kept_keys_name(keys, precision)) if keys.method == "svdq" else None
+    if kept_keys is None and _selections_cover_body(keys, index, precision):
+        # Many queries over one sequence (a prompt chunk over an offloaded prefix) that select
+        # most of its tokens between them: rebuilding their union costs about what a dense call's
+        # reconstruction does, so build the keys a dense call keeps instead, when the budget
+        # admits them, and gather from them, in this call and the next chunks' (the same bits:
+        # see above). A query-less dense call builds them; its dots are one row per KV head.
+        dense_body_dots(keys, queries.new_zeros(keys.kv_heads, 1, head_dim), precision)
+        kept_keys = DERIVED.get(keys, _kept_keys_name(keys, precision))
     if kept_keys is None:
         rows = _reconstructed_rows(keys, index, precision)
         if rounded:
@@ -1034,6 +1042,29 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
         _gathered_dots(kept_keys, by_head, index, dots)
     _put_exact_dots(keys, by_head, index.reshape(-1, count), dots)
     return dots.view(*index.shape[:-1], ratio, count)
+
+
+#: Share of a sequence's body tokens that the selections of one sparse call must cover between
+#: them for the call to build the keys a dense call keeps (:func:`_selections_cover_body`)
+#: rather than rebuild the union of its selections alone.
+COVERED_BODY_SHARE = 0.5
+
+
+def _selections_cover_body(keys: CompressedKeys, index: torch.Tensor, precision: str) -> bool:
+    """Whether the selections ``index`` [n, Hkv, m] of several queries cover at least
+    :data:`COVERED_BODY_SHARE` of the body of svdq ``keys`` and the budget admits the keys a
+    dense call of ``precision`` keeps (:meth:`svdq.derived.DerivedCache.admits`: from the first
+    ask up to its first-ask size, larger ones from their second). A decode step's one query
+    selects ~Hkv / 32 of the tokens and never builds them."""
+    if keys.method != "svdq" or index.dim() != 3 or index.shape[0] < 2:
+        return False
+    n_body = body_range(keys)[1]
+    seen = torch.zeros(n_body, dtype=torch.bool, device=index.device)
+    seen[index.reshape(-1)] = True
+    if int(seen.sum()) < COVERED_BODY_SHARE * n_body:
+        return False
+    nbytes = (2 if _rounds(keys, precision) else 4) * n_body * keys.channels
+    return DERIVED.admits(keys, _kept_keys_name(keys, precision), nbytes)
 
 
 #: Kept-key rows gathered and widened at a time (float16 and float32 buffers reused across the

@@ -337,3 +337,34 @@ def test_cold_score_blocks_give_the_kept_keys_score_bits_at_llama_shapes(monkeyp
     finally:
         DERIVED.clear()
         DERIVED.limit_bytes = limit
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
+def test_a_chunk_of_sparse_queries_covering_the_body_keeps_the_dense_keys_at_the_same_bits(precision):
+    """Several sparse queries over one sequence whose selections cover most of its body build the
+    keys a dense call keeps (when the budget admits them) and gather from them, this call and the
+    next: the same output and lse bits as rebuilding the union of their selections without a
+    budget. One query (a decode step) selects too little to build them."""
+    keys, values = make_case("svdq", tokens=403, key_space="post_rope")
+    start, n_body = body_range(keys)
+    queries = torch.randn(12, 6, 64, generator=torch.Generator().manual_seed(4))
+    sparsity = SparsityConfig(keep_fraction=0.25, chunk_size=8, num_recent=24)
+    name = attention_module._kept_keys_name(keys, precision)
+    limit = DERIVED.limit_bytes
+    try:
+        DERIVED.limit_bytes = None  # no budget: nothing kept, the union rebuilt
+        rebuilt = attend(queries, [keys] * 12, [values] * 12, sparsity=sparsity, backend="torch", precision=precision)
+        assert name not in keys._cache
+        index = torch.stack([s.token_index for s in select_body_tokens_many(queries.float(), keys, sparsity)])
+        assert attention_module._selections_cover_body(keys, index, precision) is False  # no budget, no room
+        assert torch.unique(index).numel() >= attention_module.COVERED_BODY_SHARE * n_body
+        DERIVED.limit_bytes = 1 << 30
+        for _ in range(2):
+            kept = attend(queries, [keys] * 12, [values] * 12, sparsity=sparsity, backend="torch", precision=precision)
+            assert keys._cache[name].shape == (keys.kv_heads, n_body, keys.head_dim)
+            assert torch.equal(kept.output, rebuilt.output) and torch.equal(kept.lse, rebuilt.lse)
+        single, single_values = make_case("svdq", tokens=403, key_space="post_rope")
+        attend(queries[:1], [single], [single_values], sparsity=sparsity, backend="torch", precision=precision)
+        assert name not in single._cache
+    finally:
+        DERIVED.limit_bytes = limit

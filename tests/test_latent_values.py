@@ -256,7 +256,7 @@ def test_sparse_attention_over_latent_values_matches_the_same_selection_over_16_
 @pytest.mark.parametrize("value_sum", ["dense", "union"])
 def test_sparse_latent_value_sums_give_the_same_bits_kept_or_cold(monkeypatch, value_sum):
     import svdq.attention as attention
-    from svdq.attention import KEPT_LATENT
+    from svdq.attention import KEPT_LATENT, KEPT_LATENT_ROWS
     from svdq.derived import DERIVED
 
     if attention._CPU_LINEAR is None:
@@ -276,8 +276,10 @@ def test_sparse_latent_value_sums_give_the_same_bits_kept_or_cold(monkeypatch, v
         cold = call()
         DERIVED.limit_bytes = 1 << 30
         results = [call() for _ in range(3)]
-        # The dense sum dots the kept latent; the union's sum dequantizes its tokens every call.
+        # The dense sum dots the kept channel-major latent; the union's sum gathers its tokens'
+        # rows from the kept row-major one (dequantized every call before round 14).
         assert (KEPT_LATENT in values.latent._cache) == (value_sum == "dense")
+        assert (KEPT_LATENT_ROWS in values.latent._cache) == (value_sum == "union")
     finally:
         DERIVED.clear()
         DERIVED.limit_bytes = limit

@@ -7,7 +7,8 @@ layout, and, only while the budget has room (:meth:`DerivedCache.admits`: from t
 on up to :data:`FIRST_ASK_BYTES` each, larger ones from their second), the rotated keys a
 dense call reconstructed (``2 * C`` bytes per token in float16, ``4 * C`` in float32), the selection score's
 rotated low-rank keys (``4 * C`` bytes per token) and SVDq latent values' dequantized latent
-(``4 * (r + 1)`` bytes per token, a row of ones included). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
+(``4 * (r + 1)`` bytes per token, a row of ones included, for dense sums; ``4 * r``, row-major,
+for sparse sums over the selected tokens' union). Together they can outweigh the compressed keys themselves (1.5-bit keys of an
 8 x 128 model take 192 bytes per token), so a server cannot let them grow with its store.
 
 :data:`DERIVED` is the process's cache. The tensors live on each

@@ -22,6 +22,7 @@ import asyncio
 import ctypes
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -37,6 +38,7 @@ from svdq_proto.svdq.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 from svdq import __version__
 from svdq.errors import UnavailableError
+from svdq.quant import CPU_BFLOAT16_ENV, cpu_bfloat16_choice
 
 from .auth import TokenAuthenticator
 from .config import Settings, load_profiles
@@ -154,6 +156,9 @@ class SvdqServer:
         environ = environ or {}
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        if settings.cpu_bfloat16 != cpu_bfloat16_choice():
+            # --cpu-bfloat16 on the command line: the library reads the variable it mirrors
+            os.environ[CPU_BFLOAT16_ENV] = settings.cpu_bfloat16
         self.malloc = tune_malloc(settings.malloc_arenas, settings.malloc_trim_bytes)
         self.metrics = Metrics()
         self.authenticator = TokenAuthenticator.from_sources(settings.tokens_file, environ.get("SVDQ_TOKENS"))

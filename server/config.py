@@ -24,6 +24,7 @@ from svdq.attention import PRECISIONS
 from svdq.codec import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORK_BYTES, Basis
 from svdq.derived import DEFAULT_LIMIT_BYTES
 from svdq.errors import InvalidInputError
+from svdq.quant import CPU_BFLOAT16_CHOICES
 
 from .engine import (
     DEFAULT_MAX_BATCH,
@@ -102,6 +103,7 @@ class Settings:
     malloc_trim_bytes: int = 256 << 20
     attention_cache_bytes: int = DEFAULT_LIMIT_BYTES
     attention_precision: str = "auto"
+    cpu_bfloat16: str = "auto"
     tenant_quota_bytes: int = 0
     reflection: bool = True
     drain_seconds: float = 5.0
@@ -122,6 +124,11 @@ class Settings:
                             attention_cache_bytes=self.attention_cache_bytes,
                             attention_precision=None if self.attention_precision == "auto" else self.attention_precision,
                             tenant_quota_bytes=self.tenant_quota_bytes, compress_threads=self.compress_threads)
+
+
+def _lowered(text: str) -> str:
+    """A choice as the library reads it: case and surrounding blanks do not count."""
+    return text.strip().lower()
 
 
 # (option, type, help); defaults come from Settings.
@@ -198,8 +205,13 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
      "accumulation; about 2x faster, adds ~1-2%% of the compression's own error), float32 (exact), float16 "
      "(float32 products, the keys a sequence keeps rounded to float16: twice as many sequences keep them under "
      "--attention-cache-bytes, adds ~0.7%% of the compression's error; docs/attention.md Round 11), or auto = "
-     "bfloat16 where the CPU multiplies it natively, else float32; the Triton (GPU) kernels do not use it",
+     "bfloat16 where --cpu-bfloat16 uses bfloat16 products, else float32; the Triton (GPU) kernels do not use it",
      {"choices": ("auto",) + PRECISIONS}),
+    ("cpu-bfloat16", _lowered, "bfloat16 products on the CPU (the codec's covariance, allocation sample and narrow "
+     "channels' projection; attention's auto precision): auto = where oneDNN multiplies bfloat16 natively and one "
+     "product measured at start runs >= 1.25x the float32 rate (logged; an AVX512-BF16 Xeon without AMX ran them "
+     "at 0.5x), on = wherever native, off = never (pins blob bits across servers; sizes and quality do not depend "
+     "on it). The library reads the same variable", {"choices": CPU_BFLOAT16_CHOICES}),
     ("tenant-quota-bytes", parse_bytes, "stored bytes (serialized keys and values) each tenant may hold unless the "
      "tokens file gives it its own quota_bytes; at its quota a tenant gets RESOURCE_EXHAUSTED. 0 = no quota: the "
      "store budget bounds it, and LRU eviction takes only from tenants over an equal share of the budget", {}),

@@ -277,3 +277,21 @@ def test_attention_precision_option_reaches_the_engine_config(capsys):
     with pytest.raises(SystemExit):
         parse_settings(["--attention-precision", "fp8"], {})
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_cpu_bfloat16_option_mirrors_the_library_variable(monkeypatch, capsys):
+    import os
+
+    from svdq_server.app import SvdqServer
+
+    monkeypatch.setenv("SVDQ_CPU_BFLOAT16", "auto")  # restored after the test, whatever the server sets
+    assert parse_settings([], {}).cpu_bfloat16 == "auto"
+    assert parse_settings([], {"SVDQ_CPU_BFLOAT16": " Off "}).cpu_bfloat16 == "off"
+    assert parse_settings(["--cpu-bfloat16", "on"], {"SVDQ_CPU_BFLOAT16": "off"}).cpu_bfloat16 == "on"
+    with pytest.raises(SystemExit):
+        parse_settings(["--cpu-bfloat16", "fast"], {})
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    # A command-line choice reaches the library, which reads the variable.
+    server = SvdqServer(parse_settings(["--device", "cpu", "--cpu-bfloat16", "off"], {}))
+    assert os.environ["SVDQ_CPU_BFLOAT16"] == "off"
+    assert server.engine.cpu_bfloat16.startswith("CPU bfloat16 products off")

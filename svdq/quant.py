@@ -50,10 +50,12 @@ BFLOAT16_MIN_SPEEDUP = 1.25
 
 @functools.lru_cache(maxsize=1)
 def cpu_bfloat16_speedup() -> float | None:
-    """float32 time over bfloat16 time of one ``[256, 1024] @ [1024, 256]`` product on this CPU
-    (torch's intra-op threads as set now; the faster of 5 turns each, after one untimed call of
-    each), or None where bfloat16 is not native (:func:`cpu_bfloat16_is_native`: nothing is
-    timed, emulation is always slower). Measured once per process, in ~15 ms.
+    """float32 time over bfloat16 time of one ``[256, 1024] @ [1024, 256]`` product on this CPU,
+    or None where bfloat16 is not native (:func:`cpu_bfloat16_is_native`: nothing is timed,
+    emulation is always slower). Measured once per process, in ~15 ms: on one torch thread
+    (set for the measurement, then restored) in the CPU time of the calling thread, the faster
+    of 5 turns each after one untimed call of each. Wall time over torch's threads did not do:
+    with the other core busy, three processes measured 1.63x, 0.57x and 7.87x on the same CPU.
 
     The flags do not tell the speed: on one AVX512-BF16 Xeon (no AMX) bfloat16 products ran
     0.5x the float32 rate at every codec and attention shape tried, on the AVX512-BF16 CPU of
@@ -66,13 +68,18 @@ def cpu_bfloat16_speedup() -> float | None:
     left, right = torch.randn(256, 1024, generator=generator), torch.randn(1024, 256, generator=generator)
     operands = {torch.float32: (left, right), torch.bfloat16: (left.bfloat16(), right.bfloat16())}
     best = {dtype: float("inf") for dtype in operands}
-    for turn in range(6):
-        for dtype, (a, b) in operands.items():
-            started = time.perf_counter()
-            torch.mm(a, b)
-            if turn:  # the first turn creates oneDNN's primitives: untimed
-                best[dtype] = min(best[dtype], time.perf_counter() - started)
-    return best[torch.float32] / best[torch.bfloat16]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for turn in range(6):
+            for dtype, (a, b) in operands.items():
+                started = time.thread_time()
+                torch.mm(a, b)
+                if turn:  # the first turn creates oneDNN's primitives: untimed
+                    best[dtype] = min(best[dtype], time.thread_time() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
 
 
 def cpu_bfloat16_choice() -> str:

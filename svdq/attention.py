@@ -1025,7 +1025,8 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
     # The keys a dense call of this precision keeps: float16-rounded (bfloat16, float16) or the
     # float32 keys it reconstructs (float32), either gathered from them or rebuilt the same way.
     kept_keys = DERIVED.get(keys, _kept_keys_name(keys, precision)) if keys.method == "svdq" else None
-    if kept_keys is None and _selections_cover_body(keys, index, precision):
+    union = _selection_union(keys, index) if kept_keys is None else None
+    if kept_keys is None and _selections_cover_body(keys, union, precision):
         # Many queries over one sequence (a prompt chunk over an offloaded prefix) that select
         # most of its tokens between them: rebuilding their union costs about what a dense call's
         # reconstruction does, so build the keys a dense call keeps instead, when the budget
@@ -1034,7 +1035,7 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
         dense_body_dots(keys, queries.new_zeros(keys.kv_heads, 1, head_dim), precision)
         kept_keys = DERIVED.get(keys, _kept_keys_name(keys, precision))
     if kept_keys is None:
-        rows = _reconstructed_rows(keys, index, precision)
+        rows = _reconstructed_rows(keys, index, precision, union)
         if rounded:
             rows.copy_(rows.half())
         torch.bmm(by_head, rows.view(-1, count, head_dim).transpose(1, 2), out=dots)
@@ -1050,18 +1051,25 @@ def _selected_dots(keys: CompressedKeys, queries: torch.Tensor, index: torch.Ten
 COVERED_BODY_SHARE = 0.5
 
 
-def _selections_cover_body(keys: CompressedKeys, index: torch.Tensor, precision: str) -> bool:
-    """Whether the selections ``index`` [n, Hkv, m] of several queries cover at least
-    :data:`COVERED_BODY_SHARE` of the body of svdq ``keys`` and the budget admits the keys a
-    dense call of ``precision`` keeps (:meth:`svdq.derived.DerivedCache.admits`: from the first
-    ask up to its first-ask size, larger ones from their second). A decode step's one query
-    selects ~Hkv / 32 of the tokens and never builds them."""
-    if keys.method != "svdq" or index.dim() != 3 or index.shape[0] < 2:
-        return False
-    n_body = body_range(keys)[1]
-    seen = torch.zeros(n_body, dtype=torch.bool, device=index.device)
+def _selection_union(keys: CompressedKeys, index: torch.Tensor) -> torch.Tensor | None:
+    """int64 [U] ascending: the distinct body tokens that the selections ``index`` [n, Hkv, m]
+    of several queries touch, by marking them (a sort of every index took longer); None for
+    one query."""
+    if index.dim() != 3 or index.shape[0] < 2:
+        return None
+    seen = torch.zeros(body_range(keys)[1], dtype=torch.bool, device=index.device)
     seen[index.reshape(-1)] = True
-    if int(seen.sum()) < COVERED_BODY_SHARE * n_body:
+    return seen.nonzero().squeeze(1)
+
+
+def _selections_cover_body(keys: CompressedKeys, union: torch.Tensor | None, precision: str) -> bool:
+    """Whether the union of several queries' selections (:func:`_selection_union`) covers at
+    least :data:`COVERED_BODY_SHARE` of the body of svdq ``keys`` and the budget admits the keys
+    a dense call of ``precision`` keeps (:meth:`svdq.derived.DerivedCache.admits`: from the
+    first ask up to its first-ask size, larger ones from their second). A decode step's one
+    query (no union) never builds them."""
+    n_body = body_range(keys)[1]
+    if keys.method != "svdq" or union is None or union.numel() < COVERED_BODY_SHARE * n_body:
         return False
     nbytes = (2 if _rounds(keys, precision) else 4) * n_body * keys.channels
     return DERIVED.admits(keys, _kept_keys_name(keys, precision), nbytes)
@@ -1110,27 +1118,23 @@ def _put_exact_dots(keys: CompressedKeys, by_head: torch.Tensor, index: torch.Te
         dots[batch, :, position] = torch.einsum("egd,ed->eg", by_head[batch], rows)
 
 
-def _reconstructed_rows(keys: CompressedKeys, index: torch.Tensor, precision: str) -> torch.Tensor:
+def _reconstructed_rows(keys: CompressedKeys, index: torch.Tensor, precision: str,
+                        union: torch.Tensor | None = None) -> torch.Tensor:
     """Post-RoPE reconstructed body keys float32 [..., Hkv, n, D] of the selected tokens
     ``index`` [..., Hkv, n], each head's channels in pair order for keys that rotate (exact
-    tokens not put in, no rounding: :func:`_selected_dots` does both)."""
+    tokens not put in, no rounding: :func:`_selected_dots` does both). ``union``: the
+    selections' :func:`_selection_union` of several queries, None for one."""
     kv_heads, head_dim = keys.kv_heads, keys.head_dim
-    n_body = body_range(keys)[1]
-    if index.dim() == 3 and index.shape[0] > 1:
-        # The distinct tokens, sorted, by marking them (a sort of every index took longer).
-        seen = torch.zeros(n_body, dtype=torch.bool, device=index.device)
-        seen[index.reshape(-1)] = True
-        union = seen.nonzero().squeeze(1)
-        if union.numel() * kv_heads < index.numel():
-            # Several queries (a chunk of a continuation) whose selections overlap: reconstruct
-            # each token they select once, every KV head together, and gather per query and head.
-            rows = _body_rows(keys, union, precision)  # [U, Hkv, D]
-            # Whole rows of one [Hkv * U, D] table with index_select: indexing [U, Hkv, D] with a
-            # token and a head index tensor was 4x slower.
-            by_head = rows.transpose(0, 1).reshape(-1, head_dim)
-            heads = torch.arange(kv_heads, device=index.device)[:, None] * union.numel()
-            flat = (torch.searchsorted(union, index) + heads).reshape(-1)
-            return by_head.index_select(0, flat).view(*index.shape, head_dim)
+    if union is not None and union.numel() * kv_heads < index.numel():
+        # Several queries (a chunk of a continuation) whose selections overlap: reconstruct
+        # each token they select once, every KV head together, and gather per query and head.
+        rows = _body_rows(keys, union, precision)  # [U, Hkv, D]
+        # Whole rows of one [Hkv * U, D] table with index_select: indexing [U, Hkv, D] with a
+        # token and a head index tensor was 4x slower.
+        by_head = rows.transpose(0, 1).reshape(-1, head_dim)
+        heads = torch.arange(kv_heads, device=index.device)[:, None] * union.numel()
+        flat = (torch.searchsorted(union, index) + heads).reshape(-1)
+        return by_head.index_select(0, flat).view(*index.shape, head_dim)
     basis, mean, rest = _dense_basis(keys, precision)
     # Explicit sizes: with every channel dropped (r = 0) a -1 would be ambiguous.
     by_head = basis.view(kv_heads, head_dim, basis.shape[1])

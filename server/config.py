@@ -24,7 +24,7 @@ from svdq.attention import PRECISIONS
 from svdq.codec import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORK_BYTES, Basis
 from svdq.derived import DEFAULT_LIMIT_BYTES
 from svdq.errors import InvalidInputError
-from svdq.quant import CPU_BFLOAT16_CHOICES
+from svdq.quant import CPU_BFLOAT16_CHOICES, normalized_cpu_bfloat16
 
 from .engine import (
     DEFAULT_MAX_BATCH,
@@ -126,11 +126,6 @@ class Settings:
                             tenant_quota_bytes=self.tenant_quota_bytes, compress_threads=self.compress_threads)
 
 
-def _lowered(text: str) -> str:
-    """A choice as the library reads it: case and surrounding blanks do not count."""
-    return text.strip().lower()
-
-
 # (option, type, help); defaults come from Settings.
 _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
     ("host", str, "address to listen on (gRPC and metrics)", {}),
@@ -207,7 +202,7 @@ _OPTIONS: tuple[tuple[str, object, str, dict], ...] = (
      "--attention-cache-bytes, adds ~0.7%% of the compression's error; docs/attention.md Round 11), or auto = "
      "bfloat16 where --cpu-bfloat16 uses bfloat16 products, else float32; the Triton (GPU) kernels do not use it",
      {"choices": ("auto",) + PRECISIONS}),
-    ("cpu-bfloat16", _lowered, "bfloat16 products on the CPU (the codec's covariance, allocation sample and narrow "
+    ("cpu-bfloat16", normalized_cpu_bfloat16, "bfloat16 products on the CPU (the codec's covariance, allocation sample and narrow "
      "channels' projection; attention's auto precision): auto = where oneDNN multiplies bfloat16 natively and one "
      "product measured at start runs >= 1.25x the float32 rate (logged; an AVX512-BF16 Xeon without AMX ran them "
      "at 0.5x), on = wherever native, off = never (pins blob bits across servers; sizes and quality do not depend "

@@ -82,10 +82,15 @@ def cpu_bfloat16_speedup() -> float | None:
     return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
 
 
+def normalized_cpu_bfloat16(text: str) -> str:
+    """A ``$SVDQ_CPU_BFLOAT16`` value as it is read: case and surrounding blanks do not count."""
+    return text.strip().lower()
+
+
 def cpu_bfloat16_choice() -> str:
     """``$SVDQ_CPU_BFLOAT16`` (:data:`CPU_BFLOAT16_CHOICES`, default ``auto``); InvalidInputError
     for another value."""
-    choice = os.environ.get(CPU_BFLOAT16_ENV, "").strip().lower() or "auto"
+    choice = normalized_cpu_bfloat16(os.environ.get(CPU_BFLOAT16_ENV, "")) or "auto"
     if choice not in CPU_BFLOAT16_CHOICES:
         raise InvalidInputError(f"{CPU_BFLOAT16_ENV} must be one of {CPU_BFLOAT16_CHOICES}, "
                                 f"got {os.environ[CPU_BFLOAT16_ENV]!r}")

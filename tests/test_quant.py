@@ -311,3 +311,7 @@ def test_cpu_bfloat16_speedup_is_measured_where_bfloat16_is_native():
     else:
         assert 0.0 < speedup < float("inf")
         assert cpu_bfloat16_speedup() == speedup  # once per process
+        # measured on one torch thread, and torch's thread count put back afterwards
+        threads = torch.get_num_threads()
+        assert 0.0 < cpu_bfloat16_speedup.__wrapped__() < float("inf")
+        assert torch.get_num_threads() == threads

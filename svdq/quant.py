@@ -52,7 +52,7 @@ BFLOAT16_MIN_SPEEDUP = 1.25
 def cpu_bfloat16_speedup() -> float | None:
     """float32 time over bfloat16 time of one ``[256, 1024] @ [1024, 256]`` product on this CPU,
     or None where bfloat16 is not native (:func:`cpu_bfloat16_is_native`: nothing is timed,
-    emulation is always slower). Measured once per process, in ~15 ms: on one torch thread
+    emulation is always slower). Measured once per process, in ~20 ms: on one torch thread
     (set for the measurement, then restored) in the CPU time of the calling thread, the faster
     of 5 turns each after one untimed call of each. Wall time over torch's threads did not do:
     with the other core busy, three processes measured 1.63x, 0.57x and 7.87x on the same CPU.
